@@ -1,0 +1,130 @@
+"""The `llm-sidecar` command line: serve, check, fake-llm, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from sidecar import __version__
+from sidecar.config import ConfigError, load_settings
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def _settings_or_exit() -> Any:
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        print("llm-sidecar: configuration refused:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        print("Run `llm-sidecar check` after fixing; the README lists every variable.",
+              file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from sidecar.server import serve
+
+    settings = _settings_or_exit()
+    return _run(serve(settings))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    settings = _settings_or_exit()
+    print(json.dumps(settings.redacted(), indent=2))
+    print("configuration OK", file=sys.stderr)
+    return 0
+
+
+def _behaviour_flags(parser: argparse.ArgumentParser) -> None:
+    from sidecar.fakellm import Behaviour
+
+    for field in dataclasses.fields(Behaviour):
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", default=default)
+        elif field.name == "retry_after":
+            parser.add_argument(flag, default=None)
+        else:
+            parser.add_argument(flag, type=type(default), default=default)
+
+
+def cmd_fake_llm(args: argparse.Namespace) -> int:
+    from sidecar.fakellm import Behaviour, start_fake_llm
+
+    behaviour = Behaviour(**{f.name: getattr(args, f.name)
+                             for f in dataclasses.fields(Behaviour)})
+
+    async def main() -> int:
+        runner, _, port = await start_fake_llm(behaviour, args.host, args.port, args.name)
+        print(f"fake-llm serving model {behaviour.model!r} on http://{args.host}:{port}",
+              flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+        return 0
+
+    try:
+        return _run(main())
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sidecar.demo import run_demo
+
+    try:
+        return _run(run_demo(args.listen, args.admin_listen, args.cold_start_s))
+    except KeyboardInterrupt:
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-sidecar", description=(
+        "Session-sticky LLM traffic sidecar. Configuration comes from SIDECAR_* variables."))
+    parser.add_argument("--version", action="version", version=f"llm-sidecar {__version__}")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("serve", help="run the proxy").set_defaults(func=cmd_serve)
+    sub.add_parser("check", help="validate the configuration and print it (secrets "
+                   "redacted)").set_defaults(func=cmd_check)
+
+    fake = sub.add_parser("fake-llm", help="a simulated OpenAI-compatible model server")
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--port", type=int, default=8000)
+    fake.add_argument("--name", default="")
+    _behaviour_flags(fake)
+    fake.set_defaults(func=cmd_fake_llm)
+
+    demo = sub.add_parser("demo", help="the sidecar with simulated pools on one machine")
+    demo.add_argument("--listen", default="127.0.0.1:7878")
+    demo.add_argument("--admin-listen", default="127.0.0.1:7879")
+    demo.add_argument("--cold-start-s", type=float, default=2.0,
+                      help="simulated cold start of the pods (real ones take 10-15 min)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    return int(args.func(args))

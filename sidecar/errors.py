@@ -1,0 +1,81 @@
+"""Upstream outcomes and the sidecar's own errors: the one vocabulary that retries, ejection
+and counters read.
+
+    Outcome
+     ├── OK                  response headers arrived with a status the app should see
+     ├── CLIENT_ERROR        4xx other than 429: the app's own mistake, passed through untouched
+     ├── RETRYABLE_STATUS    429 / 500 / 502 / 503 / 504 before any byte reached the app
+     ├── CONNECT_ERROR       refused, reset, unreachable, TLS failure, closed before a response
+     ├── CONNECT_TIMEOUT     no TCP connection within SIDECAR_CONNECT_TIMEOUT_S
+     ├── FIRST_BYTE_TIMEOUT  no response headers within SIDECAR_FIRST_BYTE_TIMEOUT_S
+     └── BROKEN_STREAM       upstream broke after bytes reached the app: never retried
+"""
+
+from __future__ import annotations
+
+import asyncio
+from enum import Enum
+
+import aiohttp
+import orjson
+
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+class Outcome(Enum):
+    OK = "ok"
+    CLIENT_ERROR = "client_error"
+    RETRYABLE_STATUS = "retryable_status"
+    CONNECT_ERROR = "connect_error"
+    CONNECT_TIMEOUT = "connect_timeout"
+    FIRST_BYTE_TIMEOUT = "first_byte_timeout"
+    BROKEN_STREAM = "broken_stream"
+
+    @property
+    def retryable(self) -> bool:
+        """May the request be sent again elsewhere (nothing has reached the app yet)?"""
+        return self in _RETRYABLE
+
+    @property
+    def endpoint_failed(self) -> bool:
+        """Does this outcome count against the endpoint's health?"""
+        return self in _ENDPOINT_FAILURES
+
+    @property
+    def endpoint_unreachable(self) -> bool:
+        """The pod is not there at all: eject at once rather than after a streak."""
+        return self in (Outcome.CONNECT_ERROR, Outcome.CONNECT_TIMEOUT)
+
+
+_RETRYABLE = frozenset({Outcome.RETRYABLE_STATUS, Outcome.CONNECT_ERROR,
+                        Outcome.CONNECT_TIMEOUT, Outcome.FIRST_BYTE_TIMEOUT})
+_ENDPOINT_FAILURES = _RETRYABLE | {Outcome.BROKEN_STREAM}
+
+
+def classify_status(status: int) -> Outcome:
+    if status in RETRYABLE_STATUSES:
+        return Outcome.RETRYABLE_STATUS
+    if 400 <= status < 500:
+        return Outcome.CLIENT_ERROR
+    return Outcome.OK
+
+
+def classify_exception(exc: BaseException) -> Outcome:
+    """Classify an exception raised before response headers arrived."""
+    # Order matters: aiohttp's connect timeout is also a TimeoutError.
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return Outcome.CONNECT_TIMEOUT
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return Outcome.FIRST_BYTE_TIMEOUT
+    return Outcome.CONNECT_ERROR
+
+
+# Exceptions that mean "the upstream failed", as opposed to the app or the sidecar.
+UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, TimeoutError, asyncio.TimeoutError)
+
+
+def error_body(message: str, code: str, **extra: object) -> bytes:
+    """A sidecar error in the OpenAI error shape."""
+    error: dict[str, object] = {"message": message, "type": "sidecar_error", "code": code}
+    error.update(extra)
+    return orjson.dumps({"error": error})

@@ -1,0 +1,120 @@
+"""Active health probes: each endpoint of a pool with a `health_path` is probed at once and
+then every `health_interval_s` (with jitter, so pods do not probe in lockstep).
+
+A warming endpoint's first healthy probe is its cold start event; a ready endpoint that fails
+probes in a row is ejected, and an ejected one that answers is restored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+
+import aiohttp
+
+from sidecar.pools import EJECT_AFTER_FAILURES, Endpoint, EndpointState, PoolSet
+
+log = logging.getLogger("sidecar.health")
+
+PROBE_TIMEOUT_S = 2.0
+JITTER = 0.2
+
+
+class ColdStart:
+    __slots__ = ("at", "duration_s", "endpoint", "pool")
+
+    def __init__(self, endpoint: str, pool: str, duration_s: float) -> None:
+        self.endpoint = endpoint
+        self.pool = pool
+        self.duration_s = duration_s
+        self.at = time.time()
+
+    def view(self) -> dict[str, object]:
+        return {"endpoint": self.endpoint, "pool": self.pool,
+                "duration_s": round(self.duration_s, 3), "at": self.at}
+
+
+class HealthProber:
+    def __init__(self, pools: PoolSet) -> None:
+        self.pools = pools
+        self.cold_starts: deque[ColdStart] = deque(maxlen=100)
+        self.probes = 0
+        self._http: aiohttp.ClientSession | None = None
+        self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
+
+    async def start(self) -> None:
+        self._http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S),
+            connector=aiohttp.TCPConnector(limit=64, force_close=True))
+        self.sync()
+
+    def sync(self) -> None:
+        """Probe exactly the endpoints of pools that have a health path (after each reload)."""
+        wanted: dict[tuple[str, str], Endpoint] = {}
+        for pool in self.pools.pools.values():
+            if pool.config.health_path:
+                for endpoint in pool.endpoints:
+                    wanted[(pool.name, endpoint.url)] = endpoint
+        for key in list(self._tasks):
+            if key not in wanted:
+                self._tasks.pop(key).cancel()
+        loop = asyncio.get_running_loop()
+        for key, endpoint in wanted.items():
+            if key not in self._tasks:
+                self._tasks[key] = loop.create_task(self._probe_forever(endpoint))
+
+    async def close(self) -> None:
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._http is not None:
+            await self._http.close()
+
+    async def _probe_forever(self, endpoint: Endpoint) -> None:
+        while endpoint.state is not EndpointState.DRAINING:
+            pool = self.pools.get(endpoint.pool)
+            if pool is None or not pool.config.health_path:
+                return
+            healthy = await self.probe(endpoint, pool.config.health_path)
+            self.apply(endpoint, healthy)
+            interval = pool.config.health_interval_s
+            await asyncio.sleep(interval * random.uniform(1 - JITTER, 1 + JITTER))
+
+    async def probe(self, endpoint: Endpoint, path: str) -> bool:
+        assert self._http is not None
+        self.probes += 1
+        try:
+            async with self._http.get(endpoint.url + path) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return False
+
+    def apply(self, endpoint: Endpoint, healthy: bool) -> None:
+        if healthy:
+            endpoint.consecutive_failures = 0
+            if endpoint.state is EndpointState.WARMING:
+                duration = time.monotonic() - endpoint.registered_at
+                endpoint.state = EndpointState.READY
+                self.cold_starts.append(ColdStart(endpoint.url, endpoint.pool, duration))
+                log.info("cold start finished: %s (pool %s) ready after %.1f s",
+                         endpoint.url, endpoint.pool, duration)
+            elif endpoint.state is EndpointState.EJECTED:
+                endpoint.record_success()
+                log.info("endpoint %s restored by a healthy probe", endpoint.url)
+            return
+        if endpoint.state is EndpointState.READY:
+            endpoint.consecutive_failures += 1
+            if endpoint.consecutive_failures >= EJECT_AFTER_FAILURES:
+                endpoint.state = EndpointState.EJECTED
+                endpoint.ejections += 1
+                endpoint.retry_at = float("inf")  # only a healthy probe restores it
+                log.warning("endpoint %s ejected after %d failed probes", endpoint.url,
+                            endpoint.consecutive_failures)

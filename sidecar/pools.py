@@ -1,0 +1,182 @@
+"""Model pools, their endpoints, endpoint states and how an endpoint is picked.
+
+An endpoint is `warming` until its first healthy probe (pools with a `health_path`),
+`ready`, `ejected` after failures (exponential back-off, then one half-open request), or
+`draining` once a reload removed it. Picking is rendezvous hashing over the session id,
+so every pod picks the same endpoint and a removed endpoint moves only its own sessions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from enum import StrEnum
+from hashlib import blake2b
+
+from sidecar.config import PoolConfig, Settings
+from sidecar.errors import Outcome
+
+# A streak of failures that are not "the pod is gone" (5xx, timeouts) ejects at this count.
+EJECT_AFTER_FAILURES = 3
+EJECT_BACKOFF_BASE_S = 1.0
+EJECT_BACKOFF_MAX_S = 60.0
+
+
+class EndpointState(StrEnum):
+    WARMING = "warming"
+    READY = "ready"
+    EJECTED = "ejected"
+    DRAINING = "draining"
+
+
+class Endpoint:
+    """One model server (pod). Shared by every route that points at it."""
+
+    __slots__ = ("consecutive_failures", "ejections", "inflight", "pool", "registered_at",
+                 "retry_at", "state", "url", "url_key")
+
+    def __init__(self, url: str, pool: str, state: EndpointState) -> None:
+        self.url = url
+        self.url_key = url.encode()
+        self.pool = pool
+        self.state = state
+        self.inflight = 0
+        self.consecutive_failures = 0
+        self.ejections = 0
+        self.retry_at = 0.0
+        self.registered_at = time.monotonic()
+
+    def usable(self, now: float) -> bool:
+        """Can a request be sent here now? An ejected endpoint admits one half-open try."""
+        if self.state is EndpointState.READY:
+            return True
+        if self.state is EndpointState.EJECTED and now >= self.retry_at:
+            # Hold off the rest until this try's result is known.
+            self.retry_at = now + self._backoff()
+            return True
+        return False
+
+    def record_success(self) -> bool:
+        """Returns True when this success restored an ejected endpoint."""
+        self.consecutive_failures = 0
+        if self.state is EndpointState.EJECTED:
+            self.state = EndpointState.READY
+            self.ejections = 0
+            return True
+        return False
+
+    def record_failure(self, outcome: Outcome, now: float) -> bool:
+        """Passive outlier detection. Returns True when this failure ejected the endpoint."""
+        self.consecutive_failures += 1
+        if self.state not in (EndpointState.READY, EndpointState.EJECTED):
+            return False
+        if self.state is EndpointState.EJECTED:
+            self.retry_at = now + self._backoff()
+            return False
+        if outcome.endpoint_unreachable or self.consecutive_failures >= EJECT_AFTER_FAILURES:
+            self.state = EndpointState.EJECTED
+            self.ejections += 1
+            self.retry_at = now + self._backoff()
+            return True
+        return False
+
+    def _backoff(self) -> float:
+        return min(EJECT_BACKOFF_MAX_S, EJECT_BACKOFF_BASE_S * 2 ** max(0, self.ejections - 1))
+
+    def view(self) -> dict[str, object]:
+        return {"url": self.url, "pool": self.pool, "state": self.state.value,
+                "inflight": self.inflight, "consecutive_failures": self.consecutive_failures}
+
+
+def rendezvous_score(session_key: bytes, endpoint: Endpoint) -> int:
+    return int.from_bytes(
+        blake2b(session_key + b"\x00" + endpoint.url_key, digest_size=8).digest(), "big")
+
+
+class Pool:
+    """A set of interchangeable endpoints serving one model."""
+
+    __slots__ = ("auth_header", "config", "endpoints", "name")
+
+    def __init__(self, config: PoolConfig, endpoints: list[Endpoint],
+                 api_key: str | None) -> None:
+        self.name = config.name
+        self.config = config
+        self.endpoints = endpoints
+        self.auth_header = f"Bearer {api_key}" if api_key else None
+
+    @property
+    def model(self) -> str:
+        return self.config.model
+
+    @property
+    def fallback(self) -> str | None:
+        return self.config.fallback
+
+    def ranked(self, session_key: bytes) -> list[Endpoint]:
+        """Endpoints that take new work, best rendezvous score first."""
+        live = [e for e in self.endpoints if e.state is not EndpointState.DRAINING]
+        live.sort(key=lambda e: rendezvous_score(session_key, e), reverse=True)
+        return live
+
+    def pick(self, session_key: bytes) -> Endpoint | None:
+        """The session's endpoint: the best-ranked ready one, else the best-ranked at all."""
+        ranked = self.ranked(session_key)
+        for endpoint in ranked:
+            if endpoint.state is EndpointState.READY:
+                return endpoint
+        return ranked[0] if ranked else None
+
+    def has_ready(self) -> bool:
+        return any(e.state is EndpointState.READY for e in self.endpoints)
+
+
+class PoolSet:
+    """All pools, rebuilt on reload while keeping the state of endpoints that stay."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.pools: dict[str, Pool] = {}
+        self._endpoints: dict[tuple[str, str], Endpoint] = {}
+        self.apply(settings.pools, settings.api_keys)
+
+    def apply(self, configs: Mapping[str, PoolConfig], api_keys: Mapping[str, str]
+              ) -> dict[str, list[str]]:
+        """Install a configuration. Removed endpoints go `draining`; returns what changed."""
+        changes: dict[str, list[str]] = {"added": [], "removed": []}
+        kept: dict[tuple[str, str], Endpoint] = {}
+        pools: dict[str, Pool] = {}
+        for name, config in configs.items():
+            endpoints = []
+            for url in config.endpoints:
+                endpoint = self._endpoints.get((name, url))
+                if endpoint is None or endpoint.state is EndpointState.DRAINING:
+                    initial = EndpointState.WARMING if config.health_path else EndpointState.READY
+                    endpoint = Endpoint(url, name, initial)
+                    changes["added"].append(url)
+                kept[(name, url)] = endpoint
+                endpoints.append(endpoint)
+            pools[name] = Pool(config, endpoints, api_keys.get(name))
+        for key, endpoint in self._endpoints.items():
+            if key not in kept:
+                endpoint.state = EndpointState.DRAINING
+                changes["removed"].append(endpoint.url)
+        self.pools = pools
+        self._endpoints = kept
+        return changes
+
+    def get(self, name: str) -> Pool | None:
+        return self.pools.get(name)
+
+    def endpoint(self, pool: str, url: str) -> Endpoint | None:
+        return self._endpoints.get((pool, url))
+
+    def fallback_chain(self, start: str) -> Iterable[Pool]:
+        """The pools after `start` in its fallback chain (config guarantees no loops)."""
+        pool = self.pools.get(start)
+        while pool is not None and pool.fallback:
+            pool = self.pools.get(pool.fallback)
+            if pool is not None:
+                yield pool
+
+    def all_endpoints(self) -> list[Endpoint]:
+        return [e for pool in self.pools.values() for e in pool.endpoints]

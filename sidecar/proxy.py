@@ -1,0 +1,307 @@
+"""One request: resolve the session's route, try endpoints in plan order, stream back.
+
+The body is buffered (bounded) so it can be replayed on failover. Nothing is retried once a
+response byte has reached the app; a break after that ends the response visibly (an SSE
+error event, then an aborted connection) instead of looking like a complete answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from itertools import count
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from sidecar.config import Settings
+from sidecar.errors import UPSTREAM_ERRORS, Outcome, classify_exception, classify_status, error_body
+from sidecar.pools import Endpoint, Pool
+from sidecar.routing import Router
+from sidecar.sessions import Route, parse_selector, valid_session_id
+
+log = logging.getLogger("sidecar.proxy")
+
+SELECTOR_HEADER = "x-sidecar-selector"
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                        "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
+# Set by aiohttp itself from what is actually sent.
+_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length"}
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
+JSON_HEADERS = {"Content-Type": "application/json"}
+RETRY_AFTER_S = "5"
+
+
+class ProxyCounters:
+    __slots__ = ("bad_requests", "body_too_large", "broken_streams", "client_disconnects",
+                 "fallbacks", "inflight", "no_endpoint", "requests", "responses_2xx",
+                 "responses_4xx", "responses_5xx", "responses_other", "retries")
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def view(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def count_status(self, status: int) -> None:
+        if status < 300:
+            self.responses_2xx += 1
+        elif status >= 500:
+            self.responses_5xx += 1
+        elif status >= 400:
+            self.responses_4xx += 1
+        else:
+            self.responses_other += 1
+
+
+def json_error(status: int, message: str, code: str, headers: dict[str, str] | None = None,
+               **extra: object) -> web.Response:
+    return web.Response(status=status, body=error_body(message, code, **extra),
+                        headers={**JSON_HEADERS, **(headers or {})})
+
+
+def rewrite_model(body: bytes, model: str) -> bytes:
+    """Swap the `model` of a JSON request for the fallback pool's; anything else untouched."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body
+    if not isinstance(data, dict) or "model" not in data:
+        return body
+    data["model"] = model
+    return orjson.dumps(data)
+
+
+def upstream_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    named = headers.get("Connection")
+    drop = _REQUEST_DROP
+    if named:
+        drop = drop | {h.strip().lower() for h in named.split(",")}
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+
+
+class Proxy:
+    def __init__(self, settings: Settings, router: Router, http: aiohttp.ClientSession) -> None:
+        self.settings = settings
+        self.router = router
+        self.http = http
+        self.counters = ProxyCounters()
+        self.session_header = settings.session_header
+        self.max_body = settings.max_body_bytes
+        self.max_attempts = settings.max_attempts
+        self.first_byte_timeout = settings.first_byte_timeout_s
+        self._connection_ids: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+        self._connection_seq = count(1)
+
+    def _connection_session(self, request: web.Request) -> str:
+        # Apps that send no session header get one session per TCP connection.
+        protocol = request.protocol
+        session = self._connection_ids.get(protocol)
+        if session is None:
+            session = f"conn-{next(self._connection_seq)}"
+            self._connection_ids[protocol] = session
+        return session
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        counters = self.counters
+        counters.requests += 1
+        counters.inflight += 1
+        try:
+            response = await self._handle(request)
+        except asyncio.CancelledError:
+            counters.client_disconnects += 1
+            raise
+        finally:
+            counters.inflight -= 1
+        counters.count_status(response.status)
+        return response
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        headers = request.headers
+        session = headers.get(self.session_header)
+        local = session is None
+        if session is None:
+            session = self._connection_session(request)
+        elif not valid_session_id(session):
+            self.counters.bad_requests += 1
+            return json_error(400, f"header {self.session_header} must be 1-256 printable "
+                              "ASCII characters", "invalid_session_id")
+        selector = None
+        raw_selector = headers.get(SELECTOR_HEADER)
+        if raw_selector is not None:
+            selector = parse_selector(raw_selector.strip())
+            if selector is None:
+                self.counters.bad_requests += 1
+                return json_error(400, f"header {SELECTOR_HEADER} must be an integer 0-15",
+                                  "invalid_selector")
+
+        length = request.content_length
+        if length is not None and length > self.max_body:
+            return self._too_large()
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._too_large()
+
+        now = asyncio.get_running_loop().time()
+        route = self.router.lookup(session, now)
+        if route is None:
+            route = await self.router.resolve(session, selector, local=local)
+        return await self._forward(request, route, body, now, local)
+
+    def _too_large(self) -> web.Response:
+        self.counters.body_too_large += 1
+        return json_error(413, f"request body exceeds SIDECAR_MAX_BODY_BYTES="
+                          f"{self.max_body}", "body_too_large")
+
+    async def _forward(self, request: web.Request, route: Route, body: bytes, now: float,
+                       local: bool) -> web.StreamResponse:
+        headers = upstream_headers(request.headers)
+        target = request.rel_url.raw_path_qs
+        tried: list[dict[str, object]] = []
+        retry_after: str | None = None
+        bodies: dict[str, bytes] = {}
+        plan = self.router.plan(route, now)
+        candidate = next(plan, None)
+        attempt = 0
+        while candidate is not None:
+            pool, endpoint = candidate
+            attempt += 1
+            payload = body
+            if pool.name != route.pool and body:
+                payload = bodies.get(pool.name) or bodies.setdefault(
+                    pool.name, rewrite_model(body, pool.model))
+            if pool.auth_header is not None:
+                headers["Authorization"] = pool.auth_header
+            endpoint.inflight += 1
+            try:
+                upstream = await self._send(request.method, endpoint, target, headers, payload)
+            except UPSTREAM_ERRORS as exc:
+                endpoint.inflight -= 1
+                outcome = classify_exception(exc)
+                endpoint.record_failure(outcome, asyncio.get_running_loop().time())
+                tried.append({"endpoint": endpoint.url, "pool": pool.name,
+                              "outcome": outcome.value})
+                candidate = next(plan, None) if attempt < self.max_attempts else None
+                if candidate is not None:
+                    self.counters.retries += 1
+                continue
+            except BaseException:
+                endpoint.inflight -= 1
+                raise
+            outcome = classify_status(upstream.status)
+            if outcome is Outcome.RETRYABLE_STATUS:
+                endpoint.record_failure(outcome, asyncio.get_running_loop().time())
+                tried.append({"endpoint": endpoint.url, "pool": pool.name,
+                              "outcome": outcome.value, "status": upstream.status})
+                retry_after = upstream.headers.get("Retry-After", retry_after)
+                nxt = next(plan, None) if attempt < self.max_attempts else None
+                if nxt is not None:
+                    upstream.release()
+                    endpoint.inflight -= 1
+                    self.counters.retries += 1
+                    candidate = nxt
+                    continue
+            else:
+                endpoint.record_success()
+            # This response goes to the app, whatever it is.
+            if pool.name != route.pool:
+                self.counters.fallbacks += 1
+            self.router.served(route, pool, endpoint, local=local)
+            try:
+                return await self._relay(request, upstream, route, pool, endpoint, attempt)
+            finally:
+                endpoint.inflight -= 1
+                upstream.release()
+
+        self.counters.no_endpoint += 1
+        return json_error(
+            503, "no endpoint could serve the request" if tried else
+            "no ready endpoint in the session's pool or its fallback chain",
+            "no_ready_endpoint", headers={"Retry-After": retry_after or RETRY_AFTER_S},
+            tried=tried)
+
+    async def _send(self, method: str, endpoint: Endpoint, target: str,
+                    headers: CIMultiDict[str], payload: bytes) -> aiohttp.ClientResponse:
+        async with asyncio.timeout(self.first_byte_timeout):
+            return await self.http.request(
+                method, endpoint.url + target, headers=headers,
+                data=payload if payload else None, allow_redirects=False)
+
+    def _response_headers(self, upstream: aiohttp.ClientResponse, route: Route, pool: Pool,
+                          endpoint: Endpoint, attempts: int) -> CIMultiDict[str]:
+        out = CIMultiDict((k, v) for k, v in upstream.headers.items()
+                          if k.lower() not in _RESPONSE_DROP)
+        out["x-sidecar-session"] = route.session
+        out["x-sidecar-pool"] = pool.name
+        out["x-sidecar-endpoint"] = endpoint.url
+        out["x-sidecar-attempts"] = str(attempts)
+        if pool.name != route.pool:
+            out["x-sidecar-fallback"] = route.pool
+        return out
+
+    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse, route: Route,
+                     pool: Pool, endpoint: Endpoint, attempts: int) -> web.StreamResponse:
+        headers = self._response_headers(upstream, route, pool, endpoint, attempts)
+        content_type = upstream.headers.get("Content-Type", "")
+        streaming = upstream.content_length is None or content_type.startswith(
+            "text/event-stream")
+        if not streaming:
+            try:
+                data = await upstream.read()
+            except UPSTREAM_ERRORS:
+                return self._broken_before_send(endpoint)
+            return web.Response(status=upstream.status, reason=upstream.reason, body=data,
+                                headers=headers)
+
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                      headers=headers)
+        if upstream.content_length is None:
+            if request.version >= (1, 1):
+                response.enable_chunked_encoding()
+        else:
+            response.content_length = upstream.content_length
+        await response.prepare(request)
+        chunks = upstream.content.iter_any().__aiter__()
+        while True:
+            try:
+                chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                break
+            except UPSTREAM_ERRORS:
+                await self._end_broken_stream(request, response, endpoint,
+                                              content_type.startswith("text/event-stream"))
+                return response
+            # A client that went away raises here and ends the handler (upstream released).
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    def _broken_before_send(self, endpoint: Endpoint) -> web.Response:
+        self.counters.broken_streams += 1
+        endpoint.record_failure(Outcome.BROKEN_STREAM, asyncio.get_running_loop().time())
+        return json_error(502, "the upstream broke while sending its response",
+                          "upstream_broken")
+
+    async def _end_broken_stream(self, request: web.Request, response: web.StreamResponse,
+                                 endpoint: Endpoint, sse: bool) -> None:
+        self.counters.broken_streams += 1
+        endpoint.record_failure(Outcome.BROKEN_STREAM, asyncio.get_running_loop().time())
+        log.warning("upstream %s broke mid-stream", endpoint.url)
+        if sse:
+            # The OpenAI SDKs raise on an event whose data carries "error".
+            event = b"data: " + error_body("the upstream broke mid-stream; the answer is "
+                                           "incomplete", "upstream_broken_mid_stream") + b"\n\n"
+            try:
+                await response.write(event)
+            except (ConnectionError, aiohttp.ClientConnectionError):
+                return
+        # No terminating chunk: the client sees an incomplete body, never a clean end.
+        transport = request.transport
+        if transport is not None:
+            transport.close()

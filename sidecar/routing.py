@@ -1,0 +1,235 @@
+"""Session → route: the routing table per load level, first touch through the store, the
+attempt plan for failover, and keeping routes current after a failover moved a session.
+
+After first touch a session is served from the route cache with no I/O; the only store
+writes that follow are a route change (failover) and a TTL refresh at most once per 10 % of
+the TTL, batched in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+
+from sidecar.config import Settings
+from sidecar.pools import Endpoint, Pool, PoolSet
+from sidecar.sessions import Route, RouteCache, selector_for
+from sidecar.store import RouteStore, StoreUnavailable
+
+log = logging.getLogger("sidecar.routing")
+
+SWEEP_INTERVAL_S = 5.0
+REFRESH_FLUSH_INTERVAL_S = 1.0
+MAX_BACKGROUND_WRITES = 1024
+
+
+class RouterCounters:
+    __slots__ = ("cache_hits", "cache_misses", "coalesced", "resolved_without_store",
+                 "route_changes", "writes_dropped")
+
+    def __init__(self) -> None:
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.coalesced = 0             # first touches that waited on one already in flight
+        self.resolved_without_store = 0
+        self.route_changes = 0         # failovers that moved a session
+        self.writes_dropped = 0        # route writes skipped because too many were queued
+
+    def view(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class Router:
+    def __init__(self, settings: Settings, pools: PoolSet, store: RouteStore) -> None:
+        self.settings = settings
+        self.pools = pools
+        self.store = store
+        self.level = settings.load_level
+        self.cache = RouteCache(settings.route_cache_size, settings.session_idle_s)
+        self.counters = RouterCounters()
+        self.refresh_every = settings.session_ttl_s * 0.1
+        self._first_touch: dict[str, asyncio.Future[Route]] = {}
+        self._pending_refresh: set[str] = set()
+        self._writes: set[asyncio.Task[None]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._sweep_forever()),
+                       loop.create_task(self._refresh_forever())]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._flush_refresh()
+        if self._writes:
+            await asyncio.wait(self._writes, timeout=1.0)
+
+    # -- the hot path --------------------------------------------------------------------
+
+    def lookup(self, session: str, now: float) -> Route | None:
+        """The cached route, or None when first touch (or a re-sync with the store) is due."""
+        route = self.cache.get(session, now)
+        if route is None:
+            self.counters.cache_misses += 1
+            return None
+        if not route.synced and self.store.available:
+            self.counters.cache_misses += 1
+            return None
+        self.counters.cache_hits += 1
+        if now - route.refreshed_at > self.refresh_every and route.synced:
+            route.refreshed_at = now
+            self._pending_refresh.add(session)
+        return route
+
+    async def resolve(self, session: str, selector: int | None, *, local: bool) -> Route:
+        """First touch: one store round trip (shared by concurrent requests of the session)."""
+        pending = self._first_touch.get(session)
+        if pending is not None:
+            self.counters.coalesced += 1
+            return await asyncio.shield(pending)
+        future: asyncio.Future[Route] = asyncio.get_running_loop().create_future()
+        self._first_touch[session] = future
+        try:
+            route = await self._resolve(session, selector, local=local)
+            future.set_result(route)
+            return route
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: nobody may be waiting
+            raise
+        finally:
+            del self._first_touch[session]
+
+    async def _resolve(self, session: str, selector: int | None, *, local: bool) -> Route:
+        now = asyncio.get_running_loop().time()
+        current = self.cache.peek(session)
+        proposal = current if current is not None else self.propose(session, selector)
+        proposal.refreshed_at = now
+        if local:
+            # A connection-lifetime session can never reach another pod: no store needed.
+            self.cache.put(proposal, now)
+            return proposal
+        record = proposal.record()
+        try:
+            stored = await self.store.get_or_create(session, record)
+        except StoreUnavailable:
+            self.counters.resolved_without_store += 1
+            proposal.synced = False
+            self.cache.put(proposal, now)
+            return proposal
+        route = proposal
+        if stored != record:
+            route = Route.from_record(session, stored, self.pools) or proposal
+            route.refreshed_at = now
+        route.synced = True
+        self.cache.put(route, now)
+        return route
+
+    def propose(self, session: str, selector: int | None) -> Route:
+        """The deterministic route every pod computes alike: table slot, then rendezvous."""
+        if selector is None:
+            selector = selector_for(session)
+        table = self.settings.routes[self.level]
+        pool = self.pools.get(table[selector])
+        if pool is None:  # the pool was removed by a reload; use any configured pool
+            pool = next(iter(self.pools.pools.values()))
+        return Route(session, selector, pool.name, pool.pick(session.encode()), time.time())
+
+    # -- failover ------------------------------------------------------------------------
+
+    def serving_pool(self, route: Route, wall: float) -> str:
+        if route.fallback is not None and wall < route.fallback_until:
+            return route.fallback
+        return route.pool
+
+    def plan(self, route: Route, now: float) -> Iterator[tuple[Pool, Endpoint]]:
+        """Candidates in order: the session's endpoint, the rest of its pool by rendezvous
+        rank, then each fallback pool's endpoints. Computed lazily: the common case reads
+        only the first."""
+        serving = route.pool if route.fallback is None else self.serving_pool(route, time.time())
+        start = self.pools.get(serving) or self.pools.get(route.pool)
+        if start is None:
+            return
+        first = route.endpoint
+        if first is not None and first.pool == start.name and first.usable(now):
+            yield start, first
+        key = route.session.encode()
+        for endpoint in start.ranked(key):
+            if endpoint is not first and endpoint.usable(now):
+                yield start, endpoint
+        for pool in self.pools.fallback_chain(start.name):
+            for endpoint in pool.ranked(key):
+                if endpoint.usable(now):
+                    yield pool, endpoint
+
+    def served(self, route: Route, pool: Pool, endpoint: Endpoint, *, local: bool) -> None:
+        """Remember who served the session; write the route through when it moved."""
+        if route.endpoint is endpoint and route.fallback is None and pool.name == route.pool:
+            return
+        wall = time.time()
+        changed = route.endpoint is not endpoint
+        if pool.name == route.pool:
+            changed = changed or route.fallback is not None
+            route.fallback = None
+            route.fallback_until = 0.0
+        elif route.fallback != pool.name or wall >= route.fallback_until:
+            route.fallback = pool.name
+            route.fallback_until = wall + self.settings.fallback_hold_s
+            changed = True
+        route.endpoint = endpoint
+        if not changed:
+            return
+        self.counters.route_changes += 1
+        if not local:
+            self._write_behind(route.session, route.record())
+
+    def _write_behind(self, session: str, record: bytes) -> None:
+        if len(self._writes) >= MAX_BACKGROUND_WRITES:
+            self.counters.writes_dropped += 1
+            return
+        task = asyncio.get_running_loop().create_task(self._update(session, record))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _update(self, session: str, record: bytes) -> None:
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.update(session, record)
+
+    # -- admin ---------------------------------------------------------------------------
+
+    async def forget(self, session: str) -> bool:
+        had = self.cache.pop(session) is not None
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.forget(session)
+        return had
+
+    # -- background ----------------------------------------------------------------------
+
+    async def _sweep_forever(self) -> None:
+        interval = min(SWEEP_INTERVAL_S, max(0.05, self.settings.session_idle_s / 4))
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            self.cache.expire_idle(loop.time())
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_FLUSH_INTERVAL_S)
+            await self._flush_refresh()
+
+    async def _flush_refresh(self) -> None:
+        if not self._pending_refresh:
+            return
+        sessions = list(self._pending_refresh)
+        self._pending_refresh.clear()
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.refresh(sessions)

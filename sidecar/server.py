@@ -1,0 +1,250 @@
+"""Listeners, start-up, reload and graceful drain.
+
+    start-up: settings → Sidecar (pools, store, router, upstream client, prober) → listeners
+    serve:    until SIGTERM / SIGINT; SIGHUP re-reads SIDECAR_POOLS_FILE
+    drain:    /ready turns 503, listeners close, in-flight requests finish (up to
+              SIDECAR_DRAIN_TIMEOUT_S), background work stops and flushes, exit 0
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from sidecar import __version__
+from sidecar.admin import Admin
+from sidecar.config import ConfigError, Listen, Settings, reload_pools
+from sidecar.health import HealthProber
+from sidecar.pools import EndpointState, PoolSet
+from sidecar.proxy import Proxy
+from sidecar.routing import Router
+from sidecar.store import RouteStore, make_store
+
+log = logging.getLogger("sidecar.server")
+
+# Upstream connection pool. LLM calls are long (seconds to minutes) and each in-flight call
+# holds a connection, so the per-endpoint bound is generous; the keep-alive idle time stays
+# under uvicorn's 5 s default (vLLM's server) so we never reuse a connection the server is
+# closing at that instant.
+UPSTREAM_LIMIT_TOTAL = 1024
+UPSTREAM_LIMIT_PER_ENDPOINT = 256
+UPSTREAM_KEEPALIVE_S = 4.0
+
+
+class Sidecar:
+    """Everything one sidecar process owns, started and stopped together."""
+
+    def __init__(self, settings: Settings, store: RouteStore | None = None) -> None:
+        self.settings = settings
+        self.pools = PoolSet(settings)
+        self.store = store if store is not None else make_store(settings)
+        self.router = Router(settings, self.pools, self.store)
+        self.prober = HealthProber(self.pools)
+        self.http: aiohttp.ClientSession | None = None
+        self.proxy: Proxy | None = None
+        self.draining = False
+        self.started_at = time.time()
+        self.reloads = 0
+
+    async def start(self) -> None:
+        s = self.settings
+        connector = aiohttp.TCPConnector(limit=UPSTREAM_LIMIT_TOTAL,
+                                         limit_per_host=UPSTREAM_LIMIT_PER_ENDPOINT,
+                                         keepalive_timeout=UPSTREAM_KEEPALIVE_S,
+                                         ttl_dns_cache=10)
+        self.http = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s),
+            auto_decompress=False,  # the app gets the upstream's bytes as they were
+            # Send only the headers the app sent; aiohttp would add its own otherwise.
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            trust_env=False,
+        )
+        self.proxy = Proxy(s, self.router, self.http)
+        await self.store.start()
+        await self.router.start()
+        await self.prober.start()
+
+    async def close(self) -> None:
+        await self.prober.close()
+        await self.router.close()
+        await self.store.close()
+        if self.http is not None:
+            await self.http.close()
+
+    def reload(self) -> bool:
+        """SIGHUP: re-read the pools file; a bad file keeps the running configuration."""
+        if self.settings.pools_file is None:
+            log.warning("SIGHUP ignored: pools come from SIDECAR_POOLS (set "
+                        "SIDECAR_POOLS_FILE to reload pools without a restart)")
+            return False
+        try:
+            settings = reload_pools(self.settings)
+        except ConfigError as exc:
+            log.error("SIGHUP: pools file rejected, keeping the running configuration:\n  %s",
+                      "\n  ".join(exc.problems))
+            return False
+        changes = self.pools.apply(settings.pools, settings.api_keys)
+        self.settings = settings
+        self.router.settings = settings
+        self.prober.sync()
+        self.reloads += 1
+        log.info("SIGHUP: pools reloaded (%d endpoints added, %d draining)",
+                 len(changes["added"]), len(changes["removed"]))
+        return True
+
+    def not_ready_reasons(self) -> list[str]:
+        reasons = []
+        if self.draining:
+            reasons.append("draining: shutting down")
+        if self.proxy is None:
+            reasons.append("starting")
+        if not any(pool.has_ready() for pool in self.pools.pools.values()):
+            states = {e.url: e.state.value for e in self.pools.all_endpoints()}
+            reasons.append(f"no pool has a ready endpoint ({states})")
+        return reasons
+
+    def stats(self) -> dict[str, Any]:
+        store = self.store
+        redis_state: dict[str, Any] = {"kind": store.kind, "available": store.available,
+                                       **store.counters.view()}
+        if hasattr(store, "incidents"):
+            redis_state["incidents"] = store.incidents
+        endpoint_states: dict[str, int] = {s.value: 0 for s in EndpointState}
+        for endpoint in self.pools.all_endpoints():
+            endpoint_states[endpoint.state.value] += 1
+        return {
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "load_level": self.router.level,
+            "draining": self.draining,
+            "reloads": self.reloads,
+            "proxy": self.proxy.counters.view() if self.proxy else {},
+            "routes": {**self.router.counters.view(), "cached": len(self.router.cache),
+                       "evicted": self.router.cache.evicted,
+                       "expired": self.router.cache.expired},
+            "store": redis_state,
+            "endpoint_states": endpoint_states,
+            "endpoints": [e.view() for e in self.pools.all_endpoints()],
+            "cold_starts": [c.view() for c in self.prober.cold_starts],
+            "health_probes": self.prober.probes,
+        }
+
+
+SIDECAR_KEY = web.AppKey("sidecar", Sidecar)
+
+
+def proxy_app(sidecar: Sidecar) -> web.Application:
+    app = web.Application(client_max_size=sidecar.settings.max_body_bytes)
+    app[SIDECAR_KEY] = sidecar
+
+    async def lifecycle(app: web.Application) -> Any:
+        await sidecar.start()
+        yield
+        await sidecar.close()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        assert sidecar.proxy is not None
+        return await sidecar.proxy.handle(request)
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+async def start_site(runner: web.AppRunner, listen: Listen) -> web.BaseSite:
+    site: web.BaseSite
+    if listen.path:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(listen.path)
+        site = web.UnixSite(runner, listen.path)
+    else:
+        site = web.TCPSite(runner, listen.host, listen.port, reuse_address=True)
+    await site.start()
+    return site
+
+
+def bound_port(site: web.BaseSite) -> int | None:
+    server = getattr(site, "_server", None)
+    if server is None or not server.sockets:
+        return None
+    name = server.sockets[0].getsockname()
+    return name[1] if isinstance(name, tuple) else None
+
+
+class Running:
+    """A started sidecar: its runners and where they listen (tests and the demo use it)."""
+
+    def __init__(self, sidecar: Sidecar, proxy: web.AppRunner, admin: web.AppRunner,
+                 proxy_site: web.BaseSite, admin_site: web.BaseSite) -> None:
+        self.sidecar = sidecar
+        self.proxy_runner = proxy
+        self.admin_runner = admin
+        self.port = bound_port(proxy_site)
+        self.admin_port = bound_port(admin_site)
+
+    async def stop(self) -> None:
+        """Drain: not ready first, then close listeners and let in-flight requests finish."""
+        self.sidecar.draining = True
+        await self.proxy_runner.cleanup()
+        await self.admin_runner.cleanup()
+
+
+async def start(settings: Settings, store: RouteStore | None = None) -> Running:
+    sidecar = Sidecar(settings, store)
+    proxy_runner = web.AppRunner(proxy_app(sidecar), handle_signals=False, access_log=None,
+                                 handler_cancellation=True,
+                                 shutdown_timeout=settings.drain_timeout_s)
+    await proxy_runner.setup()
+    admin_runner = web.AppRunner(Admin(sidecar).app(), handle_signals=False, access_log=None,
+                                 shutdown_timeout=1.0)
+    await admin_runner.setup()
+    try:
+        proxy_site = await start_site(proxy_runner, settings.listen)
+        admin_site = await start_site(admin_runner, settings.admin_listen)
+    except OSError:
+        await proxy_runner.cleanup()
+        await admin_runner.cleanup()
+        raise
+    for name, listen in (("proxy", settings.listen), ("admin", settings.admin_listen)):
+        if not listen.is_loopback:
+            log.warning("the %s listener binds %s, which is NOT loopback: anything that can "
+                        "reach this address can use it", name, listen)
+    return Running(sidecar, proxy_runner, admin_runner, proxy_site, admin_site)
+
+
+async def serve(settings: Settings) -> int:
+    """`llm-sidecar serve`: run until SIGTERM/SIGINT, then drain and exit 0."""
+    try:
+        running = await start(settings)
+    except OSError as exc:
+        log.error("cannot listen: %s (is another process using the port? set "
+                  "SIDECAR_LISTEN / SIDECAR_ADMIN_LISTEN)", exc)
+        return 1
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, running.sidecar.reload)
+    store = running.sidecar.store
+    log.info("llm-sidecar %s listening on %s (admin %s), %d pools, route store: %s",
+             __version__, settings.listen, settings.admin_listen, len(settings.pools),
+             store.kind)
+    if store.kind == "memory":
+        log.warning("SIDECAR_REDIS_URL is not set: routes live in this process only "
+                    "(fine for one pod; set it so pods share session routes)")
+    await stop.wait()
+    log.info("draining: finishing in-flight requests (up to %.0f s)", settings.drain_timeout_s)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.remove_signal_handler(sig)
+    await running.stop()
+    log.info("stopped")
+    return 0

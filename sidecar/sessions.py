@@ -1,0 +1,145 @@
+"""Session ids, the 4-bit selector, the route record and the in-process route cache.
+
+A route is resolved once per session (first touch) and then served from this cache with no
+I/O; the cache is bounded (least recently used routes leave first) and idle routes expire.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from hashlib import blake2b
+
+import orjson
+
+from sidecar.pools import Endpoint, PoolSet
+
+MAX_SESSION_ID_LENGTH = 256
+
+
+def valid_session_id(value: str) -> bool:
+    """1–256 printable ASCII characters (so it is safe to echo in a header)."""
+    return 0 < len(value) <= MAX_SESSION_ID_LENGTH and value.isascii() and value.isprintable()
+
+
+def parse_selector(value: str) -> int | None:
+    """`x-sidecar-selector: N` with N in 0–15; None when invalid."""
+    if value.isdigit() and len(value) <= 2:
+        selector = int(value)
+        if selector < 16:
+            return selector
+    return None
+
+
+def selector_for(session_id: str) -> int:
+    """Stable across pods and restarts (unlike Python's hash): low 4 bits of BLAKE2b."""
+    return blake2b(session_id.encode(), digest_size=8).digest()[-1] & 0x0F
+
+
+class Route:
+    """Where a session goes. `endpoint` is the endpoint that served it last."""
+
+    __slots__ = ("created_at", "endpoint", "fallback", "fallback_until", "last_seen", "pool",
+                 "refreshed_at", "selector", "session", "synced")
+
+    def __init__(self, session: str, selector: int, pool: str, endpoint: Endpoint | None,
+                 created_at: float, fallback: str | None = None,
+                 fallback_until: float = 0.0) -> None:
+        self.session = session
+        self.selector = selector
+        self.pool = pool  # the primary pool, chosen by the selector at creation
+        self.endpoint = endpoint
+        self.fallback = fallback  # the pool serving instead of `pool`, until `fallback_until`
+        self.fallback_until = fallback_until
+        self.created_at = created_at
+        self.last_seen = 0.0
+        self.refreshed_at = 0.0
+        # False when resolved without the store (Redis down): re-read once it is back.
+        self.synced = True
+
+    def record(self) -> bytes:
+        """The store's representation (JSON, readable with redis-cli)."""
+        return orjson.dumps({
+            "selector": self.selector,
+            "pool": self.pool,
+            "endpoint": self.endpoint.url if self.endpoint else None,
+            "fallback": self.fallback,
+            "fallback_until": self.fallback_until,
+            "created_at": self.created_at,
+        })
+
+    @classmethod
+    def from_record(cls, session: str, data: bytes, pools: PoolSet) -> Route | None:
+        """Parse a stored record; None when it is unreadable or names an unknown pool."""
+        try:
+            fields = orjson.loads(data)
+            pool = fields["pool"]
+            serving = fields.get("fallback") or pool
+            url = fields.get("endpoint")
+            if pools.get(pool) is None:
+                return None
+            endpoint = pools.endpoint(serving, url) if isinstance(url, str) else None
+            return cls(session, int(fields["selector"]) & 0x0F, pools.pools[pool].name,
+                       endpoint, float(fields.get("created_at", 0.0)),
+                       fields.get("fallback") if pools.get(serving) else None,
+                       float(fields.get("fallback_until") or 0.0))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+
+    def view(self) -> dict[str, object]:
+        return {"session": self.session, "selector": self.selector, "pool": self.pool,
+                "endpoint": self.endpoint.url if self.endpoint else None,
+                "fallback": self.fallback, "fallback_until": self.fallback_until,
+                "created_at": self.created_at, "synced": self.synced}
+
+
+class RouteCache:
+    """Session id → Route, least recently used first, bounded, with idle expiry."""
+
+    def __init__(self, max_size: int, idle_s: float) -> None:
+        self.max_size = max_size
+        self.idle_s = idle_s
+        self._routes: OrderedDict[str, Route] = OrderedDict()
+        self.evicted = 0
+        self.expired = 0
+
+    def get(self, session: str, now: float) -> Route | None:
+        route = self._routes.get(session)
+        if route is not None:
+            route.last_seen = now
+            self._routes.move_to_end(session)
+        return route
+
+    def peek(self, session: str) -> Route | None:
+        return self._routes.get(session)
+
+    def put(self, route: Route, now: float) -> None:
+        route.last_seen = now
+        self._routes[route.session] = route
+        self._routes.move_to_end(route.session)
+        while len(self._routes) > self.max_size:
+            self._routes.popitem(last=False)
+            self.evicted += 1
+
+    def pop(self, session: str) -> Route | None:
+        return self._routes.pop(session, None)
+
+    def expire_idle(self, now: float) -> int:
+        """Drop routes idle longer than `idle_s`; cheap because the oldest come first."""
+        cutoff = now - self.idle_s
+        removed = 0
+        routes = self._routes
+        while routes:
+            session, route = next(iter(routes.items()))
+            if route.last_seen > cutoff:
+                break
+            del routes[session]
+            removed += 1
+        self.expired += removed
+        return removed
+
+    def __len__(self) -> int:
+        return len(self._routes)
+
+    def __iter__(self) -> Iterator[Route]:
+        return iter(self._routes.values())

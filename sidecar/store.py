@@ -1,0 +1,285 @@
+"""Where session routes live across pods: one small interface, a Redis implementation and an
+in-memory one (the embedded default, for a single pod).
+
+Records are opaque bytes here; `sessions.Route` owns their format. The Redis store never
+makes a caller wait longer than SIDECAR_REDIS_TIMEOUT_MS: a failure trips it to
+`unavailable` (callers then route deterministically without it) and a background task
+reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import RedisError
+
+from sidecar.config import Settings, redact_url
+
+log = logging.getLogger("sidecar.store")
+
+KEY_PREFIX = "llmsc:"
+RECONNECT_INTERVAL_S = 0.5
+
+# One round trip that returns the existing record, or stores ours and returns it: two pods
+# racing on a new session both get the first writer's record. Works on Redis 6.2+ and in
+# Cluster (one key).
+GET_OR_CREATE = """
+local current = redis.call('GET', KEYS[1])
+if current then return current end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return ARGV[1]
+"""
+
+
+def route_key(session: str) -> str:
+    # The braces are a Cluster hash tag: every key of a session lands in one slot.
+    return f"{KEY_PREFIX}{{{session}}}"
+
+
+class StoreUnavailable(Exception):
+    """The store cannot answer within its budget; route without it."""
+
+
+class StoreCounters:
+    __slots__ = ("created", "errors", "found", "skipped", "timeouts")
+
+    def __init__(self) -> None:
+        self.found = 0      # first touch found an existing record
+        self.created = 0    # first touch created the record
+        self.errors = 0     # operations that failed (connection, server error)
+        self.timeouts = 0   # operations past the budget
+        self.skipped = 0    # operations not attempted because the store was unavailable
+
+    def view(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class RouteStore(Protocol):
+    counters: StoreCounters
+
+    @property
+    def available(self) -> bool: ...
+
+    @property
+    def kind(self) -> str: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def get_or_create(self, session: str, record: bytes) -> bytes:
+        """One round trip: the stored record, or `record` after storing it."""
+        ...
+
+    async def get(self, session: str) -> bytes | None: ...
+
+    async def update(self, session: str, record: bytes) -> None: ...
+
+    async def forget(self, session: str) -> None: ...
+
+    async def refresh(self, sessions: list[str]) -> None:
+        """Push the TTL of these sessions' records forward (one batched write)."""
+        ...
+
+
+class MemoryStore:
+    """The embedded store: one pod only, records expire after the session TTL."""
+
+    kind = "memory"
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self.counters = StoreCounters()
+        self._records: dict[str, tuple[bytes, float]] = {}
+
+    @property
+    def available(self) -> bool:
+        return True
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._records.clear()
+
+    def _live(self, session: str) -> bytes | None:
+        entry = self._records.get(session)
+        if entry is None:
+            return None
+        if entry[1] < time.monotonic():
+            del self._records[session]
+            return None
+        return entry[0]
+
+    async def get_or_create(self, session: str, record: bytes) -> bytes:
+        current = self._live(session)
+        if current is not None:
+            self.counters.found += 1
+            return current
+        self._records[session] = (record, time.monotonic() + self.ttl_s)
+        self.counters.created += 1
+        return record
+
+    async def get(self, session: str) -> bytes | None:
+        return self._live(session)
+
+    async def update(self, session: str, record: bytes) -> None:
+        self._records[session] = (record, time.monotonic() + self.ttl_s)
+
+    async def forget(self, session: str) -> None:
+        self._records.pop(session, None)
+
+    async def refresh(self, sessions: list[str]) -> None:
+        deadline = time.monotonic() + self.ttl_s
+        for session in sessions:
+            entry = self._records.get(session)
+            if entry is not None:
+                self._records[session] = (entry[0], deadline)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+
+class RedisStore:
+    """Routes in Redis, with a per-operation budget and a circuit breaker."""
+
+    def __init__(self, client: Any, ttl_s: int, timeout_s: float, label: str) -> None:
+        self.client = client
+        self.ttl_s = ttl_s
+        self.timeout_s = timeout_s
+        self.label = label
+        self.kind = "redis"
+        self.counters = StoreCounters()
+        self._available = True
+        self._script = client.register_script(GET_OR_CREATE)
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self.incidents = 0
+        self.down_since: float | None = None
+
+    @property
+    def available(self) -> bool:
+        return self._available
+
+    async def start(self) -> None:
+        # Load the script now so a session's first touch is one EVALSHA, not EVAL + retry.
+        try:
+            async with asyncio.timeout(max(self.timeout_s, 1.0)):
+                await self.client.script_load(GET_OR_CREATE)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("redis %s not reachable at start (%s); routing without it until it is",
+                        self.label, type(exc).__name__)
+            self._trip()
+
+    async def close(self) -> None:
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconnect_task
+        with contextlib.suppress(Exception):
+            await self.client.aclose()
+
+    def _trip(self) -> None:
+        if self._available:
+            self._available = False
+            self.incidents += 1
+            self.down_since = time.time()
+        if self._reconnect_task is None or self._reconnect_task.done():
+            self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        while True:
+            await asyncio.sleep(RECONNECT_INTERVAL_S)
+            try:
+                async with asyncio.timeout(max(self.timeout_s, 1.0)):
+                    await self.client.script_load(GET_OR_CREATE)
+            except (RedisError, OSError, TimeoutError):
+                continue
+            log.info("redis %s is back after %.1f s", self.label,
+                     time.time() - (self.down_since or time.time()))
+            self._available = True
+            self.down_since = None
+            return
+
+    async def _call(self, make: Any) -> Any:
+        if not self._available:
+            self.counters.skipped += 1
+            raise StoreUnavailable("redis unavailable")
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await make()
+        except TimeoutError as exc:
+            self.counters.timeouts += 1
+            self._trip()
+            raise StoreUnavailable("redis timed out") from exc
+        except (RedisError, OSError) as exc:
+            self.counters.errors += 1
+            self._trip()
+            raise StoreUnavailable(f"redis error: {type(exc).__name__}") from exc
+
+    async def get_or_create(self, session: str, record: bytes) -> bytes:
+        stored = await self._call(
+            lambda: self._script(keys=[route_key(session)], args=[record, self.ttl_s]))
+        if stored == record:
+            self.counters.created += 1
+        else:
+            self.counters.found += 1
+        return bytes(stored)
+
+    async def get(self, session: str) -> bytes | None:
+        return await self._call(lambda: self.client.get(route_key(session)))
+
+    async def update(self, session: str, record: bytes) -> None:
+        await self._call(lambda: self.client.set(route_key(session), record, ex=self.ttl_s))
+
+    async def forget(self, session: str) -> None:
+        await self._call(lambda: self.client.delete(route_key(session)))
+
+    async def refresh(self, sessions: list[str]) -> None:
+        async def expire_all() -> None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for session in sessions:
+                    pipe.expire(route_key(session), self.ttl_s)
+                await pipe.execute()
+        await self._call(expire_all)
+
+
+def connect_redis(settings: Settings) -> Any:
+    """Build the redis-py asyncio client the settings describe (no I/O yet)."""
+    url = settings.redis_url
+    assert url is not None
+    common: dict[str, Any] = {
+        "socket_connect_timeout": max(settings.redis_timeout_s, 0.5),
+        "health_check_interval": 30,
+    }
+    if settings.redis_mode == "cluster":
+        return RedisCluster.from_url(url, max_connections=settings.redis_max_connections,
+                                     **common)
+    if settings.redis_mode == "sentinel":
+        parts = urlsplit(url)
+        hosts = []
+        for item in parts.netloc.rpartition("@")[2].split(","):
+            host, _, port = item.rpartition(":")
+            hosts.append((host or item, int(port) if port.isdigit() else 26379))
+        db = int(parts.path.strip("/") or 0)
+        sentinel = Sentinel(hosts, password=parts.password, username=parts.username,
+                            db=db, **common)
+        return sentinel.master_for(settings.redis_sentinel_master or "mymaster",
+                                   max_connections=settings.redis_max_connections)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=settings.redis_max_connections, timeout=None, **common)
+    return aioredis.Redis(connection_pool=pool)
+
+
+def make_store(settings: Settings) -> RouteStore:
+    if settings.redis_url is None:
+        return MemoryStore(settings.session_ttl_s)
+    return RedisStore(connect_redis(settings), settings.session_ttl_s,
+                      settings.redis_timeout_s, redact_url(settings.redis_url))
