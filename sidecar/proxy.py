@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
-from itertools import count
-from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from sidecar.config import Settings
 from sidecar.errors import UPSTREAM_ERRORS, Outcome, classify_exception, classify_status, error_body
@@ -95,17 +93,17 @@ class Proxy:
         self.max_body = settings.max_body_bytes
         self.max_attempts = settings.max_attempts
         self.first_byte_timeout = settings.first_byte_timeout_s
-        self._connection_ids: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
-        self._connection_seq = count(1)
 
-    def _connection_session(self, request: web.Request) -> str:
-        # Apps that send no session header get one session per TCP connection.
-        protocol = request.protocol
-        session = self._connection_ids.get(protocol)
-        if session is None:
-            session = f"conn-{next(self._connection_seq)}"
-            self._connection_ids[protocol] = session
-        return session
+    @staticmethod
+    def _connection_session(request: web.Request) -> str:
+        # Apps that send no session header get one session per TCP connection. The peer's
+        # address and port name the connection for as long as it lives; a later connection
+        # that reuses the port inherits a route that is at worst idle-expired soon.
+        transport = request.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        if isinstance(peer, tuple):
+            return f"conn:{peer[0]}:{peer[1]}"
+        return f"conn:{id(request.protocol):x}"
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         counters = self.counters
@@ -230,7 +228,7 @@ class Proxy:
                     headers: CIMultiDict[str], payload: bytes) -> aiohttp.ClientResponse:
         async with asyncio.timeout(self.first_byte_timeout):
             return await self.http.request(
-                method, endpoint.url + target, headers=headers,
+                method, URL(endpoint.url + target, encoded=True), headers=headers,
                 data=payload if payload else None, allow_redirects=False)
 
     def _response_headers(self, upstream: aiohttp.ClientResponse, route: Route, pool: Pool,

@@ -95,7 +95,8 @@ class FakeLLM:
         self.last_headers: dict[str, str] = {}
         self.paths: dict[str, int] = {}
         self._released = asyncio.Event()  # set while `hang` is off
-        self._released.set()
+        if not behaviour.hang:
+            self._released.set()
 
     # -- application ---------------------------------------------------------------------
 
@@ -161,8 +162,8 @@ class FakeLLM:
         body = await request.read()
         self._seen(request)
         return self._json({"method": request.method, "path": request.path,
-                           "query": request.query_string, "body_bytes": len(body),
-                           "headers": dict(request.headers)})
+                           "raw_path": request.raw_path, "body_bytes": len(body),
+                           "headers": {str(k): v for k, v in request.headers.items()}})
 
     # -- the OpenAI API ------------------------------------------------------------------
 
@@ -208,7 +209,7 @@ class FakeLLM:
     def _seen(self, request: web.Request) -> None:
         self.counters.requests += 1
         self.paths[request.path] = self.paths.get(request.path, 0) + 1
-        self.last_headers = dict(request.headers)
+        self.last_headers = {str(k): v for k, v in request.headers.items()}
 
     async def _fault(self) -> web.Response | None:
         b = self.behaviour
