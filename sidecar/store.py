@@ -251,6 +251,19 @@ class RedisStore:
         await self._call(expire_all)
 
 
+# A new connection would otherwise send CLIENT SETINFO (name and version of redis-py): one
+# more round trip on the first touch that opens it, and noise in MONITOR.
+def _no_client_setinfo() -> dict[str, Any]:
+    try:
+        import redis.driver_info  # noqa: F401  (redis-py 7+: driver_info=None disables it)
+    except ImportError:
+        return {"lib_name": None, "lib_version": None}
+    return {"driver_info": None}
+
+
+_NO_CLIENT_SETINFO = _no_client_setinfo()
+
+
 def connect_redis(settings: Settings) -> Any:
     """Build the redis-py asyncio client the settings describe (no I/O yet)."""
     url = settings.redis_url
@@ -258,6 +271,7 @@ def connect_redis(settings: Settings) -> Any:
     common: dict[str, Any] = {
         "socket_connect_timeout": max(settings.redis_timeout_s, 0.5),
         "health_check_interval": 30,
+        **_NO_CLIENT_SETINFO,
     }
     if settings.redis_mode == "cluster":
         return RedisCluster.from_url(url, max_connections=settings.redis_max_connections,

@@ -173,8 +173,10 @@ class SidecarProcess:
         raise RuntimeError(f"sidecar did not become ready: {self.output()}")
 
     def output(self) -> str:
-        if self.process is not None and self.process.poll() is not None and self.process.stdout:
-            self.log += self.process.stdout.read()
+        process = self.process
+        if process is not None and process.poll() is not None and process.stdout \
+                and not process.stdout.closed:
+            self.log += process.stdout.read()
         return self.log.decode(errors="replace")
 
     async def wait(self, timeout: float = 20) -> int:

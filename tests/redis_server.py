@@ -97,7 +97,6 @@ class Monitor:
         self._marker_client = server.client()
         self._marker_client.ping()  # opens the connection whose address we filter out
         self._marker_addr = self._marker_client.client_info()["addr"]
-        self.sync()
         self.reset()
 
     def _read(self) -> None:
@@ -125,6 +124,8 @@ class Monitor:
         raise TimeoutError("MONITOR did not show the sync marker")
 
     def reset(self) -> None:
+        """Forget everything sent so far (waiting until MONITOR has shown it all)."""
+        self.sync()
         with self._lock:
             self.lines.clear()
 

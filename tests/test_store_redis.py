@@ -1,0 +1,225 @@
+"""The route store against a real Redis server: exact round trips per session, pods agreeing
+on a new session (also when racing), routes surviving a restart, Redis failing and coming
+back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import orjson
+
+from sidecar.sessions import selector_for
+from sidecar.store import route_key
+from tests.conftest import chat, pool
+
+ROUTES_LOW_ONLY_SMALL = json.dumps({"low": {"small": 16}, "medium": {"small": 16},
+                                    "high": {"small": 16}})
+ROUTES_HIGH_HALF_LARGE = json.dumps({"low": {"small": 8, "large": 8},
+                                     "medium": {"small": 8, "large": 8},
+                                     "high": {"small": 8, "large": 8}})
+
+
+async def test_first_call_is_one_round_trip_and_the_next_20_make_none(
+        pods, sidecar, http, redis_server, monitor):
+    small = await pods(2)
+    running = await sidecar({"small": pool(small)}, SIDECAR_REDIS_URL=redis_server.url)
+    monitor.reset()
+    status, headers, _ = await chat(http, running, "counted")
+    assert status == 200
+    commands = monitor.commands()
+    assert len(commands) == 1, commands
+    assert '"EVALSHA"' in commands[0].upper()
+    monitor.reset()
+    for _ in range(20):
+        status, _, _ = await chat(http, running, "counted")
+        assert status == 200
+    assert monitor.commands() == []
+    stored = orjson.loads(redis_server.client().get(route_key("counted")))
+    assert stored["endpoint"] == headers["x-sidecar-endpoint"]
+    assert 0 < redis_server.client().ttl(route_key("counted")) <= 86400
+
+
+async def test_two_sidecar_processes_agree_on_a_session_moved_by_failover(
+        pods, sidecar_process, redis_server):
+    small = await pods(3)
+    env = {"SIDECAR_POOLS": json.dumps({"small": pool(small)}),
+           "SIDECAR_REDIS_URL": redis_server.url}
+    a = await sidecar_process(env).start()
+    b = await sidecar_process(env).start()
+    async with aiohttp.ClientSession() as http:
+        headers = {"x-session-id": "moved"}
+        async with http.post(a.base + "/v1/chat/completions", json={"model": "m"},
+                             headers=headers) as r:
+            first = r.headers["x-sidecar-endpoint"]
+        # Make the session's pod fail once: pod A moves the session and writes the new route.
+        [pod] = [p for p in small if p.url == first]
+        pod.fake.behaviour.update({"fail_next": 1})
+        async with http.post(a.base + "/v1/chat/completions", json={"model": "m"},
+                             headers=headers) as r:
+            moved_to = r.headers["x-sidecar-endpoint"]
+        assert moved_to != first
+        for _ in range(50):  # the write is behind the response
+            if orjson.loads(redis_server.client().get(route_key("moved")))["endpoint"] == moved_to:
+                break
+            await asyncio.sleep(0.02)
+        # Pod B has never seen the session: it reads the route, not its own rendezvous pick.
+        async with http.post(b.base + "/v1/chat/completions", json={"model": "m"},
+                             headers=headers) as r:
+            assert r.headers["x-sidecar-endpoint"] == moved_to
+            assert r.headers["x-sidecar-attempts"] == "1"
+
+
+async def test_two_sidecars_racing_on_new_sessions_route_them_identically(
+        pods, sidecar_process, redis_server, monitor):
+    small, large = await pods(2), await pods(2)
+    pools = json.dumps({"small": pool(small), "large": pool(large, "large-model")})
+    common = {"SIDECAR_POOLS": pools, "SIDECAR_REDIS_URL": redis_server.url,
+              "SIDECAR_REDIS_TIMEOUT_MS": "5000"}
+    # Different tables, as during a load level change: for selectors 8-15 pod A proposes
+    # large and pod B small, so a non-atomic creation would split those sessions.
+    a = await sidecar_process({**common, "SIDECAR_ROUTES": ROUTES_HIGH_HALF_LARGE}).start()
+    b = await sidecar_process({**common, "SIDECAR_ROUTES": ROUTES_LOW_ONLY_SMALL}).start()
+    sessions = [f"race-{i}" for i in range(40)]
+    assert sum(selector_for(s) >= 8 for s in sessions) >= 10
+
+    async def call(base: str, session: str, http: aiohttp.ClientSession) -> str:
+        async with http.post(base + "/v1/chat/completions", json={"model": "m"},
+                             headers={"x-session-id": session}) as r:
+            assert r.status == 200
+            return r.headers["x-sidecar-endpoint"]
+
+    monitor.reset()
+    # Hold Redis while both pods send their first touch: they are in flight at the same moment.
+    redis_server.client().execute_command("CLIENT", "PAUSE", "500", "ALL")
+    async with aiohttp.ClientSession() as http:
+        results = await asyncio.gather(*(asyncio.gather(call(a.base, s, http),
+                                                        call(b.base, s, http))
+                                         for s in sessions))
+    disagreements = [(s, x, y) for s, (x, y) in zip(sessions, results, strict=True) if x != y]
+    assert disagreements == []
+    evalshas = [c for c in monitor.commands() if '"EVALSHA"' in c.upper()]
+    for session in sessions:
+        assert sum(f"{{{session}}}" in c for c in evalshas) == 2, "both pods raced"
+        record = orjson.loads(redis_server.client().get(route_key(session)))
+        assert record["endpoint"] in results[sessions.index(session)]
+
+
+async def test_a_restarted_sidecar_reads_routes_back_from_redis(
+        pods, sidecar_process, redis_server):
+    small, large = await pods(1), await pods(1)
+    pools = json.dumps({"small": pool(small), "large": pool(large, "large-model")})
+    first = await sidecar_process({"SIDECAR_POOLS": pools, "SIDECAR_REDIS_URL": redis_server.url,
+                                   "SIDECAR_ROUTES": ROUTES_HIGH_HALF_LARGE}).start()
+    before: dict[str, str] = {}
+    async with aiohttp.ClientSession() as http:
+        for i in range(16):
+            async with http.post(first.base + "/v1/chat/completions", json={"model": "m"},
+                                 headers={"x-session-id": f"restart-{i}"}) as r:
+                before[f"restart-{i}"] = r.headers["x-sidecar-pool"]
+        assert set(before.values()) == {"small", "large"}
+        first.stop()  # SIGKILL: nothing flushed on the way out
+        # The new process would send every new session to small; existing ones keep theirs.
+        second = await sidecar_process({"SIDECAR_POOLS": pools,
+                                        "SIDECAR_REDIS_URL": redis_server.url,
+                                        "SIDECAR_ROUTES": ROUTES_LOW_ONLY_SMALL}).start()
+        for session, pool_name in before.items():
+            async with http.post(second.base + "/v1/chat/completions", json={"model": "m"},
+                                 headers={"x-session-id": session}) as r:
+                assert r.headers["x-sidecar-pool"] == pool_name
+        async with http.post(second.base + "/v1/chat/completions", json={"model": "m"},
+                             headers={"x-session-id": "brand-new"}) as r:
+            assert r.headers["x-sidecar-pool"] == "small"
+
+
+async def test_redis_killed_mid_run_calls_keep_succeeding_and_redis_is_used_again(
+        pods, sidecar, http, redis_server):
+    small = await pods(2)
+    running = await sidecar({"small": pool(small)}, SIDECAR_REDIS_URL=redis_server.url)
+    store = running.sidecar.store
+    for i in range(5):
+        assert (await chat(http, running, f"before-{i}"))[0] == 200
+    redis_server.stop()
+    for i in range(10):
+        assert (await chat(http, running, f"before-{i % 5}"))[0] == 200
+        status, headers, _ = await chat(http, running, f"during-{i}")
+        assert status == 200
+        # Deterministic routing: the same answer any pod computes without Redis.
+        assert headers["x-sidecar-endpoint"] == running.sidecar.router.propose(
+            f"during-{i}", None).endpoint.url
+    assert not store.available
+    assert store.incidents == 1
+    assert running.sidecar.router.counters.resolved_without_store >= 1
+
+    redis_server.start()  # same port, empty
+    deadline = time.monotonic() + 10
+    while not store.available and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert store.available, "the store reconnects by itself"
+    assert (await chat(http, running, "after"))[0] == 200
+    assert redis_server.client().exists(route_key("after")) == 1
+    # Sessions routed while Redis was down are written once it is back.
+    assert (await chat(http, running, "during-0"))[0] == 200
+    assert redis_server.client().exists(route_key("during-0")) == 1
+
+
+async def test_redis_down_at_start_routes_without_it(pods, sidecar, http, redis_server):
+    [pod] = await pods(1)
+    redis_server.stop()
+    running = await sidecar({"small": pool([pod])}, SIDECAR_REDIS_URL=redis_server.url)
+    status, _, _ = await chat(http, running, "no-redis")
+    assert status == 200
+    assert not running.sidecar.store.available
+
+
+async def test_slow_redis_is_not_waited_for_past_the_budget(pods, sidecar, http, redis_server):
+    [pod] = await pods(1)
+    running = await sidecar({"small": pool([pod])}, SIDECAR_REDIS_URL=redis_server.url,
+                            SIDECAR_REDIS_TIMEOUT_MS="50")
+    redis_server.client().execute_command("CLIENT", "PAUSE", "1500", "ALL")
+    status, _, _ = await chat(http, running, "slow-redis")
+    assert status == 200
+    counters = running.sidecar.store.counters
+    assert counters.timeouts == 1
+    assert running.sidecar.router.cache.peek("slow-redis").synced is False
+
+
+async def test_ttl_is_refreshed_at_most_once_per_tenth_of_the_ttl(
+        pods, sidecar, http, redis_server, monitor):
+    [pod] = await pods(1)
+    running = await sidecar({"small": pool([pod])}, SIDECAR_REDIS_URL=redis_server.url,
+                            SIDECAR_SESSION_TTL_S="10")
+    await chat(http, running, "ttl")
+    monitor.reset()
+    deadline = time.monotonic() + 2.6
+    calls = 0
+    while time.monotonic() < deadline:
+        assert (await chat(http, running, "ttl"))[0] == 200
+        calls += 1
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(1.1)  # let the batched refresh flush
+    commands = monitor.commands()
+    expires = [c for c in commands if '"EXPIRE"' in c.upper()]
+    assert calls > 50
+    # 2.6 s at one refresh per 1 s (10 % of 10 s): two or three, never one per request.
+    assert 2 <= len(expires) <= 3, commands
+    assert len(commands) == len(expires)
+    assert redis_server.client().ttl(route_key("ttl")) >= 8
+
+
+async def test_admin_session_view_and_delete(pods, sidecar, http, redis_server):
+    [pod] = await pods(1)
+    running = await sidecar({"small": pool([pod])}, SIDECAR_REDIS_URL=redis_server.url)
+    await chat(http, running, "user/42")
+    admin = f"http://127.0.0.1:{running.admin_port}"
+    async with http.get(admin + "/sessions/user/42") as r:
+        view = await r.json()
+    assert view["local"]["endpoint"] == pod.url
+    assert view["store"]["endpoint"] == pod.url
+    async with http.delete(admin + "/sessions/user/42") as r:
+        assert (await r.json())["was_cached"] is True
+    assert redis_server.client().exists(route_key("user/42")) == 0
+    async with http.get(admin + "/sessions/user/42") as r:
+        assert r.status == 404
