@@ -1,4 +1,4 @@
-"""The `llm-sidecar` command line: serve, check, fake-llm, demo."""
+"""The `llm-sidecar` command line: serve, check, fake-llm, demo, wait."""
 
 from __future__ import annotations
 
@@ -94,6 +94,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_wait(args: argparse.Namespace) -> int:
+    """Block until a URL answers 200 (a prestart task gating the app on the sidecar)."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + args.timeout
+    while True:
+        try:
+            with urllib.request.urlopen(args.url, timeout=2) as response:
+                if response.status == 200:
+                    print(f"{args.url} is up", file=sys.stderr)
+                    return 0
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() >= deadline:
+            print(f"llm-sidecar wait: {args.url} did not answer 200 within {args.timeout} s",
+                  file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-sidecar", description=(
         "Session-sticky LLM traffic sidecar. Configuration comes from SIDECAR_* variables."))
@@ -112,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--name", default="")
     _behaviour_flags(fake)
     fake.set_defaults(func=cmd_fake_llm)
+
+    wait = sub.add_parser("wait", help="wait until a URL answers 200 (prestart gate)")
+    wait.add_argument("--url", default="http://127.0.0.1:7879/health")
+    wait.add_argument("--timeout", type=float, default=60.0)
+    wait.set_defaults(func=cmd_wait)
 
     demo = sub.add_parser("demo", help="the sidecar with simulated pools on one machine")
     demo.add_argument("--listen", default="127.0.0.1:7878")

@@ -266,8 +266,10 @@ def parse_pools(reader: _Reader, data: Any, source: str, env: Mapping[str, str]
         if not isinstance(model, str) or not model:
             reader.problems.append(f"{where}: \"model\" must be a non-empty string, got {model!r}")
         endpoints = spec.get("endpoints")
-        if not isinstance(endpoints, list) or not endpoints:
-            reader.problems.append(f"{where}: \"endpoints\" must be a non-empty list of base URLs "
+        # An empty list is valid: a pool scaled to zero, or whose pods have not registered
+        # with service discovery yet, simply has nothing ready (its fallback serves).
+        if not isinstance(endpoints, list):
+            reader.problems.append(f"{where}: \"endpoints\" must be a list of base URLs "
                                    f"like \"http://10.0.0.5:8000\", got {endpoints!r}")
             endpoints = []
         for url in endpoints:

@@ -24,7 +24,8 @@ def valid_session_id(value: str) -> bool:
 
 def parse_selector(value: str) -> int | None:
     """`x-sidecar-selector: N` with N in 0–15; None when invalid."""
-    if value.isdigit() and len(value) <= 2:
+    # isascii first: "²".isdigit() is True but int("²") fails (header bytes are latin-1).
+    if value.isascii() and value.isdigit() and len(value) <= 2:
         selector = int(value)
         if selector < 16:
             return selector

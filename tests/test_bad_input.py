@@ -48,7 +48,7 @@ async def test_invalid_session_id_is_400_naming_the_header(pods, sidecar, http, 
     assert pod.requests == 0
 
 
-@pytest.mark.parametrize("value", ["16", "-1", "abc", "1.5", ""])
+@pytest.mark.parametrize("value", ["16", "-1", "abc", "1.5", "", "\u00b2"])
 async def test_invalid_selector_is_400_naming_the_header(pods, sidecar, http, value):
     [pod] = await pods(1)
     running = await sidecar({"small": pool([pod])})

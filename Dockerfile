@@ -1,0 +1,20 @@
+# llm-sidecar: a small, non-root image. Dependencies are pinned in constraints.txt.
+FROM python:3.11-slim-bookworm AS build
+WORKDIR /src
+COPY pyproject.toml README.md constraints.txt ./
+COPY sidecar ./sidecar
+RUN python -m venv /opt/llm-sidecar \
+ && /opt/llm-sidecar/bin/pip install --no-cache-dir -c constraints.txt . \
+ && find /opt/llm-sidecar -name '__pycache__' -prune -exec rm -rf {} +
+
+FROM python:3.11-slim-bookworm
+ENV PATH=/opt/llm-sidecar/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+COPY --from=build /opt/llm-sidecar /opt/llm-sidecar
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin sidecar
+USER 10001
+EXPOSE 7878 7879
+HEALTHCHECK --interval=10s --timeout=2s CMD ["llm-sidecar", "wait", "--timeout", "1"]
+ENTRYPOINT ["llm-sidecar"]
+CMD ["serve"]

@@ -1,0 +1,86 @@
+# An example model pool: vLLM serving one model, registered in Nomad's own service
+# discovery so the sidecars' templates find it. The scaler changes `count` of group
+# "server" through Nomad's scale API within the `scaling` bounds below.
+
+variable "model" {
+  type    = string
+  default = "meta-llama/Llama-3.1-8B-Instruct"
+}
+
+variable "served_model_name" {
+  type    = string
+  default = "llama-3.1-8b-instruct"
+}
+
+job "llm-small" {
+  type = "service"
+
+  group "server" {
+    count = 2
+
+    scaling {
+      enabled = true
+      min     = 1
+      max     = 8
+    }
+
+    network {
+      port "http" {
+        to = 8000
+      }
+    }
+
+    service {
+      name     = "llm-small"
+      provider = "nomad"
+      port     = "http"
+
+      # vLLM answers /health with 200 only once the model is loaded; a cold start of a
+      # small model takes about 10 minutes, hence the long grace.
+      check {
+        name     = "vllm-health"
+        type     = "http"
+        path     = "/health"
+        interval = "10s"
+        timeout  = "3s"
+
+        check_restart {
+          limit = 3
+          grace = "15m"
+        }
+      }
+    }
+
+    update {
+      max_parallel     = 1
+      min_healthy_time = "30s"
+      healthy_deadline = "20m"
+    }
+
+    task "vllm" {
+      driver = "docker"
+
+      config {
+        image = "vllm/vllm-openai:latest"
+        ports = ["http"]
+        args = [
+          "--model", var.model,
+          "--served-model-name", var.served_model_name,
+          "--port", "8000",
+          "--enable-prefix-caching",
+        ]
+      }
+
+      resources {
+        cpu    = 4000
+        memory = 32768
+
+        device "nvidia/gpu" {
+          count = 1
+        }
+      }
+
+      kill_timeout = "60s"
+    }
+  }
+}

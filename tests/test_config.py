@@ -1,0 +1,201 @@
+"""Configuration: every variable's errors name the variable, the bad value and the expected
+form; every problem is reported at once; `check` prints the effective configuration with
+secrets redacted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sidecar.config import VARIABLES, ConfigError, load_settings, redact_url
+
+POOLS = json.dumps({"small": {"model": "m", "endpoints": ["http://10.0.0.5:8000"]},
+                    "large": {"model": "big", "endpoints": ["http://10.0.1.5:8000"],
+                              "fallback": "small"}})
+
+
+def problems(**env: str) -> list[str]:
+    base = {"SIDECAR_POOLS": POOLS}
+    base.update(env)
+    with pytest.raises(ConfigError) as refused:
+        load_settings({k: v for k, v in base.items() if v is not None})
+    return refused.value.problems
+
+
+def test_defaults_match_the_spec():
+    s = load_settings({"SIDECAR_POOLS": POOLS})
+    assert str(s.listen) == "127.0.0.1:7878"
+    assert str(s.admin_listen) == "127.0.0.1:7879"
+    assert s.load_level == "low"
+    assert s.redis_url is None and s.redis_mode == "standalone"
+    assert s.redis_timeout_s == 0.05
+    assert s.session_header == "x-session-id"
+    assert s.session_ttl_s == 86400 and s.session_idle_s == 900
+    assert s.connect_timeout_s == 1 and s.first_byte_timeout_s == 60
+    assert s.max_attempts == 3 and s.max_body_bytes == 33554432
+    # Default routes: all 16 slots to the first pool at every level.
+    assert s.routes == {level: ("small",) * 16 for level in ("low", "medium", "high")}
+
+
+def test_routes_give_out_slots_in_the_order_pools_are_listed():
+    s = load_settings({"SIDECAR_POOLS": POOLS, "SIDECAR_ROUTES": json.dumps(
+        {"low": {"small": 16}, "medium": {"small": 12, "large": 4},
+         "high": {"large": 8, "small": 8}})})
+    assert s.routes["medium"] == ("small",) * 12 + ("large",) * 4
+    assert s.routes["high"] == ("large",) * 8 + ("small",) * 8
+
+
+@pytest.mark.parametrize("variable,value,expected", [
+    ("SIDECAR_LISTEN", "7878", "`host:port` (port 1-65535) or `unix:/absolute/path`"),
+    ("SIDECAR_LISTEN", "unix:relative.sock", "`unix:/absolute/path`"),
+    ("SIDECAR_ADMIN_LISTEN", "127.0.0.1:99999", "`host:port`"),
+    ("SIDECAR_LOAD_LEVEL", "extreme", "one of low, medium, high"),
+    ("SIDECAR_REDIS_URL", "http://redis:6379", "a redis://, rediss:// or unix:// URL"),
+    ("SIDECAR_REDIS_MODE", "replicated", "one of standalone, cluster, sentinel"),
+    ("SIDECAR_REDIS_TIMEOUT_MS", "fast", "a number > 0"),
+    ("SIDECAR_REDIS_TIMEOUT_MS", "0", "a number > 0"),
+    ("SIDECAR_REDIS_MAX_CONNECTIONS", "1.5", "an integer > 0"),
+    ("SIDECAR_SESSION_HEADER", "x session", "an HTTP header name"),
+    ("SIDECAR_SESSION_TTL_S", "-5", "an integer > 0"),
+    ("SIDECAR_SESSION_IDLE_S", "soon", "a number > 0"),
+    ("SIDECAR_ROUTE_CACHE_SIZE", "0", "an integer > 0"),
+    ("SIDECAR_CONNECT_TIMEOUT_S", "nan", "a number > 0"),
+    ("SIDECAR_FIRST_BYTE_TIMEOUT_S", "0", "a number > 0"),
+    ("SIDECAR_MAX_ATTEMPTS", "zero", "an integer > 0"),
+    ("SIDECAR_MAX_BODY_BYTES", "32MB", "an integer > 0"),
+    ("SIDECAR_FALLBACK_HOLD_S", "-1", "a number >= 0"),
+    ("SIDECAR_DRAIN_TIMEOUT_S", "forever", "a number >= 0"),
+])
+def test_each_variable_names_itself_the_value_and_the_expected_form(variable, value, expected):
+    [problem] = problems(**{variable: value})
+    assert problem.startswith(f"{variable}=")
+    assert value in problem or variable == "SIDECAR_REDIS_URL"
+    assert expected in problem
+
+
+def test_every_problem_is_reported_at_once():
+    found = problems(SIDECAR_LISTEN="nope", SIDECAR_MAX_ATTEMPTS="x", SIDECAR_LOAD_LEVEL="y",
+                     SIDECAR_ROUTES='{"low": {"small": 15}}')
+    assert len(found) == 6
+    joined = "\n".join(found)
+    for variable in ("SIDECAR_LISTEN", "SIDECAR_MAX_ATTEMPTS", "SIDECAR_LOAD_LEVEL"):
+        assert variable in joined
+    assert "level 'low' gives out 15 slots" in joined
+    assert "level 'medium' is missing" in joined and "level 'high' is missing" in joined
+
+
+def test_missing_pools_says_what_to_set():
+    [problem] = problems(SIDECAR_POOLS=None)
+    assert "SIDECAR_POOLS is not set" in problem and "SIDECAR_POOLS_FILE" in problem
+
+
+@pytest.mark.parametrize("pools,expected", [
+    ("[1, 2]", "expected a non-empty JSON object of pools"),
+    ("{bad json", "SIDECAR_POOLS: not valid JSON"),
+    ('{"p": {"endpoints": ["http://a:1"]}}', "pool 'p': \"model\" must be a non-empty string"),
+    ('{"p": {"model": "m"}}', "\"endpoints\" must be a list of base URLs"),
+    ('{"p": {"model": "m", "endpoints": "http://a:1"}}', "\"endpoints\" must be a list"),
+    ('{"p": {"model": "m", "endpoints": ["10.0.0.5:8000"]}}', "is not a base URL"),
+    ('{"p": {"model": "m", "endpoints": ["http://a:1/v1"]}}', "is not a base URL"),
+    ('{"p": {"model": "m", "endpoints": ["http://a:1", "http://a:1"]}}', "the same URL twice"),
+    ('{"p": {"model": "m", "endpoints": ["http://a:1"], "fallback": "q"}}',
+     "\"fallback\" must name another pool"),
+    ('{"p": {"model": "m", "endpoints": ["http://a:1"], "fallback": "p"}}',
+     "names the pool itself"),
+    ('{"p": {"model": "m", "endpoints": ["http://a:1"], "cold_start_s": 0}}',
+     "\"cold_start_s\" must be a number > 0"),
+    ('{"p": {"model": "m", "endpoints": ["http://a:1"], "health_path": "health"}}',
+     "must be a path starting with '/'"),
+    ('{"p": {"model": "m", "endpoints": ["http://a:1"], "resume": "yes"}}',
+     "\"resume\" must be true or false"),
+    ('{"p": {"model": "m", "endpoints": ["http://a:1"], "colour": "red"}}',
+     "unknown field(s) ['colour']"),
+    ('{"p": {"model": "m", "endpoints": ["http://a:1"], "api_key_env": "NO_SUCH_KEY_VAR"}}',
+     "names NO_SUCH_KEY_VAR, which is not set"),
+])
+def test_pool_problems_name_the_pool_and_field(pools, expected):
+    found = problems(SIDECAR_POOLS=pools)
+    assert any(expected in p for p in found), found
+
+
+def test_a_pool_with_no_endpoints_yet_is_valid():
+    # Service discovery renders an empty list while a pool scales from zero.
+    s = load_settings({"SIDECAR_POOLS": json.dumps(
+        {"large": {"model": "big", "endpoints": [], "fallback": "small"},
+         "small": {"model": "m", "endpoints": ["http://a:1"]}})})
+    assert s.pools["large"].endpoints == ()
+
+
+def test_fallback_loops_are_refused():
+    pools = {"a": {"model": "m", "endpoints": ["http://a:1"], "fallback": "b"},
+             "b": {"model": "m", "endpoints": ["http://b:1"], "fallback": "a"}}
+    found = problems(SIDECAR_POOLS=json.dumps(pools))
+    assert any("fallback chain loops (a → b → a)" in p for p in found)
+
+
+def test_routes_must_name_configured_pools():
+    found = problems(SIDECAR_ROUTES=json.dumps({"low": {"tiny": 16}, "medium": {"small": 16},
+                                                "high": {"small": 16}}))
+    assert any("names pool 'tiny', which is not configured" in p for p in found)
+
+
+def test_pools_file_and_inline_pools_are_exclusive(tmp_path):
+    path = tmp_path / "pools.json"
+    path.write_text(POOLS)
+    found = problems(SIDECAR_POOLS_FILE=str(path))
+    assert any("both set" in p for p in found)
+    s = load_settings({"SIDECAR_POOLS_FILE": str(path)})
+    assert s.pools_file == str(path) and set(s.pools) == {"small", "large"}
+    found = problems(SIDECAR_POOLS=None, SIDECAR_POOLS_FILE=str(tmp_path / "missing.json"))
+    assert any("cannot be read" in p and "missing.json" in p for p in found)
+
+
+def test_sentinel_mode_needs_a_master_name():
+    found = problems(SIDECAR_REDIS_URL="redis://10.0.0.1:26379,10.0.0.2:26379/0",
+                     SIDECAR_REDIS_MODE="sentinel")
+    assert any("SIDECAR_REDIS_SENTINEL_MASTER is not set" in p for p in found)
+
+
+def test_redact_url_hides_passwords():
+    assert redact_url("redis://user:hunter2@host:6379/0") == "redis://user:<redacted>@host:6379/0"
+    assert redact_url("rediss://:hunter2@host:6380") == "rediss://:<redacted>@host:6380"
+    assert redact_url("redis://host:6379") == "redis://host:6379"
+
+
+def test_every_variable_is_in_the_readme():
+    readme = Path(__file__).resolve().parent.parent.joinpath("README.md").read_text()
+    for variable in VARIABLES:
+        assert f"`{variable}`" in readme, f"{variable} is not documented in the README"
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    return subprocess.run([sys.executable, "-m", "sidecar", *args], env={**clean, **env},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_check_prints_the_effective_configuration_with_secrets_redacted():
+    pools = {"external": {"model": "gpt-4o-mini", "endpoints": ["https://api.example.com"],
+                          "api_key_env": "EXTERNAL_API_KEY"}}
+    done = run_cli("check", env={"SIDECAR_POOLS": json.dumps(pools),
+                                 "EXTERNAL_API_KEY": "sk-live-very-secret",
+                                 "SIDECAR_REDIS_URL": "redis://app:pa55word@redis:6379/0"})
+    assert done.returncode == 0, done.stderr
+    assert "sk-live-very-secret" not in done.stdout + done.stderr
+    assert "pa55word" not in done.stdout + done.stderr
+    shown = json.loads(done.stdout)
+    assert shown["SIDECAR_POOLS"]["external"]["api_key"] == "<redacted>"
+    assert shown["SIDECAR_REDIS_URL"] == "redis://app:<redacted>@redis:6379/0"
+    assert shown["SIDECAR_MAX_ATTEMPTS"] == 3
+
+
+def test_check_exits_non_zero_naming_every_problem():
+    done = run_cli("check", env={"SIDECAR_POOLS": "{}", "SIDECAR_LISTEN": "x"})
+    assert done.returncode == 2
+    assert "SIDECAR_LISTEN='x'" in done.stderr
+    assert "SIDECAR_POOLS: expected a non-empty JSON object" in done.stderr
