@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -494,13 +494,19 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 
 
 def reload_pools(settings: Settings, env: Mapping[str, str] | None = None) -> Settings:
-    """Re-read SIDECAR_POOLS_FILE (SIGHUP); routes must still name configured pools."""
+    """Re-read the pools file (SIGHUP). The running routes table must still name only
+    configured pools; `env` supplies the variables that `api_key_env` names."""
     env = os.environ if env is None else env
     r = _Reader(env)
-    data, source, _ = load_pools_source(r, env)
+    data, source, _ = load_pools_source(
+        r, {**env, "SIDECAR_POOLS": "", "SIDECAR_POOLS_FILE": settings.pools_file or ""})
     pools, keys = parse_pools(r, data, source, env) if data is not None else ({}, {})
-    routes = parse_routes(r, r.raw("SIDECAR_ROUTES"), list(pools))
+    if not r.problems:
+        for level, table in settings.routes.items():
+            for name in sorted(set(table) - set(pools)):
+                r.problems.append(f"{source}: pool {name!r} is gone but SIDECAR_ROUTES level "
+                                  f"{level!r} still gives it slots; keep the pool (it may "
+                                  "list no endpoints) or change SIDECAR_ROUTES")
     if r.problems:
         raise ConfigError(r.problems)
-    return Settings(**{**{f: getattr(settings, f) for f in settings.__dataclass_fields__},
-                       "pools": pools, "api_keys": keys, "routes": routes})
+    return replace(settings, pools=pools, api_keys=keys)

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -42,8 +43,10 @@ UPSTREAM_KEEPALIVE_S = 4.0
 class Sidecar:
     """Everything one sidecar process owns, started and stopped together."""
 
-    def __init__(self, settings: Settings, store: RouteStore | None = None) -> None:
+    def __init__(self, settings: Settings, store: RouteStore | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
         self.settings = settings
+        self.env = env  # where `api_key_env` variables are read on reload (None: os.environ)
         self.pools = PoolSet(settings)
         self.store = store if store is not None else make_store(settings)
         self.router = Router(settings, self.pools, self.store)
@@ -87,7 +90,7 @@ class Sidecar:
                         "SIDECAR_POOLS_FILE to reload pools without a restart)")
             return False
         try:
-            settings = reload_pools(self.settings)
+            settings = reload_pools(self.settings, self.env)
         except ConfigError as exc:
             log.error("SIGHUP: pools file rejected, keeping the running configuration:\n  %s",
                       "\n  ".join(exc.problems))
@@ -198,8 +201,9 @@ class Running:
         await self.admin_runner.cleanup()
 
 
-async def start(settings: Settings, store: RouteStore | None = None) -> Running:
-    sidecar = Sidecar(settings, store)
+async def start(settings: Settings, store: RouteStore | None = None,
+                env: Mapping[str, str] | None = None) -> Running:
+    sidecar = Sidecar(settings, store, env)
     proxy_runner = web.AppRunner(proxy_app(sidecar), handle_signals=False, access_log=None,
                                  handler_cancellation=True,
                                  shutdown_timeout=settings.drain_timeout_s)

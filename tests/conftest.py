@@ -79,7 +79,8 @@ async def sidecar() -> AsyncIterator[SidecarFactory]:
     running: list[Running] = []
 
     async def make(pools: dict[str, Any], **env: str) -> Running:
-        instance = await start(load_settings(sidecar_env(pools, **env)))
+        environment = sidecar_env(pools, **env)
+        instance = await start(load_settings(environment), env=environment)
         running.append(instance)
         return instance
 

@@ -199,3 +199,22 @@ def test_check_exits_non_zero_naming_every_problem():
     assert done.returncode == 2
     assert "SIDECAR_LISTEN='x'" in done.stderr
     assert "SIDECAR_POOLS: expected a non-empty JSON object" in done.stderr
+
+
+def test_reload_refuses_a_file_that_drops_a_routed_pool(tmp_path):
+    from sidecar.config import reload_pools
+
+    path = tmp_path / "pools.json"
+    path.write_text(POOLS)
+    routes = json.dumps({"low": {"small": 8, "large": 8}, "medium": {"small": 16},
+                         "high": {"small": 16}})
+    settings = load_settings({"SIDECAR_POOLS_FILE": str(path), "SIDECAR_ROUTES": routes})
+    path.write_text(json.dumps({"small": {"model": "m", "endpoints": ["http://b:1"]}}))
+    with pytest.raises(ConfigError) as refused:
+        reload_pools(settings, {})
+    assert "pool 'large' is gone but SIDECAR_ROUTES level 'low'" in refused.value.problems[0]
+    path.write_text(json.dumps({"small": {"model": "m", "endpoints": ["http://b:1"]},
+                                "large": {"model": "big", "endpoints": []}}))
+    reloaded = reload_pools(settings, {})
+    assert reloaded.pools["small"].endpoints == ("http://b:1",)
+    assert reloaded.routes == settings.routes
