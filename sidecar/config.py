@@ -78,6 +78,9 @@ class Settings:
     max_body_bytes: int
     fallback_hold_s: float
     drain_timeout_s: float
+    retry_budget_percent: float
+    retry_budget_min: int
+    bounded_load_factor: float
     pools_file: str | None = None
     # Secrets resolved from `api_key_env`, never printed (see `redacted`).
     api_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -119,6 +122,9 @@ class Settings:
             "SIDECAR_MAX_BODY_BYTES": self.max_body_bytes,
             "SIDECAR_FALLBACK_HOLD_S": self.fallback_hold_s,
             "SIDECAR_DRAIN_TIMEOUT_S": self.drain_timeout_s,
+            "SIDECAR_RETRY_BUDGET_PERCENT": self.retry_budget_percent,
+            "SIDECAR_RETRY_BUDGET_MIN": self.retry_budget_min,
+            "SIDECAR_BOUNDED_LOAD_FACTOR": self.bounded_load_factor,
         }
 
 
@@ -165,6 +171,10 @@ VARIABLES: dict[str, tuple[str | None, str]] = {
     "SIDECAR_MAX_BODY_BYTES": ("33554432", "largest request body accepted"),
     "SIDECAR_FALLBACK_HOLD_S": ("300", "how long a session stays on a fallback pool"),
     "SIDECAR_DRAIN_TIMEOUT_S": ("30", "how long SIGTERM waits for in-flight requests"),
+    "SIDECAR_RETRY_BUDGET_PERCENT": ("20", "retries allowed as a % of requests over 10 s"),
+    "SIDECAR_RETRY_BUDGET_MIN": ("5", "retries always allowed per 10 s, however quiet"),
+    "SIDECAR_BOUNDED_LOAD_FACTOR": ("1.25", "new sessions skip an endpoint above this × the "
+                                    "pool's mean in-flight (0 = off)"),
 }
 
 
@@ -464,6 +474,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if not session_header or any(c in session_header for c in " :\r\n\t"):
         r.problem("SIDECAR_SESSION_HEADER", session_header, "an HTTP header name")
 
+    load_factor = r.number("SIDECAR_BOUNDED_LOAD_FACTOR", strict=False)
+    if 0 < load_factor < 1:
+        r.problem("SIDECAR_BOUNDED_LOAD_FACTOR", r.raw("SIDECAR_BOUNDED_LOAD_FACTOR"),
+                  "0 (off) or a number >= 1 (1.25 lets a pod take 25 % above the mean)")
+
     settings = Settings(
         listen=listen,
         admin_listen=admin_listen,
@@ -485,6 +500,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_body_bytes=int(r.number("SIDECAR_MAX_BODY_BYTES", integer=True)),
         fallback_hold_s=r.number("SIDECAR_FALLBACK_HOLD_S", strict=False),
         drain_timeout_s=r.number("SIDECAR_DRAIN_TIMEOUT_S", strict=False),
+        retry_budget_percent=r.number("SIDECAR_RETRY_BUDGET_PERCENT", strict=False),
+        retry_budget_min=int(r.number("SIDECAR_RETRY_BUDGET_MIN", integer=True, strict=False)),
+        bounded_load_factor=load_factor,
         pools_file=pools_file,
         api_keys=keys,
     )

@@ -7,13 +7,18 @@ and counters read.
      ├── RETRYABLE_STATUS    429 / 500 / 502 / 503 / 504 before any byte reached the app
      ├── CONNECT_ERROR       refused, reset, unreachable, TLS failure, closed before a response
      ├── CONNECT_TIMEOUT     no TCP connection within SIDECAR_CONNECT_TIMEOUT_S
-     ├── FIRST_BYTE_TIMEOUT  no response headers within SIDECAR_FIRST_BYTE_TIMEOUT_S
+     ├── FIRST_BYTE_TIMEOUT  no response headers (streams: no generated content) within
+     │                       SIDECAR_FIRST_BYTE_TIMEOUT_S
+     ├── BROKEN_BEFORE_CONTENT  upstream broke before anything reached the app (a non-streamed
+     │                       body cut short, a stream that died during prefill): retried
      └── BROKEN_STREAM       upstream broke after bytes reached the app: never retried
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import time
 from enum import Enum
 
 import aiohttp
@@ -29,6 +34,7 @@ class Outcome(Enum):
     CONNECT_ERROR = "connect_error"
     CONNECT_TIMEOUT = "connect_timeout"
     FIRST_BYTE_TIMEOUT = "first_byte_timeout"
+    BROKEN_BEFORE_CONTENT = "broken_before_content"
     BROKEN_STREAM = "broken_stream"
 
     @property
@@ -48,7 +54,8 @@ class Outcome(Enum):
 
 
 _RETRYABLE = frozenset({Outcome.RETRYABLE_STATUS, Outcome.CONNECT_ERROR,
-                        Outcome.CONNECT_TIMEOUT, Outcome.FIRST_BYTE_TIMEOUT})
+                        Outcome.CONNECT_TIMEOUT, Outcome.FIRST_BYTE_TIMEOUT,
+                        Outcome.BROKEN_BEFORE_CONTENT})
 _ENDPOINT_FAILURES = _RETRYABLE | {Outcome.BROKEN_STREAM}
 
 
@@ -68,6 +75,22 @@ def classify_exception(exc: BaseException) -> Outcome:
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return Outcome.FIRST_BYTE_TIMEOUT
     return Outcome.CONNECT_ERROR
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None if absent."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 # Exceptions that mean "the upstream failed", as opposed to the app or the sidecar.

@@ -8,6 +8,7 @@ so every pod picks the same endpoint and a removed endpoint moves only its own s
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
@@ -20,6 +21,8 @@ from sidecar.errors import Outcome
 EJECT_AFTER_FAILURES = 3
 EJECT_BACKOFF_BASE_S = 1.0
 EJECT_BACKOFF_MAX_S = 60.0
+# An upstream's Retry-After is honoured up to this long (a bad header must not park a pod).
+MAX_RETRY_AFTER_S = 60.0
 
 
 class EndpointState(StrEnum):
@@ -32,8 +35,8 @@ class EndpointState(StrEnum):
 class Endpoint:
     """One model server (pod). Shared by every route that points at it."""
 
-    __slots__ = ("consecutive_failures", "ejections", "inflight", "pool", "registered_at",
-                 "retry_at", "state", "url", "url_key")
+    __slots__ = ("consecutive_failures", "ejections", "held_until", "inflight", "pool",
+                 "registered_at", "retry_at", "state", "url", "url_key")
 
     def __init__(self, url: str, pool: str, state: EndpointState) -> None:
         self.url = url
@@ -44,12 +47,13 @@ class Endpoint:
         self.consecutive_failures = 0
         self.ejections = 0
         self.retry_at = 0.0
+        self.held_until = 0.0  # the upstream asked us to wait (Retry-After)
         self.registered_at = time.monotonic()
 
     def usable(self, now: float) -> bool:
         """Can a request be sent here now? An ejected endpoint admits one half-open try."""
         if self.state is EndpointState.READY:
-            return True
+            return now >= self.held_until
         if self.state is EndpointState.EJECTED and now >= self.retry_at:
             # Hold off the rest until this try's result is known.
             self.retry_at = now + self._backoff()
@@ -80,12 +84,23 @@ class Endpoint:
             return True
         return False
 
+    def hold(self, seconds: float, now: float) -> None:
+        """Respect an upstream's Retry-After: send nothing new here until it has passed."""
+        self.held_until = max(self.held_until, now + min(seconds, MAX_RETRY_AFTER_S))
+
     def _backoff(self) -> float:
         return min(EJECT_BACKOFF_MAX_S, EJECT_BACKOFF_BASE_S * 2 ** max(0, self.ejections - 1))
 
     def view(self) -> dict[str, object]:
-        return {"url": self.url, "pool": self.pool, "state": self.state.value,
-                "inflight": self.inflight, "consecutive_failures": self.consecutive_failures}
+        now = time.monotonic()
+        view: dict[str, object] = {
+            "url": self.url, "pool": self.pool, "state": self.state.value,
+            "inflight": self.inflight, "consecutive_failures": self.consecutive_failures}
+        if self.held_until > now:
+            view["held_for_s"] = round(self.held_until - now, 3)
+        if self.state is EndpointState.EJECTED and self.retry_at != float("inf"):
+            view["retry_in_s"] = round(max(0.0, self.retry_at - now), 3)
+        return view
 
 
 def rendezvous_score(session_key: bytes, endpoint: Endpoint) -> int:
@@ -119,13 +134,23 @@ class Pool:
         live.sort(key=lambda e: rendezvous_score(session_key, e), reverse=True)
         return live
 
-    def pick(self, session_key: bytes) -> Endpoint | None:
-        """The session's endpoint: the best-ranked ready one, else the best-ranked at all."""
+    def pick(self, session_key: bytes, load_factor: float = 0.0) -> Endpoint | None:
+        """A new session's endpoint: the best-ranked ready one whose in-flight count stays
+        within `load_factor` × the pool's mean (consistent hashing with bounded loads, so a
+        hot pod spills new sessions to the next choice); else the best-ranked at all."""
         ranked = self.ranked(session_key)
-        for endpoint in ranked:
-            if endpoint.state is EndpointState.READY:
-                return endpoint
-        return ranked[0] if ranked else None
+        ready = [e for e in ranked if e.state is EndpointState.READY]
+        if not ready:
+            return ranked[0] if ranked else None
+        if load_factor > 0 and len(ready) > 1:
+            bound = math.ceil(load_factor * (sum(e.inflight for e in ready) + 1) / len(ready))
+            for endpoint in ready:
+                if endpoint.inflight + 1 <= bound:
+                    return endpoint
+        return ready[0]
+
+    def has_warming(self) -> bool:
+        return any(e.state is EndpointState.WARMING for e in self.endpoints)
 
     def has_ready(self) -> bool:
         return any(e.state is EndpointState.READY for e in self.endpoints)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 
 import aiohttp
 import orjson
@@ -16,11 +17,20 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from sidecar.budget import RetryBudget
 from sidecar.config import Settings
-from sidecar.errors import UPSTREAM_ERRORS, Outcome, classify_exception, classify_status, error_body
+from sidecar.errors import (
+    UPSTREAM_ERRORS,
+    Outcome,
+    classify_exception,
+    classify_status,
+    error_body,
+    parse_retry_after,
+)
 from sidecar.pools import Endpoint, Pool
 from sidecar.routing import Router
 from sidecar.sessions import Route, parse_selector, valid_session_id
+from sidecar.sse import MAX_HELD_BYTES, is_preamble, split_frames
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -35,9 +45,10 @@ RETRY_AFTER_S = "5"
 
 
 class ProxyCounters:
-    __slots__ = ("bad_requests", "body_too_large", "broken_streams", "client_disconnects",
-                 "fallbacks", "inflight", "no_endpoint", "requests", "responses_2xx",
-                 "responses_4xx", "responses_5xx", "responses_other", "retries")
+    __slots__ = ("bad_requests", "body_too_large", "broken_streams", "budget_refusals",
+                 "client_disconnects", "fallbacks", "inflight", "no_endpoint",
+                 "prefill_retries", "requests", "responses_2xx", "responses_4xx",
+                 "responses_5xx", "responses_other", "retries")
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -93,6 +104,7 @@ class Proxy:
         self.max_body = settings.max_body_bytes
         self.max_attempts = settings.max_attempts
         self.first_byte_timeout = settings.first_byte_timeout_s
+        self.budget = RetryBudget(settings.retry_budget_percent, settings.retry_budget_min)
 
     @staticmethod
     def _connection_session(request: web.Request) -> str:
@@ -162,8 +174,10 @@ class Proxy:
         headers = upstream_headers(request.headers)
         target = request.rel_url.raw_path_qs
         tried: list[dict[str, object]] = []
-        retry_after: str | None = None
+        retry_after: float | None = None
         bodies: dict[str, bytes] = {}
+        loop = asyncio.get_running_loop()
+        self.budget.record_request(now)
         plan = self.router.plan(route, now)
         candidate = next(plan, None)
         attempt = 0
@@ -178,41 +192,54 @@ class Proxy:
                 headers["Authorization"] = pool.auth_header
             endpoint.inflight += 1
             try:
-                upstream = await self._send(request.method, endpoint, target, headers, payload)
-            except UPSTREAM_ERRORS as exc:
-                endpoint.inflight -= 1
-                outcome = classify_exception(exc)
-                endpoint.record_failure(outcome, asyncio.get_running_loop().time())
-                tried.append({"endpoint": endpoint.url, "pool": pool.name,
-                              "outcome": outcome.value})
-                candidate = next(plan, None) if attempt < self.max_attempts else None
-                if candidate is not None:
-                    self.counters.retries += 1
-                continue
+                result = await self._attempt(request.method, endpoint, target, headers, payload)
             except BaseException:
                 endpoint.inflight -= 1
                 raise
-            outcome = classify_status(upstream.status)
-            if outcome is Outcome.RETRYABLE_STATUS:
-                endpoint.record_failure(outcome, asyncio.get_running_loop().time())
-                tried.append({"endpoint": endpoint.url, "pool": pool.name,
-                              "outcome": outcome.value, "status": upstream.status})
-                retry_after = upstream.headers.get("Retry-After", retry_after)
+            upstream, head, outcome = result
+            if outcome.retryable:
+                now = loop.time()
+                endpoint.record_failure(outcome, now)
+                failure: dict[str, object] = {"endpoint": endpoint.url, "pool": pool.name,
+                                              "outcome": outcome.value}
+                if upstream is not None:
+                    failure["status"] = upstream.status
+                    wait = parse_retry_after(upstream.headers.get("Retry-After"))
+                    if wait:
+                        endpoint.hold(wait, now)
+                        retry_after = wait if retry_after is None else min(retry_after, wait)
+                tried.append(failure)
                 nxt = next(plan, None) if attempt < self.max_attempts else None
-                if nxt is not None:
-                    upstream.release()
+                if nxt is not None or upstream is None:
+                    if upstream is not None:
+                        upstream.release()
                     endpoint.inflight -= 1
-                    self.counters.retries += 1
+                    if nxt is not None and not self.budget.try_retry(now):
+                        self.counters.budget_refusals += 1
+                        return json_error(
+                            503, "retry budget exhausted: too many retries in the last 10 s; "
+                            "not retrying to avoid multiplying load", "retry_budget_exhausted",
+                            headers={"Retry-After": _seconds(retry_after)}, tried=tried)
+                    if nxt is not None:
+                        self.counters.retries += 1
+                        if outcome is Outcome.BROKEN_BEFORE_CONTENT:
+                            self.counters.prefill_retries += 1
                     candidate = nxt
                     continue
+                # Attempts are spent: the last upstream answer itself goes to the app.
             else:
                 endpoint.record_success()
-            # This response goes to the app, whatever it is.
+            assert upstream is not None
             if pool.name != route.pool:
                 self.counters.fallbacks += 1
-            self.router.served(route, pool, endpoint, local=local)
+            reason = None
+            if tried:
+                last = tried[-1]
+                reason = f"{last['outcome']} from {last['endpoint']} (pool {last['pool']})"
+            self.router.served(route, pool, endpoint, local=local, reason=reason)
             try:
-                return await self._relay(request, upstream, route, pool, endpoint, attempt)
+                return await self._relay(request, upstream, head, route, pool, endpoint,
+                                         attempt)
             finally:
                 endpoint.inflight -= 1
                 upstream.release()
@@ -221,15 +248,56 @@ class Proxy:
         return json_error(
             503, "no endpoint could serve the request" if tried else
             "no ready endpoint in the session's pool or its fallback chain",
-            "no_ready_endpoint", headers={"Retry-After": retry_after or RETRY_AFTER_S},
-            tried=tried)
+            "no_ready_endpoint", headers={"Retry-After": _seconds(retry_after)}, tried=tried)
 
-    async def _send(self, method: str, endpoint: Endpoint, target: str,
-                    headers: CIMultiDict[str], payload: bytes) -> aiohttp.ClientResponse:
-        async with asyncio.timeout(self.first_byte_timeout):
-            return await self.http.request(
-                method, URL(endpoint.url + target, encoded=True), headers=headers,
-                data=payload if payload else None, allow_redirects=False)
+    async def _attempt(self, method: str, endpoint: Endpoint, target: str,
+                       headers: CIMultiDict[str], payload: bytes
+                       ) -> tuple[aiohttp.ClientResponse | None, bytes | None, Outcome]:
+        """Send once and read up to the point of no return: a whole non-streamed body, or a
+        stream's preamble plus its first content. Nothing has reached the app yet, so every
+        failure here is still retryable."""
+        deadline = asyncio.get_running_loop().time() + self.first_byte_timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                upstream = await self.http.request(
+                    method, URL(endpoint.url + target, encoded=True), headers=headers,
+                    data=payload if payload else None, allow_redirects=False)
+        except UPSTREAM_ERRORS as exc:
+            return None, None, classify_exception(exc)
+        outcome = classify_status(upstream.status)
+        if outcome is Outcome.RETRYABLE_STATUS:
+            return upstream, None, outcome
+        try:
+            if not _is_streaming(upstream):
+                return upstream, await upstream.read(), outcome
+            if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+                async with asyncio.timeout_at(deadline):
+                    return upstream, await self._until_content(upstream), outcome
+            return upstream, None, outcome
+        except TimeoutError:
+            upstream.close()
+            return None, None, Outcome.FIRST_BYTE_TIMEOUT
+        except UPSTREAM_ERRORS:
+            upstream.close()
+            return None, None, Outcome.BROKEN_BEFORE_CONTENT
+
+    @staticmethod
+    async def _until_content(upstream: aiohttp.ClientResponse) -> bytes:
+        """Hold an SSE stream's preamble until its first content frame (or its end)."""
+        held = b""
+        pending = b""
+        content = upstream.content
+        while True:
+            chunk = await content.readany()
+            if not chunk:  # the stream ended (cleanly) before any content
+                return held + pending
+            frames, pending = split_frames(pending + chunk)
+            for index, frame in enumerate(frames):
+                if not is_preamble(frame):
+                    return held + b"".join(frames[index:]) + pending
+                held += frame
+            if len(held) + len(pending) > MAX_HELD_BYTES:
+                return held + pending
 
     def _response_headers(self, upstream: aiohttp.ClientResponse, route: Route, pool: Pool,
                           endpoint: Endpoint, attempts: int) -> CIMultiDict[str]:
@@ -243,18 +311,13 @@ class Proxy:
             out["x-sidecar-fallback"] = route.pool
         return out
 
-    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse, route: Route,
-                     pool: Pool, endpoint: Endpoint, attempts: int) -> web.StreamResponse:
+    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
+                     head: bytes | None, route: Route, pool: Pool, endpoint: Endpoint,
+                     attempts: int) -> web.StreamResponse:
         headers = self._response_headers(upstream, route, pool, endpoint, attempts)
-        content_type = upstream.headers.get("Content-Type", "")
-        streaming = upstream.content_length is None or content_type.startswith(
-            "text/event-stream")
-        if not streaming:
-            try:
-                data = await upstream.read()
-            except UPSTREAM_ERRORS:
-                return self._broken_before_send(endpoint)
-            return web.Response(status=upstream.status, reason=upstream.reason, body=data,
+        if not _is_streaming(upstream):
+            body = head if head is not None else await upstream.read()
+            return web.Response(status=upstream.status, reason=upstream.reason, body=body,
                                 headers=headers)
 
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
@@ -265,6 +328,8 @@ class Proxy:
         else:
             response.content_length = upstream.content_length
         await response.prepare(request)
+        if head:
+            await response.write(head)
         chunks = upstream.content.iter_any().__aiter__()
         while True:
             try:
@@ -272,19 +337,13 @@ class Proxy:
             except StopAsyncIteration:
                 break
             except UPSTREAM_ERRORS:
-                await self._end_broken_stream(request, response, endpoint,
-                                              content_type.startswith("text/event-stream"))
+                sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+                await self._end_broken_stream(request, response, endpoint, sse)
                 return response
             # A client that went away raises here and ends the handler (upstream released).
             await response.write(chunk)
         await response.write_eof()
         return response
-
-    def _broken_before_send(self, endpoint: Endpoint) -> web.Response:
-        self.counters.broken_streams += 1
-        endpoint.record_failure(Outcome.BROKEN_STREAM, asyncio.get_running_loop().time())
-        return json_error(502, "the upstream broke while sending its response",
-                          "upstream_broken")
 
     async def _end_broken_stream(self, request: web.Request, response: web.StreamResponse,
                                  endpoint: Endpoint, sse: bool) -> None:
@@ -303,3 +362,12 @@ class Proxy:
         transport = request.transport
         if transport is not None:
             transport.close()
+
+
+def _is_streaming(upstream: aiohttp.ClientResponse) -> bool:
+    return upstream.content_length is None or upstream.headers.get(
+        "Content-Type", "").startswith("text/event-stream")
+
+
+def _seconds(value: float | None) -> str:
+    return str(max(1, math.ceil(value))) if value else RETRY_AFTER_S

@@ -27,13 +27,15 @@ MAX_BACKGROUND_WRITES = 1024
 
 
 class RouterCounters:
-    __slots__ = ("cache_hits", "cache_misses", "coalesced", "resolved_without_store",
-                 "route_changes", "writes_dropped")
+    __slots__ = ("cache_hits", "cache_misses", "coalesced", "cold_start_fallbacks",
+                 "remote_changes", "resolved_without_store", "route_changes", "writes_dropped")
 
     def __init__(self) -> None:
         self.cache_hits = 0
         self.cache_misses = 0
         self.coalesced = 0             # first touches that waited on one already in flight
+        self.cold_start_fallbacks = 0  # sessions sent to a fallback while their pool warms
+        self.remote_changes = 0        # cached routes updated by another pod's failover
         self.resolved_without_store = 0
         self.route_changes = 0         # failovers that moved a session
         self.writes_dropped = 0        # route writes skipped because too many were queued
@@ -55,6 +57,7 @@ class Router:
         self._pending_refresh: set[str] = set()
         self._writes: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        store.on_change(self._remote_change)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -142,7 +145,8 @@ class Router:
         pool = self.pools.get(table[selector])
         if pool is None:  # the pool was removed by a reload; use any configured pool
             pool = next(iter(self.pools.pools.values()))
-        return Route(session, selector, pool.name, pool.pick(session.encode()), time.time())
+        endpoint = pool.pick(session.encode(), self.settings.bounded_load_factor)
+        return Route(session, selector, pool.name, endpoint, time.time())
 
     # -- failover ------------------------------------------------------------------------
 
@@ -171,7 +175,8 @@ class Router:
                 if endpoint.usable(now):
                     yield pool, endpoint
 
-    def served(self, route: Route, pool: Pool, endpoint: Endpoint, *, local: bool) -> None:
+    def served(self, route: Route, pool: Pool, endpoint: Endpoint, *, local: bool,
+               reason: str | None = None) -> None:
         """Remember who served the session; write the route through when it moved."""
         if route.endpoint is endpoint and route.fallback is None and pool.name == route.pool:
             return
@@ -185,12 +190,34 @@ class Router:
             route.fallback = pool.name
             route.fallback_until = wall + self.settings.fallback_hold_s
             changed = True
+            primary = self.pools.get(route.pool)
+            if primary is not None and not primary.has_ready() and primary.has_warming():
+                self.counters.cold_start_fallbacks += 1
+                reason = reason or f"pool {route.pool} is warming (cold start)"
         route.endpoint = endpoint
         if not changed:
             return
+        route.reason = reason
         self.counters.route_changes += 1
         if not local:
             self._write_behind(route.session, route.record())
+
+    def _remote_change(self, session: str, record: bytes) -> None:
+        """Another pod moved (or forgot) a session: follow it if this pod holds the route."""
+        current = self.cache.peek(session)
+        if current is None:
+            return  # read on first touch, if it ever comes here
+        self.counters.remote_changes += 1
+        if not record:
+            self.cache.pop(session)
+            return
+        route = Route.from_record(session, record, self.pools)
+        if route is None:
+            self.cache.pop(session)
+            return
+        route.last_seen = current.last_seen
+        route.refreshed_at = current.refreshed_at
+        self.cache.put(route, current.last_seen)
 
     def _write_behind(self, session: str, record: bytes) -> None:
         if len(self._writes) >= MAX_BACKGROUND_WRITES:

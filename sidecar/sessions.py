@@ -41,11 +41,11 @@ class Route:
     """Where a session goes. `endpoint` is the endpoint that served it last."""
 
     __slots__ = ("created_at", "endpoint", "fallback", "fallback_until", "last_seen", "pool",
-                 "refreshed_at", "selector", "session", "synced")
+                 "reason", "refreshed_at", "selector", "session", "synced")
 
     def __init__(self, session: str, selector: int, pool: str, endpoint: Endpoint | None,
                  created_at: float, fallback: str | None = None,
-                 fallback_until: float = 0.0) -> None:
+                 fallback_until: float = 0.0, reason: str | None = None) -> None:
         self.session = session
         self.selector = selector
         self.pool = pool  # the primary pool, chosen by the selector at creation
@@ -53,6 +53,7 @@ class Route:
         self.fallback = fallback  # the pool serving instead of `pool`, until `fallback_until`
         self.fallback_until = fallback_until
         self.created_at = created_at
+        self.reason = reason  # why the route last moved (failover), for operators
         self.last_seen = 0.0
         self.refreshed_at = 0.0
         # False when resolved without the store (Redis down): re-read once it is back.
@@ -70,6 +71,7 @@ class Route:
             "fallback": self.fallback,
             "fallback_until": self.fallback_until,
             "created_at": self.created_at,
+            "reason": self.reason,
         })))
 
     @classmethod
@@ -83,10 +85,12 @@ class Route:
             if pools.get(pool) is None:
                 return None
             endpoint = pools.endpoint(serving, url) if isinstance(url, str) else None
+            reason = fields.get("reason")
             return cls(session, int(fields["selector"]) & 0x0F, pools.pools[pool].name,
                        endpoint, float(fields.get("created_at", 0.0)),
                        fields.get("fallback") if pools.get(serving) else None,
-                       float(fields.get("fallback_until") or 0.0))
+                       float(fields.get("fallback_until") or 0.0),
+                       reason if isinstance(reason, str) else None)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return None
 
@@ -94,7 +98,7 @@ class Route:
         return {"session": self.session, "selector": self.selector, "pool": self.pool,
                 "endpoint": self.endpoint.url if self.endpoint else None,
                 "fallback": self.fallback, "fallback_until": self.fallback_until,
-                "created_at": self.created_at, "synced": self.synced}
+                "created_at": self.created_at, "reason": self.reason, "synced": self.synced}
 
 
 class RouteCache:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -26,7 +28,12 @@ from sidecar.config import Settings, redact_url
 log = logging.getLogger("sidecar.store")
 
 KEY_PREFIX = "llmsc:"
+# Route changes made by one pod reach the others here: "<pod id>\0<session>\0<record>"
+# (an empty record means the session was forgotten).
+CHANGES_CHANNEL = "llmsc:route-changes"
 RECONNECT_INTERVAL_S = 0.5
+
+RouteChangeHandler = Callable[[str, bytes], None]
 
 # One round trip that returns the existing record, or stores ours and returns it: two pods
 # racing on a new session both get the first writer's record. Works on Redis 6.2+ and in
@@ -89,6 +96,10 @@ class RouteStore(Protocol):
         """Push the TTL of these sessions' records forward (one batched write)."""
         ...
 
+    def on_change(self, handler: RouteChangeHandler) -> None:
+        """Call `handler(session, record)` when another pod changes or forgets a route."""
+        ...
+
 
 class MemoryStore:
     """The embedded store: one pod only, records expire after the session TTL."""
@@ -144,6 +155,9 @@ class MemoryStore:
             if entry is not None:
                 self._records[session] = (entry[0], deadline)
 
+    def on_change(self, handler: RouteChangeHandler) -> None:
+        return None  # one pod only: nobody else changes routes
+
     def __len__(self) -> int:
         return len(self._records)
 
@@ -161,8 +175,12 @@ class RedisStore:
         self._available = True
         self._script = client.register_script(GET_OR_CREATE)
         self._reconnect_task: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._handler: RouteChangeHandler | None = None
+        self.pod_id = os.urandom(8).hex().encode()
         self.incidents = 0
         self.down_since: float | None = None
+        self.changes_received = 0
 
     @property
     def available(self) -> bool:
@@ -177,12 +195,19 @@ class RedisStore:
             log.warning("redis %s not reachable at start (%s); routing without it until it is",
                         self.label, type(exc).__name__)
             self._trip()
+        if self._handler is not None:
+            if hasattr(self.client, "pubsub"):
+                self._listener = asyncio.get_running_loop().create_task(self._listen())
+            else:
+                log.warning("this Redis client has no pub/sub: other pods learn a moved route "
+                            "only on their own failover or first touch")
 
     async def close(self) -> None:
-        if self._reconnect_task is not None:
-            self._reconnect_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reconnect_task
+        for task in (self._reconnect_task, self._listener):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         with contextlib.suppress(Exception):
             await self.client.aclose()
 
@@ -236,11 +261,55 @@ class RedisStore:
     async def get(self, session: str) -> bytes | None:
         return await self._call(lambda: self.client.get(route_key(session)))
 
+    def on_change(self, handler: RouteChangeHandler) -> None:
+        self._handler = handler
+
+    def _announcement(self, session: str, record: bytes) -> bytes:
+        return self.pod_id + b"\0" + session.encode() + b"\0" + record
+
     async def update(self, session: str, record: bytes) -> None:
-        await self._call(lambda: self.client.set(route_key(session), record, ex=self.ttl_s))
+        """Write a changed route and tell the other pods, in one round trip."""
+        async def write() -> None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.set(route_key(session), record, ex=self.ttl_s)
+                pipe.publish(CHANGES_CHANNEL, self._announcement(session, record))
+                await pipe.execute()
+        await self._call(write)
 
     async def forget(self, session: str) -> None:
-        await self._call(lambda: self.client.delete(route_key(session)))
+        async def delete() -> None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.delete(route_key(session))
+                pipe.publish(CHANGES_CHANNEL, self._announcement(session, b""))
+                await pipe.execute()
+        await self._call(delete)
+
+    async def _listen(self) -> None:
+        """Receive other pods' route changes; resubscribes by itself after a Redis outage."""
+        while True:
+            pubsub = self.client.pubsub()
+            try:
+                await pubsub.subscribe(CHANGES_CHANNEL)
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        self._dispatch(message["data"])
+            except (RedisError, OSError) as exc:
+                log.debug("route change listener lost redis (%s)", type(exc).__name__)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(RECONNECT_INTERVAL_S)
+
+    def _dispatch(self, data: bytes) -> None:
+        pod, _, rest = data.partition(b"\0")
+        if pod == self.pod_id or self._handler is None:
+            return
+        session, _, record = rest.partition(b"\0")
+        self.changes_received += 1
+        try:
+            self._handler(session.decode(), record)
+        except Exception:  # a bad message must not stop the listener
+            log.exception("could not apply a route change from another pod")
 
     async def refresh(self, sessions: list[str]) -> None:
         async def expire_all() -> None:
@@ -251,8 +320,6 @@ class RedisStore:
         await self._call(expire_all)
 
 
-# A new connection would otherwise send CLIENT SETINFO (name and version of redis-py): one
-# more round trip on the first touch that opens it, and noise in MONITOR.
 def _no_client_setinfo() -> dict[str, Any]:
     try:
         import redis.driver_info  # noqa: F401  (redis-py 7+: driver_info=None disables it)
@@ -268,9 +335,13 @@ def connect_redis(settings: Settings) -> Any:
     """Build the redis-py asyncio client the settings describe (no I/O yet)."""
     url = settings.redis_url
     assert url is not None
+    # A new connection costs only the TCP handshake: RESP2 needs no HELLO, no CLIENT
+    # SETINFO, and no health-check PING (a dead connection fails its command, which trips
+    # the store and reconnects in the background instead).
     common: dict[str, Any] = {
         "socket_connect_timeout": max(settings.redis_timeout_s, 0.5),
-        "health_check_interval": 30,
+        "health_check_interval": 0,
+        "protocol": 2,
         **_NO_CLIENT_SETINFO,
     }
     if settings.redis_mode == "cluster":

@@ -223,3 +223,55 @@ async def test_admin_session_view_and_delete(pods, sidecar, http, redis_server):
     assert redis_server.client().exists(route_key("user/42")) == 0
     async with http.get(admin + "/sessions/user/42") as r:
         assert r.status == 404
+
+
+async def test_a_failover_on_one_pod_reaches_the_others_within_a_second(
+        pods, sidecar_process, redis_server):
+    [large] = await pods(1)
+    [small] = await pods(1)
+    env = {"SIDECAR_POOLS": json.dumps({"large": pool([large], "large-model", fallback="small"),
+                                        "small": pool([small], "small-model")}),
+           "SIDECAR_REDIS_URL": redis_server.url}
+    a = await sidecar_process(env).start()
+    b = await sidecar_process(env).start()
+    body = {"model": "large-model", "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession() as http:
+        for base in (a.base, b.base):  # both pods now hold the session's route in memory
+            async with http.post(base + "/v1/chat/completions", json=body,
+                                 headers={"x-session-id": "shared"}) as r:
+                assert r.headers["x-sidecar-pool"] == "large"
+        large.fake.behaviour.update({"fail_next": 1, "fail_status": 503})
+        async with http.post(a.base + "/v1/chat/completions", json=body,
+                             headers={"x-session-id": "shared"}) as r:
+            assert r.headers["x-sidecar-pool"] == "small"
+        moved_at = time.monotonic()
+        # Pod B follows without failing first: its next call goes straight to small.
+        while True:
+            async with http.get(b.admin + "/sessions/shared") as r:
+                local = (await r.json())["local"]
+            if local["fallback"] == "small" or time.monotonic() - moved_at > 1.0:
+                break
+            await asyncio.sleep(0.02)
+        assert local["fallback"] == "small", "pod B did not learn within one second"
+        assert local["reason"].startswith("retryable_status from " + large.url)
+        large_requests = large.requests
+        async with http.post(b.base + "/v1/chat/completions", json=body,
+                             headers={"x-session-id": "shared"}) as r:
+            assert r.headers["x-sidecar-pool"] == "small"
+            assert r.headers["x-sidecar-attempts"] == "1"
+            assert r.headers["x-sidecar-fallback"] == "large"
+        assert large.requests == large_requests
+        assert small.fake.last_request["model"] == "small-model"
+
+
+async def test_first_touches_on_new_connections_are_still_one_command_each(
+        pods, sidecar, http, redis_server, monitor):
+    small = await pods(2)
+    running = await sidecar({"small": pool(small)}, SIDECAR_REDIS_URL=redis_server.url)
+    monitor.reset()
+    # Concurrent first touches open new pooled connections: no handshake commands.
+    results = await asyncio.gather(*(chat(http, running, f"burst-{i}") for i in range(24)))
+    assert {status for status, _, _ in results} == {200}
+    commands = monitor.commands()
+    assert len(commands) == 24, commands[:5]
+    assert all('"EVALSHA"' in c.upper() for c in commands)
