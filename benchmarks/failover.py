@@ -105,6 +105,8 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=100, help="calls per second")
     parser.add_argument("--kill-at", type=float, default=4)
     parser.add_argument("--stream-share", type=float, default=0.5)
+    parser.add_argument("--resume", action="store_true",
+                        help="turn on mid-stream resume for the pool")
     parser.add_argument("--tokens-per-s", type=float, default=200,
                         help="fake-llm generation speed (a 20-token answer takes 0.1 s)")
     args = parser.parse_args()
@@ -122,6 +124,7 @@ def main() -> int:
                "SIDECAR_ADMIN_LISTEN": f"127.0.0.1:{admin}",
                "SIDECAR_POOLS": json.dumps({"small": {
                    "model": "fake-model", "health_path": "/health", "health_interval_s": 1,
+                   "resume": args.resume,
                    "endpoints": [f"http://127.0.0.1:{p}" for p in ports]}})}
         sidecar = subprocess.Popen([sys.executable, "-m", "sidecar", "serve"], env=env,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -146,7 +149,8 @@ def main() -> int:
     first_try = [float(r["latency_ms"]) for r in ok if r["attempts"] == 1]
     affected = [float(r["latency_ms"]) for r in ok if int(r["attempts"]) > 1]
     print(f"\n### One of two pods SIGKILLed at {args.kill_at:g} s of {args.seconds:g} s "
-          f"({args.rate:g} calls/s, {args.stream_share:.0%} streaming)\n")
+          f"({args.rate:g} calls/s, {args.stream_share:.0%} streaming, resume "
+          f"{'on' if args.resume else 'off'})\n")
     print("| calls | succeeded | app-visible failures | needed a retry | "
           "median latency, first try (ms) | median latency, retried (ms) | added (ms) |")
     print("|---|---|---|---|---|---|---|")
@@ -158,7 +162,8 @@ def main() -> int:
     print(f"\noutcomes: {dict(outcomes)}")
     print(f"sidecar: retries {stats['proxy']['retries']}, prefill retries "
           f"{stats['proxy']['prefill_retries']}, broken streams "
-          f"{stats['proxy']['broken_streams']}, route changes "
+          f"{stats['proxy']['broken_streams']}, resumes {stats['proxy']['resumes']}, "
+          f"route changes "
           f"{stats['routes']['route_changes']}")
     retried = Counter("streaming" if r["stream"] else "non-streaming"
                       for r in ok if int(r["attempts"]) > 1)

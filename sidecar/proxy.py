@@ -28,6 +28,7 @@ from sidecar.errors import (
     parse_retry_after,
 )
 from sidecar.pools import Endpoint, Pool
+from sidecar.resume import ContinuationFrames, Transcript, continuation
 from sidecar.routing import Router
 from sidecar.sessions import Route, parse_selector, valid_session_id
 from sidecar.sse import MAX_HELD_BYTES, is_preamble, split_frames
@@ -48,7 +49,7 @@ class ProxyCounters:
     __slots__ = ("bad_requests", "body_too_large", "broken_streams", "budget_refusals",
                  "client_disconnects", "fallbacks", "inflight", "no_endpoint",
                  "prefill_retries", "requests", "responses_2xx", "responses_4xx",
-                 "responses_5xx", "responses_other", "retries")
+                 "responses_5xx", "responses_other", "resume_failures", "resumes", "retries")
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -66,6 +67,19 @@ class ProxyCounters:
             self.responses_4xx += 1
         else:
             self.responses_other += 1
+
+
+class Exchange:
+    """What one proxied request carries through its attempts."""
+
+    __slots__ = ("headers", "local", "request", "route", "target")
+
+    def __init__(self, request: web.Request, route: Route, local: bool) -> None:
+        self.request = request
+        self.route = route
+        self.local = local
+        self.headers = upstream_headers(request.headers)
+        self.target = request.rel_url.raw_path_qs
 
 
 def json_error(status: int, message: str, code: str, headers: dict[str, str] | None = None,
@@ -171,8 +185,8 @@ class Proxy:
 
     async def _forward(self, request: web.Request, route: Route, body: bytes, now: float,
                        local: bool) -> web.StreamResponse:
-        headers = upstream_headers(request.headers)
-        target = request.rel_url.raw_path_qs
+        ex = Exchange(request, route, local)
+        headers = ex.headers
         tried: list[dict[str, object]] = []
         retry_after: float | None = None
         bodies: dict[str, bytes] = {}
@@ -192,7 +206,8 @@ class Proxy:
                 headers["Authorization"] = pool.auth_header
             endpoint.inflight += 1
             try:
-                result = await self._attempt(request.method, endpoint, target, headers, payload)
+                result = await self._attempt(request.method, endpoint, ex.target, headers,
+                                             payload)
             except BaseException:
                 endpoint.inflight -= 1
                 raise
@@ -238,8 +253,7 @@ class Proxy:
                 reason = f"{last['outcome']} from {last['endpoint']} (pool {last['pool']})"
             self.router.served(route, pool, endpoint, local=local, reason=reason)
             try:
-                return await self._relay(request, upstream, head, route, pool, endpoint,
-                                         attempt)
+                return await self._relay(ex, upstream, head, pool, endpoint, attempt, payload)
             finally:
                 endpoint.inflight -= 1
                 upstream.release()
@@ -311,10 +325,11 @@ class Proxy:
             out["x-sidecar-fallback"] = route.pool
         return out
 
-    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
-                     head: bytes | None, route: Route, pool: Pool, endpoint: Endpoint,
-                     attempts: int) -> web.StreamResponse:
-        headers = self._response_headers(upstream, route, pool, endpoint, attempts)
+    async def _relay(self, ex: Exchange, upstream: aiohttp.ClientResponse, head: bytes | None,
+                     pool: Pool, endpoint: Endpoint, attempts: int,
+                     payload: bytes) -> web.StreamResponse:
+        request = ex.request
+        headers = self._response_headers(upstream, ex.route, pool, endpoint, attempts)
         if not _is_streaming(upstream):
             body = head if head is not None else await upstream.read()
             return web.Response(status=upstream.status, reason=upstream.reason, body=body,
@@ -327,29 +342,115 @@ class Proxy:
                 response.enable_chunked_encoding()
         else:
             response.content_length = upstream.content_length
+        sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+        transcript = Transcript() if (
+            pool.config.resume and sse and upstream.status == 200 and request.method == "POST"
+            and request.path.endswith("/chat/completions")) else None
         await response.prepare(request)
-        if head:
-            await response.write(head)
+        source, source_endpoint = upstream, endpoint
+        frames: ContinuationFrames | None = None  # set once the stream has been resumed
+        resumed: list[tuple[aiohttp.ClientResponse, Endpoint]] = []
+        try:
+            while True:
+                if head and (out := self._through(head, frames, transcript)):
+                    await response.write(out)
+                if not await self._pump(source, response, frames, transcript):
+                    break  # the upstream ended cleanly
+                self.counters.broken_streams += 1
+                source_endpoint.record_failure(Outcome.BROKEN_STREAM,
+                                               asyncio.get_running_loop().time())
+                log.warning("upstream %s broke mid-stream", source_endpoint.url)
+                nxt = None
+                if transcript is not None and len(resumed) < self.max_attempts - 1:
+                    nxt = await self._resume(ex, pool, source_endpoint, transcript, payload)
+                    if nxt is None:
+                        self.counters.resume_failures += 1
+                if nxt is None:
+                    await self._end_broken_stream(request, response, sse)
+                    return response
+                source, source_endpoint, frames, head = nxt
+                resumed.append((source, source_endpoint))
+        finally:
+            for extra, extra_endpoint in resumed:
+                extra_endpoint.inflight -= 1
+                extra.release()
+        if transcript is not None and (rest := transcript.flush()):
+            await response.write(rest)
+        await response.write_eof()
+        return response
+
+    @staticmethod
+    def _through(data: bytes, frames: ContinuationFrames | None,
+                 transcript: Transcript | None) -> bytes:
+        if frames is not None:
+            data = frames.feed(data)
+        return transcript.feed(data) if transcript is not None else data
+
+    async def _pump(self, upstream: aiohttp.ClientResponse, response: web.StreamResponse,
+                    frames: ContinuationFrames | None, transcript: Transcript | None) -> bool:
+        """Relay an upstream's body as it arrives. True when the upstream broke."""
         chunks = upstream.content.iter_any().__aiter__()
+        plain = frames is None and transcript is None
         while True:
             try:
                 chunk = await chunks.__anext__()
             except StopAsyncIteration:
-                break
+                return False
             except UPSTREAM_ERRORS:
-                sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
-                await self._end_broken_stream(request, response, endpoint, sse)
-                return response
+                return True
             # A client that went away raises here and ends the handler (upstream released).
-            await response.write(chunk)
-        await response.write_eof()
-        return response
+            if plain:
+                await response.write(chunk)
+            elif out := self._through(chunk, frames, transcript):
+                await response.write(out)
+
+    async def _resume(self, ex: Exchange, pool: Pool, broken: Endpoint,
+                      transcript: Transcript, payload: bytes
+                      ) -> tuple[aiohttp.ClientResponse, Endpoint, ContinuationFrames,
+                                 bytes | None] | None:
+        """Start the continuation of a broken chat stream on another endpoint of the pool
+        (see resume.py). Returns the new source, its endpoint (in-flight counted), the frame
+        rewriter and the continuation's first bytes; None when it cannot be resumed."""
+        answer = transcript.answer()
+        if answer is None:
+            return None
+        text, content_frames, stream_id, created = answer
+        body = continuation(payload, text, content_frames)
+        if body is None:
+            return None
+        loop = asyncio.get_running_loop()
+        for endpoint in pool.ranked(ex.route.session.encode()):
+            now = loop.time()
+            if endpoint is broken or not endpoint.usable(now):
+                continue
+            if not self.budget.try_retry(now):
+                self.counters.budget_refusals += 1
+                return None
+            endpoint.inflight += 1
+            try:
+                upstream, head, outcome = await self._attempt("POST", endpoint, ex.target,
+                                                              ex.headers, body)
+            except BaseException:
+                endpoint.inflight -= 1
+                raise
+            if upstream is None or outcome is not Outcome.OK or upstream.status != 200:
+                endpoint.inflight -= 1
+                if upstream is not None:
+                    upstream.release()
+                if outcome.endpoint_failed:
+                    endpoint.record_failure(outcome, loop.time())
+                continue
+            endpoint.record_success()
+            self.counters.resumes += 1
+            self.router.served(ex.route, pool, endpoint, local=ex.local,
+                               reason=f"resumed after {broken.url} broke mid-stream")
+            log.info("resuming a stream of session %s on %s after %s broke",
+                     ex.route.session, endpoint.url, broken.url)
+            return upstream, endpoint, ContinuationFrames(stream_id, created), head
+        return None
 
     async def _end_broken_stream(self, request: web.Request, response: web.StreamResponse,
-                                 endpoint: Endpoint, sse: bool) -> None:
-        self.counters.broken_streams += 1
-        endpoint.record_failure(Outcome.BROKEN_STREAM, asyncio.get_running_loop().time())
-        log.warning("upstream %s broke mid-stream", endpoint.url)
+                                 sse: bool) -> None:
         if sse:
             # The OpenAI SDKs raise on an event whose data carries "error".
             event = b"data: " + error_body("the upstream broke mid-stream; the answer is "

@@ -134,3 +134,16 @@ def test_fake_llm_command_serves_the_named_model():
         process.wait(timeout=10)
         process.stdout.close()
         process.stderr.close()
+
+
+async def test_continue_final_message_goes_on_from_the_partial_answer(pods, http):
+    [pod] = await pods(1)
+    async with http.post(pod.url + "/v1/chat/completions", json={**CHAT, "max_tokens": 6}) as r:
+        whole = (await r.json())["choices"][0]["message"]["content"]
+    partial = " ".join(whole.split()[:2]) + " "
+    body = {**CHAT, "max_tokens": 4, "continue_final_message": True,
+            "add_generation_prompt": False,
+            "messages": [*CHAT["messages"], {"role": "assistant", "content": partial}]}
+    async with http.post(pod.url + "/v1/chat/completions", json=body) as r:
+        rest = (await r.json())["choices"][0]["message"]["content"]
+    assert partial + rest == whole

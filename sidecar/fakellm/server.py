@@ -293,9 +293,16 @@ class FakeLLM:
         limit = body.get("max_completion_tokens") or body.get("max_tokens") or \
             self.behaviour.max_tokens
         n = max(1, min(int(limit), 100_000))
+        start = 0
+        messages = body.get("messages")
+        if body.get("continue_final_message") and isinstance(messages, list) and messages \
+                and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+            # vLLM's continuation: go on from the partial answer (its tokens are whole words).
+            start = len(_message_text(messages[-1]).split())
+            segments = segments[:-1]
         # Deterministic text: the same prompt gets the same answer on every pod.
         seed = hashlib.blake2b("\x00".join(segments).encode(), digest_size=4).hexdigest()
-        return [f"tok{i}-{seed} " if i == 0 else f"tok{i} " for i in range(n)]
+        return [f"tok{i}-{seed} " if i == 0 else f"tok{i} " for i in range(start, start + n)]
 
     async def _answer(self, request: web.Request, body: dict[str, Any],
                       chat: bool) -> web.StreamResponse:
