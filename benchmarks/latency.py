@@ -55,15 +55,25 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def wrk(url: str, connections: int, duration: float, session: str | None) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (and its threads), from procfs."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(url: str, connections: int, duration: float, session: str | None,
+        pid: int | None = None) -> dict[str, float]:
     argv = pinned(0, ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency",
                       "-s", str(HERE / "wrk_chat.lua"), url])
     if session:
         argv += ["--", session]
+    cpu_before = cpu_seconds(pid) if pid else 0.0
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     [line] = [x for x in out.splitlines() if x.startswith("WRK ")]
     data = json.loads(line[4:])
     data["rps"] = data["requests"] / (data["duration_us"] / 1e6)
+    if pid:
+        data["cpu_us_per_req"] = (cpu_seconds(pid) - cpu_before) * 1e6 / data["requests"]
     return data
 
 
@@ -128,7 +138,7 @@ def main() -> int:
             row = {"direct_c1": wrk(direct, 1, args.duration, "bench"),
                    "sidecar_c1": wrk(proxied, 1, args.duration, "bench"),
                    "direct_c32": wrk(direct, 32, args.duration, "bench"),
-                   "sidecar_c32": wrk(proxied, 32, args.duration, "bench")}
+                   "sidecar_c32": wrk(proxied, 32, args.duration, "bench", sidecar.pid)}
             rounds.append(row)
 
         failures = asyncio.run(drive_sessions(f"http://127.0.0.1:{port}", args.sessions))
@@ -154,12 +164,14 @@ def main() -> int:
     store = "Redis" if args.redis else "in-memory"
     print(f"\n### Sidecar vs direct fake-llm ({args.rounds} rounds × {args.duration:g} s, "
           f"store: {store})\n")
-    print("| target | p50 c=1 (µs) | p99 c=1 (µs) | req/s c=1 | req/s c=32 | p99 c=32 (µs) |")
-    print("|---|---|---|---|---|---|")
+    print("| target | p50 c=1 (µs) | p99 c=1 (µs) | req/s c=1 | req/s c=32 | p99 c=32 (µs) "
+          "| CPU µs/req c=32 |")
+    print("|---|---|---|---|---|---|---|")
     for name in ("direct", "sidecar"):
+        cpu = f"{med('sidecar_c32', 'cpu_us_per_req'):.0f}" if name == "sidecar" else "–"
         print(f"| {name} | {med(name + '_c1', 'p50_us'):.0f} | {med(name + '_c1', 'p99_us'):.0f}"
               f" | {med(name + '_c1', 'rps'):.0f} | {med(name + '_c32', 'rps'):.0f}"
-              f" | {med(name + '_c32', 'p99_us'):.0f} |")
+              f" | {med(name + '_c32', 'p99_us'):.0f} | {cpu} |")
     print(f"\nadded by the sidecar at c=1: p50 +{added('p50_us'):.0f} µs, "
           f"p99 +{added('p99_us'):.0f} µs (median of per-round differences)")
     cached = stats["routes"]["cached"]

@@ -14,7 +14,7 @@ import math
 import aiohttp
 import orjson
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 from yarl import URL
 
 from sidecar.budget import RetryBudget
@@ -100,12 +100,19 @@ def rewrite_model(body: bytes, model: str) -> bytes:
     return orjson.dumps(data)
 
 
-def upstream_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def upstream_headers(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+    """The app's headers minus hop-by-hop ones, as pairs: aiohttp copies whatever it is
+    given into its own multidict, so building one here would copy twice."""
     named = headers.get("Connection")
     drop = _REQUEST_DROP
     if named:
         drop = drop | {h.strip().lower() for h in named.split(",")}
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+    return [(k, v) for k, v in headers.items() if k.lower() not in drop]
+
+
+def with_authorization(headers: list[tuple[str, str]], value: str) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in headers if k.lower() != "authorization"] + [
+        ("Authorization", value)]
 
 
 class Proxy:
@@ -186,10 +193,8 @@ class Proxy:
     async def _forward(self, request: web.Request, route: Route, body: bytes, now: float,
                        local: bool) -> web.StreamResponse:
         ex = Exchange(request, route, local)
-        headers = ex.headers
-        tried: list[dict[str, object]] = []
+        tried: list[dict[str, object]] = []  # only grows on failures
         retry_after: float | None = None
-        bodies: dict[str, bytes] = {}
         loop = asyncio.get_running_loop()
         self.budget.record_request(now)
         plan = self.router.plan(route, now)
@@ -200,10 +205,10 @@ class Proxy:
             attempt += 1
             payload = body
             if pool.name != route.pool and body:
-                payload = bodies.get(pool.name) or bodies.setdefault(
-                    pool.name, rewrite_model(body, pool.model))
+                payload = rewrite_model(body, pool.model)
+            headers = ex.headers
             if pool.auth_header is not None:
-                headers["Authorization"] = pool.auth_header
+                headers = with_authorization(headers, pool.auth_header)
             endpoint.inflight += 1
             try:
                 result = await self._attempt(request.method, endpoint, ex.target, headers,
@@ -265,7 +270,7 @@ class Proxy:
             "no_ready_endpoint", headers={"Retry-After": _seconds(retry_after)}, tried=tried)
 
     async def _attempt(self, method: str, endpoint: Endpoint, target: str,
-                       headers: CIMultiDict[str], payload: bytes
+                       headers: list[tuple[str, str]], payload: bytes
                        ) -> tuple[aiohttp.ClientResponse | None, bytes | None, Outcome]:
         """Send once and read up to the point of no return: a whole non-streamed body, or a
         stream's preamble plus its first content. Nothing has reached the app yet, so every
@@ -313,16 +318,17 @@ class Proxy:
             if len(held) + len(pending) > MAX_HELD_BYTES:
                 return held + pending
 
-    def _response_headers(self, upstream: aiohttp.ClientResponse, route: Route, pool: Pool,
-                          endpoint: Endpoint, attempts: int) -> CIMultiDict[str]:
-        out = CIMultiDict((k, v) for k, v in upstream.headers.items()
-                          if k.lower() not in _RESPONSE_DROP)
-        out["x-sidecar-session"] = route.session
-        out["x-sidecar-pool"] = pool.name
-        out["x-sidecar-endpoint"] = endpoint.url
-        out["x-sidecar-attempts"] = str(attempts)
+    @staticmethod
+    def _response_headers(upstream: aiohttp.ClientResponse, route: Route, pool: Pool,
+                          endpoint: Endpoint, attempts: int) -> list[tuple[str, str]]:
+        # Pairs, not a multidict: aiohttp's response copies them into its own.
+        out = [(k, v) for k, v in upstream.headers.items() if k.lower() not in _RESPONSE_DROP]
+        out.append(("x-sidecar-session", route.session))
+        out.append(("x-sidecar-pool", pool.name))
+        out.append(("x-sidecar-endpoint", endpoint.url))
+        out.append(("x-sidecar-attempts", str(attempts)))
         if pool.name != route.pool:
-            out["x-sidecar-fallback"] = route.pool
+            out.append(("x-sidecar-fallback", route.pool))
         return out
 
     async def _relay(self, ex: Exchange, upstream: aiohttp.ClientResponse, head: bytes | None,
