@@ -1,4 +1,4 @@
-"""The `llm-sidecar` command line: serve, check, fake-llm, demo, wait."""
+"""The `llm-sidecar` command line: serve, check, scaler, simulate, fake-llm, demo, wait."""
 
 from __future__ import annotations
 
@@ -116,6 +116,37 @@ def cmd_wait(args: argparse.Namespace) -> int:
         time.sleep(0.2)
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from sidecar.scaler import simulate as sim
+
+    model = sim.Model(slots=args.slots, context_tokens_per_s=args.context_tokens_per_s,
+                      generated_tokens_per_s=args.generated_tokens_per_s,
+                      cold_start_s=args.cold_start_s,
+                      initial_utilization=args.initial_utilization,
+                      interval_s=args.interval_s)
+    try:
+        trace = sim.read_trace(args.trace)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"llm-sidecar simulate: cannot read --trace {args.trace}: {exc} (expected a CSV "
+              "with TIMESTAMP,ContextTokens,GeneratedTokens)", file=sys.stderr)
+        return 2
+    shaped = sim.shape(trace, speed=args.speed, repeat=args.repeat, diurnal=args.diurnal,
+                       seed=args.seed)
+    results = sim.compare(sim.calls(shaped, model), model)
+    if args.json:
+        print(json.dumps([r.row() for r in results], indent=2))
+    else:
+        kind = "synthetic diurnal day" if args.diurnal else f"{args.repeat}× trace"
+        print(f"{args.trace} ({kind}, speed {args.speed:g}, cold start "
+              f"{args.cold_start_s:g} s, {args.slots} slots per replica)\n")
+        print(sim.table(results))
+    if args.plot:
+        sim.plot(results, args.plot, f"{args.trace.rsplit('/', 1)[-1]}"
+                 f"{' (diurnal day)' if args.diurnal else ''}")
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-sidecar", description=(
         "Session-sticky LLM traffic sidecar. Configuration comes from SIDECAR_* variables."))
@@ -134,6 +165,26 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--name", default="")
     _behaviour_flags(fake)
     fake.set_defaults(func=cmd_fake_llm)
+
+    sim = sub.add_parser("simulate", help="replay a trace through the scaling policies")
+    sim.add_argument("--trace", required=True,
+                     help="CSV with TIMESTAMP,ContextTokens,GeneratedTokens")
+    sim.add_argument("--speed", type=float, default=1.0, help="time compression (2 = twice "
+                     "as fast)")
+    sim.add_argument("--repeat", type=int, default=1, help="play the trace N times in a row")
+    sim.add_argument("--diurnal", action="store_true",
+                     help="a 24-hour day built from the trace (30-100 %% of its rate)")
+    sim.add_argument("--seed", type=int, default=1)
+    sim.add_argument("--slots", type=int, default=8, help="requests a replica serves at once")
+    sim.add_argument("--context-tokens-per-s", type=float, default=4000.0)
+    sim.add_argument("--generated-tokens-per-s", type=float, default=40.0)
+    sim.add_argument("--cold-start-s", type=float, default=600.0)
+    sim.add_argument("--initial-utilization", type=float, default=0.7)
+    sim.add_argument("--interval-s", type=float, default=10.0,
+                     help="how often the policies decide")
+    sim.add_argument("--json", action="store_true")
+    sim.add_argument("--plot", metavar="FILE.png")
+    sim.set_defaults(func=cmd_simulate)
 
     wait = sub.add_parser("wait", help="wait until a URL answers 200 (prestart gate)")
     wait.add_argument("--url", default="http://127.0.0.1:7879/health")
