@@ -32,6 +32,7 @@ from sidecar.resume import ContinuationFrames, Transcript, continuation
 from sidecar.routing import Router
 from sidecar.sessions import Route, parse_selector, valid_session_id
 from sidecar.sse import MAX_HELD_BYTES, is_preamble, split_frames
+from sidecar.traffic import Traffic, usage_in
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -72,7 +73,7 @@ class ProxyCounters:
 class Exchange:
     """What one proxied request carries through its attempts."""
 
-    __slots__ = ("headers", "local", "request", "route", "target")
+    __slots__ = ("content_frames", "headers", "local", "request", "route", "target", "usage")
 
     def __init__(self, request: web.Request, route: Route, local: bool) -> None:
         self.request = request
@@ -80,6 +81,16 @@ class Exchange:
         self.local = local
         self.headers = upstream_headers(request.headers)
         self.target = request.rel_url.raw_path_qs
+        self.usage: tuple[int, int] | None = None  # (prompt, completion) the upstream reported
+        self.content_frames = 0  # streamed content frames: the estimate without usage
+
+    def tokens(self, payload: bytes, body: bytes | None) -> tuple[int, int]:
+        """Tokens for traffic accounting: reported usage, else an estimate (~4 bytes per
+        token of request; streamed frames or response bytes for the completion)."""
+        if self.usage is not None:
+            return self.usage
+        completion = self.content_frames if body is None else len(body) // 4
+        return len(payload) // 4, completion
 
 
 def json_error(status: int, message: str, code: str, headers: dict[str, str] | None = None,
@@ -116,10 +127,12 @@ def with_authorization(headers: list[tuple[str, str]], value: str) -> list[tuple
 
 
 class Proxy:
-    def __init__(self, settings: Settings, router: Router, http: aiohttp.ClientSession) -> None:
+    def __init__(self, settings: Settings, router: Router, http: aiohttp.ClientSession,
+                 traffic: Traffic) -> None:
         self.settings = settings
         self.router = router
         self.http = http
+        self.traffic = traffic
         self.counters = ProxyCounters()
         self.session_header = settings.session_header
         self.max_body = settings.max_body_bytes
@@ -258,10 +271,15 @@ class Proxy:
                 reason = f"{last['outcome']} from {last['endpoint']} (pool {last['pool']})"
             self.router.served(route, pool, endpoint, local=local, reason=reason)
             try:
-                return await self._relay(ex, upstream, head, pool, endpoint, attempt, payload)
+                response = await self._relay(ex, upstream, head, pool, endpoint, attempt,
+                                             payload)
             finally:
                 endpoint.inflight -= 1
                 upstream.release()
+            streamed = response.body is None if isinstance(response, web.Response) else True
+            prompt, completion = ex.tokens(payload, None if streamed else response.body)
+            self.traffic.count(pool.name, prompt, completion)
+            return response
 
         self.counters.no_endpoint += 1
         return json_error(
@@ -338,6 +356,7 @@ class Proxy:
         headers = self._response_headers(upstream, ex.route, pool, endpoint, attempts)
         if not _is_streaming(upstream):
             body = head if head is not None else await upstream.read()
+            ex.usage = usage_in(body)
             return web.Response(status=upstream.status, reason=upstream.reason, body=body,
                                 headers=headers)
 
@@ -358,9 +377,11 @@ class Proxy:
         resumed: list[tuple[aiohttp.ClientResponse, Endpoint]] = []
         try:
             while True:
-                if head and (out := self._through(head, frames, transcript)):
-                    await response.write(out)
-                if not await self._pump(source, response, frames, transcript):
+                if head:
+                    self._tally(ex, head)
+                    if out := self._through(head, frames, transcript):
+                        await response.write(out)
+                if not await self._pump(ex, source, response, frames, transcript):
                     break  # the upstream ended cleanly
                 self.counters.broken_streams += 1
                 source_endpoint.record_failure(Outcome.BROKEN_STREAM,
@@ -392,8 +413,16 @@ class Proxy:
             data = frames.feed(data)
         return transcript.feed(data) if transcript is not None else data
 
-    async def _pump(self, upstream: aiohttp.ClientResponse, response: web.StreamResponse,
-                    frames: ContinuationFrames | None, transcript: Transcript | None) -> bool:
+    @staticmethod
+    def _tally(ex: Exchange, chunk: bytes) -> None:
+        # Two scans in C per chunk; no JSON parsing on the stream path.
+        ex.content_frames += chunk.count(b'"content":')
+        if b'"usage"' in chunk:
+            ex.usage = usage_in(chunk) or ex.usage
+
+    async def _pump(self, ex: Exchange, upstream: aiohttp.ClientResponse,
+                    response: web.StreamResponse, frames: ContinuationFrames | None,
+                    transcript: Transcript | None) -> bool:
         """Relay an upstream's body as it arrives. True when the upstream broke."""
         chunks = upstream.content.iter_any().__aiter__()
         plain = frames is None and transcript is None
@@ -404,6 +433,7 @@ class Proxy:
                 return False
             except UPSTREAM_ERRORS:
                 return True
+            self._tally(ex, chunk)
             # A client that went away raises here and ends the handler (upstream released).
             if plain:
                 await response.write(chunk)

@@ -58,6 +58,8 @@ class Router:
         self._writes: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         store.on_change(self._remote_change)
+        store.on_level(self.set_level)
+        self.level_changes = 0
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -230,6 +232,18 @@ class Router:
     async def _update(self, session: str, record: bytes) -> None:
         with contextlib.suppress(StoreUnavailable):
             await self.store.update(session, record)
+
+    def set_level(self, level: str) -> None:
+        """The scaler's load level: new sessions use its table; existing routes keep their
+        pool (a conversation does not switch models mid-way)."""
+        if level == self.level:
+            return
+        if level not in self.settings.routes:
+            log.warning("ignoring unknown load level %r from the scaler", level)
+            return
+        log.info("load level %s → %s", self.level, level)
+        self.level = level
+        self.level_changes += 1
 
     # -- admin ---------------------------------------------------------------------------
 

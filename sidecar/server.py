@@ -27,7 +27,8 @@ from sidecar.health import HealthProber
 from sidecar.pools import EndpointState, PoolSet
 from sidecar.proxy import Proxy
 from sidecar.routing import Router
-from sidecar.store import RouteStore, make_store
+from sidecar.store import RouteStore, StoreUnavailable, make_store
+from sidecar.traffic import Traffic
 
 log = logging.getLogger("sidecar.server")
 
@@ -51,6 +52,7 @@ class Sidecar:
         self.store = store if store is not None else make_store(settings)
         self.router = Router(settings, self.pools, self.store)
         self.prober = HealthProber(self.pools)
+        self.traffic = Traffic()
         self.http: aiohttp.ClientSession | None = None
         self.proxy: Proxy | None = None
         self.draining = False
@@ -71,12 +73,24 @@ class Sidecar:
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
             trust_env=False,
         )
-        self.proxy = Proxy(s, self.router, self.http)
+        self.proxy = Proxy(s, self.router, self.http, self.traffic)
         await self.store.start()
         await self.router.start()
         await self.prober.start()
+        self.traffic.start(self.flush_traffic)
+
+    async def flush_traffic(self) -> None:
+        """One pipelined write of this pod's counts since the last flush (store.write keeps
+        it within the Redis budget and counts it as an incident if Redis is away)."""
+        inflight: dict[str, int] = {}
+        for name, pool in self.pools.pools.items():
+            inflight[name] = sum(e.inflight for e in pool.endpoints)
+        now = time.time()
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.write(lambda pipe: self.traffic.write(pipe, inflight, now))
 
     async def close(self) -> None:
+        await self.traffic.stop(self.flush_traffic)
         await self.prober.close()
         await self.router.close()
         await self.store.close()
@@ -138,6 +152,10 @@ class Sidecar:
             "endpoint_states": endpoint_states,
             "endpoints": [e.view() for e in self.pools.all_endpoints()],
             "cold_starts": [c.view() for c in self.prober.cold_starts],
+            "pools_without_ready_capacity": sorted(
+                name for name, pool in self.pools.pools.items() if not pool.has_ready()),
+            "traffic": self.traffic.view(),
+            "load_level_changes": self.router.level_changes,
             "health_probes": self.prober.probes,
         }
 

@@ -31,9 +31,14 @@ KEY_PREFIX = "llmsc:"
 # Route changes made by one pod reach the others here: "<pod id>\0<session>\0<record>"
 # (an empty record means the session was forgotten).
 CHANGES_CHANNEL = "llmsc:route-changes"
+# The scaler publishes the load level here and keeps it under LEVEL_KEY for late joiners.
+LEVEL_CHANNEL = "llmsc:load-level"
+LEVEL_KEY = "llmsc:load-level"
 RECONNECT_INTERVAL_S = 0.5
 
 RouteChangeHandler = Callable[[str, bytes], None]
+LevelHandler = Callable[[str], None]
+PipelineBuilder = Callable[[Any], None]
 
 # One round trip that returns the existing record, or stores ours and returns it: two pods
 # racing on a new session both get the first writer's record. Works on Redis 6.2+ and in
@@ -100,6 +105,14 @@ class RouteStore(Protocol):
         """Call `handler(session, record)` when another pod changes or forgets a route."""
         ...
 
+    def on_level(self, handler: LevelHandler) -> None:
+        """Call `handler(level)` when the scaler publishes a load level."""
+        ...
+
+    async def write(self, build: PipelineBuilder) -> None:
+        """Run the commands `build(pipeline)` queues, in one round trip (traffic flushes)."""
+        ...
+
 
 class MemoryStore:
     """The embedded store: one pod only, records expire after the session TTL."""
@@ -158,6 +171,12 @@ class MemoryStore:
     def on_change(self, handler: RouteChangeHandler) -> None:
         return None  # one pod only: nobody else changes routes
 
+    def on_level(self, handler: LevelHandler) -> None:
+        return None  # no scaler without Redis: the configured level stays
+
+    async def write(self, build: PipelineBuilder) -> None:
+        return None  # no global view to feed
+
     def __len__(self) -> int:
         return len(self._records)
 
@@ -177,6 +196,7 @@ class RedisStore:
         self._reconnect_task: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._handler: RouteChangeHandler | None = None
+        self._level_handler: LevelHandler | None = None
         self.pod_id = os.urandom(8).hex().encode()
         self.incidents = 0
         self.down_since: float | None = None
@@ -195,7 +215,14 @@ class RedisStore:
             log.warning("redis %s not reachable at start (%s); routing without it until it is",
                         self.label, type(exc).__name__)
             self._trip()
-        if self._handler is not None:
+        if self._level_handler is not None and self._available:
+            # Before serving, so the first sessions already use the published level.
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(max(self.timeout_s, 1.0)):
+                    level = await self.client.get(LEVEL_KEY)
+                if level:
+                    self._level_handler(level.decode())
+        if self._handler is not None or self._level_handler is not None:
             if hasattr(self.client, "pubsub"):
                 self._listener = asyncio.get_running_loop().create_task(self._listen())
             else:
@@ -264,6 +291,16 @@ class RedisStore:
     def on_change(self, handler: RouteChangeHandler) -> None:
         self._handler = handler
 
+    def on_level(self, handler: LevelHandler) -> None:
+        self._level_handler = handler
+
+    async def write(self, build: PipelineBuilder) -> None:
+        async def run() -> None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                build(pipe)
+                await pipe.execute()
+        await self._call(run)
+
     def _announcement(self, session: str, record: bytes) -> bytes:
         return self.pod_id + b"\0" + session.encode() + b"\0" + record
 
@@ -285,19 +322,31 @@ class RedisStore:
         await self._call(delete)
 
     async def _listen(self) -> None:
-        """Receive other pods' route changes; resubscribes by itself after a Redis outage."""
+        """Receive other pods' route changes and the scaler's load level; resubscribes by
+        itself after a Redis outage (and re-reads the level it may have missed)."""
+        resubscribing = False
         while True:
             pubsub = self.client.pubsub()
             try:
-                await pubsub.subscribe(CHANGES_CHANNEL)
+                await pubsub.subscribe(CHANGES_CHANNEL, LEVEL_CHANNEL)
+                if resubscribing and self._level_handler is not None:
+                    level = await self.client.get(LEVEL_KEY)
+                    if level:
+                        self._level_handler(level.decode())
                 async for message in pubsub.listen():
-                    if message.get("type") == "message":
+                    if message.get("type") != "message":
+                        continue
+                    if message.get("channel") in (LEVEL_CHANNEL, LEVEL_CHANNEL.encode()):
+                        if self._level_handler is not None:
+                            self._level_handler(bytes(message["data"]).decode())
+                    else:
                         self._dispatch(message["data"])
             except (RedisError, OSError) as exc:
-                log.debug("route change listener lost redis (%s)", type(exc).__name__)
+                log.debug("pub/sub listener lost redis (%s)", type(exc).__name__)
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
+            resubscribing = True
             await asyncio.sleep(RECONNECT_INTERVAL_S)
 
     def _dispatch(self, data: bytes) -> None:

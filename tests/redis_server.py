@@ -129,8 +129,13 @@ class Monitor:
         with self._lock:
             self.lines.clear()
 
-    def commands(self) -> list[str]:
-        """Commands clients sent since the last reset (after a sync)."""
+    # Keys of the sidecar's background traffic flush (every 2 s, never per request); its
+    # own command count is tested exactly in test_traffic.py.
+    BACKGROUND = ('"llmsc:traffic:', '"llmsc:inflight:')
+
+    def commands(self, *, background: bool = False) -> list[str]:
+        """Commands clients sent since the last reset (after a sync); without the traffic
+        flusher's unless `background`."""
         self.sync()
         with self._lock:
             lines = list(self.lines)
@@ -139,6 +144,8 @@ class Monitor:
             if not line.startswith("+") or line == "+OK":
                 continue
             if "[0 lua]" in line or " lua]" in line or self._marker_addr in line:
+                continue
+            if not background and any(key in line for key in self.BACKGROUND):
                 continue
             out.append(line)
         return out

@@ -24,10 +24,12 @@ async def test_demo_serves_on_embedded_defaults_and_stops_on_ctrl_c():
         async with aiohttp.ClientSession() as http:
             deadline = time.monotonic() + 20
             while True:
-                try:
-                    async with http.get(f"http://127.0.0.1:{admin}/ready") as r:
-                        if r.status == 200:
-                            break
+                try:  # every simulated pod has finished its (scaled-down) cold start
+                    async with http.get(f"http://127.0.0.1:{admin}/endpoints") as r:
+                        pools = await r.json()
+                    states = {e["state"] for p in pools.values() for e in p["endpoints"]}
+                    if states == {"ready"}:
+                        break
                 except aiohttp.ClientError:
                     pass
                 assert time.monotonic() < deadline, "demo did not become ready"

@@ -1,0 +1,190 @@
+"""Traffic the scaler sees: per-pool counters kept in memory by each sidecar and flushed to
+Redis in one pipelined write every few seconds (never per request), and the reader the
+scaler uses.
+
+Layout (both sides live here so they cannot drift):
+
+    llmsc:traffic:{<pool>}:<bucket>   hash: requests, prompt_tokens, completion_tokens
+                                      (bucket = unix time // 5; every sidecar HINCRBYs the
+                                      same key, so the sum is made by Redis; expires)
+    llmsc:inflight:{<pool>}           hash: <pod id> → "<in-flight>:<unix time>" (heartbeat;
+                                      stale fields are ignored and pruned)
+
+A tick reads `buckets + 1` keys per pool, however many sidecars there are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("sidecar.traffic")
+
+BUCKET_S = 5
+BUCKET_TTL_S = 900
+HEARTBEAT_TTL_S = 60
+STALE_AFTER_S = 20.0
+FLUSH_INTERVAL_S = 2.0
+
+_USAGE = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)[^{}]*?"completion_tokens"\s*:\s*(\d+)')
+
+
+def usage_in(data: bytes) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from an OpenAI `usage` object in `data`, if there is one.
+    Looks only after the last `"usage"`, so a response body is not parsed as JSON."""
+    at = data.rfind(b'"usage"')
+    if at < 0:
+        return None
+    found = _USAGE.search(data, at, at + 400)
+    return (int(found[1]), int(found[2])) if found else None
+
+
+def traffic_key(pool: str, bucket: int) -> str:
+    return f"llmsc:traffic:{{{pool}}}:{bucket}"
+
+
+def inflight_key(pool: str) -> str:
+    return f"llmsc:inflight:{{{pool}}}"
+
+
+class PoolCounters:
+    __slots__ = ("completion_tokens", "prompt_tokens", "requests")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+
+class Traffic:
+    """This pod's counts since the last flush; the flush adds them to the shared buckets."""
+
+    def __init__(self, pod_id: str | None = None) -> None:
+        self.pod_id = pod_id or os.urandom(6).hex()
+        self.counts: dict[str, PoolCounters] = {}
+        self.totals: dict[str, PoolCounters] = {}
+        self.flushes = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def count(self, pool: str, prompt_tokens: int, completion_tokens: int) -> None:
+        counters = self.counts.get(pool)
+        if counters is None:
+            counters = self.counts[pool] = PoolCounters()
+        counters.requests += 1
+        counters.prompt_tokens += prompt_tokens
+        counters.completion_tokens += completion_tokens
+
+    def take(self) -> dict[str, PoolCounters]:
+        counts, self.counts = self.counts, {}
+        for pool, c in counts.items():
+            total = self.totals.setdefault(pool, PoolCounters())
+            total.requests += c.requests
+            total.prompt_tokens += c.prompt_tokens
+            total.completion_tokens += c.completion_tokens
+        return counts
+
+    def write(self, pipe: Any, inflight: dict[str, int], now: float) -> None:
+        """Queue this flush's commands on a Redis pipeline (one round trip for all pools)."""
+        bucket = int(now // BUCKET_S)
+        counts = self.take()
+        for pool in sorted(set(counts) | set(inflight)):
+            c = counts.get(pool)
+            if c is not None and c.requests:
+                key = traffic_key(pool, bucket)
+                pipe.hincrby(key, "requests", c.requests)
+                pipe.hincrby(key, "prompt_tokens", c.prompt_tokens)
+                pipe.hincrby(key, "completion_tokens", c.completion_tokens)
+                pipe.expire(key, BUCKET_TTL_S)
+            heartbeat = inflight_key(pool)
+            pipe.hset(heartbeat, self.pod_id, f"{inflight.get(pool, 0)}:{now:.3f}")
+            pipe.expire(heartbeat, HEARTBEAT_TTL_S)
+        self.flushes += 1
+
+    def start(self, flush: Any) -> None:
+        """Run `await flush()` every FLUSH_INTERVAL_S until `stop()`."""
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(FLUSH_INTERVAL_S)
+                try:
+                    await flush()
+                except Exception:  # a failed flush must not end the loop
+                    log.exception("traffic flush failed")
+        self._task = asyncio.get_running_loop().create_task(loop())
+
+    async def stop(self, flush: Any) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await flush()  # the last counts are not lost on a graceful stop
+
+    def view(self) -> dict[str, dict[str, int]]:
+        pools = set(self.totals) | set(self.counts)
+        out = {}
+        for pool in sorted(pools):
+            t = self.totals.get(pool, PoolCounters())
+            c = self.counts.get(pool, PoolCounters())
+            out[pool] = {"requests": t.requests + c.requests,
+                         "prompt_tokens": t.prompt_tokens + c.prompt_tokens,
+                         "completion_tokens": t.completion_tokens + c.completion_tokens}
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class PoolTraffic:
+    """The global view of one pool over the last few complete buckets."""
+
+    reporting_pods: int          # sidecars with a fresh heartbeat (0: metrics are missing)
+    inflight: int
+    requests: int
+    tokens_per_s: list[float]    # one rate per complete bucket, oldest first
+
+    @property
+    def missing(self) -> bool:
+        return self.reporting_pods == 0
+
+
+async def read_traffic(client: Any, pools: Iterable[str], now: float, buckets: int
+                       ) -> dict[str, PoolTraffic]:
+    """One pipelined read of `buckets` complete buckets and the heartbeats of each pool."""
+    pools = list(pools)
+    last = int(now // BUCKET_S) - 1  # the current bucket is still filling
+    wanted = list(range(last - buckets + 1, last + 1))
+    async with client.pipeline(transaction=False) as pipe:
+        for pool in pools:
+            for bucket in wanted:
+                pipe.hgetall(traffic_key(pool, bucket))
+            pipe.hgetall(inflight_key(pool))
+        replies = await pipe.execute()
+    view: dict[str, PoolTraffic] = {}
+    stale: dict[str, list[bytes]] = {}
+    for i, pool in enumerate(pools):
+        chunk = replies[i * (buckets + 1):(i + 1) * (buckets + 1)]
+        rates = []
+        requests = 0
+        for bucket in chunk[:-1]:
+            tokens = int(bucket.get(b"prompt_tokens", 0)) + int(bucket.get(b"completion_tokens", 0))
+            requests += int(bucket.get(b"requests", 0))
+            rates.append(tokens / BUCKET_S)
+        pods = inflight = 0
+        for pod, value in chunk[-1].items():
+            count, _, stamp = value.partition(b":")
+            if now - float(stamp or 0) > STALE_AFTER_S:
+                stale.setdefault(pool, []).append(pod)
+                continue
+            pods += 1
+            inflight += int(count)
+        view[pool] = PoolTraffic(pods, inflight, requests, rates)
+    if stale:
+        async with client.pipeline(transaction=False) as pipe:
+            for pool, pods_ in stale.items():
+                pipe.hdel(inflight_key(pool), *pods_)
+            await pipe.execute()
+    return view
