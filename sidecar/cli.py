@@ -116,6 +116,51 @@ def cmd_wait(args: argparse.Namespace) -> int:
         time.sleep(0.2)
 
 
+def cmd_scaler(args: argparse.Namespace) -> int:
+    from sidecar.scaler.config import load_scaler_settings
+
+    try:
+        settings = load_scaler_settings()
+    except ConfigError as exc:
+        print("llm-sidecar scaler: configuration refused:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(json.dumps(settings.redacted(), indent=2))
+        return 0
+
+    async def main() -> int:
+        import signal
+
+        from sidecar.scaler.nomad import NomadClient
+        from sidecar.scaler.service import Scaler
+        from sidecar.store import connect_redis
+        from sidecar.telemetry import Events
+
+        redis = connect_redis(settings.redis_url, settings.redis_mode, 2.0, 4,
+                              settings.redis_sentinel_master)
+        nomad = NomadClient(settings)
+        events = Events()
+        scaler = Scaler(settings, redis, nomad, events)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        logging.getLogger("sidecar.scaler").info(
+            "scaler %s: %d pools, every %.0f s%s", scaler.instance, len(settings.pools),
+            settings.interval_s, " (dry run)" if settings.dry_run else "")
+        try:
+            await scaler.run(stop)
+        finally:
+            await nomad.close()
+            await redis.aclose()
+            events.close()
+        return 0
+
+    return _run(main())
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from sidecar.scaler import simulate as sim
 
@@ -165,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--name", default="")
     _behaviour_flags(fake)
     fake.set_defaults(func=cmd_fake_llm)
+
+    scaler = sub.add_parser("scaler", help="the traffic monitor and scaler (reads "
+                            "SIDECAR_SCALER_* and NOMAD_* variables)")
+    scaler.add_argument("--check", action="store_true",
+                        help="validate the configuration, print it and exit")
+    scaler.set_defaults(func=cmd_scaler)
 
     sim = sub.add_parser("simulate", help="replay a trace through the scaling policies")
     sim.add_argument("--trace", required=True,

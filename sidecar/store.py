@@ -380,23 +380,21 @@ def _no_client_setinfo() -> dict[str, Any]:
 _NO_CLIENT_SETINFO = _no_client_setinfo()
 
 
-def connect_redis(settings: Settings) -> Any:
-    """Build the redis-py asyncio client the settings describe (no I/O yet)."""
-    url = settings.redis_url
-    assert url is not None
+def connect_redis(url: str, mode: str = "standalone", timeout_s: float = 0.05,
+                  max_connections: int = 32, sentinel_master: str | None = None) -> Any:
+    """Build the redis-py asyncio client for a URL and mode (no I/O yet)."""
     # A new connection costs only the TCP handshake: RESP2 needs no HELLO, no CLIENT
     # SETINFO, and no health-check PING (a dead connection fails its command, which trips
     # the store and reconnects in the background instead).
     common: dict[str, Any] = {
-        "socket_connect_timeout": max(settings.redis_timeout_s, 0.5),
+        "socket_connect_timeout": max(timeout_s, 0.5),
         "health_check_interval": 0,
         "protocol": 2,
         **_NO_CLIENT_SETINFO,
     }
-    if settings.redis_mode == "cluster":
-        return RedisCluster.from_url(url, max_connections=settings.redis_max_connections,
-                                     **common)
-    if settings.redis_mode == "sentinel":
+    if mode == "cluster":
+        return RedisCluster.from_url(url, max_connections=max_connections, **common)
+    if mode == "sentinel":
         parts = urlsplit(url)
         hosts = []
         for item in parts.netloc.rpartition("@")[2].split(","):
@@ -405,15 +403,17 @@ def connect_redis(settings: Settings) -> Any:
         db = int(parts.path.strip("/") or 0)
         sentinel = Sentinel(hosts, password=parts.password, username=parts.username,
                             db=db, **common)
-        return sentinel.master_for(settings.redis_sentinel_master or "mymaster",
-                                   max_connections=settings.redis_max_connections)
+        return sentinel.master_for(sentinel_master or "mymaster",
+                                   max_connections=max_connections)
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=settings.redis_max_connections, timeout=None, **common)
+        url, max_connections=max_connections, timeout=None, **common)
     return aioredis.Redis(connection_pool=pool)
 
 
 def make_store(settings: Settings) -> RouteStore:
     if settings.redis_url is None:
         return MemoryStore(settings.session_ttl_s)
-    return RedisStore(connect_redis(settings), settings.session_ttl_s,
-                      settings.redis_timeout_s, redact_url(settings.redis_url))
+    client = connect_redis(settings.redis_url, settings.redis_mode, settings.redis_timeout_s,
+                           settings.redis_max_connections, settings.redis_sentinel_master)
+    return RedisStore(client, settings.session_ttl_s, settings.redis_timeout_s,
+                      redact_url(settings.redis_url))

@@ -168,8 +168,10 @@ def test_redact_url_hides_passwords():
 
 
 def test_every_variable_is_in_the_readme():
+    from sidecar.scaler.config import SCALER_VARIABLES
+
     readme = Path(__file__).resolve().parent.parent.joinpath("README.md").read_text()
-    for variable in VARIABLES:
+    for variable in [*VARIABLES, *SCALER_VARIABLES]:
         assert f"`{variable}`" in readme, f"{variable} is not documented in the README"
 
 

@@ -20,7 +20,8 @@ JOB_FILES = sorted((ROOT / "nomad").glob("*.hcl"))
 def unquote(value: Any) -> Any:
     """python-hcl2 keeps the quotes of strings and keys; drop them and internal markers."""
     if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
-        return value[1:-1]
+        # HCL string escapes, decoded as Nomad reads them
+        return value[1:-1].replace('\\"', '"').replace("\\\\", "\\")
     if isinstance(value, list):
         return [unquote(v) for v in value]
     if isinstance(value, dict):
@@ -138,3 +139,28 @@ def test_dockerfile_runs_as_non_root():
     users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
     assert users and users[-1] not in ("root", "0")
     assert re.search(r"^ENTRYPOINT .*llm-sidecar", text, flags=re.M)
+
+
+def test_scaler_job_runs_two_instances_with_a_valid_configuration():
+    from sidecar.scaler.config import load_scaler_settings
+
+    _, job = load_job(ROOT / "nomad" / "scaler.hcl")
+    [group] = groups(job).values()
+    assert group["count"] == 2
+    [task] = tasks(group).values()
+    assert task["config"][0]["args"] == ["scaler"]
+    [env] = task["env"]
+    settings = load_scaler_settings({**env, "SIDECAR_REDIS_URL": "redis://r:6379/0"})
+    assert set(settings.pools) == {"small", "large"}
+    assert settings.pools["large"].cold_start_s == 900
+    [secret] = task["template"]
+    assert "NOMAD_TOKEN" in secret["data"] and secret["env"] is True
+
+
+def test_pool_jobs_named_by_the_scaler_exist():
+    _, scaler = load_job(ROOT / "nomad" / "scaler.hcl")
+    [env] = tasks(next(iter(groups(scaler).values())))["scaler"]["env"]
+    pools = json.loads(env["SIDECAR_SCALER_POOLS"])
+    name, pool_job = load_job(ROOT / "nomad" / "model-pool.hcl")
+    assert pools["small"]["job"] == name
+    assert pools["small"]["group"] in groups(pool_job)

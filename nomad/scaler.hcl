@@ -1,0 +1,61 @@
+# The scaler: reads the traffic every sidecar reports to Redis, asks Nomad for the replica
+# counts that cover the demand a cold start ahead, and publishes the load level. Two
+# instances are safe: one leads through a Redis lock, the other takes over if it dies.
+
+variable "sidecar_image" {
+  type    = string
+  default = "ghcr.io/llm-sidecar/llm-sidecar:0.1.0"
+}
+
+variable "redis_url" {
+  type    = string
+  default = "redis://redis.internal:6379/0"
+}
+
+job "llm-scaler" {
+  type = "service"
+
+  group "scaler" {
+    count = 2
+
+    # The two instances on different hosts, so one host failing leaves a leader.
+    constraint {
+      operator = "distinct_hosts"
+      value    = "true"
+    }
+
+    task "scaler" {
+      driver = "docker"
+
+      config {
+        image = var.sidecar_image
+        args  = ["scaler"]
+      }
+
+      # A Nomad ACL token with the scale-job and read-job-scaling capabilities for the
+      # pool jobs' namespace, from Nomad Variables (never in the job file).
+      template {
+        destination = "${NOMAD_SECRETS_DIR}/nomad.env"
+        env         = true
+        data        = <<-EOT
+        NOMAD_TOKEN={{ with nomadVar "nomad/jobs/llm-scaler" }}{{ .scale_token }}{{ end }}
+        EOT
+      }
+
+      env {
+        SIDECAR_REDIS_URL         = var.redis_url
+        SIDECAR_SCALER_INTERVAL_S = "15"
+        SIDECAR_SCALER_DRY_RUN    = "0"
+        NOMAD_ADDR                = "https://nomad.service.internal:4646"
+        NOMAD_NAMESPACE           = "ml"
+        SIDECAR_SCALER_POOLS      = "{\"small\":{\"job\":\"llm-small\",\"group\":\"server\",\"min\":1,\"max\":8,\"replica_tokens_per_s\":2500,\"cold_start_s\":600},\"large\":{\"job\":\"llm-large\",\"group\":\"server\",\"min\":1,\"max\":4,\"replica_tokens_per_s\":900,\"cold_start_s\":900}}"
+        DD_SERVICE                = "llm-scaler"
+      }
+
+      resources {
+        cpu    = 100
+        memory = 128
+      }
+    }
+  }
+}

@@ -1,0 +1,162 @@
+"""Scaler settings from the environment (same rules as the sidecar's: every problem is
+named with its variable, the bad value and the expected form)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.config import REDIS_MODES, ConfigError, redact_url
+
+SCALER_VARIABLES: dict[str, tuple[str | None, str]] = {
+    "SIDECAR_REDIS_URL": (None, "Redis shared with the sidecars (required)"),
+    "SIDECAR_REDIS_MODE": ("standalone", "standalone, cluster or sentinel"),
+    "SIDECAR_REDIS_SENTINEL_MASTER": (None, "Sentinel service name (sentinel mode)"),
+    "SIDECAR_SCALER_POOLS": (None, "JSON: per pool job, group, min, max, "
+                             "replica_tokens_per_s, cold_start_s"),
+    "SIDECAR_SCALER_INTERVAL_S": ("15", "seconds between decisions"),
+    "SIDECAR_SCALER_DRY_RUN": ("0", "1 = only log decisions"),
+    "SIDECAR_SCALER_BURST_MARGIN": ("0.10", "headroom above the forecast peak"),
+    "SIDECAR_SCALER_COOLDOWN_S": ("300", "least time between scale-downs of a pool"),
+    "NOMAD_ADDR": ("http://127.0.0.1:4646", "Nomad's HTTP API"),
+    "NOMAD_TOKEN": (None, "ACL token (scale-job and read-job-scaling capabilities)"),
+    "NOMAD_NAMESPACE": (None, "namespace of the pool jobs"),
+    "NOMAD_REGION": (None, "region to forward requests to"),
+    "NOMAD_CACERT": (None, "CA certificate file for Nomad's TLS"),
+    "NOMAD_CLIENT_CERT": (None, "client certificate file (mutual TLS)"),
+    "NOMAD_CLIENT_KEY": (None, "client key file (mutual TLS)"),
+    "NOMAD_SKIP_VERIFY": (None, "1/true: do not verify Nomad's certificate"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ScaledPool:
+    name: str
+    job: str
+    group: str
+    minimum: int
+    maximum: int
+    replica_tokens_per_s: float
+    cold_start_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class ScalerSettings:
+    redis_url: str
+    redis_mode: str
+    redis_sentinel_master: str | None
+    pools: Mapping[str, ScaledPool]
+    interval_s: float
+    dry_run: bool
+    burst_margin: float
+    cooldown_s: float
+    nomad_addr: str
+    nomad_token: str | None
+    nomad_namespace: str | None
+    nomad_region: str | None
+    nomad_cacert: str | None
+    nomad_client_cert: str | None
+    nomad_client_key: str | None
+    nomad_skip_verify: bool
+
+    def redacted(self) -> dict[str, Any]:
+        return {"SIDECAR_REDIS_URL": redact_url(self.redis_url),
+                "SIDECAR_SCALER_POOLS": {n: vars_of(p) for n, p in self.pools.items()},
+                "SIDECAR_SCALER_INTERVAL_S": self.interval_s,
+                "SIDECAR_SCALER_DRY_RUN": self.dry_run, "NOMAD_ADDR": self.nomad_addr,
+                "NOMAD_TOKEN": "<redacted>" if self.nomad_token else None,
+                "NOMAD_NAMESPACE": self.nomad_namespace}
+
+
+def vars_of(pool: ScaledPool) -> dict[str, Any]:
+    return {f: getattr(pool, f) for f in pool.__dataclass_fields__}
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def load_scaler_settings(env: Mapping[str, str] | None = None) -> ScalerSettings:
+    env = os.environ if env is None else env
+    problems: list[str] = []
+
+    def get(name: str) -> str | None:
+        value = env.get(name, "").strip()
+        return value or SCALER_VARIABLES[name][0]
+
+    def number(name: str, minimum: float, strict: bool = True) -> float:
+        raw = get(name)
+        try:
+            value = float(raw or "")
+        except ValueError:
+            value = float("nan")
+        if value != value or (value <= minimum if strict else value < minimum):
+            problems.append(f"{name}={raw!r}: expected a number {'>' if strict else '>='} "
+                            f"{minimum:g}")
+            return float(SCALER_VARIABLES[name][0] or 1)
+        return value
+
+    redis_url = get("SIDECAR_REDIS_URL")
+    if not redis_url:
+        problems.append("SIDECAR_REDIS_URL is not set: the scaler reads the sidecars' "
+                        "traffic from Redis; expected a redis://, rediss:// or unix:// URL")
+    mode = get("SIDECAR_REDIS_MODE") or "standalone"
+    if mode not in REDIS_MODES:
+        problems.append(f"SIDECAR_REDIS_MODE={mode!r}: expected one of {', '.join(REDIS_MODES)}")
+    pools: dict[str, ScaledPool] = {}
+    raw_pools = get("SIDECAR_SCALER_POOLS")
+    try:
+        data = json.loads(raw_pools) if raw_pools else None
+    except json.JSONDecodeError as exc:
+        data = None
+        problems.append(f"SIDECAR_SCALER_POOLS: not valid JSON ({exc.msg})")
+    if not isinstance(data, dict) or not data:
+        if raw_pools is None or isinstance(data, list | str | int | float):
+            problems.append('SIDECAR_SCALER_POOLS: expected a JSON object, e.g. {"small": '
+                            '{"job": "llm-small", "group": "server", "min": 1, "max": 8, '
+                            '"replica_tokens_per_s": 2500, "cold_start_s": 600}}')
+        data = {}
+    for name, spec in data.items():
+        where = f"SIDECAR_SCALER_POOLS: pool {name!r}"
+        if not isinstance(spec, dict):
+            problems.append(f"{where}: expected a JSON object")
+            continue
+        before = len(problems)
+        for key in ("job", "group"):
+            if not isinstance(spec.get(key), str) or not spec.get(key):
+                problems.append(f"{where}: \"{key}\" must be a non-empty string")
+        low, high = spec.get("min", 1), spec.get("max")
+        if not isinstance(low, int) or isinstance(low, bool) or low < 0:
+            problems.append(f"{where}: \"min\" must be an integer >= 0, got {low!r}")
+        if not isinstance(high, int) or isinstance(high, bool) or (
+                isinstance(low, int) and high < max(low, 1)):
+            problems.append(f"{where}: \"max\" must be an integer >= max(min, 1), got {high!r}")
+        for key in ("replica_tokens_per_s", "cold_start_s"):
+            value = spec.get(key)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                problems.append(f"{where}: \"{key}\" must be a number > 0, got {value!r}")
+        if len(problems) == before:
+            pools[name] = ScaledPool(name, spec["job"], spec["group"], low, high,
+                                     float(spec["replica_tokens_per_s"]),
+                                     float(spec["cold_start_s"]))
+    settings = ScalerSettings(
+        redis_url=redis_url or "", redis_mode=mode,
+        redis_sentinel_master=get("SIDECAR_REDIS_SENTINEL_MASTER"), pools=pools,
+        interval_s=number("SIDECAR_SCALER_INTERVAL_S", 0),
+        dry_run=_flag(get("SIDECAR_SCALER_DRY_RUN")),
+        burst_margin=number("SIDECAR_SCALER_BURST_MARGIN", 0, strict=False),
+        cooldown_s=number("SIDECAR_SCALER_COOLDOWN_S", 0, strict=False),
+        nomad_addr=(get("NOMAD_ADDR") or "").rstrip("/"), nomad_token=get("NOMAD_TOKEN"),
+        nomad_namespace=get("NOMAD_NAMESPACE"), nomad_region=get("NOMAD_REGION"),
+        nomad_cacert=get("NOMAD_CACERT"), nomad_client_cert=get("NOMAD_CLIENT_CERT"),
+        nomad_client_key=get("NOMAD_CLIENT_KEY"),
+        nomad_skip_verify=_flag(get("NOMAD_SKIP_VERIFY")))
+    if not settings.nomad_addr.startswith(("http://", "https://")):
+        problems.append(f"NOMAD_ADDR={settings.nomad_addr!r}: expected an http:// or https:// "
+                        "URL")
+    if problems:
+        raise ConfigError(problems)
+    return settings

@@ -1,0 +1,91 @@
+"""Nomad's HTTP API, the two calls the scaler needs: read a job's scale status and scale
+one task group. Configured like Nomad's own CLI (NOMAD_ADDR, NOMAD_TOKEN, NOMAD_NAMESPACE,
+NOMAD_REGION, NOMAD_CACERT / NOMAD_CLIENT_CERT / NOMAD_CLIENT_KEY / NOMAD_SKIP_VERIFY)."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from sidecar.scaler.config import ScalerSettings
+
+
+class NomadError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"Nomad answered {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class DeploymentActive(NomadError):
+    """Nomad refuses to scale a job while a deployment of it runs: try again next tick."""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupStatus:
+    desired: int
+    running: int
+    healthy: int
+
+
+def ssl_context(settings: ScalerSettings) -> ssl.SSLContext | None:
+    if not settings.nomad_addr.startswith("https://"):
+        return None
+    context = ssl.create_default_context(cafile=settings.nomad_cacert)
+    if settings.nomad_client_cert:
+        context.load_cert_chain(settings.nomad_client_cert, settings.nomad_client_key)
+    if settings.nomad_skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class NomadClient:
+    def __init__(self, settings: ScalerSettings, timeout_s: float = 10.0) -> None:
+        self.addr = settings.nomad_addr
+        self.params: dict[str, str] = {}
+        if settings.nomad_namespace:
+            self.params["namespace"] = settings.nomad_namespace
+        if settings.nomad_region:
+            self.params["region"] = settings.nomad_region
+        headers = {"X-Nomad-Token": settings.nomad_token} if settings.nomad_token else {}
+        self.http = aiohttp.ClientSession(
+            headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s),
+            connector=aiohttp.TCPConnector(ssl=ssl_context(settings) or True))
+
+    async def close(self) -> None:
+        await self.http.close()
+
+    async def _call(self, method: str, path: str, body: Any = None) -> Any:
+        async with self.http.request(method, self.addr + path, params=self.params,
+                                     json=body) as response:
+            text = await response.text()
+            if response.status >= 400:
+                message = text.strip()[:300]
+                if response.status == 400 and "active deployment" in message:
+                    raise DeploymentActive(response.status, message)
+                raise NomadError(response.status, message)
+            return await response.json(content_type=None)
+
+    async def scale_status(self, job: str, group: str) -> GroupStatus:
+        """GET /v1/job/:job_id/scale: the group's Desired count and placed allocations."""
+        data = await self._call("GET", f"/v1/job/{quote(job, safe='')}/scale")
+        groups = data.get("TaskGroups") or {}
+        if group not in groups:
+            raise NomadError(404, f"job {job!r} has no task group {group!r} "
+                             f"(groups: {sorted(groups)})")
+        status = groups[group]
+        return GroupStatus(int(status.get("Desired") or 0), int(status.get("Running") or 0),
+                           int(status.get("Healthy") or 0))
+
+    async def scale(self, job: str, group: str, count: int, message: str,
+                    meta: dict[str, str]) -> str:
+        """POST /v1/job/:job_id/scale; returns the evaluation id."""
+        body = {"Count": count, "Target": {"Group": group}, "Message": message,
+                "Meta": meta, "PolicyOverride": False}
+        data = await self._call("POST", f"/v1/job/{quote(job, safe='')}/scale", body)
+        return str(data.get("EvalID", ""))
