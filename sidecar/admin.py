@@ -30,6 +30,7 @@ class Admin:
         app.router.add_get("/ready", self.ready)
         app.router.add_get("/stats", self.stats)
         app.router.add_get("/endpoints", self.endpoints)
+        app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/sessions/{session:.+}", self.get_session)
         app.router.add_delete("/sessions/{session:.+}", self.delete_session)
         return app
@@ -45,6 +46,12 @@ class Admin:
 
     async def stats(self, request: web.Request) -> web.Response:
         return _json(self.sidecar.stats())
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """Prometheus text exposition format."""
+        return web.Response(text=self.sidecar.telemetry.prometheus(),
+                            content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
 
     async def endpoints(self, request: web.Request) -> web.Response:
         return _json({name: {"model": pool.model, "fallback": pool.fallback,

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
@@ -136,12 +137,12 @@ def cmd_scaler(args: argparse.Namespace) -> int:
         from sidecar.scaler.nomad import NomadClient
         from sidecar.scaler.service import Scaler
         from sidecar.store import connect_redis
-        from sidecar.telemetry import Events
+        from sidecar.telemetry import Telemetry
 
         redis = connect_redis(settings.redis_url, settings.redis_mode, 2.0, 4,
                               settings.redis_sentinel_master)
         nomad = NomadClient(settings)
-        events = Events()
+        events = Telemetry()
         scaler = Scaler(settings, redis, nomad, events)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -251,9 +252,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class JsonLines(logging.Formatter):
+    """One JSON object per line; a record's `fields` (extra=) become top-level keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {"ts": round(record.created, 3), "level": record.levelname,
+                                 "logger": record.name, "msg": record.getMessage()}
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def setup_logging(level: str, command: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    # Services log JSON lines by default (log shippers); interactive commands log text.
+    default = "json" if command in ("serve", "scaler") else "text"
+    if (os.environ.get("SIDECAR_LOG_FORMAT") or default).strip().lower() == "json":
+        handler.setFormatter(JsonLines())
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    setup_logging(args.log_level, args.command)
     return int(args.func(args))

@@ -81,6 +81,8 @@ class Settings:
     retry_budget_percent: float
     retry_budget_min: int
     bounded_load_factor: float
+    request_log_level: int = 10
+    log_format: str = "json"
     pools_file: str | None = None
     # Secrets resolved from `api_key_env`, never printed (see `redacted`).
     api_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -125,6 +127,8 @@ class Settings:
             "SIDECAR_RETRY_BUDGET_PERCENT": self.retry_budget_percent,
             "SIDECAR_RETRY_BUDGET_MIN": self.retry_budget_min,
             "SIDECAR_BOUNDED_LOAD_FACTOR": self.bounded_load_factor,
+            "SIDECAR_REQUEST_LOG": {0: "off", 10: "debug", 20: "info"}[self.request_log_level],
+            "SIDECAR_LOG_FORMAT": self.log_format,
         }
 
 
@@ -175,7 +179,10 @@ VARIABLES: dict[str, tuple[str | None, str]] = {
     "SIDECAR_RETRY_BUDGET_MIN": ("5", "retries always allowed per 10 s, however quiet"),
     "SIDECAR_BOUNDED_LOAD_FACTOR": ("1.25", "new sessions skip an endpoint above this × the "
                                     "pool's mean in-flight (0 = off)"),
+    "SIDECAR_REQUEST_LOG": ("debug", "level of the one-line-per-request log: off, debug, info"),
+    "SIDECAR_LOG_FORMAT": ("json", "json (one object per line) or text"),
 }
+REQUEST_LOG_LEVELS = {"off": 0, "debug": 10, "info": 20}
 
 
 class _Reader:
@@ -479,6 +486,15 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         r.problem("SIDECAR_BOUNDED_LOAD_FACTOR", r.raw("SIDECAR_BOUNDED_LOAD_FACTOR"),
                   "0 (off) or a number >= 1 (1.25 lets a pod take 25 % above the mean)")
 
+    request_log = (r.raw("SIDECAR_REQUEST_LOG") or "debug").lower()
+    if request_log not in REQUEST_LOG_LEVELS:
+        r.problem("SIDECAR_REQUEST_LOG", request_log, "off, debug or info")
+        request_log = "debug"
+    log_format = (r.raw("SIDECAR_LOG_FORMAT") or "json").lower()
+    if log_format not in ("json", "text"):
+        r.problem("SIDECAR_LOG_FORMAT", log_format, "json or text")
+        log_format = "json"
+
     settings = Settings(
         listen=listen,
         admin_listen=admin_listen,
@@ -503,6 +519,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         retry_budget_percent=r.number("SIDECAR_RETRY_BUDGET_PERCENT", strict=False),
         retry_budget_min=int(r.number("SIDECAR_RETRY_BUDGET_MIN", integer=True, strict=False)),
         bounded_load_factor=load_factor,
+        request_log_level=REQUEST_LOG_LEVELS[request_log],
+        log_format=log_format,
         pools_file=pools_file,
         api_keys=keys,
     )

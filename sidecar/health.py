@@ -17,6 +17,7 @@ from collections import deque
 import aiohttp
 
 from sidecar.pools import EJECT_AFTER_FAILURES, Endpoint, EndpointState, PoolSet
+from sidecar.telemetry import Telemetry
 
 log = logging.getLogger("sidecar.health")
 
@@ -39,8 +40,9 @@ class ColdStart:
 
 
 class HealthProber:
-    def __init__(self, pools: PoolSet) -> None:
+    def __init__(self, pools: PoolSet, telemetry: Telemetry | None = None) -> None:
         self.pools = pools
+        self.telemetry = telemetry if telemetry is not None else Telemetry({})
         self.cold_starts: deque[ColdStart] = deque(maxlen=100)
         self.probes = 0
         self._http: aiohttp.ClientSession | None = None
@@ -104,11 +106,15 @@ class HealthProber:
                 duration = time.monotonic() - endpoint.registered_at
                 endpoint.state = EndpointState.READY
                 self.cold_starts.append(ColdStart(endpoint.url, endpoint.pool, duration))
-                log.info("cold start finished: %s (pool %s) ready after %.1f s",
-                         endpoint.url, endpoint.pool, duration)
+                self.telemetry.observe("cold_start_duration", (endpoint.pool,), duration)
+                self.telemetry.event("cold start finished", f"{endpoint.url} (pool "
+                                     f"{endpoint.pool}) ready after {duration:.1f} s",
+                                     tags=[f"pool:{endpoint.pool}"])
             elif endpoint.state is EndpointState.EJECTED:
                 endpoint.record_success()
-                log.info("endpoint %s restored by a healthy probe", endpoint.url)
+                self.telemetry.event("endpoint restored", f"{endpoint.url} (pool "
+                                     f"{endpoint.pool}) passed its health probe",
+                                     tags=[f"pool:{endpoint.pool}"])
             return
         if endpoint.state is EndpointState.READY:
             endpoint.consecutive_failures += 1
@@ -116,5 +122,7 @@ class HealthProber:
                 endpoint.state = EndpointState.EJECTED
                 endpoint.ejections += 1
                 endpoint.retry_at = float("inf")  # only a healthy probe restores it
-                log.warning("endpoint %s ejected after %d failed probes", endpoint.url,
-                            endpoint.consecutive_failures)
+                self.telemetry.event("endpoint ejected", f"{endpoint.url} (pool "
+                                     f"{endpoint.pool}) failed {endpoint.consecutive_failures}"
+                                     " probes in a row", alert_type="warning",
+                                     tags=[f"pool:{endpoint.pool}"])

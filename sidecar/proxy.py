@@ -32,9 +32,12 @@ from sidecar.resume import ContinuationFrames, Transcript, continuation
 from sidecar.routing import Router
 from sidecar.sessions import Route, parse_selector, valid_session_id
 from sidecar.sse import MAX_HELD_BYTES, is_preamble, split_frames
+from sidecar.telemetry import Telemetry
 from sidecar.traffic import Traffic, usage_in
 
 log = logging.getLogger("sidecar.proxy")
+request_log = logging.getLogger("sidecar.requests")
+_STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 
 SELECTOR_HEADER = "x-sidecar-selector"
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
@@ -73,10 +76,14 @@ class ProxyCounters:
 class Exchange:
     """What one proxied request carries through its attempts."""
 
-    __slots__ = ("content_frames", "headers", "local", "request", "route", "target", "usage")
+    __slots__ = ("content_frames", "headers", "local", "request", "route", "started", "target",
+                 "upstream_s", "usage")
 
-    def __init__(self, request: web.Request, route: Route, local: bool) -> None:
+    def __init__(self, request: web.Request, route: Route, local: bool, started: float
+                 ) -> None:
         self.request = request
+        self.started = started
+        self.upstream_s = 0.0  # time spent waiting on upstreams (excluded from overhead)
         self.route = route
         self.local = local
         self.headers = upstream_headers(request.headers)
@@ -128,11 +135,13 @@ def with_authorization(headers: list[tuple[str, str]], value: str) -> list[tuple
 
 class Proxy:
     def __init__(self, settings: Settings, router: Router, http: aiohttp.ClientSession,
-                 traffic: Traffic) -> None:
+                 traffic: Traffic, telemetry: Telemetry | None = None) -> None:
         self.settings = settings
         self.router = router
         self.http = http
         self.traffic = traffic
+        self.telemetry = telemetry if telemetry is not None else Telemetry({})
+        self.request_log_level = settings.request_log_level
         self.counters = ProxyCounters()
         self.session_header = settings.session_header
         self.max_body = settings.max_body_bytes
@@ -155,17 +164,36 @@ class Proxy:
         counters = self.counters
         counters.requests += 1
         counters.inflight += 1
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
-            response = await self._handle(request)
+            response = await self._handle(request, started)
         except asyncio.CancelledError:
             counters.client_disconnects += 1
             raise
         finally:
             counters.inflight -= 1
-        counters.count_status(response.status)
+        status = response.status
+        counters.count_status(status)
+        pool = response.headers.get("x-sidecar-pool", "none")
+        tags = (pool, _STATUS_CLASS[status // 100] if status < 600 else "other")
+        elapsed = loop.time() - started
+        telemetry = self.telemetry
+        telemetry.count("requests", tags)
+        telemetry.observe("request_duration", tags, elapsed)
+        if self.request_log_level and request_log.isEnabledFor(self.request_log_level):
+            # Never the body, never credentials: what an operator needs to follow a call.
+            request_log.log(self.request_log_level, "request", extra={"fields": {
+                "method": request.method, "path": request.path, "status": status,
+                "session": response.headers.get("x-sidecar-session"), "pool": pool,
+                "endpoint": response.headers.get("x-sidecar-endpoint"),
+                "attempts": response.headers.get("x-sidecar-attempts"),
+                "fallback": response.headers.get("x-sidecar-fallback"),
+                "duration_ms": round(elapsed * 1000, 3),
+                "overhead_ms": response.headers.get("x-sidecar-overhead-ms")}})
         return response
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _handle(self, request: web.Request, started: float) -> web.StreamResponse:
         headers = request.headers
         session = headers.get(self.session_header)
         local = session is None
@@ -196,7 +224,7 @@ class Proxy:
         route = self.router.lookup(session, now)
         if route is None:
             route = await self.router.resolve(session, selector, local=local)
-        return await self._forward(request, route, body, now, local)
+        return await self._forward(request, route, body, now, local, started)
 
     def _too_large(self) -> web.Response:
         self.counters.body_too_large += 1
@@ -204,8 +232,8 @@ class Proxy:
                           f"{self.max_body}", "body_too_large")
 
     async def _forward(self, request: web.Request, route: Route, body: bytes, now: float,
-                       local: bool) -> web.StreamResponse:
-        ex = Exchange(request, route, local)
+                       local: bool, started: float) -> web.StreamResponse:
+        ex = Exchange(request, route, local, started)
         tried: list[dict[str, object]] = []  # only grows on failures
         retry_after: float | None = None
         loop = asyncio.get_running_loop()
@@ -223,16 +251,18 @@ class Proxy:
             if pool.auth_header is not None:
                 headers = with_authorization(headers, pool.auth_header)
             endpoint.inflight += 1
+            sent_at = loop.time()
             try:
                 result = await self._attempt(request.method, endpoint, ex.target, headers,
                                              payload)
             except BaseException:
                 endpoint.inflight -= 1
                 raise
+            now = loop.time()
+            ex.upstream_s += now - sent_at
             upstream, head, outcome = result
             if outcome.retryable:
-                now = loop.time()
-                endpoint.record_failure(outcome, now)
+                self._failed(endpoint, outcome, now)
                 failure: dict[str, object] = {"endpoint": endpoint.url, "pool": pool.name,
                                               "outcome": outcome.value}
                 if upstream is not None:
@@ -255,16 +285,22 @@ class Proxy:
                             headers={"Retry-After": _seconds(retry_after)}, tried=tried)
                     if nxt is not None:
                         self.counters.retries += 1
+                        self.telemetry.count("retries", (pool.name,))
                         if outcome is Outcome.BROKEN_BEFORE_CONTENT:
                             self.counters.prefill_retries += 1
                     candidate = nxt
                     continue
                 # Attempts are spent: the last upstream answer itself goes to the app.
             else:
-                endpoint.record_success()
+                if endpoint.record_success():
+                    self.telemetry.event("endpoint restored", f"{endpoint.url} (pool "
+                                         f"{pool.name}) answered again",
+                                         tags=[f"pool:{pool.name}"])
+                self.telemetry.observe("upstream_ttfb", (pool.name,), now - sent_at)
             assert upstream is not None
             if pool.name != route.pool:
                 self.counters.fallbacks += 1
+                self.telemetry.count("fallbacks", (route.pool, pool.name))
             reason = None
             if tried:
                 last = tried[-1]
@@ -279,6 +315,9 @@ class Proxy:
             streamed = response.body is None if isinstance(response, web.Response) else True
             prompt, completion = ex.tokens(payload, None if streamed else response.body)
             self.traffic.count(pool.name, prompt, completion)
+            tags = (pool.name, pool.model)
+            self.telemetry.count("prompt_tokens", tags, prompt)
+            self.telemetry.count("completion_tokens", tags, completion)
             return response
 
         self.counters.no_endpoint += 1
@@ -336,11 +375,23 @@ class Proxy:
             if len(held) + len(pending) > MAX_HELD_BYTES:
                 return held + pending
 
-    @staticmethod
-    def _response_headers(upstream: aiohttp.ClientResponse, route: Route, pool: Pool,
-                          endpoint: Endpoint, attempts: int) -> list[tuple[str, str]]:
+    def _failed(self, endpoint: Endpoint, outcome: Outcome, now: float) -> None:
+        """One failed attempt: passive health, counters, an event if it ejected the pod."""
+        self.telemetry.count("upstream_errors", (endpoint.pool, outcome.value))
+        if endpoint.record_failure(outcome, now):
+            self.telemetry.event("endpoint ejected", f"{endpoint.url} (pool {endpoint.pool}) "
+                                 f"after {outcome.value}", alert_type="warning",
+                                 tags=[f"pool:{endpoint.pool}"])
+
+    def _response_headers(self, ex: Exchange, upstream: aiohttp.ClientResponse, route: Route,
+                          pool: Pool, endpoint: Endpoint, attempts: int
+                          ) -> list[tuple[str, str]]:
         # Pairs, not a multidict: aiohttp's response copies them into its own.
         out = [(k, v) for k, v in upstream.headers.items() if k.lower() not in _RESPONSE_DROP]
+        # Everything so far that was not waiting on an upstream is the sidecar's own time.
+        overhead = asyncio.get_running_loop().time() - ex.started - ex.upstream_s
+        self.telemetry.observe("overhead", (pool.name,), overhead)
+        out.append(("x-sidecar-overhead-ms", f"{overhead * 1000:.3f}"))
         out.append(("x-sidecar-session", route.session))
         out.append(("x-sidecar-pool", pool.name))
         out.append(("x-sidecar-endpoint", endpoint.url))
@@ -353,7 +404,7 @@ class Proxy:
                      pool: Pool, endpoint: Endpoint, attempts: int,
                      payload: bytes) -> web.StreamResponse:
         request = ex.request
-        headers = self._response_headers(upstream, ex.route, pool, endpoint, attempts)
+        headers = self._response_headers(ex, upstream, ex.route, pool, endpoint, attempts)
         if not _is_streaming(upstream):
             body = head if head is not None else await upstream.read()
             ex.usage = usage_in(body)
@@ -384,8 +435,8 @@ class Proxy:
                 if not await self._pump(ex, source, response, frames, transcript):
                     break  # the upstream ended cleanly
                 self.counters.broken_streams += 1
-                source_endpoint.record_failure(Outcome.BROKEN_STREAM,
-                                               asyncio.get_running_loop().time())
+                self._failed(source_endpoint, Outcome.BROKEN_STREAM,
+                             asyncio.get_running_loop().time())
                 log.warning("upstream %s broke mid-stream", source_endpoint.url)
                 nxt = None
                 if transcript is not None and len(resumed) < self.max_attempts - 1:
@@ -474,7 +525,7 @@ class Proxy:
                 if upstream is not None:
                     upstream.release()
                 if outcome.endpoint_failed:
-                    endpoint.record_failure(outcome, loop.time())
+                    self._failed(endpoint, outcome, loop.time())
                 continue
             endpoint.record_success()
             self.counters.resumes += 1

@@ -18,6 +18,7 @@ from sidecar.config import Settings
 from sidecar.pools import Endpoint, Pool, PoolSet
 from sidecar.sessions import Route, RouteCache, selector_for
 from sidecar.store import RouteStore, StoreUnavailable
+from sidecar.telemetry import Telemetry
 
 log = logging.getLogger("sidecar.routing")
 
@@ -45,8 +46,10 @@ class RouterCounters:
 
 
 class Router:
-    def __init__(self, settings: Settings, pools: PoolSet, store: RouteStore) -> None:
+    def __init__(self, settings: Settings, pools: PoolSet, store: RouteStore,
+                 telemetry: Telemetry | None = None) -> None:
         self.settings = settings
+        self.telemetry = telemetry if telemetry is not None else Telemetry({})
         self.pools = pools
         self.store = store
         self.level = settings.load_level
@@ -124,8 +127,12 @@ class Router:
             self.cache.put(proposal, now)
             return proposal
         record = proposal.record()
+        loop = asyncio.get_running_loop()
         try:
+            asked_at = loop.time()
             stored = await self.store.get_or_create(session, record)
+            if self.store.kind == "redis":
+                self.telemetry.observe("redis_latency", (), loop.time() - asked_at)
         except StoreUnavailable:
             self.counters.resolved_without_store += 1
             proposal.synced = False
@@ -195,6 +202,7 @@ class Router:
             primary = self.pools.get(route.pool)
             if primary is not None and not primary.has_ready() and primary.has_warming():
                 self.counters.cold_start_fallbacks += 1
+                self.telemetry.count("cold_start_fallbacks", (route.pool,))
                 reason = reason or f"pool {route.pool} is warming (cold start)"
         route.endpoint = endpoint
         if not changed:

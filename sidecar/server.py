@@ -28,6 +28,7 @@ from sidecar.pools import EndpointState, PoolSet
 from sidecar.proxy import Proxy
 from sidecar.routing import Router
 from sidecar.store import RouteStore, StoreUnavailable, make_store
+from sidecar.telemetry import Telemetry
 from sidecar.traffic import Traffic
 
 log = logging.getLogger("sidecar.server")
@@ -48,11 +49,14 @@ class Sidecar:
                  env: Mapping[str, str] | None = None) -> None:
         self.settings = settings
         self.env = env  # where `api_key_env` variables are read on reload (None: os.environ)
+        self.telemetry = Telemetry(env)
         self.pools = PoolSet(settings)
         self.store = store if store is not None else make_store(settings)
-        self.router = Router(settings, self.pools, self.store)
-        self.prober = HealthProber(self.pools)
+        self.router = Router(settings, self.pools, self.store, self.telemetry)
+        self.prober = HealthProber(self.pools, self.telemetry)
         self.traffic = Traffic()
+        self._pools_on_fallback: set[str] = set()
+        self.telemetry.collectors.append(self.collect_metrics)
         self.http: aiohttp.ClientSession | None = None
         self.proxy: Proxy | None = None
         self.draining = False
@@ -73,11 +77,12 @@ class Sidecar:
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
             trust_env=False,
         )
-        self.proxy = Proxy(s, self.router, self.http, self.traffic)
+        self.proxy = Proxy(s, self.router, self.http, self.traffic, self.telemetry)
         await self.store.start()
         await self.router.start()
         await self.prober.start()
         self.traffic.start(self.flush_traffic)
+        self.telemetry.start()
 
     async def flush_traffic(self) -> None:
         """One pipelined write of this pod's counts since the last flush (store.write keeps
@@ -89,7 +94,47 @@ class Sidecar:
         with contextlib.suppress(StoreUnavailable):
             await self.store.write(lambda pipe: self.traffic.write(pipe, inflight, now))
 
+    def collect_metrics(self, t: Telemetry) -> None:
+        """Counters kept elsewhere as plain integers, and the gauges, for telemetry."""
+        router, store = self.router.counters, self.store.counters
+        t.counters[("route_cache_hits", ())] = router.cache_hits
+        t.counters[("route_cache_misses", ())] = router.cache_misses
+        t.counters[("redis_hits", ())] = store.found
+        t.counters[("redis_misses", ())] = store.created
+        for kind in ("errors", "timeouts", "skipped"):
+            t.counters[("redis_errors", (kind.rstrip("s"),))] = getattr(store, kind)
+        if self.proxy is not None:
+            t.counters[("budget_refusals", ())] = self.proxy.counters.budget_refusals
+            t.counters[("resumes", ())] = self.proxy.counters.resumes
+        t.gauges = {k: v for k, v in t.gauges.items()
+                    if k[0] not in ("endpoint_inflight", "endpoint_state")}
+        for name, pool in self.pools.pools.items():
+            ready = 0
+            for e in pool.endpoints:
+                t.gauge("endpoint_inflight", (name, e.url), e.inflight)
+                t.gauge("endpoint_state", (name, e.url, e.state.value), 1)
+                ready += e.state is EndpointState.READY
+            t.gauge("pool_ready_endpoints", (name,), ready)
+            self._fallback_transition(t, name, pool.fallback, ready)
+        t.gauge("load_level", (), ("low", "medium", "high").index(self.router.level))
+        t.gauge("route_cache_size", (), len(self.router.cache))
+        t.gauge("redis_available", (), 1 if self.store.available else 0)
+
+    def _fallback_transition(self, t: Telemetry, pool: str, fallback: str | None,
+                             ready: int) -> None:
+        if fallback is None:
+            return
+        if ready == 0 and pool not in self._pools_on_fallback:
+            self._pools_on_fallback.add(pool)
+            t.event("fallback started", f"pool {pool} has no ready endpoint: its sessions "
+                    f"go to {fallback}", alert_type="warning", tags=[f"pool:{pool}"])
+        elif ready and pool in self._pools_on_fallback:
+            self._pools_on_fallback.discard(pool)
+            t.event("fallback ended", f"pool {pool} has a ready endpoint again",
+                    tags=[f"pool:{pool}"])
+
     async def close(self) -> None:
+        await self.telemetry.stop()
         await self.traffic.stop(self.flush_traffic)
         await self.prober.close()
         await self.router.close()

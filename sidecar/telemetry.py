@@ -1,19 +1,137 @@
 """Telemetry behind one facade; the only module that imports `datadog`.
 
-For now: events (scale actions, pools without capacity), sent to the DogStatsD agent when
-Datadog's own variables name one (`DD_AGENT_HOST` / `DD_DOGSTATSD_PORT`, or
-`DD_DOGSTATSD_URL` incl. `unix://`), and always written to the log. Sending is
-fire-and-forget UDP/UDS in the client library: it never blocks on an absent agent.
+The hot path only updates in-process aggregates: an integer add per counter, a histogram
+bucket (bisect) and a bounded sample reservoir per latency. Every FLUSH_INTERVAL_S a
+background task sends counter deltas, gauges and the sampled latencies (with their sample
+rate, so counts stay right) through the `datadog` package's DogStatsD client, configured by
+Datadog's own variables (`DD_AGENT_HOST`, `DD_DOGSTATSD_PORT`, `DD_DOGSTATSD_URL` incl.
+`unix://`, `DD_ENV`, `DD_SERVICE`, `DD_VERSION`, `DD_TAGS`). Prometheus text for
+`GET /metrics` is rendered from the same aggregates. Nothing here blocks the event loop or
+grows without bound when the agent is away: UDP and Unix datagrams are dropped, not queued.
+
+Tags are pool, model, endpoint, status class, outcome: never session or request ids.
 """
 
 from __future__ import annotations
 
+import asyncio
+import bisect
+import contextlib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger("sidecar.events")
+
+FLUSH_INTERVAL_S = 10.0
+RESERVOIR = 512  # latency samples kept per metric and tag set between flushes
+# Seconds: LLM latencies run from sub-millisecond overhead to minutes-long generations.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+COLD_START_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 900, 1200, 1800, 3600)
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    key: str
+    kind: str        # counter, distribution, gauge
+    datadog: str
+    prometheus: str
+    tags: tuple[str, ...]
+    help: str
+    unit: str = ""   # distributions: Datadog gets milliseconds, Prometheus seconds
+
+
+CATALOG: tuple[Metric, ...] = (
+    Metric("requests", "counter", "llm_sidecar.requests", "llm_sidecar_requests_total",
+           ("pool", "status_class"), "Requests answered, by the pool that served them "
+           "(`none`: refused before routing) and status class."),
+    Metric("upstream_errors", "counter", "llm_sidecar.upstream.errors",
+           "llm_sidecar_upstream_errors_total", ("pool", "outcome"),
+           "Failed upstream attempts by outcome (connect_error, first_byte_timeout, "
+           "retryable_status, broken_before_content, broken_stream, …)."),
+    Metric("retries", "counter", "llm_sidecar.retries", "llm_sidecar_retries_total",
+           ("pool",), "Attempts after the first, by the pool retried from."),
+    Metric("fallbacks", "counter", "llm_sidecar.fallbacks", "llm_sidecar_fallbacks_total",
+           ("from_pool", "to_pool"), "Requests served by a pool other than the session's "
+           "primary."),
+    Metric("cold_start_fallbacks", "counter", "llm_sidecar.cold_start_fallbacks",
+           "llm_sidecar_cold_start_fallbacks_total", ("pool",),
+           "Sessions sent to a fallback because their pool was still warming."),
+    Metric("budget_refusals", "counter", "llm_sidecar.retry_budget.refused",
+           "llm_sidecar_retry_budget_refused_total", (), "Retries refused by the budget."),
+    Metric("resumes", "counter", "llm_sidecar.resumes", "llm_sidecar_resumes_total", (),
+           "Broken streams continued on another endpoint."),
+    Metric("prompt_tokens", "counter", "llm_sidecar.tokens.prompt",
+           "llm_sidecar_prompt_tokens_total", ("pool", "model"),
+           "Prompt tokens (from `usage`, else estimated)."),
+    Metric("completion_tokens", "counter", "llm_sidecar.tokens.completion",
+           "llm_sidecar_completion_tokens_total", ("pool", "model"),
+           "Completion tokens (from `usage`, streams included; else estimated)."),
+    Metric("route_cache_hits", "counter", "llm_sidecar.route_cache.hits",
+           "llm_sidecar_route_cache_hits_total", (), "Requests whose route was in memory."),
+    Metric("route_cache_misses", "counter", "llm_sidecar.route_cache.misses",
+           "llm_sidecar_route_cache_misses_total", (), "First touches (route resolved)."),
+    Metric("redis_hits", "counter", "llm_sidecar.redis.hits", "llm_sidecar_redis_hits_total",
+           (), "First touches that found the session's route in Redis."),
+    Metric("redis_misses", "counter", "llm_sidecar.redis.misses",
+           "llm_sidecar_redis_misses_total", (), "First touches that created the route."),
+    Metric("redis_errors", "counter", "llm_sidecar.redis.errors",
+           "llm_sidecar_redis_errors_total", ("kind",),
+           "Redis operations that failed (error), ran past the budget (timeout) or were "
+           "skipped while Redis was away (skipped)."),
+    Metric("request_duration", "distribution", "llm_sidecar.request.duration",
+           "llm_sidecar_request_duration_seconds", ("pool", "status_class"),
+           "Time from the request's arrival to the end of the response.", "ms"),
+    Metric("upstream_ttfb", "distribution", "llm_sidecar.upstream.ttfb",
+           "llm_sidecar_upstream_ttfb_seconds", ("pool",),
+           "Upstream time to response headers (streams: to the first content).", "ms"),
+    Metric("overhead", "distribution", "llm_sidecar.overhead",
+           "llm_sidecar_overhead_seconds", ("pool",),
+           "Time the sidecar itself spent before the response started, upstream time "
+           "excluded (also the `x-sidecar-overhead-ms` header).", "ms"),
+    Metric("redis_latency", "distribution", "llm_sidecar.redis.latency",
+           "llm_sidecar_redis_latency_seconds", (), "First-touch round trip to Redis.",
+           "ms"),
+    Metric("cold_start_duration", "distribution", "llm_sidecar.cold_start.duration",
+           "llm_sidecar_cold_start_duration_seconds", ("pool",),
+           "Time from an endpoint's registration to its first healthy probe.", "s"),
+    Metric("endpoint_inflight", "gauge", "llm_sidecar.endpoint.inflight",
+           "llm_sidecar_endpoint_inflight", ("pool", "endpoint"),
+           "Requests in flight to each endpoint."),
+    Metric("endpoint_state", "gauge", "llm_sidecar.endpoint.state",
+           "llm_sidecar_endpoint_state", ("pool", "endpoint", "state"),
+           "1 for each endpoint's current state (warming, ready, ejected, draining)."),
+    Metric("pool_ready_endpoints", "gauge", "llm_sidecar.pool.ready_endpoints",
+           "llm_sidecar_pool_ready_endpoints", ("pool",),
+           "Ready endpoints per pool (0: no ready capacity)."),
+    Metric("load_level", "gauge", "llm_sidecar.load_level", "llm_sidecar_load_level", (),
+           "The load level new sessions use: 0 low, 1 medium, 2 high."),
+    Metric("route_cache_size", "gauge", "llm_sidecar.route_cache.size",
+           "llm_sidecar_route_cache_size", (), "Session routes held in memory."),
+    Metric("redis_available", "gauge", "llm_sidecar.redis.available",
+           "llm_sidecar_redis_available", (), "1 while the route store answers."),
+)
+BY_KEY = {m.key: m for m in CATALOG}
+EVENTS = ("cold start finished", "endpoint ejected", "endpoint restored",
+          "fallback started", "fallback ended", "scaled pool", "load level",
+          "pool has no ready capacity")
+
+
+class _Series:
+    """One distribution and tag set: Prometheus buckets plus a reservoir for DogStatsD."""
+
+    __slots__ = ("buckets", "count", "samples", "seen", "sum")
+
+    def __init__(self, size: int) -> None:
+        self.buckets = [0] * (size + 1)
+        self.count = 0
+        self.sum = 0.0
+        self.samples: list[float] = []
+        self.seen = 0  # samples offered since the last flush
 
 
 def _dogstatsd(env: Mapping[str, str]) -> Any | None:
@@ -27,30 +145,215 @@ def _dogstatsd(env: Mapping[str, str]) -> Any | None:
     for key, name in (("DD_ENV", "env"), ("DD_SERVICE", "service"), ("DD_VERSION", "version")):
         if env.get(key):
             tags.append(f"{name}:{env[key]}")
+    # The client buffers and sends from the flush task's thread, never the event loop's.
+    common: dict[str, Any] = {"constant_tags": tags, "disable_telemetry": True}
     if url.startswith("unix://"):
-        return DogStatsd(socket_path=url[len("unix://"):], constant_tags=tags,
-                         disable_telemetry=True)
+        return DogStatsd(socket_path=url[len("unix://"):], **common)
     if url.startswith("udp://"):
         host, _, port = url[len("udp://"):].partition(":")
-        return DogStatsd(host=host, port=int(port or 8125), constant_tags=tags,
-                         disable_telemetry=True)
-    return DogStatsd(host=host, port=int(env.get("DD_DOGSTATSD_PORT") or 8125),
-                     constant_tags=tags, disable_telemetry=True)
+        return DogStatsd(host=host, port=int(port or 8125), **common)
+    return DogStatsd(host=host, port=int(env.get("DD_DOGSTATSD_PORT") or 8125), **common)
 
 
-class Events:
-    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+Collector = Callable[["Telemetry"], None]
+
+
+class Telemetry:
+    def __init__(self, env: Mapping[str, str] | None = None, seed: int | None = None) -> None:
         self._client = _dogstatsd(os.environ if env is None else env)
-        self.sent: list[dict[str, Any]] = []  # the last few, for status views and tests
+        self.counters: dict[tuple[str, tuple[str, ...]], float] = {}
+        self._sent: dict[tuple[str, tuple[str, ...]], float] = {}
+        self.series: dict[tuple[str, tuple[str, ...]], _Series] = {}
+        self.gauges: dict[tuple[str, tuple[str, ...]], float] = {}
+        self.collectors: list[Collector] = []
+        self.events_sent: list[dict[str, Any]] = []
+        self._random = random.Random(seed)
+        self._task: asyncio.Task[None] | None = None
+        self.flushes = 0
+
+    @property
+    def datadog_enabled(self) -> bool:
+        return self._client is not None
+
+    # -- recording (the hot path: no I/O, no formatting) ----------------------------------
+
+    def count(self, key: str, tags: tuple[str, ...] = (), value: float = 1) -> None:
+        index = (key, tags)
+        self.counters[index] = self.counters.get(index, 0) + value
+
+    def observe(self, key: str, tags: tuple[str, ...], value: float) -> None:
+        index = (key, tags)
+        series = self.series.get(index)
+        if series is None:
+            bounds = COLD_START_BUCKETS if key == "cold_start_duration" else LATENCY_BUCKETS
+            series = self.series[index] = _Series(len(bounds))
+        bounds = COLD_START_BUCKETS if key == "cold_start_duration" else LATENCY_BUCKETS
+        series.buckets[bisect.bisect_left(bounds, value)] += 1
+        series.count += 1
+        series.sum += value
+        series.seen += 1
+        if len(series.samples) < RESERVOIR:
+            series.samples.append(value)
+        else:  # reservoir sampling keeps a uniform sample of the interval
+            slot = self._random.randrange(series.seen)
+            if slot < RESERVOIR:
+                series.samples[slot] = value
+
+    def gauge(self, key: str, tags: tuple[str, ...], value: float) -> None:
+        self.gauges[(key, tags)] = value
 
     def event(self, title: str, text: str, *, alert_type: str = "info",
               tags: Sequence[str] = ()) -> None:
         log.info("event: %s: %s %s", title, text, " ".join(tags))
-        self.sent = [*self.sent[-49:], {"title": title, "text": text,
-                                        "alert_type": alert_type, "tags": list(tags)}]
+        self.events_sent = [*self.events_sent[-49:], {"title": title, "text": text,
+                                                      "alert_type": alert_type,
+                                                      "tags": list(tags)}]
         if self._client is not None:
             self._client.event(title, text, alert_type=alert_type, tags=list(tags))
+
+    # -- export ---------------------------------------------------------------------------
+
+    def collect(self) -> None:
+        """Refresh gauges (and counters kept elsewhere as plain integers)."""
+        for collector in self.collectors:
+            collector(self)
+
+    def snapshot(self) -> list[tuple[str, str, float, list[str], float]]:
+        """On the event loop: what happened since the last snapshot, as DogStatsD calls
+        (method, name, value, tags, sample rate). Reservoirs are emptied."""
+        self.collect()
+        self.flushes += 1
+        batch: list[tuple[str, str, float, list[str], float]] = []
+        enabled = self._client is not None
+        for (key, tags), total in self.counters.items():
+            delta = total - self._sent.get((key, tags), 0)
+            if delta:
+                metric = BY_KEY[key]
+                if enabled:
+                    batch.append(("increment", metric.datadog, delta, _tags(metric, tags), 1.0))
+                self._sent[(key, tags)] = total
+        if enabled:
+            for (key, tags), value in self.gauges.items():
+                metric = BY_KEY[key]
+                batch.append(("gauge", metric.datadog, value, _tags(metric, tags), 1.0))
+        for (key, tags), series in self.series.items():
+            if series.seen and enabled:
+                metric = BY_KEY[key]
+                rate = len(series.samples) / series.seen
+                scale = 1000.0 if metric.unit == "ms" else 1.0
+                named = _tags(metric, tags)
+                batch.extend(("distribution", metric.datadog, v * scale, named, rate)
+                             for v in series.samples)
+            series.samples.clear()
+            series.seen = 0
+        return batch
+
+    def send(self, batch: list[tuple[str, str, float, list[str], float]]) -> int:
+        """In a worker thread: hand the batch to the DogStatsD client and flush it."""
+        client = self._client
+        if client is None or not batch:
+            return 0
+        for method, name, value, tags, rate in batch:
+            if method == "increment":
+                client.increment(name, value, tags=tags)
+            elif method == "gauge":
+                client.gauge(name, value, tags=tags)
+            else:
+                client.distribution(name, value, tags=tags, sample_rate=rate)
+        client.flush()
+        return len(batch)
+
+    def flush(self) -> int:
+        """Snapshot and send now (tests, shutdown); returns the number of metric lines."""
+        return self.send(self.snapshot())
+
+    def start(self) -> None:
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(FLUSH_INTERVAL_S)
+                try:
+                    batch = self.snapshot()
+                    await asyncio.to_thread(self.send, batch)
+                except Exception:
+                    logging.getLogger("sidecar.telemetry").exception("telemetry flush failed")
+        self._task = asyncio.get_running_loop().create_task(loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            batch = self.snapshot()
+            await asyncio.to_thread(self.send, batch)  # SIGTERM flushes metrics
+        self.close()
 
     def close(self) -> None:
         if self._client is not None:
             self._client.close_socket()
+
+    def prometheus(self) -> str:
+        """The Prometheus text exposition format (version 0.0.4)."""
+        self.collect()
+        out: list[str] = []
+        for metric in CATALOG:
+            if metric.kind == "counter":
+                rows = [(t, v) for (k, t), v in self.counters.items() if k == metric.key]
+                _head(out, metric, "counter")
+                for tags, value in sorted(rows):
+                    out.append(f"{metric.prometheus}{_labels(metric, tags)} {_num(value)}")
+            elif metric.kind == "gauge":
+                rows = [(t, v) for (k, t), v in self.gauges.items() if k == metric.key]
+                _head(out, metric, "gauge")
+                for tags, value in sorted(rows):
+                    out.append(f"{metric.prometheus}{_labels(metric, tags)} {_num(value)}")
+            else:
+                bounds = (COLD_START_BUCKETS if metric.key == "cold_start_duration"
+                          else LATENCY_BUCKETS)
+                _head(out, metric, "histogram")
+                for (key, tags), series in sorted(self.series.items(), key=lambda i: i[0]):
+                    if key != metric.key:
+                        continue
+                    running = 0
+                    for bound, n in zip([*bounds, float("inf")], series.buckets, strict=True):
+                        running += n
+                        le = "+Inf" if bound == float("inf") else _num(bound)
+                        out.append(f"{metric.prometheus}_bucket"
+                                   f"{_labels(metric, tags, ('le', le))} {running}")
+                    out.append(f"{metric.prometheus}_sum{_labels(metric, tags)} "
+                               f"{_num(series.sum)}")
+                    out.append(f"{metric.prometheus}_count{_labels(metric, tags)} "
+                               f"{series.count}")
+        return "\n".join(out) + "\n"
+
+    def counter_total(self, key: str) -> float:
+        return sum(v for (k, _), v in self.counters.items() if k == key)
+
+
+def _tags(metric: Metric, values: Iterable[str]) -> list[str]:
+    return [f"{name}:{value}" for name, value in zip(metric.tags, values, strict=False)]
+
+
+def _head(out: list[str], metric: Metric, kind: str) -> None:
+    out.append(f"# HELP {metric.prometheus} {metric.help.replace(chr(10), ' ')}")
+    out.append(f"# TYPE {metric.prometheus} {kind}")
+
+
+def _labels(metric: Metric, values: tuple[str, ...], extra: tuple[str, str] | None = None
+            ) -> str:
+    pairs = [*zip(metric.tags, values, strict=False)]
+    if extra:
+        pairs.append(extra)
+    if not pairs:
+        return ""
+    body = ",".join(f'{k}="{_escape(v)}"' for k, v in pairs)
+    return "{" + body + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+

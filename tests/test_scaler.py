@@ -21,7 +21,7 @@ from sidecar.scaler.nomad import NomadClient
 from sidecar.scaler.policy import Bounds, Observation, PredictivePolicy
 from sidecar.scaler.service import Scaler
 from sidecar.store import LEVEL_KEY
-from sidecar.telemetry import Events
+from sidecar.telemetry import Telemetry
 from sidecar.traffic import BUCKET_S, Traffic
 from tests.conftest import chat, pool
 from tests.redis_server import Monitor
@@ -111,7 +111,7 @@ async def make_scaler(redis_server, nomad):
     def make(instance: str = "scaler-a", now: float | None = None, **extra: str) -> Scaler:
         s = settings(redis_server.url, nomad.addr, **extra)
         client = aioredis.Redis(port=redis_server.port)
-        scaler = Scaler(s, client, NomadClient(s), Events({}), instance, now=now)
+        scaler = Scaler(s, client, NomadClient(s), Telemetry({}), instance, now=now)
         made.append((scaler, client))
         return scaler
 
@@ -152,7 +152,7 @@ async def test_scales_up_through_nomad_to_what_the_policy_decides(make_scaler, r
     assert call["Meta"] == {"scaler": "scaler-a", "pool": "small"}
     assert all(q == {"namespace": "ml"} for q in nomad.queries)
     assert report.pools[0].action == "scaled"
-    assert scaler.events.sent[-1]["title"] == "scaled pool small to 6"
+    assert scaler.events.events_sent[-1]["title"] == "scaled pool small to 6"
 
 
 async def test_an_active_deployment_is_tried_again_next_tick(make_scaler, redis_server, nomad):
@@ -236,7 +236,7 @@ async def test_a_pool_without_ready_capacity_is_reported_once(make_scaler, redis
     nomad.healthy[("llm-small", "server")] = 0
     for step in range(3):
         await scaler.tick(now + step)
-    titles = [e["title"] for e in scaler.events.sent]
+    titles = [e["title"] for e in scaler.events.events_sent]
     assert titles.count("pool small has no ready capacity") == 1
 
 

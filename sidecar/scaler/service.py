@@ -25,7 +25,7 @@ from sidecar.scaler.config import ScaledPool, ScalerSettings
 from sidecar.scaler.nomad import DeploymentActive, GroupStatus, NomadClient, NomadError
 from sidecar.scaler.policy import Bounds, LoadLevelPolicy, Observation, PredictivePolicy
 from sidecar.store import LEVEL_CHANNEL, LEVEL_KEY
-from sidecar.telemetry import Events
+from sidecar.telemetry import Telemetry
 from sidecar.traffic import BUCKET_S, PoolTraffic, read_traffic
 
 log = logging.getLogger("sidecar.scaler")
@@ -67,12 +67,12 @@ class TickReport:
 
 class Scaler:
     def __init__(self, settings: ScalerSettings, redis: Any, nomad: NomadClient,
-                 events: Events | None = None, instance: str | None = None,
+                 events: Telemetry | None = None, instance: str | None = None,
                  now: float | None = None) -> None:
         self.settings = settings
         self.redis = redis
         self.nomad = nomad
-        self.events = events or Events()
+        self.events = events or Telemetry()
         self.instance = instance or f"{socket.gethostname()}-{os.getpid()}"
         started = time.time() if now is None else now
         self.policies = {
