@@ -330,6 +330,21 @@ class Telemetry:
         return sum(v for (k, _), v in self.counters.items() if k == key)
 
 
+def catalog_markdown() -> str:
+    """The README's metric reference (a test checks the README holds exactly this)."""
+    lines = ["| Datadog (DogStatsD) | Prometheus | type | tags / labels | meaning |",
+             "| --- | --- | --- | --- | --- |"]
+    kinds = {"counter": ("count", "counter"), "gauge": ("gauge", "gauge"),
+             "distribution": ("distribution", "histogram")}
+    for m in CATALOG:
+        dd, prom = kinds[m.kind]
+        unit = f" ({m.unit} in Datadog, seconds in Prometheus)" if m.unit == "ms" else (
+            " (seconds)" if m.unit == "s" else "")
+        lines.append(f"| `{m.datadog}` | `{m.prometheus}` | {dd} / {prom} | "
+                     f"{', '.join(m.tags) or '—'} | {m.help}{unit} |")
+    return "\n".join(lines)
+
+
 def _tags(metric: Metric, values: Iterable[str]) -> list[str]:
     return [f"{name}:{value}" for name, value in zip(metric.tags, values, strict=False)]
 
