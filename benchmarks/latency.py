@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -102,6 +105,8 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--redis", action="store_true", help="use a real Redis route store")
     parser.add_argument("--sessions", type=int, default=100_000)
+    parser.add_argument("--dogstatsd", action="store_true",
+                        help="send telemetry to a DogStatsD socket this script reads")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         print("wrk is needed (apt-get install wrk)", file=sys.stderr)
@@ -122,6 +127,20 @@ def main() -> int:
         if args.redis:
             redis = RedisServer().start()
             env["SIDECAR_REDIS_URL"] = redis.url
+        if args.dogstatsd:
+            agent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            agent.bind(("127.0.0.1", 0))
+            agent.settimeout(0.2)
+            received = [0]
+
+            def read() -> None:
+                while received[0] >= 0:
+                    with contextlib.suppress(OSError):
+                        received[0] += agent.recv(65536).count(b"\n") + 1
+
+            threading.Thread(target=read, daemon=True).start()
+            env["DD_AGENT_HOST"] = "127.0.0.1"
+            env["DD_DOGSTATSD_PORT"] = str(agent.getsockname()[1])
         sidecar = subprocess.Popen(pinned(1, [sys.executable, "-m", "sidecar", "serve"]),
                                    env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
@@ -161,7 +180,8 @@ def main() -> int:
         return statistics.median(r["sidecar_c1"][field] - r["direct_c1"][field]
                                  for r in rounds)
 
-    store = "Redis" if args.redis else "in-memory"
+    store = ("Redis" if args.redis else "in-memory") + (
+        ", telemetry to a DogStatsD socket" if args.dogstatsd else "")
     print(f"\n### Sidecar vs direct fake-llm ({args.rounds} rounds × {args.duration:g} s, "
           f"store: {store})\n")
     print("| target | p50 c=1 (µs) | p99 c=1 (µs) | req/s c=1 | req/s c=32 | p99 c=32 (µs) "
