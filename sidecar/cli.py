@@ -90,7 +90,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from sidecar.demo import run_demo
 
     try:
-        return _run(run_demo(args.listen, args.admin_listen, args.cold_start_s))
+        return _run(run_demo(args.listen, args.admin_listen, args.cold_start_s,
+                             story=not args.no_story))
     except KeyboardInterrupt:
         return 0
 
@@ -246,8 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the sidecar with simulated pools on one machine")
     demo.add_argument("--listen", default="127.0.0.1:7878")
     demo.add_argument("--admin-listen", default="127.0.0.1:7879")
-    demo.add_argument("--cold-start-s", type=float, default=2.0,
-                      help="simulated cold start of the pods (real ones take 10-15 min)")
+    demo.add_argument("--cold-start-s", type=float, default=4.0,
+                      help="simulated cold start of the large pod (real ones take ~15 min)")
+    demo.add_argument("--no-story", action="store_true",
+                      help="skip the scripted story and just serve")
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -48,6 +48,15 @@ class Outcome(Enum):
         return self in _ENDPOINT_FAILURES
 
     @property
+    def overload(self) -> bool:
+        """Does this outcome suggest an overloaded upstream? Only these retries draw on the
+        retry budget: retrying them multiplies load on a pool that is already struggling.
+        A pod that is gone (refused, reset, cut off) is ejected at once and its work moves
+        to a healthy pod instead, bounded by SIDECAR_MAX_ATTEMPTS."""
+        return self in (Outcome.RETRYABLE_STATUS, Outcome.FIRST_BYTE_TIMEOUT,
+                        Outcome.CONNECT_TIMEOUT)
+
+    @property
     def endpoint_unreachable(self) -> bool:
         """The pod is not there at all: eject at once rather than after a streak."""
         return self in (Outcome.CONNECT_ERROR, Outcome.CONNECT_TIMEOUT)

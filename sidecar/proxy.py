@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from time import perf_counter
 
 import aiohttp
 import orjson
@@ -51,9 +52,10 @@ RETRY_AFTER_S = "5"
 
 class ProxyCounters:
     __slots__ = ("bad_requests", "body_too_large", "broken_streams", "budget_refusals",
-                 "client_disconnects", "fallbacks", "inflight", "no_endpoint",
-                 "prefill_retries", "requests", "responses_2xx", "responses_4xx",
-                 "responses_5xx", "responses_other", "resume_failures", "resumes", "retries")
+                 "client_disconnects", "completed_after_break", "fallbacks", "inflight",
+                 "no_endpoint", "prefill_retries", "requests", "responses_2xx",
+                 "responses_4xx", "responses_5xx", "responses_other", "resume_failures",
+                 "resumes", "retries")
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -164,8 +166,9 @@ class Proxy:
         counters = self.counters
         counters.requests += 1
         counters.inflight += 1
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        # Durations use perf_counter: uvloop's loop.time() is a millisecond clock cached per
+        # loop iteration, too coarse for sub-millisecond overheads.
+        started = perf_counter()
         try:
             response = await self._handle(request, started)
         except asyncio.CancelledError:
@@ -177,7 +180,7 @@ class Proxy:
         counters.count_status(status)
         pool = response.headers.get("x-sidecar-pool", "none")
         tags = (pool, _STATUS_CLASS[status // 100] if status < 600 else "other")
-        elapsed = loop.time() - started
+        elapsed = perf_counter() - started
         telemetry = self.telemetry
         telemetry.count("requests", tags)
         telemetry.observe("request_duration", tags, elapsed)
@@ -251,15 +254,16 @@ class Proxy:
             if pool.auth_header is not None:
                 headers = with_authorization(headers, pool.auth_header)
             endpoint.inflight += 1
-            sent_at = loop.time()
+            sent_at = perf_counter()
             try:
                 result = await self._attempt(request.method, endpoint, ex.target, headers,
                                              payload)
             except BaseException:
                 endpoint.inflight -= 1
                 raise
+            waited = perf_counter() - sent_at
+            ex.upstream_s += waited
             now = loop.time()
-            ex.upstream_s += now - sent_at
             upstream, head, outcome = result
             if outcome.retryable:
                 self._failed(endpoint, outcome, now)
@@ -277,7 +281,8 @@ class Proxy:
                     if upstream is not None:
                         upstream.release()
                     endpoint.inflight -= 1
-                    if nxt is not None and not self.budget.try_retry(now):
+                    if nxt is not None and outcome.overload and \
+                            not self.budget.try_retry(now):
                         self.counters.budget_refusals += 1
                         return json_error(
                             503, "retry budget exhausted: too many retries in the last 10 s; "
@@ -296,7 +301,7 @@ class Proxy:
                     self.telemetry.event("endpoint restored", f"{endpoint.url} (pool "
                                          f"{pool.name}) answered again",
                                          tags=[f"pool:{pool.name}"])
-                self.telemetry.observe("upstream_ttfb", (pool.name,), now - sent_at)
+                self.telemetry.observe("upstream_ttfb", (pool.name,), waited)
             assert upstream is not None
             if pool.name != route.pool:
                 self.counters.fallbacks += 1
@@ -389,7 +394,7 @@ class Proxy:
         # Pairs, not a multidict: aiohttp's response copies them into its own.
         out = [(k, v) for k, v in upstream.headers.items() if k.lower() not in _RESPONSE_DROP]
         # Everything so far that was not waiting on an upstream is the sidecar's own time.
-        overhead = asyncio.get_running_loop().time() - ex.started - ex.upstream_s
+        overhead = perf_counter() - ex.started - ex.upstream_s
         self.telemetry.observe("overhead", (pool.name,), overhead)
         out.append(("x-sidecar-overhead-ms", f"{overhead * 1000:.3f}"))
         out.append(("x-sidecar-session", route.session))
@@ -438,6 +443,12 @@ class Proxy:
                 self._failed(source_endpoint, Outcome.BROKEN_STREAM,
                              asyncio.get_running_loop().time())
                 log.warning("upstream %s broke mid-stream", source_endpoint.url)
+                if transcript is not None and transcript.finished:
+                    # The answer was complete (finish_reason arrived); only the end of the
+                    # stream was lost. End it as the upstream would have.
+                    self.counters.completed_after_break += 1
+                    await response.write(b"data: [DONE]\n\n")
+                    break
                 nxt = None
                 if transcript is not None and len(resumed) < self.max_attempts - 1:
                     nxt = await self._resume(ex, pool, source_endpoint, transcript, payload)
@@ -510,9 +521,6 @@ class Proxy:
             now = loop.time()
             if endpoint is broken or not endpoint.usable(now):
                 continue
-            if not self.budget.try_retry(now):
-                self.counters.budget_refusals += 1
-                return None
             endpoint.inflight += 1
             try:
                 upstream, head, outcome = await self._attempt("POST", endpoint, ex.target,

@@ -24,13 +24,14 @@ MAX_TRANSCRIPT_BYTES = 1024 * 1024
 class Transcript:
     """The frames forwarded to the app so far; holds back an incomplete trailing frame."""
 
-    __slots__ = ("_frames", "_pending", "_size", "overflowed")
+    __slots__ = ("_frames", "_pending", "_size", "finished", "overflowed")
 
     def __init__(self) -> None:
         self._frames: list[bytes] = []
         self._pending = b""
         self._size = 0
         self.overflowed = False
+        self.finished = False  # a frame with a finish_reason was forwarded
 
     def feed(self, data: bytes) -> bytes:
         """Bytes to forward now: every complete frame (all of it, once overflowed)."""
@@ -40,6 +41,8 @@ class Transcript:
         cut = max(data.rfind(b"\n\n") + 2, data.rfind(b"\r\n\r\n") + 4, 0)
         ready, self._pending = data[:cut], data[cut:]
         if ready:
+            if b'"finish_reason":"' in ready or b'"finish_reason": "' in ready:
+                self.finished = True
             self._frames.append(ready)
             self._size += len(ready)
             if self._size > MAX_TRANSCRIPT_BYTES:

@@ -145,8 +145,10 @@ def _dogstatsd(env: Mapping[str, str]) -> Any | None:
     for key, name in (("DD_ENV", "env"), ("DD_SERVICE", "service"), ("DD_VERSION", "version")):
         if env.get(key):
             tags.append(f"{name}:{env[key]}")
-    # The client buffers and sends from the flush task's thread, never the event loop's.
-    common: dict[str, Any] = {"constant_tags": tags, "disable_telemetry": True}
+    # Buffered: lines are packed into full datagrams (the default is one per metric), and
+    # sent when the flush task's worker thread calls flush() — never on the event loop.
+    common: dict[str, Any] = {"constant_tags": tags, "disable_telemetry": True,
+                              "disable_buffering": False, "flush_interval": 0}
     if url.startswith("unix://"):
         return DogStatsd(socket_path=url[len("unix://"):], **common)
     if url.startswith("udp://"):

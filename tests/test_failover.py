@@ -288,3 +288,15 @@ async def test_without_bounded_load_they_would_pile_up(pods, sidecar, http):
             if running.sidecar.pools.pools["small"].ranked(s.encode())[0].url == a.url][:6]
     results = await asyncio.gather(*(chat(http, running, s) for s in on_a))
     assert {headers["x-sidecar-endpoint"] for _, headers, _ in results} == {a.url}
+
+
+async def test_retries_away_from_a_dead_pod_do_not_draw_on_the_budget(pods, sidecar, http):
+    [alive] = await pods(1)
+    dead = [dead_url() for _ in range(3)]
+    running = await sidecar({"small": {"model": "m", "endpoints": [*dead, alive.url]}},
+                            SIDECAR_RETRY_BUDGET_PERCENT="0", SIDECAR_RETRY_BUDGET_MIN="0",
+                            SIDECAR_MAX_ATTEMPTS="4")
+    results = await asyncio.gather(*(chat(http, running, f"dead-{i}") for i in range(20)))
+    assert {status for status, _, _ in results} == {200}
+    assert running.sidecar.proxy.counters.budget_refusals == 0
+    assert running.sidecar.proxy.counters.retries >= 1

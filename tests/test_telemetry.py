@@ -194,8 +194,9 @@ async def test_every_response_says_the_sidecars_own_overhead(pods, sidecar, http
     running = await sidecar({"small": pool([pod])})
     _, headers, _ = await chat(http, running, "oh")
     overhead = float(headers["x-sidecar-overhead-ms"])
-    # the upstream took 50 ms: none of it may be counted as the sidecar's
-    assert 0 <= overhead < 40
+    # the upstream took 50 ms: none of it may be counted as the sidecar's; but its own
+    # work (routing, headers) is measured, not rounded away to zero
+    assert 0 < overhead < 40
 
 
 async def test_no_log_line_holds_a_key_or_message_content(pods, sidecar, http, caplog):
