@@ -1,4 +1,4 @@
-"""The `llm-sidecar` command line: serve, check, scaler, simulate, fake-llm, demo, wait."""
+"""The `llm-sidecar` command line: serve, check, scaler, simulate, fake-llm, demo, top, wait."""
 
 from __future__ import annotations
 
@@ -194,6 +194,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    from sidecar.top import run_top
+
+    try:
+        return _run(run_top(args.admin, args.interval, args.once))
+    except KeyboardInterrupt:
+        return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-sidecar", description=(
         "Session-sticky LLM traffic sidecar. Configuration comes from SIDECAR_* variables."))
@@ -238,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--json", action="store_true")
     sim.add_argument("--plot", metavar="FILE.png")
     sim.set_defaults(func=cmd_simulate)
+
+    top = sub.add_parser("top", help="live view of a running sidecar (its admin API)")
+    top.add_argument("--admin", default="http://127.0.0.1:7879")
+    top.add_argument("--interval", type=float, default=1.0)
+    top.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    top.set_defaults(func=cmd_top)
 
     wait = sub.add_parser("wait", help="wait until a URL answers 200 (prestart gate)")
     wait.add_argument("--url", default="http://127.0.0.1:7879/health")

@@ -326,10 +326,27 @@ class Proxy:
             return response
 
         self.counters.no_endpoint += 1
-        return json_error(
-            503, "no endpoint could serve the request" if tried else
-            "no ready endpoint in the session's pool or its fallback chain",
-            "no_ready_endpoint", headers={"Retry-After": _seconds(retry_after)}, tried=tried)
+        return json_error(503, self._no_endpoint_message(route, tried), "no_ready_endpoint",
+                          headers={"Retry-After": _seconds(retry_after)}, tried=tried)
+
+    def _no_endpoint_message(self, route: Route, tried: list[dict[str, object]]) -> str:
+        """Say what went wrong and what to check: this is the first error a new user meets."""
+        if tried and all(t["outcome"] == Outcome.CONNECT_ERROR.value for t in tried):
+            urls = ", ".join(sorted({str(t["endpoint"]) for t in tried}))
+            return (f"no endpoint could serve the request: nothing accepted a connection at "
+                    f"{urls}. Is the model server running there, and does SIDECAR_POOLS "
+                    "list the right endpoints?")
+        if tried:
+            return "no endpoint could serve the request (see `tried`)"
+        pools = [route.pool, *(p.name for p in self.router.pools.fallback_chain(route.pool))]
+        states = {e.url: e.state.value for name in pools
+                  if (pool := self.router.pools.get(name)) for e in pool.endpoints}
+        if not states:
+            return (f"pool {route.pool!r} has no endpoints configured (nor its fallbacks); "
+                    "list them in SIDECAR_POOLS")
+        return (f"no ready endpoint in pool {route.pool!r} or its fallback chain {pools[1:]} "
+                f"({states}): pods may still be starting (a cold start) or were ejected "
+                "after failures; GET /endpoints on the admin listener shows their states")
 
     async def _attempt(self, method: str, endpoint: Endpoint, target: str,
                        headers: list[tuple[str, str]], payload: bytes

@@ -212,7 +212,9 @@ class RedisStore:
             async with asyncio.timeout(max(self.timeout_s, 1.0)):
                 await self.client.script_load(GET_OR_CREATE)
         except (RedisError, OSError, TimeoutError) as exc:
-            log.warning("redis %s not reachable at start (%s); routing without it until it is",
+            log.warning("redis %s is not reachable at start (%s): routing without it (each "
+                        "pod computes the same routes) and reconnecting in the background. "
+                        "Check SIDECAR_REDIS_URL and that Redis is running and reachable.",
                         self.label, type(exc).__name__)
             self._trip()
         if self._level_handler is not None and self._available:
