@@ -81,6 +81,8 @@ class Settings:
     retry_budget_percent: float
     retry_budget_min: int
     bounded_load_factor: float
+    stream_idle_timeout_s: float = 120.0
+    upstream_ca_file: str | None = None
     request_log_level: int = 10
     log_format: str = "json"
     pools_file: str | None = None
@@ -127,6 +129,8 @@ class Settings:
             "SIDECAR_RETRY_BUDGET_PERCENT": self.retry_budget_percent,
             "SIDECAR_RETRY_BUDGET_MIN": self.retry_budget_min,
             "SIDECAR_BOUNDED_LOAD_FACTOR": self.bounded_load_factor,
+            "SIDECAR_STREAM_IDLE_TIMEOUT_S": self.stream_idle_timeout_s,
+            "SIDECAR_UPSTREAM_CA_FILE": self.upstream_ca_file,
             "SIDECAR_REQUEST_LOG": {0: "off", 10: "debug", 20: "info"}[self.request_log_level],
             "SIDECAR_LOG_FORMAT": self.log_format,
         }
@@ -179,6 +183,10 @@ VARIABLES: dict[str, tuple[str | None, str]] = {
     "SIDECAR_RETRY_BUDGET_MIN": ("5", "retries always allowed per 10 s, however quiet"),
     "SIDECAR_BOUNDED_LOAD_FACTOR": ("1.25", "new sessions skip an endpoint above this × the "
                                     "pool's mean in-flight (0 = off)"),
+    "SIDECAR_STREAM_IDLE_TIMEOUT_S": ("120", "longest silence from an upstream once its "
+                                      "response has started"),
+    "SIDECAR_UPSTREAM_CA_FILE": (None, "CA bundle to verify https:// endpoints with (default: "
+                                 "the system's)"),
     "SIDECAR_REQUEST_LOG": ("debug", "level of the one-line-per-request log: off, debug, info"),
     "SIDECAR_LOG_FORMAT": ("json", "json (one object per line) or text"),
 }
@@ -495,6 +503,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         r.problem("SIDECAR_LOG_FORMAT", log_format, "json or text")
         log_format = "json"
 
+    ca_file = r.raw("SIDECAR_UPSTREAM_CA_FILE")
+    if ca_file is not None and not os.path.isfile(ca_file):
+        r.problem("SIDECAR_UPSTREAM_CA_FILE", ca_file, "a readable PEM file of CA certificates")
+
     settings = Settings(
         listen=listen,
         admin_listen=admin_listen,
@@ -519,6 +531,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         retry_budget_percent=r.number("SIDECAR_RETRY_BUDGET_PERCENT", strict=False),
         retry_budget_min=int(r.number("SIDECAR_RETRY_BUDGET_MIN", integer=True, strict=False)),
         bounded_load_factor=load_factor,
+        stream_idle_timeout_s=r.number("SIDECAR_STREAM_IDLE_TIMEOUT_S"),
+        upstream_ca_file=ca_file,
         request_log_level=REQUEST_LOG_LEVELS[request_log],
         log_format=log_format,
         pools_file=pools_file,

@@ -5,7 +5,10 @@ and counters read.
      ├── OK                  response headers arrived with a status the app should see
      ├── CLIENT_ERROR        4xx other than 429: the app's own mistake, passed through untouched
      ├── RETRYABLE_STATUS    429 / 500 / 502 / 503 / 504 before any byte reached the app
-     ├── CONNECT_ERROR       refused, reset, unreachable, TLS failure, closed before a response
+     ├── CONNECT_ERROR       refused, unreachable, TLS failure: the pod is not there
+     ├── CONNECTION_LOST     a reused keep-alive connection closed before any response (the
+     │                       server's idle close racing our reuse): retried once on the
+     │                       same endpoint, never an ejection by itself
      ├── CONNECT_TIMEOUT     no TCP connection within SIDECAR_CONNECT_TIMEOUT_S
      ├── FIRST_BYTE_TIMEOUT  no response headers (streams: no generated content) within
      │                       SIDECAR_FIRST_BYTE_TIMEOUT_S
@@ -32,6 +35,7 @@ class Outcome(Enum):
     CLIENT_ERROR = "client_error"
     RETRYABLE_STATUS = "retryable_status"
     CONNECT_ERROR = "connect_error"
+    CONNECTION_LOST = "connection_lost"
     CONNECT_TIMEOUT = "connect_timeout"
     FIRST_BYTE_TIMEOUT = "first_byte_timeout"
     BROKEN_BEFORE_CONTENT = "broken_before_content"
@@ -62,7 +66,7 @@ class Outcome(Enum):
         return self in (Outcome.CONNECT_ERROR, Outcome.CONNECT_TIMEOUT)
 
 
-_RETRYABLE = frozenset({Outcome.RETRYABLE_STATUS, Outcome.CONNECT_ERROR,
+_RETRYABLE = frozenset({Outcome.RETRYABLE_STATUS, Outcome.CONNECT_ERROR, Outcome.CONNECTION_LOST,
                         Outcome.CONNECT_TIMEOUT, Outcome.FIRST_BYTE_TIMEOUT,
                         Outcome.BROKEN_BEFORE_CONTENT})
 _ENDPOINT_FAILURES = _RETRYABLE | {Outcome.BROKEN_STREAM}
@@ -83,6 +87,8 @@ def classify_exception(exc: BaseException) -> Outcome:
         return Outcome.CONNECT_TIMEOUT
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return Outcome.FIRST_BYTE_TIMEOUT
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return Outcome.CONNECTION_LOST
     return Outcome.CONNECT_ERROR
 
 

@@ -244,6 +244,7 @@ class Proxy:
         plan = self.router.plan(route, now)
         candidate = next(plan, None)
         attempt = 0
+        relost = False
         while candidate is not None:
             pool, endpoint = candidate
             attempt += 1
@@ -276,6 +277,14 @@ class Proxy:
                         endpoint.hold(wait, now)
                         retry_after = wait if retry_after is None else min(retry_after, wait)
                 tried.append(failure)
+                if outcome is Outcome.CONNECTION_LOST and not relost and \
+                        attempt < self.max_attempts:
+                    # Most likely a keep-alive connection the server closed as we reused
+                    # it: the same endpoint, on a fresh connection, once.
+                    relost = True
+                    endpoint.inflight -= 1
+                    self.counters.retries += 1
+                    continue
                 nxt = next(plan, None) if attempt < self.max_attempts else None
                 if nxt is not None or upstream is None:
                     if upstream is not None:

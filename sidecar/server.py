@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -65,13 +66,19 @@ class Sidecar:
 
     async def start(self) -> None:
         s = self.settings
+        # Upstream TLS always verifies certificates: the system's CAs, or the bundle named
+        # by SIDECAR_UPSTREAM_CA_FILE (private model servers with an internal CA).
+        tls = ssl.create_default_context(cafile=s.upstream_ca_file)
         connector = aiohttp.TCPConnector(limit=UPSTREAM_LIMIT_TOTAL,
                                          limit_per_host=UPSTREAM_LIMIT_PER_ENDPOINT,
                                          keepalive_timeout=UPSTREAM_KEEPALIVE_S,
-                                         ttl_dns_cache=10)
+                                         ttl_dns_cache=10, ssl=tls)
         self.http = aiohttp.ClientSession(
             connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s),
+            # sock_read: one timer re-armed on every read, so a stream that goes silent
+            # ends (as a broken stream) instead of holding the app forever.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s,
+                                          sock_read=s.stream_idle_timeout_s),
             auto_decompress=False,  # the app gets the upstream's bytes as they were
             # Send only the headers the app sent; aiohttp would add its own otherwise.
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),

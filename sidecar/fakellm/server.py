@@ -43,6 +43,7 @@ class Behaviour:
     hang: bool = False                  # hold requests before sending headers
     drop_after_chunks: int = -1         # streams: break the connection after N chunks
     drop_next: int = 0                  # only the next N streams drop (0 = every stream)
+    stall_after_chunks: int = -1        # streams: go silent after N chunks (until released)
     seed: int = 0
 
     def update(self, changes: dict[str, Any]) -> None:
@@ -364,6 +365,8 @@ class FakeLLM:
                                         "finish_reason": None, "logprobs": None}))
             frames_sent += 1
         for token in tokens:
+            if frames_sent == b.stall_after_chunks:
+                await asyncio.Event().wait()  # silent until the client gives up
             if frames_sent == drop_at:
                 self.counters.dropped_streams += 1
                 # Abort without the terminating chunk: the client sees a broken stream.
