@@ -5,6 +5,9 @@ under a burst of new sessions."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
+import socket
 import subprocess
 import tempfile
 import time
@@ -20,9 +23,25 @@ from tests.redis_server import RedisServer, free_port, redis_binary
 SLOTS = 16384
 
 
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    rng = random.Random()
+    while True:
+        port = rng.randrange(20000, 55000)
+        with contextlib.ExitStack() as stack:
+            try:
+                for candidate in (port, port + 10000):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+        return port
+
+
 @pytest.fixture
 def cluster():
-    nodes = [RedisServer(args=("--cluster-enabled", "yes", "--cluster-node-timeout", "1000",
+    nodes = [RedisServer(port=cluster_port(),
+                         args=("--cluster-enabled", "yes", "--cluster-node-timeout", "1000",
                                "--cluster-config-file", f"nodes-{i}.conf")) for i in range(3)]
     for node in nodes:
         node.start()
