@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import signal
@@ -81,6 +82,12 @@ Ctrl-C stops everything.
 """
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: the pod gets SIGTERM if the demo dies, even by SIGKILL (no orphaned pods)."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class Pod:
     """A simulated model server in its own process (so killing it is a real kill)."""
 
@@ -92,7 +99,8 @@ class Pod:
             [sys.executable, "-m", "sidecar", "fake-llm", "--port", str(self.port),
              "--model", model, "--name", name, "--cold-start-s", str(cold_start_s),
              "--ttft-ms", "30", "--tokens-per-s", "150", "--max-tokens", "12"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
     def kill(self) -> None:
         if self.process.poll() is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -208,5 +209,8 @@ def sidecar_process() -> Iterator[Callable[[dict[str, str]], SidecarProcess]]:
         return process
 
     yield make
-    for process in made:
-        process.stop()
+    for process in made:  # every one, even if stopping another failed
+        with contextlib.suppress(Exception):
+            process.stop()
+        if process.process is not None and process.process.poll() is None:
+            process.process.kill()

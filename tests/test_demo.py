@@ -4,6 +4,8 @@ serves a chat call with embedded defaults and stops cleanly on Ctrl-C."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -20,7 +22,7 @@ async def test_demo_tells_the_story_then_serves_and_stops_on_ctrl_c():
     process = subprocess.Popen(
         [sys.executable, "-m", "sidecar", "demo", "--listen", f"127.0.0.1:{port}",
          "--admin-listen", f"127.0.0.1:{admin}", "--cold-start-s", "1.5"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
     reader.start()
@@ -51,6 +53,7 @@ async def test_demo_tells_the_story_then_serves_and_stops_on_ctrl_c():
         text = "".join(lines)
         assert "curl" in text and "from openai import OpenAI" in text
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        # The demo and its pods share a process group: end all of them, whatever happened.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

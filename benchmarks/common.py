@@ -1,0 +1,95 @@
+"""Shared by the benchmark scripts: fake-llm pods and a sidecar as pinned processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.redis_server import free_port  # noqa: E402
+
+
+def pinned(core: int, argv: list[str]) -> list[str]:
+    return (["taskset", "-c", str(core)] if shutil.which("taskset") else []) + argv
+
+
+def wait_http(url: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.loads(r.read())
+
+
+def post_json(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=5) as r:
+        return json.loads(r.read())
+
+
+class Fleet:
+    """`pods` fake-llm processes on core 0 and one sidecar on core 1; stop() ends them all."""
+
+    def __init__(self, pods: int, fake_args: list[str], env: dict[str, str] | None = None,
+                 resume: bool = True) -> None:
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.pod_ports = [free_port() for _ in range(pods)]
+        for port in self.pod_ports:
+            self.processes.append(subprocess.Popen(
+                pinned(0, [sys.executable, "-m", "sidecar", "fake-llm", "--port", str(port),
+                           *fake_args]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self.port, self.admin_port = free_port(), free_port()
+        pools = {"small": {"model": "fake-model", "resume": resume, "health_path": "/health",
+                           "health_interval_s": 1,
+                           "endpoints": [f"http://127.0.0.1:{p}" for p in self.pod_ports]}}
+        full_env = {**os.environ, "SIDECAR_LISTEN": f"127.0.0.1:{self.port}",
+                    "SIDECAR_ADMIN_LISTEN": f"127.0.0.1:{self.admin_port}",
+                    "SIDECAR_POOLS": json.dumps(pools), "SIDECAR_REQUEST_LOG": "off",
+                    **(env or {})}
+        self.sidecar = subprocess.Popen(pinned(1, [sys.executable, "-m", "sidecar", "serve"]),
+                                        env=full_env, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        self.processes.append(self.sidecar)
+        for port in self.pod_ports:
+            wait_http(f"http://127.0.0.1:{port}/health")
+        wait_http(f"{self.admin}/ready")
+        time.sleep(1.2)  # every endpoint probed ready
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def pod(self, index: int) -> str:
+        return f"http://127.0.0.1:{self.pod_ports[index]}"
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
