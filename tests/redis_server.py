@@ -61,6 +61,7 @@ class RedisServer:
                     return self
             except redis.ConnectionError:
                 time.sleep(0.02)
+        self.stop()  # never leave a half-started server behind
         raise RuntimeError(f"redis-server did not start on port {self.port}")
 
     def stop(self) -> None:

@@ -43,9 +43,9 @@ def cluster():
     nodes = [RedisServer(port=cluster_port(),
                          args=("--cluster-enabled", "yes", "--cluster-node-timeout", "1000",
                                "--cluster-config-file", f"nodes-{i}.conf")) for i in range(3)]
-    for node in nodes:
-        node.start()
     try:
+        for node in nodes:
+            node.start()
         share = SLOTS // 3
         for i, node in enumerate(nodes):
             last = SLOTS - 1 if i == 2 else (i + 1) * share - 1
