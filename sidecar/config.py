@@ -261,7 +261,9 @@ def _parse_json(reader: _Reader, text: str, source: str) -> Any:
 
 
 def _valid_endpoint(url: object) -> bool:
-    if not isinstance(url, str):
+    # Printable ASCII without spaces: the URL is echoed in the x-sidecar-endpoint header,
+    # and urlsplit silently drops CR/LF/tab, so they must be refused here.
+    if not isinstance(url, str) or not url.isascii() or not url.isprintable() or " " in url:
         return False
     parts = urlsplit(url)
     return parts.scheme in ("http", "https") and bool(parts.hostname) and parts.path in ("", "/")

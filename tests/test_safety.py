@@ -1,0 +1,98 @@
+"""Safe defaults: Redis ACL users, loud non-loopback listeners, header-safe values, slow
+clients, and SIGHUP to a real process under load."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+
+import aiohttp
+import pytest
+
+from sidecar.config import ConfigError, load_settings
+from tests.conftest import CHAT, chat, pool
+
+
+async def test_a_redis_acl_user_works_and_its_password_stays_secret(pods, sidecar, http,
+                                                                    redis_server):
+    redis_server.client().execute_command(
+        "ACL", "SETUSER", "sidecar", "on", ">s3cret-pass", "~llmsc:*", "&llmsc:*", "+@all")
+    [pod] = await pods(1)
+    url = f"redis://sidecar:s3cret-pass@127.0.0.1:{redis_server.port}/0"
+    running = await sidecar({"small": pool([pod])}, SIDECAR_REDIS_URL=url)
+    assert (await chat(http, running, "acl"))[0] == 200
+    assert running.sidecar.store.counters.created == 1
+    stats = json.dumps(running.sidecar.stats()) + json.dumps(running.sidecar.settings.redacted())
+    assert "s3cret-pass" not in stats
+    wrong = await sidecar({"small": pool([pod])},
+                          SIDECAR_REDIS_URL=url.replace("s3cret-pass", "wrong"))
+    assert (await chat(http, wrong, "acl-2"))[0] == 200, "a refused login still routes"
+    assert not wrong.sidecar.store.available
+
+
+async def test_a_listener_off_loopback_is_announced_loudly(pods, sidecar_process):
+    [pod] = await pods(1)
+    process = sidecar_process({"SIDECAR_POOLS": json.dumps({"small": pool([pod])})})
+    process.env["SIDECAR_ADMIN_LISTEN"] = f"0.0.0.0:{process.admin_port}"
+    await process.start()
+    process.process.terminate()
+    await process.wait()
+    assert "is NOT loopback" in process.output()
+
+
+@pytest.mark.parametrize("url", ["http://10.0.0.5:8000\r\nX-Injected: 1",
+                                 "http://10.0.0.5:8000\n", "http://10.0.0.5 :8000"])
+def test_endpoint_urls_cannot_carry_header_injection(url):
+    with pytest.raises(ConfigError) as refused:
+        load_settings({"SIDECAR_POOLS": json.dumps({"small": {"model": "m",
+                                                              "endpoints": [url]}})})
+    assert "is not a base URL" in refused.value.problems[0]
+
+
+async def test_slow_clients_do_not_hold_up_others(pods, sidecar, http):
+    [pod] = await pods(1)
+    running = await sidecar({"small": pool([pod])})
+    writers = []
+    for _ in range(50):  # slowloris: headers that never finish
+        _, writer = await asyncio.open_connection("127.0.0.1", running.port)
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        writers.append(writer)
+    try:
+        started = time.monotonic()
+        results = await asyncio.gather(*(chat(http, running, f"fast-{i}") for i in range(20)))
+        assert {status for status, _, _ in results} == {200}
+        assert time.monotonic() - started < 10
+    finally:
+        for writer in writers:
+            writer.close()
+
+
+async def test_sighup_under_load_drops_nothing(pods, sidecar_process, tmp_path):
+    a, b = await pods(2, ttft_ms=5)
+    path = tmp_path / "pools.json"
+    path.write_text(json.dumps({"small": pool([a, b])}))
+    process = await sidecar_process({"SIDECAR_POOLS_FILE": str(path)}).start()
+    statuses: list[int] = []
+    stop = asyncio.Event()
+
+    async def load(worker: int) -> None:
+        async with aiohttp.ClientSession() as client:
+            n = 0
+            while not stop.is_set():
+                async with client.post(process.base + "/v1/chat/completions", json=CHAT,
+                                       headers={"x-session-id": f"hup-{worker}-{n % 5}"}) as r:
+                    await r.read()
+                    statuses.append(r.status)
+                n += 1
+
+    workers = [asyncio.create_task(load(i)) for i in range(6)]
+    await asyncio.sleep(0.3)
+    for endpoints in ([a], [a, b], [b], [a, b]):
+        path.write_text(json.dumps({"small": pool(endpoints)}))
+        process.process.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.3)
+    stop.set()
+    await asyncio.gather(*workers)
+    assert len(statuses) > 50 and set(statuses) == {200}
