@@ -1,7 +1,8 @@
-"""Shared by the benchmark scripts: fake-llm pods and a sidecar as pinned processes."""
+"""Shared by the benchmark scripts: pinned processes, wrk, procfs readings, paced load."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -10,11 +11,14 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.redis_server import free_port  # noqa: E402
+from tests.redis_server import free_port  # noqa: E402  (re-exported to the scripts)
+
+HERE = Path(__file__).resolve().parent
 
 
 def pinned(core: int, argv: list[str]) -> list[str]:
@@ -31,6 +35,61 @@ def wait_http(url: str, timeout: float = 20) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its children (nginx: master + worker)."""
+    total = 0.0
+    pids = [pid]
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists():
+        pids += [int(p) for p in children.read_text().split()]
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def wrk(url: str, connections: int, duration: float, session: str | None = None,
+        pid: int | None = None) -> dict[str, float]:
+    """One wrk run (pinned to core 0) with exact percentiles; with `pid`, that process
+    tree's CPU time per request."""
+    argv = pinned(0, ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency",
+                      "-s", str(HERE / "wrk_chat.lua"), url])
+    if session:
+        argv += ["--", session]
+    before = tree_cpu_seconds(pid) if pid else 0.0
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    [line] = [x for x in out.splitlines() if x.startswith("WRK ")]
+    data = json.loads(line[4:])
+    data["rps"] = data["requests"] / (data["duration_us"] / 1e6)
+    if pid:
+        data["cpu_us"] = (tree_cpu_seconds(pid) - before) * 1e6 / max(data["requests"], 1)
+    return data
+
+
+async def paced(rate: float, seconds: float, call: Any) -> None:
+    """Start `call(n)` `rate` times a second for `seconds`, then wait for all of them."""
+    tasks: set[asyncio.Task[None]] = set()
+    start = time.monotonic()
+    n = 0
+    while time.monotonic() - start < seconds:
+        task = asyncio.create_task(call(n))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        n += 1
+        await asyncio.sleep(max(0.0, start + n / rate - time.monotonic()))
+    await asyncio.gather(*tasks)
 
 
 def get_json(url: str) -> dict:

@@ -23,26 +23,9 @@ import sys
 import time
 import urllib.request
 from collections import Counter
-from pathlib import Path
 
 import aiohttp
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from tests.redis_server import free_port  # noqa: E402
-
-
-def wait_http(url: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+from common import free_port, wait_http
 
 
 async def one_call(http: aiohttp.ClientSession, base: str, session: str, stream: bool

@@ -24,60 +24,11 @@ import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import aiohttp
+from common import HERE, ROOT, free_port, pinned, rss_bytes, wait_http, wrk
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
-
-from tests.redis_server import RedisServer, free_port  # noqa: E402
-
-
-def pinned(core: int, argv: list[str]) -> list[str]:
-    return (["taskset", "-c", str(core)] if shutil.which("taskset") else []) + argv
-
-
-def wait_http(url: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (and its threads), from procfs."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wrk(url: str, connections: int, duration: float, session: str | None,
-        pid: int | None = None) -> dict[str, float]:
-    argv = pinned(0, ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency",
-                      "-s", str(HERE / "wrk_chat.lua"), url])
-    if session:
-        argv += ["--", session]
-    cpu_before = cpu_seconds(pid) if pid else 0.0
-    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-    [line] = [x for x in out.splitlines() if x.startswith("WRK ")]
-    data = json.loads(line[4:])
-    data["rps"] = data["requests"] / (data["duration_us"] / 1e6)
-    if pid:
-        data["cpu_us_per_req"] = (cpu_seconds(pid) - cpu_before) * 1e6 / data["requests"]
-    return data
+from tests.redis_server import RedisServer
 
 
 async def drive_sessions(base: str, count: int, concurrency: int = 32) -> int:
@@ -188,7 +139,7 @@ def main() -> int:
           "| CPU µs/req c=32 |")
     print("|---|---|---|---|---|---|---|")
     for name in ("direct", "sidecar"):
-        cpu = f"{med('sidecar_c32', 'cpu_us_per_req'):.0f}" if name == "sidecar" else "–"
+        cpu = f"{med('sidecar_c32', 'cpu_us'):.0f}" if name == "sidecar" else "–"
         print(f"| {name} | {med(name + '_c1', 'p50_us'):.0f} | {med(name + '_c1', 'p99_us'):.0f}"
               f" | {med(name + '_c1', 'rps'):.0f} | {med(name + '_c32', 'rps'):.0f}"
               f" | {med(name + '_c32', 'p99_us'):.0f} | {cpu} |")

@@ -18,7 +18,7 @@ import time
 from collections import Counter, defaultdict
 
 import aiohttp
-from common import Fleet
+from common import Fleet, paced
 
 
 async def steady(fleet: Fleet, rate: float, seconds: float
@@ -26,7 +26,6 @@ async def steady(fleet: Fleet, rate: float, seconds: float
     outcomes: Counter[str] = Counter()
     windows: dict[int, list[float]] = defaultdict(list)
     rng = random.Random(5)
-    tasks: set[asyncio.Task[None]] = set()
     start = time.monotonic()
 
     async def call(http: aiohttp.ClientSession, n: int) -> None:
@@ -46,14 +45,7 @@ async def steady(fleet: Fleet, rate: float, seconds: float
             (time.perf_counter() - began) * 1000)
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1000)) as http:
-        n = 0
-        while time.monotonic() - start < seconds:
-            task = asyncio.create_task(call(http, n))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-            n += 1
-            await asyncio.sleep(max(0.0, start + n / rate - time.monotonic()))
-        await asyncio.gather(*tasks)
+        await paced(rate, seconds, lambda n: call(http, n))
     return outcomes, windows
 
 

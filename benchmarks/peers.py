@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, free_port, pinned, wait_http
+from common import ROOT, free_port, pinned, wait_http, wrk
 
 HERE = Path(__file__).resolve().parent
 COMPLETION = json.dumps({
@@ -114,35 +114,6 @@ def proxy_sidecar(folder: Path, port: int, upstream: int) -> tuple[list[str], di
     return [sys.executable, "-m", "sidecar", "serve"], env
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU time of a process and its children (nginx: master + worker)."""
-    total = 0.0
-    pids = [pid]
-    with_children = Path(f"/proc/{pid}/task/{pid}/children")
-    if with_children.exists():
-        pids += [int(p) for p in with_children.read_text().split()]
-    for p in pids:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
-def wrk(url: str, connections: int, duration: float, pid: int | None) -> dict[str, float]:
-    argv = pinned(0, ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s",
-                      "-s", str(HERE / "wrk_chat.lua"), url, "--", "bench-session"])
-    before = tree_cpu_seconds(pid) if pid else 0.0
-    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-    [line] = [x for x in out.splitlines() if x.startswith("WRK ")]
-    data = json.loads(line[4:])
-    data["rps"] = data["requests"] / (data["duration_us"] / 1e6)
-    if pid:
-        data["cpu_us"] = (tree_cpu_seconds(pid) - before) * 1e6 / max(data["requests"], 1)
-    return data
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -189,8 +160,8 @@ def main() -> int:
             for name, port in order.items():
                 url = f"http://127.0.0.1:{port}/v1/chat/completions"
                 pid = processes[name].pid if name in processes else None
-                row[name] = {"c1": wrk(url, 1, args.duration, None),
-                             "c32": wrk(url, 32, args.duration, pid)}
+                row[name] = {"c1": wrk(url, 1, args.duration, "bench-session"),
+                             "c32": wrk(url, 32, args.duration, "bench-session", pid)}
             rounds.append(row)
     finally:
         for process in processes.values():

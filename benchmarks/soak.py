@@ -19,7 +19,7 @@ import time
 from collections import Counter
 
 import aiohttp
-from common import Fleet, get_json, post_json
+from common import Fleet, get_json, paced, post_json
 
 
 async def drive(fleet: Fleet, seconds: float, rate: float, sample_s: float
@@ -28,7 +28,6 @@ async def drive(fleet: Fleet, seconds: float, rate: float, sample_s: float
     samples: list[dict[str, float]] = []
     rng = random.Random(11)
     start = time.monotonic()
-    tasks: set[asyncio.Task[None]] = set()
 
     async def call(http: aiohttp.ClientSession, n: int) -> None:
         stream = rng.random() < 0.5
@@ -69,14 +68,7 @@ async def drive(fleet: Fleet, seconds: float, rate: float, sample_s: float
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=500),
                                      timeout=aiohttp.ClientTimeout(total=120)) as http:
         background = [asyncio.create_task(faults()), asyncio.create_task(sample())]
-        n = 0
-        while time.monotonic() - start < seconds:
-            task = asyncio.create_task(call(http, n))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-            n += 1
-            await asyncio.sleep(max(0.0, start + n / rate - time.monotonic()))
-        await asyncio.gather(*tasks)
+        await paced(rate, seconds, lambda n: call(http, n))
         for task in background:
             task.cancel()
     stats = get_json(fleet.admin + "/stats")
