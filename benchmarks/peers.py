@@ -53,6 +53,10 @@ http {{
   uwsgi_temp_path {temp}/uwsgi;
   scgi_temp_path {temp}/scgi;
   keepalive_requests 10000000;
+  # LLM prompts are large: keep request bodies in memory (nginx's 16 KB default spills
+  # them to temp files, which its unprivileged worker cannot write here).
+  client_body_buffer_size 1m;
+  client_max_body_size 32m;
   {body}
 }}
 """)
