@@ -61,13 +61,13 @@ def tree_cpu_seconds(pid: int) -> float:
 
 
 def wrk(url: str, connections: int, duration: float, session: str | None = None,
-        pid: int | None = None) -> dict[str, float]:
+        pid: int | None = None, stream: bool = False) -> dict[str, float]:
     """One wrk run (pinned to core 0) with exact percentiles; with `pid`, that process
     tree's CPU time per request."""
     argv = pinned(0, ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency",
                       "-s", str(HERE / "wrk_chat.lua"), url])
     if session:
-        argv += ["--", session]
+        argv += ["--", session, "stream" if stream else "plain"]
     before = tree_cpu_seconds(pid) if pid else 0.0
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     [line] = [x for x in out.splitlines() if x.startswith("WRK ")]
@@ -90,6 +90,30 @@ async def paced(rate: float, seconds: float, call: Any) -> None:
         n += 1
         await asyncio.sleep(max(0.0, start + n / rate - time.monotonic()))
     await asyncio.gather(*tasks)
+
+
+def first_event_us(url: str, session: str, count: int) -> list[float]:
+    """Time to the first SSE `data:` event of `count` sequential streams (c=1), in µs."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    body = json.dumps({"model": "fake-model", "stream": True, "max_tokens": 20,
+                       "messages": [{"role": "user", "content": "Say hello."}]})
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        connection.request("POST", parts.path, body=body,
+                           headers={"Content-Type": "application/json",
+                                    "x-session-id": session})
+        response = connection.getresponse()
+        while not response.readline().startswith(b"data:"):
+            pass
+        times.append((time.perf_counter() - started) * 1e6)
+        response.read()
+    connection.close()
+    return times
 
 
 def get_json(url: str) -> dict:

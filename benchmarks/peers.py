@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, free_port, pinned, wait_http, wrk
+from common import ROOT, first_event_us, free_port, pinned, wait_http, wrk
 
 HERE = Path(__file__).resolve().parent
 COMPLETION = json.dumps({
@@ -123,6 +123,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5)
     parser.add_argument("--peers", default="nginx,envoy")
+    parser.add_argument("--no-stream", action="store_true", help="skip the streaming phase")
     args = parser.parse_args()
     if not shutil.which("wrk") or not shutil.which("nginx"):
         print("needs wrk and nginx (apt-get install wrk nginx; keep nginx's own service "
@@ -167,6 +168,23 @@ def main() -> int:
                 row[name] = {"c1": wrk(url, 1, args.duration, "bench-session"),
                              "c32": wrk(url, 32, args.duration, "bench-session", pid)}
             rounds.append(row)
+        if not args.no_stream:
+            # Streaming phase: a fake-llm takes the upstream's address (20 chunks, no delay).
+            processes["upstream"].terminate()
+            processes["upstream"].wait(timeout=10)
+            processes["upstream"] = subprocess.Popen(
+                pinned(0, [sys.executable, "-m", "sidecar", "fake-llm", "--port", str(upstream),
+                           "--max-tokens", "20"]),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_http(f"http://127.0.0.1:{upstream}/health")
+            for row in rounds:
+                for name, port in order.items():
+                    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                    first_event_us(url, "bench-session", 20)  # warm
+                    row[name]["sse_ttfb_us"] = {
+                        "p50": statistics.median(first_event_us(url, "bench-session", 200))}
+                    row[name]["sse_c16"] = wrk(url, 16, args.duration, "bench-session",
+                                               stream=True)
     finally:
         for process in processes.values():
             process.terminate()
@@ -197,6 +215,19 @@ def main() -> int:
         print(f"| {name} | {med(name, 'c1', 'p50_us'):.0f} | {med(name, 'c1', 'p99_us'):.0f} | "
               f"{add[0]} | {add[1]} | {med(name, 'c32', 'rps'):,.0f} | "
               f"{med(name, 'c32', 'p99_us'):.0f} | {cpu} | {errors} |")
+    if "sse_c16" in rounds[0]["direct"]:
+        print("\n| target | time to first SSE event p50 c=1 (µs) | added | streams/s c=16 "
+              "(20 chunks) | errors |")
+        print("|---|---|---|---|---|")
+        for name in rounds[0]:
+            ttfb = statistics.median(r[name]["sse_ttfb_us"]["p50"] for r in rounds)
+            extra = "–" if name == "direct" else "+{:.0f}".format(statistics.median(
+                r[name]["sse_ttfb_us"]["p50"] - r["direct"]["sse_ttfb_us"]["p50"]
+                for r in rounds))
+            errors = sum(r[name]["sse_c16"]["errors"] + r[name]["sse_c16"]["non_2xx"]
+                         for r in rounds)
+            print(f"| {name} | {ttfb:.0f} | {extra} | {med(name, 'sse_c16', 'rps'):,.0f} | "
+                  f"{errors} |")
     if skipped:
         print(f"\nnot installed, skipped: {', '.join(skipped)}")
     out = HERE / "results"

@@ -1,5 +1,6 @@
--- POST a small chat completion; the first script argument, when given, is the session id.
--- Prints one JSON line with exact percentiles for benchmarks/latency.py to read.
+-- POST a small chat completion; the first script argument, when given, is the session id,
+-- and a second argument "stream" asks for an SSE stream of 20 chunks instead.
+-- Prints one JSON line with exact percentiles for the benchmark scripts to read.
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.body = '{"model":"fake-model","messages":[{"role":"user","content":"Say hello."}],"max_tokens":16}'
@@ -7,6 +8,9 @@ wrk.body = '{"model":"fake-model","messages":[{"role":"user","content":"Say hell
 function init(args)
   if args[1] ~= nil then
     wrk.headers["x-session-id"] = args[1]
+  end
+  if args[2] == "stream" then
+    wrk.body = '{"model":"fake-model","messages":[{"role":"user","content":"Say hello."}],"max_tokens":20,"stream":true}'
   end
 end
 
