@@ -7,9 +7,11 @@ prompt token the pod has not seen for this conversation) and a concurrency limit
 Each session is a conversation whose prompt grows every turn (first-turn sizes drawn from
 the Azure trace's ContextTokens, seeded). Targets, one at a time, in the same run: the
 sidecar (sessions by header), nginx round robin, Envoy round robin, Envoy ring hash on the
-session header. Reported per target: mean and p99 time to first token (first SSE content
-event, as the app sees it) and completed sessions per second; then the same with a skewed
-load (a quarter of the sessions are hot: four times the turns). Loopback only.
+session header, and vllm-router's round_robin, consistent_hash (X-Session-ID) and
+cache_aware policies when it is installed. Reported per target: mean and p99 time to first
+token (first SSE content event, as the app sees it) and completed sessions per second;
+then the same with a skewed load (a quarter of the sessions are hot: four times the
+turns). Failed calls are counted, never timed. Loopback only.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import aiohttp
 from common import ROOT, free_port, pinned, wait_http
 from peers import ENVOY, nginx_conf
 
+VLLM_ROUTER = str(Path(ENVOY).parent / "vllm-router")
+
 TRACE = ROOT.parent / "shared" / "data" / "azure-llm-conv-2023.csv"
 
 
@@ -50,6 +54,13 @@ def nginx_round_robin(folder: Path, port: int, pods: list[int]) -> list[str]:
             "proxy_http_version 1.1; proxy_set_header Connection \"\"; "
             "proxy_buffering off; } }")
     return ["nginx", "-c", str(nginx_conf(folder, f"rr-{port}", body)), "-p", str(folder)]
+
+
+def vllm_router(port: int, pods: list[int], policy: str) -> list[str]:
+    return [VLLM_ROUTER, "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
+            "--worker-urls", *[f"http://127.0.0.1:{p}" for p in pods],
+            "--prometheus-port", str(free_port()), "--log-level", "warning",
+            "--worker-startup-check-interval", "1"]
 
 
 def envoy(folder: Path, port: int, pods: list[int], ring_hash: bool) -> list[str]:
@@ -158,9 +169,14 @@ def main() -> int:
                                           env=env, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL))
         targets["llm-sidecar"] = sidecar_port
-        for name, argv_of in (("nginx round robin", lambda p: nginx_round_robin(folder, p, pods)),
-                              ("envoy round robin", lambda p: envoy(folder, p, pods, False)),
-                              ("envoy ring hash", lambda p: envoy(folder, p, pods, True))):
+        peers = [("nginx round robin", lambda p: nginx_round_robin(folder, p, pods)),
+                 ("envoy round robin", lambda p: envoy(folder, p, pods, False)),
+                 ("envoy ring hash", lambda p: envoy(folder, p, pods, True))]
+        if Path(VLLM_ROUTER).exists():
+            peers += [(f"vllm-router {policy}", lambda p, policy=policy:
+                       vllm_router(p, pods, policy))
+                      for policy in ("round_robin", "consistent_hash", "cache_aware")]
+        for name, argv_of in peers:
             port = free_port()
             processes.append(subprocess.Popen(pinned(1, argv_of(port)),
                                               stdout=subprocess.DEVNULL,
@@ -169,7 +185,16 @@ def main() -> int:
         for port in pods:
             wait_http(f"http://127.0.0.1:{port}/health")
         wait_http(f"http://127.0.0.1:{admin}/ready")
-        time.sleep(1.0)
+        for name, port in targets.items():  # every proxy answers before measuring
+            deadline = time.monotonic() + 60
+            while subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                  "-X", "POST", "-H", "content-type: application/json",
+                                  "-d", '{"model":"fake-model","messages":[]}',
+                                  f"http://127.0.0.1:{port}/v1/chat/completions"],
+                                 capture_output=True, text=True).stdout != "200":
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} did not come up")
+                time.sleep(0.5)
         sizes = first_turn_sizes(args.sessions, args.seed)
         rng = random.Random(args.seed)
         hot = set(rng.sample(range(args.sessions), args.sessions // 4))
