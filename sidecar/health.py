@@ -119,9 +119,7 @@ class HealthProber:
         if endpoint.state is EndpointState.READY:
             endpoint.consecutive_failures += 1
             if endpoint.consecutive_failures >= EJECT_AFTER_FAILURES:
-                endpoint.state = EndpointState.EJECTED
-                endpoint.ejections += 1
-                endpoint.retry_at = float("inf")  # only a healthy probe restores it
+                endpoint.eject(retry_at=float("inf"))
                 self.telemetry.event("endpoint ejected", f"{endpoint.url} (pool "
                                      f"{endpoint.pool}) failed {endpoint.consecutive_failures}"
                                      " probes in a row", alert_type="warning",

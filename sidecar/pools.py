@@ -78,11 +78,18 @@ class Endpoint:
             self.retry_at = now + self._backoff()
             return False
         if outcome.endpoint_unreachable or self.consecutive_failures >= EJECT_AFTER_FAILURES:
-            self.state = EndpointState.EJECTED
-            self.ejections += 1
+            self.eject()
             self.retry_at = now + self._backoff()
             return True
         return False
+
+    def eject(self, retry_at: float | None = None) -> None:
+        """Stop sending here. With `retry_at`, one half-open try is allowed from then;
+        an active prober passes infinity, as only a healthy probe restores the endpoint."""
+        self.state = EndpointState.EJECTED
+        self.ejections += 1
+        if retry_at is not None:
+            self.retry_at = retry_at
 
     def hold(self, seconds: float, now: float) -> None:
         """Respect an upstream's Retry-After: send nothing new here until it has passed."""

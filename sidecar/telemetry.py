@@ -124,10 +124,11 @@ EVENTS = ("cold start finished", "endpoint ejected", "endpoint restored",
 class _Series:
     """One distribution and tag set: Prometheus buckets plus a reservoir for DogStatsD."""
 
-    __slots__ = ("buckets", "count", "samples", "seen", "sum")
+    __slots__ = ("bounds", "buckets", "count", "samples", "seen", "sum")
 
-    def __init__(self, size: int) -> None:
-        self.buckets = [0] * (size + 1)
+    def __init__(self, key: str) -> None:
+        self.bounds = COLD_START_BUCKETS if key == "cold_start_duration" else LATENCY_BUCKETS
+        self.buckets = [0] * (len(self.bounds) + 1)
         self.count = 0
         self.sum = 0.0
         self.samples: list[float] = []
@@ -187,10 +188,8 @@ class Telemetry:
         index = (key, tags)
         series = self.series.get(index)
         if series is None:
-            bounds = COLD_START_BUCKETS if key == "cold_start_duration" else LATENCY_BUCKETS
-            series = self.series[index] = _Series(len(bounds))
-        bounds = COLD_START_BUCKETS if key == "cold_start_duration" else LATENCY_BUCKETS
-        series.buckets[bisect.bisect_left(bounds, value)] += 1
+            series = self.series[index] = _Series(key)
+        series.buckets[bisect.bisect_left(series.bounds, value)] += 1
         series.count += 1
         series.sum += value
         series.seen += 1
@@ -310,14 +309,13 @@ class Telemetry:
                 for tags, value in sorted(rows):
                     out.append(f"{metric.prometheus}{_labels(metric, tags)} {_num(value)}")
             else:
-                bounds = (COLD_START_BUCKETS if metric.key == "cold_start_duration"
-                          else LATENCY_BUCKETS)
                 _head(out, metric, "histogram")
                 for (key, tags), series in sorted(self.series.items(), key=lambda i: i[0]):
                     if key != metric.key:
                         continue
                     running = 0
-                    for bound, n in zip([*bounds, float("inf")], series.buckets, strict=True):
+                    for bound, n in zip([*series.bounds, float("inf")], series.buckets,
+                                        strict=True):
                         running += n
                         le = "+Inf" if bound == float("inf") else _num(bound)
                         out.append(f"{metric.prometheus}_bucket"
