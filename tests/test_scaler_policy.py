@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from sidecar.scaler import simulate as sim
 from sidecar.scaler.policy import (
@@ -19,7 +22,21 @@ from sidecar.scaler.policy import (
     TargetValuePolicy,
 )
 
-TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "azure-llm-conv-2023.csv"
+# The Azure trace lives beside the project (it may not be copied into it); LLMSC_TRACE
+# points elsewhere. CI sets LLMSC_REQUIRE_TRACE=1 so the trace test can never be skipped there.
+TRACE = Path(os.environ.get("LLMSC_TRACE") or Path(__file__).resolve().parents[2] / "shared"
+             / "data" / "azure-llm-conv-2023.csv")
+
+
+def synthetic_trace(rows: int = 4000, seed: int = 9) -> list[tuple[float, int, int]]:
+    """A trace shaped like the Azure one (~5 requests/s, its token sizes), made here."""
+    rng = random.Random(seed)
+    at = 0.0
+    out = []
+    for _ in range(rows):
+        at += rng.expovariate(5.4)
+        out.append((at, int(rng.lognormvariate(6.7, 0.9)), int(rng.lognormvariate(5.0, 0.8))))
+    return out
 BOUNDS = Bounds(minimum=1, maximum=50, cold_start_s=600)
 
 
@@ -105,7 +122,7 @@ def test_load_level_moves_through_the_levels():
 
 
 def test_simulator_is_deterministic_for_a_seed():
-    trace = sim.read_trace(str(TRACE))[:4000]
+    trace = synthetic_trace()
     model = sim.Model()
     runs = [sim.compare(sim.calls(sim.shape(trace, diurnal=True, seed=5), model), model)
             for _ in range(2)]
@@ -143,6 +160,10 @@ def test_simulate_command_prints_json_and_a_plot(tmp_path):
 
 
 def test_on_the_azure_trace_ours_beats_the_baseline_where_decisions_matter():
+    if not TRACE.exists():
+        if os.environ.get("LLMSC_REQUIRE_TRACE"):
+            pytest.fail(f"the Azure trace is required here and missing: {TRACE}")
+        pytest.skip(f"the Azure trace is not beside this clone ({TRACE}); set LLMSC_TRACE")
     model = sim.Model()
     base, ours = sim.compare(sim.calls(sim.shape(sim.read_trace(str(TRACE))), model), model)
     assert ours.no_warm_capacity_after_first_window * 10 <= \
