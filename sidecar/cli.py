@@ -141,7 +141,7 @@ def cmd_scaler(args: argparse.Namespace) -> int:
         from sidecar.telemetry import Telemetry
 
         redis = connect_redis(settings.redis_url, settings.redis_mode, 2.0, 4,
-                              settings.redis_sentinel_master)
+                              settings.redis_sentinel_master, settings.redis_ca_file)
         nomad = NomadClient(settings)
         events = Telemetry()
         scaler = Scaler(settings, redis, nomad, events)

@@ -83,6 +83,7 @@ class Settings:
     bounded_load_factor: float
     stream_idle_timeout_s: float = 120.0
     upstream_ca_file: str | None = None
+    redis_ca_file: str | None = None
     request_log_level: int = 10
     log_format: str = "json"
     pools_file: str | None = None
@@ -131,6 +132,7 @@ class Settings:
             "SIDECAR_BOUNDED_LOAD_FACTOR": self.bounded_load_factor,
             "SIDECAR_STREAM_IDLE_TIMEOUT_S": self.stream_idle_timeout_s,
             "SIDECAR_UPSTREAM_CA_FILE": self.upstream_ca_file,
+            "SIDECAR_REDIS_CA_FILE": self.redis_ca_file,
             "SIDECAR_REQUEST_LOG": {0: "off", 10: "debug", 20: "info"}[self.request_log_level],
             "SIDECAR_LOG_FORMAT": self.log_format,
         }
@@ -187,6 +189,8 @@ VARIABLES: dict[str, tuple[str | None, str]] = {
                                       "response has started"),
     "SIDECAR_UPSTREAM_CA_FILE": (None, "CA bundle to verify https:// endpoints with (default: "
                                  "the system's)"),
+    "SIDECAR_REDIS_CA_FILE": (None, "CA bundle to verify a rediss:// server with (default: "
+                              "the system's)"),
     "SIDECAR_REQUEST_LOG": ("debug", "level of the one-line-per-request log: off, debug, info"),
     "SIDECAR_LOG_FORMAT": ("json", "json (one object per line) or text"),
 }
@@ -508,6 +512,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     ca_file = r.raw("SIDECAR_UPSTREAM_CA_FILE")
     if ca_file is not None and not os.path.isfile(ca_file):
         r.problem("SIDECAR_UPSTREAM_CA_FILE", ca_file, "a readable PEM file of CA certificates")
+    redis_ca_file = r.raw("SIDECAR_REDIS_CA_FILE")
+    if redis_ca_file is not None and not os.path.isfile(redis_ca_file):
+        r.problem("SIDECAR_REDIS_CA_FILE", redis_ca_file,
+                  "a readable PEM file of CA certificates")
+    elif redis_ca_file is not None and not (redis_url or "").startswith("rediss://"):
+        r.problems.append("SIDECAR_REDIS_CA_FILE is set but SIDECAR_REDIS_URL is not a "
+                          "rediss:// URL: expected rediss://host:port when Redis speaks TLS")
 
     settings = Settings(
         listen=listen,
@@ -535,6 +546,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         bounded_load_factor=load_factor,
         stream_idle_timeout_s=r.number("SIDECAR_STREAM_IDLE_TIMEOUT_S"),
         upstream_ca_file=ca_file,
+        redis_ca_file=redis_ca_file,
         request_log_level=REQUEST_LOG_LEVELS[request_log],
         log_format=log_format,
         pools_file=pools_file,

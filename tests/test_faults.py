@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 import ssl
-import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import CHAT, base, chat, pool
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, self_signed_certificate
 
 
 def _request_tasks(before: set[asyncio.Task]) -> list[asyncio.Task]:
@@ -257,14 +255,7 @@ async def test_a_read_only_replica_keeps_requests_flowing(pods, sidecar, http, r
 
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory) -> tuple[Path, Path]:
-    if not shutil.which("openssl"):
-        pytest.fail("openssl is needed to make a test certificate")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    return cert, key
+    return self_signed_certificate(tmp_path_factory.mktemp("tls"))
 
 
 async def test_upstream_tls_is_verified_and_a_private_ca_can_be_named(tls_files, sidecar, http):

@@ -12,7 +12,9 @@ import aiohttp
 import pytest
 
 from sidecar.config import ConfigError, load_settings
+from sidecar.store import route_key
 from tests.conftest import CHAT, chat, pool
+from tests.redis_server import TlsRedis, self_signed_certificate
 
 
 async def test_a_redis_acl_user_works_and_its_password_stays_secret(pods, sidecar, http,
@@ -30,6 +32,46 @@ async def test_a_redis_acl_user_works_and_its_password_stays_secret(pods, sideca
                           SIDECAR_REDIS_URL=url.replace("s3cret-pass", "wrong"))
     assert (await chat(http, wrong, "acl-2"))[0] == 200, "a refused login still routes"
     assert not wrong.sidecar.store.available
+
+
+async def test_redis_over_tls_verifies_the_server_against_the_named_ca(pods, sidecar, http,
+                                                                       tmp_path):
+    cert, key = self_signed_certificate(tmp_path)
+    server = TlsRedis(cert, key).start()
+    try:
+        [pod] = await pods(1)
+        trusted = await sidecar({"small": pool([pod])}, SIDECAR_REDIS_URL=server.url,
+                                SIDECAR_REDIS_CA_FILE=str(cert),
+                                SIDECAR_REDIS_TIMEOUT_MS="1000")
+        assert (await chat(http, trusted, "tls"))[0] == 200
+        assert trusted.sidecar.store.available
+        assert trusted.sidecar.store.counters.created == 1
+        assert server.client().exists(route_key("tls")) == 1, "the route went over TLS"
+        # Without the CA the server's certificate is refused; without TLS the server
+        # does not answer: either way calls still route, and nothing reaches Redis.
+        for url in (server.url, server.url.replace("rediss://", "redis://")):
+            refused = await sidecar({"small": pool([pod])}, SIDECAR_REDIS_URL=url,
+                                    SIDECAR_REDIS_TIMEOUT_MS="1000")
+            assert (await chat(http, refused, "untrusted"))[0] == 200
+            assert not refused.sidecar.store.available
+        assert server.client().exists(route_key("untrusted")) == 0
+    finally:
+        server.cleanup()
+
+
+def test_a_redis_ca_file_needs_a_readable_file_and_a_tls_url(tmp_path):
+    pools = json.dumps({"small": {"model": "m", "endpoints": ["http://127.0.0.1:9"]}})
+    with pytest.raises(ConfigError) as missing:
+        load_settings({"SIDECAR_POOLS": pools, "SIDECAR_REDIS_URL": "rediss://127.0.0.1:1",
+                       "SIDECAR_REDIS_CA_FILE": str(tmp_path / "nope.pem")})
+    assert "SIDECAR_REDIS_CA_FILE" in missing.value.problems[0]
+    assert "PEM" in missing.value.problems[0]
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-")
+    with pytest.raises(ConfigError) as plain:
+        load_settings({"SIDECAR_POOLS": pools, "SIDECAR_REDIS_URL": "redis://127.0.0.1:1",
+                       "SIDECAR_REDIS_CA_FILE": str(ca)})
+    assert "rediss://" in plain.value.problems[0]
 
 
 async def test_a_listener_off_loopback_is_announced_loudly(pods, sidecar_process):

@@ -15,6 +15,7 @@ SCALER_VARIABLES: dict[str, tuple[str | None, str]] = {
     "SIDECAR_REDIS_URL": (None, "Redis shared with the sidecars (required)"),
     "SIDECAR_REDIS_MODE": ("standalone", "standalone, cluster or sentinel"),
     "SIDECAR_REDIS_SENTINEL_MASTER": (None, "Sentinel service name (sentinel mode)"),
+    "SIDECAR_REDIS_CA_FILE": (None, "CA bundle to verify a rediss:// server with"),
     "SIDECAR_SCALER_POOLS": (None, "JSON: per pool job, group, min, max, "
                              "replica_tokens_per_s, cold_start_s"),
     "SIDECAR_SCALER_INTERVAL_S": ("15", "seconds between decisions"),
@@ -48,6 +49,7 @@ class ScalerSettings:
     redis_url: str
     redis_mode: str
     redis_sentinel_master: str | None
+    redis_ca_file: str | None
     pools: Mapping[str, ScaledPool]
     interval_s: float
     dry_run: bool
@@ -106,6 +108,10 @@ def load_scaler_settings(env: Mapping[str, str] | None = None) -> ScalerSettings
     mode = get("SIDECAR_REDIS_MODE") or "standalone"
     if mode not in REDIS_MODES:
         problems.append(f"SIDECAR_REDIS_MODE={mode!r}: expected one of {', '.join(REDIS_MODES)}")
+    redis_ca_file = get("SIDECAR_REDIS_CA_FILE")
+    if redis_ca_file is not None and not os.path.isfile(redis_ca_file):
+        problems.append(f"SIDECAR_REDIS_CA_FILE={redis_ca_file!r}: expected a readable PEM "
+                        "file of CA certificates")
     pools: dict[str, ScaledPool] = {}
     raw_pools = get("SIDECAR_SCALER_POOLS")
     try:
@@ -144,7 +150,8 @@ def load_scaler_settings(env: Mapping[str, str] | None = None) -> ScalerSettings
                                      float(spec["cold_start_s"]))
     settings = ScalerSettings(
         redis_url=redis_url or "", redis_mode=mode,
-        redis_sentinel_master=get("SIDECAR_REDIS_SENTINEL_MASTER"), pools=pools,
+        redis_sentinel_master=get("SIDECAR_REDIS_SENTINEL_MASTER"),
+        redis_ca_file=redis_ca_file, pools=pools,
         interval_s=number("SIDECAR_SCALER_INTERVAL_S", 0),
         dry_run=_flag(get("SIDECAR_SCALER_DRY_RUN")),
         burst_margin=number("SIDECAR_SCALER_BURST_MARGIN", 0, strict=False),
