@@ -38,17 +38,19 @@ def cluster_port() -> int:
         return port
 
 
-@pytest.fixture
-def cluster():
+def start_cluster(masters: int = 3, replicas: int = 0) -> list[RedisServer]:
+    """`masters` masters sharing the 16384 slots, then `replicas` replicas given out to the
+    masters in turn; returns masters first. The caller cleans up every node."""
     nodes = [RedisServer(port=cluster_port(),
                          args=("--cluster-enabled", "yes", "--cluster-node-timeout", "1000",
-                               "--cluster-config-file", f"nodes-{i}.conf")) for i in range(3)]
+                               "--cluster-config-file", f"nodes-{i}.conf"))
+             for i in range(masters + replicas)]
     try:
         for node in nodes:
             node.start()
-        share = SLOTS // 3
-        for i, node in enumerate(nodes):
-            last = SLOTS - 1 if i == 2 else (i + 1) * share - 1
+        share = SLOTS // masters
+        for i, node in enumerate(nodes[:masters]):
+            last = SLOTS - 1 if i == masters - 1 else (i + 1) * share - 1
             node.client().execute_command("CLUSTER", "ADDSLOTS", *range(i * share, last + 1))
         for node in nodes[1:]:
             nodes[0].client().execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
@@ -57,6 +59,30 @@ def cluster():
                       for n in nodes):
             assert time.monotonic() < deadline, "the cluster did not form"
             time.sleep(0.1)
+        for i, replica in enumerate(nodes[masters:]):
+            master_id = nodes[i % masters].client().execute_command("CLUSTER", "MYID")
+            while True:  # the replica must know the master before it can follow it
+                try:
+                    replica.client().execute_command("CLUSTER", "REPLICATE", master_id)
+                    break
+                except redis.ResponseError:
+                    assert time.monotonic() < deadline, "a replica could not follow"
+                    time.sleep(0.1)
+        for replica in nodes[masters:]:
+            while replica.client().info("replication").get("master_link_status") != "up":
+                assert time.monotonic() < deadline, "a replica did not sync"
+                time.sleep(0.1)
+        return nodes
+    except BaseException:
+        for node in nodes:
+            node.cleanup()
+        raise
+
+
+@pytest.fixture
+def cluster():
+    nodes = start_cluster()
+    try:
         yield nodes
     finally:
         for node in nodes:
@@ -117,6 +143,69 @@ async def test_routes_work_across_cluster_slots_and_pods_agree(pods, sidecar, ht
     # The traffic flush's pipeline spans slots too.
     await a.sidecar.flush_traffic()
     assert a.sidecar.store.counters.errors == 0
+
+
+def holds(node: RedisServer, key: str) -> bool:
+    """Whether this node has the key, asked as a replica may be (READONLY first)."""
+    client = redis.Redis(port=node.port, socket_timeout=2, single_connection_client=True)
+    try:
+        client.execute_command("READONLY")
+        return bool(client.exists(key))
+    finally:
+        client.close()
+
+
+def slot_owner(node: RedisServer, slot: int) -> int:
+    for start, end, master, *_ in node.client().execute_command("CLUSTER", "SLOTS"):
+        if start <= slot <= end:
+            return int(master[1])
+    return -1
+
+
+async def test_a_cluster_master_failover_loses_no_request(pods, sidecar, http):
+    nodes = start_cluster(masters=3, replicas=3)
+    masters, replicas = nodes[:3], nodes[3:]
+    victim, heir = masters[1], replicas[1]  # replica i follows master i
+    try:
+        [pod] = await pods(1)
+        running = await sidecar({"small": pool([pod])},
+                                SIDECAR_REDIS_URL=masters[0].url, SIDECAR_REDIS_MODE="cluster",
+                                SIDECAR_REDIS_TIMEOUT_MS="200")
+        owner = victim.client()
+        # Sessions whose keys live on the victim's slots, found by asking the victim.
+        sessions = [f"fo-{i}" for i in range(400)
+                    if owner.execute_command("CLUSTER", "KEYSLOT", route_key(f"fo-{i}"))
+                    in range(SLOTS // 3, 2 * (SLOTS // 3))]
+        assert len(sessions) > 50
+        assert (await chat(http, running, sessions[0]))[0] == 200
+        assert owner.exists(route_key(sessions[0])) == 1
+        for _ in range(50):  # the replica has the route before its master dies
+            if holds(heir, route_key(sessions[0])):
+                break
+            await asyncio.sleep(0.05)
+        victim_slot = SLOTS // 3
+        victim.stop()
+        statuses, i = [], 1
+        deadline = time.monotonic() + 30
+        while (slot_owner(masters[0], victim_slot) != heir.port
+               or not running.sidecar.store.available):
+            assert time.monotonic() < deadline, "no cluster failover"
+            statuses.append((await chat(http, running, sessions[i]))[0])
+            i += 1
+            await asyncio.sleep(0.05)
+        assert statuses and set(statuses) == {200}, "no request lost while the cluster failed over"
+        assert running.sidecar.store.incidents >= 1, "the outage was seen, not missed"
+        print(f"{len(statuses)} requests during the failover, "
+              f"{running.sidecar.store.incidents} store incident(s)")
+        # The promoted replica kept the route, and new routes on those slots go to it.
+        assert holds(heir, route_key(sessions[0]))
+        fresh = sessions[i:i + 20]
+        for session in fresh:
+            assert (await chat(http, running, session))[0] == 200
+        assert all(holds(heir, route_key(s)) for s in fresh)
+    finally:
+        for node in nodes:
+            node.cleanup()
 
 
 async def test_a_sentinel_failover_loses_no_request(pods, sidecar, http):
