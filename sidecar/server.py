@@ -23,12 +23,13 @@ import aiohttp
 from aiohttp import web
 
 from sidecar import __version__
-from sidecar.admin import Admin
-from sidecar.config import ConfigError, Listen, Settings, reload_pools
+from sidecar.admin import AdminThread
+from sidecar.config import ConfigError, Settings, reload_pools
 from sidecar.health import HealthProber
 from sidecar.pools import EndpointState, PoolSet
 from sidecar.proxy import Proxy
 from sidecar.routing import Router
+from sidecar.sites import bound_port, start_site
 from sidecar.store import RouteStore, StoreUnavailable, make_store
 from sidecar.telemetry import Telemetry
 from sidecar.traffic import Traffic
@@ -248,42 +249,22 @@ def proxy_app(sidecar: Sidecar) -> web.Application:
     return app
 
 
-async def start_site(runner: web.AppRunner, listen: Listen) -> web.BaseSite:
-    site: web.BaseSite
-    if listen.path:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(listen.path)
-        site = web.UnixSite(runner, listen.path)
-    else:
-        site = web.TCPSite(runner, listen.host, listen.port, reuse_address=True)
-    await site.start()
-    return site
-
-
-def bound_port(site: web.BaseSite) -> int | None:
-    server = getattr(site, "_server", None)
-    if server is None or not server.sockets:
-        return None
-    name = server.sockets[0].getsockname()
-    return name[1] if isinstance(name, tuple) else None
-
-
 class Running:
     """A started sidecar: its runners and where they listen (tests and the demo use it)."""
 
-    def __init__(self, sidecar: Sidecar, proxy: web.AppRunner, admin: web.AppRunner,
-                 proxy_site: web.BaseSite, admin_site: web.BaseSite) -> None:
+    def __init__(self, sidecar: Sidecar, proxy: web.AppRunner, proxy_site: web.BaseSite,
+                 admin: AdminThread) -> None:
         self.sidecar = sidecar
         self.proxy_runner = proxy
-        self.admin_runner = admin
+        self.admin = admin
         self.port = bound_port(proxy_site)
-        self.admin_port = bound_port(admin_site)
+        self.admin_port = admin.port
 
     async def stop(self) -> None:
         """Drain: not ready first, then close listeners and let in-flight requests finish."""
         self.sidecar.draining = True
         await self.proxy_runner.cleanup()
-        await self.admin_runner.cleanup()
+        await self.admin.stop()
 
 
 async def start(settings: Settings, store: RouteStore | None = None,
@@ -293,21 +274,18 @@ async def start(settings: Settings, store: RouteStore | None = None,
                                  handler_cancellation=True,
                                  shutdown_timeout=settings.drain_timeout_s)
     await proxy_runner.setup()
-    admin_runner = web.AppRunner(Admin(sidecar).app(), handle_signals=False, access_log=None,
-                                 shutdown_timeout=1.0)
-    await admin_runner.setup()
+    admin = AdminThread(sidecar, settings.admin_listen)
     try:
         proxy_site = await start_site(proxy_runner, settings.listen)
-        admin_site = await start_site(admin_runner, settings.admin_listen)
+        await admin.start()
     except OSError:
         await proxy_runner.cleanup()
-        await admin_runner.cleanup()
         raise
     for name, listen in (("proxy", settings.listen), ("admin", settings.admin_listen)):
         if not listen.is_loopback:
             log.warning("the %s listener binds %s, which is NOT loopback: anything that can "
                         "reach this address can use it", name, listen)
-    return Running(sidecar, proxy_runner, admin_runner, proxy_site, admin_site)
+    return Running(sidecar, proxy_runner, proxy_site, admin)
 
 
 async def serve(settings: Settings) -> int:

@@ -8,6 +8,10 @@ import asyncio
 import contextlib
 import json
 import ssl
+import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -15,6 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from sidecar import admin
 from tests.conftest import CHAT, base, chat, pool
 from tests.redis_server import RedisServer, self_signed_certificate
 
@@ -283,3 +288,46 @@ async def test_upstream_tls_is_verified_and_a_private_ca_can_be_named(tls_files,
         assert status == 200
     finally:
         await runner.cleanup()
+
+
+def _get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return answer.status, json.load(answer)
+    except urllib.error.HTTPError as refused:
+        return refused.code, json.load(refused)
+
+
+async def test_the_admin_listener_answers_while_the_proxy_loop_is_blocked(pods, sidecar,
+                                                                         monkeypatch):
+    [pod] = await pods(1)
+    running = await sidecar({"small": pool([pod])})
+    admin_url = f"http://127.0.0.1:{running.admin_port}"
+    monkeypatch.setattr(admin, "STALL_LIMIT_S", 0.3)
+    monkeypatch.setattr(admin, "PROXY_LOOP_WAIT_S", 0.2)
+    seen: dict[str, tuple[int, dict]] = {}
+    probed = threading.Event()
+
+    def probe() -> None:
+        try:
+            seen["busy"] = _get(admin_url + "/health")
+            time.sleep(0.5)  # past the (lowered) stall limit
+            seen["stalled"] = _get(admin_url + "/health")
+            seen["ready"] = _get(admin_url + "/ready")
+        finally:
+            probed.set()
+
+    await asyncio.sleep(0.3)  # the heartbeat is ticking
+    threading.Thread(target=probe, daemon=True).start()
+    # Block the proxy's loop (this test's loop) until the probes are answered: with the
+    # admin listener on this loop they could not be, and the wait would run out.
+    assert probed.wait(10), "the admin listener did not answer while the proxy loop was busy"
+    assert seen["busy"][0] == 200 and seen["busy"][1]["status"] == "alive"
+    status, body = seen["stalled"]
+    assert status == 503 and body["status"] == "stalled", "a stalled loop fails liveness"
+    assert body["proxy_loop_stalled_s"] >= 0.3
+    assert seen["ready"][0] == 503 and "did not answer" in seen["ready"][1]["reasons"][0]
+    await asyncio.sleep(0.3)  # the loop turns again
+    status, body = await asyncio.to_thread(_get, admin_url + "/health")
+    assert status == 200 and body["status"] == "alive"
+    assert (await asyncio.to_thread(_get, admin_url + "/ready"))[0] == 200
