@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 from sidecar.config import Settings
 from sidecar.pools import Endpoint, Pool, PoolSet
-from sidecar.sessions import Route, RouteCache, selector_for
+from sidecar.sessions import STAMP_RESOLUTION_S, Route, RouteCache, Stamps, selector_for
 from sidecar.store import RouteStore, StoreUnavailable
 from sidecar.telemetry import Telemetry
 
@@ -54,8 +54,12 @@ class Router:
         self.store = store
         self.level = settings.load_level
         self.cache = RouteCache(settings.route_cache_size, settings.session_idle_s)
+        self._wall_stamp = Stamps()  # creation times (wall clock), shared like the cache's
         self.counters = RouterCounters()
         self.refresh_every = settings.session_ttl_s * 0.1
+        # refreshed_at is a shared stamp up to STAMP_RESOLUTION_S older than the refresh it
+        # marks; waiting that much longer keeps refreshes at least refresh_every apart.
+        self._refresh_after = self.refresh_every + STAMP_RESOLUTION_S
         self._first_touch: dict[str, asyncio.Future[Route]] = {}
         self._pending_refresh: set[str] = set()
         self._writes: set[asyncio.Task[None]] = set()
@@ -93,8 +97,8 @@ class Router:
             self.counters.cache_misses += 1
             return None
         self.counters.cache_hits += 1
-        if now - route.refreshed_at > self.refresh_every and route.synced:
-            route.refreshed_at = now
+        if now - route.refreshed_at > self._refresh_after and route.synced:
+            route.refreshed_at = route.last_seen
             self._pending_refresh.add(session)
         return route
 
@@ -118,7 +122,7 @@ class Router:
             del self._first_touch[session]
 
     async def _resolve(self, session: str, selector: int | None, *, local: bool) -> Route:
-        now = asyncio.get_running_loop().time()
+        now = self.cache.stamp(asyncio.get_running_loop().time())
         current = self.cache.peek(session)
         proposal = current if current is not None else self.propose(session, selector)
         proposal.refreshed_at = now
@@ -154,7 +158,7 @@ class Router:
         if pool is None:  # the pool was removed by a reload; use any configured pool
             pool = next(iter(self.pools.pools.values()))
         endpoint = pool.pick(session.encode(), self.settings.bounded_load_factor)
-        return Route(session, selector, pool.name, endpoint, time.time())
+        return Route(session, selector, pool.name, endpoint, self._wall_stamp(time.time()))
 
     # -- failover ------------------------------------------------------------------------
 

@@ -15,6 +15,24 @@ import orjson
 from sidecar.pools import Endpoint, PoolSet
 
 MAX_SESSION_ID_LENGTH = 256
+# Times a route keeps (created, last seen, refreshed) are shared float objects within this
+# resolution: a float is 24 bytes, and a route lives as long as its session.
+STAMP_RESOLUTION_S = 0.1
+
+
+class Stamps:
+    """Hands out one float object for every time within STAMP_RESOLUTION_S of the last."""
+
+    __slots__ = ("_last",)
+
+    def __init__(self) -> None:
+        self._last = float("-inf")
+
+    def __call__(self, now: float) -> float:
+        if now - self._last < STAMP_RESOLUTION_S:
+            return self._last
+        self._last = now
+        return now
 
 
 def valid_session_id(value: str) -> bool:
@@ -110,11 +128,12 @@ class RouteCache:
         self._routes: OrderedDict[str, Route] = OrderedDict()
         self.evicted = 0
         self.expired = 0
+        self.stamp = Stamps()
 
     def get(self, session: str, now: float) -> Route | None:
         route = self._routes.get(session)
         if route is not None:
-            route.last_seen = now
+            route.last_seen = self.stamp(now)
             self._routes.move_to_end(session)
         return route
 
@@ -122,7 +141,7 @@ class RouteCache:
         return self._routes.get(session)
 
     def put(self, route: Route, now: float) -> None:
-        route.last_seen = now
+        route.last_seen = self.stamp(now)
         self._routes[route.session] = route
         self._routes.move_to_end(route.session)
         while len(self._routes) > self.max_size:
