@@ -82,6 +82,9 @@ class Sidecar:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s,
                                           sock_read=s.stream_idle_timeout_s),
             auto_decompress=False,  # the app gets the upstream's bytes as they were
+            # One client serves every session and app user: an upstream's Set-Cookie goes
+            # to the app that got it and is never sent with anyone else's call.
+            cookie_jar=aiohttp.DummyCookieJar(),
             # Send only the headers the app sent; aiohttp would add its own otherwise.
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
             trust_env=False,

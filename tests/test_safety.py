@@ -10,6 +10,7 @@ import time
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from sidecar.config import ConfigError, load_settings
 from sidecar.store import route_key
@@ -138,3 +139,38 @@ async def test_sighup_under_load_drops_nothing(pods, sidecar_process, tmp_path):
     stop.set()
     await asyncio.gather(*workers)
     assert len(statuses) > 50 and set(statuses) == {200}
+
+
+async def test_upstream_cookies_are_passed_on_but_never_kept(sidecar, http):
+    """A shared client must not keep an upstream's Set-Cookie and send it with the next
+    call, which may be another session's (or another app user's)."""
+    seen: list[str | None] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Cookie"))
+        response = web.json_response({"choices": []})
+        response.set_cookie("upstream-affinity", "pod-1")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    # A host name, not an IP: cookie jars keep no cookies of IP hosts.
+    url = f"http://localhost:{site._server.sockets[0].getsockname()[1]}"
+    try:
+        running = await sidecar({"small": {"model": "m", "endpoints": [url]}})
+        async with http.post(f"http://127.0.0.1:{running.port}/v1/chat/completions",
+                             json={"model": "m", "messages": []},
+                             headers={"x-session-id": "alice"}) as first:
+            assert "upstream-affinity=pod-1" in first.headers.get("Set-Cookie", "")
+        http.cookie_jar.clear()  # the test's own client keeps cookies; the app may not
+        async with http.post(f"http://127.0.0.1:{running.port}/v1/chat/completions",
+                             json={"model": "m", "messages": []},
+                             headers={"x-session-id": "bob"}) as second:
+            assert second.status == 200
+        assert seen == [None, None], "the sidecar sent an upstream's cookie back"
+    finally:
+        await runner.cleanup()
