@@ -50,6 +50,32 @@ async def drive_sessions(base: str, count: int, concurrency: int = 32) -> int:
     return failures
 
 
+def first_touch_us(url: str, calls: int) -> tuple[float, float]:
+    """Median µs of a call on a warm session and of a call on a new session, interleaved
+    one by one at c=1 on one keep-alive connection; the difference is what a session's
+    first touch costs (with Redis: its one round trip)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    body = json.dumps({"model": "fake-model", "max_tokens": 1,
+                       "messages": [{"role": "user", "content": "hi"}]})
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    warm: list[float] = []
+    new: list[float] = []
+    marker = time.monotonic_ns()
+    for i in range(calls * 2):
+        session = "bench" if i % 2 == 0 else f"first-touch-{marker}-{i}"
+        started = time.perf_counter()
+        connection.request("POST", parts.path, body=body,
+                           headers={"Content-Type": "application/json",
+                                    "x-session-id": session})
+        connection.getresponse().read()
+        (warm if i % 2 == 0 else new).append((time.perf_counter() - started) * 1e6)
+    connection.close()
+    return statistics.median(warm), statistics.median(new)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -111,6 +137,7 @@ def main() -> int:
                    "sidecar_c32": wrk(proxied, 32, args.duration, "bench", sidecar.pid)}
             rounds.append(row)
 
+        warm_us, new_us = first_touch_us(proxied, 2000)
         # Per-route memory is counted from here: the load rounds above grow buffers and
         # telemetry reservoirs that have nothing to do with routes.
         rss_loaded = rss_bytes(sidecar.pid)
@@ -148,6 +175,8 @@ def main() -> int:
               f" | {med(name + '_c32', 'p99_us'):.0f} | {cpu} |")
     print(f"\nadded by the sidecar at c=1: p50 +{added('p50_us'):.0f} µs, "
           f"p99 +{added('p99_us'):.0f} µs (median of per-round differences)")
+    print(f"first touch of a session (c=1, 2 000 each, interleaved): warm session "
+          f"{warm_us:.0f} µs, new session {new_us:.0f} µs: +{new_us - warm_us:.0f} µs")
     cached = stats["routes"]["cached"]
     print(f"RSS: idle {rss_idle / 2**20:.1f} MiB, after the load rounds "
           f"{rss_loaded / 2**20:.1f} MiB, after {args.sessions} distinct sessions "
