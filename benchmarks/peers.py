@@ -170,7 +170,12 @@ def proxy_floor(folder: Path, port: int, upstream: int) -> list[str]:
     return [sys.executable, str(HERE / "floor_proxy.py"), str(port), str(upstream)]
 
 
-PEERS = {"python-floor": (proxy_floor, sys.executable), "nginx": (proxy_nginx, "nginx"),
+def proxy_l7_floor(folder: Path, port: int, upstream: int) -> list[str]:
+    return [sys.executable, str(HERE / "l7_floor.py"), str(port), str(upstream)]
+
+
+PEERS = {"python-floor": (proxy_floor, sys.executable),
+         "python-l7-floor": (proxy_l7_floor, sys.executable), "nginx": (proxy_nginx, "nginx"),
          "envoy": (proxy_envoy, ENVOY),
          "vllm-router": (proxy_vllm_router, VLLM_ROUTER), "litellm": (proxy_litellm, LITELLM)}
 
