@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import tracemalloc
+from collections.abc import Callable, Iterable
 
 from sidecar.config import load_settings
 from sidecar.pools import PoolSet
@@ -21,20 +22,27 @@ def router() -> Router:
     return Router(settings, PoolSet(settings), MemoryStore(86400))
 
 
-async def test_a_session_costs_under_800_bytes_with_the_embedded_store():
-    r = router()
-    sessions = [f"bench-session-{i}" for i in range(SESSIONS)]  # the app's ids, not ours
+async def bytes_per_session(r: Router, sessions: Callable[[], Iterable[str]], *,
+                            local: bool) -> float:
+    """Traced bytes kept per session after resolving every session `sessions()` yields."""
     gc.collect()
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        for session in sessions:
-            await r.resolve(session, None, local=False)
+        for session in sessions():
+            await r.resolve(session, None, local=local)
         gc.collect()
-        per_session = (tracemalloc.get_traced_memory()[0] - before) / SESSIONS
+        kept = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
     assert len(r.cache) == SESSIONS
+    return kept / SESSIONS
+
+
+async def test_a_session_costs_under_800_bytes_with_the_embedded_store():
+    r = router()
+    ids = [f"bench-session-{i}" for i in range(SESSIONS)]  # the app's ids, not ours
+    per_session = await bytes_per_session(r, lambda: ids, local=False)
     # Route + cache entry + the embedded store's record (~600 B measured). Keeping orjson's
     # output alive once made this 4.5 KB: its allocation is its 4 KiB working buffer.
     assert per_session < 800, per_session
@@ -42,20 +50,10 @@ async def test_a_session_costs_under_800_bytes_with_the_embedded_store():
 
 async def test_a_cached_route_costs_under_300_bytes_with_its_session_id():
     """What each pod keeps per session when the records live in Redis: the Route, its cache
-    entry and the session id string (made inside the measurement, as requests make it)."""
-    r = router()
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        for i in range(SESSIONS):
-            # local=True: the same Route and cache entry, without the embedded store's record
-            await r.resolve(f"bench-session-{i}", None, local=True)
-        gc.collect()
-        per_route = (tracemalloc.get_traced_memory()[0] - before) / SESSIONS
-    finally:
-        tracemalloc.stop()
-    assert len(r.cache) == SESSIONS
+    entry and the session id string (made inside the measurement, as requests make it).
+    local=True makes the same Route and cache entry without the embedded store's record."""
+    per_route = await bytes_per_session(
+        router(), lambda: (f"bench-session-{i}" for i in range(SESSIONS)), local=True)
     # Measured 253 B (route 120, cache entry 91, the id); 301 B before route times were
     # shared float objects.
     assert per_route < 300, per_route
