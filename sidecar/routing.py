@@ -163,15 +163,16 @@ class Router:
     # -- failover ------------------------------------------------------------------------
 
     def serving_pool(self, route: Route, wall: float) -> str:
-        if route.fallback is not None and wall < route.fallback_until:
-            return route.fallback
+        detour = route.detour
+        if detour is not None and wall < detour[1]:
+            return detour[0]
         return route.pool
 
     def plan(self, route: Route, now: float) -> Iterator[tuple[Pool, Endpoint]]:
         """Candidates in order: the session's endpoint, the rest of its pool by rendezvous
         rank, then each fallback pool's endpoints. Computed lazily: the common case reads
         only the first."""
-        serving = route.pool if route.fallback is None else self.serving_pool(route, time.time())
+        serving = route.pool if route.detour is None else self.serving_pool(route, time.time())
         start = self.pools.get(serving) or self.pools.get(route.pool)
         if start is None:
             return
@@ -190,17 +191,15 @@ class Router:
     def served(self, route: Route, pool: Pool, endpoint: Endpoint, *, local: bool,
                reason: str | None = None) -> None:
         """Remember who served the session; write the route through when it moved."""
-        if route.endpoint is endpoint and route.fallback is None and pool.name == route.pool:
+        if route.endpoint is endpoint and route.detour is None and pool.name == route.pool:
             return
         wall = time.time()
         changed = route.endpoint is not endpoint
         if pool.name == route.pool:
-            changed = changed or route.fallback is not None
-            route.fallback = None
-            route.fallback_until = 0.0
+            changed = changed or route.detour is not None
+            route.detour = None
         elif route.fallback != pool.name or wall >= route.fallback_until:
-            route.fallback = pool.name
-            route.fallback_until = wall + self.settings.fallback_hold_s
+            route.detour = (pool.name, wall + self.settings.fallback_hold_s)
             changed = True
             primary = self.pools.get(route.pool)
             if primary is not None and not primary.has_ready() and primary.has_warming():
