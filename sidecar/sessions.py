@@ -29,7 +29,8 @@ class Stamps:
         self._last = float("-inf")
 
     def __call__(self, now: float) -> float:
-        if now - self._last < STAMP_RESOLUTION_S:
+        # A clock that stepped back (the wall clock can) starts a new stamp at once.
+        if 0.0 <= now - self._last < STAMP_RESOLUTION_S:
             return self._last
         self._last = now
         return now

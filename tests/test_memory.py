@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from sidecar.config import load_settings
 from sidecar.pools import PoolSet
 from sidecar.routing import Router
+from sidecar.sessions import Stamps
 from sidecar.store import MemoryStore
 
 SESSIONS = 20_000
@@ -57,3 +58,12 @@ async def test_a_cached_route_costs_under_300_bytes_with_its_session_id():
     # Measured 245 B (route 112, cache entry 91, the id); 301 B before route times were
     # shared float objects and the fallback pool and its deadline shared a slot.
     assert per_route < 300, per_route
+
+
+def test_stamps_share_one_float_within_their_resolution_and_follow_a_clock_stepping_back():
+    stamp = Stamps()
+    first = stamp(1000.0)
+    assert stamp(1000.05) is first, "within the resolution: the same object"
+    later = stamp(1000.2)
+    assert later == 1000.2 and later is not first
+    assert stamp(999.0) == 999.0, "a clock that stepped back gets a new stamp at once"
