@@ -106,8 +106,9 @@ async def paced(rate: float, seconds: float, call: Any) -> None:
     await asyncio.gather(*tasks)
 
 
-def first_event_us(url: str, session: str, count: int) -> list[float]:
-    """Time to the first SSE `data:` event of `count` sequential streams (c=1), in µs."""
+def first_event_us(url: str, session: str, count: int) -> list[tuple[float, float]]:
+    """For `count` sequential streams (c=1): µs to the first SSE `data:` event and to the
+    first event with content (the first token; a role-only preamble comes before it)."""
     import http.client
     from urllib.parse import urlsplit
 
@@ -123,9 +124,16 @@ def first_event_us(url: str, session: str, count: int) -> list[float]:
                                     "Authorization": "Bearer sk-llmsc-bench",
                                     "x-session-id": session})
         response = connection.getresponse()
-        while not response.readline().startswith(b"data:"):
-            pass
-        times.append((time.perf_counter() - started) * 1e6)
+        first = None
+        while True:
+            line = response.readline()
+            if not line:
+                raise RuntimeError("the stream ended before any content")
+            if line.startswith(b"data:"):
+                first = first or time.perf_counter()
+                if b'"content":"' in line and b'"content":""' not in line:
+                    break
+        times.append(((first - started) * 1e6, (time.perf_counter() - started) * 1e6))
         response.read()
     connection.close()
     return times

