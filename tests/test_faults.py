@@ -54,9 +54,11 @@ async def no_leaks(running) -> AsyncIterator[None]:
 class RawUpstream:
     """A TCP server that answers every request with fixed bytes (garbage included)."""
 
-    def __init__(self, reply: Callable[[int], bytes], close_after: bool = False) -> None:
+    def __init__(self, reply: Callable[[int], bytes], close_after: bool = False,
+                 trickle_s: float = 0.0) -> None:
         self.reply = reply
         self.close_after = close_after
+        self.trickle_s = trickle_s  # > 0: one byte at a time, this far apart
         self.requests = 0
         self.server: asyncio.Server | None = None
 
@@ -74,8 +76,15 @@ class RawUpstream:
                         length = int(line.split(b":")[1])
                 await reader.readexactly(length)
                 self.requests += 1
-                writer.write(self.reply(self.requests))
-                await writer.drain()
+                reply = self.reply(self.requests)
+                if self.trickle_s:
+                    for i in range(len(reply)):
+                        writer.write(reply[i:i + 1])
+                        await writer.drain()
+                        await asyncio.sleep(self.trickle_s)
+                else:
+                    writer.write(reply)
+                    await writer.drain()
                 if self.close_after:
                     break
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -93,8 +102,9 @@ class RawUpstream:
 async def raw_upstream():
     made: list[RawUpstream] = []
 
-    async def make(reply: Callable[[int], bytes], close_after: bool = False) -> str:
-        upstream = RawUpstream(reply, close_after)
+    async def make(reply: Callable[[int], bytes], close_after: bool = False,
+                   trickle_s: float = 0.0) -> str:
+        upstream = RawUpstream(reply, close_after, trickle_s)
         made.append(upstream)
         return await upstream.start()
 
@@ -123,6 +133,35 @@ async def test_upstream_hanging_mid_stream_ends_visibly_instead_of_hanging(pods,
                 async for piece in r.content.iter_any():
                     received += piece
         assert b"upstream_broken_mid_stream" in received and b"[DONE]" not in received
+
+
+async def test_an_upstream_answering_byte_by_byte_gets_an_answer_or_a_clear_timeout(
+        raw_upstream, pods, sidecar, http):
+    """1 byte/s, scaled to 1 byte per 20 ms: slow is not dead. Past the first-byte budget
+    the call goes elsewhere (or fails clearly); within it, the answer arrives whole."""
+    reply = http_response(b'{"ok":1}')  # ~80 bytes: ~1.7 s at this pace
+    slow = await raw_upstream(lambda n: reply, trickle_s=0.02)
+    patient = await sidecar({"small": {"model": "m", "endpoints": [slow]}},
+                            SIDECAR_FIRST_BYTE_TIMEOUT_S="10")
+    async with no_leaks(patient):
+        async with http.post(base(patient) + "/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 200 and await r.read() == b'{"ok":1}'
+    [healthy] = await pods(1)
+    hasty = await sidecar({"small": {"model": "m", "endpoints": [slow, healthy.url]}},
+                          SIDECAR_FIRST_BYTE_TIMEOUT_S="0.3")
+    async with no_leaks(hasty):
+        statuses = []
+        for i in range(4):  # whichever pod a session starts on, it ends on the healthy one
+            status, headers, _ = await chat(http, hasty, f"trickle-{i}")
+            statuses.append(status)
+            assert headers["x-sidecar-endpoint"] == healthy.url
+        assert statuses == [200] * 4
+    alone = await sidecar({"small": {"model": "m", "endpoints": [slow]}},
+                          SIDECAR_FIRST_BYTE_TIMEOUT_S="0.3")
+    async with no_leaks(alone):
+        status, _, body = await chat(http, alone, "trickle-alone")
+        assert status == 503
+        assert body["error"]["tried"][0]["outcome"] == "first_byte_timeout"
 
 
 async def test_upstream_answering_garbage_fails_over(raw_upstream, pods, sidecar, http):
