@@ -195,8 +195,6 @@ async def test_a_cluster_master_failover_loses_no_request(pods, sidecar, http):
             await asyncio.sleep(0.05)
         assert statuses and set(statuses) == {200}, "no request lost while the cluster failed over"
         assert running.sidecar.store.incidents >= 1, "the outage was seen, not missed"
-        print(f"{len(statuses)} requests during the failover, "
-              f"{running.sidecar.store.incidents} store incident(s)")
         # The promoted replica kept the route, and new routes on those slots go to it.
         assert holds(heir, route_key(sessions[0]))
         fresh = sessions[i:i + 20]
