@@ -56,10 +56,10 @@ class Router:
         self.cache = RouteCache(settings.route_cache_size, settings.session_idle_s)
         self._wall_stamp = Stamps()  # creation times (wall clock), shared like the cache's
         self.counters = RouterCounters()
-        self.refresh_every = settings.session_ttl_s * 0.1
-        # refreshed_at is a shared stamp up to STAMP_RESOLUTION_S older than the refresh it
-        # marks; waiting that much longer keeps refreshes at least refresh_every apart.
-        self._refresh_after = self.refresh_every + STAMP_RESOLUTION_S
+        # Refresh a route's TTL at most once per tenth of it. refreshed_at is a shared stamp
+        # up to STAMP_RESOLUTION_S older than the refresh it marks; waiting that much longer
+        # keeps refreshes at least a tenth of the TTL apart.
+        self._refresh_after = settings.session_ttl_s * 0.1 + STAMP_RESOLUTION_S
         self._first_touch: dict[str, asyncio.Future[Route]] = {}
         self._pending_refresh: set[str] = set()
         self._writes: set[asyncio.Task[None]] = set()
