@@ -106,6 +106,24 @@ async def paced(rate: float, seconds: float, call: Any) -> None:
     await asyncio.gather(*tasks)
 
 
+async def chat_outcome(http: Any, base: str, session: str, content: str, *, stream: bool,
+                       max_tokens: int) -> str:
+    """One chat call through `base` (an aiohttp session): "ok" (a stream must end with
+    [DONE]), "status N", or the client error's class name."""
+    import aiohttp
+
+    body = {"model": "fake-model", "stream": stream, "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": content}]}
+    try:
+        async with http.post(base + "/v1/chat/completions", json=body,
+                             headers={"x-session-id": session}) as r:
+            raw = await r.read()
+            complete = r.status == 200 and (not stream or raw.rstrip().endswith(b"[DONE]"))
+            return "ok" if complete else f"status {r.status}"
+    except aiohttp.ClientError as exc:
+        return type(exc).__name__
+
+
 def first_event_us(url: str, session: str, count: int) -> list[tuple[float, float]]:
     """For `count` sequential streams (c=1): µs to the first SSE `data:` event and to the
     first event with content (the first token; a role-only preamble comes before it)."""

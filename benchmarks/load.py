@@ -21,7 +21,7 @@ import urllib.request
 from collections import Counter, defaultdict
 
 import aiohttp
-from common import Fleet, paced
+from common import Fleet, chat_outcome, paced
 
 
 async def steady(fleet: Fleet, rate: float, seconds: float
@@ -32,18 +32,9 @@ async def steady(fleet: Fleet, rate: float, seconds: float
     start = time.monotonic()
 
     async def call(http: aiohttp.ClientSession, n: int) -> None:
-        stream = rng.random() < 0.2
-        body = {"model": "fake-model", "stream": stream, "max_tokens": 8,
-                "messages": [{"role": "user", "content": f"call {n}"}]}
         began = time.perf_counter()
-        try:
-            async with http.post(fleet.base + "/v1/chat/completions", json=body,
-                                 headers={"x-session-id": f"load-{n % 1000}"}) as r:
-                raw = await r.read()
-                ok = r.status == 200 and (not stream or raw.rstrip().endswith(b"[DONE]"))
-                outcomes["ok" if ok else f"status {r.status}"] += 1
-        except aiohttp.ClientError as exc:
-            outcomes[type(exc).__name__] += 1
+        outcomes[await chat_outcome(http, fleet.base, f"load-{n % 1000}", f"call {n}",
+                                    stream=rng.random() < 0.2, max_tokens=8)] += 1
         windows[int((time.monotonic() - start) // 10)].append(
             (time.perf_counter() - began) * 1000)
 

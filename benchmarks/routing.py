@@ -35,7 +35,7 @@ from pathlib import Path
 
 import aiohttp
 from common import ROOT, free_port, pinned, wait_http
-from peers import ENVOY, nginx_conf
+from peers import ENVOY, answers, nginx_conf
 
 VLLM_ROUTER = str(Path(ENVOY).parent / "vllm-router")
 
@@ -199,15 +199,8 @@ def main() -> int:
             wait_http(f"http://127.0.0.1:{port}/health")
         wait_http(f"http://127.0.0.1:{admin}/ready")
         for name, port in targets.items():  # every proxy answers before measuring
-            deadline = time.monotonic() + 60
-            while subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-                                  "-X", "POST", "-H", "content-type: application/json",
-                                  "-d", '{"model":"fake-model","messages":[]}',
-                                  f"http://127.0.0.1:{port}/v1/chat/completions"],
-                                 capture_output=True, text=True).stdout != "200":
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{name} did not come up")
-                time.sleep(0.5)
+            if not answers(port, 60):
+                raise RuntimeError(f"{name} did not come up")
         sizes = first_turn_sizes(args.sessions, args.seed)
         rng = random.Random(args.seed)
         hot = set(rng.sample(range(args.sessions), args.sessions // 4))

@@ -19,7 +19,7 @@ import time
 from collections import Counter
 
 import aiohttp
-from common import Fleet, get_json, paced, post_json
+from common import Fleet, chat_outcome, get_json, paced, post_json
 
 
 async def drive(fleet: Fleet, seconds: float, rate: float, sample_s: float
@@ -30,17 +30,9 @@ async def drive(fleet: Fleet, seconds: float, rate: float, sample_s: float
     start = time.monotonic()
 
     async def call(http: aiohttp.ClientSession, n: int) -> None:
-        stream = rng.random() < 0.5
-        body = {"model": "fake-model", "stream": stream, "max_tokens": 20,
-                "messages": [{"role": "user", "content": f"turn {n} " + "x" * (n % 200)}]}
-        try:
-            async with http.post(fleet.base + "/v1/chat/completions", json=body,
-                                 headers={"x-session-id": f"soak-{n % 300}"}) as r:
-                raw = await r.read()
-                complete = r.status == 200 and (not stream or raw.rstrip().endswith(b"[DONE]"))
-                outcomes["ok" if complete else f"status {r.status}"] += 1
-        except aiohttp.ClientError as exc:
-            outcomes[type(exc).__name__] += 1
+        outcomes[await chat_outcome(http, fleet.base, f"soak-{n % 300}",
+                                    f"turn {n} " + "x" * (n % 200),
+                                    stream=rng.random() < 0.5, max_tokens=20)] += 1
 
     async def faults() -> None:
         kinds = [{"fail_next": 30, "fail_status": 503, "retry_after": "2"},
