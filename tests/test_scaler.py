@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from sidecar.config import ConfigError
 from sidecar.scaler.config import load_scaler_settings
 from sidecar.scaler.nomad import NomadClient
 from sidecar.scaler.policy import Bounds, Observation, PredictivePolicy
@@ -310,3 +311,14 @@ def test_scaler_configuration_errors_name_the_variable():
                      "\"replica_tokens_per_s\" must be a number > 0",
                      "NOMAD_ADDR='nomad:4646'"):
         assert expected in done.stderr
+
+
+def test_the_scalers_redis_ca_file_must_be_a_readable_file(tmp_path):
+    with pytest.raises(ConfigError) as refused:
+        settings("rediss://127.0.0.1:1/0", "http://127.0.0.1:4646",
+                 SIDECAR_REDIS_CA_FILE=str(tmp_path / "missing.pem"))
+    assert any("SIDECAR_REDIS_CA_FILE" in p and "PEM" in p for p in refused.value.problems)
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-")
+    assert settings("rediss://127.0.0.1:1/0", "http://127.0.0.1:4646",
+                    SIDECAR_REDIS_CA_FILE=str(ca)).redis_ca_file == str(ca)
