@@ -9,6 +9,7 @@ import contextlib
 import socket
 import ssl
 from collections.abc import Callable
+from time import perf_counter
 from urllib.parse import urlsplit
 
 import httptools
@@ -50,9 +51,10 @@ class Connection(asyncio.Protocol):
     """One upstream connection; while leased, the reply to the request it carries."""
 
     __slots__ = ("_deadline", "_done", "_head", "_idle_timer", "_last", "_parser", "_reason",
-                 "_sink", "body", "close_delimited", "finished", "head_only", "headers",
-                 "idle_since", "in_body", "interim", "keep_alive", "leased", "length", "loop",
-                 "origin", "outcome", "owner", "paused", "reason", "status", "transport")
+                 "_sink", "arrived_at", "body", "close_delimited", "finished", "head_only",
+                 "headers", "idle_since", "in_body", "interim", "keep_alive", "leased", "length",
+                 "loop", "origin", "outcome", "owner", "paused", "reason", "sent_at", "status",
+                 "transport")
 
     def __init__(self, owner: HttpUpstream, origin: Origin) -> None:
         self.owner = owner
@@ -62,6 +64,8 @@ class Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self.leased = False
         self.idle_since = 0.0
+        self.arrived_at = 0.0
+        self.sent_at = 0.0
         self._reset(False)
 
     def _reset(self, head_only: bool) -> None:
@@ -99,6 +103,8 @@ class Connection(asyncio.Protocol):
         if not self.leased:  # bytes nobody asked for: the connection cannot be trusted
             self._close()
             return
+        # From here on the time is the sidecar's own (x-sidecar-overhead-ms).
+        self.arrived_at = perf_counter()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError:
@@ -199,7 +205,8 @@ class Connection(asyncio.Protocol):
         return self._done_future()
 
     async def read(self) -> bytes:
-        outcome = await self._done_future()
+        # Head and body mostly arrive in one read: then there is nothing to wait for.
+        outcome = self.outcome if self.finished else await self._done_future()
         if outcome is not None:
             raise Broken(outcome)
         return b"".join(self.body)
@@ -340,6 +347,7 @@ class HttpUpstream:
         assert transport is not None
         transport.writelines((b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (
             method, target, origin.host_header), headers, framing, body))
+        conn.sent_at = perf_counter()  # until the answer arrives, the time is upstream's
         try:
             result = await head
         except BaseException:
