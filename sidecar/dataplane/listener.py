@@ -103,10 +103,12 @@ class ClientConnection(asyncio.Protocol):
                 return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as upgrade:
             # An upgrade we do not take (h2c from Java clients): the request was whole; a
             # fresh parser reads whatever follows as HTTP/1.1 again.
             self._parser = httptools.HttpRequestParser(self)
+            if rest := data[upgrade.args[0]:]:
+                self.data_received(rest)
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             self._refuse(cause if isinstance(cause, Refused) else

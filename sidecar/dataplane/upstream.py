@@ -53,8 +53,8 @@ class Connection(asyncio.Protocol):
     __slots__ = ("_deadline", "_done", "_head", "_idle_timer", "_last", "_parser", "_reason",
                  "_sink", "arrived_at", "body", "close_delimited", "finished", "head_only",
                  "headers", "idle_since", "in_body", "interim", "keep_alive", "leased", "length",
-                 "loop", "origin", "outcome", "owner", "paused", "reason", "sent_at", "status",
-                 "transport")
+                 "loop", "origin", "outcome", "owner", "paused", "reason", "reused", "sent_at",
+                 "status", "transport")
 
     def __init__(self, owner: HttpUpstream, origin: Origin) -> None:
         self.owner = owner
@@ -66,6 +66,7 @@ class Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.arrived_at = 0.0
         self.sent_at = 0.0
+        self.reused = False  # it carried an earlier request
         self._reset(False)
 
     def _reset(self, head_only: bool) -> None:
@@ -128,9 +129,10 @@ class Connection(asyncio.Protocol):
         if self.finished:
             return
         if self._head is not None and not self._head.done():
-            # Closed before any answer: most likely a reused keep-alive connection the
-            # server closed as we sent on it.
-            self._answer(Outcome.CONNECTION_LOST)
+            # Closed before any answer. On a reused keep-alive connection that is most
+            # likely the server's idle close racing our send (retried once, fresh); on a
+            # fresh one the server took the connection and dropped it.
+            self._answer(Outcome.CONNECTION_LOST if self.reused else Outcome.CONNECT_ERROR)
         elif self.in_body and self.close_delimited:
             self._finish(None)  # the close is the body's end
         else:
@@ -367,6 +369,7 @@ class HttpUpstream:
                 if transport is not None and not transport.is_closing() and \
                         now - conn.idle_since < IDLE_S:
                     origin.in_use += 1
+                    conn.reused = True
                     return conn
                 conn._close()
             if origin.in_use < PER_ENDPOINT:
