@@ -209,7 +209,8 @@ class Telemetry:
         if len(series.samples) < RESERVOIR:
             series.samples.append(value)
         else:  # reservoir sampling keeps a uniform sample of the interval
-            slot = self._random.randrange(series.seen)
+            # random() is C; randrange() runs Python code on every sample past the first
+            slot = int(self._random.random() * series.seen)
             if slot < RESERVOIR:
                 series.samples[slot] = value
 

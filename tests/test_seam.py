@@ -69,6 +69,8 @@ class MockReply:
         self.reason = b""
         self.headers = [(b"Content-Type", b"application/json"),
                         (b"Content-Length", b"%d" % len(body))]
+        self.forward = b"Content-Type: application/json\r\n"
+        self.event_stream = False
         self.length = len(body)
         self.body = body
         self.released = 0

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from sidecar.budget import RetryBudget
 from sidecar.dataplane.events import Events
 from sidecar.dataplane.failover import Step, after_failure
+from sidecar.dataplane.headers import get
 from sidecar.dataplane.relay import Preamble
 from sidecar.dataplane.seam import Broken, Reply, Upstream
 from sidecar.errors import Outcome, classify_status, parse_retry_after
@@ -132,7 +133,7 @@ class Attempts:
                 continue
             events.attempt_failed(endpoint, outcome, now)
             status = answer.reply.status if answer is not None else None
-            wait = parse_retry_after(_header(answer.reply, b"retry-after")) \
+            wait = parse_retry_after(get(answer.reply.headers, b"retry-after")) \
                 if answer is not None else None
             if wait:
                 endpoint.hold(wait, now)
@@ -179,8 +180,7 @@ class Attempts:
         if outcome is Outcome.RETRYABLE_STATUS:
             reply.settle()
             return answer, outcome
-        sse = answer.sse = _header(reply, b"content-type", b"").startswith(
-            b"text/event-stream")
+        sse = answer.sse = reply.event_stream
         if not sse and reply.length is not None and reply.length <= WHOLE_BODY_MAX:
             reply.settle()
             try:
@@ -210,13 +210,6 @@ class Attempts:
 
 def _has_body(status: int) -> bool:
     return status >= 200 and status not in (204, 304)
-
-
-def _header(reply: Reply, name: bytes, default: bytes | None = None) -> bytes | None:
-    for key, value in reply.headers:
-        if key.lower() == name:
-            return value
-    return default
 
 
 def _prepend(first: tuple[Pool, Endpoint] | None, rest: Iterator[tuple[Pool, Endpoint]]

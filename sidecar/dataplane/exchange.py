@@ -23,9 +23,7 @@ from sidecar.dataplane.events import Events
 from sidecar.dataplane.failover import Step
 from sidecar.dataplane.headers import (
     REQUEST_DROP,
-    RESPONSE_DROP,
     get,
-    header_block,
     with_header,
 )
 from sidecar.dataplane.relay import Relay
@@ -192,8 +190,7 @@ class Proxy:
                  b"x-sidecar-attempts: %d\r\n" % answer.attempt]
         if pool.name != route.pool:
             extra.append(b"x-sidecar-fallback: %s\r\n" % route.pool.encode())
-        return header_block(reply.headers, RESPONSE_DROP, get(reply.headers, b"connection")
-                            ) + b"".join(extra)
+        return reply.forward + b"".join(extra)
 
     async def _relay(self, request: Request, down: Downstream, route: Route, answer: Answer,
                      relay: Relay, head: bytes, local: bool) -> None:

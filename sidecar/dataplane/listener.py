@@ -56,8 +56,8 @@ def status_line(status: int, reason: bytes = b"") -> bytes:
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = ("_begun_at", "_body", "_body_size", "_chunked", "_close_delimited",
-                 "_connection", "_expect", "_head_bytes", "_headers", "_in_head", "_parser",
-                 "_queue", "_selector", "_session", "_te", "_url", "_version", "closed",
+                 "_connection", "_expect", "_forward", "_head_bytes", "_headers", "_in_head",
+                 "_parser", "_queue", "_selector", "_session", "_te", "_url", "_version", "closed",
                  "connection_id", "deadline", "head_only", "keep_alive", "listener", "source",
                  "started", "task", "transport")
 
@@ -134,6 +134,7 @@ class ClientConnection(asyncio.Protocol):
     def _begin(self) -> None:
         self._url: list[bytes] = []
         self._headers: Headers = []
+        self._forward: list[bytes] = []  # the header lines that go upstream
         self._body: list[bytes] = []
         self._body_size = 0
         self._session: bytes | None = None
@@ -162,6 +163,8 @@ class ClientConnection(asyncio.Protocol):
             raise Refused(431, "header_too_large", f"a header line over {MAX_LINE} bytes")
         headers.append((name, value))
         lower = name.lower()
+        if lower not in REQUEST_DROP:
+            self._forward.append(b"%s: %s\r\n" % (name, value))
         if lower in self.listener.special:
             if lower == self.listener.session_header:
                 self._session = value
@@ -213,6 +216,7 @@ class ClientConnection(asyncio.Protocol):
         request = Request(
             parser.get_method(), b"".join(self._url),
             _VERSIONS.get(parser.get_http_version(), (1, 0)), self._headers,
+            b"".join(self._forward) if self._connection is None else
             header_block(self._headers, REQUEST_DROP, self._connection),
             body[0] if len(body) == 1 else b"".join(body), self._session, self._selector,
             self.connection_id, self._begun_at)
@@ -229,15 +233,15 @@ class ClientConnection(asyncio.Protocol):
         self._response_reset(request.method == b"HEAD")
         self._version = request.version
         self.keep_alive = keep_alive and not self.listener.draining
-        self.task = task = self.listener.loop.create_task(self.listener.handle(request, self))
-        task.add_done_callback(self._handled)
+        self.task = self.listener.loop.create_task(self._serve(request))
 
-    def _handled(self, task: asyncio.Task[None]) -> None:
-        self.task = None
-        self.source = None
-        if task.cancelled():
-            return
-        if (exc := task.exception()) is not None:
+    async def _serve(self, request: Request) -> None:
+        # What follows an answer runs here, not in a done callback: one loop turn less.
+        try:
+            await self.listener.handle(request, self)
+        except Exception as exc:
+            self.task = None
+            self.source = None
             self.listener.errors += 1
             self.listener.log_error(exc)
             if not self.started:
@@ -245,6 +249,8 @@ class ClientConnection(asyncio.Protocol):
                                              "internal_error"))
             self._close()
             return
+        self.task = None
+        self.source = None
         if self.closed:
             return
         if not self.keep_alive:

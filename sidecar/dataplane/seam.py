@@ -37,7 +37,9 @@ class Reply(Protocol):
 
     status: int
     reason: bytes
-    headers: Headers
+    headers: Headers  # as received
+    forward: bytes  # the header lines to send the app (hop-by-hop and framing dropped)
+    event_stream: bool  # Content-Type: text/event-stream
     length: int | None  # Content-Length; None: chunked or close-delimited
     sent_at: float  # perf_counter() when the request was written
     arrived_at: float  # perf_counter() when its latest bytes were received
