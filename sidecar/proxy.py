@@ -28,6 +28,7 @@ from sidecar.errors import (
     error_body,
     parse_retry_after,
 )
+from sidecar.models import listing, named_pool, needs_rewrite, requested_model
 from sidecar.pools import Endpoint, Pool
 from sidecar.resume import ContinuationFrames, Transcript, continuation
 from sidecar.routing import Router
@@ -109,7 +110,7 @@ def json_error(status: int, message: str, code: str, headers: dict[str, str] | N
 
 
 def rewrite_model(body: bytes, model: str) -> bytes:
-    """Swap the `model` of a JSON request for the fallback pool's; anything else untouched."""
+    """Swap the `model` of a JSON request for the serving pool's; anything else untouched."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -197,6 +198,10 @@ class Proxy:
         return response
 
     async def _handle(self, request: web.Request, started: float) -> web.StreamResponse:
+        if request.path == "/v1/models" and request.method == "GET":
+            # What the app may name is what the sidecar can serve, not what one pod serves.
+            return web.Response(body=orjson.dumps(listing(self.router.settings.pools)),
+                                headers=JSON_HEADERS)
         headers = request.headers
         session = headers.get(self.session_header)
         local = session is None
@@ -223,11 +228,16 @@ class Proxy:
         except web.HTTPRequestEntityTooLarge:
             return self._too_large()
 
+        requested = requested_model(body)
+        named = named_pool(self.router.pools.models, requested)
         now = asyncio.get_running_loop().time()
         route = self.router.lookup(session, now)
         if route is None:
-            route = await self.router.resolve(session, selector, local=local)
-        return await self._forward(request, route, body, now, local, started)
+            route = await self.router.resolve(session, selector, local=local, pool=named)
+        serving = self.router.for_model(route, named)
+        # A per-request route (another pool named) is never written back to the store.
+        return await self._forward(request, serving, body, now, local or serving is not route,
+                                   started, requested)
 
     def _too_large(self) -> web.Response:
         self.counters.body_too_large += 1
@@ -235,7 +245,8 @@ class Proxy:
                           f"{self.max_body}", "body_too_large")
 
     async def _forward(self, request: web.Request, route: Route, body: bytes, now: float,
-                       local: bool, started: float) -> web.StreamResponse:
+                       local: bool, started: float, requested: str | None = None
+                       ) -> web.StreamResponse:
         ex = Exchange(request, route, local, started)
         tried: list[dict[str, object]] = []  # only grows on failures
         retry_after: float | None = None
@@ -249,7 +260,7 @@ class Proxy:
             pool, endpoint = candidate
             attempt += 1
             payload = body
-            if pool.name != route.pool and body:
+            if needs_rewrite(requested, pool.model):
                 payload = rewrite_model(body, pool.model)
             headers = ex.headers
             if pool.auth_header is not None:
@@ -284,6 +295,7 @@ class Proxy:
                     relost = True
                     endpoint.inflight -= 1
                     self.counters.retries += 1
+                    self.telemetry.count("retries", (pool.name,))
                     continue
                 nxt = next(plan, None) if attempt < self.max_attempts else None
                 if nxt is not None or upstream is None:
@@ -425,6 +437,7 @@ class Proxy:
         out.append(("x-sidecar-overhead-ms", f"{overhead * 1000:.3f}"))
         out.append(("x-sidecar-session", route.session))
         out.append(("x-sidecar-pool", pool.name))
+        out.append(("x-sidecar-model", pool.model))
         out.append(("x-sidecar-endpoint", endpoint.url))
         out.append(("x-sidecar-attempts", str(attempts)))
         if pool.name != route.pool:
