@@ -84,6 +84,10 @@ Or from the OpenAI SDK (pip install openai):
   print(client.chat.completions.create(model="{SMALL_MODEL}",
         messages=[{{"role": "user", "content": "hi"}}]).choices[0].message.content)
 
+"model": "auto" lets the sidecar's routing table pick the pool; naming a pool's model
+({SMALL_MODEL} or {LARGE_MODEL}) picks that pool. What it serves:
+  curl -s {base}/v1/models
+
 Where a session lives:  curl -s http://{admin_listen}/sessions/my-session
 Live view:              llm-sidecar top --admin http://{admin_listen}
 Ctrl-C stops everything.
