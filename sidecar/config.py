@@ -300,6 +300,9 @@ def parse_pools(reader: _Reader, data: Any, source: str, env: Mapping[str, str]
         model = spec.get("model")
         if not isinstance(model, str) or not model:
             reader.problems.append(f"{where}: \"model\" must be a non-empty string, got {model!r}")
+        elif not (model.isascii() and model.isprintable()):
+            # Echoed in the x-sidecar-model response header.
+            reader.problems.append(f"{where}: \"model\" must be printable ASCII, got {model!r}")
         endpoints = spec.get("endpoints")
         # An empty list is valid: a pool scaled to zero, or whose pods have not registered
         # with service discovery yet, simply has nothing ready (its fallback serves).
@@ -340,7 +343,7 @@ def parse_pools(reader: _Reader, data: Any, source: str, env: Mapping[str, str]
             resume = False
         aliases = spec.get("aliases", [])
         if not isinstance(aliases, list) or not all(
-                isinstance(a, str) and a and a.isprintable() for a in aliases):
+                isinstance(a, str) and a and a.isascii() and a.isprintable() for a in aliases):
             reader.problems.append(f"{where}: \"aliases\" must be a list of model names "
                                    f'like ["chat"], got {aliases!r}')
             aliases = []

@@ -46,6 +46,7 @@ def test_the_first_pool_listed_serves_a_model_two_pools_share():
     ("chat", '"aliases" must be a list of model names'),
     ([""], '"aliases" must be a list of model names'),
     ([3], '"aliases" must be a list of model names'),
+    (["bad\r\nx-injected: 1"], '"aliases" must be a list of model names'),
     (["auto"], "alias 'auto' is reserved"),
     ([LARGE], f"alias '{LARGE}' already names pool 'large'"),
 ])
@@ -56,6 +57,12 @@ def test_bad_aliases_are_refused_naming_the_variable(aliases, expected):
         settings(pools)
     [problem] = [p for p in refused.value.problems if expected in p]
     assert problem.startswith("SIDECAR_POOLS")
+
+
+def test_a_model_name_that_could_break_the_response_header_is_refused():
+    with pytest.raises(ConfigError) as refused:
+        settings({"small": {"model": "m\r\nx-injected: 1", "endpoints": []}})
+    assert '"model" must be printable ASCII' in str(refused.value)
 
 
 def test_two_pools_may_not_claim_one_alias_and_no_pool_may_serve_auto():
