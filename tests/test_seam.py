@@ -72,6 +72,7 @@ class MockReply:
         self.length = len(body)
         self.body = body
         self.released = 0
+        self.sent_at = self.arrived_at = 0.0
 
     def pipe(self, sink: Callable[[bytes], None]) -> asyncio.Future[Outcome | None]:
         sink(self.body)

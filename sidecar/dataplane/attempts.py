@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator
-from time import perf_counter
 
 from sidecar.budget import RetryBudget
 from sidecar.dataplane.events import Events
@@ -51,11 +50,13 @@ class Lease:
 class Answer:
     """What an attempt got before the point of no return."""
 
-    __slots__ = ("attempt", "body", "held", "lease", "pool", "ready_at", "reply", "sent_at",
-                 "sse")
+    __slots__ = ("attempt", "body", "held", "lease", "payload", "pool", "ready_at", "reply",
+                 "sent_at", "sse")
 
-    def __init__(self, pool: Pool, lease: Lease, reply: Reply, sent_at: float) -> None:
+    def __init__(self, pool: Pool, lease: Lease, reply: Reply, payload: bytes,
+                 sent_at: float) -> None:
         self.pool = pool
+        self.payload = payload  # the request body as sent (model rewritten for a fallback)
         self.lease = lease
         self.reply = reply
         self.sent_at = sent_at
@@ -167,14 +168,13 @@ class Attempts:
         stream's preamble plus its first content. Nothing has reached the app yet, so
         every failure here is still retryable."""
         deadline = self.loop.time() + self.first_byte_timeout
-        sent_at = perf_counter()
         reply = await self.upstream.send(lease.endpoint.url, method, target, headers, body,
                                          deadline)
         if isinstance(reply, Outcome):
             return None, reply
         lease.reply = reply
-        answer = Answer(pool, lease, reply, sent_at)
-        answer.ready_at = perf_counter()
+        answer = Answer(pool, lease, reply, body, reply.sent_at)
+        answer.ready_at = reply.arrived_at
         outcome = classify_status(reply.status)
         if outcome is Outcome.RETRYABLE_STATUS:
             reply.settle()
@@ -187,7 +187,7 @@ class Attempts:
                 answer.body = await reply.read()
             except Broken:
                 return None, Outcome.BROKEN_BEFORE_CONTENT
-            answer.ready_at = perf_counter()
+            answer.ready_at = reply.arrived_at
             return answer, outcome
         if reply.length == 0 or not _has_body(reply.status):
             reply.settle()
@@ -204,7 +204,7 @@ class Attempts:
             return None, (Outcome.FIRST_BYTE_TIMEOUT if broke is Outcome.FIRST_BYTE_TIMEOUT
                           else Outcome.BROKEN_BEFORE_CONTENT)
         answer.held = preamble.take()
-        answer.ready_at = perf_counter()
+        answer.ready_at = reply.arrived_at
         return answer, outcome
 
 

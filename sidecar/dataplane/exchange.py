@@ -171,17 +171,24 @@ class Proxy:
                 reason = f"{last.outcome.value} from {last.endpoint} (pool {last.pool})"
             self.router.served(route, pool, endpoint, local=local, reason=reason)
             fields["endpoint"] = endpoint.url
-            payload = request_for(pool)[1]
+            reply, payload = answer.reply, answer.payload
+            head = self._head(request, route, answer, fields)
+            if answer.body is not None:
+                # One write for the whole answer; reply.length, not len(body): a HEAD
+                # answer keeps the upstream's Content-Length.
+                down.send(reply.status, reply.reason, head, reply.length, answer.body)
+                usage = usage_in(answer.body) if answer.body else None
+                prompt, completion = usage or (len(payload) // 4, len(answer.body) // 4)
+                self.events.tokens(pool.name, pool.model, prompt, completion, None)
+                return reply.status, pool.name, pool.model
             relay = Relay(down, self.events, pool.name, pool.model, request.received_at, None)
-            status = answer.reply.status
-            await self._relay(request, down, route, answer, relay, answer.attempt, payload,
-                              local, fields)
-            prompt, completion = relay.tokens(len(payload), answer.body)
+            await self._relay(request, down, route, answer, relay, head, local)
+            prompt, completion = relay.tokens(len(payload))
             self.events.tokens(pool.name, pool.model, prompt, completion,
                                relay.generation_s())
-            return status, pool.name, pool.model
+            return reply.status, pool.name, pool.model
 
-    def _head(self, request: Request, route: Route, answer: Answer, attempts: int,
+    def _head(self, request: Request, route: Route, answer: Answer,
               fields: dict[str, object]) -> bytes:
         reply, pool = answer.reply, answer.pool
         # The sidecar's own time: request received → upstream request sent, plus upstream
@@ -194,24 +201,15 @@ class Proxy:
                  b"x-sidecar-pool: %s\r\n" % pool.name.encode(),
                  b"x-sidecar-model: %s\r\n" % pool.model.encode(),
                  b"x-sidecar-endpoint: %s\r\n" % answer.lease.endpoint.url_key,
-                 b"x-sidecar-attempts: %d\r\n" % attempts]
+                 b"x-sidecar-attempts: %d\r\n" % answer.attempt]
         if pool.name != route.pool:
             extra.append(b"x-sidecar-fallback: %s\r\n" % route.pool.encode())
         return header_block(reply.headers, RESPONSE_DROP, get(reply.headers, b"connection")
                             ) + b"".join(extra)
 
     async def _relay(self, request: Request, down: Downstream, route: Route, answer: Answer,
-                     relay: Relay, attempts: int, payload: bytes, local: bool,
-                     fields: dict[str, object]) -> None:
-        reply = answer.reply
-        head = self._head(request, route, answer, attempts, fields)
-        if answer.body is not None:
-            relay.usage = usage_in(answer.body)
-            # reply.length, not len(body): a HEAD answer keeps the upstream's Content-Length
-            down.start(reply.status, reply.reason, head, reply.length)
-            down.write(answer.body)
-            down.end()
-            return
+                     relay: Relay, head: bytes, local: bool) -> None:
+        reply, payload = answer.reply, answer.payload
         pool = answer.pool
         transcript = Transcript() if (
             pool.config.resume and answer.sse and reply.status == 200

@@ -55,11 +55,11 @@ def status_line(status: int, reason: bytes = b"") -> bytes:
 
 
 class ClientConnection(asyncio.Protocol):
-    __slots__ = ("_body", "_body_size", "_chunked", "_close_delimited", "_connection",
-                 "_expect", "_head_bytes", "_headers", "_in_head", "_parser", "_queue",
-                 "_selector", "_session", "_te", "_url", "_version", "closed", "connection_id",
-                 "deadline", "head_only", "keep_alive", "listener", "source", "started",
-                 "task", "transport")
+    __slots__ = ("_begun_at", "_body", "_body_size", "_chunked", "_close_delimited",
+                 "_connection", "_expect", "_head_bytes", "_headers", "_in_head", "_parser",
+                 "_queue", "_selector", "_session", "_te", "_url", "_version", "closed",
+                 "connection_id", "deadline", "head_only", "keep_alive", "listener", "source",
+                 "started", "task", "transport")
 
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
@@ -74,6 +74,7 @@ class ClientConnection(asyncio.Protocol):
         self._in_head = False
         self._head_bytes = 0
         self._version = (1, 1)
+        self._begun_at = 0.0
         self._begin()
         self._response_reset(False)
 
@@ -102,10 +103,12 @@ class ClientConnection(asyncio.Protocol):
                 return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as upgrade:
             # An upgrade we do not take (h2c from Java clients): the request was whole; a
             # fresh parser reads whatever follows as HTTP/1.1 again.
             self._parser = httptools.HttpRequestParser(self)
+            if rest := data[upgrade.args[0]:]:
+                self.data_received(rest)
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             self._refuse(cause if isinstance(cause, Refused) else
@@ -140,6 +143,7 @@ class ClientConnection(asyncio.Protocol):
         self._te: bytes | None = None
 
     def on_message_begin(self) -> None:
+        self._begun_at = perf_counter()  # the request's clock starts at its first bytes
         self._begin()
         self._in_head = True
         self._head_bytes = 0
@@ -211,7 +215,7 @@ class ClientConnection(asyncio.Protocol):
             _VERSIONS.get(parser.get_http_version(), (1, 0)), self._headers,
             header_block(self._headers, REQUEST_DROP, self._connection),
             body[0] if len(body) == 1 else b"".join(body), self._session, self._selector,
-            self.connection_id, perf_counter())
+            self.connection_id, self._begun_at)
         self._queue.append((request, parser.should_keep_alive()))
         self._begin()
         if self.task is None:
@@ -281,7 +285,8 @@ class ClientConnection(asyncio.Protocol):
         self._close_delimited = False
         self.keep_alive = True
 
-    def start(self, status: int, reason: bytes, headers: bytes, length: int | None) -> None:
+    def start(self, status: int, reason: bytes, headers: bytes, length: int | None,
+              body: bytes = b"") -> None:
         self.started = True
         if status in _BODYLESS or status < 200:
             framing = b""
@@ -299,8 +304,13 @@ class ClientConnection(asyncio.Protocol):
         if not self.keep_alive:
             framing += b"Connection: close\r\n"
         if self.transport is not None and not self.closed:
+            # One write (one syscall) for a head and, when it is whole, its body.
             self.transport.writelines((status_line(status, reason), headers, framing,
-                                       b"\r\n"))
+                                       b"\r\n", b"" if self.head_only else body))
+
+    def send(self, status: int, reason: bytes, headers: bytes, length: int | None,
+             body: bytes) -> None:
+        self.start(status, reason, headers, length, body)
 
     def write(self, data: bytes) -> None:
         if not data or self.head_only or self.closed:

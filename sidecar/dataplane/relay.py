@@ -131,12 +131,11 @@ class Relay:
             return None
         return self.last_content - self.first_content
 
-    def tokens(self, prompt_bytes: int, body: bytes | None) -> tuple[int, int]:
-        """Reported usage, else an estimate (~4 bytes per token of request; streamed frames
-        or response bytes for the completion)."""
+    def tokens(self, prompt_bytes: int) -> tuple[int, int]:
+        """Reported usage, else an estimate (~4 bytes per token of request, a token per
+        streamed content frame)."""
         if self.usage is not None:
             return self.usage
-        completion = self.completion_frames if body is None else len(body) // 4
-        return prompt_bytes // 4, completion
+        return prompt_bytes // 4, self.completion_frames
 
 

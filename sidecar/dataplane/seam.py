@@ -29,7 +29,7 @@ class Request:
         self.session = session  # the session header's value, if any
         self.selector = selector
         self.connection = connection  # names the TCP connection (connection sessions)
-        self.received_at = received_at  # perf_counter() when the request was complete
+        self.received_at = received_at  # perf_counter() when its first bytes were read
 
 
 class Reply(Protocol):
@@ -39,6 +39,8 @@ class Reply(Protocol):
     reason: bytes
     headers: Headers
     length: int | None  # Content-Length; None: chunked or close-delimited
+    sent_at: float  # perf_counter() when the request was written
+    arrived_at: float  # perf_counter() when its latest bytes were received
 
     def pipe(self, sink: Callable[[bytes], None]) -> Awaitable[Outcome | None]:
         """Deliver body chunks to `sink` (buffered ones first); resolves None when the body
@@ -87,6 +89,10 @@ class Downstream(Protocol):
     head_only: bool  # a HEAD request: the head is sent, a body never
 
     def start(self, status: int, reason: bytes, headers: bytes, length: int | None) -> None:
+        ...
+    def send(self, status: int, reason: bytes, headers: bytes, length: int | None,
+             body: bytes) -> None:
+        """A whole answer at once (start + write + end in one write)."""
         ...
     def write(self, data: bytes) -> None: ...
     def end(self) -> None: ...

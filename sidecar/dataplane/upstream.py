@@ -9,6 +9,7 @@ import contextlib
 import socket
 import ssl
 from collections.abc import Callable
+from time import perf_counter
 from urllib.parse import urlsplit
 
 import httptools
@@ -50,9 +51,10 @@ class Connection(asyncio.Protocol):
     """One upstream connection; while leased, the reply to the request it carries."""
 
     __slots__ = ("_deadline", "_done", "_head", "_idle_timer", "_last", "_parser", "_reason",
-                 "_sink", "body", "close_delimited", "finished", "head_only", "headers",
-                 "idle_since", "in_body", "interim", "keep_alive", "leased", "length", "loop",
-                 "origin", "outcome", "owner", "paused", "reason", "status", "transport")
+                 "_sink", "arrived_at", "body", "close_delimited", "finished", "head_only",
+                 "headers", "idle_since", "in_body", "interim", "keep_alive", "leased", "length",
+                 "loop", "origin", "outcome", "owner", "paused", "reason", "reused", "sent_at",
+                 "status", "transport")
 
     def __init__(self, owner: HttpUpstream, origin: Origin) -> None:
         self.owner = owner
@@ -62,6 +64,9 @@ class Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self.leased = False
         self.idle_since = 0.0
+        self.arrived_at = 0.0
+        self.sent_at = 0.0
+        self.reused = False  # it carried an earlier request
         self._reset(False)
 
     def _reset(self, head_only: bool) -> None:
@@ -99,6 +104,8 @@ class Connection(asyncio.Protocol):
         if not self.leased:  # bytes nobody asked for: the connection cannot be trusted
             self._close()
             return
+        # From here on the time is the sidecar's own (x-sidecar-overhead-ms).
+        self.arrived_at = perf_counter()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError:
@@ -122,9 +129,10 @@ class Connection(asyncio.Protocol):
         if self.finished:
             return
         if self._head is not None and not self._head.done():
-            # Closed before any answer: most likely a reused keep-alive connection the
-            # server closed as we sent on it.
-            self._answer(Outcome.CONNECTION_LOST)
+            # Closed before any answer. On a reused keep-alive connection that is most
+            # likely the server's idle close racing our send (retried once, fresh); on a
+            # fresh one the server took the connection and dropped it.
+            self._answer(Outcome.CONNECTION_LOST if self.reused else Outcome.CONNECT_ERROR)
         elif self.in_body and self.close_delimited:
             self._finish(None)  # the close is the body's end
         else:
@@ -199,7 +207,8 @@ class Connection(asyncio.Protocol):
         return self._done_future()
 
     async def read(self) -> bytes:
-        outcome = await self._done_future()
+        # Head and body mostly arrive in one read: then there is nothing to wait for.
+        outcome = self.outcome if self.finished else await self._done_future()
         if outcome is not None:
             raise Broken(outcome)
         return b"".join(self.body)
@@ -340,6 +349,7 @@ class HttpUpstream:
         assert transport is not None
         transport.writelines((b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (
             method, target, origin.host_header), headers, framing, body))
+        conn.sent_at = perf_counter()  # until the answer arrives, the time is upstream's
         try:
             result = await head
         except BaseException:
@@ -359,6 +369,7 @@ class HttpUpstream:
                 if transport is not None and not transport.is_closing() and \
                         now - conn.idle_since < IDLE_S:
                     origin.in_use += 1
+                    conn.reused = True
                     return conn
                 conn._close()
             if origin.in_use < PER_ENDPOINT:
