@@ -29,6 +29,7 @@ from sidecar.dataplane.headers import (
 from sidecar.dataplane.relay import Relay
 from sidecar.dataplane.seam import Downstream, Request, Upstream
 from sidecar.errors import Outcome, error_body
+from sidecar.models import listing, named_pool, needs_rewrite, requested_model
 from sidecar.pools import Endpoint, Pool
 from sidecar.resume import ContinuationFrames, Transcript, continuation
 from sidecar.sessions import Route, parse_selector, valid_session_id
@@ -43,7 +44,7 @@ RETRY_AFTER_S = "5"
 
 
 def rewrite_model(body: bytes, model: str) -> bytes:
-    """Swap the `model` of a JSON request for the fallback pool's; anything else untouched."""
+    """Swap the `model` of a JSON request for the serving pool's; anything else untouched."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -92,6 +93,10 @@ class Proxy:
 
     async def _handle(self, request: Request, down: Downstream, fields: dict[str, object]
                       ) -> tuple[int, str, str]:
+        if request.method == b"GET" and request.target.split(b"?", 1)[0] == b"/v1/models":
+            # What the app may name is what the sidecar can serve, not what one pod serves.
+            down.respond(200, orjson.dumps(listing(self.router.settings.pools)))
+            return 200, "none", "none"
         raw = request.session
         local = raw is None
         if raw is None:
@@ -109,22 +114,28 @@ class Proxy:
                 self.counters.bad_requests += 1
                 return self._refuse(down, 400, "header x-sidecar-selector must be an integer "
                                     "0-15", "invalid_selector")
+        requested = requested_model(request.body)
+        named = named_pool(self.router.pools.models, requested)
         now = self.loop.time()
         route = self.router.lookup(session, now)
         if route is None:
-            route = await self.router.resolve(session, selector, local=local)
+            route = await self.router.resolve(session, selector, local=local, pool=named)
         fields["session"] = route.session
-        return await self._forward(request, down, route, now, local, fields)
+        serving = self.router.for_model(route, named)
+        # A per-request route (another pool named) is never written back to the store.
+        return await self._forward(request, down, serving, now, local or serving is not route,
+                                   fields, requested)
 
     async def _forward(self, request: Request, down: Downstream, route: Route, now: float,
-                       local: bool, fields: dict[str, object]) -> tuple[int, str, str]:
+                       local: bool, fields: dict[str, object], requested: str | None = None
+                       ) -> tuple[int, str, str]:
         self.budget.record_request(now)
         failures: list[Failure] = []  # only grows on failures
         body = request.body
 
         def request_for(pool: Pool) -> tuple[bytes, bytes]:
-            payload = body if pool.name == route.pool or not body else \
-                rewrite_model(body, pool.model)
+            payload = rewrite_model(body, pool.model) if needs_rewrite(requested, pool.model) \
+                else body
             if pool.auth_header is None:
                 return request.forward, payload
             return with_header(request.headers, b"Authorization", pool.auth_header.encode(),
@@ -186,6 +197,7 @@ class Proxy:
         extra = [b"x-sidecar-overhead-ms: %.3f\r\n" % (overhead * 1000),
                  b"x-sidecar-session: %s\r\n" % route.session.encode(),
                  b"x-sidecar-pool: %s\r\n" % pool.name.encode(),
+                 b"x-sidecar-model: %s\r\n" % pool.model.encode(),
                  b"x-sidecar-endpoint: %s\r\n" % answer.lease.endpoint.url_key,
                  b"x-sidecar-attempts: %d\r\n" % answer.attempt]
         if pool.name != route.pool:
