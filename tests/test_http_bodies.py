@@ -1,0 +1,166 @@
+"""Response bodies on the wire (SPEC 5, 6 and 9): bodiless answers (HEAD, 204, 304) carry
+no bytes and leave the upstream connection reusable, close-delimited and chunked answers
+arrive whole, and a truncated answer never looks complete to the app."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from tests.raw_http import (
+    Client,
+    Conn,
+    Message,
+    always,
+    chunked,
+    get,
+    proxied,
+    response,
+    upstream_factory,
+)
+
+
+@pytest.fixture
+async def upstreams():
+    async with upstream_factory() as make:
+        yield make
+
+
+def then(first: bytes, rest: bytes = response(b"after")):
+    """Answer the first request of each connection with `first`, the others with `rest`."""
+
+    async def respond(conn: Conn, request: Message) -> bool:
+        await conn.send(first if len(conn.requests) == 1 else rest)
+        return True
+
+    return respond
+
+
+async def two_calls(port: int, method: bytes = b"GET") -> tuple[Message, Message]:
+    """Two requests on one client connection: the second proves the first left no bytes."""
+    client = await Client.open(port)
+    try:
+        await client.send(get(b"/first", method=method))
+        one = await client.final(method)
+        await client.send(get(b"/second"))
+        two = await client.final()
+    finally:
+        client.close()
+    return one, two
+
+
+async def test_head_keeps_the_upstreams_content_length_and_sends_no_body(sidecar, upstreams):
+    head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1234\r\n\r\n")
+    running, upstream = await proxied(sidecar, upstreams, then(head))
+    one, two = await two_calls(running.port, b"HEAD")
+    assert one.status == 200 and one.body == b""
+    assert one.header("content-length") == b"1234", one.raw
+    assert two.body == b"after"
+    assert len(upstream.conns) == 1 and [r.method for r in upstream.requests] == \
+        [b"HEAD", b"GET"], "the upstream connection is reused after a HEAD"
+
+
+async def test_204_has_no_body_and_the_upstream_connection_is_reused(sidecar, upstreams):
+    running, upstream = await proxied(sidecar, upstreams,
+                                      then(b"HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n"))
+    one, two = await two_calls(running.port)
+    assert one.status == 204 and one.header("x-a") == b"1"
+    assert one.header("content-length") is None and one.header("transfer-encoding") is None
+    assert two.body == b"after"
+    assert len(upstream.conns) == 1 and len(upstream.requests) == 2
+
+
+async def test_304_has_no_body_and_the_upstream_connection_is_reused(sidecar, upstreams):
+    # A 304's Content-Length describes the representation, not bytes that follow.
+    not_modified = b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nContent-Length: 42\r\n\r\n'
+    running, upstream = await proxied(sidecar, upstreams, then(not_modified))
+    one, two = await two_calls(running.port)
+    assert one.status == 304 and one.header("etag") == b'"v1"'
+    assert one.header("content-length") in (None, b"42")
+    assert one.header("transfer-encoding") is None
+    assert two.body == b"after"
+    assert len(upstream.conns) == 1 and len(upstream.requests) == 2
+
+
+PATTERN = bytes(range(256)) * 800  # 200 KiB
+
+
+@pytest.mark.parametrize("kind", [b"application/octet-stream", b"text/event-stream"])
+async def test_a_close_delimited_response_is_forwarded_whole(sidecar, upstreams, kind):
+    async def respond(conn: Conn, request: Message) -> bool:
+        if conn.number > 1:
+            await conn.send(response(b"fresh"))
+            return True
+        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Type: " + kind + b"\r\n\r\n")
+        for i in range(0, len(PATTERN), 32768):
+            await conn.send(PATTERN[i:i + 32768])
+        return False  # the close is the end of the body
+
+    running, upstream = await proxied(sidecar, upstreams, respond)
+    one, two = await two_calls(running.port)
+    assert one.status == 200 and one.complete, "the upstream's close ended the body cleanly"
+    assert one.body == PATTERN
+    assert two.body == b"fresh" and len(upstream.conns) == 2
+
+
+async def test_a_chunked_response_with_trailers_arrives_complete(sidecar, upstreams):
+    pieces = [b"alpha ", b"beta " * 1000, b"gamma"]
+    reply = chunked(pieces, trailers=b"X-Checksum: abc\r\nX-Other: 1\r\n")
+    running, upstream = await proxied(sidecar, upstreams, then(reply))
+    one, two = await two_calls(running.port)
+    assert one.status == 200 and one.complete and one.body == b"".join(pieces)
+    assert two.body == b"after"
+    assert len(upstream.conns) == 1, "the trailers were read: the connection stays usable"
+
+
+TRUNCATED = {
+    "before-content-length": b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+    b"Content-Length: 100000\r\n\r\n" + PATTERN[:40000],
+    "mid-chunk": b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n8000\r\n" + PATTERN[:10000],
+    # chunked() ends with the terminating "0" chunk: cut it off.
+    "between-chunks": chunked([b"0123456789abcdef"],
+                              [b"Content-Type: application/octet-stream"])[:-5],
+    "sse-mid-stream": chunked([b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'],
+                              [b"Content-Type: text/event-stream"])[:-5],
+}
+
+
+@pytest.mark.parametrize("case", TRUNCATED)
+async def test_a_truncated_response_never_looks_complete(sidecar, upstreams, case):
+    async def respond(conn: Conn, request: Message) -> bool:
+        await conn.send(TRUNCATED[case])
+        await asyncio.sleep(0.3)  # the sidecar has started relaying by now
+        return False  # lost: the connection ends short of what the framing promised
+
+    running, _ = await proxied(sidecar, upstreams, respond, SIDECAR_MAX_ATTEMPTS="1")
+    client = await Client.open(running.port)
+    try:
+        await client.send(get())
+        answer = await client.final()
+        closed = answer.status < 500 and await client.closed()
+    finally:
+        client.close()
+    if answer.status >= 500:  # refused before any byte was relayed: a clear error
+        assert json.loads(answer.body)["error"]["code"], answer.raw[:300]
+        return
+    assert answer.status == 200
+    assert not answer.complete, ("the app got a complete-looking answer from a truncated "
+                                 f"upstream response: {answer.raw[:200]!r}...")
+    assert closed
+
+
+async def test_a_large_content_length_body_is_forwarded_byte_exact(sidecar, upstreams):
+    body = PATTERN * 25  # 5 MiB
+    running, _ = await proxied(sidecar, upstreams, always(response(body)))
+    client = await Client.open(running.port)
+    try:
+        await client.send(get())
+        answer = await client.final()
+    finally:
+        client.close()
+    assert answer.header("content-length") == str(len(body)).encode()
+    assert answer.body == body
