@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ class Message:
     trailers: list[Header] = field(default_factory=list)
     complete: bool = True  # False: the connection ended before the framing said it would
     chunked: bool = False
+    size: int = 0  # content bytes received
 
     @property
     def status(self) -> int:
@@ -55,8 +57,9 @@ class Message:
 class Wire:
     """Reads a stream and keeps every byte it hands out."""
 
-    def __init__(self, reader: asyncio.StreamReader) -> None:
+    def __init__(self, reader: asyncio.StreamReader, record: bool = True) -> None:
         self.reader = reader
+        self.record = record  # False: keep nothing once handed out (for huge bodies)
         self.buffer = bytearray()
         self.seen = bytearray()  # everything received so far, consumed or not
         self.taken = 0  # bytes handed out
@@ -68,7 +71,8 @@ class Wire:
             self.eof = True
             raise EOFError
         self.buffer += data
-        self.seen += data
+        if self.record:
+            self.seen += data
 
     def _take(self, n: int) -> bytes:
         out = bytes(self.buffer[:n])
@@ -113,8 +117,10 @@ def parse_head(head: bytes) -> tuple[bytes, list[Header]]:
     return lines[0], headers
 
 
-async def read_message(wire: Wire, *, request: bool, method: bytes = b"GET") -> Message | None:
-    """The next message on `wire`, or None if the peer closed before sending a byte."""
+async def read_message(wire: Wire, *, request: bool, method: bytes = b"GET",
+                       keep: bool = True) -> Message | None:
+    """The next message on `wire`, or None if the peer closed before sending a byte.
+    With `keep` False the content is counted (`size`) but not kept."""
     start_at = wire.taken
     try:
         head = await wire.until(b"\r\n\r\n")
@@ -131,7 +137,7 @@ async def read_message(wire: Wire, *, request: bool, method: bytes = b"GET") -> 
     if not request:
         status = message.status
         bodiless = method == b"HEAD" or 100 <= status < 200 or status in (204, 304)
-    body = bytearray()
+    body = Content(keep)
     try:
         if bodiless:
             pass
@@ -154,9 +160,28 @@ async def read_message(wire: Wire, *, request: bool, method: bytes = b"GET") -> 
     except (EOFError, ConnectionError):
         message.complete = False
         body += wire._take(len(wire.buffer))
-    message.body = bytes(body)
-    message.raw = bytes(wire.seen[start_at:wire.taken])
+    message.body, message.size = bytes(body.kept), body.size
+    if wire.record:
+        message.raw = bytes(wire.seen[start_at:wire.taken])
     return message
+
+
+class Content:
+    """A message's content as it is read: kept, or only counted."""
+
+    def __init__(self, keep: bool) -> None:
+        self.keep = keep
+        self.kept = bytearray()
+        self.size = 0
+
+    def __iadd__(self, data: bytes) -> Content:
+        self.size += len(data)
+        if self.keep:
+            self.kept += data
+        return self
+
+    def __len__(self) -> int:
+        return self.size
 
 
 # --- the upstream -------------------------------------------------------------------------
@@ -265,6 +290,8 @@ class Upstream:
                     break
         except (EOFError, ConnectionError):
             conn.closed_by_peer.set()
+        except asyncio.CancelledError:
+            pass  # stopped: end quietly (asyncio logs a cancelled connection callback)
         finally:
             writer.close()
             self._tasks.discard(task)
@@ -274,6 +301,8 @@ class Upstream:
             self.server.close()
         for conn in self.conns:
             conn.writer.close()
+        if self._tasks:  # closed sockets end most; a responder still waiting is cancelled
+            await asyncio.wait(list(self._tasks), timeout=1)
         for task in list(self._tasks):
             task.cancel()
         with contextlib.suppress(Exception):
@@ -311,26 +340,41 @@ class Client:
         self.writer = writer
 
     @classmethod
-    async def open(cls, port: int) -> Client:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection("127.0.0.1", port, limit=1 << 20), TIMEOUT_S)
+    async def open(cls, port: int, *, rcvbuf: int = 0, sndbuf: int = 0) -> Client:
+        """Small `rcvbuf`/`sndbuf` keep the kernel from hiding how much the sidecar
+        itself holds."""
+        sock = socket.socket()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # pieces go out as cut
+        for option, size in ((socket.SO_RCVBUF, rcvbuf), (socket.SO_SNDBUF, sndbuf)):
+            if size:
+                sock.setsockopt(socket.SOL_SOCKET, option, size)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(
+                sock, ("127.0.0.1", port)), TIMEOUT_S)
+        except BaseException:
+            sock.close()
+            raise
+        reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 16)
         return cls(reader, writer)
 
     async def send(self, data: bytes) -> None:
         self.writer.write(data)
         await asyncio.wait_for(self.writer.drain(), TIMEOUT_S)
 
-    async def response(self, method: bytes = b"GET", timeout: float = TIMEOUT_S) -> Message:
+    async def response(self, method: bytes = b"GET", timeout: float = TIMEOUT_S,
+                       keep: bool = True) -> Message:
         """The next response, interim (1xx) ones included."""
-        message = await asyncio.wait_for(read_message(self.wire, request=False, method=method),
-                                         timeout)
+        message = await asyncio.wait_for(
+            read_message(self.wire, request=False, method=method, keep=keep), timeout)
         assert message is not None, "the sidecar closed the connection without answering"
         return message
 
-    async def final(self, method: bytes = b"GET", timeout: float = TIMEOUT_S) -> Message:
+    async def final(self, method: bytes = b"GET", timeout: float = TIMEOUT_S,
+                    keep: bool = True) -> Message:
         """The next final (non-1xx) response."""
         while True:
-            message = await self.response(method, timeout)
+            message = await self.response(method, timeout, keep)
             if message.status >= 200:
                 return message
 
