@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -365,8 +366,11 @@ class Client:
     async def response(self, method: bytes = b"GET", timeout: float = TIMEOUT_S,
                        keep: bool = True) -> Message:
         """The next response, interim (1xx) ones included."""
-        message = await asyncio.wait_for(
-            read_message(self.wire, request=False, method=method, keep=keep), timeout)
+        try:
+            message = await asyncio.wait_for(
+                read_message(self.wire, request=False, method=method, keep=keep), timeout)
+        except TimeoutError:
+            raise AssertionError(f"no response from the sidecar within {timeout} s") from None
         assert message is not None, "the sidecar closed the connection without answering"
         return message
 
@@ -432,3 +436,14 @@ async def proxied(sidecar: Callable[..., Awaitable[Any]],
 
 def echo_target(request: Message) -> bytes:
     return response(request.target)
+
+
+def error_of(answer: Message) -> dict[str, Any]:
+    """The sidecar's JSON error in `answer` ({"error": {"message", "type", "code"}})."""
+    try:
+        error = json.loads(answer.body)["error"]
+    except (ValueError, KeyError, TypeError):
+        raise AssertionError(f"not the sidecar's JSON error shape: {answer.raw[:300]!r}"
+                             ) from None
+    assert isinstance(error, dict) and error.get("code"), answer.raw[:300]
+    return error

@@ -5,7 +5,6 @@ arrive whole, and a truncated answer never looks complete to the app."""
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 
@@ -15,6 +14,7 @@ from tests.raw_http import (
     Message,
     always,
     chunked,
+    error_of,
     get,
     proxied,
     response,
@@ -145,7 +145,7 @@ async def test_a_truncated_response_never_looks_complete(sidecar, upstreams, cas
     finally:
         client.close()
     if answer.status >= 500:  # refused before any byte was relayed: a clear error
-        assert json.loads(answer.body)["error"]["code"], answer.raw[:300]
+        assert error_of(answer)["code"], answer.raw[:300]
         return
     assert answer.status == 200
     assert not answer.complete, ("the app got a complete-looking answer from a truncated "
@@ -164,3 +164,41 @@ async def test_a_large_content_length_body_is_forwarded_byte_exact(sidecar, upst
         client.close()
     assert answer.header("content-length") == str(len(body)).encode()
     assert answer.body == body
+
+
+BAD_UPSTREAM_FRAMING = {
+    "content-length-and-chunked": b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5\r\nabcde\r\n0\r\n\r\n",
+    "differing-content-lengths": b"Content-Length: 5\r\nContent-Length: 3\r\n\r\nabcde",
+    "negative-content-length": b"Content-Length: -5\r\n\r\nabcde",
+    "space-before-colon": b"X-Up : 1\r\nContent-Length: 5\r\n\r\nabcde",
+    "nul-in-value": b"X-Up: a\x00b\r\nContent-Length: 5\r\n\r\nabcde",
+}
+
+
+@pytest.mark.parametrize("case", BAD_UPSTREAM_FRAMING)
+async def test_an_upstream_answer_with_malformed_framing_is_never_relayed(sidecar, upstreams,
+                                                                         case):
+    # Relaying an ambiguous answer would let the app (or a proxy before it) read it
+    # differently from the sidecar: the app gets a clear error instead.
+    bad = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n" + BAD_UPSTREAM_FRAMING[case]
+    running, upstream = await proxied(sidecar, upstreams, then(bad, bad),
+                                      SIDECAR_MAX_ATTEMPTS="1")
+    client = await Client.open(running.port)
+    try:
+        await client.send(get())
+        answer = await client.final()
+    finally:
+        client.close()
+    assert answer.status >= 500, answer.raw[:300]
+    assert error_of(answer)["code"]
+    assert len(upstream.requests) == 1
+
+
+async def test_an_upstream_1xx_before_its_answer_leaves_the_answer_intact(sidecar, upstreams):
+    early = (b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+             + response(b"final"))
+    running, upstream = await proxied(sidecar, upstreams, then(early))
+    one, two = await two_calls(running.port)
+    assert one.status == 200 and one.body == b"final"
+    assert two.body == b"after" and len(upstream.conns) == 1

@@ -136,7 +136,7 @@ async def test_a_slow_upstream_stops_the_sidecar_reading_the_client(sidecar_proc
     pipelined = post(b"/slow") + post(b"/next", BLOCK) * count  # 30 MiB behind a slow call
     try:
         client.writer.write(pipelined)  # no drain: see how much the sidecar takes
-        await asyncio.sleep(3)
+        await asyncio.sleep(2)
         taken = len(pipelined) - client.writer.transport.get_write_buffer_size()
         growth = rss(process.process.pid) - before
         answer_now.set()

@@ -5,7 +5,6 @@ one framing; Expect, HTTP/1.0, Connection: close, Upgrade: h2c and pipelining.""
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 
@@ -17,6 +16,7 @@ from tests.raw_http import (
     always,
     chunked,
     echo_target,
+    error_of,
     exchange,
     get,
     proxied,
@@ -54,6 +54,7 @@ MALFORMED = {
     b"Transfer-Encoding: identity\r\n\r\n0\r\n\r\n",
     "identity-transfer-encoding": HEAD + b"Transfer-Encoding: identity\r\n\r\nabcde",
     "unknown-transfer-coding": HEAD + b"Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+    # RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 message is faulty framing.
     "chunked-in-http-1.0": b"POST /v1/chat/completions HTTP/1.0\r\nHost: s\r\n"
     b"Transfer-Encoding: chunked\r\n\r\n5\r\nabcde\r\n0\r\n\r\n",
     "space-before-colon-in-content-length": HEAD + b"Content-Length : 5\r\n\r\nabcde",
@@ -71,9 +72,12 @@ MALFORMED = {
 @pytest.mark.parametrize("case", MALFORMED)
 async def test_malformed_framing_is_400_closed_and_nothing_forwarded(sidecar, upstreams, case):
     running, upstream = await proxied(sidecar, upstreams, always(echo_target))
+    data = MALFORMED[case]
+    # HTTP/1.0 closes after one request anyway: bytes after it say nothing about framing.
+    tail = SMUGGLED if data.split(b"\r\n", 1)[0].endswith(b"HTTP/1.1") else b""
     client = await Client.open(running.port)
     try:
-        await client.send(MALFORMED[case] + SMUGGLED)
+        await client.send(data + tail)
         answer = await client.final(b"POST")
         assert answer.status == 400, answer.raw[:300]
         # The framing is unknown, so nothing after it can be trusted: close.
@@ -89,7 +93,7 @@ async def test_a_framing_error_uses_the_sidecar_error_shape(sidecar, upstreams, 
     running, _ = await proxied(sidecar, upstreams, always(echo_target))
     answer = await exchange(running.port, MALFORMED[case], b"POST")
     assert answer.status == 400
-    error = json.loads(answer.body)["error"]
+    error = error_of(answer)
     assert error["type"] == "sidecar_error" and error["code"] and error["message"]
 
 
@@ -106,7 +110,7 @@ async def test_oversized_header_section_is_431_and_not_forwarded(sidecar, upstre
     running, upstream = await proxied(sidecar, upstreams, always(echo_target))
     answer = await exchange(running.port, get(headers=headers))
     assert answer.status == 431, answer.raw[:300]
-    assert json.loads(answer.body)["error"]["code"]
+    assert error_of(answer)["code"]
     assert upstream.received == b""
 
 

@@ -5,7 +5,6 @@ as it was reused is retried once on a fresh one, and idle ones are closed before
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import pytest
@@ -16,6 +15,7 @@ from tests.raw_http import (
     Message,
     always,
     echo_target,
+    error_of,
     exchange,
     get,
     post,
@@ -111,7 +111,7 @@ async def test_a_connection_whose_answer_timed_out_is_not_reused(sidecar, upstre
                                       SIDECAR_FIRST_BYTE_TIMEOUT_S="0.3")
     timed_out = await exchange(running.port, get(b"/slow"))
     assert timed_out.status >= 500
-    assert json.loads(timed_out.body)["error"]["tried"][0]["outcome"] == "first_byte_timeout"
+    assert error_of(timed_out)["tried"][0]["outcome"] == "first_byte_timeout"
     await asyncio.sleep(0.5)  # the stale answer has been written by now
     assert (await exchange(running.port, get(b"/fresh"))).body == b"/fresh"
     assert [r.target for r in upstream.conns[0].requests] == [b"/slow"]
@@ -147,7 +147,7 @@ async def test_a_request_lost_on_fresh_connections_is_sent_at_most_twice(sidecar
 
     running, upstream = await proxied(sidecar, upstreams, never_answers)
     answer = await exchange(running.port, call(method, b"/lost"), method)
-    assert answer.status >= 500 and json.loads(answer.body)["error"]["code"]
+    assert answer.status >= 500 and error_of(answer)["code"]
     assert len(upstream.requests) <= 2, f"sent {len(upstream.requests)} times"
 
 
