@@ -202,3 +202,35 @@ async def test_an_upstream_1xx_before_its_answer_leaves_the_answer_intact(sideca
     one, two = await two_calls(running.port)
     assert one.status == 200 and one.body == b"final"
     assert two.body == b"after" and len(upstream.conns) == 1
+
+
+@pytest.mark.parametrize("kind", [b"text/event-stream", b"application/octet-stream"])
+async def test_a_chunked_answer_is_relayed_as_it_arrives(sidecar, upstreams, kind):
+    first = b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
+    second = b"data: [DONE]\n\n"
+    app_got_first = asyncio.Event()
+
+    async def respond(conn: Conn, request: Message) -> bool:
+        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Type: " + kind
+                        + b"\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n"
+                        % (len(first), first))
+        try:  # the next chunk only once the app has the first: nothing may sit in between
+            await asyncio.wait_for(app_got_first.wait(), 3)
+        except TimeoutError:
+            return False
+        await conn.send(b"%x\r\n%s\r\n0\r\n\r\n" % (len(second), second))
+        return True
+
+    running, _ = await proxied(sidecar, upstreams, respond)
+    client = await Client.open(running.port)
+    try:
+        await client.send(get())
+        try:
+            await asyncio.wait_for(client.wire.until(first), 2)
+        except TimeoutError:
+            raise AssertionError("the first chunk was held back until the upstream sent more"
+                                 ) from None
+        app_got_first.set()
+        await asyncio.wait_for(client.wire.until(second), 2)
+    finally:
+        client.close()
