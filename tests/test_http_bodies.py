@@ -8,18 +8,8 @@ import asyncio
 
 import pytest
 
-from tests.raw_http import (
-    Client,
-    Conn,
-    Message,
-    always,
-    chunked,
-    error_of,
-    get,
-    proxied,
-    response,
-    upstream_factory,
-)
+from tests.raw_http import Message, chunked, error_of, get, response
+from tests.raw_peers import Client, Conn, always, proxied, upstream_factory
 
 
 @pytest.fixture

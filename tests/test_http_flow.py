@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.raw_http import Client, Conn, Message, post, response, upstream_factory
+from tests.raw_http import Message, post, response
+from tests.raw_peers import Client, Conn, upstream_factory
 
 MiB = 1 << 20
 STREAM_BYTES = 50 * MiB

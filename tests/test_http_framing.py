@@ -8,21 +8,8 @@ import asyncio
 
 import pytest
 
-from tests.raw_http import (
-    TIMEOUT_S,
-    Client,
-    Conn,
-    Message,
-    always,
-    chunked,
-    echo_target,
-    error_of,
-    exchange,
-    get,
-    proxied,
-    response,
-    upstream_factory,
-)
+from tests.raw_http import TIMEOUT_S, Message, chunked, echo_target, error_of, get, response
+from tests.raw_peers import Client, Conn, always, exchange, proxied, upstream_factory
 
 
 @pytest.fixture

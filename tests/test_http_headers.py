@@ -6,16 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.raw_http import (
-    always,
-    echo_target,
-    exchange,
-    get,
-    proxied,
-    response,
-    upstream_factory,
-    without_sidecar_headers,
-)
+from tests.raw_http import echo_target, get, response, without_sidecar_headers
+from tests.raw_peers import always, exchange, proxied, upstream_factory
 
 
 @pytest.fixture

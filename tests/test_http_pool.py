@@ -9,20 +9,8 @@ import time
 
 import pytest
 
-from tests.raw_http import (
-    Client,
-    Conn,
-    Message,
-    always,
-    echo_target,
-    error_of,
-    exchange,
-    get,
-    post,
-    proxied,
-    response,
-    upstream_factory,
-)
+from tests.raw_http import Message, echo_target, error_of, get, post, response
+from tests.raw_peers import Client, Conn, always, exchange, proxied, upstream_factory
 
 
 @pytest.fixture

@@ -9,7 +9,8 @@ import re
 
 import pytest
 
-from tests.raw_http import Client, Conn, Message, get, proxied, upstream_factory
+from tests.raw_http import Message, get
+from tests.raw_peers import Client, Conn, proxied, upstream_factory
 
 PAUSE_S = 0.001  # between the pieces, so the sidecar reads them apart
 
