@@ -88,12 +88,11 @@ def many_headers(count: int) -> list[bytes]:
     return [b"X-H-%d: v%d" % (i, i) for i in range(count)]
 
 
-@pytest.mark.parametrize("case,headers", [
-    ("line-over-8190-bytes", [b"X-Big: " + b"a" * 9000]),
-    ("129-headers", many_headers(128)),  # plus Host
+@pytest.mark.parametrize("headers", [
+    pytest.param([b"X-Big: " + b"a" * 9000], id="line-over-8190-bytes"),
+    pytest.param(many_headers(128), id="129-headers"),  # plus Host
 ])
-async def test_oversized_header_section_is_431_and_not_forwarded(sidecar, upstreams, case,
-                                                                 headers):
+async def test_oversized_header_section_is_431_and_not_forwarded(sidecar, upstreams, headers):
     running, upstream = await proxied(sidecar, upstreams, always(echo_target))
     answer = await exchange(running.port, get(headers=headers))
     assert answer.status == 431, answer.raw[:300]
