@@ -205,7 +205,7 @@ def post(target: bytes = b"/v1/chat/completions", body: bytes = b'{"model":"m"}'
             + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
-def get(target: bytes = b"/v1/models", headers: Iterable[bytes] = (),
+def get(target: bytes = b"/v1/files", headers: Iterable[bytes] = (),
         method: bytes = b"GET") -> bytes:
     head = b"".join(h + b"\r\n" for h in headers)
     return method + b" " + target + b" HTTP/1.1\r\nHost: sidecar\r\n" + head + b"\r\n"

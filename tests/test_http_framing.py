@@ -209,14 +209,14 @@ async def test_http_1_0_request_goes_upstream_as_http_1_1_and_is_closed_after(si
     running, upstream = await proxied(sidecar, upstreams, always(echo_target))
     client = await Client.open(running.port)
     try:
-        await client.send(b"GET /v1/models HTTP/1.0\r\n\r\n")  # no Host: fine in 1.0
+        await client.send(b"GET /v1/files HTTP/1.0\r\n\r\n")  # no Host: fine in 1.0
         answer = await client.final()
-        assert answer.status == 200 and answer.body == b"/v1/models"
+        assert answer.status == 200 and answer.body == b"/v1/files"
         assert await client.closed(), "an HTTP/1.0 client without keep-alive gets a close"
     finally:
         client.close()
     [seen] = upstream.requests
-    assert seen.start == b"GET /v1/models HTTP/1.1" and len(seen.values("host")) == 1
+    assert seen.start == b"GET /v1/files HTTP/1.1" and len(seen.values("host")) == 1
 
 
 async def test_connection_close_is_honoured(sidecar, upstreams):

@@ -180,7 +180,7 @@ class Connection(asyncio.Protocol):
             elif lower == b"transfer-encoding":
                 chunked = b"chunked" in value.lower()
             elif lower == b"connection":
-                connection = value
+                connection = value if connection is None else connection + b"," + value
         # Hop-by-hop fields are gone; so are the ones a Connection header names.
         self.forward = b"".join(lines) if connection is None else header_block(
             self.headers, RESPONSE_DROP, connection)
