@@ -288,6 +288,8 @@ async def start(settings: Settings, store: RouteStore | None = None,
         if not listen.is_loopback:
             log.warning("the %s listener binds %s, which is NOT loopback: anything that can "
                         "reach this address can use it", name, listen)
+    if (warning := settings.admin_warning()) is not None:
+        log.warning(warning)
     return Running(sidecar, proxy_runner, proxy_site, admin)
 
 

@@ -87,7 +87,8 @@ def test_sidecar_job_checks_the_admin_listener():
 def pools_template() -> tuple[dict[str, Any], str]:
     _, job = load_job(ROOT / "nomad" / "sidecar.hcl")
     [group] = groups(job).values()
-    [template] = tasks(group)["sidecar"]["template"]
+    [template] = [t for t in tasks(group)["sidecar"]["template"]
+                  if t["destination"].endswith("/pools.json")]
     data = template["data"]
     data = re.sub(r"^<<-?EOT\n", "", data.strip().strip('"'))
     data = re.sub(r"\n\s*EOT$", "", data)
@@ -164,3 +165,17 @@ def test_pool_jobs_named_by_the_scaler_exist():
     name, pool_job = load_job(ROOT / "nomad" / "model-pool.hcl")
     assert pools["small"]["job"] == name
     assert pools["small"]["group"] in groups(pool_job)
+
+
+def test_sidecar_job_takes_the_admin_token_from_nomad_variables():
+    name, job = load_job(ROOT / "nomad" / "sidecar.hcl")
+    [group] = groups(job).values()
+    sidecar = tasks(group)["sidecar"]
+    [secret] = [t for t in sidecar["template"] if "SIDECAR_ADMIN_TOKEN" in t["data"]]
+    assert secret["env"] is True and secret["destination"].startswith("${NOMAD_SECRETS_DIR}/")
+    # The task's own variables path, which its workload identity may read by default.
+    assert f'SIDECAR_ADMIN_TOKEN={{{{ with nomadVar "nomad/jobs/{name}" }}}}' in secret["data"]
+    [env] = sidecar["env"]
+    assert "SIDECAR_ADMIN_TOKEN" not in env, "a secret in the job file"
+    [service] = group["service"]
+    assert service["check"][0]["path"] == "/health", "the check needs no token"
