@@ -179,7 +179,11 @@ class Proxy:
         status = response.status
         counters.count_status(status)
         pool = response.headers.get("x-sidecar-pool", "none")
-        tags = (pool, _STATUS_CLASS[status // 100] if status < 600 else "other")
+        # The configured model of the pool that served (a fallback's after a rewrite),
+        # never the request's: series stay bounded by the configuration.
+        served = self.router.pools.get(pool)
+        tags = (pool, served.model if served is not None else "none",
+                _STATUS_CLASS[status // 100] if status < 600 else "other")
         elapsed = perf_counter() - started
         telemetry = self.telemetry
         telemetry.count("requests", tags)
@@ -310,7 +314,7 @@ class Proxy:
                     self.telemetry.event("endpoint restored", f"{endpoint.url} (pool "
                                          f"{pool.name}) answered again",
                                          tags=[f"pool:{pool.name}"])
-                self.telemetry.observe("upstream_ttfb", (pool.name,), waited)
+                self.telemetry.observe("upstream_ttfb", (pool.name, pool.model), waited)
             assert upstream is not None
             if pool.name != route.pool:
                 self.counters.fallbacks += 1
