@@ -190,11 +190,18 @@ async def test_every_datagram_carries_each_tag_once_with_the_agents_variables_se
 async def test_latency_and_tokens_carry_the_model_that_served(pods, sidecar, http):
     agent = Agent(socket.AF_INET, ("127.0.0.1", 0))
     try:
-        running = await scripted_traffic(pods, sidecar, http, {
-            "DD_AGENT_HOST": "127.0.0.1", "DD_DOGSTATSD_PORT": str(agent.sock.getsockname()[1]),
-            "DD_ENV": "test", "DD_SERVICE": "llm-sidecar"})
+        [large] = await pods(1, fail_next=1)  # its first answer is a 503: small serves it
+        [small] = await pods(1)
+        running = await sidecar({"large": pool([large], "large-model", fallback="small"),
+                                 "small": pool([small], "small-model")},
+                                DD_AGENT_HOST="127.0.0.1",
+                                DD_DOGSTATSD_PORT=str(agent.sock.getsockname()[1]),
+                                DD_ENV="test", DD_SERVICE="llm-sidecar")
+        status, headers, _ = await chat(http, running, "model-1")
+        assert status == 200 and headers["x-sidecar-fallback"] == "large"
+        assert (await chat(http, running, "model-2"))[1]["x-sidecar-pool"] == "large"
         # A model name from the request never becomes a tag: the configured one does.
-        await chat(http, running, "telemetry-3", {**CHAT, "model": "made-up-model-4711"})
+        await chat(http, running, "model-3", {**CHAT, "model": "made-up-model-4711"})
         await flushed(running)
         lines = agent.drain()
     finally:
@@ -207,8 +214,8 @@ async def test_latency_and_tokens_carry_the_model_that_served(pods, sidecar, htt
         if name in ("llm_sidecar.request.duration", "llm_sidecar.upstream.ttfb",
                     "llm_sidecar.tokens.prompt", "llm_sidecar.tokens.completion"):
             served.setdefault(name, set()).add((tags.get("pool", ""), tags.get("model", "")))
-    # telemetry-1 asked for the warming large pool and was served by small: the model
-    # after the fallback rewrite is small's; telemetry-2 was served by large itself.
+    # model-1 asked for large and was served by small: the model after the fallback
+    # rewrite is small's; model-2 and model-3 were served by large itself.
     for name in ("llm_sidecar.request.duration", "llm_sidecar.upstream.ttfb",
                  "llm_sidecar.tokens.prompt", "llm_sidecar.tokens.completion"):
         assert served.get(name) == {("small", "small-model"), ("large", "large-model")}, \
