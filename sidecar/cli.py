@@ -46,6 +46,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     settings = _settings_or_exit()
     print(json.dumps(settings.redacted(), indent=2))
+    if (warning := settings.admin_warning()) is not None:
+        print(f"warning: {warning}", file=sys.stderr)
     print("configuration OK", file=sys.stderr)
     return 0
 
@@ -200,7 +202,8 @@ def cmd_top(args: argparse.Namespace) -> int:
     from sidecar.top import run_top
 
     try:
-        return _run(run_top(args.admin, args.interval, args.once))
+        return _run(run_top(args.admin, args.interval, args.once,
+                            args.token or os.environ.get("SIDECAR_ADMIN_TOKEN") or None))
     except KeyboardInterrupt:
         return 0
 
@@ -254,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--admin", default="http://127.0.0.1:7879")
     top.add_argument("--interval", type=float, default=1.0)
     top.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    top.add_argument("--token", default=None,
+                     help="the admin token (default: $SIDECAR_ADMIN_TOKEN, which keeps it "
+                     "out of the process list)")
     top.set_defaults(func=cmd_top)
 
     wait = sub.add_parser("wait", help="wait until a URL answers 200 (prestart gate)")

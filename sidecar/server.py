@@ -257,6 +257,8 @@ async def start(settings: Settings, store: RouteStore | None = None,
         if not where.is_loopback:
             log.warning("the %s listener binds %s, which is NOT loopback: anything that can "
                         "reach this address can use it", name, where)
+    if (warning := settings.admin_warning()) is not None:
+        log.warning(warning)
     return Running(sidecar, listener, server, admin)
 
 

@@ -179,3 +179,17 @@ def test_the_sidecars_pools_template_reads_the_services_the_pool_jobs_register()
                   for group in groups(load_job(path)[1]).values()
                   for service in group.get("service", [])}
     assert read <= registered, f"no job registers {sorted(read - registered)}"
+
+
+def test_sidecar_job_takes_the_admin_token_from_nomad_variables():
+    name, job = load_job(ROOT / "nomad" / "sidecar.hcl")
+    [group] = groups(job).values()
+    sidecar = tasks(group)["sidecar"]
+    [secret] = [t for t in sidecar["template"] if "SIDECAR_ADMIN_TOKEN" in t["data"]]
+    assert secret["env"] is True and secret["destination"].startswith("${NOMAD_SECRETS_DIR}/")
+    # The task's own variables path, which its workload identity may read by default.
+    assert f'SIDECAR_ADMIN_TOKEN={{{{ with nomadVar "nomad/jobs/{name}" }}}}' in secret["data"]
+    [env] = sidecar["env"]
+    assert "SIDECAR_ADMIN_TOKEN" not in env, "a secret in the job file"
+    [service] = group["service"]
+    assert service["check"][0]["path"] == "/health", "the check needs no token"
