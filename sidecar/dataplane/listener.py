@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from http import HTTPStatus
 from time import perf_counter
+from typing import Any
 
 import httptools
 
@@ -34,6 +36,7 @@ WRITE_LOW = 16 * 1024
 SELECTOR_HEADER = b"x-sidecar-selector"
 _BODYLESS = (204, 304)
 _VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}
+EAGER_TASKS = sys.version_info >= (3, 12)
 
 Handler = Callable[[Request, "ClientConnection"], Awaitable[None]]
 
@@ -252,7 +255,9 @@ class ClientConnection(asyncio.Protocol):
         self._response_reset(request.method == b"HEAD")
         self._version = request.version
         self.keep_alive = keep_alive and not self.listener.draining
-        self.task = self.listener.loop.create_task(self._serve(request))
+        task = self.listener.start(self._serve(request))
+        if not task.done():  # an eager task may have answered (and moved on) already
+            self.task = task
 
     async def _serve(self, request: Request) -> None:
         # What follows an answer runs here, not in a done callback: one loop turn less.
@@ -329,9 +334,8 @@ class ClientConnection(asyncio.Protocol):
         if not self.keep_alive:
             framing += b"Connection: close\r\n"
         if self.transport is not None and not self.closed:
-            # One write (one syscall) for a head and, when it is whole, its body.
-            self.transport.writelines((status_line(status, reason), headers, framing,
-                                       b"\r\n", b"" if self.head_only else body))
+            self._write_head(b"%s%s%s\r\n" % (status_line(status, reason), headers, framing),
+                             body)
 
     def send(self, status: int, reason: bytes, headers: bytes, length: int | None,
              body: bytes) -> None:
@@ -364,10 +368,17 @@ class ClientConnection(asyncio.Protocol):
         self.started = True
         close = b"" if self.keep_alive else b"Connection: close\r\n"
         if self.transport is not None and not self.closed:
-            self.transport.writelines((
-                status_line(status), b"Content-Type: application/json\r\n", headers,
-                b"Content-Length: %d\r\n" % len(body), close, b"\r\n",
-                b"" if self.head_only else body))
+            self._write_head(b"%sContent-Type: application/json\r\n%sContent-Length: %d\r\n"
+                             b"%s\r\n" % (status_line(status), headers, len(body), close), body)
+
+    def _write_head(self, head: bytes, body: bytes) -> None:
+        """One write (one syscall) for a head and, when it is whole, its body. Never an
+        empty buffer: asyncio on 3.13 then never calls connection_lost after a close."""
+        assert self.transport is not None
+        if body and not self.head_only:
+            self.transport.writelines((head, body))
+        else:
+            self.transport.write(head)
 
     def follow(self, reply: Reply | None) -> None:
         self.source = reply
@@ -394,6 +405,14 @@ class Listener:
 
     def protocol(self) -> ClientConnection:
         return ClientConnection(self)
+
+    def start(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """A request's task. Where asyncio can (3.12+) it starts eagerly: the request runs
+        up to its first real wait (the upstream's answer) inside this read, a loop turn
+        and a scheduling round sooner."""
+        if EAGER_TASKS:
+            return asyncio.Task(coro, loop=self.loop, eager_start=True)  # type: ignore[call-arg]
+        return self.loop.create_task(coro)
 
     async def _sweep_forever(self) -> None:
         while True:
