@@ -145,6 +145,13 @@ def cmd_scaler(args: argparse.Namespace) -> int:
         nomad = NomadClient(settings)
         events = Telemetry()
         scaler = Scaler(settings, redis, nomad, events)
+        events.start()  # DogStatsD: the forecast gauges every flush interval
+        listen = settings.metrics_listen
+        runner = None
+        if listen is not None:
+            from sidecar.scaler.service import serve_metrics
+
+            runner = await serve_metrics(events, listen.host or "127.0.0.1", listen.port or 0)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -155,9 +162,11 @@ def cmd_scaler(args: argparse.Namespace) -> int:
         try:
             await scaler.run(stop)
         finally:
+            if runner is not None:
+                await runner.cleanup()
             await nomad.close()
             await redis.aclose()
-            events.close()
+            await events.stop()
         return 0
 
     return _run(main())
@@ -219,8 +228,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return 0
     results = sim.compare(work, model)
     if args.json:
-        print(json.dumps({"clairvoyant_replica_minutes": round(clairvoyant, 1),
-                          "results": [r.row() for r in results]}, indent=2))
+        print(json.dumps([{**r.row(), "clairvoyant_replica_minutes": round(clairvoyant, 1),
+                           "vs_clairvoyant": round(r.replica_minutes / clairvoyant, 3)}
+                          for r in results], indent=2))
     else:
         print(title + "\n")
         print(sim.table(results, clairvoyant))
