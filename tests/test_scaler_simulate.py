@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -114,7 +115,7 @@ def test_sweep_traces_each_policys_frontier_and_ours_dominates_on_bursts():
         line = frontier.frontier(points, name)
         assert line and all(a.replica_minutes <= b.replica_minutes and
                             a.late_share >= b.late_share
-                            for a, b in zip(line, line[1:], strict=False))
+                            for a, b in itertools.pairwise(line))
     assert frontier.undominated(points) == []
     text = frontier.table(points, sim.clairvoyant(work, model))
     assert text.splitlines()[2].startswith("| clairvoyant |")
