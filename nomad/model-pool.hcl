@@ -22,6 +22,34 @@ job "llm-small" {
       enabled = true
       min     = 1
       max     = 8
+
+      # The alternative to the scaler calling Nomad's scale API itself: run it with
+      # SIDECAR_SCALER_DRY_RUN=1 (it then only publishes its forecast) and let the stock
+      # Nomad Autoscaler act on this policy. The metric is forecast replicas ÷ the group's
+      # current count, so the target-value strategy with target 1 asks for the forecast.
+      # Keep min >= 1 here: the strategy multiplies the current count.
+      policy {
+        evaluation_interval = "15s"
+        # The scaler already keeps replicas through gaps shorter than a cold start; a long
+        # cooldown here would only delay the next scale-out.
+        cooldown = "1m"
+
+        check "llm-sidecar-forecast" {
+          source       = "prometheus"
+          query        = "max(llm_sidecar_scaler_forecast_ratio{pool=\"small\"})"
+          query_window = "1m"
+          on_error     = "ignore"
+
+          strategy "target-value" {
+            target    = 1
+            threshold = 0.01
+          }
+        }
+
+        # With the Datadog APM plugin instead (the scaler's DogStatsD gauge):
+        #   source = "datadog"
+        #   query  = "max:llm_sidecar.scaler.forecast_ratio{pool:small}"
+      }
     }
 
     network {

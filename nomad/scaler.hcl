@@ -24,12 +24,35 @@ job "llm-scaler" {
       value    = "true"
     }
 
+    # GET /metrics: the forecast gauges a Prometheus scrapes for the Nomad Autoscaler
+    # alternative (see nomad/model-pool.hcl); only the leader publishes them.
+    network {
+      port "metrics" {
+        to = 7880
+      }
+    }
+
+    service {
+      name     = "llm-scaler-metrics"
+      provider = "nomad"
+      port     = "metrics"
+      tags     = ["prometheus"]
+
+      check {
+        type     = "http"
+        path     = "/health"
+        interval = "10s"
+        timeout  = "2s"
+      }
+    }
+
     task "scaler" {
       driver = "docker"
 
       config {
         image = var.sidecar_image
         args  = ["scaler"]
+        ports = ["metrics"]
       }
 
       # A Nomad ACL token with the scale-job and read-job-scaling capabilities for the
@@ -50,6 +73,7 @@ job "llm-scaler" {
         NOMAD_NAMESPACE           = "ml"
         SIDECAR_SCALER_POOLS      = "{\"small\":{\"job\":\"llm-small\",\"group\":\"server\",\"min\":1,\"max\":8,\"replica_tokens_per_s\":2500,\"cold_start_s\":600},\"large\":{\"job\":\"llm-large\",\"group\":\"server\",\"min\":1,\"max\":4,\"replica_tokens_per_s\":900,\"cold_start_s\":900}}"
         DD_SERVICE                = "llm-scaler"
+        SIDECAR_SCALER_METRICS_LISTEN = "0.0.0.0:7880"
       }
 
       resources {
