@@ -145,6 +145,7 @@ def test_model_pool_scaling_policy_targets_the_scalers_forecast():
     assert policy["evaluation_interval"].endswith("s")
     [check] = policy["check"]
     [(check_name, body)] = check.items()
+    assert check_name == "llm-sidecar-forecast"
     assert body["source"] == "prometheus"
     metric = BY_KEY["scaler_forecast_ratio"].prometheus
     assert body["query"] == f'max({metric}{{pool="small"}})'

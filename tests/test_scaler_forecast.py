@@ -91,8 +91,8 @@ async def test_a_pool_whose_pods_queue_scales_out_though_its_token_rate_is_flat(
     assert [c["Count"] for c in nomad.calls] == [5]
 
 
-async def test_the_forecast_is_published_for_the_nomad_autoscaler(make_scaler, redis_server,
-                                                                   nomad):  # noqa: F811
+async def test_the_forecast_is_published_for_the_nomad_autoscaler(
+        make_scaler, redis_server, nomad):  # noqa: F811
     agent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     agent.bind(("127.0.0.1", 0))
     agent.settimeout(5)
