@@ -111,11 +111,11 @@ def code_completion(seed: int = 1, seconds: float = 3600.0) -> Trace:
     return [(t, *_completion(rng)) for t in times]
 
 
-def working_day(seed: int = 1, scale: float = 1.0) -> Trace:
+def working_day(seed: int = 1, scale: float = 1.0, batch_per_s: float = 1.0) -> Trace:
     """A smooth 24-hour day of conversation traffic: a quiet night (1 request/s), a morning
     ramp to 5/s, a lunch burst (+60 % for 40 minutes around 12:30), an afternoon plateau,
-    an evening decline, and a batch job that adds a flat 1/s from 19:00 to 21:00 (a
-    step up and a step down)."""
+    an evening decline, and a batch job that adds a flat `batch_per_s` (1/s) from 19:00 to
+    21:00 (a step up and a step down)."""
     rng = random.Random(seed)
 
     def rate(t: float) -> float:
@@ -131,10 +131,10 @@ def working_day(seed: int = 1, scale: float = 1.0) -> Trace:
         else:
             base = 1.0
         lunch = 0.6 * base * math.exp(-(((h - 12.5) / 0.33) ** 2))
-        batch = 1.0 if 19 <= h < 21 else 0.0
+        batch = batch_per_s if 19 <= h < 21 else 0.0
         return scale * (base + lunch + batch)
 
-    times = _poisson(rate, scale * 9.0, 86400.0, rng)
+    times = _poisson(rate, scale * max(9.0, 5.0 + batch_per_s), 86400.0, rng)
     return [(t, *_conversation(rng)) for t in times]
 
 
