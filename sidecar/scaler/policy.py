@@ -125,7 +125,8 @@ class PredictivePolicy:
         self.headroom = headroom
         horizon = bounds.cold_start_s
         self.level_s = level_s
-        self.trend_s = trend_s if trend_s is not None else 2 * horizon
+        # Three cold starts: a shorter window reads noise as trend on smooth traffic.
+        self.trend_s = trend_s if trend_s is not None else 3 * horizon
         self.history_s = history_s
         self.keep_s = keep_s if keep_s is not None else horizon
         self.saturation = saturation

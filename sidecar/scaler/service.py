@@ -240,9 +240,10 @@ class Scaler:
                 report = await self.tick()
                 if report.leader:
                     for item in report.pools:
-                        log.info("pool %s: demand %s replicas, desired %s, healthy %s → %s "
-                                 "(%s) %s", item.pool, _fmt(item.demand_mean), item.desired,
-                                 item.healthy, item.decision, item.action, item.reason)
+                        log.info("pool %s: demand %s replicas, queued %s, desired %s, "
+                                 "healthy %s → %s (%s) %s", item.pool, _fmt(item.demand_mean),
+                                 _fmt(item.queued), item.desired, item.healthy, item.decision,
+                                 item.action, item.reason)
             except Exception:
                 log.exception("scaler tick failed")
             wait = max(0.0, self.settings.interval_s - (time.monotonic() - started))

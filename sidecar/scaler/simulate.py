@@ -349,10 +349,10 @@ def compare(work: Sequence[Call], model: Model) -> list[Result]:
 def table(results: Sequence[Result], clairvoyant_minutes: float | None = None) -> str:
     lines = ["| policy | requests | no warm capacity | share | after the first cold-start "
              "window | share after | p95 queue delay (s) | max queue delay (s) | mean util | "
-             "peak replicas | replica-minutes | × clairvoyant | scale actions |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak util | peak replicas | replica-minutes | × clairvoyant | scale actions |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     if clairvoyant_minutes is not None:
-        lines.append(f"| clairvoyant | | 0 | 0.00% | 0 | 0.00% | 0.00 | 0.0 | | | "
+        lines.append(f"| clairvoyant | | 0 | 0.00% | 0 | 0.00% | 0.00 | 0.0 | | | | "
                      f"{clairvoyant_minutes:.0f} | 1.00 | |")
     for r in results:
         row = r.row()
@@ -362,7 +362,7 @@ def table(results: Sequence[Result], clairvoyant_minutes: float | None = None) -
                      f"{row['no_warm_capacity_share']:.2%} | "
                      f"{r.no_warm_capacity_after_first_window} | {r.late_share:.2%} | "
                      f"{r.p95_queue_delay_s:.2f} | {r.max_queue_delay_s:.1f} | "
-                     f"{r.mean_utilization:.2f} | {r.peak_replicas} | "
+                     f"{r.mean_utilization:.2f} | {r.peak_utilization:.2f} | {r.peak_replicas} | "
                      f"{r.replica_minutes:.0f} | {ratio} | {r.scale_actions} |")
     return "\n".join(lines)
 
