@@ -86,6 +86,8 @@ class TargetValuePolicy:
         return Decision(count, f"utilization {metric:.2f} vs target {self.target:.2f}")
 
 
+# Bursts are measured against a level only once it has a minute of history: a fleet that
+# just started sees its first intervals' peaks towering over a level still filling up.
 WARMUP_S = 60.0
 
 
@@ -105,7 +107,8 @@ class PredictivePolicy:
     - `headroom`: a share on top of all that (0 by default; the sweep's other knob).
     - Saturation: a queue at the pods that lasts `saturation_ticks` intervals says the
       offered work is under-measured (a saturated pod's token rate is flat at its
-      capacity): the level is raised by the queued share while it lasts, never remembered.
+      capacity): the level is raised by the queued share (at most doubled) while it lasts,
+      and it never enters the level, trend or burst history.
     - Up at once; down only to the highest target of the last `keep_s` (a cold start):
       a replica released in a gap shorter than that costs a full cold start to bring back.
     - No metrics: hold capacity.
