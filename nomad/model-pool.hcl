@@ -18,16 +18,18 @@ job "llm-small" {
   group "server" {
     count = 2
 
+    # Nomad holds every scale call to min/max, whoever makes it.
     scaling {
-      enabled = true
+      # The policy below is the alternative to the scaler calling Nomad's scale API
+      # itself: set enabled = true, run the scaler with SIDECAR_SCALER_DRY_RUN=1 (it then
+      # only publishes its forecast) and the stock Nomad Autoscaler acts on this policy.
+      # Never both at once. The metric is forecast replicas ÷ the group's current count,
+      # so the target-value strategy with target 1 asks for the forecast. Keep min >= 1
+      # here: the strategy multiplies the current count.
+      enabled = false
       min     = 1
       max     = 8
 
-      # The alternative to the scaler calling Nomad's scale API itself: run it with
-      # SIDECAR_SCALER_DRY_RUN=1 (it then only publishes its forecast) and let the stock
-      # Nomad Autoscaler act on this policy. The metric is forecast replicas ÷ the group's
-      # current count, so the target-value strategy with target 1 asks for the forecast.
-      # Keep min >= 1 here: the strategy multiplies the current count.
       policy {
         evaluation_interval = "15s"
         # The scaler already keeps replicas through gaps shorter than a cold start; a long

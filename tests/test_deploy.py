@@ -155,6 +155,7 @@ def test_model_pool_scaling_policy_targets_the_scalers_forecast():
     [env] = tasks(next(iter(groups(scaler).values())))["scaler"]["env"]
     assert json.loads(env["SIDECAR_SCALER_POOLS"])["small"]["job"] == name
     assert scaling["min"] >= 1, "target-value multiplies the current count: 0 stays 0"
+    assert scaling["enabled"] is False, "off by default: the scaler drives Nomad itself"
     # the scaler serves /metrics where a Prometheus finds it
     [service] = groups(scaler)["scaler"]["service"]
     assert service["port"] == "metrics" and service["check"][0]["path"] == "/health"
