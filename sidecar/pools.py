@@ -16,6 +16,7 @@ from hashlib import blake2b
 
 from sidecar.config import PoolConfig, Settings
 from sidecar.errors import Outcome
+from sidecar.models import model_index
 
 # A streak of failures that are not "the pod is gone" (5xx, timeouts) ejects at this count.
 EJECT_AFTER_FAILURES = 3
@@ -168,6 +169,7 @@ class PoolSet:
 
     def __init__(self, settings: Settings) -> None:
         self.pools: dict[str, Pool] = {}
+        self.models: dict[str, str] = {}  # model name or alias → the pool it names
         self._endpoints: dict[tuple[str, str], Endpoint] = {}
         self.apply(settings.pools, settings.api_keys)
 
@@ -193,6 +195,7 @@ class PoolSet:
                 endpoint.state = EndpointState.DRAINING
                 changes["removed"].append(endpoint.url)
         self.pools = pools
+        self.models = model_index(configs)
         self._endpoints = kept
         return changes
 

@@ -87,7 +87,8 @@ def test_sidecar_job_checks_the_admin_listener():
 def pools_template() -> tuple[dict[str, Any], str]:
     _, job = load_job(ROOT / "nomad" / "sidecar.hcl")
     [group] = groups(job).values()
-    [template] = tasks(group)["sidecar"]["template"]
+    [template] = [t for t in tasks(group)["sidecar"]["template"]
+                  if t["destination"].endswith("/pools.json")]
     data = template["data"]
     data = re.sub(r"^<<-?EOT\n", "", data.strip().strip('"'))
     data = re.sub(r"\n\s*EOT$", "", data)
@@ -134,12 +135,14 @@ def test_model_pool_job_registers_a_nomad_service_with_scaling_bounds():
     assert check["path"] == "/health"
 
 
-def test_model_pool_scaling_policy_targets_the_scalers_forecast():
+@pytest.mark.parametrize("file,pool", [("model-pool.hcl", "small"),
+                                       ("model-pool-large.hcl", "large")])
+def test_model_pool_scaling_policy_targets_the_scalers_forecast(file, pool):
     """The stock Nomad Autoscaler alternative: target-value (target 1) on the scaler's
     published forecast ratio for this pool, a metric the scaler really publishes."""
     from sidecar.telemetry import BY_KEY
 
-    name, job = load_job(ROOT / "nomad" / "model-pool.hcl")
+    name, job = load_job(ROOT / "nomad" / file)
     [scaling] = groups(job)["server"]["scaling"]
     [policy] = scaling["policy"]
     assert policy["evaluation_interval"].endswith("s")
@@ -148,12 +151,12 @@ def test_model_pool_scaling_policy_targets_the_scalers_forecast():
     assert check_name == "llm-sidecar-forecast"
     assert body["source"] == "prometheus"
     metric = BY_KEY["scaler_forecast_ratio"].prometheus
-    assert body["query"] == f'max({metric}{{pool="small"}})'
+    assert body["query"] == f'max({metric}{{pool="{pool}"}})'
     [strategy] = body["strategy"]
     assert strategy == {"target-value": {"target": 1, "threshold": 0.01}}
     _, scaler = load_job(ROOT / "nomad" / "scaler.hcl")
     [env] = tasks(next(iter(groups(scaler).values())))["scaler"]["env"]
-    assert json.loads(env["SIDECAR_SCALER_POOLS"])["small"]["job"] == name
+    assert json.loads(env["SIDECAR_SCALER_POOLS"])[pool]["job"] == name
     assert scaling["min"] >= 1, "target-value multiplies the current count: 0 stays 0"
     assert scaling["enabled"] is False, "off by default: the scaler drives Nomad itself"
     # the scaler serves /metrics where a Prometheus finds it
@@ -182,14 +185,28 @@ def test_scaler_job_runs_two_instances_with_a_valid_configuration():
     settings = load_scaler_settings({**env, "SIDECAR_REDIS_URL": "redis://r:6379/0"})
     assert set(settings.pools) == {"small", "large"}
     assert settings.pools["large"].cold_start_s == 900
-    [secret] = task["template"]
-    assert "NOMAD_TOKEN" in secret["data"] and secret["env"] is True
+    [secret] = [t for t in task["template"] if "NOMAD_TOKEN" in t["data"]]
+    assert secret["env"] is True
 
 
 def test_pool_jobs_named_by_the_scaler_exist():
+    """Issue: no job for the large pool existed. Every pool the scaler scales has a job file
+    with that group, whose `scaling` block admits the scaler's bounds."""
     _, scaler = load_job(ROOT / "nomad" / "scaler.hcl")
     [env] = tasks(next(iter(groups(scaler).values())))["scaler"]["env"]
     pools = json.loads(env["SIDECAR_SCALER_POOLS"])
-    name, pool_job = load_job(ROOT / "nomad" / "model-pool.hcl")
-    assert pools["small"]["job"] == name
-    assert pools["small"]["group"] in groups(pool_job)
+    jobs = dict(load_job(path) for path in JOB_FILES)
+    for name, spec in pools.items():
+        assert spec["job"] in jobs, f"pool {name}: no job file defines job {spec['job']!r}"
+        group = groups(jobs[spec["job"]])[spec["group"]]
+        [scaling] = group["scaling"]
+        assert scaling["min"] <= spec["min"] and spec["max"] <= scaling["max"], name
+
+
+def test_the_sidecars_pools_template_reads_the_services_the_pool_jobs_register():
+    _, data = pools_template()
+    read = set(re.findall(r'nomadService "([^"]+)"', data))
+    registered = {service["name"] for path in JOB_FILES
+                  for group in groups(load_job(path)[1]).values()
+                  for service in group.get("service", [])}
+    assert read <= registered, f"no job registers {sorted(read - registered)}"
