@@ -131,6 +131,21 @@ CATALOG: tuple[Metric, ...] = (
            "llm_sidecar_route_cache_size", (), "Session routes held in memory."),
     Metric("redis_available", "gauge", "llm_sidecar.redis.available",
            "llm_sidecar_redis_available", (), "1 while the route store answers."),
+    # Published by the scaler (its leader only), from its own /metrics and DogStatsD.
+    Metric("scaler_forecast_replicas", "gauge", "llm_sidecar.scaler.forecast_replicas",
+           "llm_sidecar_scaler_forecast_replicas", ("pool",),
+           "Scaler: the replicas its policy wants for the pool now."),
+    Metric("scaler_forecast_ratio", "gauge", "llm_sidecar.scaler.forecast_ratio",
+           "llm_sidecar_scaler_forecast_ratio", ("pool",),
+           "Scaler: forecast replicas ÷ the pool's current count (at least 1); the Nomad "
+           "Autoscaler's target-value strategy with target 1 scales to the forecast."),
+    Metric("scaler_demand", "gauge", "llm_sidecar.scaler.demand",
+           "llm_sidecar_scaler_demand", ("pool",),
+           "Scaler: work offered to the pool, in replicas' worth (tokens/s ÷ "
+           "replica_tokens_per_s)."),
+    Metric("scaler_queued", "gauge", "llm_sidecar.scaler.queued",
+           "llm_sidecar_scaler_queued", ("pool",),
+           "Scaler: requests waiting at the pool's pods per request running (saturation)."),
 )
 BY_KEY = {m.key: m for m in CATALOG}
 EVENTS = ("cold start finished", "endpoint ejected", "endpoint restored",
