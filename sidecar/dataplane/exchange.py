@@ -177,13 +177,13 @@ class Proxy:
                 down.send(reply.status, reply.reason, head, reply.length, answer.body)
                 usage = usage_in(answer.body) if answer.body else None
                 prompt, completion = usage or (len(payload) // 4, len(answer.body) // 4)
-                self.events.tokens(pool.name, pool.model, prompt, completion, None)
+                self.events.tokens(pool.name, pool.model, prompt, completion)
                 return reply.status, pool.name, pool.model
             relay = Relay(down, self.events, pool.name, pool.model, request.received_at, None)
             await self._relay(request, down, route, answer, relay, head, local)
             prompt, completion = relay.tokens(len(payload))
             self.events.tokens(pool.name, pool.model, prompt, completion,
-                               relay.generation_s())
+                               relay.generation_s(), relay.inter_token_s())
             return reply.status, pool.name, pool.model
 
     def _head(self, request: Request, route: Route, answer: Answer,

@@ -347,7 +347,11 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         if self._chunked:
-            transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+            size = len(data)
+            if size < 16384:  # an SSE event: one small copy beats three buffers
+                transport.write(b"%x\r\n%s\r\n" % (size, data))
+            else:
+                transport.writelines((b"%x\r\n" % size, data, b"\r\n"))
         else:
             transport.write(data)
 

@@ -103,15 +103,18 @@ class Relay:
 
     def _timing(self, content: int) -> None:
         now = perf_counter()
-        self.completion_frames += content
-        if self.first_content:
-            # Several events in one chunk arrived together: the gap is shared among them.
-            self.events.content(self.pool, self.model, None,
-                                (now - self.last_content) / content)
-        else:
+        if not self.first_content:
             self.first_content = now
-            self.events.content(self.pool, self.model, now - self.started, None)
+            self.events.content(self.pool, self.model, now - self.started)
+        self.completion_frames += content
         self.last_content = now
+
+    def inter_token_s(self) -> float | None:
+        """The stream's mean gap between content events (time per output token): one
+        sample per stream, not one per event, keeps the relay's per-chunk work small."""
+        if self.completion_frames < 2:
+            return None
+        return (self.last_content - self.first_content) / (self.completion_frames - 1)
 
     def finish(self) -> None:
         """The upstream ended cleanly."""
