@@ -213,6 +213,9 @@ class Proxy:
             and request.method == b"POST" and request.target.split(b"?", 1)[0].endswith(
                 b"/chat/completions")) else None
         relay.transcript = transcript
+        # The head, what was held and (when the whole body is already here) the end leave
+        # in one write; later chunks go out as they arrive.
+        down.cork()
         down.start(reply.status, reply.reason, head,
                    reply.length if transcript is None else None)
         down.follow(reply)
@@ -223,7 +226,10 @@ class Proxy:
             while True:
                 if held:
                     relay.feed(held)
-                broke = await source.pipe(relay.feed)
+                ended = source.pipe(relay.feed)
+                if not ended.done():
+                    down.uncork()
+                broke = await ended
                 if broke is None:
                     relay.finish()
                     return
@@ -254,6 +260,7 @@ class Proxy:
                 self.router.served(route, pool, source_lease.endpoint, local=local,
                                    reason="resumed after a break mid-stream")
         finally:
+            down.uncork()
             down.follow(None)
             if source_lease is not answer.lease:
                 source_lease.close()
