@@ -16,7 +16,7 @@ from collections import deque
 
 import aiohttp
 
-from sidecar.pools import EJECT_AFTER_FAILURES, Endpoint, EndpointState, PoolSet
+from sidecar.pools import Endpoint, EndpointState, PoolSet
 from sidecar.telemetry import Telemetry
 
 log = logging.getLogger("sidecar.health")
@@ -100,27 +100,22 @@ class HealthProber:
             return False
 
     def apply(self, endpoint: Endpoint, healthy: bool) -> None:
+        """A probe's result, through the endpoint's own methods (it owns its state)."""
         if healthy:
-            endpoint.consecutive_failures = 0
-            if endpoint.state is EndpointState.WARMING:
-                duration = time.monotonic() - endpoint.registered_at
-                endpoint.state = EndpointState.READY
+            if endpoint.state is EndpointState.EJECTED:
+                endpoint.record_success()
+                self.telemetry.event("endpoint restored", f"{endpoint.url} (pool "
+                                     f"{endpoint.pool}) passed its health probe",
+                                     tags=[f"pool:{endpoint.pool}"])
+            elif (duration := endpoint.probe_passed()) is not None:
                 self.cold_starts.append(ColdStart(endpoint.url, endpoint.pool, duration))
                 self.telemetry.observe("cold_start_duration", (endpoint.pool,), duration)
                 self.telemetry.event("cold start finished", f"{endpoint.url} (pool "
                                      f"{endpoint.pool}) ready after {duration:.1f} s",
                                      tags=[f"pool:{endpoint.pool}"])
-            elif endpoint.state is EndpointState.EJECTED:
-                endpoint.record_success()
-                self.telemetry.event("endpoint restored", f"{endpoint.url} (pool "
-                                     f"{endpoint.pool}) passed its health probe",
-                                     tags=[f"pool:{endpoint.pool}"])
             return
-        if endpoint.state is EndpointState.READY:
-            endpoint.consecutive_failures += 1
-            if endpoint.consecutive_failures >= EJECT_AFTER_FAILURES:
-                endpoint.eject(retry_at=float("inf"))
-                self.telemetry.event("endpoint ejected", f"{endpoint.url} (pool "
-                                     f"{endpoint.pool}) failed {endpoint.consecutive_failures}"
-                                     " probes in a row", alert_type="warning",
-                                     tags=[f"pool:{endpoint.pool}"])
+        if endpoint.probe_failed():
+            self.telemetry.event("endpoint ejected", f"{endpoint.url} (pool "
+                                 f"{endpoint.pool}) failed {endpoint.consecutive_failures}"
+                                 " probes in a row", alert_type="warning",
+                                 tags=[f"pool:{endpoint.pool}"])

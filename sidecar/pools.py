@@ -84,6 +84,29 @@ class Endpoint:
             return True
         return False
 
+    def probe_passed(self) -> float | None:
+        """A healthy active probe. Returns the cold start's duration when it ended one."""
+        self.consecutive_failures = 0
+        if self.state is EndpointState.WARMING:
+            self.state = EndpointState.READY
+            return time.monotonic() - self.registered_at
+        return None
+
+    def probe_failed(self) -> bool:
+        """A failed active probe. Returns True when this one ejected a ready endpoint (only
+        a healthy probe restores it)."""
+        if self.state is not EndpointState.READY:
+            return False
+        self.consecutive_failures += 1
+        if self.consecutive_failures < EJECT_AFTER_FAILURES:
+            return False
+        self.eject(retry_at=float("inf"))
+        return True
+
+    def drain(self) -> None:
+        """Removed from the configuration: nothing new is sent; in-flight requests finish."""
+        self.state = EndpointState.DRAINING
+
     def eject(self, retry_at: float | None = None) -> None:
         """Stop sending here. With `retry_at`, one half-open try is allowed from then;
         an active prober passes infinity, as only a healthy probe restores the endpoint."""
@@ -192,7 +215,7 @@ class PoolSet:
             pools[name] = Pool(config, endpoints, api_keys.get(name))
         for key, endpoint in self._endpoints.items():
             if key not in kept:
-                endpoint.state = EndpointState.DRAINING
+                endpoint.drain()
                 changes["removed"].append(endpoint.url)
         self.pools = pools
         self.models = model_index(configs)

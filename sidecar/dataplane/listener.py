@@ -12,12 +12,12 @@ import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from http import HTTPStatus
 from time import perf_counter
 from typing import Any
 
 import httptools
 
+from sidecar.dataplane.downstream import WRITE_HIGH, WRITE_LOW, ResponseWriter
 from sidecar.dataplane.headers import REQUEST_DROP, Headers, header_block
 from sidecar.dataplane.seam import Reply, Request
 from sidecar.errors import error_body
@@ -31,10 +31,7 @@ MAX_HEAD_BYTES = MAX_LINE * MAX_HEADERS
 HEAD_TIMEOUT_S = 10.0
 KEEPALIVE_S = 75.0
 SWEEP_S = 1.0
-WRITE_HIGH = 64 * 1024
-WRITE_LOW = 16 * 1024
 SELECTOR_HEADER = b"x-sidecar-selector"
-_BODYLESS = (204, 304)
 _VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}
 EAGER_TASKS = sys.version_info >= (3, 12)
 
@@ -50,14 +47,7 @@ class Refused(Exception):
         self.code = code
 
 
-def status_line(status: int, reason: bytes = b"") -> bytes:
-    if not reason:
-        with contextlib.suppress(ValueError):
-            reason = HTTPStatus(status).phrase.encode()
-    return b"HTTP/1.1 %d %s\r\n" % (status, reason)
-
-
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(ResponseWriter, asyncio.Protocol):
     __slots__ = ("_begun_at", "_body", "_body_size", "_chunked", "_close_delimited", "_connection",
                  "_corked", "_expect", "_forward", "_head_bytes", "_headers", "_hosts", "_in_head",
                  "_parser", "_queue", "_selector", "_session", "_te", "_unreadable", "_url",
@@ -85,6 +75,7 @@ class ClientConnection(asyncio.Protocol):
     # -- protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # uvloop's default low-water mark is 16 bytes: these bound what one stream holds.
         transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)  # type: ignore[attr-defined]
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -301,116 +292,6 @@ class ClientConnection(asyncio.Protocol):
                                  f"{HEAD_TIMEOUT_S:.0f} s"))
         elif self.task is None:
             self._close()
-
-    def _close(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
-
-    # -- Downstream --------------------------------------------------------------------
-    def _response_reset(self, head_only: bool) -> None:
-        self.head_only = head_only
-        self.started = False
-        self._corked: list[bytes] | None = None
-        self._chunked = False
-        self._close_delimited = False
-        self.keep_alive = True
-
-    def start(self, status: int, reason: bytes, headers: bytes, length: int | None,
-              body: bytes = b"") -> None:
-        self.started = True
-        if status in _BODYLESS or status < 200:
-            framing = b""
-        elif length is not None:
-            framing = b"Content-Length: %d\r\n" % length
-        elif self.head_only:
-            framing = b""
-        elif self._version >= (1, 1):
-            self._chunked = True
-            framing = b"Transfer-Encoding: chunked\r\n"
-        else:
-            self._close_delimited = True  # HTTP/1.0: the close ends the body
-            self.keep_alive = False
-            framing = b""
-        if not self.keep_alive:
-            framing += b"Connection: close\r\n"
-        if self.transport is not None and not self.closed:
-            self._write_head(b"%s%s%s\r\n" % (status_line(status, reason), headers, framing),
-                             body)
-
-    def send(self, status: int, reason: bytes, headers: bytes, length: int | None,
-             body: bytes) -> None:
-        self.start(status, reason, headers, length, body)
-
-    def write(self, data: bytes) -> None:
-        if not data or self.head_only or self.closed:
-            return
-        transport = self.transport
-        assert transport is not None
-        if self._chunked:
-            size = len(data)
-            if size < 16384:  # an SSE event: one small copy beats three buffers
-                self._out(b"%x\r\n%s\r\n" % (size, data))
-            else:
-                self._out(b"%x\r\n" % size)
-                self._out(data)
-                self._out(b"\r\n")
-        else:
-            self._out(data)
-
-    def end(self) -> None:
-        if self.closed:
-            return
-        if self._chunked and not self.head_only:
-            self._out(b"0\r\n\r\n")
-        self.uncork()
-        if self._close_delimited:
-            self._close()
-
-    def abort(self) -> None:
-        self.keep_alive = False
-        self.uncork()
-        self._close()
-
-    def respond(self, status: int, body: bytes, headers: bytes = b"") -> None:
-        self.started = True
-        close = b"" if self.keep_alive else b"Connection: close\r\n"
-        if self.transport is not None and not self.closed:
-            self._write_head(b"%sContent-Type: application/json\r\n%sContent-Length: %d\r\n"
-                             b"%s\r\n" % (status_line(status), headers, len(body), close), body)
-
-    def _write_head(self, head: bytes, body: bytes) -> None:
-        """One write (one syscall) for a head and, when it is whole, its body. Never an
-        empty buffer: asyncio on 3.13 then never calls connection_lost after a close."""
-        if not body or self.head_only:
-            self._out(head)
-        elif self._corked is not None:
-            self._corked += (head, body)
-        else:
-            assert self.transport is not None
-            self.transport.writelines((head, body))
-
-    def _out(self, data: bytes) -> None:
-        if self._corked is not None:
-            self._corked.append(data)
-        else:
-            assert self.transport is not None
-            self.transport.write(data)
-
-    def cork(self) -> None:
-        if self._corked is None:
-            self._corked = []
-
-    def uncork(self) -> None:
-        corked, self._corked = self._corked, None
-        if corked and self.transport is not None and not self.closed:
-            if len(corked) == 1:
-                self.transport.write(corked[0])
-            else:
-                self.transport.writelines(corked)
-
-    def follow(self, reply: Reply | None) -> None:
-        self.source = reply
 
 
 class Listener:
