@@ -241,7 +241,7 @@ class Proxy:
         retry_after: float | None = None
         loop = asyncio.get_running_loop()
         self.budget.record_request(now)
-        plan = self.router.plan(route, now)
+        plan = self.router.plan(route, now, len(body))
         candidate = next(plan, None)
         attempt = 0
         relost = False

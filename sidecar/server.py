@@ -26,13 +26,15 @@ from sidecar import __version__
 from sidecar.admin import AdminThread
 from sidecar.config import ConfigError, Settings, reload_pools
 from sidecar.health import HealthProber
+from sidecar.placement import saturated
+from sidecar.podload import PodLoad, format_load, heartbeat_load
 from sidecar.pools import EndpointState, PoolSet
 from sidecar.proxy import Proxy
 from sidecar.routing import Router
 from sidecar.sites import bound_port, start_site
 from sidecar.store import RouteStore, StoreUnavailable, make_store
 from sidecar.telemetry import Telemetry
-from sidecar.traffic import Traffic
+from sidecar.traffic import Traffic, endpoint_inflight_key, sum_endpoint_inflight
 
 log = logging.getLogger("sidecar.server")
 
@@ -59,6 +61,7 @@ class Sidecar:
         self.prober = HealthProber(self.pools, self.telemetry)
         self.traffic = Traffic()
         self._pools_on_fallback: set[str] = set()
+        self._stale_heartbeats: dict[str, list[bytes]] = {}
         self.telemetry.collectors.append(self.collect_metrics)
         self.http: aiohttp.ClientSession | None = None
         self.proxy: Proxy | None = None
@@ -97,14 +100,50 @@ class Sidecar:
         self.telemetry.start()
 
     async def flush_traffic(self) -> None:
-        """One pipelined write of this pod's counts since the last flush (store.write keeps
-        it within the Redis budget and counts it as an incident if Redis is away)."""
+        """One pipelined round trip: this pod's counts since the last flush, its in-flight
+        heartbeats (per pool and per endpoint), the scraped pod loads for the scaler, and
+        the read of the fleet's per-endpoint heartbeats for pools without `metrics_path`
+        (store.write keeps it within the Redis budget; an incident if Redis is away)."""
         inflight: dict[str, int] = {}
+        endpoints: dict[str, dict[str, int]] = {}
+        scraped: dict[str, dict[str, PodLoad]] = {}
         for name, pool in self.pools.pools.items():
             inflight[name] = sum(e.inflight for e in pool.endpoints)
+            endpoints[name] = {e.url: e.inflight for e in pool.endpoints}
+            loads = {e.url: e.load for e in pool.endpoints
+                     if e.load is not None and e.load.source == "metrics"}
+            if loads:
+                scraped[name] = loads
+        heartbeat_pools = [name for name, pool in self.pools.pools.items()
+                           if not pool.config.metrics_path and pool.endpoints]
+        stale, self._stale_heartbeats = self._stale_heartbeats, {}
         now = time.time()
+
+        def build(pipe: Any) -> None:
+            self.traffic.write(pipe, inflight, now, endpoints)
+            _write_pod_load_for_scaler(pipe, scraped)
+            for name, fields in stale.items():
+                pipe.hdel(endpoint_inflight_key(name), *fields)
+            for name in heartbeat_pools:
+                pipe.hgetall(endpoint_inflight_key(name))
+
         with contextlib.suppress(StoreUnavailable):
-            await self.store.write(lambda pipe: self.traffic.write(pipe, inflight, now))
+            replies = await self.store.write(build)
+            if replies and heartbeat_pools:
+                self._apply_heartbeats(heartbeat_pools, replies[-len(heartbeat_pools):], now)
+
+    def _apply_heartbeats(self, names: list[str], replies: list[Any], now: float) -> None:
+        """Pools without metrics: each endpoint's load is the fleet's summed in-flight."""
+        for name, fields in zip(names, replies, strict=True):
+            pool = self.pools.get(name)
+            if pool is None or not isinstance(fields, dict):
+                continue
+            totals, stale = sum_endpoint_inflight(fields, now)
+            if stale:
+                self._stale_heartbeats[name] = stale
+            for endpoint in pool.endpoints:
+                load = heartbeat_load(totals.get(endpoint.url, 0), 0, now)
+                endpoint.set_load(load, saturated(load))
 
     def collect_metrics(self, t: Telemetry) -> None:
         """Counters kept elsewhere as plain integers, and the gauges, for telemetry."""
@@ -119,11 +158,16 @@ class Sidecar:
             t.counters[("budget_refusals", ())] = self.proxy.counters.budget_refusals
             t.counters[("resumes", ())] = self.proxy.counters.resumes
         t.gauges = {k: v for k, v in t.gauges.items()
-                    if k[0] not in ("endpoint_inflight", "endpoint_state")}
+                    if k[0] not in ("endpoint_inflight", "endpoint_state", "endpoint_running",
+                                    "endpoint_waiting", "endpoint_kv_usage")}
         for name, pool in self.pools.pools.items():
             ready = 0
             for e in pool.endpoints:
                 t.gauge("endpoint_inflight", (name, e.url), e.inflight)
+                if e.load is not None:  # one series per endpoint: bounded by the config
+                    t.gauge("endpoint_running", (name, e.url), e.load.running)
+                    t.gauge("endpoint_waiting", (name, e.url), e.load.waiting)
+                    t.gauge("endpoint_kv_usage", (name, e.url), e.load.kv_usage)
                 t.gauge("endpoint_state", (name, e.url, e.state.value), 1)
                 ready += e.state is EndpointState.READY
             t.gauge("pool_ready_endpoints", (name,), ready)
@@ -215,6 +259,9 @@ class Sidecar:
             "traffic": self.traffic.view(),
             "load_level_changes": self.router.level_changes,
             "health_probes": self.prober.probes,
+            "load_scrapes": {"scrapes": self.prober.scrapes,
+                             "failures": self.prober.scrape_failures,
+                             "parse_failures": self.prober.parse_failures},
         }
 
 
@@ -229,6 +276,19 @@ def process_view() -> dict[str, int]:
             if line.startswith("VmRSS:"):
                 view["rss_bytes"] = int(line.split()[1]) * 1024
     return view
+
+
+POD_LOAD_TTL_S = 60
+
+
+def _write_pod_load_for_scaler(pipe: Any, scraped: dict[str, dict[str, PodLoad]]) -> None:
+    """The scraped loads, for the scaler: llmsc:podload:{<pool>} hash, field = endpoint URL,
+    value = "<running>:<waiting>:<kv usage 0..1>:<unix time>". Every sidecar of the fleet
+    writes the same pod's latest reading; the freshest wins, readers skip stale ones."""
+    for pool, loads in sorted(scraped.items()):
+        key = f"llmsc:podload:{{{pool}}}"
+        pipe.hset(key, mapping={url: format_load(load) for url, load in loads.items()})
+        pipe.expire(key, POD_LOAD_TTL_S)
 
 
 SIDECAR_KEY = web.AppKey("sidecar", Sidecar)
