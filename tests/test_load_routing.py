@@ -79,7 +79,7 @@ async def test_each_pods_load_is_scraped_shown_and_written_for_the_scaler(
             return value is not None and value.split(b":")[:2] == [b"1", b"2"]
         await until(written)
         value = (await client.hget("llmsc:podload:{p}", busy.url)).decode()
-        running_, waiting, kv, stamp = value.split(":")
+        _, _, kv, stamp = value.split(":")
         assert 0 <= float(kv) <= 1 and abs(float(stamp) - time.time()) < 60
     finally:
         await client.aclose()
@@ -128,7 +128,7 @@ async def test_a_saturated_pods_session_moves_once_and_its_route_records_it(
     running = await sidecar({"small": pool([a, b], metrics_path="/metrics",
                                            health_interval_s=0.1)},
                             SIDECAR_REDIS_URL=redis_server.url)
-    status, headers, _ = await chat(http, running, session="agent")
+    status, _, _ = await chat(http, running, session="agent")
     assert status == 200
     home = a if a.requests == 1 else b
     away = b if home is a else a
