@@ -17,10 +17,12 @@ Thresholds, and why:
   answered by a move back: the source is saturated, the target is not, and a move back
   would need the reverse.
 - A new session goes to the first of its `NEW_SESSION_CHOICES` rendezvous choices that is
-  unsaturated and within the bounded-load factor of the pool's mean load (running +
-  waiting); if none is, to the least loaded of them. Three choices keep a session's pod
-  predictable (every sidecar sees the same loads and picks the same) while giving a hot
-  pod two ways out — the power of two choices, plus one.
+  unsaturated and within the bounded-load factor of the pool's mean load; if none is, to
+  the least loaded of them. Load is requests on the pod (running + waiting) weighted by how
+  long the pod takes per request (Little's law: running / completion rate) relative to the
+  pool's median, so a pod at half speed counts its sessions twice. Three choices keep a
+  session's pod predictable (every sidecar sees the same loads and picks the same) while
+  giving a hot pod two ways out — the power of two choices, plus one.
 """
 
 from __future__ import annotations
@@ -88,17 +90,34 @@ def occupancy(load: PodLoad | None, local_inflight: int) -> float:
     return max(load.running + load.waiting, float(local_inflight))
 
 
+def service_s(load: PodLoad | None) -> float | None:
+    """Mean time a request runs on the pod (Little's law on the running set), if known."""
+    if load is None or load.rate <= 0 or load.running <= 0:
+        return None
+    return load.running / load.rate
+
+
+def slowness(loads: Sequence[PodLoad | None]) -> list[float]:
+    """Each pod's time per request over the pool's median (1.0 when unknown)."""
+    known = sorted(s for s in map(service_s, loads) if s is not None)
+    if len(known) < 2:
+        return [1.0] * len(loads)
+    median = known[len(known) // 2]
+    return [1.0 if (s := service_s(load)) is None else s / median for load in loads]
+
+
 def choose_new(loads: Sequence[PodLoad | None], local_inflight: Sequence[int],
                load_factor: float) -> int:
     """Index of a new session's pod among the ready pods in its rendezvous order."""
     n = len(loads)
     if n <= 1:
         return 0
-    scores = [occupancy(load, local) for load, local in zip(loads, local_inflight,
-                                                             strict=True)]
+    weights = slowness(loads)
+    scores = [occupancy(load, local) * weight for load, local, weight
+              in zip(loads, local_inflight, weights, strict=True)]
     first = min(n, NEW_SESSION_CHOICES)
     bound = math.ceil(load_factor * (sum(scores) + 1) / n) if load_factor > 0 else math.inf
     for i in range(first):
-        if not saturated(loads[i]) and scores[i] + 1 <= bound:
+        if not saturated(loads[i]) and scores[i] + weights[i] <= bound:
             return i
     return min(range(first), key=lambda i: (expected_wait_s(loads[i]), scores[i], i))
