@@ -297,7 +297,7 @@ def main() -> int:
                     total = sum(get_json(f"http://127.0.0.1:{a}/stats")["routes"]
                                 ["session_moves"] for a in admins)
                     moves, moved_before = total - moved_before, total
-                per_pod = [get_json(f"http://127.0.0.1:{pod}/_control")["counters"]["requests"]
+                per_pod = [get_json(f"http://127.0.0.1:{pod}/_control")["counters"]["completed"]
                            for pod in pods]
                 results.setdefault(shape, {})[name] = {
                     "moves": moves, "per_pod_requests": per_pod,
@@ -335,7 +335,7 @@ def report(results: dict[str, dict[str, dict[str, float]]], args: argparse.Names
         print(f"\n### {shape} load: {args.sessions} sessions, {args.concurrency} at a time "
               f"({details[shape]})\n")
         print("| target | mean TTFT (ms) | p99 TTFT (ms) | sessions/s | prefix-cache hit "
-              "rate | calls per pod | session moves | failed calls |")
+              "rate | calls served per pod | session moves | failed calls |")
         print("|---|---|---|---|---|---|---|---|")
         for name, r in rows.items():
             print(f"| {name} | {r['mean']:.1f} | {r['p99']:.1f} | {r['sessions_per_s']:.2f} "

@@ -34,6 +34,7 @@ from sidecar.routing import Router
 from sidecar.sites import bound_port, start_site
 from sidecar.store import RouteStore, StoreUnavailable, make_store
 from sidecar.telemetry import Telemetry
+from sidecar.traffic import STALE_AFTER_S as HEARTBEAT_STALE_S
 from sidecar.traffic import Traffic, endpoint_inflight_key, sum_endpoint_inflight
 
 log = logging.getLogger("sidecar.server")
@@ -127,10 +128,17 @@ class Sidecar:
             for name in heartbeat_pools:
                 pipe.hgetall(endpoint_inflight_key(name))
 
-        with contextlib.suppress(StoreUnavailable):
+        try:
             replies = await self.store.write(build)
-            if replies and heartbeat_pools:
-                self._apply_heartbeats(heartbeat_pools, replies[-len(heartbeat_pools):], now)
+        except StoreUnavailable:
+            # Redis away: a fleet view that can no longer be refreshed is dropped once stale.
+            for e in self.pools.all_endpoints():
+                if e.load is not None and e.load.source == "heartbeat" \
+                        and now - e.load.at > HEARTBEAT_STALE_S:
+                    e.set_load(None, False)
+            return
+        if replies and heartbeat_pools:
+            self._apply_heartbeats(heartbeat_pools, replies[-len(heartbeat_pools):], now)
 
     def _apply_heartbeats(self, names: list[str], replies: list[Any], now: float) -> None:
         """Pools without metrics: each endpoint's load is the fleet's summed in-flight."""

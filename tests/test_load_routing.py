@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import sys
 import time
 
 import aiohttp
@@ -69,6 +71,14 @@ async def test_each_pods_load_is_scraped_shown_and_written_for_the_scaler(
     loads = await endpoint_loads(http, running)
     assert loads[busy.url]["running"] == 1 and loads[busy.url]["source"] == "metrics"
     assert loads[idle.url]["waiting"] == 0 and not loads[idle.url]["saturated"]
+    top = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar", "top", "--once", "--admin", admin(running),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "COLUMNS": "200"})
+    out = (await top.communicate())[0].decode()
+    assert top.returncode == 0, out
+    row = next(line for line in out.splitlines() if busy.url in line)
+    assert "waiting" in out and row.split()[-3:-1] == ["1", "2"], out
     async with http.get(admin(running) + "/metrics") as r:
         prom = await r.text()
     assert f'llm_sidecar_endpoint_waiting{{pool="p",endpoint="{busy.url}"}} 2' in prom

@@ -144,3 +144,10 @@ def test_completion_rate_is_measured_between_scrapes():
     assert with_rate(first, second).rate == 5.0
     restarted = PodLoad(1, 0, 0, 14.0, "metrics", 3.0)
     assert with_rate(second, restarted).rate == 0.0
+
+
+def test_a_pod_at_half_speed_counts_its_sessions_twice_for_new_sessions():
+    # Same requests on each pod, but the first completes them at half the rate.
+    slow, fast = load(running=4, rate=2.0), load(running=4, rate=4.0)
+    assert choose_new([slow, fast, fast, fast], [0] * 4, 1.25) == 1
+    assert choose_new([fast, slow, fast, fast], [0] * 4, 1.25) == 0
