@@ -17,6 +17,7 @@ COPY --from=build /opt/llm-sidecar /opt/llm-sidecar
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin sidecar
 USER 10001
 EXPOSE 7878 7879
-HEALTHCHECK --interval=10s --timeout=2s CMD ["llm-sidecar", "wait", "--timeout", "1"]
+# No HEALTHCHECK: the same image runs `serve`, `scaler`, `wait` and `fake-llm`, and only
+# `serve` has an admin listener to probe. Nomad checks each task with its own `check`.
 ENTRYPOINT ["llm-sidecar"]
 CMD ["serve"]

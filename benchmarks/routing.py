@@ -29,6 +29,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -228,6 +229,8 @@ def main() -> int:
     parser.add_argument("--targets", default="", help="comma-separated name filter")
     parser.add_argument("--seed", type=int, default=3)
     args = parser.parse_args()
+    # SIGTERM unwinds through `finally`, so every process started here is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     folder = Path(tempfile.mkdtemp(prefix="llmsc-routing-"))
     processes: list[subprocess.Popen[bytes]] = []
     results: dict[str, dict[str, dict[str, float]]] = {}

@@ -1,6 +1,12 @@
 # An example model pool: vLLM serving one model, registered in Nomad's own service
 # discovery so the sidecars' templates find it. The scaler changes `count` of group
 # "server" through Nomad's scale API within the `scaling` bounds below.
+# model-pool-large.hcl is the same for the large pool (llm-large).
+#
+# Before the first run: a Hugging Face token for the gated Llama weights in Nomad Variables
+# (nomad var put nomad/jobs/llm-small hf_token=hf_…) and a host volume "hf-cache" on the GPU
+# nodes (client { host_volume "hf-cache" { path = "/opt/hf-cache" } }) so a restart or a
+# new allocation on the same node does not download the weights again.
 
 variable "model" {
   type    = string
@@ -10,6 +16,12 @@ variable "model" {
 variable "served_model_name" {
   type    = string
   default = "llama-3.1-8b-instruct"
+}
+
+# Pinned: a new vLLM release is a deliberate change, never a side effect of a restart.
+variable "vllm_image" {
+  type    = string
+  default = "vllm/vllm-openai:v0.8.5"
 }
 
 job "llm-small" {
@@ -28,6 +40,12 @@ job "llm-small" {
       port "http" {
         to = 8000
       }
+    }
+
+    volume "hf-cache" {
+      type      = "host"
+      source    = "hf-cache"
+      read_only = false
     }
 
     service {
@@ -51,7 +69,16 @@ job "llm-small" {
       }
     }
 
+    # A cold start takes ~10 minutes: the healthy deadline allows for it, and Nomad requires
+    # it to stay below the progress deadline (default 10m, so it is raised here).
     update {
+      max_parallel      = 1
+      min_healthy_time  = "30s"
+      healthy_deadline  = "20m"
+      progress_deadline = "30m"
+    }
+
+    migrate {
       max_parallel     = 1
       min_healthy_time = "30s"
       healthy_deadline = "20m"
@@ -61,7 +88,7 @@ job "llm-small" {
       driver = "docker"
 
       config {
-        image = "vllm/vllm-openai:latest"
+        image = var.vllm_image
         ports = ["http"]
         args = [
           "--model", var.model,
@@ -69,6 +96,20 @@ job "llm-small" {
           "--port", "8000",
           "--enable-prefix-caching",
         ]
+      }
+
+      volume_mount {
+        volume      = "hf-cache"
+        destination = "/root/.cache/huggingface"
+      }
+
+      # The gated weights' token, from Nomad Variables, as an environment variable only.
+      template {
+        destination = "${NOMAD_SECRETS_DIR}/hf.env"
+        env         = true
+        data        = <<-EOT
+        HF_TOKEN={{ with nomadVar "nomad/jobs/llm-small" }}{{ .hf_token }}{{ end }}
+        EOT
       }
 
       resources {

@@ -42,14 +42,27 @@ job "llm-scaler" {
         EOT
       }
 
+      # The CA that signed the Nomad servers' certificate (NOMAD_ADDR is https://).
+      template {
+        destination = "${NOMAD_SECRETS_DIR}/nomad-ca.pem"
+        data        = <<-EOT
+        {{ with nomadVar "nomad/jobs/llm-scaler" }}{{ .nomad_ca_pem }}{{ end }}
+        EOT
+      }
+
       env {
         SIDECAR_REDIS_URL         = var.redis_url
         SIDECAR_SCALER_INTERVAL_S = "15"
         SIDECAR_SCALER_DRY_RUN    = "0"
         NOMAD_ADDR                = "https://nomad.service.internal:4646"
-        NOMAD_NAMESPACE           = "ml"
+        NOMAD_CACERT              = "${NOMAD_SECRETS_DIR}/nomad-ca.pem"
+        # The pool jobs (model-pool*.hcl) run in the default namespace.
+        NOMAD_NAMESPACE           = "default"
         SIDECAR_SCALER_POOLS      = "{\"small\":{\"job\":\"llm-small\",\"group\":\"server\",\"min\":1,\"max\":8,\"replica_tokens_per_s\":2500,\"cold_start_s\":600},\"large\":{\"job\":\"llm-large\",\"group\":\"server\",\"min\":1,\"max\":4,\"replica_tokens_per_s\":900,\"cold_start_s\":900}}"
         DD_SERVICE                = "llm-scaler"
+        # Events and metrics to the node's Datadog agent (see sidecar.hcl).
+        DD_AGENT_HOST     = "${attr.unique.network.ip-address}"
+        DD_DOGSTATSD_PORT = "8125"
       }
 
       resources {

@@ -57,10 +57,11 @@ job "chat-app" {
         sidecar = false
       }
 
+      # The image's ENTRYPOINT is llm-sidecar and the docker driver keeps it: `args` are its
+      # arguments (a `command` would be passed to it as one more argument).
       config {
-        image   = var.sidecar_image
-        command = "llm-sidecar"
-        args    = ["wait", "--url", "http://127.0.0.1:7879/health", "--timeout", "60"]
+        image = var.sidecar_image
+        args  = ["wait", "--url", "http://127.0.0.1:7879/health", "--timeout", "60"]
       }
 
       resources {
@@ -95,6 +96,11 @@ job "chat-app" {
         SIDECAR_DRAIN_TIMEOUT_S  = "25"
         DD_SERVICE               = "chat-app"
         DD_ENV                   = "prod"
+        # DogStatsD goes to the node's Datadog agent: in bridge mode localhost is the
+        # allocation's own namespace, so the agent is addressed by the node's IP (the agent
+        # listens on 8125/udp with DD_DOGSTATSD_NON_LOCAL_TRAFFIC=true).
+        DD_AGENT_HOST     = "${attr.unique.network.ip-address}"
+        DD_DOGSTATSD_PORT = "8125"
       }
 
       # The pools' endpoints come from Nomad's service discovery. When pods come or go the
@@ -145,6 +151,9 @@ job "chat-app" {
       env {
         OPENAI_BASE_URL = "http://127.0.0.1:7878/v1"
         OPENAI_API_KEY  = "unused-the-sidecar-holds-real-keys"
+        # "auto": the sidecar's routing table picks the pool and names its model; naming a
+        # pool's model (or alias) instead pins that pool.
+        MODEL = "auto"
       }
 
       resources {

@@ -119,7 +119,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 
 def cmd_scaler(args: argparse.Namespace) -> int:
-    from sidecar.scaler.config import load_scaler_settings
+    from sidecar.scaler.config import load_scaler_settings, scaler_warnings
 
     try:
         settings = load_scaler_settings()
@@ -128,6 +128,8 @@ def cmd_scaler(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"  - {problem}", file=sys.stderr)
         return 2
+    for warning in scaler_warnings(settings):
+        print(f"llm-sidecar scaler: warning: {warning}", file=sys.stderr)
     if args.check:
         print(json.dumps(settings.redacted(), indent=2))
         return 0

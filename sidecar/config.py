@@ -16,6 +16,8 @@ from urllib.parse import urlsplit, urlunsplit
 LOAD_LEVELS = ("low", "medium", "high")
 SELECTOR_SLOTS = 16
 REDIS_MODES = ("standalone", "cluster", "sentinel")
+# A request naming this model lets the session's selector and routing table choose the pool.
+ROUTING_ALIAS = "auto"
 
 
 class ConfigError(Exception):
@@ -54,6 +56,7 @@ class PoolConfig:
     api_key_env: str | None = None
     resume: bool = False
     metrics_path: str | None = None  # the pods' vLLM /metrics, scraped for their load
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +112,7 @@ class Settings:
                     "api_key": "<redacted>" if p.name in self.api_keys else None,
                     "resume": p.resume,
                     "metrics_path": p.metrics_path,
+                    "aliases": list(p.aliases),
                 }
                 for name, p in self.pools.items()
             },
@@ -285,7 +289,7 @@ def parse_pools(reader: _Reader, data: Any, source: str, env: Mapping[str, str]
                                'e.g. {"small": {"model": "m", "endpoints": ["http://10.0.0.5:8000"]}}')
         return pools, keys
     known = {"model", "endpoints", "fallback", "cold_start_s", "health_path",
-             "health_interval_s", "api_key_env", "resume", "metrics_path"}
+             "health_interval_s", "api_key_env", "resume", "aliases", "metrics_path"}
     for name, spec in data.items():
         where = f"{source}: pool {name!r}"
         if not isinstance(spec, dict):
@@ -298,6 +302,9 @@ def parse_pools(reader: _Reader, data: Any, source: str, env: Mapping[str, str]
         model = spec.get("model")
         if not isinstance(model, str) or not model:
             reader.problems.append(f"{where}: \"model\" must be a non-empty string, got {model!r}")
+        elif not (model.isascii() and model.isprintable()):
+            # Echoed in the x-sidecar-model response header.
+            reader.problems.append(f"{where}: \"model\" must be printable ASCII, got {model!r}")
         endpoints = spec.get("endpoints")
         # An empty list is valid: a pool scaled to zero, or whose pods have not registered
         # with service discovery yet, simply has nothing ready (its fallback serves).
@@ -343,6 +350,12 @@ def parse_pools(reader: _Reader, data: Any, source: str, env: Mapping[str, str]
         if not isinstance(resume, bool):
             reader.problems.append(f"{where}: \"resume\" must be true or false, got {resume!r}")
             resume = False
+        aliases = spec.get("aliases", [])
+        if not isinstance(aliases, list) or not all(
+                isinstance(a, str) and a and a.isascii() and a.isprintable() for a in aliases):
+            reader.problems.append(f"{where}: \"aliases\" must be a list of model names "
+                                   f'like ["chat"], got {aliases!r}')
+            aliases = []
         key_env = spec.get("api_key_env")
         if key_env is not None:
             if not isinstance(key_env, str) or not key_env:
@@ -360,9 +373,11 @@ def parse_pools(reader: _Reader, data: Any, source: str, env: Mapping[str, str]
                 name=name, model=model, endpoints=tuple(u.rstrip("/") for u in endpoints),
                 fallback=fallback, cold_start_s=numbers["cold_start_s"],
                 health_path=health_path, health_interval_s=numbers["health_interval_s"],
-                api_key_env=key_env, resume=resume, metrics_path=metrics_path,
+                api_key_env=key_env, resume=resume, aliases=tuple(aliases),
+                metrics_path=metrics_path,
             )
     _check_fallback_cycles(reader, data, source)
+    _check_model_names(reader, data, source)
     return pools, keys
 
 
@@ -381,6 +396,36 @@ def _check_fallback_cycles(reader: _Reader, data: dict[str, Any], source: str) -
             reader.problems.append(f"{source}: fallback chain loops ({chain}); "
                                    "a chain must end in a pool without a fallback")
             return
+
+
+def _check_model_names(reader: _Reader, data: dict[str, Any], source: str) -> None:
+    """A name a request may send must mean one pool: an alias cannot repeat another pool's
+    model or alias, and `auto` is kept for "let the routing table choose"."""
+    owner: dict[str, str] = {}
+    for name, spec in data.items():
+        if not isinstance(spec, dict):
+            continue
+        model = spec.get("model")
+        if model == ROUTING_ALIAS:
+            reader.problems.append(f"{source}: pool {name!r}: \"model\" may not be "
+                                   f"{ROUTING_ALIAS!r}, which lets the routing table choose")
+        if isinstance(model, str):
+            owner.setdefault(model, name)
+    for name, spec in data.items():
+        aliases = spec.get("aliases") if isinstance(spec, dict) else None
+        if not isinstance(aliases, list):
+            continue
+        for alias in aliases:
+            if not isinstance(alias, str):
+                continue
+            if alias == ROUTING_ALIAS:
+                reader.problems.append(f"{source}: pool {name!r}: alias {alias!r} is reserved "
+                                       "(it lets the routing table choose the pool)")
+            elif owner.get(alias, name) != name:
+                reader.problems.append(f"{source}: pool {name!r}: alias {alias!r} already "
+                                       f"names pool {owner[alias]!r}; a name must mean one pool")
+            else:
+                owner[alias] = name
 
 
 def parse_routes(reader: _Reader, raw: str | None, pool_names: list[str]

@@ -28,7 +28,8 @@ import aiohttp
 from rich.console import Console
 from rich.table import Table
 
-from sidecar.config import load_settings
+from sidecar.config import ROUTING_ALIAS, load_settings
+from sidecar.pools import EndpointState, PoolSet
 from sidecar.server import Running, start
 
 SMALL_MODEL = "llama-3.1-8b-instruct"
@@ -59,6 +60,13 @@ def demo_environment(small: list[int], large: list[int], listen: str, admin_list
             "SIDECAR_REQUEST_LOG": "off"}
 
 
+def warm_pools(pools: PoolSet, cold: tuple[str, ...] = ("large",)) -> bool:
+    """Every pod the story expects warm is ready: with one small pod still warming, every
+    new session would land on the other and Act 1 would show no spread at all."""
+    return all(e.state is EndpointState.READY for name, pool in pools.pools.items()
+               if name not in cold for e in pool.endpoints)
+
+
 def usage(listen: str, admin_listen: str) -> str:
     base = f"http://{listen}"
     return f"""
@@ -75,6 +83,10 @@ Or from the OpenAI SDK (pip install openai):
                   default_headers={{"x-session-id": "my-session"}})
   print(client.chat.completions.create(model="{SMALL_MODEL}",
         messages=[{{"role": "user", "content": "hi"}}]).choices[0].message.content)
+
+"model": "auto" lets the sidecar's routing table pick the pool; naming a pool's model
+({SMALL_MODEL} or {LARGE_MODEL}) picks that pool. What it serves:
+  curl -s {base}/v1/models
 
 Where a session lives:  curl -s http://{admin_listen}/sessions/my-session
 Live view:              llm-sidecar top --admin http://{admin_listen}
@@ -142,7 +154,9 @@ class Story:
 
     async def call(self, http: aiohttp.ClientSession, session: str, turn: int,
                    stream: bool) -> str:
-        body = {"model": SMALL_MODEL, "stream": stream, "max_tokens": 12,
+        # "auto": the session's selector and the load level's table choose the pool, and the
+        # sidecar names the model of the pool that serves (the pods refuse any other).
+        body = {"model": ROUTING_ALIAS, "stream": stream, "max_tokens": 12,
                 "messages": [{"role": "user", "content": f"turn {turn} of {session}"}]}
         started = time.perf_counter()
         self.tally.calls += 1
@@ -190,8 +204,12 @@ class Story:
             await self.turns(http, sessions, 3)
             self.console.print(self.where(sessions))
             moved = sum(len(self.tally.endpoints[s]) > 1 for s in sessions)
+            spread = Counter(self.names.get(e, e) for s in sessions
+                             for e in self.tally.endpoints[s])
+            per_pod = ", ".join(f"{name} {count}" for name, count in sorted(spread.items()))
             self.say(f"→ {len(sessions) - moved} of {len(sessions)} sessions stayed on one "
-                     f"pod for every turn; failed calls so far: {self.tally.failures}")
+                     f"pod for every turn; failed calls so far: {self.tally.failures}; "
+                     f"sessions per pod: {per_pod}")
 
             victim = max(("small-0", "small-1"), key=lambda n: sum(
                 self.pods[n].url in e for e in self.tally.endpoints.values()))
@@ -288,8 +306,8 @@ async def run_demo(listen: str, admin_listen: str, cold_start_s: float,
                       f"{cold_start_s:g} s here, ~15 min for real; falls back to small). "
                       "Route store: in-memory.")
         sidecar = running.sidecar
-        for _ in range(200):  # the small pods' (scaled-down) cold start
-            if sidecar.pools.pools["small"].has_ready():
+        for _ in range(400):  # the small pods' (scaled-down) cold start
+            if warm_pools(sidecar.pools):
                 break
             await asyncio.sleep(0.05)
         stop = asyncio.Event()

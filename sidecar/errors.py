@@ -19,12 +19,10 @@ and counters read.
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import time
 from enum import Enum
 
-import aiohttp
 import orjson
 
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -80,18 +78,6 @@ def classify_status(status: int) -> Outcome:
     return Outcome.OK
 
 
-def classify_exception(exc: BaseException) -> Outcome:
-    """Classify an exception raised before response headers arrived."""
-    # Order matters: aiohttp's connect timeout is also a TimeoutError.
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return Outcome.CONNECT_TIMEOUT
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
-        return Outcome.FIRST_BYTE_TIMEOUT
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return Outcome.CONNECTION_LOST
-    return Outcome.CONNECT_ERROR
-
-
 def parse_retry_after(value: str | None) -> float | None:
     """Seconds from a Retry-After header (delta-seconds or an HTTP date); None if absent."""
     if not value:
@@ -106,10 +92,6 @@ def parse_retry_after(value: str | None) -> float | None:
     if when.tzinfo is None:
         return None
     return max(0.0, when.timestamp() - time.time())
-
-
-# Exceptions that mean "the upstream failed", as opposed to the app or the sidecar.
-UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, TimeoutError, asyncio.TimeoutError)
 
 
 def error_body(message: str, code: str, **extra: object) -> bytes:

@@ -16,6 +16,7 @@ from hashlib import blake2b
 
 from sidecar.config import PoolConfig, Settings
 from sidecar.errors import Outcome
+from sidecar.models import model_index
 from sidecar.placement import choose_new
 from sidecar.podload import PodLoad
 
@@ -184,6 +185,7 @@ class PoolSet:
 
     def __init__(self, settings: Settings) -> None:
         self.pools: dict[str, Pool] = {}
+        self.models: dict[str, str] = {}  # model name or alias → the pool it names
         self._endpoints: dict[tuple[str, str], Endpoint] = {}
         self.apply(settings.pools, settings.api_keys)
 
@@ -209,6 +211,7 @@ class PoolSet:
                 endpoint.state = EndpointState.DRAINING
                 changes["removed"].append(endpoint.url)
         self.pools = pools
+        self.models = model_index(configs)
         self._endpoints = kept
         return changes
 

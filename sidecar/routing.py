@@ -107,8 +107,10 @@ class Router:
             self._pending_refresh.add(session)
         return route
 
-    async def resolve(self, session: str, selector: int | None, *, local: bool) -> Route:
-        """First touch: one store round trip (shared by concurrent requests of the session)."""
+    async def resolve(self, session: str, selector: int | None, *, local: bool,
+                      pool: str | None = None) -> Route:
+        """First touch: one store round trip (shared by concurrent requests of the session).
+        `pool` is the pool the request's model names; without one the table chooses."""
         pending = self._first_touch.get(session)
         if pending is not None:
             self.counters.coalesced += 1
@@ -116,7 +118,7 @@ class Router:
         future: asyncio.Future[Route] = asyncio.get_running_loop().create_future()
         self._first_touch[session] = future
         try:
-            route = await self._resolve(session, selector, local=local)
+            route = await self._resolve(session, selector, local=local, pool=pool)
             future.set_result(route)
             return route
         except BaseException as exc:
@@ -126,10 +128,11 @@ class Router:
         finally:
             del self._first_touch[session]
 
-    async def _resolve(self, session: str, selector: int | None, *, local: bool) -> Route:
+    async def _resolve(self, session: str, selector: int | None, *, local: bool,
+                       pool: str | None = None) -> Route:
         now = self.cache.stamp(asyncio.get_running_loop().time())
         current = self.cache.peek(session)
-        proposal = current if current is not None else self.propose(session, selector)
+        proposal = current if current is not None else self.propose(session, selector, pool)
         proposal.refreshed_at = now
         if local:
             # A connection-lifetime session can never reach another pod: no store needed.
@@ -154,16 +157,29 @@ class Router:
         self.cache.put(route, now)
         return route
 
-    def propose(self, session: str, selector: int | None) -> Route:
-        """The deterministic route every pod computes alike: table slot, then rendezvous."""
+    def propose(self, session: str, selector: int | None, named: str | None = None
+                ) -> Route:
+        """The deterministic route every pod computes alike: the pool the request's model
+        names, else the table slot of the selector; then rendezvous in that pool."""
         if selector is None:
             selector = selector_for(session)
-        table = self.settings.routes[self.level]
-        pool = self.pools.get(table[selector])
+        pool = self.pools.get(named) if named is not None else None
+        if pool is None:
+            pool = self.pools.get(self.settings.routes[self.level][selector])
         if pool is None:  # the pool was removed by a reload; use any configured pool
             pool = next(iter(self.pools.pools.values()))
         endpoint = pool.pick(session.encode(), self.settings.bounded_load_factor)
         return Route(session, selector, pool.name, endpoint, self._wall_stamp(time.time()))
+
+    def for_model(self, route: Route, named: str | None) -> Route:
+        """The route one request takes when its model names a pool other than the session's:
+        a per-request route to that pool (rendezvous on the session id, so the session
+        keeps one pod there too), never cached or stored; the session's own route stays."""
+        if named is None or named == route.pool or self.pools.get(named) is None:
+            return route
+        pool = self.pools.pools[named]
+        endpoint = pool.pick(route.session.encode(), self.settings.bounded_load_factor)
+        return Route(route.session, route.selector, named, endpoint, route.created_at)
 
     # -- failover ------------------------------------------------------------------------
 

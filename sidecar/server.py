@@ -1,6 +1,6 @@
 """Listeners, start-up, reload and graceful drain.
 
-    start-up: settings → Sidecar (pools, store, router, upstream client, prober) → listeners
+    start-up: settings → Sidecar (pools, store, router, upstream engine, prober) → listeners
     serve:    until SIGTERM / SIGINT; SIGHUP re-reads SIDECAR_POOLS_FILE
     drain:    /ready turns 503, listeners close, in-flight requests finish (up to
               SIDECAR_DRAIN_TIMEOUT_S), background work stops and flushes, exit 0
@@ -19,33 +19,23 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-from aiohttp import web
-
 from sidecar import __version__
 from sidecar.admin import AdminThread
-from sidecar.config import ConfigError, Settings, reload_pools
+from sidecar.config import ConfigError, Listen, Settings, reload_pools
+from sidecar.dataplane.exchange import Proxy
+from sidecar.dataplane.listener import Listener
+from sidecar.dataplane.upstream import HttpUpstream
 from sidecar.health import HealthProber
 from sidecar.placement import saturated
 from sidecar.podload import PodLoad, format_load, heartbeat_load
 from sidecar.pools import EndpointState, PoolSet
-from sidecar.proxy import Proxy
 from sidecar.routing import Router
-from sidecar.sites import bound_port, start_site
 from sidecar.store import RouteStore, StoreUnavailable, make_store
 from sidecar.telemetry import Telemetry
 from sidecar.traffic import STALE_AFTER_S as HEARTBEAT_STALE_S
 from sidecar.traffic import Traffic, endpoint_inflight_key, sum_endpoint_inflight
 
 log = logging.getLogger("sidecar.server")
-
-# Upstream connection pool. LLM calls are long (seconds to minutes) and each in-flight call
-# holds a connection, so the per-endpoint bound is generous; the keep-alive idle time stays
-# under uvicorn's 5 s default (vLLM's server) so we never reuse a connection the server is
-# closing at that instant.
-UPSTREAM_LIMIT_TOTAL = 1024
-UPSTREAM_LIMIT_PER_ENDPOINT = 256
-UPSTREAM_KEEPALIVE_S = 4.0
 
 
 class Sidecar:
@@ -64,7 +54,7 @@ class Sidecar:
         self._pools_on_fallback: set[str] = set()
         self._stale_heartbeats: dict[str, list[bytes]] = {}
         self.telemetry.collectors.append(self.collect_metrics)
-        self.http: aiohttp.ClientSession | None = None
+        self.upstream: HttpUpstream | None = None
         self.proxy: Proxy | None = None
         self.draining = False
         self.started_at = time.time()
@@ -73,27 +63,11 @@ class Sidecar:
     async def start(self) -> None:
         s = self.settings
         # Upstream TLS always verifies certificates: the system's CAs, or the bundle named
-        # by SIDECAR_UPSTREAM_CA_FILE (private model servers with an internal CA).
-        tls = ssl.create_default_context(cafile=s.upstream_ca_file)
-        connector = aiohttp.TCPConnector(limit=UPSTREAM_LIMIT_TOTAL,
-                                         limit_per_host=UPSTREAM_LIMIT_PER_ENDPOINT,
-                                         keepalive_timeout=UPSTREAM_KEEPALIVE_S,
-                                         ttl_dns_cache=10, ssl=tls)
-        self.http = aiohttp.ClientSession(
-            connector=connector,
-            # sock_read: one timer re-armed on every read, so a stream that goes silent
-            # ends (as a broken stream) instead of holding the app forever.
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s,
-                                          sock_read=s.stream_idle_timeout_s),
-            auto_decompress=False,  # the app gets the upstream's bytes as they were
-            # One client serves every session and app user: an upstream's Set-Cookie goes
-            # to the app that got it and is never sent with anyone else's call.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            # Send only the headers the app sent; aiohttp would add its own otherwise.
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            trust_env=False,
-        )
-        self.proxy = Proxy(s, self.router, self.http, self.traffic, self.telemetry)
+        # by SIDECAR_UPSTREAM_CA_FILE (private model servers with an internal CA). A stream
+        # that goes silent for SIDECAR_STREAM_IDLE_TIMEOUT_S ends as a broken stream.
+        self.upstream = HttpUpstream(s.connect_timeout_s, s.stream_idle_timeout_s,
+                                     ssl.create_default_context(cafile=s.upstream_ca_file))
+        self.proxy = Proxy(s, self.router, self.upstream, self.traffic, self.telemetry)
         await self.store.start()
         await self.router.start()
         await self.prober.start()
@@ -162,9 +136,6 @@ class Sidecar:
         t.counters[("redis_misses", ())] = store.created
         for kind in ("errors", "timeouts", "skipped"):
             t.counters[("redis_errors", (kind.rstrip("s"),))] = getattr(store, kind)
-        if self.proxy is not None:
-            t.counters[("budget_refusals", ())] = self.proxy.counters.budget_refusals
-            t.counters[("resumes", ())] = self.proxy.counters.resumes
         t.gauges = {k: v for k, v in t.gauges.items()
                     if k[0] not in ("endpoint_inflight", "endpoint_state", "endpoint_running",
                                     "endpoint_waiting", "endpoint_kv_usage")}
@@ -203,8 +174,8 @@ class Sidecar:
         await self.prober.close()
         await self.router.close()
         await self.store.close()
-        if self.http is not None:
-            await self.http.close()
+        if self.upstream is not None:
+            await self.upstream.aclose()
 
     def reload(self) -> bool:
         """SIGHUP: re-read the pools file; a bad file keeps the running configuration."""
@@ -299,64 +270,62 @@ def _write_pod_load_for_scaler(pipe: Any, scraped: dict[str, dict[str, PodLoad]]
         pipe.expire(key, POD_LOAD_TTL_S)
 
 
-SIDECAR_KEY = web.AppKey("sidecar", Sidecar)
-
-
-def proxy_app(sidecar: Sidecar) -> web.Application:
-    app = web.Application(client_max_size=sidecar.settings.max_body_bytes)
-    app[SIDECAR_KEY] = sidecar
-
-    async def lifecycle(app: web.Application) -> Any:
-        await sidecar.start()
-        yield
-        await sidecar.close()
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        assert sidecar.proxy is not None
-        return await sidecar.proxy.handle(request)
-
-    app.cleanup_ctx.append(lifecycle)
-    app.router.add_route("*", "/{tail:.*}", handle)
-    return app
-
-
 class Running:
-    """A started sidecar: its runners and where they listen (tests and the demo use it)."""
+    """A started sidecar: its listeners and where they listen (tests and the demo use it)."""
 
-    def __init__(self, sidecar: Sidecar, proxy: web.AppRunner, proxy_site: web.BaseSite,
+    def __init__(self, sidecar: Sidecar, listener: Listener, server: asyncio.Server,
                  admin: AdminThread) -> None:
         self.sidecar = sidecar
-        self.proxy_runner = proxy
+        self.listener = listener
         self.admin = admin
-        self.port = bound_port(proxy_site)
+        name = server.sockets[0].getsockname() if server.sockets else None
+        self.port = name[1] if isinstance(name, tuple) else None
         self.admin_port = admin.port
 
     async def stop(self) -> None:
-        """Drain: not ready first, then close listeners and let in-flight requests finish."""
+        """Drain: not ready first, then close the listener and let in-flight requests
+        finish; then background work stops and flushes."""
         self.sidecar.draining = True
-        await self.proxy_runner.cleanup()
+        await self.listener.drain(self.sidecar.settings.drain_timeout_s)
+        await self.sidecar.close()
         await self.admin.stop()
+
+
+async def listen(listener: Listener, where: Listen) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    if where.path:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(where.path)
+        server = await loop.create_unix_server(listener.protocol, where.path)
+    else:
+        server = await loop.create_server(listener.protocol, where.host, where.port,
+                                          reuse_address=True)
+    listener.server = server
+    return server
 
 
 async def start(settings: Settings, store: RouteStore | None = None,
                 env: Mapping[str, str] | None = None) -> Running:
     sidecar = Sidecar(settings, store, env)
-    proxy_runner = web.AppRunner(proxy_app(sidecar), handle_signals=False, access_log=None,
-                                 handler_cancellation=True,
-                                 shutdown_timeout=settings.drain_timeout_s)
-    await proxy_runner.setup()
+    await sidecar.start()
+    assert sidecar.proxy is not None
+    listener = Listener(sidecar.proxy.handle, settings.session_header,
+                        settings.max_body_bytes,
+                        lambda exc: log.error("request failed inside the sidecar",
+                                              exc_info=exc))
     admin = AdminThread(sidecar, settings.admin_listen)
     try:
-        proxy_site = await start_site(proxy_runner, settings.listen)
+        server = await listen(listener, settings.listen)
         await admin.start()
     except OSError:
-        await proxy_runner.cleanup()
+        await listener.drain(0)
+        await sidecar.close()
         raise
-    for name, listen in (("proxy", settings.listen), ("admin", settings.admin_listen)):
-        if not listen.is_loopback:
+    for name, where in (("proxy", settings.listen), ("admin", settings.admin_listen)):
+        if not where.is_loopback:
             log.warning("the %s listener binds %s, which is NOT loopback: anything that can "
-                        "reach this address can use it", name, listen)
-    return Running(sidecar, proxy_runner, proxy_site, admin)
+                        "reach this address can use it", name, where)
+    return Running(sidecar, listener, server, admin)
 
 
 async def serve(settings: Settings) -> int:

@@ -32,6 +32,7 @@ RESERVOIR = 512  # latency samples kept per metric and tag set between flushes
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 COLD_START_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 900, 1200, 1800, 3600)
+TOKEN_RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +94,17 @@ CATALOG: tuple[Metric, ...] = (
            "llm_sidecar_overhead_seconds", ("pool",),
            "Time the sidecar itself spent before the response started, upstream time "
            "excluded (also the `x-sidecar-overhead-ms` header).", "ms"),
+    Metric("ttft", "distribution", "llm_sidecar.ttft", "llm_sidecar_ttft_seconds",
+           ("pool", "model"), "Time to first token: from the request's arrival to a "
+           "stream's first content event.", "ms"),
+    Metric("inter_token", "distribution", "llm_sidecar.inter_token_latency",
+           "llm_sidecar_inter_token_latency_seconds", ("pool", "model"),
+           "Inter-token latency: gaps between a stream's content events (events that "
+           "arrive together share their gap).", "ms"),
+    Metric("tokens_per_second", "distribution", "llm_sidecar.tokens_per_second",
+           "llm_sidecar_tokens_per_second", ("pool", "model"),
+           "Completion tokens per second of a stream, from its first to its last content "
+           "event."),
     Metric("redis_latency", "distribution", "llm_sidecar.redis.latency",
            "llm_sidecar_redis_latency_seconds", (), "First-touch round trip to Redis.",
            "ms"),
@@ -143,7 +155,8 @@ class _Series:
     __slots__ = ("bounds", "buckets", "count", "samples", "seen", "sum")
 
     def __init__(self, key: str) -> None:
-        self.bounds = COLD_START_BUCKETS if key == "cold_start_duration" else LATENCY_BUCKETS
+        self.bounds = (COLD_START_BUCKETS if key == "cold_start_duration" else
+                       TOKEN_RATE_BUCKETS if key == "tokens_per_second" else LATENCY_BUCKETS)
         self.buckets = [0] * (len(self.bounds) + 1)
         self.count = 0
         self.sum = 0.0
@@ -212,7 +225,8 @@ class Telemetry:
         if len(series.samples) < RESERVOIR:
             series.samples.append(value)
         else:  # reservoir sampling keeps a uniform sample of the interval
-            slot = self._random.randrange(series.seen)
+            # random() is C; randrange() runs Python code on every sample past the first
+            slot = int(self._random.random() * series.seen)
             if slot < RESERVOIR:
                 series.samples[slot] = value
 

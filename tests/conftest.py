@@ -45,6 +45,9 @@ async def pods() -> AsyncIterator[PodFactory]:
     started: list[Pod] = []
 
     async def make(count: int = 1, **behaviour: Any) -> list[Pod]:
+        # Most tests check forwarding, not model names: their pods answer any model unless
+        # a test passes `serves` (tests of the model rules use pods that refuse others).
+        behaviour.setdefault("serves", "*")
         made = []
         for _ in range(count):
             runner, fake, port = await start_fake_llm(Behaviour(**behaviour))
@@ -104,7 +107,9 @@ def admin(running: Running) -> str:
     return f"http://127.0.0.1:{running.admin_port}"
 
 
-CHAT = {"model": "small-model", "messages": [{"role": "user", "content": "hello"}]}
+# "auto": the session's selector and the load level's table choose the pool (a model name a
+# pool serves would choose that pool instead; see tests/test_models.py).
+CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hello"}]}
 
 
 async def chat(http: aiohttp.ClientSession, running: Running, session: str | None = "s1",

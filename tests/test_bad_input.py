@@ -132,8 +132,7 @@ async def test_client_disconnect_cancels_the_upstream_and_leaks_nothing(pods, si
     assert all(e.inflight == 0 for e in running.sidecar.pools.all_endpoints())
     await asyncio.sleep(0.05)
     assert len(asyncio.all_tasks()) <= tasks_before
-    connector = running.sidecar.http.connector
-    assert sum(len(c) for c in connector._acquired_per_host.values()) == 0
+    assert running.sidecar.upstream.in_use() == 0
 
 
 async def test_client_disconnect_while_waiting_for_first_byte_cancels_upstream(pods, sidecar):

@@ -14,7 +14,19 @@ import time
 
 import aiohttp
 
+from sidecar.config import load_settings
+from sidecar.demo import demo_environment, warm_pools
+from sidecar.pools import EndpointState, PoolSet
 from tests.redis_server import free_port
+
+
+def test_the_story_waits_until_every_small_pod_is_warm():
+    pools = PoolSet(load_settings(demo_environment([1, 2], [3], "127.0.0.1:0", "127.0.0.1:0")))
+    small = pools.pools["small"].endpoints
+    small[0].state = EndpointState.READY
+    assert not warm_pools(pools), "one small pod ready is not enough"
+    small[1].state = EndpointState.READY
+    assert warm_pools(pools), "the large pool's cold start is part of the story"
 
 
 async def test_demo_tells_the_story_then_serves_and_stops_on_ctrl_c():
@@ -40,6 +52,9 @@ async def test_demo_tells_the_story_then_serves_and_stops_on_ctrl_c():
                         if "failures seen by the app" in line)
         assert failures.split()[-1] == "0", story
         assert "route store round trips per session" in summary
+        # Act 1 starts once both small pods are warm, so its sessions spread over both.
+        act1 = next(line for line in lines if "sessions per pod" in line)
+        assert "small-0" in act1 and "small-1" in act1, story
         async with aiohttp.ClientSession() as http, http.post(
                 f"http://127.0.0.1:{port}/v1/chat/completions",
                 json={"model": "llama-3.1-8b-instruct",

@@ -115,7 +115,7 @@ async def test_hang_holds_requests_until_released(pods, http):
 def test_fake_llm_command_serves_the_named_model():
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "sidecar", "fake-llm", "--port",
-                                str(port), "--model", "tiny-model"],
+                                str(port), "--model", "tiny-model", "--serves", "tiny"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 15
@@ -123,7 +123,8 @@ def test_fake_llm_command_serves_the_named_model():
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models") as r:
-                    assert json.loads(r.read())["data"][0]["id"] == "tiny-model"
+                    ids = [m["id"] for m in json.loads(r.read())["data"]]
+                    assert ids == ["tiny-model", "tiny"]
                     break
             except OSError:
                 if time.monotonic() > deadline:

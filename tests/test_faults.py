@@ -40,14 +40,13 @@ async def no_leaks(running) -> AsyncIterator[None]:
     for _ in range(100):
         settled = (sidecar.proxy.counters.inflight == 0
                    and all(e.inflight == 0 for e in sidecar.pools.all_endpoints())
-                   and sum(len(c) for c in sidecar.http.connector._acquired_per_host.values())
-                   == 0)
+                   and sidecar.upstream.in_use() == 0)
         if settled and not _request_tasks(before):
             return
         await asyncio.sleep(0.02)
     assert sidecar.proxy.counters.inflight == 0, "requests still in flight"
     assert all(e.inflight == 0 for e in sidecar.pools.all_endpoints())
-    assert sum(len(c) for c in sidecar.http.connector._acquired_per_host.values()) == 0
+    assert sidecar.upstream.in_use() == 0, "upstream connections still leased"
     assert not _request_tasks(before), "tasks leaked"
 
 

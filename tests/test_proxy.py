@@ -42,14 +42,15 @@ async def test_any_method_path_and_query_are_forwarded_with_headers(pods, sideca
 async def test_response_bytes_and_sidecar_headers(pods, sidecar, http):
     [pod] = await pods(1)
     running = await sidecar({"small": pool([pod])})
-    async with http.get(f"{pod.url}/v1/models") as r:
+    async with http.get(f"{pod.url}/health") as r:
         direct = await r.read()
-    async with http.get(base(running) + "/v1/models", headers={"x-session-id": "abc"}) as r:
+    async with http.get(base(running) + "/health", headers={"x-session-id": "abc"}) as r:
         proxied = await r.read()
         assert r.headers["x-sidecar-session"] == "abc"
         assert r.headers["x-sidecar-pool"] == "small"
         assert r.headers["x-sidecar-endpoint"] == pod.url
         assert r.headers["x-sidecar-attempts"] == "1"
+        assert r.headers["x-sidecar-model"] == "small-model"
         assert "x-sidecar-fallback" not in r.headers
     assert proxied == direct
 
@@ -101,7 +102,7 @@ async def test_openai_sdk_async_streaming_and_not(pods, sidecar):
                   c.choices[0].delta.content]
         assert "".join(pieces) == answer.choices[0].message.content
         models = await client.models.list()
-        assert [m.id for m in models.data] == ["fake-model"]
+        assert [m.id for m in models.data] == ["small-model", "auto"]  # the sidecar's list
         embedding = await client.embeddings.create(model="small-model", input="hello")
         assert len(embedding.data[0].embedding) == 16
     finally:

@@ -29,6 +29,9 @@ class Behaviour:
     """What the server does; every field can be changed at run time."""
 
     model: str = "fake-model"
+    # Other names it answers to, comma-separated (vLLM's --served-model-name); "*" = any.
+    # A request naming a model it does not serve gets vLLM's 404, so a mismatch is loud.
+    serves: str = ""
     ttft_ms: float = 0.0                # time to first token with a fully cached prompt
     prefill_ms_per_token: float = 0.0   # extra first-token time per uncached prompt token
     tokens_per_s: float = 0.0           # 0 = as fast as possible
@@ -68,6 +71,7 @@ class Counters:
     prefix_hits: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    unknown_model: int = 0  # requests refused with 404: a model this server does not serve
 
 
 def _message_text(message: Any) -> str:
@@ -163,7 +167,12 @@ class FakeLLM:
     async def models(self, request: web.Request) -> web.Response:
         self._seen(request)
         return self._json({"object": "list", "data": [
-            {"id": self.behaviour.model, "object": "model", "created": 0, "owned_by": "fake-llm"}]})
+            {"id": name, "object": "model", "created": 0, "owned_by": "fake-llm"}
+            for name in self.served_models()]})
+
+    def served_models(self) -> list[str]:
+        extra = [n.strip() for n in self.behaviour.serves.split(",") if n.strip()]
+        return [self.behaviour.model, *(n for n in extra if n != self.behaviour.model)]
 
     async def echo(self, request: web.Request) -> web.Response:
         """Any other path: describe the request, so forwarding can be checked exactly."""
@@ -212,6 +221,14 @@ class FakeLLM:
         if not isinstance(body, dict):
             return self._error(400, "request body must be a JSON object", "invalid_request")
         self.last_request = body
+        model = body.get("model")
+        served = self.served_models()
+        if model is not None and "*" not in served and model not in served:
+            self.counters.unknown_model += 1
+            # vLLM's OpenAI server's answer, byte for byte in shape.
+            return self._json({"object": "error", "message": f"The model `{model}` does not "
+                               "exist.", "type": "NotFoundError", "param": None, "code": 404},
+                              status=404)
         return body
 
     def _seen(self, request: web.Request) -> None:

@@ -73,6 +73,21 @@ class ScalerSettings:
                 "NOMAD_NAMESPACE": self.nomad_namespace}
 
 
+def scaler_warnings(settings: ScalerSettings) -> list[str]:
+    """Settings that are valid but will not do what an operator most likely wants."""
+    warnings = []
+    if not settings.dry_run and not settings.nomad_token:
+        warnings.append("NOMAD_TOKEN is not set and SIDECAR_SCALER_DRY_RUN is off: a Nomad "
+                        "with ACLs enabled refuses every scale request; set NOMAD_TOKEN to a "
+                        "token with the scale-job and read-job-scaling capabilities")
+    if settings.nomad_addr.startswith("https://") and not settings.nomad_cacert \
+            and not settings.nomad_skip_verify:
+        warnings.append(f"NOMAD_ADDR={settings.nomad_addr!r} is https:// but NOMAD_CACERT is "
+                        "not set: Nomad's certificate must then be signed by a system CA; set "
+                        "NOMAD_CACERT to the CA file of a private Nomad PKI")
+    return warnings
+
+
 def vars_of(pool: ScaledPool) -> dict[str, Any]:
     return {f: getattr(pool, f) for f in pool.__dataclass_fields__}
 

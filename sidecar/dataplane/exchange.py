@@ -1,0 +1,309 @@
+"""One request: check the session headers, resolve the route, run the attempt plan, relay
+the answer (resuming a broken chat stream where the pool allows it). Engine-free: it speaks
+only to the seam's `Upstream` and `Downstream`.
+
+Nothing is retried once a response byte has reached the app; a break after that ends the
+response visibly (an SSE error event, then a closed connection) instead of looking whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from time import perf_counter
+from typing import TYPE_CHECKING
+
+import orjson
+
+from sidecar.budget import RetryBudget
+from sidecar.config import Settings
+from sidecar.dataplane.attempts import Answer, Attempts, Failure
+from sidecar.dataplane.events import Events
+from sidecar.dataplane.failover import Step
+from sidecar.dataplane.headers import (
+    REQUEST_DROP,
+    get,
+    with_header,
+)
+from sidecar.dataplane.relay import Relay
+from sidecar.dataplane.seam import Downstream, Request, Upstream
+from sidecar.errors import Outcome, error_body
+from sidecar.models import listing, named_pool, needs_rewrite, requested_model
+from sidecar.pools import Endpoint, Pool
+from sidecar.resume import ContinuationFrames, Transcript, continuation
+from sidecar.sessions import Route, parse_selector, valid_session_id
+from sidecar.telemetry import Telemetry
+from sidecar.traffic import Traffic, usage_in
+
+if TYPE_CHECKING:  # the router reaches the store (redis); the logic only calls it
+    from sidecar.routing import Router
+
+log = logging.getLogger("sidecar.proxy")
+RETRY_AFTER_S = "5"
+
+
+def rewrite_model(body: bytes, model: str) -> bytes:
+    """Swap the `model` of a JSON request for the serving pool's; anything else untouched."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body
+    if not isinstance(data, dict) or "model" not in data:
+        return body
+    data["model"] = model
+    return orjson.dumps(data)
+
+
+class Proxy:
+    """The request logic of one sidecar (what `/stats` calls `proxy`)."""
+
+    def __init__(self, settings: Settings, router: Router, upstream: Upstream,
+                 traffic: Traffic, telemetry: Telemetry | None = None) -> None:
+        self.router = router
+        self.events = Events(telemetry if telemetry is not None else Telemetry({}), traffic,
+                             settings.request_log_level)
+        self.counters = self.events.counters
+        self.session_header = settings.session_header
+        self.max_attempts = settings.max_attempts
+        self.budget = RetryBudget(settings.retry_budget_percent, settings.retry_budget_min)
+        self.attempts = Attempts(upstream, self.events, self.budget, settings.max_attempts,
+                                 settings.first_byte_timeout_s)
+        self.loop = asyncio.get_running_loop()
+
+    async def handle(self, request: Request, down: Downstream) -> None:
+        counters = self.counters
+        counters.requests += 1
+        counters.inflight += 1
+        fields: dict[str, object] = {}
+        try:
+            status, pool, model = await self._handle(request, down, fields)
+        except asyncio.CancelledError:
+            counters.client_disconnects += 1
+            raise
+        finally:
+            counters.inflight -= 1
+        self.events.finished(request.method, request.target, status, pool, model,
+                             perf_counter() - request.received_at, fields)
+
+    def _refuse(self, down: Downstream, status: int, message: str, code: str,
+                headers: bytes = b"", **extra: object) -> tuple[int, str, str]:
+        down.respond(status, error_body(message, code, **extra), headers)
+        return status, "none", "none"
+
+    async def _handle(self, request: Request, down: Downstream, fields: dict[str, object]
+                      ) -> tuple[int, str, str]:
+        if request.method == b"GET" and request.target.split(b"?", 1)[0] == b"/v1/models":
+            # What the app may name is what the sidecar can serve, not what one pod serves.
+            down.respond(200, orjson.dumps(listing(self.router.settings.pools)))
+            return 200, "none", "none"
+        raw = request.session
+        local = raw is None
+        if raw is None:
+            session = request.connection
+        else:
+            session = raw.decode("latin-1")
+            if not valid_session_id(session):
+                self.counters.bad_requests += 1
+                return self._refuse(down, 400, f"header {self.session_header} must be 1-256 "
+                                    "printable ASCII characters", "invalid_session_id")
+        selector = None
+        if request.selector is not None:
+            selector = parse_selector(request.selector.decode("latin-1").strip())
+            if selector is None:
+                self.counters.bad_requests += 1
+                return self._refuse(down, 400, "header x-sidecar-selector must be an integer "
+                                    "0-15", "invalid_selector")
+        requested = requested_model(request.body)
+        named = named_pool(self.router.pools.models, requested)
+        now = self.loop.time()
+        route = self.router.lookup(session, now)
+        if route is None:
+            route = await self.router.resolve(session, selector, local=local, pool=named)
+        fields["session"] = route.session
+        serving = self.router.for_model(route, named)
+        # A per-request route (another pool named) is never written back to the store.
+        return await self._forward(request, down, serving, now, local or serving is not route,
+                                   fields, requested)
+
+    async def _forward(self, request: Request, down: Downstream, route: Route, now: float,
+                       local: bool, fields: dict[str, object], requested: str | None = None
+                       ) -> tuple[int, str, str]:
+        self.budget.record_request(now)
+        failures: list[Failure] = []  # only grows on failures
+        body = request.body
+
+        def request_for(pool: Pool) -> tuple[bytes, bytes]:
+            payload = rewrite_model(body, pool.model) if needs_rewrite(requested, pool.model) \
+                else body
+            if pool.auth_header is None:
+                return request.forward, payload
+            return with_header(request.headers, b"Authorization", pool.auth_header.encode(),
+                               REQUEST_DROP, get(request.headers, b"connection")
+                               ), payload
+
+        answer, step = await self.attempts.run(self.router.plan(route, now, len(body)),
+                                               request.method,
+                                               request.target, request_for, failures)
+        fields["attempts"] = answer.attempt if answer is not None else len(failures)
+        if answer is None:
+            retry_after = _seconds(min((f.retry_after for f in failures if f.retry_after),
+                                       default=None)).encode()
+            tried = [f.view() for f in failures]
+            if step is Step.BUDGET_REFUSED:
+                return self._refuse(
+                    down, 503, "retry budget exhausted: too many retries in the last 10 s; "
+                    "not retrying to avoid multiplying load", "retry_budget_exhausted",
+                    b"Retry-After: " + retry_after + b"\r\n", tried=tried)
+            self.counters.no_endpoint += 1
+            return self._refuse(down, 503, self._no_endpoint_message(route, failures),
+                                "no_ready_endpoint", b"Retry-After: " + retry_after + b"\r\n",
+                                tried=tried)
+        with answer.lease:
+            pool, endpoint = answer.pool, answer.lease.endpoint
+            if pool.name != route.pool:
+                self.events.fallback(route.pool, pool.name)
+                fields["fallback"] = route.pool
+            reason = None
+            if failures:
+                last = failures[-1]
+                reason = f"{last.outcome.value} from {last.endpoint} (pool {last.pool})"
+            self.router.served(route, pool, endpoint, local=local, reason=reason)
+            fields["endpoint"] = endpoint.url
+            reply, payload = answer.reply, answer.payload
+            head = self._head(request, route, answer, fields)
+            if answer.body is not None:
+                # One write for the whole answer; reply.length, not len(body): a HEAD
+                # answer keeps the upstream's Content-Length.
+                down.send(reply.status, reply.reason, head, reply.length, answer.body)
+                usage = usage_in(answer.body) if answer.body else None
+                prompt, completion = usage or (len(payload) // 4, len(answer.body) // 4)
+                self.events.tokens(pool.name, pool.model, prompt, completion, None)
+                return reply.status, pool.name, pool.model
+            relay = Relay(down, self.events, pool.name, pool.model, request.received_at, None)
+            await self._relay(request, down, route, answer, relay, head, local)
+            prompt, completion = relay.tokens(len(payload))
+            self.events.tokens(pool.name, pool.model, prompt, completion,
+                               relay.generation_s())
+            return reply.status, pool.name, pool.model
+
+    def _head(self, request: Request, route: Route, answer: Answer,
+              fields: dict[str, object]) -> bytes:
+        reply, pool = answer.reply, answer.pool
+        # The sidecar's own time: request received → upstream request sent, plus upstream
+        # answer ready → our head written; the waits on upstreams are theirs.
+        overhead = (answer.sent_at - request.received_at) + (perf_counter() - answer.ready_at)
+        self.events.telemetry.observe("overhead", (pool.name,), overhead)
+        fields["overhead_ms"] = round(overhead * 1000, 3)
+        extra = [b"x-sidecar-overhead-ms: %.3f\r\n" % (overhead * 1000),
+                 b"x-sidecar-session: %s\r\n" % route.session.encode(),
+                 b"x-sidecar-pool: %s\r\n" % pool.name.encode(),
+                 b"x-sidecar-model: %s\r\n" % pool.model.encode(),
+                 b"x-sidecar-endpoint: %s\r\n" % answer.lease.endpoint.url_key,
+                 b"x-sidecar-attempts: %d\r\n" % answer.attempt]
+        if pool.name != route.pool:
+            extra.append(b"x-sidecar-fallback: %s\r\n" % route.pool.encode())
+        return reply.forward + b"".join(extra)
+
+    async def _relay(self, request: Request, down: Downstream, route: Route, answer: Answer,
+                     relay: Relay, head: bytes, local: bool) -> None:
+        reply, payload = answer.reply, answer.payload
+        pool = answer.pool
+        transcript = Transcript() if (
+            pool.config.resume and answer.sse and reply.status == 200
+            and request.method == b"POST" and request.target.split(b"?", 1)[0].endswith(
+                b"/chat/completions")) else None
+        relay.transcript = transcript
+        down.start(reply.status, reply.reason, head,
+                   reply.length if transcript is None else None)
+        down.follow(reply)
+        source, source_lease = reply, answer.lease
+        held = answer.held
+        resumed = 0
+        try:
+            while True:
+                if held:
+                    relay.feed(held)
+                broke = await source.pipe(relay.feed)
+                if broke is None:
+                    relay.finish()
+                    return
+                self.events.stream_broken(source_lease.endpoint, self.loop.time())
+                log.warning("upstream %s broke mid-stream", source_lease.endpoint.url)
+                if transcript is not None and transcript.finished:
+                    # The answer was complete (finish_reason arrived); only the end of the
+                    # stream was lost. End it as the upstream would have.
+                    self.counters.completed_after_break += 1
+                    relay.feed(b"data: [DONE]\n\n")
+                    relay.finish()
+                    return
+                nxt = None
+                if transcript is not None and resumed < self.max_attempts - 1:
+                    nxt = await self._resume(request, route, pool, source_lease.endpoint,
+                                             transcript, payload)
+                    if nxt is None:
+                        self.counters.resume_failures += 1
+                if nxt is None:
+                    relay.end_broken(answer.sse)
+                    return
+                if source_lease is not answer.lease:
+                    source_lease.close()
+                resumed += 1
+                continued, relay.frames = nxt
+                source, source_lease, held = continued.reply, continued.lease, continued.held
+                down.follow(source)
+                self.router.served(route, pool, source_lease.endpoint, local=local,
+                                   reason="resumed after a break mid-stream")
+        finally:
+            down.follow(None)
+            if source_lease is not answer.lease:
+                source_lease.close()
+
+    async def _resume(self, request: Request, route: Route, pool: Pool, broken: Endpoint,
+                      transcript: Transcript, payload: bytes
+                      ) -> tuple[Answer, ContinuationFrames] | None:
+        """Start the continuation of a broken chat stream on another endpoint of the pool
+        (see resume.py), through the same attempt loop; None when it cannot be resumed."""
+        answer = transcript.answer()
+        if answer is None:
+            return None
+        text, content_frames, stream_id, created = answer
+        body = continuation(payload, text, content_frames)
+        if body is None:
+            return None
+        now = self.loop.time()
+        candidates = ((pool, e) for e in pool.ranked(route.session.encode())
+                      if e is not broken and e.usable(now))
+        continued, _ = await self.attempts.run(
+            candidates, b"POST", request.target, lambda _: (request.forward, body), [],
+            strict=True)
+        if continued is None:
+            return None
+        self.events.resumed()
+        log.info("resuming a stream of session %s on %s after %s broke", route.session,
+                 continued.lease.endpoint.url, broken.url)
+        return continued, ContinuationFrames(stream_id, created)
+
+    def _no_endpoint_message(self, route: Route, failures: list[Failure]) -> str:
+        """Say what went wrong and what to check: this is the first error a new user meets."""
+        if failures and all(f.outcome is Outcome.CONNECT_ERROR for f in failures):
+            urls = ", ".join(sorted({f.endpoint for f in failures}))
+            return (f"no endpoint could serve the request: nothing accepted a connection at "
+                    f"{urls}. Is the model server running there, and does SIDECAR_POOLS "
+                    "list the right endpoints?")
+        if failures:
+            return "no endpoint could serve the request (see `tried`)"
+        pools = [route.pool, *(p.name for p in self.router.pools.fallback_chain(route.pool))]
+        states = {e.url: e.state.value for name in pools
+                  if (pool := self.router.pools.get(name)) for e in pool.endpoints}
+        if not states:
+            return (f"pool {route.pool!r} has no endpoints configured (nor its fallbacks); "
+                    "list them in SIDECAR_POOLS")
+        return (f"no ready endpoint in pool {route.pool!r} or its fallback chain {pools[1:]} "
+                f"({states}): pods may still be starting (a cold start) or were ejected "
+                "after failures; GET /endpoints on the admin listener shows their states")
+
+
+def _seconds(value: float | None) -> str:
+    return str(max(1, math.ceil(value))) if value else RETRY_AFTER_S
+

@@ -1,0 +1,409 @@
+"""HTTP/1.1 from the app on an asyncio protocol with httptools' request parser (llhttp):
+framing checks (nothing ambiguous is ever forwarded), header and body limits, a deadline
+for the request head, Expect, pipelining in order, flow control. Each connection is the
+`Downstream` of the request it is answering."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from time import perf_counter
+
+import httptools
+
+from sidecar.dataplane.headers import REQUEST_DROP, Headers, header_block
+from sidecar.dataplane.seam import Reply, Request
+from sidecar.errors import error_body
+
+# aiohttp's limits, which the app's clients already live with.
+MAX_LINE = 8190
+MAX_HEADERS = 128
+MAX_HEAD_BYTES = MAX_LINE * MAX_HEADERS
+# The request head must arrive within this (slowloris); idle keep-alive connections close
+# after KEEPALIVE_S.
+HEAD_TIMEOUT_S = 10.0
+KEEPALIVE_S = 75.0
+SWEEP_S = 1.0
+WRITE_HIGH = 64 * 1024
+WRITE_LOW = 16 * 1024
+SELECTOR_HEADER = b"x-sidecar-selector"
+_BODYLESS = (204, 304)
+_VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}
+
+Handler = Callable[[Request, "ClientConnection"], Awaitable[None]]
+
+
+class Refused(Exception):
+    """A request that must not be forwarded: answered with `status`, then closed."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def status_line(status: int, reason: bytes = b"") -> bytes:
+    if not reason:
+        with contextlib.suppress(ValueError):
+            reason = HTTPStatus(status).phrase.encode()
+    return b"HTTP/1.1 %d %s\r\n" % (status, reason)
+
+
+class ClientConnection(asyncio.Protocol):
+    __slots__ = ("_begun_at", "_body", "_body_size", "_chunked", "_close_delimited",
+                 "_connection", "_expect", "_forward", "_head_bytes", "_headers", "_in_head",
+                 "_parser", "_queue", "_selector", "_session", "_te", "_url", "_version", "closed",
+                 "connection_id", "deadline", "head_only", "keep_alive", "listener", "source",
+                 "started", "task", "transport")
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._queue: deque[tuple[Request, bool]] = deque()
+        self.task: asyncio.Task[None] | None = None
+        self.closed = False
+        self.connection_id = ""
+        self.deadline = time.monotonic() + KEEPALIVE_S
+        self.source: Reply | None = None
+        self._in_head = False
+        self._head_bytes = 0
+        self._version = (1, 1)
+        self._begun_at = 0.0
+        self._begin()
+        self._response_reset(False)
+
+    # -- protocol --------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)  # type: ignore[attr-defined]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        # Apps that send no session header get one session per TCP connection.
+        self.connection_id = (f"conn:{peer[0]}:{peer[1]}" if isinstance(peer, tuple)
+                              else f"conn:{id(self):x}")
+        self.listener.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse(Refused(431, "headers_too_large", "request header section "
+                                     f"over {MAX_HEAD_BYTES} bytes"))
+                return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            # An upgrade we do not take (h2c from Java clients): the request was whole; a
+            # fresh parser reads whatever follows as HTTP/1.1 again.
+            self._parser = httptools.HttpRequestParser(self)
+            if rest := data[upgrade.args[0]:]:
+                self.data_received(rest)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            self._refuse(cause if isinstance(cause, Refused) else
+                         Refused(400, "bad_request", str(exc)))
+        except httptools.HttpParserError as exc:
+            self._refuse(Refused(400, "bad_request", f"malformed HTTP request: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.listener.connections.discard(self)
+        if self.task is not None and not self.task.done():
+            self.task.cancel()  # the app went away: so does its upstream request
+
+    def pause_writing(self) -> None:
+        if self.source is not None:
+            self.source.pause()  # the app reads slower than the model writes
+
+    def resume_writing(self) -> None:
+        if self.source is not None:
+            self.source.resume()
+
+    # -- parser callbacks --------------------------------------------------------------
+    def _begin(self) -> None:
+        self._url: list[bytes] = []
+        self._headers: Headers = []
+        self._forward: list[bytes] = []  # the header lines that go upstream
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._session: bytes | None = None
+        self._selector: bytes | None = None
+        self._connection: bytes | None = None
+        self._expect: bytes | None = None
+        self._te: bytes | None = None
+
+    def on_message_begin(self) -> None:
+        self._begun_at = perf_counter()  # the request's clock starts at its first bytes
+        self._begin()
+        self._in_head = True
+        self._head_bytes = 0
+        self.deadline = time.monotonic() + HEAD_TIMEOUT_S
+
+    def on_url(self, url: bytes) -> None:
+        self._url.append(url)
+        if sum(map(len, self._url)) > MAX_LINE:
+            raise Refused(414, "uri_too_long", f"request target over {MAX_LINE} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self._headers
+        if len(headers) >= MAX_HEADERS:
+            raise Refused(431, "too_many_headers", f"more than {MAX_HEADERS} headers")
+        if len(name) + len(value) + 2 > MAX_LINE:
+            raise Refused(431, "header_too_large", f"a header line over {MAX_LINE} bytes")
+        headers.append((name, value))
+        lower = name.lower()
+        if lower not in REQUEST_DROP:
+            self._forward.append(b"%s: %s\r\n" % (name, value))
+        if lower in self.listener.special:
+            if lower == self.listener.session_header:
+                self._session = value
+            elif lower == SELECTOR_HEADER:
+                self._selector = value
+            elif lower == b"connection":
+                self._connection = value if self._connection is None else \
+                    self._connection + b"," + value
+            elif lower == b"expect":
+                self._expect = value
+            elif lower == b"transfer-encoding":
+                self._te = value
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self.deadline = 0.0
+        if self._te is not None and self._te.strip().lower() != b"chunked":
+            # llhttp accepts e.g. "gzip, chunked"; we forward a de-chunked body with a
+            # Content-Length, which would drop the gzip coding: refuse it instead.
+            raise Refused(400, "bad_transfer_encoding", "Transfer-Encoding other than "
+                          "`chunked` is not supported")
+        listener = self.listener
+        length = None  # llhttp has checked it is one plain number
+        for name, value in self._headers:
+            if name.lower() == b"content-length":
+                length = int(value)
+        if length is not None and length > listener.max_body:
+            raise Refused(413, "body_too_large", "request body exceeds "
+                          f"SIDECAR_MAX_BODY_BYTES={listener.max_body}")
+        if self._expect is not None:
+            if self._expect.strip().lower() != b"100-continue":
+                raise Refused(417, "expectation_failed", "only Expect: 100-continue is "
+                              "supported")
+            if self._parser.get_http_version() == "1.1" and self.transport is not None:
+                # We buffer the body ourselves, so the app may send it now; the upstream
+                # never sees Expect.
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        if self._body_size > self.listener.max_body:
+            raise Refused(413, "body_too_large", "request body exceeds "
+                          f"SIDECAR_MAX_BODY_BYTES={self.listener.max_body}")
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        parser = self._parser
+        body = self._body
+        request = Request(
+            parser.get_method(), b"".join(self._url),
+            _VERSIONS.get(parser.get_http_version(), (1, 0)), self._headers,
+            b"".join(self._forward) if self._connection is None else
+            header_block(self._headers, REQUEST_DROP, self._connection),
+            body[0] if len(body) == 1 else b"".join(body), self._session, self._selector,
+            self.connection_id, self._begun_at)
+        self._queue.append((request, parser.should_keep_alive()))
+        self._begin()
+        if self.task is None:
+            self._next()
+        elif self.transport is not None:
+            self.transport.pause_reading()  # pipelined: one waits, read no further
+
+    # -- dispatch ----------------------------------------------------------------------
+    def _next(self) -> None:
+        request, keep_alive = self._queue.popleft()
+        self._response_reset(request.method == b"HEAD")
+        self._version = request.version
+        self.keep_alive = keep_alive and not self.listener.draining
+        self.task = self.listener.loop.create_task(self._serve(request))
+
+    async def _serve(self, request: Request) -> None:
+        # What follows an answer runs here, not in a done callback: one loop turn less.
+        try:
+            await self.listener.handle(request, self)
+        except Exception as exc:
+            self.task = None
+            self.source = None
+            self.listener.errors += 1
+            self.listener.log_error(exc)
+            if not self.started:
+                self.respond(500, error_body("internal error in the sidecar",
+                                             "internal_error"))
+            self._close()
+            return
+        self.task = None
+        self.source = None
+        if self.closed:
+            return
+        if not self.keep_alive:
+            self._close()
+            return
+        self.deadline = time.monotonic() + KEEPALIVE_S
+        if self._queue:
+            self._next()
+        elif self.transport is not None:
+            self.transport.resume_reading()
+
+    def _refuse(self, refused: Refused) -> None:
+        self.listener.refused += 1
+        if self.task is None:  # else the answer in flight comes first, then the close
+            self.keep_alive = False
+            self.started = False
+            self.respond(refused.status, error_body(str(refused), refused.code))
+        self._close()
+
+    def timed_out(self) -> None:
+        """The sweep found a head that took too long, or a keep-alive connection idle."""
+        if self.task is None and self._in_head:
+            self._refuse(Refused(408, "request_timeout", "request head not received within "
+                                 f"{HEAD_TIMEOUT_S:.0f} s"))
+        elif self.task is None:
+            self._close()
+
+    def _close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- Downstream --------------------------------------------------------------------
+    def _response_reset(self, head_only: bool) -> None:
+        self.head_only = head_only
+        self.started = False
+        self._chunked = False
+        self._close_delimited = False
+        self.keep_alive = True
+
+    def start(self, status: int, reason: bytes, headers: bytes, length: int | None,
+              body: bytes = b"") -> None:
+        self.started = True
+        if status in _BODYLESS or status < 200:
+            framing = b""
+        elif length is not None:
+            framing = b"Content-Length: %d\r\n" % length
+        elif self.head_only:
+            framing = b""
+        elif self._version >= (1, 1):
+            self._chunked = True
+            framing = b"Transfer-Encoding: chunked\r\n"
+        else:
+            self._close_delimited = True  # HTTP/1.0: the close ends the body
+            self.keep_alive = False
+            framing = b""
+        if not self.keep_alive:
+            framing += b"Connection: close\r\n"
+        if self.transport is not None and not self.closed:
+            # One write (one syscall) for a head and, when it is whole, its body.
+            self.transport.writelines((status_line(status, reason), headers, framing,
+                                       b"\r\n", b"" if self.head_only else body))
+
+    def send(self, status: int, reason: bytes, headers: bytes, length: int | None,
+             body: bytes) -> None:
+        self.start(status, reason, headers, length, body)
+
+    def write(self, data: bytes) -> None:
+        if not data or self.head_only or self.closed:
+            return
+        transport = self.transport
+        assert transport is not None
+        if self._chunked:
+            transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            transport.write(data)
+
+    def end(self) -> None:
+        if self.closed:
+            return
+        if self._chunked and not self.head_only:
+            assert self.transport is not None
+            self.transport.write(b"0\r\n\r\n")
+        elif self._close_delimited:
+            self._close()
+
+    def abort(self) -> None:
+        self.keep_alive = False
+        self._close()
+
+    def respond(self, status: int, body: bytes, headers: bytes = b"") -> None:
+        self.started = True
+        close = b"" if self.keep_alive else b"Connection: close\r\n"
+        if self.transport is not None and not self.closed:
+            self.transport.writelines((
+                status_line(status), b"Content-Type: application/json\r\n", headers,
+                b"Content-Length: %d\r\n" % len(body), close, b"\r\n",
+                b"" if self.head_only else body))
+
+    def follow(self, reply: Reply | None) -> None:
+        self.source = reply
+
+
+class Listener:
+    """The proxy listener: its connections, the head/keep-alive sweep, graceful drain."""
+
+    def __init__(self, handle: Handler, session_header: str, max_body: int,
+                 log_error: Callable[[BaseException], None]) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.handle = handle
+        self.session_header = session_header.encode()
+        self.special = frozenset({self.session_header, SELECTOR_HEADER, b"connection",
+                                  b"expect", b"transfer-encoding"})
+        self.max_body = max_body
+        self.log_error = log_error
+        self.connections: set[ClientConnection] = set()
+        self.draining = False
+        self.refused = 0
+        self.errors = 0
+        self.server: asyncio.Server | None = None
+        self._sweeper = self.loop.create_task(self._sweep_forever())
+
+    def protocol(self) -> ClientConnection:
+        return ClientConnection(self)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            now = time.monotonic()
+            for conn in [c for c in self.connections if 0 < c.deadline < now]:
+                conn.timed_out()
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop accepting, let answers in flight finish (up to `grace_s`), close the rest."""
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
+        busy = []
+        for conn in list(self.connections):
+            if conn.task is None:
+                conn._close()
+            else:
+                conn.keep_alive = False
+                busy.append(conn.task)
+        if busy:
+            await asyncio.wait(busy, timeout=grace_s)
+        for conn in list(self.connections):
+            if conn.task is not None:
+                conn.task.cancel()
+            conn._close()
+        self._sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._sweeper
+        if self.server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.server.wait_closed(), 1)

@@ -1,0 +1,141 @@
+"""A response body on its way to the app: the SSE preamble held until the first content,
+then every chunk tallied (tokens, time to first token, inter-token gaps) and, for resumable
+chat streams, passed through the transcript and the continuation's frame rewriter."""
+
+from __future__ import annotations
+
+import asyncio
+from time import perf_counter
+
+from sidecar.dataplane.events import Events
+from sidecar.dataplane.seam import Downstream
+from sidecar.errors import error_body
+from sidecar.resume import ContinuationFrames, Transcript
+from sidecar.sse import MAX_HELD_BYTES, is_preamble, split_frames
+from sidecar.traffic import usage_in
+
+BROKEN_EVENT = b"data: " + error_body("the upstream broke mid-stream; the answer is incomplete",
+                                      "upstream_broken_mid_stream") + b"\n\n"
+
+
+class Preamble:
+    """Sink for a stream's first bytes: ready at the first content frame (any first bytes
+    when the stream is not SSE), at the end, or when too much preamble piled up. Whatever
+    arrives after that is kept for the relay."""
+
+    __slots__ = ("_held", "_pending", "_size", "ready", "sse")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sse: bool) -> None:
+        self.ready: asyncio.Future[None] = loop.create_future()
+        self.sse = sse
+        self._held: list[bytes] = []
+        self._pending = b""
+        self._size = 0
+
+    def feed(self, chunk: bytes) -> None:
+        if self.ready.done() or not self.sse:
+            self._held.append(chunk)
+            if not self.ready.done():
+                self.ready.set_result(None)
+            return
+        self._size += len(chunk)
+        frames, self._pending = split_frames(self._pending + chunk)
+        for index, frame in enumerate(frames):
+            if not is_preamble(frame):
+                self._held += frames[index:]
+                self._held.append(self._pending)
+                self._pending = b""
+                self.ready.set_result(None)
+                return
+            self._held.append(frame)
+        if self._size > MAX_HELD_BYTES:
+            self._held.append(self._pending)
+            self._pending = b""
+            self.ready.set_result(None)
+
+    def ended(self, _: object) -> None:
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+    def take(self) -> bytes:
+        held = b"".join(self._held) + self._pending
+        self._held.clear()
+        self._pending = b""
+        return held
+
+
+class Relay:
+    """The sink of one response body (every source of it, resumes included)."""
+
+    __slots__ = ("completion_frames", "down", "events", "first_content", "frames",
+                 "last_content", "model", "pool", "started", "transcript", "usage")
+
+    def __init__(self, down: Downstream, events: Events, pool: str, model: str,
+                 started: float, transcript: Transcript | None) -> None:
+        self.down = down
+        self.events = events
+        self.pool = pool
+        self.model = model
+        self.started = started
+        self.transcript = transcript
+        self.frames: ContinuationFrames | None = None  # set once the stream was resumed
+        self.usage: tuple[int, int] | None = None  # (prompt, completion) as reported
+        self.completion_frames = 0  # streamed content frames: the estimate without usage
+        self.first_content = 0.0
+        self.last_content = 0.0
+
+    def feed(self, chunk: bytes) -> None:
+        # Two scans in C per chunk; no JSON parsing on the stream path.
+        content = chunk.count(b'"content":')
+        if content:
+            self._timing(content)
+        if b'"usage"' in chunk:
+            self.usage = usage_in(chunk) or self.usage
+        if self.frames is None and self.transcript is None:
+            self.down.write(chunk)
+            return
+        if self.frames is not None:
+            chunk = self.frames.feed(chunk)
+        if self.transcript is not None:
+            chunk = self.transcript.feed(chunk)
+        if chunk:
+            self.down.write(chunk)
+
+    def _timing(self, content: int) -> None:
+        now = perf_counter()
+        self.completion_frames += content
+        if self.first_content:
+            # Several events in one chunk arrived together: the gap is shared among them.
+            self.events.content(self.pool, self.model, None,
+                                (now - self.last_content) / content)
+        else:
+            self.first_content = now
+            self.events.content(self.pool, self.model, now - self.started, None)
+        self.last_content = now
+
+    def finish(self) -> None:
+        """The upstream ended cleanly."""
+        if self.transcript is not None and (rest := self.transcript.flush()):
+            self.down.write(rest)
+        self.down.end()
+
+    def end_broken(self, sse: bool) -> None:
+        """Bytes already reached the app: end visibly incomplete, never like an answer."""
+        if sse:
+            # The OpenAI SDKs raise on an event whose data carries "error".
+            self.down.write(BROKEN_EVENT)
+        self.down.abort()
+
+    def generation_s(self) -> float | None:
+        if not self.first_content or self.last_content <= self.first_content:
+            return None
+        return self.last_content - self.first_content
+
+    def tokens(self, prompt_bytes: int) -> tuple[int, int]:
+        """Reported usage, else an estimate (~4 bytes per token of request, a token per
+        streamed content frame)."""
+        if self.usage is not None:
+            return self.usage
+        return prompt_bytes // 4, self.completion_frames
+
+

@@ -1,0 +1,167 @@
+"""The data path's seam: decision code imports no framework, and the retry/failover
+decision and the attempt loop are tested without sockets, against a mock Upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sidecar.budget import RetryBudget
+from sidecar.config import load_settings
+from sidecar.dataplane.attempts import Attempts
+from sidecar.dataplane.events import Events
+from sidecar.dataplane.failover import Step, after_failure
+from sidecar.errors import Outcome
+from sidecar.pools import PoolSet
+from sidecar.telemetry import Telemetry
+from sidecar.traffic import Traffic
+
+FRAMEWORK_FREE = ("sidecar.errors", "sidecar.pools", "sidecar.sessions", "sidecar.budget",
+                  "sidecar.resume", "sidecar.sse", "sidecar.dataplane.failover",
+                  "sidecar.dataplane.headers", "sidecar.dataplane.seam",
+                  "sidecar.dataplane.attempts", "sidecar.dataplane.relay",
+                  "sidecar.dataplane.exchange")
+
+
+def test_decision_code_imports_neither_aiohttp_nor_redis():
+    # A fresh interpreter where importing aiohttp or redis fails outright.
+    code = ("import sys\n"
+            "for name in ('aiohttp', 'redis', 'httptools', 'uvloop'):\n"
+            "    sys.modules[name] = None\n"
+            f"for module in {FRAMEWORK_FREE!r}:\n"
+            "    __import__(module)\n"
+            "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+@given(outcome=st.sampled_from(list(Outcome)), attempt=st.integers(1, 5),
+       max_attempts=st.integers(1, 5), reconnected=st.booleans(), has_next=st.booleans(),
+       answered=st.booleans(), budget_allows=st.booleans())
+def test_failover_decision_never_exceeds_attempts_or_budget(
+        outcome, attempt, max_attempts, reconnected, has_next, answered, budget_allows):
+    step = after_failure(outcome, attempt=attempt, max_attempts=max_attempts,
+                         reconnected=reconnected, has_next=has_next, answered=answered,
+                         budget_allows=budget_allows)
+    if attempt >= max_attempts:
+        assert step in (Step.PASS_THROUGH, Step.EXHAUSTED)
+    if step is Step.SAME_ENDPOINT:
+        assert outcome is Outcome.CONNECTION_LOST and not reconnected
+    if step is Step.NEXT:
+        assert has_next and (budget_allows or not outcome.overload)
+    if step is Step.PASS_THROUGH:
+        assert answered
+    if step is Step.BUDGET_REFUSED:
+        assert outcome.overload and not budget_allows
+
+
+class MockReply:
+    def __init__(self, status: int, body: bytes = b"{}") -> None:
+        self.status = status
+        self.reason = b""
+        self.headers = [(b"Content-Type", b"application/json"),
+                        (b"Content-Length", b"%d" % len(body))]
+        self.forward = b"Content-Type: application/json\r\n"
+        self.event_stream = False
+        self.length = len(body)
+        self.body = body
+        self.released = 0
+        self.sent_at = self.arrived_at = 0.0
+
+    def pipe(self, sink: Callable[[bytes], None]) -> asyncio.Future[Outcome | None]:
+        sink(self.body)
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    async def read(self) -> bytes:
+        return self.body
+
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    def settle(self) -> None: ...
+
+    def release(self) -> None:
+        self.released += 1
+
+
+class MockUpstream:
+    """Answers from a script per endpoint URL: an Outcome or a status code."""
+
+    def __init__(self, script: dict[str, list[Outcome | int]]) -> None:
+        self.script = script
+        self.sent: list[str] = []
+        self.replies: list[MockReply] = []
+
+    async def send(self, base_url, method, target, headers, body, deadline):
+        self.sent.append(base_url)
+        answer = self.script[base_url].pop(0)
+        if isinstance(answer, Outcome):
+            return answer
+        reply = MockReply(answer)
+        self.replies.append(reply)
+        return reply
+
+    def in_use(self) -> int:
+        return 0
+
+    async def aclose(self) -> None: ...
+
+
+def _attempts(upstream: MockUpstream, max_attempts: int = 3
+              ) -> tuple[Attempts, Events, PoolSet]:
+    settings = load_settings({"SIDECAR_POOLS": '{"small": {"model": "m", "endpoints": '
+                              '["http://a:1", "http://b:1", "http://c:1"]}}'})
+    pools = PoolSet(settings)
+    events = Events(Telemetry({}), Traffic(), 0)
+    return Attempts(upstream, events, RetryBudget(100, 100), max_attempts, 1.0), events, pools
+
+
+@pytest.mark.parametrize(("script", "served_by", "sent", "retries"), [
+    # a refused pod: the next one serves
+    ({"http://a:1": [Outcome.CONNECT_ERROR], "http://b:1": [200]}, "http://b:1",
+     ["http://a:1", "http://b:1"], 1),
+    # a reused connection lost: the same pod again, once, then it serves
+    ({"http://a:1": [Outcome.CONNECTION_LOST, 200]}, "http://a:1",
+     ["http://a:1", "http://a:1"], 1),
+    # 503 everywhere: the last answer is passed through after max_attempts
+    ({"http://a:1": [503], "http://b:1": [503], "http://c:1": [503]}, "http://c:1",
+     ["http://a:1", "http://b:1", "http://c:1"], 2),
+    # a 4xx is the app's own: served at once
+    ({"http://a:1": [404]}, "http://a:1", ["http://a:1"], 0),
+])
+async def test_attempt_loop_against_a_mock_upstream(script, served_by, sent, retries):
+    upstream = MockUpstream(script)
+    attempts, events, pools = _attempts(upstream)
+    pool = pools.get("small")
+    candidates = iter([(pool, e) for e in pool.endpoints])
+    answer, _ = await attempts.run(candidates, b"POST", b"/v1/chat/completions",
+                                   lambda p: (b"", b"{}"), [])
+    assert answer is not None and answer.lease.endpoint.url == served_by
+    assert upstream.sent == sent
+    assert events.counters.retries == retries
+    answer.lease.close()
+    # every reply was released exactly once; nothing is left in flight
+    assert [r.released for r in upstream.replies] == [1] * len(upstream.replies)
+    assert all(e.inflight == 0 for e in pool.endpoints)
+
+
+async def test_attempt_loop_exhausted_without_an_answer_leaks_nothing():
+    upstream = MockUpstream({u: [Outcome.CONNECT_ERROR] for u in
+                             ("http://a:1", "http://b:1", "http://c:1")})
+    attempts, _, pools = _attempts(upstream)
+    pool = pools.get("small")
+    failures: list = []
+    answer, step = await attempts.run(iter([(pool, e) for e in pool.endpoints]), b"GET",
+                                      b"/", lambda p: (b"", b""), failures)
+    assert answer is None and step is Step.EXHAUSTED
+    assert [f.outcome for f in failures] == [Outcome.CONNECT_ERROR] * 3
+    assert all(e.inflight == 0 for e in pool.endpoints)
