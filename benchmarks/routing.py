@@ -14,7 +14,7 @@ runs as `--sidecars` processes (app pods) sharing one Redis and scraping the pod
 Envoy round robin, Envoy ring hash on the session header and least_request, vllm-router
 round_robin, consistent_hash, cache_aware and power_of_two (those installed). Loads: even;
 skewed (a quarter of the sessions with 4× the turns); hot (four agent sessions whose every
-turn is six calls at once, 4× the turns); slow (pod 1 at half speed). Reported per target:
+turn is six calls at once, 4× the turns); slow (the first pod at half speed). Reported per target:
 mean and p99 time to first token (first SSE content event, as the app sees it), completed
 sessions per second, and the prefix-cache hit rate from the pods' own counters (cached /
 queried prompt tokens). Failed calls are counted, never timed. Loopback only.
