@@ -2,9 +2,11 @@
 
 It models time to first token (a base plus a cost per uncached prompt token, with a bounded
 per-pod prefix cache), tokens per second, a cold start (`/health` and the API answer 503
-until warm) and a concurrency limit, and injects faults on demand: an error rate, the next N
-requests failing with a status, hanging before headers, dropping a stream after N chunks.
-Everything is settable at start and at run time through `POST /_control` (never proxied).
+until warm), the engine of `engine.py` (running sequences bounded by `max_num_seqs`, a
+waiting queue, a KV cache in tokens; vLLM's `/metrics`), and injects faults on demand: an
+error rate, the next N requests failing with a status, hanging before headers, dropping a
+stream after N chunks. Everything is settable at start and at run time through
+`POST /_control` (never proxied).
 """
 
 from __future__ import annotations
