@@ -30,10 +30,30 @@ job "llm-large" {
   group "server" {
     count = 1
 
+    # Nomad holds every scale call to min/max, whoever makes it.
     scaling {
-      enabled = true
+      # The stock Nomad Autoscaler alternative, as in model-pool.hcl: set enabled = true
+      # and run the scaler with SIDECAR_SCALER_DRY_RUN=1; never both at once.
+      enabled = false
       min     = 1
       max     = 4
+
+      policy {
+        evaluation_interval = "15s"
+        cooldown            = "1m"
+
+        check "llm-sidecar-forecast" {
+          source       = "prometheus"
+          query        = "max(llm_sidecar_scaler_forecast_ratio{pool=\"large\"})"
+          query_window = "1m"
+          on_error     = "ignore"
+
+          strategy "target-value" {
+            target    = 1
+            threshold = 0.01
+          }
+        }
+      }
     }
 
     network {

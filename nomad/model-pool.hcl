@@ -30,10 +30,40 @@ job "llm-small" {
   group "server" {
     count = 2
 
+    # Nomad holds every scale call to min/max, whoever makes it.
     scaling {
-      enabled = true
+      # The policy below is the alternative to the scaler calling Nomad's scale API
+      # itself: set enabled = true, run the scaler with SIDECAR_SCALER_DRY_RUN=1 (it then
+      # only publishes its forecast) and the stock Nomad Autoscaler acts on this policy.
+      # Never both at once. The metric is forecast replicas ÷ the group's current count,
+      # so the target-value strategy with target 1 asks for the forecast. Keep min >= 1
+      # here: the strategy multiplies the current count.
+      enabled = false
       min     = 1
       max     = 8
+
+      policy {
+        evaluation_interval = "15s"
+        # The scaler already keeps replicas through gaps shorter than a cold start; a long
+        # cooldown here would only delay the next scale-out.
+        cooldown = "1m"
+
+        check "llm-sidecar-forecast" {
+          source       = "prometheus"
+          query        = "max(llm_sidecar_scaler_forecast_ratio{pool=\"small\"})"
+          query_window = "1m"
+          on_error     = "ignore"
+
+          strategy "target-value" {
+            target    = 1
+            threshold = 0.01
+          }
+        }
+
+        # With the Datadog APM plugin instead (the scaler's DogStatsD gauge):
+        #   source = "datadog"
+        #   query  = "max:llm_sidecar.scaler.forecast_ratio{pool:small}"
+      }
     }
 
     network {

@@ -24,12 +24,35 @@ job "llm-scaler" {
       value    = "true"
     }
 
+    # GET /metrics: the forecast gauges a Prometheus scrapes for the Nomad Autoscaler
+    # alternative (see nomad/model-pool.hcl); only the leader publishes them.
+    network {
+      port "metrics" {
+        to = 7880
+      }
+    }
+
+    service {
+      name     = "llm-scaler-metrics"
+      provider = "nomad"
+      port     = "metrics"
+      tags     = ["prometheus"]
+
+      check {
+        type     = "http"
+        path     = "/health"
+        interval = "10s"
+        timeout  = "2s"
+      }
+    }
+
     task "scaler" {
       driver = "docker"
 
       config {
         image = var.sidecar_image
         args  = ["scaler"]
+        ports = ["metrics"]
       }
 
       # A Nomad ACL token with the scale-job and read-job-scaling capabilities for the
@@ -63,6 +86,8 @@ job "llm-scaler" {
         # Events and metrics to the node's Datadog agent (see sidecar.hcl).
         DD_AGENT_HOST     = "${attr.unique.network.ip-address}"
         DD_DOGSTATSD_PORT = "8125"
+        # GET /metrics inside the container, published as the "metrics" port.
+        SIDECAR_SCALER_METRICS_LISTEN = "0.0.0.0:7880"
       }
 
       resources {

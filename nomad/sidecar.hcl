@@ -86,7 +86,8 @@ job "chat-app" {
       env {
         SIDECAR_LISTEN = "127.0.0.1:7878"
         # 0.0.0.0 inside the allocation's own namespace, so the mapped admin port (and the
-        # health check) can reach it; nothing else is published.
+        # health check) can reach it; nothing else is published. Off loopback only
+        # /health, /ready and /metrics answer without SIDECAR_ADMIN_TOKEN (below).
         SIDECAR_ADMIN_LISTEN     = "0.0.0.0:7879"
         SIDECAR_POOLS_FILE       = "${NOMAD_TASK_DIR}/pools.json"
         SIDECAR_ROUTES           = "{\"low\":{\"small\":16},\"medium\":{\"small\":12,\"large\":4},\"high\":{\"small\":8,\"large\":8}}"
@@ -101,6 +102,18 @@ job "chat-app" {
         # listens on 8125/udp with DD_DOGSTATSD_NON_LOCAL_TRAFFIC=true).
         DD_AGENT_HOST     = "${attr.unique.network.ip-address}"
         DD_DOGSTATSD_PORT = "8125"
+      }
+
+      # The admin token, from Nomad Variables (the job file holds no secret): /stats,
+      # /endpoints and /sessions on the mapped admin port need it, the /health check
+      # does not. Create it once:
+      #   nomad var put nomad/jobs/chat-app admin_token="$(openssl rand -hex 32)"
+      template {
+        destination = "${NOMAD_SECRETS_DIR}/admin.env"
+        env         = true
+        data        = <<-EOT
+        SIDECAR_ADMIN_TOKEN={{ with nomadVar "nomad/jobs/chat-app" }}{{ .admin_token }}{{ end }}
+        EOT
       }
 
       # The pools' endpoints come from Nomad's service discovery. When pods come or go the

@@ -5,6 +5,7 @@ milliseconds even while the proxy's loop works through a burst (thousands of str
 opening at once keep it busy for a few hundred milliseconds). Everything that reads proxy
 state runs on the proxy's loop; only liveness is answered here, from a heartbeat the
 proxy's loop keeps, so a stalled proxy loop fails liveness instead of looking alive.
+Off loopback, every view but health, ready and metrics needs SIDECAR_ADMIN_TOKEN.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hmac
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -35,6 +37,15 @@ BEAT_INTERVAL_S = 0.1
 STALL_LIMIT_S = 10.0
 # How long a view waits for the proxy's loop before answering 503.
 PROXY_LOOP_WAIT_S = 5.0
+# What a probe or a scraper needs, and no more: these answer without the token anywhere.
+OPEN_VIEWS = frozenset({"/health", "/ready", "/metrics"})
+
+
+def authorized(header: str | None, token: str) -> bool:
+    """`Authorization: Bearer <token>`, compared in constant time."""
+    scheme, _, given = (header or "").strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
+                                                              token.encode())
 
 
 class ProxyLoopStalled(Exception):
@@ -83,6 +94,9 @@ class Admin:
         self.sidecar = sidecar
         self.proxy_loop = proxy_loop
         self.heartbeat = heartbeat
+        # Read once: neither the listener nor the token changes on a reload.
+        self.needs_token = sidecar.settings.admin_needs_token
+        self.token = sidecar.settings.admin_token
 
     async def _on_proxy_loop(self, make: Callable[[], Awaitable[T]]) -> T:
         async def run() -> T:
@@ -99,7 +113,7 @@ class Admin:
         return await self._on_proxy_loop(call)
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._stalled])
+        app = web.Application(middlewares=[self._authorized, self._stalled])
         app.router.add_get("/health", self.health)
         app.router.add_get("/ready", self.ready)
         app.router.add_get("/stats", self.stats)
@@ -108,6 +122,27 @@ class Admin:
         app.router.add_get("/sessions/{session:.+}", self.get_session)
         app.router.add_delete("/sessions/{session:.+}", self.delete_session)
         return app
+
+    @web.middleware
+    async def _authorized(self, request: web.Request,
+                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                          ) -> web.StreamResponse:
+        if not self.needs_token or (request.method in ("GET", "HEAD")
+                                    and request.path in OPEN_VIEWS):
+            return await handler(request)
+        if self.token is None:
+            return _json({"error": "this admin listener is not loopback-only, so "
+                                   f"{request.method} {request.path} needs a token: set "
+                                   "SIDECAR_ADMIN_TOKEN on the sidecar and send "
+                                   "`Authorization: Bearer <token>` (/health, /ready and "
+                                   "/metrics answer without it)"}, status=403)
+        if not authorized(request.headers.get("Authorization"), self.token):
+            response = _json({"error": "missing or wrong admin token: send "
+                                       "`Authorization: Bearer $SIDECAR_ADMIN_TOKEN`"},
+                             status=401)
+            response.headers["WWW-Authenticate"] = 'Bearer realm="llm-sidecar admin"'
+            return response
+        return await handler(request)
 
     @web.middleware
     async def _stalled(self, request: web.Request,

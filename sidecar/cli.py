@@ -46,6 +46,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     settings = _settings_or_exit()
     print(json.dumps(settings.redacted(), indent=2))
+    if (warning := settings.admin_warning()) is not None:
+        print(f"warning: {warning}", file=sys.stderr)
     print("configuration OK", file=sys.stderr)
     return 0
 
@@ -147,6 +149,13 @@ def cmd_scaler(args: argparse.Namespace) -> int:
         nomad = NomadClient(settings)
         events = Telemetry()
         scaler = Scaler(settings, redis, nomad, events)
+        events.start()  # DogStatsD: the forecast gauges every flush interval
+        listen = settings.metrics_listen
+        runner = None
+        if listen is not None:
+            from sidecar.scaler.service import serve_metrics
+
+            runner = await serve_metrics(events, listen.host or "127.0.0.1", listen.port or 0)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -157,9 +166,11 @@ def cmd_scaler(args: argparse.Namespace) -> int:
         try:
             await scaler.run(stop)
         finally:
+            if runner is not None:
+                await runner.cleanup()
             await nomad.close()
             await redis.aclose()
-            events.close()
+            await events.stop()
         return 0
 
     return _run(main())
@@ -167,31 +178,105 @@ def cmd_scaler(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from sidecar.scaler import simulate as sim
+    from sidecar.scaler import traces
 
     model = sim.Model(slots=args.slots, context_tokens_per_s=args.context_tokens_per_s,
                       generated_tokens_per_s=args.generated_tokens_per_s,
                       cold_start_s=args.cold_start_s,
                       initial_utilization=args.initial_utilization,
                       interval_s=args.interval_s)
-    try:
-        trace = sim.read_trace(args.trace)
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"llm-sidecar simulate: cannot read --trace {args.trace}: {exc} (expected a CSV "
-              "with TIMESTAMP,ContextTokens,GeneratedTokens)", file=sys.stderr)
+    if (args.trace is None) == (args.synthetic is None):
+        print("llm-sidecar simulate: give exactly one of --trace FILE or --synthetic NAME "
+              f"({', '.join(traces.SYNTHETIC)})", file=sys.stderr)
         return 2
-    shaped = sim.shape(trace, speed=args.speed, repeat=args.repeat, diurnal=args.diurnal,
-                       seed=args.seed)
-    results = sim.compare(sim.calls(shaped, model), model)
+    if args.synthetic is not None:
+        trace = traces.SYNTHETIC[args.synthetic](args.seed)
+        source = f"synthetic {args.synthetic} (seed {args.seed})"
+    else:
+        try:
+            trace = traces.read_trace(args.trace)
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"llm-sidecar simulate: cannot read --trace {args.trace}: {exc} (expected a "
+                  "CSV with TIMESTAMP,ContextTokens,GeneratedTokens)", file=sys.stderr)
+            return 2
+        source = args.trace.rsplit("/", 1)[-1]
+    shaped = traces.shape(trace, speed=args.speed, repeat=args.repeat, diurnal=args.diurnal,
+                          seed=args.seed)
+    work = sim.calls(shaped, model)
+    kind = "a diurnal day built from it" if args.diurnal else f"{args.repeat}×"
+    title = (f"{source} ({kind}, speed {args.speed:g}, cold start {args.cold_start_s:g} s, "
+             f"{args.slots} slots per replica)")
+    if args.pools:
+        return _simulate_pools(args, work, model, title)
+    clairvoyant = sim.clairvoyant(work, model)
+    if args.sweep:
+        from sidecar.scaler import frontier
+
+        points = frontier.sweep(work, model)
+        missed = frontier.undominated(points)
+        if args.json:
+            print(json.dumps({"clairvoyant_replica_minutes": round(clairvoyant, 1),
+                              "points": [dataclasses.asdict(p) for p in points],
+                              "baseline_points_not_dominated":
+                                  [dataclasses.asdict(p) for p in missed]}, indent=2))
+        else:
+            print(title + "\n")
+            print(frontier.table(points, clairvoyant))
+            print("\nours dominates the baseline's frontier" if not missed else
+                  "\nbaseline points ours does not dominate: "
+                  + ", ".join(f"{p.knob} ({p.late_share:.1%} at {p.replica_minutes:.0f})"
+                              for p in missed) + ".")
+        if args.plot:
+            frontier.plot(points, clairvoyant, args.plot, title)
+            print(f"plot written to {args.plot}", file=sys.stderr)
+        return 0
+    results = sim.compare(work, model)
+    if args.json:
+        print(json.dumps([{**r.row(), "clairvoyant_replica_minutes": round(clairvoyant, 1),
+                           "vs_clairvoyant": round(r.replica_minutes / clairvoyant, 3)}
+                          for r in results], indent=2))
+    else:
+        print(title + "\n")
+        print(sim.table(results, clairvoyant))
+        print(f"\nRequests without warm capacity count after the first cold-start window "
+              f"({args.cold_start_s:g} s): before it ends no decision can have produced a "
+              "ready replica.")
+    if args.plot:
+        sim.plot(results, args.plot, title)
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _simulate_pools(args: argparse.Namespace, work: list[Any], model: Any, title: str) -> int:
+    from sidecar.scaler import simulate as sim
+    from sidecar.scaler import twopool
+
+    try:
+        routes = json.loads(args.routes) if args.routes else twopool.ROUTES
+        twopool.tables(routes)
+    except (ValueError, AttributeError, TypeError) as exc:
+        print(f"llm-sidecar simulate: --routes: {exc} (expected JSON like "
+              f"{json.dumps(twopool.ROUTES)})", file=sys.stderr)
+        return 2
+    results = [twopool.run_pools(work, factory, model, large_cold_start_s=args.large_cold_start_s,
+                                 large_slowdown=args.large_slowdown, routes=routes,
+                                 seed=args.seed)
+               for factory in sim.POLICIES.values()]
     if args.json:
         print(json.dumps([r.row() for r in results], indent=2))
     else:
-        kind = "synthetic diurnal day" if args.diurnal else f"{args.repeat}× trace"
-        print(f"{args.trace} ({kind}, speed {args.speed:g}, cold start "
-              f"{args.cold_start_s:g} s, {args.slots} slots per replica)\n")
-        print(sim.table(results))
+        print(f"{title}; small and large pools (large: cold start "
+              f"{args.large_cold_start_s:g} s, {args.large_slowdown:g}× slower)\n")
+        print(twopool.table(results))
+        print("\nwaited: requests that found no warm capacity in the pool serving them; "
+              "served by the smaller model: routed to large, served by small (fallback).")
     if args.plot:
-        sim.plot(results, args.plot, f"{args.trace.rsplit('/', 1)[-1]}"
-                 f"{' (diurnal day)' if args.diurnal else ''}")
+        panels = []
+        for r in results:
+            for name, pool in r.pools.items():
+                pool.policy = f"{r.policy}, {name} pool"
+                panels.append(pool)
+        sim.plot(panels, args.plot, title)
         print(f"plot written to {args.plot}", file=sys.stderr)
     return 0
 
@@ -200,7 +285,8 @@ def cmd_top(args: argparse.Namespace) -> int:
     from sidecar.top import run_top
 
     try:
-        return _run(run_top(args.admin, args.interval, args.once))
+        return _run(run_top(args.admin, args.interval, args.once,
+                            args.token or os.environ.get("SIDECAR_ADMIN_TOKEN") or None))
     except KeyboardInterrupt:
         return 0
 
@@ -231,8 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     scaler.set_defaults(func=cmd_scaler)
 
     sim = sub.add_parser("simulate", help="replay a trace through the scaling policies")
-    sim.add_argument("--trace", required=True,
-                     help="CSV with TIMESTAMP,ContextTokens,GeneratedTokens")
+    sim.add_argument("--trace", help="CSV with TIMESTAMP,ContextTokens,GeneratedTokens")
+    sim.add_argument("--synthetic", choices=["code-completion", "working-day"],
+                     help="a generated trace instead (seeded by --seed)")
     sim.add_argument("--speed", type=float, default=1.0, help="time compression (2 = twice "
                      "as fast)")
     sim.add_argument("--repeat", type=int, default=1, help="play the trace N times in a row")
@@ -246,6 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--initial-utilization", type=float, default=0.7)
     sim.add_argument("--interval-s", type=float, default=10.0,
                      help="how often the policies decide")
+    sim.add_argument("--sweep", action="store_true",
+                     help="each policy's frontier over its knobs, beside the clairvoyant point")
+    sim.add_argument("--pools", action="store_true",
+                     help="a small and a large pool at once: load level, routing, fallback")
+    sim.add_argument("--large-cold-start-s", type=float, default=900.0)
+    sim.add_argument("--large-slowdown", type=float, default=2.0,
+                     help="how much longer a large-model request holds its slot")
+    sim.add_argument("--routes", help="JSON routing tables for --pools (SIDECAR_ROUTES form)")
     sim.add_argument("--json", action="store_true")
     sim.add_argument("--plot", metavar="FILE.png")
     sim.set_defaults(func=cmd_simulate)
@@ -254,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--admin", default="http://127.0.0.1:7879")
     top.add_argument("--interval", type=float, default=1.0)
     top.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    top.add_argument("--token", default=None,
+                     help="the admin token (default: $SIDECAR_ADMIN_TOKEN, which keeps it "
+                     "out of the process list)")
     top.set_defaults(func=cmd_top)
 
     wait = sub.add_parser("wait", help="wait until a URL answers 200 (prestart gate)")

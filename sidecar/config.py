@@ -6,6 +6,7 @@ the bad value and what is expected, so one `llm-sidecar check` run shows everyth
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from collections.abc import Mapping
@@ -41,7 +42,12 @@ class Listen:
 
     @property
     def is_loopback(self) -> bool:
-        return self.path is not None or self.host in ("127.0.0.1", "::1", "localhost")
+        if self.path is not None or self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host or "").is_loopback
+        except ValueError:  # a host name: it may resolve to anything
+            return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,12 +99,30 @@ class Settings:
     pools_file: str | None = None
     # Secrets resolved from `api_key_env`, never printed (see `redacted`).
     api_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # Bearer token for the admin endpoints beyond health/ready/metrics; never printed.
+    admin_token: str | None = field(default=None, repr=False)
+
+    @property
+    def admin_needs_token(self) -> bool:
+        """Off loopback, only health, ready and metrics answer without the token."""
+        return not self.admin_listen.is_loopback
+
+    def admin_warning(self) -> str | None:
+        """What `check` and start-up say about an exposed admin listener (no secret)."""
+        if not self.admin_needs_token or self.admin_token is not None:
+            return None
+        return (f"SIDECAR_ADMIN_LISTEN={self.admin_listen} is not loopback and "
+                "SIDECAR_ADMIN_TOKEN is not set: only /health, /ready and /metrics answer "
+                "there; /stats, /endpoints and /sessions answer 403 until you set "
+                "SIDECAR_ADMIN_TOKEN (e.g. from `openssl rand -hex 32`) and send it as "
+                "`Authorization: Bearer <token>`")
 
     def redacted(self) -> dict[str, Any]:
         """The effective configuration with secrets removed, for `check` and `/stats`."""
         return {
             "SIDECAR_LISTEN": str(self.listen),
             "SIDECAR_ADMIN_LISTEN": str(self.admin_listen),
+            "SIDECAR_ADMIN_TOKEN": "<redacted>" if self.admin_token is not None else None,
             "SIDECAR_POOLS_FILE": self.pools_file,
             "SIDECAR_POOLS": {
                 name: {
@@ -168,6 +192,8 @@ def redact_url(url: str) -> str:
 VARIABLES: dict[str, tuple[str | None, str]] = {
     "SIDECAR_LISTEN": ("127.0.0.1:7878", "proxy listener: `host:port` or `unix:/path`"),
     "SIDECAR_ADMIN_LISTEN": ("127.0.0.1:7879", "admin listener: `host:port` or `unix:/path`"),
+    "SIDECAR_ADMIN_TOKEN": (None, "bearer token for the admin endpoints beyond /health, /ready "
+                            "and /metrics on a non-loopback admin listener; never printed"),
     "SIDECAR_POOLS": (None, "JSON object of pools (required unless SIDECAR_POOLS_FILE is set)"),
     "SIDECAR_POOLS_FILE": (None, "path to a JSON file of pools, re-read on SIGHUP"),
     "SIDECAR_ROUTES": (None, "JSON: per load level, selector slots per pool (each sums to 16)"),
@@ -201,6 +227,7 @@ VARIABLES: dict[str, tuple[str | None, str]] = {
     "SIDECAR_LOG_FORMAT": ("json", "json (one object per line) or text"),
 }
 REQUEST_LOG_LEVELS = {"off": 0, "debug": 10, "info": 20}
+ADMIN_TOKEN_MIN_LENGTH = 16
 
 
 class _Reader:
@@ -574,6 +601,15 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         r.problems.append("SIDECAR_REDIS_CA_FILE is set but SIDECAR_REDIS_URL is not a "
                           "rediss:// URL: expected rediss://host:port when Redis speaks TLS")
 
+    admin_token = r.raw("SIDECAR_ADMIN_TOKEN")
+    if admin_token is not None and (len(admin_token) < ADMIN_TOKEN_MIN_LENGTH
+                                    or not admin_token.isascii()
+                                    or not admin_token.isprintable() or " " in admin_token):
+        # The value is a secret: say what is wrong with it, never echo it.
+        r.problems.append(f"SIDECAR_ADMIN_TOKEN is set but is not a usable token: expected at "
+                          f"least {ADMIN_TOKEN_MIN_LENGTH} printable ASCII characters without "
+                          "spaces, e.g. the output of `openssl rand -hex 32`")
+
     settings = Settings(
         listen=listen,
         admin_listen=admin_listen,
@@ -605,6 +641,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_format=log_format,
         pools_file=pools_file,
         api_keys=keys,
+        admin_token=admin_token,
     )
     if r.problems:
         raise ConfigError(r.problems)

@@ -91,11 +91,6 @@ def parse_metrics(text: bytes, at: float) -> PodLoad:
                    sums.get(SUCCESS, 0.0))
 
 
-def format_load(load: PodLoad) -> str:
-    """The value written to Redis for the scaler: "<running>:<waiting>:<kv 0..1>:<unix>"."""
-    return f"{load.running:g}:{load.waiting:g}:{load.kv_usage:.4f}:{load.at:.3f}"
-
-
 def heartbeat_load(inflight: int, max_num_seqs: int, at: float) -> PodLoad:
     """A pod's load from the fleet's summed in-flight counts: requests past what the pod runs
     at once are queued there. Without a known limit, everything counts as running."""

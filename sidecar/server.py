@@ -27,13 +27,20 @@ from sidecar.dataplane.listener import Listener
 from sidecar.dataplane.upstream import HttpUpstream
 from sidecar.health import HealthProber
 from sidecar.placement import saturated
-from sidecar.podload import PodLoad, format_load, heartbeat_load
+from sidecar.podload import PodLoad, heartbeat_load
 from sidecar.pools import EndpointState, PoolSet
 from sidecar.routing import Router
 from sidecar.store import RouteStore, StoreUnavailable, make_store
 from sidecar.telemetry import Telemetry
+from sidecar.traffic import (
+    HEARTBEAT_TTL_S,
+    Traffic,
+    endpoint_inflight_key,
+    format_pod_load,
+    pod_load_key,
+    sum_endpoint_inflight,
+)
 from sidecar.traffic import STALE_AFTER_S as HEARTBEAT_STALE_S
-from sidecar.traffic import Traffic, endpoint_inflight_key, sum_endpoint_inflight
 
 log = logging.getLogger("sidecar.server")
 
@@ -257,17 +264,15 @@ def process_view() -> dict[str, int]:
     return view
 
 
-POD_LOAD_TTL_S = 60
-
-
 def _write_pod_load_for_scaler(pipe: Any, scraped: dict[str, dict[str, PodLoad]]) -> None:
-    """The scraped loads, for the scaler: llmsc:podload:{<pool>} hash, field = endpoint URL,
-    value = "<running>:<waiting>:<kv usage 0..1>:<unix time>". Every sidecar of the fleet
-    writes the same pod's latest reading; the freshest wins, readers skip stale ones."""
+    """The scraped loads, for the scaler (traffic.py's `llmsc:podload:{<pool>}` layout).
+    Every sidecar of the fleet writes the same pod's latest reading; readers skip stale ones."""
     for pool, loads in sorted(scraped.items()):
-        key = f"llmsc:podload:{{{pool}}}"
-        pipe.hset(key, mapping={url: format_load(load) for url, load in loads.items()})
-        pipe.expire(key, POD_LOAD_TTL_S)
+        key = pod_load_key(pool)
+        pipe.hset(key, mapping={url: format_pod_load(round(load.running), round(load.waiting),
+                                                     load.kv_usage, load.at)
+                                for url, load in loads.items()})
+        pipe.expire(key, HEARTBEAT_TTL_S)
 
 
 class Running:
@@ -325,6 +330,8 @@ async def start(settings: Settings, store: RouteStore | None = None,
         if not where.is_loopback:
             log.warning("the %s listener binds %s, which is NOT loopback: anything that can "
                         "reach this address can use it", name, where)
+    if (warning := settings.admin_warning()) is not None:
+        log.warning(warning)
     return Running(sidecar, listener, server, admin)
 
 

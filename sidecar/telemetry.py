@@ -9,7 +9,9 @@ Datadog's own variables (`DD_AGENT_HOST`, `DD_DOGSTATSD_PORT`, `DD_DOGSTATSD_URL
 `GET /metrics` is rendered from the same aggregates. Nothing here blocks the event loop or
 grows without bound when the agent is away: UDP and Unix datagrams are dropped, not queued.
 
-Tags are pool, model, endpoint, status class, outcome: never session or request ids.
+Tags are pool, model, endpoint, status class, outcome: never session or request ids, and
+models only as configured (never as a request names them). Each tag is sent once: the
+`datadog` client adds the unified service tags itself, so they are set here exactly once.
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ class Metric:
 
 CATALOG: tuple[Metric, ...] = (
     Metric("requests", "counter", "llm_sidecar.requests", "llm_sidecar_requests_total",
-           ("pool", "status_class"), "Requests answered, by the pool that served them "
-           "(`none`: refused before routing) and status class."),
+           ("pool", "model", "status_class"), "Requests answered, by the pool and configured "
+           "model that served them (`none`: refused before routing) and status class."),
     Metric("upstream_errors", "counter", "llm_sidecar.upstream.errors",
            "llm_sidecar_upstream_errors_total", ("pool", "outcome"),
            "Failed upstream attempts by outcome (connect_error, first_byte_timeout, "
@@ -68,7 +70,8 @@ CATALOG: tuple[Metric, ...] = (
            "Broken streams continued on another endpoint."),
     Metric("prompt_tokens", "counter", "llm_sidecar.tokens.prompt",
            "llm_sidecar_prompt_tokens_total", ("pool", "model"),
-           "Prompt tokens (from `usage`, else estimated)."),
+           "Prompt tokens (from `usage`, else estimated), by the configured model that "
+           "served."),
     Metric("completion_tokens", "counter", "llm_sidecar.tokens.completion",
            "llm_sidecar_completion_tokens_total", ("pool", "model"),
            "Completion tokens (from `usage`, streams included; else estimated)."),
@@ -85,10 +88,12 @@ CATALOG: tuple[Metric, ...] = (
            "Redis operations that failed (error), ran past the budget (timeout) or were "
            "skipped while Redis was away (skipped)."),
     Metric("request_duration", "distribution", "llm_sidecar.request.duration",
-           "llm_sidecar_request_duration_seconds", ("pool", "status_class"),
-           "Time from the request's arrival to the end of the response.", "ms"),
+           "llm_sidecar_request_duration_seconds", ("pool", "model", "status_class"),
+           "Time from the request's arrival to the end of the response, by the pool and "
+           "configured model that served it (after a fallback: the fallback's; `none`: "
+           "refused before routing).", "ms"),
     Metric("upstream_ttfb", "distribution", "llm_sidecar.upstream.ttfb",
-           "llm_sidecar_upstream_ttfb_seconds", ("pool",),
+           "llm_sidecar_upstream_ttfb_seconds", ("pool", "model"),
            "Upstream time to response headers (streams: to the first content).", "ms"),
     Metric("overhead", "distribution", "llm_sidecar.overhead",
            "llm_sidecar_overhead_seconds", ("pool",),
@@ -142,6 +147,21 @@ CATALOG: tuple[Metric, ...] = (
            "llm_sidecar_route_cache_size", (), "Session routes held in memory."),
     Metric("redis_available", "gauge", "llm_sidecar.redis.available",
            "llm_sidecar_redis_available", (), "1 while the route store answers."),
+    # Published by the scaler (its leader only), from its own /metrics and DogStatsD.
+    Metric("scaler_forecast_replicas", "gauge", "llm_sidecar.scaler.forecast_replicas",
+           "llm_sidecar_scaler_forecast_replicas", ("pool",),
+           "Scaler: the replicas its policy wants for the pool now."),
+    Metric("scaler_forecast_ratio", "gauge", "llm_sidecar.scaler.forecast_ratio",
+           "llm_sidecar_scaler_forecast_ratio", ("pool",),
+           "Scaler: forecast replicas ÷ the pool's current count (at least 1); the Nomad "
+           "Autoscaler's target-value strategy with target 1 scales to the forecast."),
+    Metric("scaler_demand", "gauge", "llm_sidecar.scaler.demand",
+           "llm_sidecar_scaler_demand", ("pool",),
+           "Scaler: work offered to the pool, in replicas' worth (tokens/s ÷ "
+           "replica_tokens_per_s)."),
+    Metric("scaler_queued", "gauge", "llm_sidecar.scaler.queued",
+           "llm_sidecar_scaler_queued", ("pool",),
+           "Scaler: requests waiting at the pool's pods per request running (saturation)."),
 )
 BY_KEY = {m.key: m for m in CATALOG}
 EVENTS = ("cold start finished", "endpoint ejected", "endpoint restored",
@@ -164,6 +184,30 @@ class _Series:
         self.seen = 0  # samples offered since the last flush
 
 
+UNIFIED_SERVICE_TAGS = (("DD_ENV", "env"), ("DD_SERVICE", "service"), ("DD_VERSION", "version"))
+METRIC_TAG_KEYS = frozenset(tag for m in CATALOG for tag in m.tags)
+
+
+def constant_tags(env: Mapping[str, str], added_by_client: Sequence[str] = ()) -> list[str]:
+    """The tags every line carries, each once: DD_TAGS (space or comma separated), then
+    env/service/version from DD_ENV/DD_SERVICE/DD_VERSION, which win over the same keys in
+    DD_TAGS (as in Datadog's unified service tagging), then what the client derived from the
+    process environment by itself (e.g. DATADOG_TAGS) that is not already there. Keys the
+    metrics set themselves (pool, model, …) are not taken from DD_TAGS."""
+    unified = {name: env[key].strip() for key, name in UNIFIED_SERVICE_TAGS
+               if env.get(key, "").strip()}
+    tags = []
+    for tag in (*env.get("DD_TAGS", "").replace(",", " ").split(), *added_by_client):
+        key = tag.partition(":")[0]
+        if key in METRIC_TAG_KEYS:
+            log.warning("DD_TAGS / DATADOG_TAGS: %r is ignored: the sidecar sets the %r tag "
+                        "per metric", tag, key)
+        elif ":" not in tag or key not in unified:
+            tags.append(tag)
+    tags.extend(f"{name}:{value}" for name, value in unified.items())
+    return list(dict.fromkeys(tags))
+
+
 def _dogstatsd(env: Mapping[str, str]) -> Any | None:
     url = env.get("DD_DOGSTATSD_URL", "")
     host = env.get("DD_AGENT_HOST", "")
@@ -171,20 +215,21 @@ def _dogstatsd(env: Mapping[str, str]) -> Any | None:
         return None
     from datadog.dogstatsd import DogStatsd
 
-    tags = [t for t in env.get("DD_TAGS", "").replace(",", " ").split() if t]
-    for key, name in (("DD_ENV", "env"), ("DD_SERVICE", "service"), ("DD_VERSION", "version")):
-        if env.get(key):
-            tags.append(f"{name}:{env[key]}")
     # Buffered: lines are packed into full datagrams (the default is one per metric), and
     # sent when the flush task's worker thread calls flush() — never on the event loop.
-    common: dict[str, Any] = {"constant_tags": tags, "disable_telemetry": True,
-                              "disable_buffering": False, "flush_interval": 0}
+    common: dict[str, Any] = {"disable_telemetry": True, "disable_buffering": False,
+                              "flush_interval": 0}
     if url.startswith("unix://"):
-        return DogStatsd(socket_path=url[len("unix://"):], **common)
-    if url.startswith("udp://"):
+        client = DogStatsd(socket_path=url[len("unix://"):], **common)
+    elif url.startswith("udp://"):
         host, _, port = url[len("udp://"):].partition(":")
-        return DogStatsd(host=host, port=int(port or 8125), **common)
-    return DogStatsd(host=host, port=int(env.get("DD_DOGSTATSD_PORT") or 8125), **common)
+        client = DogStatsd(host=host, port=int(port or 8125), **common)
+    else:
+        client = DogStatsd(host=host, port=int(env.get("DD_DOGSTATSD_PORT") or 8125), **common)
+    # The client reads DD_ENV/DD_SERVICE/DD_VERSION (and DATADOG_TAGS) from the process
+    # environment and adds them itself: replaced by one list, so each tag is sent once.
+    client.constant_tags = constant_tags(env, list(client.constant_tags or ()))
+    return client
 
 
 Collector = Callable[["Telemetry"], None]

@@ -1,5 +1,6 @@
 """`llm-sidecar top`: a live terminal view of a running sidecar, from its admin API only
-(`/stats` for state and counters, `/metrics` for latency histograms)."""
+(`/stats` for state and counters, `/metrics` for latency histograms), with the admin token
+(`--token` or SIDECAR_ADMIN_TOKEN) when the listener needs one."""
 
 from __future__ import annotations
 
@@ -130,8 +131,18 @@ def render(now: Snapshot, before: Snapshot | None) -> Group:
     return Group(*parts)
 
 
+class Refused(Exception):
+    """The admin listener wants a token (401) or has none configured (403)."""
+
+
 async def snapshot(http: aiohttp.ClientSession, admin: str) -> Snapshot:
     async with http.get(admin + "/stats") as r:
+        if r.status in (401, 403):
+            try:
+                reason = (await r.json()).get("error", "")
+            except (aiohttp.ContentTypeError, ValueError):
+                reason = ""
+            raise Refused(f"{r.status}: {reason}")
         r.raise_for_status()
         stats = await r.json()
     async with http.get(admin + "/metrics") as r:
@@ -140,13 +151,19 @@ async def snapshot(http: aiohttp.ClientSession, admin: str) -> Snapshot:
     return Snapshot(time.monotonic(), stats, buckets)
 
 
-async def run_top(admin: str, interval: float, once: bool) -> int:
+async def run_top(admin: str, interval: float, once: bool, token: str | None = None) -> int:
     console = Console()
     admin = admin.rstrip("/")
     timeout = aiohttp.ClientTimeout(total=5)
-    async with aiohttp.ClientSession(timeout=timeout) as http:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as http:
         try:
             first = await snapshot(http, admin)
+        except Refused as exc:
+            console.print(f"[red]{admin}/stats refused[/red] ({exc})\nPass the sidecar's "
+                          "SIDECAR_ADMIN_TOKEN: set that variable here too, or --token.",
+                          markup=True, highlight=False)
+            return 1
         except (aiohttp.ClientError, OSError) as exc:
             console.print(f"[red]cannot read {admin}/stats[/red]: {exc}\nIs the sidecar "
                           "running? Its admin listener is SIDECAR_ADMIN_LISTEN "
@@ -162,7 +179,7 @@ async def run_top(admin: str, interval: float, once: bool) -> int:
                 await asyncio.sleep(interval)
                 try:
                     now = await snapshot(http, admin)
-                except (aiohttp.ClientError, OSError) as exc:
+                except (aiohttp.ClientError, OSError, Refused) as exc:
                     live.update(Text(f"lost {admin}: {exc}", style="red"))
                     continue
                 live.update(render(now, before))

@@ -12,8 +12,15 @@ Layout (both sides live here so they cannot drift):
     llmsc:epinflight:{<pool>}         hash: "<pod id> <endpoint URL>" → "<in-flight>:<unix
                                       time>" (the same heartbeat per endpoint; summed by
                                       URL it is each model pod's fleet-wide load)
+    llmsc:podload:{<pool>}            hash: <endpoint URL> →
+                                      "<running>:<waiting>:<kv_usage 0..1>:<unix time>"
+                                      (each model pod's load as its vLLM /metrics show it,
+                                      written by the sidecars that scrape it with
+                                      format_pod_load, then EXPIRE HEARTBEAT_TTL_S; fields
+                                      older than STALE_AFTER_S are ignored and pruned)
 
-A tick reads `buckets + 1` keys per pool, however many sidecars there are.
+A tick reads `buckets + 2` keys per pool in two pipelined round trips, however many
+sidecars there are.
 """
 
 from __future__ import annotations
@@ -80,6 +87,34 @@ def sum_endpoint_inflight(fields: dict[bytes, bytes], now: float
         key = url.decode(errors="replace")
         totals[key] = totals.get(key, 0) + n
     return totals, stale
+
+
+def pod_load_key(pool: str) -> str:
+    return f"llmsc:podload:{{{pool}}}"
+
+
+def format_pod_load(running: int, waiting: int, kv_usage: float, now: float) -> str:
+    """The value a sidecar writes for one endpoint: `HSET pod_load_key(pool) <url> <this>`."""
+    if running < 0 or waiting < 0 or not 0.0 <= kv_usage <= 1.0:
+        raise ValueError(f"pod load: running={running!r} and waiting={waiting!r} must be >= 0, "
+                         f"kv_usage={kv_usage!r} in 0..1")
+    return f"{int(running)}:{int(waiting)}:{kv_usage:.4f}:{now:.3f}"
+
+
+def parse_pod_load(value: bytes | str) -> tuple[int, int, float, float] | None:
+    """(running, waiting, kv_usage, unix time), or None for a value not in that form."""
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+    parts = text.split(":")
+    if len(parts) != 4:
+        return None
+    try:
+        running, waiting = int(parts[0]), int(parts[1])
+        kv_usage, stamp = float(parts[2]), float(parts[3])
+    except ValueError:
+        return None
+    if running < 0 or waiting < 0 or not 0.0 <= kv_usage <= 1.0:
+        return None
+    return running, waiting, kv_usage, stamp
 
 
 class PoolCounters:
@@ -186,6 +221,55 @@ class PoolTraffic:
     @property
     def missing(self) -> bool:
         return self.reporting_pods == 0
+
+
+@dataclass(frozen=True, slots=True)
+class PoolLoad:
+    """What a pool's model pods report about themselves (fresh reports only)."""
+
+    pods: int                    # endpoints with a fresh report (0: unknown)
+    running: int
+    waiting: int
+    kv_usage: float              # highest KV-cache usage among them (0..1)
+
+    @property
+    def queued(self) -> float | None:
+        """Requests waiting per request running: the saturation signal (None: unknown)."""
+        if not self.pods:
+            return None
+        return self.waiting / max(self.running, 1)
+
+
+async def read_pod_load(client: Any, pools: Iterable[str], now: float
+                        ) -> dict[str, PoolLoad]:
+    """One pipelined read of every pool's pod-load hash; reports older than STALE_AFTER_S
+    (or not in the written form) are ignored, and pruned in a second round trip."""
+    pools = list(pools)
+    async with client.pipeline(transaction=False) as pipe:
+        for pool in pools:
+            pipe.hgetall(pod_load_key(pool))
+        replies = await pipe.execute()
+    view: dict[str, PoolLoad] = {}
+    stale: dict[str, list[bytes]] = {}
+    for pool, fields in zip(pools, replies, strict=True):
+        pods = running = waiting = 0
+        kv = 0.0
+        for endpoint, value in fields.items():
+            parsed = parse_pod_load(value)
+            if parsed is None or now - parsed[3] > STALE_AFTER_S:
+                stale.setdefault(pool, []).append(endpoint)
+                continue
+            pods += 1
+            running += parsed[0]
+            waiting += parsed[1]
+            kv = max(kv, parsed[2])
+        view[pool] = PoolLoad(pods, running, waiting, kv)
+    if stale:
+        async with client.pipeline(transaction=False) as pipe:
+            for pool, endpoints in stale.items():
+                pipe.hdel(pod_load_key(pool), *endpoints)
+            await pipe.execute()
+    return view
 
 
 async def read_traffic(client: Any, pools: Iterable[str], now: float, buckets: int

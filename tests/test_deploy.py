@@ -135,6 +135,37 @@ def test_model_pool_job_registers_a_nomad_service_with_scaling_bounds():
     assert check["path"] == "/health"
 
 
+@pytest.mark.parametrize("file,pool", [("model-pool.hcl", "small"),
+                                       ("model-pool-large.hcl", "large")])
+def test_model_pool_scaling_policy_targets_the_scalers_forecast(file, pool):
+    """The stock Nomad Autoscaler alternative: target-value (target 1) on the scaler's
+    published forecast ratio for this pool, a metric the scaler really publishes."""
+    from sidecar.telemetry import BY_KEY
+
+    name, job = load_job(ROOT / "nomad" / file)
+    [scaling] = groups(job)["server"]["scaling"]
+    [policy] = scaling["policy"]
+    assert policy["evaluation_interval"].endswith("s")
+    [check] = policy["check"]
+    [(check_name, body)] = check.items()
+    assert check_name == "llm-sidecar-forecast"
+    assert body["source"] == "prometheus"
+    metric = BY_KEY["scaler_forecast_ratio"].prometheus
+    assert body["query"] == f'max({metric}{{pool="{pool}"}})'
+    [strategy] = body["strategy"]
+    assert strategy == {"target-value": {"target": 1, "threshold": 0.01}}
+    _, scaler = load_job(ROOT / "nomad" / "scaler.hcl")
+    [env] = tasks(next(iter(groups(scaler).values())))["scaler"]["env"]
+    assert json.loads(env["SIDECAR_SCALER_POOLS"])[pool]["job"] == name
+    assert scaling["min"] >= 1, "target-value multiplies the current count: 0 stays 0"
+    assert scaling["enabled"] is False, "off by default: the scaler drives Nomad itself"
+    # the scaler serves /metrics where a Prometheus finds it
+    [service] = groups(scaler)["scaler"]["service"]
+    assert service["port"] == "metrics" and service["check"][0]["path"] == "/health"
+    assert env["SIDECAR_SCALER_METRICS_LISTEN"].endswith(":7880")
+    assert groups(scaler)["scaler"]["network"][0]["port"][0]["metrics"]["to"] == 7880
+
+
 def test_dockerfile_runs_as_non_root():
     text = (ROOT / "Dockerfile").read_text()
     users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
@@ -179,3 +210,17 @@ def test_the_sidecars_pools_template_reads_the_services_the_pool_jobs_register()
                   for group in groups(load_job(path)[1]).values()
                   for service in group.get("service", [])}
     assert read <= registered, f"no job registers {sorted(read - registered)}"
+
+
+def test_sidecar_job_takes_the_admin_token_from_nomad_variables():
+    name, job = load_job(ROOT / "nomad" / "sidecar.hcl")
+    [group] = groups(job).values()
+    sidecar = tasks(group)["sidecar"]
+    [secret] = [t for t in sidecar["template"] if "SIDECAR_ADMIN_TOKEN" in t["data"]]
+    assert secret["env"] is True and secret["destination"].startswith("${NOMAD_SECRETS_DIR}/")
+    # The task's own variables path, which its workload identity may read by default.
+    assert f'SIDECAR_ADMIN_TOKEN={{{{ with nomadVar "nomad/jobs/{name}" }}}}' in secret["data"]
+    [env] = sidecar["env"]
+    assert "SIDECAR_ADMIN_TOKEN" not in env, "a secret in the job file"
+    [service] = group["service"]
+    assert service["check"][0]["path"] == "/health", "the check needs no token"

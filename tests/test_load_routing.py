@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 
 from sidecar import traffic
 from sidecar.config import ConfigError, load_settings
+from sidecar.traffic import read_pod_load
 from tests.conftest import admin, chat, pool
 
 
@@ -91,6 +92,9 @@ async def test_each_pods_load_is_scraped_shown_and_written_for_the_scaler(
         value = (await client.hget("llmsc:podload:{p}", busy.url)).decode()
         _, _, kv, stamp = value.split(":")
         assert 0 <= float(kv) <= 1 and abs(float(stamp) - time.time()) < 60
+        # What the scaler reads: both pods report, and the busy one's queue is there.
+        view = (await read_pod_load(client, ["p"], time.time()))["p"]
+        assert view.pods == 2 and view.waiting == 2
     finally:
         await client.aclose()
         for call in calls:

@@ -63,14 +63,22 @@ def test_baseline_holds_without_metrics():
     assert policy.decide(obs(10, None, 5)).count == 5
 
 
-def test_predictive_scales_up_at_once_for_the_peak_with_headroom():
-    policy = PredictivePolicy(BOUNDS, burst_margin=0.10)
-    decision = policy.decide(obs(10, 4.6, 3))
-    assert decision.count == 6  # ceil(4.6 × 1.1) = 6: the peak, not the mean, plus 10 %
+def test_predictive_forecast_is_the_level_plus_a_burst_learned_from_history():
+    def feed(policy: PredictivePolicy) -> int:
+        count = 4
+        for step in range(1, 61):  # 600 s at a level of 4; every 10th interval peaks at 7
+            count = policy.decide(Observation(step * 10.0, 7.0 if step % 10 == 0 else 4.0,
+                                              4.0, 0.5, count, count)).count
+        return count
+
+    # the bursts are 10 % of intervals: a high quantile holds them, the median does not
+    assert feed(PredictivePolicy(BOUNDS, quantile=0.995)) == 7
+    assert feed(PredictivePolicy(BOUNDS, quantile=0.5)) == 4
+    assert feed(PredictivePolicy(BOUNDS, quantile=0.5, headroom=0.25)) == 5
 
 
 def test_predictive_projects_growth_across_the_cold_start():
-    policy = PredictivePolicy(BOUNDS, burst_margin=0.0)
+    policy = PredictivePolicy(BOUNDS)
     count = 0
     for step in range(130):  # demand grows 1 replica per 100 s for 1300 s
         now = step * 10.0
@@ -79,24 +87,58 @@ def test_predictive_projects_growth_across_the_cold_start():
     assert 19 <= count <= 21
 
 
-def test_predictive_scales_down_only_after_sustained_low_demand():
-    policy = PredictivePolicy(BOUNDS, burst_margin=0.0)
-    assert policy.decide(obs(10, 8, 8)).count == 8
-    now, count = 10.0, 8
-    for _ in range(60):  # demand falls to 2 for 600 s: still within the peak's lookback
+def test_predictive_keeps_replicas_through_gaps_shorter_than_a_cold_start():
+    policy = PredictivePolicy(BOUNDS, quantile=0.5)
+    now, count = 0.0, 8
+
+    def hold(demand: float, seconds: float) -> int:
+        nonlocal now, count
+        for _ in range(int(seconds // 10)):
+            now += 10
+            count = policy.decide(obs(now, demand, count)).count
+        return count
+
+    assert hold(8, 700) == 8
+    assert hold(2, 500) == 8, "a 500 s gap: cheaper to keep than to start again"
+    assert hold(8, 300) == 8
+    assert hold(2, 590) == 8
+    # the level (a 300 s mean) comes down, and a cold start after each lower target the
+    # replicas above it are released, one by one
+    steps = [hold(2, 10) for _ in range(60)]
+    assert steps == sorted(steps, reverse=True) and steps[0] == 8 and steps[-1] == 2
+
+
+def test_a_queue_raises_the_forecast_only_while_it_lasts_and_is_never_demand():
+    policy = PredictivePolicy(BOUNDS, quantile=0.5)
+    now, count = 0.0, 4
+    for _ in range(70):
         now += 10
-        count = policy.decide(obs(now, 2, count)).count
-    assert count == 8, "the last cold-start window still had a peak of 8"
-    for _ in range(61):  # another window of low demand
+        count = policy.decide(obs(now, 4, count)).count
+    assert count == 4
+    before = policy.forecast(now)
+
+    def queued(value: float) -> int:
+        nonlocal now
         now += 10
-        count = policy.decide(obs(now, 2, count)).count
-    assert count == 2
+        return policy.decide(Observation(now, 4, 4, 1.0, count, count, queued=value)).count
+
+    # flat demand, a queue at the pods: a saturated pod's rate is flat at its capacity
+    assert [queued(0.5), queued(0.5)] == [4, 4], "one or two intervals are noise"
+    count = queued(0.5)
+    assert count == 6, "sustained saturation: the level rises by the queued share"
+    assert queued(0.0) == 6, "what was asked for is kept like any replica"
+    assert policy.forecast(now) == pytest.approx(before), "the queue left no trace in demand"
 
 
 def test_predictive_holds_capacity_when_metrics_are_missing():
     policy = PredictivePolicy(BOUNDS)
     for step in range(200):
         assert policy.decide(obs(step * 10.0, None, 7)).count == 7
+
+
+def test_predictive_refuses_a_quantile_outside_0_1():
+    with pytest.raises(ValueError, match="quantile"):
+        PredictivePolicy(BOUNDS, quantile=1.5)
 
 
 def test_load_level_hysteresis_does_not_flap_on_noise():
@@ -110,6 +152,15 @@ def test_load_level_hysteresis_does_not_flap_on_noise():
     # the same noise without hysteresis (a single threshold, no dwell) would flap
     naive = ["medium" if 0.6 + rng.uniform(-0.08, 0.08) >= 0.6 else "low" for _ in range(500)]
     assert sum(a != b for a, b in itertools.pairwise(naive)) > 100
+
+
+def test_sustained_saturation_raises_the_load_level():
+    policy = LoadLevelPolicy("low", dwell=2)
+    # utilization looks fine (the token rate is flat at capacity) but the pods queue
+    assert [policy.decide(0.5, queued=0.3) for _ in range(4)] == \
+        ["low", "medium", "medium", "high"]
+    assert policy.decide(0.5, queued=0.0) == "high", "one quiet interval is not enough"
+    assert policy.decide(0.3, queued=None) == "medium"
 
 
 def test_load_level_moves_through_the_levels():

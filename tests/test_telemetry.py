@@ -8,9 +8,11 @@ import asyncio
 import json
 import logging
 import re
+import signal
 import socket
 import tempfile
 import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -129,6 +131,105 @@ async def test_dogstatsd_over_a_unix_datagram_socket(pods, sidecar, http):
         agent.close()
 
 
+def datagram_tags(line: str) -> list[str]:
+    """The tags of one DogStatsD line (metric `name:v|t|@r|#tags` or event `_e{…}|#tags`)."""
+    for field in line.split("|")[1:]:
+        if field.startswith("#"):
+            return field[1:].split(",")
+    return []
+
+
+def duplicates(lines: list[str]) -> list[tuple[str, list[str]]]:
+    """Lines where a tag, or a tag key, appears twice."""
+    found = []
+    for line in lines:
+        tags = datagram_tags(line)
+        keys = Counter(tag.partition(":")[0] for tag in tags)
+        twice = [tag for tag in tags if keys[tag.partition(":")[0]] > 1]
+        if twice:
+            found.append((line, twice))
+    return found
+
+
+async def test_every_datagram_carries_each_tag_once_with_the_agents_variables_set(
+        pods, sidecar_process, http):
+    """Set as Nomad sets them, in the real process's environment: the `datadog` client adds
+    DD_ENV/DD_SERVICE/DD_VERSION itself, so the sidecar must not add them again."""
+    agent = Agent(socket.AF_INET, ("127.0.0.1", 0))
+    try:
+        [pod] = await pods(1)
+        process = sidecar_process({
+            "SIDECAR_POOLS": json.dumps({"small": pool([pod])}),
+            "DD_AGENT_HOST": "127.0.0.1", "DD_DOGSTATSD_PORT": str(agent.sock.getsockname()[1]),
+            "DD_ENV": "prod", "DD_SERVICE": "chat-app", "DD_VERSION": "1.2.3",
+            "DD_TAGS": "team:ml,env:prod region:eu-west-1"})
+        await process.start()
+        for i in range(5):
+            async with http.post(process.base + "/v1/chat/completions", json=CHAT,
+                                 headers={"x-session-id": f"tags-{i}"}) as r:
+                assert r.status == 200
+        async with http.post(process.base + "/v1/chat/completions", data=b"{}",
+                             headers={"x-session-id": "x" * 300}) as r:
+            assert r.status == 400  # refused before routing: pool and model `none`
+        process.process.send_signal(signal.SIGTERM)  # the last flush goes out on exit
+        assert await process.wait() == 0
+        await asyncio.sleep(0.2)
+        lines = agent.drain()
+    finally:
+        agent.close()
+    tagged = [line for line in lines if "|#" in line]
+    assert len(tagged) > 10, lines
+    assert duplicates(tagged) == []
+    for line in tagged:
+        tags = datagram_tags(line)
+        for tag in ("env:prod", "service:chat-app", "version:1.2.3", "team:ml",
+                    "region:eu-west-1"):
+            assert tag in tags, (tag, line)
+
+
+async def test_latency_and_tokens_carry_the_model_that_served(pods, sidecar, http):
+    agent = Agent(socket.AF_INET, ("127.0.0.1", 0))
+    try:
+        [large] = await pods(1, fail_next=1)  # its first answer is a 503: small serves it
+        [small] = await pods(1)
+        running = await sidecar({"large": pool([large], "large-model", fallback="small"),
+                                 "small": pool([small], "small-model")},
+                                DD_AGENT_HOST="127.0.0.1",
+                                DD_DOGSTATSD_PORT=str(agent.sock.getsockname()[1]),
+                                DD_ENV="test", DD_SERVICE="llm-sidecar")
+        status, headers, _ = await chat(http, running, "model-1")
+        assert status == 200 and headers["x-sidecar-fallback"] == "large"
+        assert (await chat(http, running, "model-2"))[1]["x-sidecar-pool"] == "large"
+        # A model name from the request never becomes a tag: the configured one does.
+        await chat(http, running, "model-3", {**CHAT, "model": "made-up-model-4711"})
+        await flushed(running)
+        lines = agent.drain()
+    finally:
+        agent.close()
+    assert duplicates([line for line in lines if "|#" in line]) == []
+    served: dict[str, set[tuple[str, str]]] = {}
+    for line in lines:
+        name = line.partition(":")[0]
+        tags = dict(tag.partition(":")[::2] for tag in datagram_tags(line))
+        if name in ("llm_sidecar.request.duration", "llm_sidecar.upstream.ttfb",
+                    "llm_sidecar.tokens.prompt", "llm_sidecar.tokens.completion"):
+            served.setdefault(name, set()).add((tags.get("pool", ""), tags.get("model", "")))
+    # model-1 asked for large and was served by small: the model after the fallback
+    # rewrite is small's; model-2 and model-3 were served by large itself.
+    for name in ("llm_sidecar.request.duration", "llm_sidecar.upstream.ttfb",
+                 "llm_sidecar.tokens.prompt", "llm_sidecar.tokens.completion"):
+        assert served.get(name) == {("small", "small-model"), ("large", "large-model")}, \
+            (name, served.get(name))
+    assert "made-up-model-4711" not in "".join(lines)
+    telemetry = running.sidecar.telemetry
+    for key, tags in [*telemetry.counters, *telemetry.series, *telemetry.gauges]:
+        assert len(tags) == len(BY_KEY[key].tags), f"{key} recorded with {tags}: mislabelled"
+    text = running.sidecar.telemetry.prometheus()
+    assert 'llm_sidecar_request_duration_seconds_count{pool="small",model="small-model",' \
+           'status_class="2xx"}' in text
+    assert 'llm_sidecar_upstream_ttfb_seconds_count{pool="large",model="large-model"}' in text
+
+
 async def test_an_unreachable_agent_costs_nothing_and_memory_stays_bounded(pods, sidecar, http):
     [pod] = await pods(1)
     closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -147,6 +248,19 @@ async def test_an_unreachable_agent_costs_nothing_and_memory_stays_bounded(pods,
         assert len(series.samples) == 0 and series.seen == 0
     # 900 requests: the aggregates hold a fixed number of tag sets, not one per request.
     assert len(telemetry.counters) < 40 and len(telemetry.series) < 10
+
+
+def test_constant_tags_are_each_sent_once():
+    from sidecar.telemetry import constant_tags
+
+    env = {"DD_TAGS": "team:ml, env:staging region:eu,team:ml pool:sneaky", "DD_ENV": "prod",
+           "DD_SERVICE": "chat-app", "DD_VERSION": "1.2.3"}
+    # What the `datadog` client adds from the process environment by itself.
+    client = ["env:prod", "service:chat-app", "version:1.2.3", "dd.internal.entity_id:x"]
+    assert constant_tags(env, client) == ["team:ml", "region:eu", "dd.internal.entity_id:x",
+                                          "env:prod", "service:chat-app", "version:1.2.3"]
+    assert constant_tags({"DD_TAGS": "env:staging"}) == ["env:staging"]
+    assert constant_tags({}) == []
 
 
 def test_the_sample_reservoir_is_bounded_and_keeps_counts_honest():
@@ -237,8 +351,12 @@ def test_dashboard_and_monitors_use_only_metrics_the_code_emits():
     assert used, "no metric found in the queries"
     assert used <= names, sorted(used - names)
     assert len(monitors) >= 4
-    # every tag a query groups by is a tag the metric has
+    # every tag a query filters ($template variables) or groups by is a tag the metric has
     for query in queries:
+        for name, filters in re.findall(r"(llm_sidecar\.[a-z_.]+?)\{([^}]*)\}", query):
+            metric = next(m for m in CATALOG if m.datadog == name)
+            for variable in re.findall(r"\$(\w+)", filters):
+                assert variable in (*metric.tags, "service", "env"), (name, variable)
         for name, tag_list in re.findall(r"(llm_sidecar\.[a-z_.]+?)\{[^}]*\} by \{([^}]*)\}",
                                          query):
             metric = next(m for m in CATALOG if m.datadog == name)

@@ -122,7 +122,7 @@ class Attempts:
             if answer is not None:
                 answer.attempt = attempt
                 if not outcome.retryable and (not strict or answer.reply.status == 200):
-                    events.answered(endpoint, answer.ready_at - answer.sent_at)
+                    events.answered(endpoint, pool.model, answer.ready_at - answer.sent_at)
                     return answer, Step.NEXT
             now = self.loop.time()
             if strict:

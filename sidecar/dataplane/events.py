@@ -55,12 +55,13 @@ class Events:
         if outcome is Outcome.BROKEN_BEFORE_CONTENT:
             self.counters.prefill_retries += 1
 
-    def answered(self, endpoint: Endpoint, waited: float) -> None:
+    def answered(self, endpoint: Endpoint, model: str, waited: float) -> None:
+        """`model`: the configured model of the endpoint's pool (never the request's)."""
         if endpoint.record_success():
             self.telemetry.event("endpoint restored", f"{endpoint.url} (pool "
                                  f"{endpoint.pool}) answered again",
                                  tags=[f"pool:{endpoint.pool}"])
-        self.telemetry.observe("upstream_ttfb", (endpoint.pool,), waited)
+        self.telemetry.observe("upstream_ttfb", (endpoint.pool, model), waited)
 
     def fallback(self, primary: str, pool: str) -> None:
         self.counters.fallbacks += 1
@@ -97,7 +98,9 @@ class Events:
             counters.responses_4xx += 1
         else:
             counters.responses_other += 1
-        tags = (pool, _STATUS_CLASS[status // 100] if status < 600 else "other")
+        # `model` is the configured model of the pool that served (a fallback's after a
+        # rewrite; `none` when refused), never the request's: series stay bounded.
+        tags = (pool, model, _STATUS_CLASS[status // 100] if status < 600 else "other")
         telemetry = self.telemetry
         telemetry.count("requests", tags)
         telemetry.observe("request_duration", tags, elapsed)

@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from http import HTTPStatus
 from time import perf_counter
+from typing import Any
 
 import httptools
 
@@ -34,6 +36,7 @@ WRITE_LOW = 16 * 1024
 SELECTOR_HEADER = b"x-sidecar-selector"
 _BODYLESS = (204, 304)
 _VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}
+EAGER_TASKS = sys.version_info >= (3, 12)
 
 Handler = Callable[[Request, "ClientConnection"], Awaitable[None]]
 
@@ -55,11 +58,11 @@ def status_line(status: int, reason: bytes = b"") -> bytes:
 
 
 class ClientConnection(asyncio.Protocol):
-    __slots__ = ("_begun_at", "_body", "_body_size", "_chunked", "_close_delimited",
-                 "_connection", "_expect", "_forward", "_head_bytes", "_headers", "_in_head",
-                 "_parser", "_queue", "_selector", "_session", "_te", "_url", "_version", "closed",
-                 "connection_id", "deadline", "head_only", "keep_alive", "listener", "source",
-                 "started", "task", "transport")
+    __slots__ = ("_begun_at", "_body", "_body_size", "_chunked", "_close_delimited", "_connection",
+                 "_expect", "_forward", "_head_bytes", "_headers", "_hosts", "_in_head", "_parser",
+                 "_queue", "_selector", "_session", "_te", "_unreadable", "_url", "_version",
+                 "closed", "connection_id", "deadline", "head_only", "keep_alive", "listener",
+                 "source", "started", "task", "transport")
 
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
@@ -73,6 +76,7 @@ class ClientConnection(asyncio.Protocol):
         self.source: Reply | None = None
         self._in_head = False
         self._head_bytes = 0
+        self._unreadable = False  # the parser failed behind a whole request
         self._version = (1, 1)
         self._begun_at = 0.0
         self._begin()
@@ -114,6 +118,13 @@ class ClientConnection(asyncio.Protocol):
             self._refuse(cause if isinstance(cause, Refused) else
                          Refused(400, "bad_request", str(exc)))
         except httptools.HttpParserError as exc:
+            if self._queue or self.task is not None:
+                # Bytes after a request that asked to close, or garbage behind a good one:
+                # answer what came whole, forward nothing more, then close.
+                self._unreadable = True
+                if self.transport is not None:
+                    self.transport.pause_reading()
+                return
             self._refuse(Refused(400, "bad_request", f"malformed HTTP request: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -142,6 +153,7 @@ class ClientConnection(asyncio.Protocol):
         self._connection: bytes | None = None
         self._expect: bytes | None = None
         self._te: bytes | None = None
+        self._hosts = 0
 
     def on_message_begin(self) -> None:
         self._begun_at = perf_counter()  # the request's clock starts at its first bytes
@@ -177,10 +189,20 @@ class ClientConnection(asyncio.Protocol):
                 self._expect = value
             elif lower == b"transfer-encoding":
                 self._te = value
+            elif lower == b"host":
+                self._hosts += 1
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self.deadline = 0.0
+        version = self._parser.get_http_version()
+        if self._hosts > 1 or (self._hosts == 0 and version != "1.0"):
+            # RFC 9112 §3.2: exactly one Host in HTTP/1.1, never two.
+            raise Refused(400, "bad_host", "an HTTP/1.1 request needs exactly one Host header")
+        if self._te is not None and version == "1.0":
+            # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 is faulty framing.
+            raise Refused(400, "bad_transfer_encoding", "Transfer-Encoding in an HTTP/1.0 "
+                          "request")
         if self._te is not None and self._te.strip().lower() != b"chunked":
             # llhttp accepts e.g. "gzip, chunked"; we forward a de-chunked body with a
             # Content-Length, which would drop the gzip coding: refuse it instead.
@@ -198,7 +220,7 @@ class ClientConnection(asyncio.Protocol):
             if self._expect.strip().lower() != b"100-continue":
                 raise Refused(417, "expectation_failed", "only Expect: 100-continue is "
                               "supported")
-            if self._parser.get_http_version() == "1.1" and self.transport is not None:
+            if version == "1.1" and self.transport is not None:
                 # We buffer the body ourselves, so the app may send it now; the upstream
                 # never sees Expect.
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -233,7 +255,9 @@ class ClientConnection(asyncio.Protocol):
         self._response_reset(request.method == b"HEAD")
         self._version = request.version
         self.keep_alive = keep_alive and not self.listener.draining
-        self.task = self.listener.loop.create_task(self._serve(request))
+        task = self.listener.start(self._serve(request))
+        if not task.done():  # an eager task may have answered (and moved on) already
+            self.task = task
 
     async def _serve(self, request: Request) -> None:
         # What follows an answer runs here, not in a done callback: one loop turn less.
@@ -253,7 +277,7 @@ class ClientConnection(asyncio.Protocol):
         self.source = None
         if self.closed:
             return
-        if not self.keep_alive:
+        if not self.keep_alive or (self._unreadable and not self._queue):
             self._close()
             return
         self.deadline = time.monotonic() + KEEPALIVE_S
@@ -310,9 +334,8 @@ class ClientConnection(asyncio.Protocol):
         if not self.keep_alive:
             framing += b"Connection: close\r\n"
         if self.transport is not None and not self.closed:
-            # One write (one syscall) for a head and, when it is whole, its body.
-            self.transport.writelines((status_line(status, reason), headers, framing,
-                                       b"\r\n", b"" if self.head_only else body))
+            self._write_head(b"%s%s%s\r\n" % (status_line(status, reason), headers, framing),
+                             body)
 
     def send(self, status: int, reason: bytes, headers: bytes, length: int | None,
              body: bytes) -> None:
@@ -345,10 +368,17 @@ class ClientConnection(asyncio.Protocol):
         self.started = True
         close = b"" if self.keep_alive else b"Connection: close\r\n"
         if self.transport is not None and not self.closed:
-            self.transport.writelines((
-                status_line(status), b"Content-Type: application/json\r\n", headers,
-                b"Content-Length: %d\r\n" % len(body), close, b"\r\n",
-                b"" if self.head_only else body))
+            self._write_head(b"%sContent-Type: application/json\r\n%sContent-Length: %d\r\n"
+                             b"%s\r\n" % (status_line(status), headers, len(body), close), body)
+
+    def _write_head(self, head: bytes, body: bytes) -> None:
+        """One write (one syscall) for a head and, when it is whole, its body. Never an
+        empty buffer: asyncio on 3.13 then never calls connection_lost after a close."""
+        assert self.transport is not None
+        if body and not self.head_only:
+            self.transport.writelines((head, body))
+        else:
+            self.transport.write(head)
 
     def follow(self, reply: Reply | None) -> None:
         self.source = reply
@@ -363,7 +393,7 @@ class Listener:
         self.handle = handle
         self.session_header = session_header.encode()
         self.special = frozenset({self.session_header, SELECTOR_HEADER, b"connection",
-                                  b"expect", b"transfer-encoding"})
+                                  b"expect", b"transfer-encoding", b"host"})
         self.max_body = max_body
         self.log_error = log_error
         self.connections: set[ClientConnection] = set()
@@ -375,6 +405,14 @@ class Listener:
 
     def protocol(self) -> ClientConnection:
         return ClientConnection(self)
+
+    def start(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """A request's task. Where asyncio can (3.12+) it starts eagerly: the request runs
+        up to its first real wait (the upstream's answer) inside this read, a loop turn
+        and a scheduling round sooner."""
+        if EAGER_TASKS:
+            return asyncio.Task(coro, loop=self.loop, eager_start=True)  # type: ignore[call-arg]
+        return self.loop.create_task(coro)
 
     async def _sweep_forever(self) -> None:
         while True:

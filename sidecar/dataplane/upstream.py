@@ -180,7 +180,7 @@ class Connection(asyncio.Protocol):
             elif lower == b"transfer-encoding":
                 chunked = b"chunked" in value.lower()
             elif lower == b"connection":
-                connection = value
+                connection = value if connection is None else connection + b"," + value
         # Hop-by-hop fields are gone; so are the ones a Connection header names.
         self.forward = b"".join(lines) if connection is None else header_block(
             self.headers, RESPONSE_DROP, connection)
@@ -355,8 +355,12 @@ class HttpUpstream:
             b"POST", b"PUT", b"PATCH") else b"\r\n"
         transport = conn.transport
         assert transport is not None
-        transport.writelines((b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (
-            method, target, origin.host_header), headers, framing, body))
+        request = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s%s" % (method, target, origin.host_header,
+                                                            headers, framing)
+        if body:  # never an empty buffer (asyncio on 3.13 would then never finish a close)
+            transport.writelines((request, body))
+        else:
+            transport.write(request)
         conn.sent_at = perf_counter()  # until the answer arrives, the time is upstream's
         try:
             result = await head

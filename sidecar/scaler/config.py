@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.config import REDIS_MODES, ConfigError, redact_url
+from sidecar.config import REDIS_MODES, ConfigError, Listen, parse_listen, redact_url
 
 SCALER_VARIABLES: dict[str, tuple[str | None, str]] = {
     "SIDECAR_REDIS_URL": (None, "Redis shared with the sidecars (required)"),
@@ -20,7 +20,11 @@ SCALER_VARIABLES: dict[str, tuple[str | None, str]] = {
                              "replica_tokens_per_s, cold_start_s"),
     "SIDECAR_SCALER_INTERVAL_S": ("15", "seconds between decisions"),
     "SIDECAR_SCALER_DRY_RUN": ("0", "1 = only log decisions"),
-    "SIDECAR_SCALER_BURST_MARGIN": ("0.10", "headroom above the forecast peak"),
+    "SIDECAR_SCALER_BURST_QUANTILE": ("0.995", "quantile of past bursts held above the level "
+                                      "(0 < q <= 1)"),
+    "SIDECAR_SCALER_HEADROOM": ("0", "share added on top of the forecast"),
+    "SIDECAR_SCALER_METRICS_LISTEN": ("127.0.0.1:7880", "GET /metrics (the forecast for "
+                                      "Prometheus): `host:port`, or `off`"),
     "SIDECAR_SCALER_COOLDOWN_S": ("300", "least time between scale-downs of a pool"),
     "NOMAD_ADDR": ("http://127.0.0.1:4646", "Nomad's HTTP API"),
     "NOMAD_TOKEN": (None, "ACL token (scale-job and read-job-scaling capabilities)"),
@@ -53,7 +57,9 @@ class ScalerSettings:
     pools: Mapping[str, ScaledPool]
     interval_s: float
     dry_run: bool
-    burst_margin: float
+    burst_quantile: float
+    headroom: float
+    metrics_listen: Listen | None
     cooldown_s: float
     nomad_addr: str
     nomad_token: str | None
@@ -68,7 +74,12 @@ class ScalerSettings:
         return {"SIDECAR_REDIS_URL": redact_url(self.redis_url),
                 "SIDECAR_SCALER_POOLS": {n: vars_of(p) for n, p in self.pools.items()},
                 "SIDECAR_SCALER_INTERVAL_S": self.interval_s,
-                "SIDECAR_SCALER_DRY_RUN": self.dry_run, "NOMAD_ADDR": self.nomad_addr,
+                "SIDECAR_SCALER_DRY_RUN": self.dry_run,
+                "SIDECAR_SCALER_BURST_QUANTILE": self.burst_quantile,
+                "SIDECAR_SCALER_HEADROOM": self.headroom,
+                "SIDECAR_SCALER_METRICS_LISTEN": (str(self.metrics_listen)
+                                                  if self.metrics_listen else "off"),
+                "NOMAD_ADDR": self.nomad_addr,
                 "NOMAD_TOKEN": "<redacted>" if self.nomad_token else None,
                 "NOMAD_NAMESPACE": self.nomad_namespace}
 
@@ -127,6 +138,12 @@ def load_scaler_settings(env: Mapping[str, str] | None = None) -> ScalerSettings
     if redis_ca_file is not None and not os.path.isfile(redis_ca_file):
         problems.append(f"SIDECAR_REDIS_CA_FILE={redis_ca_file!r}: expected a readable PEM "
                         "file of CA certificates")
+    raw_listen = get("SIDECAR_SCALER_METRICS_LISTEN") or ""
+    metrics_listen = None if raw_listen.lower() == "off" else parse_listen(raw_listen)
+    if raw_listen.lower() != "off" and (metrics_listen is None or metrics_listen.path):
+        problems.append(f"SIDECAR_SCALER_METRICS_LISTEN={raw_listen!r}: expected `host:port` "
+                        "(port 0-65535) or `off`")
+        metrics_listen = None
     pools: dict[str, ScaledPool] = {}
     raw_pools = get("SIDECAR_SCALER_POOLS")
     try:
@@ -169,7 +186,9 @@ def load_scaler_settings(env: Mapping[str, str] | None = None) -> ScalerSettings
         redis_ca_file=redis_ca_file, pools=pools,
         interval_s=number("SIDECAR_SCALER_INTERVAL_S", 0),
         dry_run=_flag(get("SIDECAR_SCALER_DRY_RUN")),
-        burst_margin=number("SIDECAR_SCALER_BURST_MARGIN", 0, strict=False),
+        burst_quantile=number("SIDECAR_SCALER_BURST_QUANTILE", 0),
+        headroom=number("SIDECAR_SCALER_HEADROOM", 0, strict=False),
+        metrics_listen=metrics_listen,
         cooldown_s=number("SIDECAR_SCALER_COOLDOWN_S", 0, strict=False),
         nomad_addr=(get("NOMAD_ADDR") or "").rstrip("/"), nomad_token=get("NOMAD_TOKEN"),
         nomad_namespace=get("NOMAD_NAMESPACE"), nomad_region=get("NOMAD_REGION"),
@@ -179,6 +198,9 @@ def load_scaler_settings(env: Mapping[str, str] | None = None) -> ScalerSettings
     if not settings.nomad_addr.startswith(("http://", "https://")):
         problems.append(f"NOMAD_ADDR={settings.nomad_addr!r}: expected an http:// or https:// "
                         "URL")
+    if settings.burst_quantile > 1:
+        problems.append(f"SIDECAR_SCALER_BURST_QUANTILE={get('SIDECAR_SCALER_BURST_QUANTILE')!r}:"
+                        " expected a number > 0 and <= 1")
     if problems:
         raise ConfigError(problems)
     return settings

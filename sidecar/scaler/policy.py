@@ -4,9 +4,10 @@ The same objects run in `llm-sidecar scaler` (fed from the traffic sidecars repo
 `llm-sidecar simulate` (fed from a trace), so what is simulated is exactly what runs. They
 keep a little history between ticks but do no I/O and read no clock of their own.
 
-Demand is measured in replica units: how many replicas' worth of work is in flight (the
-simulator: requests in flight or queued ÷ slots per replica; the scaler: tokens per second
-÷ what one replica serves).
+Demand is measured in replica units: how many replicas' worth of work is offered (the
+simulator: requests that would be in flight if served at once ÷ slots per replica; the
+scaler: tokens per second ÷ what one replica serves). The pods' queue is a separate
+saturation signal, never counted as demand.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class Observation:
     utilization: float | None     # busy share of ready capacity since the last tick (0..1+)
     current: int                  # replicas asked for (includes those still starting)
     ready: int                    # replicas serving
+    # Requests waiting at the pods per request running there (saturation; None: unknown).
+    queued: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,43 +86,73 @@ class TargetValuePolicy:
         return Decision(count, f"utilization {metric:.2f} vs target {self.target:.2f}")
 
 
-class PredictivePolicy:
-    """Ours: capacity must be asked for a cold start ahead, so provision for the demand the
-    next cold-start window can bring, not for the last minute's average.
+# Bursts are measured against a level only once it has a minute of history: a fleet that
+# just started sees its first intervals' peaks towering over a level still filling up.
+WARMUP_S = 60.0
 
-    - Peak, not mean: the highest demand of the last `lookback` (one cold-start window by
-      default), because a request that finds every slot busy waits.
-    - Trend: the growth of mean demand over the last `trend` window, projected across the
-      cold start, is added on top.
-    - Headroom: `burst_margin` above that peak (over-provisioning at peak, as designed).
-    - Up at once; down only after demand stayed below the current count for
-      `scale_down_after` (a cold-start window by default), never below what the peak needs.
+
+class PredictivePolicy:
+    """Ours: capacity must be asked for a cold start ahead, so provision for what the next
+    cold-start window can bring, learned from what the last ones brought.
+
+    - Demand is the work offered (what the arrivals need), never the queue they built: a
+      queue is the effect of missing capacity, and counting it again inflates the peak.
+    - Level: the mean offered work of the last `level_s`.
+    - Trend: the slope of that mean over the last `trend_s`, projected across the cold
+      start, is added to the level (growth only; a falling trend is handled by holding).
+    - Bursts: each interval's peak minus the level it rose from is its burst; the
+      `quantile` of those bursts over the last `history_s` is added to the projected
+      level, so the margin is what bursts of this traffic needed, not one held maximum
+      (nor a ratio to the level, which explodes when the level is low).
+    - `headroom`: a share on top of all that (0 by default; the sweep's other knob).
+    - Saturation: a queue at the pods that lasts `saturation_ticks` intervals says the
+      offered work is under-measured (a saturated pod's token rate is flat at its
+      capacity): the level is raised by the queued share (at most doubled) while it lasts,
+      and it never enters the level, trend or burst history.
+    - Up at once; down only to the highest target of the last `keep_s` (a cold start):
+      a replica released in a gap shorter than that costs a full cold start to bring back.
     - No metrics: hold capacity.
     """
 
     name = "predictive"
 
-    def __init__(self, bounds: Bounds, burst_margin: float = 0.10,
-                 lookback_s: float | None = None, trend_s: float | None = None,
-                 scale_down_after_s: float | None = None, started_at: float = 0.0) -> None:
+    def __init__(self, bounds: Bounds, quantile: float = 0.995, headroom: float = 0.0,
+                 level_s: float = 300.0, trend_s: float | None = None,
+                 history_s: float = 3600.0, keep_s: float | None = None,
+                 saturation: float = 0.05, saturation_ticks: int = 3,
+                 started_at: float = 0.0) -> None:
+        if not 0 < quantile <= 1:
+            raise ValueError(f"quantile={quantile!r}: expected a number in (0, 1]")
         self.bounds = bounds
-        self.burst_margin = burst_margin
+        self.quantile = quantile
+        self.headroom = headroom
         horizon = bounds.cold_start_s
-        self.lookback_s = lookback_s if lookback_s is not None else horizon
-        self.trend_s = trend_s if trend_s is not None else 2 * horizon
-        self.scale_down_after_s = (scale_down_after_s if scale_down_after_s is not None
-                                   else horizon)
+        self.level_s = level_s
+        # Three cold starts: a shorter window reads noise as trend on smooth traffic.
+        self.trend_s = trend_s if trend_s is not None else 3 * horizon
+        self.history_s = history_s
+        self.keep_s = keep_s if keep_s is not None else horizon
+        self.saturation = saturation
+        self.saturation_ticks = saturation_ticks
         self.started_at = started_at
-        self._history: deque[tuple[float, float, float]] = deque()  # now, peak, mean
-        self._low_since: float | None = None
+        self._means: deque[tuple[float, float]] = deque()    # now, mean offered
+        self._bursts: deque[tuple[float, float]] = deque()   # now, peak − level
+        self._targets: deque[tuple[float, int]] = deque()    # now, count wanted then
+        self._saturated = 0
 
-    def forecast(self, now: float) -> float:
-        """Demand (replica units) to be ready for over the next cold-start window."""
-        peak = max(p for t, p, _ in self._history if t > now - self.lookback_s)
-        return peak * (1 + self.burst_margin) + self._growth(now)
+    def level(self, now: float) -> float:
+        window = [m for t, m in self._means if t > now - self.level_s]
+        return sum(window) / len(window) if window else 0.0
 
-    def _growth(self, now: float) -> float:
-        points = [(t, m) for t, _, m in self._history if t > now - self.trend_s]
+    def burst(self) -> float:
+        """The burst (replica units) to hold above the level: a high quantile of those seen."""
+        bursts = sorted(b for _, b in self._bursts)
+        if not bursts:
+            return 0.0
+        return bursts[min(len(bursts) - 1, math.ceil(self.quantile * len(bursts)) - 1)]
+
+    def growth(self, now: float) -> float:
+        points = [(t, m) for t, m in self._means if t > now - self.trend_s]
         # A trend needs history to stand on: a fleet that just started (or a scaler that
         # just took over) sees demand "grow" from nothing, which is no trend at all.
         if len(points) < 3 or points[-1][0] - points[0][0] < self.trend_s / 2:
@@ -133,30 +166,44 @@ class PredictivePolicy:
         slope = sum((t - mean_t) * (m - mean_m) for t, m in points) / var
         return max(0.0, slope) * self.bounds.cold_start_s
 
+    def forecast(self, now: float, queued: float | None = None) -> float:
+        """Replicas to be ready for over the next cold-start window."""
+        level = self.level(now)
+        if self._saturated >= self.saturation_ticks and queued:
+            # At most double: a deep queue says "more", not how much more.
+            level *= 1 + min(queued, 1.0)
+        return (level + self.growth(now) + self.burst()) * (1 + self.headroom)
+
     def decide(self, obs: Observation) -> Decision:
         if obs.demand_peak is None or obs.demand_mean is None:
             return Decision(obs.current, "no metrics: holding capacity")
-        self._history.append((obs.now, obs.demand_peak, obs.demand_mean))
-        horizon = max(self.lookback_s, self.trend_s)
-        while self._history and self._history[0][0] <= obs.now - horizon:
-            self._history.popleft()
-        forecast = self.forecast(obs.now)
-        desired = self.bounds.clamp(math.ceil(forecast - 1e-9))
-        reason = f"forecast {forecast:.2f} replicas over the next {self.bounds.cold_start_s:.0f} s"
-        if desired > obs.current:
-            self._low_since = None
-            return Decision(desired, reason)
-        if desired == obs.current:
-            self._low_since = None
-            return Decision(obs.current, reason)
-        if obs.now - self.started_at < self.bounds.cold_start_s:
+        now = obs.now
+        self._means.append((now, obs.demand_mean))
+        while self._means and self._means[0][0] <= now - max(self.level_s, self.trend_s):
+            self._means.popleft()
+        level = self.level(now)
+        # A burst needs a level to stand on: not from the first minute of history.
+        if level > 0 and now - self._means[0][0] >= WARMUP_S:
+            self._bursts.append((now, max(0.0, obs.demand_peak - level)))
+        while self._bursts and self._bursts[0][0] <= now - self.history_s:
+            self._bursts.popleft()
+        queued = obs.queued or 0.0
+        self._saturated = self._saturated + 1 if queued >= self.saturation else 0
+        forecast = self.forecast(now, queued)
+        target = self.bounds.clamp(math.ceil(forecast - 1e-9))
+        self._targets.append((now, target))
+        while self._targets and self._targets[0][0] <= now - self.keep_s:
+            self._targets.popleft()
+        kept = max(t for _, t in self._targets)
+        saturated = ", saturated" if self._saturated >= self.saturation_ticks else ""
+        reason = (f"forecast {forecast:.2f} replicas over the next "
+                  f"{self.bounds.cold_start_s:.0f} s (level {level:.2f}, burst "
+                  f"+{self.burst():.2f}{saturated})")
+        if kept >= obs.current:
+            return Decision(kept, reason)
+        if now - self.started_at < self.bounds.cold_start_s:
             return Decision(obs.current, "no scale-down before one cold-start window")
-        if self._low_since is None:
-            self._low_since = obs.now
-        if obs.now - self._low_since < self.scale_down_after_s:
-            return Decision(obs.current, reason + "; waiting for sustained low demand")
-        self._low_since = None
-        return Decision(desired, reason + "; sustained low demand")
+        return Decision(kept, reason + f"; highest target of the last {self.keep_s:.0f} s")
 
 
 LEVELS = ("low", "medium", "high")
@@ -165,7 +212,12 @@ LEVELS = ("low", "medium", "high")
 class LoadLevelPolicy:
     """low / medium / high from fleet utilization, with hysteresis: a level is entered above
     its `up` threshold and left below a lower `down` one, and only after the condition held
-    for `dwell` ticks in a row, so noise around a threshold does not flap routing tables."""
+    for `dwell` ticks in a row, so noise around a threshold does not flap routing tables.
+    A fleet whose pods queue (`queued` ≥ `SATURATED` waiting per running request) counts as
+    above the threshold whatever its utilization says: sustained saturation raises the
+    level."""
+
+    SATURATED: ClassVar[float] = 0.05
 
     UP: ClassVar[dict[str, float]] = {"low": 0.60, "medium": 0.80}     # leave upward above
     DOWN: ClassVar[dict[str, float]] = {"medium": 0.45, "high": 0.65}  # leave downward below
@@ -176,15 +228,18 @@ class LoadLevelPolicy:
         self._streak = 0
         self._direction = 0
 
-    def decide(self, utilization: float | None) -> str:
-        if utilization is None:
+    def decide(self, utilization: float | None, queued: float | None = None) -> str:
+        saturated = queued is not None and queued >= self.SATURATED
+        if utilization is None and not saturated:
             self._streak = 0
             return self.level
         index = LEVELS.index(self.level)
         direction = 0
-        if self.level in self.UP and utilization >= self.UP[self.level]:
+        if self.level in self.UP and (saturated or utilization is None
+                                      or utilization >= self.UP[self.level]):
             direction = 1
-        elif self.level in self.DOWN and utilization <= self.DOWN[self.level]:
+        elif (self.level in self.DOWN and not saturated and utilization is not None
+              and utilization <= self.DOWN[self.level]):
             direction = -1
         if direction == 0 or direction != self._direction:
             self._direction = direction

@@ -1,6 +1,7 @@
-"""`llm-sidecar scaler`: each tick, read the global traffic view from Redis, decide each
-pool's replica count with the predictive policy, apply it through Nomad, and publish the
-load level the sidecars use for new sessions.
+"""`llm-sidecar scaler`: each tick, read the global traffic view and the pods' load from
+Redis, decide each pool's replica count with the predictive policy, apply it through Nomad
+(or only publish it as a metric for the stock Nomad Autoscaler), and publish the load level
+the sidecars use for new sessions.
 
 Safe to run twice: only the holder of a Redis lock (with expiry) acts; the other keeps
 trying and takes over within a lock lifetime if the leader dies. The first decision comes
@@ -19,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiohttp import web
 from redis.exceptions import RedisError
 
 from sidecar.scaler.config import ScaledPool, ScalerSettings
@@ -26,11 +28,13 @@ from sidecar.scaler.nomad import DeploymentActive, GroupStatus, NomadClient, Nom
 from sidecar.scaler.policy import Bounds, LoadLevelPolicy, Observation, PredictivePolicy
 from sidecar.store import LEVEL_CHANNEL, LEVEL_KEY
 from sidecar.telemetry import Telemetry
-from sidecar.traffic import BUCKET_S, PoolTraffic, read_traffic
+from sidecar.traffic import BUCKET_S, PoolLoad, PoolTraffic, read_pod_load, read_traffic
 
 log = logging.getLogger("sidecar.scaler")
 
 LEADER_KEY = "llmsc:scaler:leader"
+FORECAST_GAUGES = frozenset({"scaler_forecast_replicas", "scaler_forecast_ratio",
+                             "scaler_demand", "scaler_queued"})
 # Take the lock, or keep it if it is ours, in one round trip.
 ACQUIRE_OR_RENEW = """
 local holder = redis.call('GET', KEYS[1])
@@ -51,6 +55,7 @@ class PoolReport:
     pool: str
     demand_peak: float | None = None
     demand_mean: float | None = None
+    queued: float | None = None
     desired: int | None = None
     healthy: int | None = None
     decision: int | None = None
@@ -77,7 +82,8 @@ class Scaler:
         started = time.time() if now is None else now
         self.policies = {
             name: PredictivePolicy(Bounds(p.minimum, p.maximum, p.cold_start_s),
-                                   burst_margin=settings.burst_margin, started_at=started)
+                                   quantile=settings.burst_quantile,
+                                   headroom=settings.headroom, started_at=started)
             for name, p in settings.pools.items()}
         self.levels = LoadLevelPolicy()
         self.published_level: str | None = None
@@ -99,17 +105,23 @@ class Scaler:
         self.ticks += 1
         try:
             if not await self.is_leader():
+                self._unpublish()
                 return TickReport(leader=False)
             view = await read_traffic(self.redis, self.settings.pools, now, self.buckets)
+            loads = await read_pod_load(self.redis, self.settings.pools, now)
         except (RedisError, OSError) as exc:
             log.warning("redis unavailable (%s): holding every pool this tick", exc)
+            self._unpublish()
             return TickReport(leader=False)
         report = TickReport(leader=True)
         demand_total = 0.0
         ready_total = 0
         complete = True
+        running = sum(load.running for load in loads.values())
+        waiting = sum(load.waiting for load in loads.values())
+        reporting = sum(load.pods for load in loads.values())
         for name, pool in self.settings.pools.items():
-            item = await self._decide(name, pool, view[name], now)
+            item = await self._decide(name, pool, view[name], loads[name], now)
             report.pools.append(item)
             if item.demand_mean is None or item.healthy is None:
                 complete = False
@@ -119,17 +131,38 @@ class Scaler:
         utilization = demand_total / ready_total if complete and ready_total else None
         if complete and ready_total == 0 and demand_total > 0:
             utilization = math.inf
-        report.level = await self._publish_level(self.levels.decide(utilization))
+        fleet_queued = waiting / max(running, 1) if reporting else None
+        report.level = await self._publish_level(self.levels.decide(utilization, fleet_queued))
         return report
 
-    async def _decide(self, name: str, pool: ScaledPool, traffic: PoolTraffic, now: float
-                      ) -> PoolReport:
+    def _unpublish(self, pool: str | None = None) -> None:
+        """A scaler that does not lead (or cannot read a pool) publishes no forecast for it:
+        the stock autoscaler then sees no value rather than a stale one."""
+        for key in [k for k in self.events.gauges
+                    if k[0] in FORECAST_GAUGES and (pool is None or k[1] == (pool,))]:
+            del self.events.gauges[key]
+
+    def _publish(self, name: str, report: PoolReport, desired: int) -> None:
+        tags = (name,)
+        if report.decision is not None:
+            self.events.gauge("scaler_forecast_replicas", tags, report.decision)
+            # Against at least 1: the target-value strategy multiplies the current count.
+            self.events.gauge("scaler_forecast_ratio", tags,
+                              round(report.decision / max(desired, 1), 4))
+        if report.demand_mean is not None:
+            self.events.gauge("scaler_demand", tags, round(report.demand_mean, 4))
+        if report.queued is not None:
+            self.events.gauge("scaler_queued", tags, round(report.queued, 4))
+
+    async def _decide(self, name: str, pool: ScaledPool, traffic: PoolTraffic, load: PoolLoad,
+                      now: float) -> PoolReport:
         report = PoolReport(name)
         try:
             status: GroupStatus = await self.nomad.scale_status(pool.job, pool.group)
         except (NomadError, OSError, TimeoutError) as exc:
             report.reason = f"cannot read Nomad: {exc}"
             log.error("pool %s: %s; holding", name, report.reason)
+            self._unpublish(name)
             return report
         report.desired, report.healthy = status.desired, status.healthy
         if status.healthy == 0 and name not in self._without_capacity:
@@ -143,14 +176,16 @@ class Scaler:
             rates = [r / pool.replica_tokens_per_s for r in traffic.tokens_per_s]
             report.demand_peak = max(rates)
             report.demand_mean = sum(rates) / len(rates)
+        report.queued = load.queued
         obs = Observation(now=now, demand_peak=report.demand_peak,
                           demand_mean=report.demand_mean,
                           utilization=(report.demand_mean / status.healthy
                                        if report.demand_mean is not None and status.healthy
                                        else None),
-                          current=status.desired, ready=status.healthy)
+                          current=status.desired, ready=status.healthy, queued=load.queued)
         decision = self.policies[name].decide(obs)
         report.decision, report.reason = decision.count, decision.reason
+        self._publish(name, report, status.desired)
         if decision.count == status.desired:
             return report
         if decision.count < status.desired and \
@@ -205,14 +240,34 @@ class Scaler:
                 report = await self.tick()
                 if report.leader:
                     for item in report.pools:
-                        log.info("pool %s: demand %s replicas, desired %s, healthy %s → %s "
-                                 "(%s) %s", item.pool, _fmt(item.demand_mean), item.desired,
-                                 item.healthy, item.decision, item.action, item.reason)
+                        log.info("pool %s: demand %s replicas, queued %s, desired %s, "
+                                 "healthy %s → %s (%s) %s", item.pool, _fmt(item.demand_mean),
+                                 _fmt(item.queued), item.desired, item.healthy, item.decision,
+                                 item.action, item.reason)
             except Exception:
                 log.exception("scaler tick failed")
             wait = max(0.0, self.settings.interval_s - (time.monotonic() - started))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), wait)
+
+
+async def serve_metrics(telemetry: Telemetry, host: str, port: int) -> web.AppRunner:
+    """GET /metrics (Prometheus text) and GET /health on `host:port`; the caller cleans up
+    the returned runner."""
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text=telemetry.prometheus(), content_type="text/plain",
+                            charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
 
 
 def _fmt(value: float | None) -> str:

@@ -1,39 +1,42 @@
 """`llm-sidecar simulate`: replay a request trace through the scaling policies with modelled
-cold starts, and compare them.
+cold starts, and compare them with each other and with the clairvoyant schedule.
 
 The model (defaults; every one is a flag):
 - a replica serves `slots` (8) requests at once; a request holds one slot for
   ContextTokens / 4000 + GeneratedTokens / 40 seconds;
 - a replica asked for is ready after the pool's cold start (600 s); scaling down is
   immediate;
-- both policies start in steady state with the replicas the trace's first cold-start window
-  needs at 70 % slot utilization, and neither scales down before a full cold-start window;
+- every policy starts in steady state with the replicas the trace's first cold-start window
+  needs at 70 % slot utilization, and none scales down before a full cold-start window;
 - a request finds no warm capacity when every slot of every ready replica is busy when it
   arrives; it then queues (first come, first served) and its wait is its queueing delay;
+  the goal counts those arriving after the first cold-start window, since before it ends
+  no decision can have produced a ready replica;
 - replica-minutes count every replica asked for, ready or still starting (it holds a GPU).
-The policies are the same objects the scaler runs (policy.py); the simulator only feeds them
-observations once per evaluation interval.
+The policies are the same objects the scaler runs (policy.py); the simulator feeds them,
+once per evaluation interval, the work offered (the concurrency the arrivals need if
+served at once, as the scaler's token rate measures it) and the pods' queue (saturation).
 """
 
 from __future__ import annotations
 
-import csv
 import heapq
 import math
-import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from sidecar.scaler.policy import (
     Bounds,
-    Decision,
     Observation,
     PredictivePolicy,
     TargetValuePolicy,
 )
+from sidecar.scaler.traces import read_trace, shape
+
+__all__ = ["Call", "Model", "Result", "calls", "clairvoyant", "compare", "read_trace", "run",
+           "shape", "table"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,47 +55,6 @@ class Model:
 class Call:
     arrival: float  # seconds from the start of the trace
     hold_s: float
-
-
-def read_trace(path: str) -> list[tuple[float, int, int]]:
-    """(seconds since the first request, context tokens, generated tokens), in order."""
-    rows: list[tuple[datetime, int, int]] = []
-    with open(path, newline="", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            stamp = row["TIMESTAMP"].strip()
-            # The Azure trace has 7 fractional digits; datetime takes at most 6.
-            if "." in stamp:
-                head, frac = stamp.split(".", 1)
-                stamp = f"{head}.{frac[:6]}"
-            rows.append((datetime.fromisoformat(stamp), int(row["ContextTokens"]),
-                         int(row["GeneratedTokens"])))
-    if not rows:
-        raise ValueError(f"{path}: no requests")
-    rows.sort(key=lambda r: r[0])
-    start = rows[0][0]
-    return [((t - start).total_seconds(), c, g) for t, c, g in rows]
-
-
-def shape(trace: Sequence[tuple[float, int, int]], *, speed: float = 1.0, repeat: int = 1,
-          diurnal: bool = False, seed: int = 0) -> list[tuple[float, int, int]]:
-    """Compress or stretch time, repeat the trace back to back, and optionally thin it to a
-    day-shaped load (a smooth daily curve between 30 % and 100 % of the trace's rate, with a
-    morning ramp and an afternoon peak). Deterministic for a seed."""
-    span = max(t for t, _, _ in trace) + 1.0
-    rng = random.Random(seed)
-    out = []
-    copies = 24 if diurnal and repeat == 1 else repeat
-    total = span * copies
-    for copy in range(copies):
-        for t, c, g in trace:
-            at = copy * span + t
-            if diurnal:
-                phase = at / total  # 0..1 over the day
-                keep = 0.65 - 0.35 * math.cos(2 * math.pi * (phase - 0.125))
-                if rng.random() > keep:
-                    continue
-            out.append((at / speed, c, g))
-    return out
 
 
 def calls(trace: Sequence[tuple[float, int, int]], model: Model) -> list[Call]:
@@ -116,13 +78,21 @@ class Result:
     # Those after the first cold-start window: before it ends no policy's decision can have
     # produced a ready replica, so the initial fleet alone decides the first window.
     no_warm_capacity_after_first_window: int
+    requests_after_first_window: int
     p95_queue_delay_s: float
     max_queue_delay_s: float
     mean_utilization: float
     peak_utilization: float
     replica_minutes: float
     scale_actions: int
+    peak_replicas: int = 0
     timeline: list[tuple[float, float, int, int]] = field(default_factory=list, repr=False)
+
+    @property
+    def late_share(self) -> float:
+        """Share of requests after the first cold-start window without warm capacity."""
+        return self.no_warm_capacity_after_first_window / max(self.requests_after_first_window,
+                                                              1)
 
     def row(self) -> dict[str, Any]:
         return {"policy": self.policy, "requests": self.requests,
@@ -131,11 +101,13 @@ class Result:
                                                 / max(self.requests, 1), 5),
                 "no_warm_capacity_after_first_window":
                     self.no_warm_capacity_after_first_window,
+                "no_warm_capacity_share_after_first_window": round(self.late_share, 5),
                 "p95_queue_delay_s": round(self.p95_queue_delay_s, 3),
                 "max_queue_delay_s": round(self.max_queue_delay_s, 3),
                 "mean_utilization": round(self.mean_utilization, 4),
                 "peak_utilization": round(self.peak_utilization, 4),
                 "replica_minutes": round(self.replica_minutes, 1),
+                "peak_replicas": self.peak_replicas,
                 "scale_actions": self.scale_actions}
 
 
@@ -163,10 +135,13 @@ class _Fleet:
             self.waits.append(at - call.arrival)
             heapq.heappush(self.in_service, at + call.hold_s)
 
+    def has_room(self, at: float) -> bool:
+        self.advance(at)
+        return len(self.in_service) < self.capacity and not self.waiting
+
     def arrive(self, call: Call) -> bool:
         """False when every slot is busy (no warm capacity): the call waits."""
-        self.advance(call.arrival)
-        if len(self.in_service) < self.capacity and not self.waiting:
+        if self.has_room(call.arrival):
             self.waits.append(0.0)
             heapq.heappush(self.in_service, call.arrival + call.hold_s)
             return True
@@ -178,25 +153,118 @@ class _Fleet:
         self.capacity = capacity
         self._start_waiting(at)
 
+    def drain(self) -> None:
+        while self.in_service:
+            self.advance(self.in_service[0])
+
+
+class PoolSim:
+    """One pool in the simulator: its fleet, the replicas starting, the policy deciding its
+    count, the offered work it saw since the last decision, and what it cost."""
+
+    def __init__(self, name: str, policy: Any, model: Model, initial: int) -> None:
+        self.name = name
+        self.policy = policy
+        self.model = model
+        self.ready = initial
+        self.starting: deque[float] = deque()     # ready-at times of replicas starting
+        self.fleet = _Fleet(initial * model.slots)
+        self.offered: list[float] = []            # end times if served at once (heap)
+        self.tick_peak = 0.0
+        self.tick_offered: list[float] = []
+        self.tick_busy: list[float] = []
+        self.tick_queued: list[float] = []
+        self.no_warm = 0
+        self.no_warm_late = 0
+        self.late = 0
+        self.served = 0
+        self.util_sum = 0.0
+        self.util_peak = 0.0
+        self.samples = 0
+        self.replica_seconds = 0.0
+        self.peak_replicas = initial
+        self.actions = 0
+        self.timeline: list[tuple[float, float, int, int]] = []
+
+    def offer(self, call: Call) -> None:
+        """Count `call` as work offered to this pool (whoever ends up serving it)."""
+        while self.offered and self.offered[0] <= call.arrival:
+            heapq.heappop(self.offered)
+        heapq.heappush(self.offered, call.arrival + call.hold_s)
+        self.tick_peak = max(self.tick_peak, len(self.offered) / self.model.slots)
+
+    def serve(self, call: Call) -> None:
+        self.served += 1
+        late = call.arrival >= self.model.cold_start_s
+        self.late += late
+        if not self.fleet.arrive(call):
+            self.no_warm += 1
+            self.no_warm_late += late
+
+    def second(self, end: float) -> None:
+        while self.starting and self.starting[0] <= end:
+            self.ready += 1
+            self.fleet.resize(self.ready * self.model.slots, self.starting.popleft())
+        self.fleet.advance(end)
+        while self.offered and self.offered[0] <= end:
+            heapq.heappop(self.offered)
+        capacity = self.ready * self.model.slots
+        busy = len(self.fleet.in_service)
+        utilization = min(1.0, busy / capacity) if capacity else 1.0
+        self.util_sum += utilization
+        self.util_peak = max(self.util_peak, utilization)
+        self.samples += 1
+        self.replica_seconds += self.ready + len(self.starting)
+        self.tick_offered.append(len(self.offered) / self.model.slots)
+        self.tick_busy.append(utilization)
+        self.tick_queued.append(len(self.fleet.waiting) / max(busy, 1))
+
+    def decide(self, end: float) -> None:
+        current = self.ready + len(self.starting)
+        n = len(self.tick_offered)
+        peak = max(self.tick_peak, *self.tick_offered) if n else self.tick_peak
+        obs = Observation(now=end, demand_peak=peak, demand_mean=sum(self.tick_offered) / n,
+                          utilization=sum(self.tick_busy) / n, current=current,
+                          ready=self.ready, queued=sum(self.tick_queued) / n)
+        count = self.policy.decide(obs).count
+        if count != current:
+            self.actions += 1
+            if count > current:
+                self.starting.extend([end + self.model.cold_start_s] * (count - current))
+            else:
+                drop = current - count
+                while drop and self.starting:
+                    self.starting.pop()  # cancel the newest starts first
+                    drop -= 1
+                self.ready -= drop
+                self.fleet.resize(self.ready * self.model.slots, end)
+        self.peak_replicas = max(self.peak_replicas, count)
+        self.timeline.append((end, peak, self.ready, self.ready + len(self.starting)))
+        self.tick_peak = 0.0
+        self.tick_offered.clear()
+        self.tick_busy.clear()
+        self.tick_queued.clear()
+
+    def result(self, requests: int | None = None) -> Result:
+        self.fleet.drain()
+        waits = sorted(self.fleet.waits)
+        p95 = waits[min(len(waits) - 1, math.ceil(0.95 * len(waits)) - 1)] if waits else 0.0
+        return Result(policy=self.policy.name, requests=self.served if requests is None
+                      else requests, no_warm_capacity_requests=self.no_warm,
+                      no_warm_capacity_after_first_window=self.no_warm_late,
+                      requests_after_first_window=self.late, p95_queue_delay_s=p95,
+                      max_queue_delay_s=waits[-1] if waits else 0.0,
+                      mean_utilization=self.util_sum / max(self.samples, 1),
+                      peak_utilization=self.util_peak,
+                      replica_minutes=self.replica_seconds / 60.0, scale_actions=self.actions,
+                      peak_replicas=self.peak_replicas, timeline=self.timeline)
+
 
 def run(work: Sequence[Call], make_policy: PolicyFactory, model: Model) -> Result:
     """Replay `work` against one policy; state is sampled every second and the policy is
     asked every `interval_s`."""
     bounds = Bounds(model.minimum, model.maximum, model.cold_start_s)
-    policy = make_policy(bounds)
-    ready = initial_replicas(work, model)
-    starting: deque[float] = deque()    # ready-at times of replicas still starting
-    fleet = _Fleet(ready * model.slots)
-    no_warm = 0
-    no_warm_late = 0
-    util_sum = 0.0
-    util_peak = 0.0
-    samples = 0
-    replica_seconds = 0.0
-    actions = 0
-    tick_demand: list[float] = []
-    tick_busy: list[float] = []
-    timeline: list[tuple[float, float, int, int]] = []
+    pool = PoolSim("pool", make_policy(bounds), model, initial_replicas(work, model))
     horizon = (work[-1].arrival if work else 0.0) + 1.0
     interval = max(1, round(model.interval_s))
     index = 0
@@ -204,58 +272,63 @@ def run(work: Sequence[Call], make_policy: PolicyFactory, model: Model) -> Resul
     while second < horizon:
         end = second + 1.0
         while index < len(work) and work[index].arrival < end:
-            if not fleet.arrive(work[index]):
-                no_warm += 1
-                no_warm_late += work[index].arrival >= model.cold_start_s
+            pool.offer(work[index])
+            pool.serve(work[index])
             index += 1
-        while starting and starting[0] <= end:
-            ready += 1
-            fleet.resize(ready * model.slots, starting.popleft())
-        fleet.advance(end)
-        capacity = ready * model.slots
-        busy = len(fleet.in_service)
-        utilization = min(1.0, busy / capacity) if capacity else 1.0
-        util_sum += utilization
-        util_peak = max(util_peak, utilization)
-        samples += 1
-        replica_seconds += ready + len(starting)
-        tick_demand.append((busy + len(fleet.waiting)) / model.slots)
-        tick_busy.append(utilization)
+        pool.second(end)
         second += 1
-        if second % interval:
-            continue
-        current = ready + len(starting)
-        obs = Observation(now=end, demand_peak=max(tick_demand),
-                          demand_mean=sum(tick_demand) / len(tick_demand),
-                          utilization=sum(tick_busy) / len(tick_busy),
-                          current=current, ready=ready)
-        decision: Decision = policy.decide(obs)
-        if decision.count != current:
-            actions += 1
-            if decision.count > current:
-                starting.extend([end + model.cold_start_s] * (decision.count - current))
-            else:
-                drop = current - decision.count
-                for _ in range(min(drop, len(starting))):
-                    starting.pop()  # cancel the newest starts first
-                    drop -= 1
-                ready -= drop
-                fleet.resize(ready * model.slots, end)
-        timeline.append((end, obs.demand_peak or 0.0, ready, ready + len(starting)))
-        tick_demand.clear()
-        tick_busy.clear()
-    while fleet.waiting or fleet.in_service:  # let every call finish
-        if not fleet.in_service and fleet.capacity == 0:
+        if second % interval == 0:
+            pool.decide(end)
+    return pool.result()
+
+
+def clairvoyant(work: Sequence[Call], model: Model, horizon: float | None = None) -> float:
+    """Replica-minutes of the cheapest schedule that, knowing the future, always has
+    ceil(concurrency / slots) replicas ready (at least `minimum`, and at least one), so
+    nothing waits. Replica k is needed wherever that count is ≥ k; through a gap shorter
+    than the cold start it is kept (a gap costs its length), otherwise released and asked
+    for again one cold start ahead (a gap costs one cold start); a replica first needed
+    within one cold start of t=0 was asked for before the window opened and counts from 0.
+    """
+    if horizon is None:
+        horizon = (work[-1].arrival if work else 0.0) + 1.0
+    floor = max(1, model.minimum)
+    events = sorted([(c.arrival, 1) for c in work] + [(c.arrival + c.hold_s, -1) for c in work])
+    # A slot freed at t serves a call arriving at t: ends sort first at equal times.
+    concurrency = 0
+    level = floor
+    since: dict[int, float] = {}                  # level → start of the current need
+    last_end: dict[int, float] = {}               # level → end of its previous need
+    cost = horizon * floor
+    cold = model.cold_start_s
+
+    def begin(k: int, at: float) -> None:
+        nonlocal cost
+        if k in last_end:
+            cost += min(at - last_end[k], cold)
+        else:
+            cost += min(at, cold)
+        since[k] = at
+
+    def finish(k: int, at: float) -> None:
+        nonlocal cost
+        cost += at - since.pop(k)
+        last_end[k] = at
+
+    for at, delta in events:
+        if at >= horizon:
             break
-        fleet.advance(fleet.in_service[0])
-    waits = sorted(fleet.waits)
-    p95 = waits[min(len(waits) - 1, math.ceil(0.95 * len(waits)) - 1)] if waits else 0.0
-    return Result(policy=policy.name, requests=len(work), no_warm_capacity_requests=no_warm,
-                  no_warm_capacity_after_first_window=no_warm_late, p95_queue_delay_s=p95,
-                  max_queue_delay_s=waits[-1] if waits else 0.0,
-                  mean_utilization=util_sum / max(samples, 1), peak_utilization=util_peak,
-                  replica_minutes=replica_seconds / 60.0, scale_actions=actions,
-                  timeline=timeline)
+        concurrency += delta
+        need = max(floor, math.ceil(concurrency / model.slots))
+        while need > level:
+            level += 1
+            begin(level, at)
+        while need < level:
+            finish(level, at)
+            level -= 1
+    for k in list(since):
+        finish(k, horizon)
+    return cost / 60.0
 
 
 def baseline(bounds: Bounds) -> TargetValuePolicy:
@@ -273,41 +346,41 @@ def compare(work: Sequence[Call], model: Model) -> list[Result]:
     return [run(work, factory, model) for factory in POLICIES.values()]
 
 
-def table(results: Sequence[Result]) -> str:
+def table(results: Sequence[Result], clairvoyant_minutes: float | None = None) -> str:
     lines = ["| policy | requests | no warm capacity | share | after the first cold-start "
-             "window | p95 queue delay (s) | max queue delay (s) | mean util | peak util | "
-             "replica-minutes | scale actions |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "window | share after | p95 queue delay (s) | max queue delay (s) | mean util | "
+             "peak util | peak replicas | replica-minutes | × clairvoyant | scale actions |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    if clairvoyant_minutes is not None:
+        lines.append(f"| clairvoyant | | 0 | 0.00% | 0 | 0.00% | 0.00 | 0.0 | | | | "
+                     f"{clairvoyant_minutes:.0f} | 1.00 | |")
     for r in results:
         row = r.row()
+        ratio = (f"{r.replica_minutes / clairvoyant_minutes:.2f}" if clairvoyant_minutes
+                 else "")
         lines.append(f"| {r.policy} | {r.requests} | {r.no_warm_capacity_requests} | "
                      f"{row['no_warm_capacity_share']:.2%} | "
-                     f"{r.no_warm_capacity_after_first_window} | {r.p95_queue_delay_s:.2f} | "
-                     f"{r.max_queue_delay_s:.1f} | {r.mean_utilization:.2f} | "
-                     f"{r.peak_utilization:.2f} | {r.replica_minutes:.0f} | {r.scale_actions} |")
+                     f"{r.no_warm_capacity_after_first_window} | {r.late_share:.2%} | "
+                     f"{r.p95_queue_delay_s:.2f} | {r.max_queue_delay_s:.1f} | "
+                     f"{r.mean_utilization:.2f} | {r.peak_utilization:.2f} | {r.peak_replicas} | "
+                     f"{r.replica_minutes:.0f} | {ratio} | {r.scale_actions} |")
     return "\n".join(lines)
 
 
 def plot(results: Sequence[Result], path: str, title: str) -> None:
-    try:
-        import matplotlib
-    except ImportError as exc:  # pragma: no cover - matplotlib is in the dev extra
-        raise SystemExit("--plot needs matplotlib: pip install 'llm-sidecar[plot]'") from exc
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(len(results), 1, figsize=(11, 3.2 * len(results)), sharex=True,
                              squeeze=False)
     for ax, result in zip(axes[:, 0], results, strict=True):
         hours = [t / 3600 for t, _, _, _ in result.timeline]
         ax.plot(hours, [d for _, d, _, _ in result.timeline], lw=0.8, color="tab:gray",
-                label="demand (replicas' worth in flight, peak per interval)")
+                label="work offered (replicas' worth, peak per interval)")
         ax.step(hours, [r for _, _, r, _ in result.timeline], where="post", color="tab:green",
                 label="ready replicas")
         ax.step(hours, [q for _, _, _, q in result.timeline], where="post", color="tab:blue",
                 ls="--", label="requested replicas")
-        ax.set_title(f"{result.policy}: {result.no_warm_capacity_requests} of "
-                     f"{result.requests} requests without warm capacity, "
+        ax.set_title(f"{result.policy}: {result.late_share:.2%} of requests after the first "
+                     f"cold-start window without warm capacity, "
                      f"{result.replica_minutes:.0f} replica-minutes", fontsize=10)
         ax.set_ylabel("replicas")
         ax.grid(alpha=0.3)
@@ -317,3 +390,14 @@ def plot(results: Sequence[Result], path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError as exc:  # pragma: no cover - matplotlib is in the dev extra
+        raise SystemExit("--plot needs matplotlib: pip install 'llm-sidecar[plot]'") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

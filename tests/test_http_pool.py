@@ -1,0 +1,151 @@
+"""Upstream keep-alive, observed from the upstream's side of the socket: connections are
+reused, never after an answer that did not end cleanly or that said close, a connection lost
+as it was reused is retried once on a fresh one, and idle ones are closed before 5 s."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from tests.raw_http import Message, echo_target, error_of, get, post, response
+from tests.raw_peers import Client, Conn, always, exchange, proxied, upstream_factory
+
+
+@pytest.fixture
+async def upstreams():
+    async with upstream_factory() as make:
+        yield make
+
+
+def first_conn_says(reply: bytes):
+    """Connection 1 answers its first request with `reply`, and anything after that with a
+    500 (a reuse the sidecar should not have made); later connections echo the target."""
+
+    async def respond(conn: Conn, request: Message) -> bool:
+        if conn.number > 1:
+            await conn.send(echo_target(request))
+        elif len(conn.requests) == 1:
+            await conn.send(reply)
+        else:
+            await conn.send(response(b"reused after it should not be", b"500 Reused"))
+        return True
+
+    return respond
+
+
+async def test_sequential_calls_reuse_one_upstream_connection(sidecar, upstreams):
+    running, upstream = await proxied(sidecar, upstreams, always(echo_target))
+    for i in range(10):  # a fresh client connection (and session) each time
+        answer = await exchange(running.port, get(b"/call-%d" % i))
+        assert answer.status == 200 and answer.body == b"/call-%d" % i
+    assert len(upstream.conns) == 1 and len(upstream.requests) == 10
+
+
+async def test_concurrent_calls_open_connections_that_are_then_reused(sidecar, upstreams):
+    async def slow(conn: Conn, request: Message) -> bool:
+        await asyncio.sleep(0.2)  # keep all four in flight together
+        await conn.send(echo_target(request))
+        return True
+
+    running, upstream = await proxied(sidecar, upstreams, slow)
+    for _ in range(2):
+        answers = await asyncio.gather(*(exchange(running.port, get(b"/c%d" % i))
+                                         for i in range(4)))
+        assert [a.body for a in answers] == [b"/c%d" % i for i in range(4)]
+    assert len(upstream.conns) == 4 and len(upstream.requests) == 8
+
+
+@pytest.mark.parametrize("reply", [
+    b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+], ids=["connection-close", "http-1.0"])
+async def test_a_connection_that_said_close_is_not_reused(sidecar, upstreams, reply):
+    # The upstream keeps the socket open anyway: only the sidecar's reading of the answer
+    # keeps it from sending the next request there.
+    running, upstream = await proxied(sidecar, upstreams, first_conn_says(reply))
+    assert (await exchange(running.port, get(b"/first"))).body == b"ok"
+    assert (await exchange(running.port, get(b"/second"))).body == b"/second"
+    assert len(upstream.conns) == 2 and len(upstream.conns[0].requests) == 1
+    await asyncio.wait_for(upstream.conns[0].closed_by_peer.wait(), 2)
+
+
+async def test_a_connection_whose_answer_the_app_abandoned_is_not_reused(sidecar, upstreams):
+    # The app hangs up mid-answer: the rest of that answer would still arrive on the
+    # upstream connection, ahead of whatever answer is read from it next.
+    partial = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked"
+               b"\r\n\r\n5\r\nfirst\r\n")
+    running, upstream = await proxied(sidecar, upstreams, first_conn_says(partial))
+    client = await Client.open(running.port)
+    await client.send(get(b"/first"))
+    await asyncio.wait_for(client.wire.until(b"first"), 5)
+    client.close()
+    await asyncio.wait_for(upstream.conns[0].closed_by_peer.wait(), 2)
+    assert (await exchange(running.port, get(b"/second"))).body == b"/second"
+    assert len(upstream.conns) == 2 and len(upstream.conns[0].requests) == 1
+
+
+async def test_a_connection_whose_answer_timed_out_is_not_reused(sidecar, upstreams):
+    async def late(conn: Conn, request: Message) -> bool:
+        if request.target == b"/slow":
+            await asyncio.sleep(0.6)  # past the first-byte budget: the answer goes stale
+            await conn.send(response(b"stale answer of /slow"))
+        else:
+            await conn.send(echo_target(request))
+        return True
+
+    running, upstream = await proxied(sidecar, upstreams, late, SIDECAR_MAX_ATTEMPTS="1",
+                                      SIDECAR_FIRST_BYTE_TIMEOUT_S="0.3")
+    timed_out = await exchange(running.port, get(b"/slow"))
+    assert timed_out.status >= 500
+    assert error_of(timed_out)["tried"][0]["outcome"] == "first_byte_timeout"
+    await asyncio.sleep(0.5)  # the stale answer has been written by now
+    assert (await exchange(running.port, get(b"/fresh"))).body == b"/fresh"
+    assert [r.target for r in upstream.conns[0].requests] == [b"/slow"]
+
+
+def call(method: bytes, target: bytes) -> bytes:
+    return post(target) if method == b"POST" else get(target)
+
+
+@pytest.mark.parametrize("method", [b"GET", b"POST"])
+async def test_a_connection_lost_as_it_is_reused_is_retried_once_on_a_fresh_one(
+        sidecar, upstreams, method):
+    async def closes_when_reused(conn: Conn, request: Message) -> bool:
+        if conn.number == 1 and len(conn.requests) == 2:
+            return False  # the server had just timed the connection out: no answer
+        await conn.send(echo_target(request))
+        return True
+
+    running, upstream = await proxied(sidecar, upstreams, closes_when_reused)
+    assert (await exchange(running.port, call(method, b"/first"), method)).body == b"/first"
+    answer = await exchange(running.port, call(method, b"/second"), method)
+    assert answer.status == 200 and answer.body == b"/second"
+    assert [[r.target for r in c.requests] for c in upstream.conns] == \
+        [[b"/first", b"/second"], [b"/second"]]
+
+
+@pytest.mark.parametrize("method", [b"GET", b"POST"])
+async def test_a_request_lost_on_fresh_connections_is_sent_at_most_twice(sidecar, upstreams,
+                                                                        method):
+    # Each copy may have started a generation upstream: one retry, then a clear error.
+    async def never_answers(conn: Conn, request: Message) -> bool:
+        return False
+
+    running, upstream = await proxied(sidecar, upstreams, never_answers)
+    answer = await exchange(running.port, call(method, b"/lost"), method)
+    assert answer.status >= 500 and error_of(answer)["code"]
+    assert len(upstream.requests) <= 2, f"sent {len(upstream.requests)} times"
+
+
+async def test_idle_upstream_connections_are_closed_before_5_s(sidecar, upstreams):
+    # Model servers (uvicorn, vLLM) close idle keep-alive connections at 5 s: reusing one
+    # at that instant races their close, so the sidecar must close first.
+    running, upstream = await proxied(sidecar, upstreams, always(echo_target))
+    assert (await exchange(running.port, get())).status == 200
+    answered = time.monotonic()
+    await asyncio.wait_for(upstream.conns[0].closed_by_peer.wait(), 6)
+    idle = time.monotonic() - answered
+    assert idle < 5.0, f"the idle connection was kept {idle:.1f} s"
+    assert idle > 0.5, "closed at once: keep-alive is not kept at all"
