@@ -2,11 +2,12 @@
 waiting queue, a KV cache of `kv_cache_tokens` shared by the cached prompt prefixes (least
 recently used leave first), and the vLLM-named `/metrics` page that reports all of it.
 
-Metric names, types and meanings follow vLLM's V1 engine (`vllm/v1/metrics/loggers.py`,
-docs "Production Metrics", v0.10 – v0.11): gauges `vllm:num_requests_running`,
-`vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc` (a fraction 0–1 despite its name)
-and the pre-V1 name of the same gauge `vllm:gpu_cache_usage_perc`; counters (exposed with
-`_total`) `vllm:prefix_cache_queries` / `vllm:prefix_cache_hits` in prompt tokens,
+Metric names, types and meanings follow vLLM's V1 engine as its `vllm/v1/metrics/loggers.py`
+and the stable docs' "Production Metrics" page define them: gauges
+`vllm:num_requests_running`, `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc` (a
+fraction 0–1 despite its name) and the V0 engine's name of the same gauge,
+`vllm:gpu_cache_usage_perc` (docs up to v0.8.x); counters (exposed with `_total`)
+`vllm:prefix_cache_queries` / `vllm:prefix_cache_hits` in prompt tokens,
 `vllm:prompt_tokens`, `vllm:generation_tokens` and `vllm:request_success`.
 """
 
