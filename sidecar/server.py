@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -343,6 +344,10 @@ async def serve(settings: Settings) -> int:
         log.error("cannot listen: %s (is another process using the port? set "
                   "SIDECAR_LISTEN / SIDECAR_ADMIN_LISTEN)", exc)
         return 1
+    # Everything start-up made lives as long as the process: out of the collector's sight,
+    # a full collection under load no longer walks it (fewer multi-millisecond pauses).
+    gc.collect()
+    gc.freeze()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

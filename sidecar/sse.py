@@ -32,6 +32,26 @@ def split_frames(buffer: bytes) -> tuple[list[bytes], bytes]:
         start = stop
 
 
+def frame_end(buffer: bytes, start: int = 0) -> int:
+    """Where the frame beginning at `start` ends (after its blank line), or -1."""
+    end = buffer.find(b"\n\n", start)
+    end_crlf = buffer.find(b"\r\n\r\n", start)
+    if end_crlf != -1 and (end == -1 or end_crlf < end):
+        return end_crlf + 4
+    return end + 2 if end != -1 else -1
+
+
+def first_content(buffer: bytes, start: int = 0) -> tuple[int, int]:
+    """Where the first frame that carries something starts, scanning complete frames from
+    `start` (-1: none yet), and where the scan stopped. Frames after it are not even
+    split: the whole point is to stop at the first content."""
+    while (end := frame_end(buffer, start)) != -1:
+        if not is_preamble(buffer[start:end]):
+            return start, end
+        start = end
+    return -1, start
+
+
 def is_preamble(frame: bytes) -> bool:
     """True for a frame that carries nothing generated: comments, role-only deltas."""
     data = []

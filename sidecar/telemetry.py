@@ -104,8 +104,8 @@ CATALOG: tuple[Metric, ...] = (
            "stream's first content event.", "ms"),
     Metric("inter_token", "distribution", "llm_sidecar.inter_token_latency",
            "llm_sidecar_inter_token_latency_seconds", ("pool", "model"),
-           "Inter-token latency: gaps between a stream's content events (events that "
-           "arrive together share their gap).", "ms"),
+           "Inter-token latency: a stream's mean gap between its content events (time "
+           "per output token), one sample per stream.", "ms"),
     Metric("tokens_per_second", "distribution", "llm_sidecar.tokens_per_second",
            "llm_sidecar_tokens_per_second", ("pool", "model"),
            "Completion tokens per second of a stream, from its first to its last content "

@@ -6,7 +6,7 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.sse import is_preamble, split_frames
+from sidecar.sse import first_content, is_preamble, split_frames
 
 
 def frame(event: object) -> bytes:
@@ -59,3 +59,17 @@ def test_split_frames_in_any_chunking_gives_the_same_frames(bodies, size):
         pieces.extend(frames)
     assert pieces == whole
     assert b"".join(pieces) == stream
+
+
+FRAMES = [b": keep-alive\n\n", b'data: {"choices":[{"delta":{"role":"assistant"}}]}\n\n',
+          b'data: {"choices":[{"delta":{"content":"hi"}}]}\r\n\r\n', b"data: [DONE]\n\n"]
+
+
+@given(st.lists(st.sampled_from(FRAMES), max_size=8))
+def test_first_content_agrees_with_splitting_every_frame(frames):
+    stream = b"".join(frames)
+    whole, _ = split_frames(stream)
+    at, _ = first_content(stream)
+    expected = next((sum(map(len, whole[:i])) for i, f in enumerate(whole)
+                     if not is_preamble(f)), -1)
+    assert at == expected

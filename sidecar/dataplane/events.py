@@ -80,11 +80,8 @@ class Events:
         self.counters.resumes += 1
         self.telemetry.count("resumes", ())
 
-    def content(self, pool: str, model: str, ttft: float | None, gap: float | None) -> None:
-        if ttft is not None:
-            self.telemetry.observe("ttft", (pool, model), ttft)
-        if gap is not None:
-            self.telemetry.observe("inter_token", (pool, model), gap)
+    def content(self, pool: str, model: str, ttft: float) -> None:
+        self.telemetry.observe("ttft", (pool, model), ttft)
 
     # -- the end of a request ------------------------------------------------------------
     def finished(self, method: bytes, target: bytes, status: int, pool: str, model: str,
@@ -112,10 +109,12 @@ class Events:
                 "duration_ms": round(elapsed * 1000, 3), **(fields or {})}})
 
     def tokens(self, pool: str, model: str, prompt: int, completion: int,
-               generation_s: float | None) -> None:
+               generation_s: float | None = None, inter_token_s: float | None = None) -> None:
         self.traffic.count(pool, prompt, completion)
         tags = (pool, model)
         self.telemetry.count("prompt_tokens", tags, prompt)
         self.telemetry.count("completion_tokens", tags, completion)
         if generation_s and completion > 1:
             self.telemetry.observe("tokens_per_second", tags, completion / generation_s)
+        if inter_token_s is not None:
+            self.telemetry.observe("inter_token", tags, inter_token_s)

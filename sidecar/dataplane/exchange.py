@@ -178,13 +178,13 @@ class Proxy:
                 down.send(reply.status, reply.reason, head, reply.length, answer.body)
                 usage = usage_in(answer.body) if answer.body else None
                 prompt, completion = usage or (len(payload) // 4, len(answer.body) // 4)
-                self.events.tokens(pool.name, pool.model, prompt, completion, None)
+                self.events.tokens(pool.name, pool.model, prompt, completion)
                 return reply.status, pool.name, pool.model
             relay = Relay(down, self.events, pool.name, pool.model, request.received_at, None)
             await self._relay(request, down, route, answer, relay, head, local)
             prompt, completion = relay.tokens(len(payload))
             self.events.tokens(pool.name, pool.model, prompt, completion,
-                               relay.generation_s())
+                               relay.generation_s(), relay.inter_token_s())
             return reply.status, pool.name, pool.model
 
     def _head(self, request: Request, route: Route, answer: Answer,
@@ -214,6 +214,9 @@ class Proxy:
             and request.method == b"POST" and request.target.split(b"?", 1)[0].endswith(
                 b"/chat/completions")) else None
         relay.transcript = transcript
+        # The head, what was held and (when the whole body is already here) the end leave
+        # in one write; later chunks go out as they arrive.
+        down.cork()
         down.start(reply.status, reply.reason, head,
                    reply.length if transcript is None else None)
         down.follow(reply)
@@ -224,7 +227,10 @@ class Proxy:
             while True:
                 if held:
                     relay.feed(held)
-                broke = await source.pipe(relay.feed)
+                ended = source.pipe(relay.feed)
+                if not ended.done():
+                    down.uncork()
+                broke = await ended
                 if broke is None:
                     relay.finish()
                     return
@@ -255,6 +261,7 @@ class Proxy:
                 self.router.served(route, pool, source_lease.endpoint, local=local,
                                    reason="resumed after a break mid-stream")
         finally:
+            down.uncork()
             down.follow(None)
             if source_lease is not answer.lease:
                 source_lease.close()

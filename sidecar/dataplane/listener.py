@@ -59,10 +59,10 @@ def status_line(status: int, reason: bytes = b"") -> bytes:
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = ("_begun_at", "_body", "_body_size", "_chunked", "_close_delimited", "_connection",
-                 "_expect", "_forward", "_head_bytes", "_headers", "_hosts", "_in_head", "_parser",
-                 "_queue", "_selector", "_session", "_te", "_unreadable", "_url", "_version",
-                 "closed", "connection_id", "deadline", "head_only", "keep_alive", "listener",
-                 "source", "started", "task", "transport")
+                 "_corked", "_expect", "_forward", "_head_bytes", "_headers", "_hosts", "_in_head",
+                 "_parser", "_queue", "_selector", "_session", "_te", "_unreadable", "_url",
+                 "_version", "closed", "connection_id", "deadline", "head_only", "keep_alive",
+                 "listener", "source", "started", "task", "transport")
 
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
@@ -311,6 +311,7 @@ class ClientConnection(asyncio.Protocol):
     def _response_reset(self, head_only: bool) -> None:
         self.head_only = head_only
         self.started = False
+        self._corked: list[bytes] | None = None
         self._chunked = False
         self._close_delimited = False
         self.keep_alive = True
@@ -347,21 +348,28 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         if self._chunked:
-            transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+            size = len(data)
+            if size < 16384:  # an SSE event: one small copy beats three buffers
+                self._out(b"%x\r\n%s\r\n" % (size, data))
+            else:
+                self._out(b"%x\r\n" % size)
+                self._out(data)
+                self._out(b"\r\n")
         else:
-            transport.write(data)
+            self._out(data)
 
     def end(self) -> None:
         if self.closed:
             return
         if self._chunked and not self.head_only:
-            assert self.transport is not None
-            self.transport.write(b"0\r\n\r\n")
-        elif self._close_delimited:
+            self._out(b"0\r\n\r\n")
+        self.uncork()
+        if self._close_delimited:
             self._close()
 
     def abort(self) -> None:
         self.keep_alive = False
+        self.uncork()
         self._close()
 
     def respond(self, status: int, body: bytes, headers: bytes = b"") -> None:
@@ -374,11 +382,32 @@ class ClientConnection(asyncio.Protocol):
     def _write_head(self, head: bytes, body: bytes) -> None:
         """One write (one syscall) for a head and, when it is whole, its body. Never an
         empty buffer: asyncio on 3.13 then never calls connection_lost after a close."""
-        assert self.transport is not None
-        if body and not self.head_only:
-            self.transport.writelines((head, body))
+        if not body or self.head_only:
+            self._out(head)
+        elif self._corked is not None:
+            self._corked += (head, body)
         else:
-            self.transport.write(head)
+            assert self.transport is not None
+            self.transport.writelines((head, body))
+
+    def _out(self, data: bytes) -> None:
+        if self._corked is not None:
+            self._corked.append(data)
+        else:
+            assert self.transport is not None
+            self.transport.write(data)
+
+    def cork(self) -> None:
+        if self._corked is None:
+            self._corked = []
+
+    def uncork(self) -> None:
+        corked, self._corked = self._corked, None
+        if corked and self.transport is not None and not self.closed:
+            if len(corked) == 1:
+                self.transport.write(corked[0])
+            else:
+                self.transport.writelines(corked)
 
     def follow(self, reply: Reply | None) -> None:
         self.source = reply

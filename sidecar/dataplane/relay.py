@@ -11,7 +11,7 @@ from sidecar.dataplane.events import Events
 from sidecar.dataplane.seam import Downstream
 from sidecar.errors import error_body
 from sidecar.resume import ContinuationFrames, Transcript
-from sidecar.sse import MAX_HELD_BYTES, is_preamble, split_frames
+from sidecar.sse import MAX_HELD_BYTES, first_content
 from sidecar.traffic import usage_in
 
 BROKEN_EVENT = b"data: " + error_body("the upstream broke mid-stream; the answer is incomplete",
@@ -23,44 +23,30 @@ class Preamble:
     when the stream is not SSE), at the end, or when too much preamble piled up. Whatever
     arrives after that is kept for the relay."""
 
-    __slots__ = ("_held", "_pending", "_size", "ready", "sse")
+    __slots__ = ("_buffer", "_scanned", "ready", "sse")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sse: bool) -> None:
         self.ready: asyncio.Future[None] = loop.create_future()
         self.sse = sse
-        self._held: list[bytes] = []
-        self._pending = b""
-        self._size = 0
+        self._buffer = b""
+        self._scanned = 0  # complete preamble frames end here
 
     def feed(self, chunk: bytes) -> None:
-        if self.ready.done() or not self.sse:
-            self._held.append(chunk)
-            if not self.ready.done():
-                self.ready.set_result(None)
+        self._buffer += chunk
+        if self.ready.done():
             return
-        self._size += len(chunk)
-        frames, self._pending = split_frames(self._pending + chunk)
-        for index, frame in enumerate(frames):
-            if not is_preamble(frame):
-                self._held += frames[index:]
-                self._held.append(self._pending)
-                self._pending = b""
-                self.ready.set_result(None)
+        if self.sse:
+            content, self._scanned = first_content(self._buffer, self._scanned)
+            if content < 0 and len(self._buffer) <= MAX_HELD_BYTES:
                 return
-            self._held.append(frame)
-        if self._size > MAX_HELD_BYTES:
-            self._held.append(self._pending)
-            self._pending = b""
-            self.ready.set_result(None)
+        self.ready.set_result(None)
 
     def ended(self, _: object) -> None:
         if not self.ready.done():
             self.ready.set_result(None)
 
     def take(self) -> bytes:
-        held = b"".join(self._held) + self._pending
-        self._held.clear()
-        self._pending = b""
+        held, self._buffer = self._buffer, b""
         return held
 
 
@@ -103,15 +89,18 @@ class Relay:
 
     def _timing(self, content: int) -> None:
         now = perf_counter()
-        self.completion_frames += content
-        if self.first_content:
-            # Several events in one chunk arrived together: the gap is shared among them.
-            self.events.content(self.pool, self.model, None,
-                                (now - self.last_content) / content)
-        else:
+        if not self.first_content:
             self.first_content = now
-            self.events.content(self.pool, self.model, now - self.started, None)
+            self.events.content(self.pool, self.model, now - self.started)
+        self.completion_frames += content
         self.last_content = now
+
+    def inter_token_s(self) -> float | None:
+        """The stream's mean gap between content events (time per output token): one
+        sample per stream, not one per event, keeps the relay's per-chunk work small."""
+        if self.completion_frames < 2:
+            return None
+        return (self.last_content - self.first_content) / (self.completion_frames - 1)
 
     def finish(self) -> None:
         """The upstream ended cleanly."""
