@@ -1,19 +1,23 @@
-"""Where routing pays: multi-turn sessions against pods with a prefix cache.
+"""Where placement pays: multi-turn sessions from several app pods against four model pods
+that queue, cache prefixes and can be saturated.
 
-    python benchmarks/routing.py [--sessions 96] [--turns 4] [--concurrency 24]
+    python benchmarks/routing.py [--sessions 96] [--turns 4] [--concurrency 24] [--sidecars 3]
+                                 [--loads even,skewed,hot,slow] [--targets NAME,...]
 
-Four fake-llm pods model a per-pod prefix cache (time to first token = 20 ms + 0.1 ms per
-prompt token the pod has not seen for this conversation) and a concurrency limit of 8.
-Each session is a conversation whose prompt grows every turn (first-turn sizes drawn from
-the Azure trace's ContextTokens, seeded). Targets, one at a time, in the same run: the
-sidecar (sessions by header), nginx round robin, Envoy round robin, Envoy ring hash on the
-session header, and vllm-router's round_robin, consistent_hash (X-Session-ID) and
-cache_aware policies when it is installed. Reported per target: mean and p99 time to first
-token (first SSE content event, as the app sees it) and completed sessions per second;
-then the same with a skewed load (a quarter of the sessions have four times the turns) and
-a hot load (four agent sessions whose every turn is six calls at once: where consistent
-hashing puts two of them on one pod, that pod is past its limit and every session hashed
-there waits). Failed calls are counted, never timed. Loopback only.
+Four fake-llm pods run the simulated engine: 8 running sequences at most (more wait in a
+queue), a KV cache of 60 000 tokens shared by the cached prefixes (least recently used
+leave first), time to first token = 20 ms + 0.1 ms per prompt token not cached, 100
+generated tokens/s per sequence. Each session is a conversation whose prompt grows every
+turn (first-turn sizes drawn from the Azure trace's ContextTokens, seeded). The sidecar
+runs as `--sidecars` processes (app pods) sharing one Redis and scraping the pods'
+`/metrics`; session i enters through app pod i mod N. Peers, one process each: nginx and
+Envoy round robin, Envoy ring hash on the session header and least_request, vllm-router
+round_robin, consistent_hash, cache_aware and power_of_two (those installed). Loads: even;
+skewed (a quarter of the sessions with 4× the turns); hot (four agent sessions whose every
+turn is six calls at once, 4× the turns); slow (the first pod at half speed). Reported per target:
+mean and p99 time to first token (first SSE content event, as the app sees it), completed
+sessions per second, and the prefix-cache hit rate from the pods' own counters (cached /
+queried prompt tokens). Failed calls are counted, never timed. Loopback only.
 """
 
 from __future__ import annotations
@@ -25,21 +29,34 @@ import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
-from common import ROOT, free_port, pinned, wait_http
+from common import ROOT, free_port, get_json, pinned, wait_http
 from peers import ENVOY, answers, nginx_conf
+
+from tests.redis_server import RedisServer
 
 VLLM_ROUTER = str(Path(ENVOY).parent / "vllm-router")
 
-TRACE = ROOT.parent / "shared" / "data" / "azure-llm-conv-2023.csv"
+TRACE = Path(os.environ.get("LLMSC_TRACE",
+                           ROOT.parent / "shared" / "data" / "azure-llm-conv-2023.csv"))
+ENGINE = ["--ttft-ms", "20", "--prefill-ms-per-token", "0.1", "--tokens-per-s", "100",
+          "--max-num-seqs", "8", "--kv-cache-tokens", "60000",
+          "--prefix-cache-entries", "1000000"]
+NORMAL = {"ttft_ms": 20.0, "prefill_ms_per_token": 0.1, "tokens_per_s": 100.0}
+SLOW = {"ttft_ms": 40.0, "prefill_ms_per_token": 0.2, "tokens_per_s": 50.0}
+SCRAPE_INTERVAL_S = 0.5
+MAX_TOKENS = 32  # ~0.3 s of decode per call: as in real serving, decode outlasts prefill
+STICKY = ("envoy ring hash", "vllm-router consistent_hash")
 
 
 def first_turn_sizes(count: int, seed: int) -> list[int]:
@@ -65,9 +82,9 @@ def vllm_router(port: int, pods: list[int], policy: str) -> list[str]:
             "--worker-startup-check-interval", "1"]
 
 
-def envoy(folder: Path, port: int, pods: list[int], ring_hash: bool) -> list[str]:
+def envoy(folder: Path, port: int, pods: list[int], lb_policy: str) -> list[str]:
     route: dict[str, object] = {"cluster": "model", "timeout": "0s"}
-    if ring_hash:
+    if lb_policy == "RING_HASH":
         route["hash_policy"] = [{"header": {"header_name": "x-session-id"}}]
     hcm = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3." \
           "HttpConnectionManager"
@@ -88,7 +105,7 @@ def envoy(folder: Path, port: int, pods: list[int], ring_hash: bool) -> list[str
                                                      "extensions.filters.http.router.v3."
                                                      "Router"}}]}}]}]}],
         "clusters": [{"name": "model", "type": "STATIC", "connect_timeout": "1s",
-                      "lb_policy": "RING_HASH" if ring_hash else "ROUND_ROBIN",
+                      "lb_policy": lb_policy,
                       "load_assignment": {"cluster_name": "model", "endpoints": [{
                           "lb_endpoints": [{"endpoint": {"address": {"socket_address": {
                               "address": "127.0.0.1", "port_value": p}}}}
@@ -121,7 +138,8 @@ async def conversation(http: aiohttp.ClientSession, base: str, session: str, fir
     messages = [{"role": "system", "content": f"{session} " + "s" * (first * 4)}]
     for turn in range(turns):
         messages.append({"role": "user", "content": f"turn {turn} " + "u" * 400})
-        body = {"model": "fake-model", "stream": True, "max_tokens": 8, "messages": messages}
+        body = {"model": "fake-model", "stream": True, "max_tokens": MAX_TOKENS,
+                "messages": messages}
         results = await asyncio.gather(*(call(http, base, session, body)
                                          for _ in range(fanout)))
         for status, first_token, _ in results:
@@ -132,8 +150,9 @@ async def conversation(http: aiohttp.ClientSession, base: str, session: str, fir
         messages.append({"role": "assistant", "content": results[0][2]})
 
 
-async def workload(base: str, sizes: list[int], turns: list[int], concurrency: int,
-                   fanouts: list[int]) -> tuple[list[float], float, list[str]]:
+async def workload(bases: list[str], sizes: list[int], turns: list[int], concurrency: int,
+                   fanouts: list[int], prefix: str) -> tuple[list[float], float, list[str]]:
+    """Every target of a load gets the same session ids (the same hashing luck)."""
     ttfts: list[float] = []
     failures: list[str] = []
     slots = asyncio.Semaphore(concurrency)
@@ -141,7 +160,8 @@ async def workload(base: str, sizes: list[int], turns: list[int], concurrency: i
 
     async def one(i: int) -> None:
         async with slots:
-            await conversation(http, base, f"session-{i}-{started:.0f}", sizes[i], turns[i],
+            await conversation(http, bases[i % len(bases)], f"{prefix}-{i}",
+                               sizes[i], turns[i],
                                ttfts, failures, fanouts[i])
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency * 2),
@@ -150,85 +170,147 @@ async def workload(base: str, sizes: list[int], turns: list[int], concurrency: i
     return ttfts, len(sizes) / (time.monotonic() - started), failures
 
 
+def pod_argv(port: int) -> list[str]:
+    return [sys.executable, "-m", "sidecar", "fake-llm", "--port", str(port), *ENGINE]
+
+
+def sidecar_env(port: int, admin: int, pods: list[int], redis_url: str) -> dict[str, str]:
+    return {**os.environ, "SIDECAR_LISTEN": f"127.0.0.1:{port}",
+            "SIDECAR_ADMIN_LISTEN": f"127.0.0.1:{admin}", "SIDECAR_REQUEST_LOG": "off",
+            "SIDECAR_REDIS_URL": redis_url,
+            "SIDECAR_POOLS": json.dumps({"pods": {
+                "model": "fake-model", "endpoints": [f"http://127.0.0.1:{p}" for p in pods],
+                "metrics_path": "/metrics", "health_interval_s": SCRAPE_INTERVAL_S}})}
+
+
+def control(pod: int, changes: dict) -> None:
+    subprocess.run(["curl", "-s", "-o", "/dev/null", "-X", "POST", "-H",
+                    "content-type: application/json", "-d", json.dumps(changes),
+                    f"http://127.0.0.1:{pod}/_control"], check=False)
+
+
+def prefix_hit_rate(pods: list[int]) -> float:
+    """Cached prompt tokens / prompt tokens looked up, from the pods' own vLLM counters."""
+    hits = queries = 0.0
+    for pod in pods:
+        text = subprocess.run(["curl", "-s", f"http://127.0.0.1:{pod}/metrics"],
+                              capture_output=True, text=True, check=False).stdout
+        for line in text.splitlines():
+            if line.startswith("vllm:prefix_cache_hits_total"):
+                hits += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("vllm:prefix_cache_queries_total"):
+                queries += float(line.rsplit(" ", 1)[1])
+    return hits / queries if queries else 0.0
+
+
+def peer_targets(folder: Path, pods: list[int]) -> list[tuple[str, Callable[[int], list[str]]]]:
+    peers: list[tuple[str, Callable[[int], list[str]]]] = []
+    if shutil.which("nginx"):
+        peers.append(("nginx round robin", lambda p: nginx_round_robin(folder, p, pods)))
+    if Path(ENVOY).exists():
+        peers += [(f"envoy {name}", lambda p, lb=lb: envoy(folder, p, pods, lb))
+                  for name, lb in (("round robin", "ROUND_ROBIN"), ("ring hash", "RING_HASH"),
+                                   ("least_request", "LEAST_REQUEST"))]
+    if Path(VLLM_ROUTER).exists():
+        peers += [(f"vllm-router {policy}", lambda p, policy=policy:
+                   vllm_router(p, pods, policy))
+                  for policy in ("round_robin", "consistent_hash", "cache_aware",
+                                 "power_of_two")]
+    return peers
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sessions", type=int, default=96)
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=24)
+    parser.add_argument("--sidecars", type=int, default=3, help="app pods, one sidecar each")
+    parser.add_argument("--loads", default="even,skewed,hot,slow")
+    parser.add_argument("--targets", default="", help="comma-separated name filter")
     parser.add_argument("--seed", type=int, default=3)
     args = parser.parse_args()
-    if not shutil.which("nginx") or not Path(ENVOY).exists():
-        print("needs nginx and Envoy (see benchmarks/peers.py)", file=sys.stderr)
-        return 2
+    # SIGTERM unwinds through `finally`, so every process started here is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     folder = Path(tempfile.mkdtemp(prefix="llmsc-routing-"))
     processes: list[subprocess.Popen[bytes]] = []
     results: dict[str, dict[str, dict[str, float]]] = {}
+    redis = RedisServer().start()
     try:
         pods = [free_port() for _ in range(4)]
         for port in pods:
+            processes.append(subprocess.Popen(pinned(0, pod_argv(port)),
+                                              stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.DEVNULL))
+        targets: dict[str, list[int]] = {}
+        sidecars, admins = [], []
+        for _ in range(args.sidecars):
+            port, admin = free_port(), free_port()
             processes.append(subprocess.Popen(
-                pinned(0, [sys.executable, "-m", "sidecar", "fake-llm", "--port", str(port),
-                           "--ttft-ms", "20", "--prefill-ms-per-token", "0.1",
-                           "--max-concurrency", "8", "--prefix-cache-entries", "4000",
-                           "--max-tokens", "8"]),
+                pinned(1, [sys.executable, "-m", "sidecar", "serve"]),
+                env=sidecar_env(port, admin, pods, redis.url),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        targets: dict[str, int] = {}
-        sidecar_port, admin = free_port(), free_port()
-        env = {**os.environ, "SIDECAR_LISTEN": f"127.0.0.1:{sidecar_port}",
-               "SIDECAR_ADMIN_LISTEN": f"127.0.0.1:{admin}", "SIDECAR_REQUEST_LOG": "off",
-               "SIDECAR_POOLS": json.dumps({"pods": {
-                   "model": "fake-model", "endpoints": [f"http://127.0.0.1:{p}" for p in pods]}})}
-        processes.append(subprocess.Popen(pinned(1, [sys.executable, "-m", "sidecar", "serve"]),
-                                          env=env, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL))
-        targets["llm-sidecar"] = sidecar_port
-        peers = [("nginx round robin", lambda p: nginx_round_robin(folder, p, pods)),
-                 ("envoy round robin", lambda p: envoy(folder, p, pods, False)),
-                 ("envoy ring hash", lambda p: envoy(folder, p, pods, True))]
-        if Path(VLLM_ROUTER).exists():
-            peers += [(f"vllm-router {policy}", lambda p, policy=policy:
-                       vllm_router(p, pods, policy))
-                      for policy in ("round_robin", "consistent_hash", "cache_aware")]
-        for name, argv_of in peers:
+            sidecars.append(port)
+            admins.append(admin)
+        targets[f"llm-sidecar ×{args.sidecars}"] = sidecars
+        for name, argv_of in peer_targets(folder, pods):
             port = free_port()
             processes.append(subprocess.Popen(pinned(1, argv_of(port)),
                                               stdout=subprocess.DEVNULL,
                                               stderr=subprocess.DEVNULL))
-            targets[name] = port
+            targets[name] = [port]
+        wanted = [t for t in args.targets.split(",") if t]
+        targets = {n: p for n, p in targets.items()
+                   if not wanted or any(w in n for w in wanted)}
         for port in pods:
             wait_http(f"http://127.0.0.1:{port}/health")
-        wait_http(f"http://127.0.0.1:{admin}/ready")
-        for name, port in targets.items():  # every proxy answers before measuring
-            if not answers(port, 60):
+        for admin in admins:
+            wait_http(f"http://127.0.0.1:{admin}/ready")
+        for name, ports in targets.items():  # every proxy answers before measuring
+            if not all(answers(port, 60) for port in ports):
                 raise RuntimeError(f"{name} did not come up")
         sizes = first_turn_sizes(args.sessions, args.seed)
         rng = random.Random(args.seed)
-        hot = set(rng.sample(range(args.sessions), args.sessions // 4))
+        heavy = set(rng.sample(range(args.sessions), args.sessions // 4))
         # hot: the first four sessions (so they run from the start) are agents whose every
         # turn is 6 calls at once, for 4× the turns; where two of them share a pod it is
-        # past its concurrency limit, and every other session placed there waits.
+        # past its max_num_seqs, and every other session placed there waits.
         hot_agents = range(4)
-        shapes = {"even": ([args.turns] * args.sessions, [1] * args.sessions),
-                  "skewed": ([args.turns * 4 if i in hot else args.turns
+        even = ([args.turns] * args.sessions, [1] * args.sessions)
+        shapes = {"even": even,
+                  "skewed": ([args.turns * 4 if i in heavy else args.turns
                               for i in range(args.sessions)], [1] * args.sessions),
                   "hot": ([args.turns * 4 if i in hot_agents else args.turns
                            for i in range(args.sessions)],
-                          [6 if i in hot_agents else 1 for i in range(args.sessions)])}
-        for shape, (turns, fanouts) in shapes.items():
-            for name, port in targets.items():
+                          [6 if i in hot_agents else 1 for i in range(args.sessions)]),
+                  "slow": even}
+        moved_before = 0
+        run_id = os.urandom(3).hex()  # routes of an earlier run in the same Redis never apply
+        for shape in args.loads.split(","):
+            turns, fanouts = shapes[shape]
+            control(pods[0], SLOW if shape == "slow" else NORMAL)
+            for name, ports in targets.items():
                 for pod in pods:  # every target starts with cold caches
-                    subprocess.run(["curl", "-s", "-o", "/dev/null", "-X", "POST",
-                                    "-H", "content-type: application/json",
-                                    "-d", '{"reset": true}',
-                                    f"http://127.0.0.1:{pod}/_control"], check=False)
+                    control(pod, {"reset": True})
                 ttfts, rate, failures = asyncio.run(workload(
-                    f"http://127.0.0.1:{port}", sizes, turns, args.concurrency, fanouts))
+                    [f"http://127.0.0.1:{port}" for port in ports], sizes, turns,
+                    args.concurrency, fanouts, f"{shape}-{args.seed}-{run_id}"))
                 ttfts.sort()
+                moves = 0
+                if name.startswith("llm-sidecar"):
+                    total = sum(get_json(f"http://127.0.0.1:{a}/stats")["routes"]
+                                ["session_moves"] for a in admins)
+                    moves, moved_before = total - moved_before, total
+                per_pod = [get_json(f"http://127.0.0.1:{pod}/_control")["counters"]["completed"]
+                           for pod in pods]
                 results.setdefault(shape, {})[name] = {
-                    "mean": statistics.mean(ttfts),
-                    "p99": ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.99))],
+                    "moves": moves, "per_pod_requests": per_pod,
+                    "mean": statistics.mean(ttfts) if ttfts else float("nan"),
+                    "p99": ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.99))]
+                    if ttfts else float("nan"),
                     "sessions_per_s": rate, "calls": len(ttfts),
+                    "hit_rate": prefix_hit_rate(pods),
                     "failures": len(failures), "failure_kinds": dict(Counter(failures))}
+        control(pods[0], NORMAL)
     finally:
         for process in processes:
             process.terminate()
@@ -237,27 +319,51 @@ def main() -> int:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
+        redis.cleanup()
         shutil.rmtree(folder, ignore_errors=True)
-    for shape, rows in results.items():
-        detail = {"skewed": "a quarter of them with 4× the turns",
-                  "hot": "four agents with 4× the turns, each turn 6 calls at once"}.get(
-                      shape, f"{args.turns} turns each")
-        print(f"\n### {shape} load: {args.sessions} sessions, {args.concurrency} at a time "
-              f"({detail})\n")
-        print("| target | mean TTFT (ms) | p99 TTFT (ms) | sessions/s | timed calls | "
-              "failed calls |")
-        print("|---|---|---|---|---|---|")
-        for name, r in rows.items():
-            print(f"| {name} | {r['mean']:.1f} | {r['p99']:.1f} | {r['sessions_per_s']:.2f} | "
-                  f"{r['calls']:.0f} | {r['failures']:.0f} |")
-        kinds = {n: r["failure_kinds"] for n, r in rows.items() if r["failure_kinds"]}
-        if kinds:
-            print(f"\nfailed calls by answer: {kinds}")
+    report(results, args)
     out = ROOT / "benchmarks" / "results"
     out.mkdir(exist_ok=True)
     (out / f"routing-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
         json.dumps({"args": vars(args), "results": results}, indent=1))
     return 0
+
+
+def report(results: dict[str, dict[str, dict[str, float]]], args: argparse.Namespace) -> None:
+    details = {"even": f"{args.turns} turns each",
+               "skewed": "a quarter of them with 4× the turns",
+               "hot": "four agents with 4× the turns, each turn 6 calls at once",
+               "slow": f"{args.turns} turns each; one pod at half speed"}
+    for shape, rows in results.items():
+        print(f"\n### {shape} load: {args.sessions} sessions, {args.concurrency} at a time "
+              f"({details[shape]})\n")
+        print("| target | mean TTFT (ms) | p99 TTFT (ms) | sessions/s | prefix-cache hit "
+              "rate | calls served per pod | session moves | failed calls |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, r in rows.items():
+            print(f"| {name} | {r['mean']:.1f} | {r['p99']:.1f} | {r['sessions_per_s']:.2f} "
+                  f"| {r['hit_rate'] * 100:.1f} % | {'/'.join(map(str, r['per_pod_requests']))}"
+                  f" | {r['moves']} | {r['failures']:.0f} |")
+        kinds = {n: r["failure_kinds"] for n, r in rows.items() if r["failure_kinds"]}
+        if kinds:
+            print(f"\nfailed calls by answer: {kinds}")
+    print("\n### goals\n")
+    for shape, rows in results.items():
+        ours = next((r for n, r in rows.items() if n.startswith("llm-sidecar")), None)
+        peers = {n: r for n, r in rows.items() if not n.startswith("llm-sidecar")}
+        if ours is None or not peers:
+            continue
+        best_mean = min(r["mean"] for r in peers.values())
+        best_p99 = min(r["p99"] for r in peers.values())
+        line = (f"- {shape}: mean {ours['mean']:.1f} vs best peer {best_mean:.1f} ms, "
+                f"p99 {ours['p99']:.1f} vs best peer {best_p99:.1f} ms")
+        sticky = [r for n, r in peers.items() if n in STICKY]
+        if sticky and shape in ("hot", "slow"):
+            best = min(sticky, key=lambda r: r["p99"])
+            line += (f"; p99 {(1 - ours['p99'] / best['p99']) * 100:+.0f} % below the best "
+                     f"sticky peer (goal ≥ 25 %), hit rate {ours['hit_rate'] * 100:.1f} vs "
+                     f"{max(r['hit_rate'] for r in sticky) * 100:.1f} % (goal: within 5)")
+        print(line)
 
 
 if __name__ == "__main__":

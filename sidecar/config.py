@@ -61,6 +61,7 @@ class PoolConfig:
     health_interval_s: float = 5.0
     api_key_env: str | None = None
     resume: bool = False
+    metrics_path: str | None = None  # the pods' vLLM /metrics, scraped for their load
     aliases: tuple[str, ...] = ()
 
 
@@ -134,6 +135,7 @@ class Settings:
                     "api_key_env": p.api_key_env,
                     "api_key": "<redacted>" if p.name in self.api_keys else None,
                     "resume": p.resume,
+                    "metrics_path": p.metrics_path,
                     "aliases": list(p.aliases),
                 }
                 for name, p in self.pools.items()
@@ -314,7 +316,7 @@ def parse_pools(reader: _Reader, data: Any, source: str, env: Mapping[str, str]
                                'e.g. {"small": {"model": "m", "endpoints": ["http://10.0.0.5:8000"]}}')
         return pools, keys
     known = {"model", "endpoints", "fallback", "cold_start_s", "health_path",
-             "health_interval_s", "api_key_env", "resume", "aliases"}
+             "health_interval_s", "api_key_env", "resume", "aliases", "metrics_path"}
     for name, spec in data.items():
         where = f"{source}: pool {name!r}"
         if not isinstance(spec, dict):
@@ -364,6 +366,13 @@ def parse_pools(reader: _Reader, data: Any, source: str, env: Mapping[str, str]
             reader.problems.append(f"{where}: \"health_path\" must be a path starting with '/', "
                                    f"got {health_path!r}")
             health_path = None
+        metrics_path = spec.get("metrics_path")
+        if metrics_path is not None and (not isinstance(metrics_path, str)
+                                         or not metrics_path.startswith("/")
+                                         or any(c in metrics_path for c in "?# ")):
+            reader.problems.append(f"{where}: \"metrics_path\" must be a path starting with "
+                                   f"'/' (no query), e.g. \"/metrics\", got {metrics_path!r}")
+            metrics_path = None
         resume = spec.get("resume", False)
         if not isinstance(resume, bool):
             reader.problems.append(f"{where}: \"resume\" must be true or false, got {resume!r}")
@@ -392,6 +401,7 @@ def parse_pools(reader: _Reader, data: Any, source: str, env: Mapping[str, str]
                 fallback=fallback, cold_start_s=numbers["cold_start_s"],
                 health_path=health_path, health_interval_s=numbers["health_interval_s"],
                 api_key_env=key_env, resume=resume, aliases=tuple(aliases),
+                metrics_path=metrics_path,
             )
     _check_fallback_cycles(reader, data, source)
     _check_model_names(reader, data, source)

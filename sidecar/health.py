@@ -1,5 +1,6 @@
-"""Active health probes: each endpoint of a pool with a `health_path` is probed at once and
-then every `health_interval_s` (with jitter, so pods do not probe in lockstep).
+"""Active health probes and load scrapes: each endpoint of a pool with a `health_path` is
+probed, and one with a `metrics_path` has its vLLM metrics read, at once and then every
+`health_interval_s` (with jitter, so pods do not probe in lockstep). Never on the request path.
 
 A warming endpoint's first healthy probe is its cold start event; a ready endpoint that fails
 probes in a row is ejected, and an ejected one that answers is restored.
@@ -16,6 +17,8 @@ from collections import deque
 
 import aiohttp
 
+from sidecar.placement import saturated
+from sidecar.podload import MAX_METRICS_BYTES, MetricsParseError, parse_metrics, with_rate
 from sidecar.pools import Endpoint, EndpointState, PoolSet
 from sidecar.telemetry import Telemetry
 
@@ -23,6 +26,8 @@ log = logging.getLogger("sidecar.health")
 
 PROBE_TIMEOUT_S = 2.0
 JITTER = 0.2
+# A scraped load older than this many probe intervals is dropped (routing stops using it).
+LOAD_STALE_INTERVALS = 3
 
 
 class ColdStart:
@@ -45,6 +50,9 @@ class HealthProber:
         self.telemetry = telemetry if telemetry is not None else Telemetry({})
         self.cold_starts: deque[ColdStart] = deque(maxlen=100)
         self.probes = 0
+        self.scrapes = 0
+        self.scrape_failures = 0   # unreachable, non-200, too large or unparsable pages
+        self.parse_failures = 0    # of which: answered, but not vLLM's metrics text
         self._http: aiohttp.ClientSession | None = None
         self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
 
@@ -58,7 +66,7 @@ class HealthProber:
         """Probe exactly the endpoints of pools that have a health path (after each reload)."""
         wanted: dict[tuple[str, str], Endpoint] = {}
         for pool in self.pools.pools.values():
-            if pool.config.health_path:
+            if pool.config.health_path or pool.config.metrics_path:
                 for endpoint in pool.endpoints:
                     wanted[(pool.name, endpoint.url)] = endpoint
         for key in list(self._tasks):
@@ -83,11 +91,14 @@ class HealthProber:
     async def _probe_forever(self, endpoint: Endpoint) -> None:
         while endpoint.state is not EndpointState.DRAINING:
             pool = self.pools.get(endpoint.pool)
-            if pool is None or not pool.config.health_path:
+            if pool is None or not (pool.config.health_path or pool.config.metrics_path):
                 return
-            healthy = await self.probe(endpoint, pool.config.health_path)
-            self.apply(endpoint, healthy)
             interval = pool.config.health_interval_s
+            if pool.config.health_path:
+                healthy = await self.probe(endpoint, pool.config.health_path)
+                self.apply(endpoint, healthy)
+            if pool.config.metrics_path:
+                await self.scrape(endpoint, pool.config.metrics_path, interval)
             await asyncio.sleep(interval * random.uniform(1 - JITTER, 1 + JITTER))
 
     async def probe(self, endpoint: Endpoint, path: str) -> bool:
@@ -98,6 +109,35 @@ class HealthProber:
                 return response.status == 200
         except (aiohttp.ClientError, OSError, TimeoutError):
             return False
+
+    async def scrape(self, endpoint: Endpoint, path: str, interval: float) -> None:
+        """Read the pod's load; a failed read keeps the last one until it is stale."""
+        assert self._http is not None
+        self.scrapes += 1
+        try:
+            # Bounded: a slow page must not hold the view past one interval.
+            async with asyncio.timeout(min(PROBE_TIMEOUT_S, interval)):
+                async with self._http.get(endpoint.url + path) as response:
+                    if response.status != 200:
+                        raise MetricsParseError(f"status {response.status}")
+                    body = await response.content.read(MAX_METRICS_BYTES + 1)
+            if len(body) > MAX_METRICS_BYTES:
+                raise MetricsParseError("page larger than the limit")
+            try:
+                load = parse_metrics(body, time.time())
+            except MetricsParseError:
+                self.parse_failures += 1
+                raise
+        except (aiohttp.ClientError, OSError, TimeoutError, MetricsParseError) as exc:
+            self.scrape_failures += 1
+            self.telemetry.count("load_scrape_failures", (endpoint.pool,))
+            log.debug("metrics of %s unreadable: %s", endpoint.url, exc)
+            last = endpoint.load
+            if last is not None and time.time() - last.at > LOAD_STALE_INTERVALS * interval:
+                endpoint.set_load(None, False)
+            return
+        load = with_rate(endpoint.load, load)
+        endpoint.set_load(load, saturated(load))
 
     def apply(self, endpoint: Endpoint, healthy: bool) -> None:
         """A probe's result, through the endpoint's own methods (it owns its state)."""

@@ -17,6 +17,8 @@ from hashlib import blake2b
 from sidecar.config import PoolConfig, Settings
 from sidecar.errors import Outcome
 from sidecar.models import model_index
+from sidecar.placement import choose_new
+from sidecar.podload import PodLoad
 
 # A streak of failures that are not "the pod is gone" (5xx, timeouts) ejects at this count.
 EJECT_AFTER_FAILURES = 3
@@ -36,8 +38,9 @@ class EndpointState(StrEnum):
 class Endpoint:
     """One model server (pod). Shared by every route that points at it."""
 
-    __slots__ = ("consecutive_failures", "ejections", "held_until", "inflight", "pool",
-                 "registered_at", "retry_at", "state", "url", "url_key")
+    __slots__ = ("consecutive_failures", "ejections", "held_until", "inflight", "load",
+                 "move_budget", "pool", "registered_at", "retry_at", "saturated", "state",
+                 "url", "url_key")
 
     def __init__(self, url: str, pool: str, state: EndpointState) -> None:
         self.url = url
@@ -50,6 +53,18 @@ class Endpoint:
         self.retry_at = 0.0
         self.held_until = 0.0  # the upstream asked us to wait (Retry-After)
         self.registered_at = time.monotonic()
+        # The pod's own load (metrics scrape or the fleet's heartbeats), set in the
+        # background by `set_load`; read on the request path only as these fields.
+        self.load: PodLoad | None = None
+        self.saturated = False
+        self.move_budget = 0  # sessions this sidecar may still move away until the next view
+
+    def set_load(self, load: PodLoad | None, saturated: bool) -> None:
+        self.load = load
+        self.saturated = saturated
+        # At most as many sessions leave per view as the pod has calls queued: moving more
+        # would only empty a pod that is about to have room again.
+        self.move_budget = math.ceil(load.waiting) if load is not None and saturated else 0
 
     def usable(self, now: float) -> bool:
         """Can a request be sent here now? An ejected endpoint admits one half-open try."""
@@ -126,7 +141,9 @@ class Endpoint:
         now = time.monotonic()
         view: dict[str, object] = {
             "url": self.url, "pool": self.pool, "state": self.state.value,
-            "inflight": self.inflight, "consecutive_failures": self.consecutive_failures}
+            "inflight": self.inflight, "consecutive_failures": self.consecutive_failures,
+            "load": None if self.load is None else {**self.load.view(),
+                                                   "saturated": self.saturated}}
         if self.held_until > now:
             view["held_for_s"] = round(self.held_until - now, 3)
         if self.state is EndpointState.EJECTED and self.retry_at != float("inf"):
@@ -166,19 +183,18 @@ class Pool:
         return live
 
     def pick(self, session_key: bytes, load_factor: float = 0.0) -> Endpoint | None:
-        """A new session's endpoint: the best-ranked ready one whose in-flight count stays
-        within `load_factor` × the pool's mean (consistent hashing with bounded loads, so a
-        hot pod spills new sessions to the next choice); else the best-ranked at all."""
+        """A new session's endpoint: among its first few ready endpoints by rendezvous rank,
+        the first that is unsaturated and within `load_factor` × the pool's mean load (the
+        pods' own load when known, else in-flight counts: bounded-load hashing on real
+        load); else the least loaded of those few (see placement.choose_new)."""
         ranked = self.ranked(session_key)
         ready = [e for e in ranked if e.state is EndpointState.READY]
         if not ready:
             return ranked[0] if ranked else None
-        if load_factor > 0 and len(ready) > 1:
-            bound = math.ceil(load_factor * (sum(e.inflight for e in ready) + 1) / len(ready))
-            for endpoint in ready:
-                if endpoint.inflight + 1 <= bound:
-                    return endpoint
-        return ready[0]
+        if len(ready) == 1:
+            return ready[0]
+        return ready[choose_new([e.load for e in ready], [e.inflight for e in ready],
+                                load_factor)]
 
     def has_warming(self) -> bool:
         return any(e.state is EndpointState.WARMING for e in self.endpoints)

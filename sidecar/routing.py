@@ -15,7 +15,8 @@ import time
 from collections.abc import Iterator
 
 from sidecar.config import Settings
-from sidecar.pools import Endpoint, Pool, PoolSet
+from sidecar.placement import BYTES_PER_TOKEN, choose_move
+from sidecar.pools import Endpoint, EndpointState, Pool, PoolSet
 from sidecar.sessions import STAMP_RESOLUTION_S, Route, RouteCache, Stamps, selector_for
 from sidecar.store import RouteStore, StoreUnavailable
 from sidecar.telemetry import Telemetry
@@ -25,11 +26,13 @@ log = logging.getLogger("sidecar.routing")
 SWEEP_INTERVAL_S = 5.0
 REFRESH_FLUSH_INTERVAL_S = 1.0
 MAX_BACKGROUND_WRITES = 1024
+MAX_PENDING_MOVES = 4096
 
 
 class RouterCounters:
     __slots__ = ("cache_hits", "cache_misses", "coalesced", "cold_start_fallbacks",
-                 "remote_changes", "resolved_without_store", "route_changes", "writes_dropped")
+                 "remote_changes", "resolved_without_store", "route_changes", "session_moves",
+                 "writes_dropped")
 
     def __init__(self) -> None:
         self.cache_hits = 0
@@ -39,6 +42,7 @@ class RouterCounters:
         self.remote_changes = 0        # cached routes updated by another pod's failover
         self.resolved_without_store = 0
         self.route_changes = 0         # failovers that moved a session
+        self.session_moves = 0         # sessions moved off a saturated pod (placement)
         self.writes_dropped = 0        # route writes skipped because too many were queued
 
     def view(self) -> dict[str, int]:
@@ -62,6 +66,7 @@ class Router:
         self._refresh_after = settings.session_ttl_s * 0.1 + STAMP_RESOLUTION_S
         self._first_touch: dict[str, asyncio.Future[Route]] = {}
         self._pending_refresh: set[str] = set()
+        self._moving: dict[str, str] = {}  # session → why its next call goes elsewhere
         self._writes: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         store.on_change(self._remote_change)
@@ -184,31 +189,62 @@ class Router:
             return detour[0]
         return route.pool
 
-    def plan(self, route: Route, now: float) -> Iterator[tuple[Pool, Endpoint]]:
-        """Candidates in order: the session's endpoint, the rest of its pool by rendezvous
-        rank, then each fallback pool's endpoints. Computed lazily: the common case reads
-        only the first."""
+    def plan(self, route: Route, now: float, body_bytes: int = 0
+             ) -> Iterator[tuple[Pool, Endpoint]]:
+        """Candidates in order: the session's endpoint (or, when it is saturated, the pod the
+        session moves to), the rest of its pool by rendezvous rank, then each fallback
+        pool's endpoints. Computed lazily: the common case reads only the first."""
         serving = route.pool if route.detour is None else self.serving_pool(route, time.time())
         start = self.pools.get(serving) or self.pools.get(route.pool)
         if start is None:
             return
         first = route.endpoint
+        moved_to = None
+        if first is not None and first.saturated and first.move_budget > 0:
+            moved_to = self._move_target(route, start, first, body_bytes)
+            if moved_to is not None and moved_to.usable(now):
+                yield start, moved_to
         if first is not None and first.pool == start.name and first.usable(now):
             yield start, first
         key = route.session.encode()
         for endpoint in start.ranked(key):
-            if endpoint is not first and endpoint.usable(now):
+            if endpoint is not first and endpoint is not moved_to and endpoint.usable(now):
                 yield start, endpoint
         for pool in self.pools.fallback_chain(start.name):
             for endpoint in pool.ranked(key):
                 if endpoint.usable(now):
                     yield pool, endpoint
 
+    def _move_target(self, route: Route, pool: Pool, current: Endpoint, body_bytes: int
+                     ) -> Endpoint | None:
+        """Sticky until saturated: the pod this call moves to, if moving pays (placement)."""
+        if current.pool != pool.name:
+            return None
+        others = [e for e in pool.ranked(route.session.encode())
+                  if e is not current and e.state is EndpointState.READY]
+        index = choose_move(current.load, [e.load for e in others],
+                            body_bytes // BYTES_PER_TOKEN)
+        if index is None:
+            return None
+        target = others[index]
+        current.move_budget -= 1
+        if len(self._moving) >= MAX_PENDING_MOVES:
+            self._moving.clear()  # calls that never reached `served`; reasons only
+        self._moving[route.session] = (f"moved from {current.url}: saturated "
+                                       f"(waiting {current.load.waiting:g})"
+                                       if current.load is not None else "moved")
+        return target
+
     def served(self, route: Route, pool: Pool, endpoint: Endpoint, *, local: bool,
                reason: str | None = None) -> None:
         """Remember who served the session; write the route through when it moved."""
         if route.endpoint is endpoint and route.detour is None and pool.name == route.pool:
             return
+        moved = self._moving.pop(route.session, None) if self._moving else None
+        if moved is not None and reason is None and pool.name == route.pool:
+            reason = moved
+            self.counters.session_moves += 1
+            self.telemetry.count("session_moves", (pool.name,))
         wall = time.time()
         changed = route.endpoint is not endpoint
         if pool.name == route.pool:

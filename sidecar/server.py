@@ -27,11 +27,21 @@ from sidecar.dataplane.exchange import Proxy
 from sidecar.dataplane.listener import Listener
 from sidecar.dataplane.upstream import HttpUpstream
 from sidecar.health import HealthProber
+from sidecar.placement import saturated
+from sidecar.podload import PodLoad, heartbeat_load
 from sidecar.pools import EndpointState, PoolSet
 from sidecar.routing import Router
 from sidecar.store import RouteStore, StoreUnavailable, make_store
 from sidecar.telemetry import Telemetry
-from sidecar.traffic import Traffic
+from sidecar.traffic import (
+    HEARTBEAT_TTL_S,
+    Traffic,
+    endpoint_inflight_key,
+    format_pod_load,
+    pod_load_key,
+    sum_endpoint_inflight,
+)
+from sidecar.traffic import STALE_AFTER_S as HEARTBEAT_STALE_S
 
 log = logging.getLogger("sidecar.server")
 
@@ -50,6 +60,7 @@ class Sidecar:
         self.prober = HealthProber(self.pools, self.telemetry)
         self.traffic = Traffic()
         self._pools_on_fallback: set[str] = set()
+        self._stale_heartbeats: dict[str, list[bytes]] = {}
         self.telemetry.collectors.append(self.collect_metrics)
         self.upstream: HttpUpstream | None = None
         self.proxy: Proxy | None = None
@@ -72,14 +83,57 @@ class Sidecar:
         self.telemetry.start()
 
     async def flush_traffic(self) -> None:
-        """One pipelined write of this pod's counts since the last flush (store.write keeps
-        it within the Redis budget and counts it as an incident if Redis is away)."""
+        """One pipelined round trip: this pod's counts since the last flush, its in-flight
+        heartbeats (per pool and per endpoint), the scraped pod loads for the scaler, and
+        the read of the fleet's per-endpoint heartbeats for pools without `metrics_path`
+        (store.write keeps it within the Redis budget; an incident if Redis is away)."""
         inflight: dict[str, int] = {}
+        endpoints: dict[str, dict[str, int]] = {}
+        scraped: dict[str, dict[str, PodLoad]] = {}
         for name, pool in self.pools.pools.items():
             inflight[name] = sum(e.inflight for e in pool.endpoints)
+            endpoints[name] = {e.url: e.inflight for e in pool.endpoints}
+            loads = {e.url: e.load for e in pool.endpoints
+                     if e.load is not None and e.load.source == "metrics"}
+            if loads:
+                scraped[name] = loads
+        heartbeat_pools = [name for name, pool in self.pools.pools.items()
+                           if not pool.config.metrics_path and pool.endpoints]
+        stale, self._stale_heartbeats = self._stale_heartbeats, {}
         now = time.time()
-        with contextlib.suppress(StoreUnavailable):
-            await self.store.write(lambda pipe: self.traffic.write(pipe, inflight, now))
+
+        def build(pipe: Any) -> None:
+            self.traffic.write(pipe, inflight, now, endpoints)
+            _write_pod_load_for_scaler(pipe, scraped)
+            for name, fields in stale.items():
+                pipe.hdel(endpoint_inflight_key(name), *fields)
+            for name in heartbeat_pools:
+                pipe.hgetall(endpoint_inflight_key(name))
+
+        try:
+            replies = await self.store.write(build)
+        except StoreUnavailable:
+            # Redis away: a fleet view that can no longer be refreshed is dropped once stale.
+            for e in self.pools.all_endpoints():
+                if e.load is not None and e.load.source == "heartbeat" \
+                        and now - e.load.at > HEARTBEAT_STALE_S:
+                    e.set_load(None, False)
+            return
+        if replies and heartbeat_pools:
+            self._apply_heartbeats(heartbeat_pools, replies[-len(heartbeat_pools):], now)
+
+    def _apply_heartbeats(self, names: list[str], replies: list[Any], now: float) -> None:
+        """Pools without metrics: each endpoint's load is the fleet's summed in-flight."""
+        for name, fields in zip(names, replies, strict=True):
+            pool = self.pools.get(name)
+            if pool is None or not isinstance(fields, dict):
+                continue
+            totals, stale = sum_endpoint_inflight(fields, now)
+            if stale:
+                self._stale_heartbeats[name] = stale
+            for endpoint in pool.endpoints:
+                load = heartbeat_load(totals.get(endpoint.url, 0), 0, now)
+                endpoint.set_load(load, saturated(load))
 
     def collect_metrics(self, t: Telemetry) -> None:
         """Counters kept elsewhere as plain integers, and the gauges, for telemetry."""
@@ -91,11 +145,16 @@ class Sidecar:
         for kind in ("errors", "timeouts", "skipped"):
             t.counters[("redis_errors", (kind.rstrip("s"),))] = getattr(store, kind)
         t.gauges = {k: v for k, v in t.gauges.items()
-                    if k[0] not in ("endpoint_inflight", "endpoint_state")}
+                    if k[0] not in ("endpoint_inflight", "endpoint_state", "endpoint_running",
+                                    "endpoint_waiting", "endpoint_kv_usage")}
         for name, pool in self.pools.pools.items():
             ready = 0
             for e in pool.endpoints:
                 t.gauge("endpoint_inflight", (name, e.url), e.inflight)
+                if e.load is not None:  # one series per endpoint: bounded by the config
+                    t.gauge("endpoint_running", (name, e.url), e.load.running)
+                    t.gauge("endpoint_waiting", (name, e.url), e.load.waiting)
+                    t.gauge("endpoint_kv_usage", (name, e.url), e.load.kv_usage)
                 t.gauge("endpoint_state", (name, e.url, e.state.value), 1)
                 ready += e.state is EndpointState.READY
             t.gauge("pool_ready_endpoints", (name,), ready)
@@ -187,6 +246,9 @@ class Sidecar:
             "traffic": self.traffic.view(),
             "load_level_changes": self.router.level_changes,
             "health_probes": self.prober.probes,
+            "load_scrapes": {"scrapes": self.prober.scrapes,
+                             "failures": self.prober.scrape_failures,
+                             "parse_failures": self.prober.parse_failures},
         }
 
 
@@ -201,6 +263,17 @@ def process_view() -> dict[str, int]:
             if line.startswith("VmRSS:"):
                 view["rss_bytes"] = int(line.split()[1]) * 1024
     return view
+
+
+def _write_pod_load_for_scaler(pipe: Any, scraped: dict[str, dict[str, PodLoad]]) -> None:
+    """The scraped loads, for the scaler (traffic.py's `llmsc:podload:{<pool>}` layout).
+    Every sidecar of the fleet writes the same pod's latest reading; readers skip stale ones."""
+    for pool, loads in sorted(scraped.items()):
+        key = pod_load_key(pool)
+        pipe.hset(key, mapping={url: format_pod_load(round(load.running), round(load.waiting),
+                                                     load.kv_usage, load.at)
+                                for url, load in loads.items()})
+        pipe.expire(key, HEARTBEAT_TTL_S)
 
 
 class Running:

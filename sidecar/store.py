@@ -109,8 +109,9 @@ class RouteStore(Protocol):
         """Call `handler(level)` when the scaler publishes a load level."""
         ...
 
-    async def write(self, build: PipelineBuilder) -> None:
-        """Run the commands `build(pipeline)` queues, in one round trip (traffic flushes)."""
+    async def write(self, build: PipelineBuilder) -> list[Any]:
+        """Run the commands `build(pipeline)` queues, in one round trip (traffic flushes);
+        returns their replies in order."""
         ...
 
 
@@ -174,8 +175,8 @@ class MemoryStore:
     def on_level(self, handler: LevelHandler) -> None:
         return None  # no scaler without Redis: the configured level stays
 
-    async def write(self, build: PipelineBuilder) -> None:
-        return None  # no global view to feed
+    async def write(self, build: PipelineBuilder) -> list[Any]:
+        return []  # no global view to feed
 
     def __len__(self) -> int:
         return len(self._records)
@@ -296,12 +297,13 @@ class RedisStore:
     def on_level(self, handler: LevelHandler) -> None:
         self._level_handler = handler
 
-    async def write(self, build: PipelineBuilder) -> None:
-        async def run() -> None:
+    async def write(self, build: PipelineBuilder) -> list[Any]:
+        async def run() -> list[Any]:
             async with self.client.pipeline(transaction=False) as pipe:
                 build(pipe)
-                await pipe.execute()
-        await self._call(run)
+                return list(await pipe.execute())
+        result: list[Any] = await self._call(run)
+        return result
 
     def _announcement(self, session: str, record: bytes) -> bytes:
         return self.pod_id + b"\0" + session.encode() + b"\0" + record

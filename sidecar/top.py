@@ -112,12 +112,18 @@ def render(now: Snapshot, before: Snapshot | None) -> Group:
     figures.add_row("cached routes", str(routes["cached"]), "Redis errors / timeouts",
                     f"{store['errors']} / {store['timeouts']}")
     endpoints = Table(title="endpoints", title_justify="left", box=None, pad_edge=False)
-    for column in ("pool", "endpoint", "state", "in flight", "failures"):
+    for column in ("pool", "endpoint", "state", "in flight", "failures", "running",
+                   "waiting", "kv"):
         endpoints.add_column(column)
     for e in stats["endpoints"]:
+        load = e.get("load") or {}  # the pod's own load (scraped or fleet heartbeats)
+        kv = f"{load['kv_usage'] * 100:.0f}%" if load.get("source") == "metrics" else "–"
         style = STATE_STYLE.get(e["state"], "")
         endpoints.add_row(e["pool"], e["url"], Text(e["state"], style=style),
-                          str(e["inflight"]), str(e["consecutive_failures"]))
+                          str(e["inflight"]), str(e["consecutive_failures"]),
+                          f"{load['running']:g}" if load else "–",
+                          Text(f"{load['waiting']:g}", style="red" if load.get("saturated")
+                               else "") if load else "–", kv)
     parts: list[Any] = [head, Text(""), figures, Text(""), endpoints]
     if stats.get("pools_without_ready_capacity"):
         parts.append(Text("pools without ready capacity: "

@@ -9,6 +9,9 @@ Layout (both sides live here so they cannot drift):
                                       same key, so the sum is made by Redis; expires)
     llmsc:inflight:{<pool>}           hash: <pod id> → "<in-flight>:<unix time>" (heartbeat;
                                       stale fields are ignored and pruned)
+    llmsc:epinflight:{<pool>}         hash: "<pod id> <endpoint URL>" → "<in-flight>:<unix
+                                      time>" (the same heartbeat per endpoint; summed by
+                                      URL it is each model pod's fleet-wide load)
     llmsc:podload:{<pool>}            hash: <endpoint URL> →
                                       "<running>:<waiting>:<kv_usage 0..1>:<unix time>"
                                       (each model pod's load as its vLLM /metrics show it,
@@ -58,6 +61,32 @@ def traffic_key(pool: str, bucket: int) -> str:
 
 def inflight_key(pool: str) -> str:
     return f"llmsc:inflight:{{{pool}}}"
+
+
+def endpoint_inflight_key(pool: str) -> str:
+    return f"llmsc:epinflight:{{{pool}}}"
+
+
+def sum_endpoint_inflight(fields: dict[bytes, bytes], now: float
+                          ) -> tuple[dict[str, int], list[bytes]]:
+    """Fleet-wide in-flight per endpoint URL from one `llmsc:epinflight` hash, and the stale
+    fields (sidecars that stopped heartbeating) to prune."""
+    totals: dict[str, int] = {}
+    stale: list[bytes] = []
+    for name, value in fields.items():
+        count, _, stamp = value.partition(b":")
+        _, _, url = name.partition(b" ")
+        try:
+            fresh = now - float(stamp or 0) <= STALE_AFTER_S
+            n = int(count)
+        except ValueError:
+            fresh, n = False, 0
+        if not fresh or not url:
+            stale.append(name)
+            continue
+        key = url.decode(errors="replace")
+        totals[key] = totals.get(key, 0) + n
+    return totals, stale
 
 
 def pod_load_key(pool: str) -> str:
@@ -124,8 +153,10 @@ class Traffic:
             total.completion_tokens += c.completion_tokens
         return counts
 
-    def write(self, pipe: Any, inflight: dict[str, int], now: float) -> None:
-        """Queue this flush's commands on a Redis pipeline (one round trip for all pools)."""
+    def write(self, pipe: Any, inflight: dict[str, int], now: float,
+              endpoints: dict[str, dict[str, int]] | None = None) -> None:
+        """Queue this flush's commands on a Redis pipeline (one round trip for all pools);
+        `endpoints` (pool → endpoint URL → in-flight) adds the per-endpoint heartbeat."""
         bucket = int(now // BUCKET_S)
         counts = self.take()
         for pool in sorted(set(counts) | set(inflight)):
@@ -139,6 +170,12 @@ class Traffic:
             heartbeat = inflight_key(pool)
             pipe.hset(heartbeat, self.pod_id, f"{inflight.get(pool, 0)}:{now:.3f}")
             pipe.expire(heartbeat, HEARTBEAT_TTL_S)
+        for pool, counts in sorted((endpoints or {}).items()):
+            if counts:
+                key = endpoint_inflight_key(pool)
+                pipe.hset(key, mapping={f"{self.pod_id} {url}": f"{n}:{now:.3f}"
+                                        for url, n in counts.items()})
+                pipe.expire(key, HEARTBEAT_TTL_S)
         self.flushes += 1
 
     def start(self, flush: Any) -> None:

@@ -154,7 +154,8 @@ class Monitor:
 
     # Keys of the sidecar's background traffic flush (every 2 s, never per request); its
     # own command count is tested exactly in test_traffic.py.
-    BACKGROUND = ('"llmsc:traffic:', '"llmsc:inflight:')
+    BACKGROUND = ('"llmsc:traffic:', '"llmsc:inflight:', '"llmsc:epinflight:',
+                  '"llmsc:podload:')
 
     def commands(self, *, background: bool = False) -> list[str]:
         """Commands clients sent since the last reset (after a sync); without the traffic

@@ -72,7 +72,7 @@ async def test_prefix_cache_counts_hits_per_pod(pods, http):
         async with http.post(pod.url + "/v1/chat/completions", json=body) as r:
             assert r.status == 200
     assert pod.fake.counters.prefix_hits == 1
-    assert pod.fake._uncached_tokens(["a" * 400, "b", "c", "d"]) == 1
+    assert pod.fake.engine.lookup(["a" * 400, "b", "c", "d"], 4096, 0) == 1
 
 
 async def test_faults_are_settable_at_run_time(pods, http):

@@ -142,7 +142,8 @@ class Proxy:
                                REQUEST_DROP, get(request.headers, b"connection")
                                ), payload
 
-        answer, step = await self.attempts.run(self.router.plan(route, now), request.method,
+        answer, step = await self.attempts.run(self.router.plan(route, now, len(body)),
+                                               request.method,
                                                request.target, request_for, failures)
         fields["attempts"] = answer.attempt if answer is not None else len(failures)
         if answer is None:

@@ -2,9 +2,11 @@
 
 It models time to first token (a base plus a cost per uncached prompt token, with a bounded
 per-pod prefix cache), tokens per second, a cold start (`/health` and the API answer 503
-until warm) and a concurrency limit, and injects faults on demand: an error rate, the next N
-requests failing with a status, hanging before headers, dropping a stream after N chunks.
-Everything is settable at start and at run time through `POST /_control` (never proxied).
+until warm), the engine of `engine.py` (running sequences bounded by `max_num_seqs`, a
+waiting queue, a KV cache in tokens; vLLM's `/metrics`), and injects faults on demand: an
+error rate, the next N requests failing with a status, hanging before headers, dropping a
+stream after N chunks. Everything is settable at start and at run time through
+`POST /_control` (never proxied).
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import asyncio
 import hashlib
 import random
 import time
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import orjson
 from aiohttp import web
+
+from sidecar.fakellm.engine import Engine, count_tokens
 
 JSON = "application/json"
 
@@ -37,7 +40,9 @@ class Behaviour:
     max_tokens: int = 16                # default completion length
     cold_start_s: float = 0.0           # /health and the API answer 503 until this passes
     max_concurrency: int = 0            # 0 = unlimited; over it requests queue
-    prefix_cache_entries: int = 4096    # bounded per-pod prefix cache
+    max_num_seqs: int = 0               # vLLM's name for the same limit (wins when set)
+    prefix_cache_entries: int = 4096    # bounded per-pod prefix cache (cached messages)
+    kv_cache_tokens: int = 0            # KV cache size in tokens; 0 = unbounded
     error_rate: float = 0.0             # fraction of requests answered with error_status
     error_status: int = 500
     fail_next: int = 0                  # the next N requests fail with fail_status
@@ -71,11 +76,6 @@ class Counters:
     unknown_model: int = 0  # requests refused with 404: a model this server does not serve
 
 
-def count_tokens(text: str) -> int:
-    # ~4 characters per token, the usual rule of thumb for English text.
-    return max(1, (len(text) + 3) // 4)
-
-
 def _message_text(message: Any) -> str:
     if not isinstance(message, dict):
         return ""
@@ -94,8 +94,7 @@ class FakeLLM:
         self.counters = Counters()
         self.started = time.monotonic()
         self.rng = random.Random(behaviour.seed)
-        self._prefixes: OrderedDict[bytes, None] = OrderedDict()
-        self._slots: asyncio.Semaphore | None = None
+        self.engine = Engine()
         self.last_request: dict[str, Any] | None = None
         self.last_headers: dict[str, str] = {}
         self.paths: dict[str, int] = {}
@@ -112,6 +111,7 @@ class FakeLLM:
         app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/_control", self.get_control)
         app.router.add_post("/_control", self.set_control)
         app.router.add_route("*", "/{tail:.*}", self.echo)
@@ -126,9 +126,20 @@ class FakeLLM:
             return web.Response(status=503, text="warming up")
         return web.Response(text="ok")
 
+    async def metrics(self, request: web.Request) -> web.Response:
+        """vLLM's Prometheus page (see engine.py for the names and the version matched)."""
+        text = self.engine.metrics(self.behaviour.model, self.behaviour.kv_cache_tokens)
+        return web.Response(text=text, content_type="text/plain",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
     async def get_control(self, request: web.Request) -> web.Response:
         return self._json({"name": self.name, "behaviour": asdict(self.behaviour),
                            "counters": asdict(self.counters), "warm": self.warm,
+                           "engine": {"running": self.engine.running,
+                                      "waiting": self.engine.waiting,
+                                      "prefix_cache_queries": self.engine.prefix_queries,
+                                      "prefix_cache_hits": self.engine.prefix_hit_tokens,
+                                      "cached_tokens": self.engine.cached_tokens},
                            "paths": self.paths, "last_request": self.last_request,
                            "last_headers": self.last_headers})
 
@@ -147,12 +158,10 @@ class FakeLLM:
                 self._released.set()
         if "seed" in changes:
             self.rng.seed(self.behaviour.seed)
-        if "max_concurrency" in changes:
-            self._slots = None
         if reset:
             self.counters = Counters()
             self.paths = {}
-            self._prefixes.clear()
+            self.engine.reset()
         if restart:
             self.started = time.monotonic()
         return await self.get_control(request)
@@ -260,31 +269,6 @@ class FakeLLM:
                         for p in (prompt if isinstance(prompt, list) else [prompt])]
         return segments, sum(count_tokens(s) for s in segments)
 
-    def _uncached_tokens(self, segments: list[str]) -> int:
-        """Tokens past the longest message prefix this pod has seen; remembers this prompt."""
-        b = self.behaviour
-        digest = hashlib.blake2b(digest_size=16)
-        keys = []
-        for segment in segments:
-            digest.update(segment.encode() + b"\x00")
-            keys.append(digest.copy().digest())
-        uncached = 0
-        hit = False
-        for key, segment in zip(reversed(keys), reversed(segments), strict=True):
-            if key in self._prefixes:
-                self._prefixes.move_to_end(key)
-                hit = True
-                break
-            uncached += count_tokens(segment)
-        if hit:
-            self.counters.prefix_hits += 1
-        for key in keys:
-            self._prefixes[key] = None
-            self._prefixes.move_to_end(key)
-        while len(self._prefixes) > max(1, b.prefix_cache_entries):
-            self._prefixes.popitem(last=False)
-        return uncached
-
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         body = await self._parse(request)
         if isinstance(body, web.Response):
@@ -293,14 +277,14 @@ class FakeLLM:
         if failure is not None:
             return failure
         b = self.behaviour
-        if b.max_concurrency > 0 and self._slots is None:
-            self._slots = asyncio.Semaphore(b.max_concurrency)
+        segments, prompt_tokens = self._prompt(body, chat)
+        tokens = self._completion_tokens(body, segments)
         self.counters.inflight += 1
         try:
-            if self._slots is not None:
-                async with self._slots:
-                    return await self._answer(request, body, chat)
-            return await self._answer(request, body, chat)
+            async with self.engine.sequence(prompt_tokens + len(tokens),
+                                            b.max_num_seqs or b.max_concurrency,
+                                            b.kv_cache_tokens):
+                return await self._answer(request, body, chat, segments, prompt_tokens, tokens)
         except asyncio.CancelledError:
             self.counters.cancelled += 1
             raise
@@ -322,15 +306,19 @@ class FakeLLM:
         seed = hashlib.blake2b("\x00".join(segments).encode(), digest_size=4).hexdigest()
         return [f"tok{i}-{seed} " if i == 0 else f"tok{i} " for i in range(start, start + n)]
 
-    async def _answer(self, request: web.Request, body: dict[str, Any],
-                      chat: bool) -> web.StreamResponse:
+    async def _answer(self, request: web.Request, body: dict[str, Any], chat: bool,
+                      segments: list[str], prompt_tokens: int, tokens: list[str]
+                      ) -> web.StreamResponse:
         b = self.behaviour
-        segments, prompt_tokens = self._prompt(body, chat)
-        uncached = self._uncached_tokens(segments)
+        engine = self.engine
+        hits_before = engine.prefix_hits
+        uncached = engine.lookup(segments, b.prefix_cache_entries, b.kv_cache_tokens)
+        self.counters.prefix_hits += engine.prefix_hits - hits_before
+        engine.prompt_tokens += prompt_tokens
+        engine.generation_tokens += len(tokens)
         first_token_s = (b.ttft_ms + b.prefill_ms_per_token * uncached) / 1000.0
         if first_token_s > 0:
             await asyncio.sleep(first_token_s)
-        tokens = self._completion_tokens(body, segments)
         model = body.get("model", b.model)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
                  "total_tokens": prompt_tokens + len(tokens)}
@@ -347,6 +335,7 @@ class FakeLLM:
                  "finish_reason": "length", "logprobs": None} if chat else
                 {"index": 0, "text": text, "finish_reason": "length", "logprobs": None})
             self.counters.completed += 1
+            engine.successes += 1
             return self._json({"id": rid, "object": "chat.completion" if chat else
                                "text_completion", "created": created, "model": model,
                                "choices": [choice], "usage": usage})
@@ -409,6 +398,7 @@ class FakeLLM:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         self.counters.completed += 1
+        self.engine.successes += 1
         return response
 
     # -- helpers -------------------------------------------------------------------------

@@ -1,0 +1,123 @@
+"""Sticky until saturated: where a new session starts and when a session leaves its pod.
+Pure: pod loads (or None when unknown) and numbers in, an index or None out.
+
+Thresholds, and why:
+- A pod is *saturated* when it queues at least one request (`SATURATED_WAITING`) or its KV
+  cache is ≥ 90 % in use (`SATURATED_KV`). vLLM queues only when all `max_num_seqs` slots
+  are busy or the KV cache has no room, so any queue means the next call waits for a whole
+  running request to finish; at ≥ 90 % KV the next long prompt is what triggers preemption.
+- The wait a move avoids is Little's law on the queue: the call waits for the `waiting + 1`
+  completions ahead of it at the rate the pod completes requests (measured between
+  scrapes); before a rate is known, `FALLBACK_REQUEST_S` per running slot is assumed.
+- Moving costs re-prefilling the conversation on the new pod: `prompt_tokens /
+  PREFILL_TOKENS_PER_S`. 10 000 tokens/s is the low end of one vLLM replica's prefill
+  rate for an 8B model on a modern GPU; choosing it low makes moves rarer, never eager.
+- The target must be unsaturated and have room for the call (`running + waiting + 1 ≤` the
+  source's running count), so equal pods never trade sessions and a move can never be
+  answered by a move back: the source is saturated, the target is not, and a move back
+  would need the reverse.
+- A new session goes to the first of its `NEW_SESSION_CHOICES` rendezvous choices that is
+  unsaturated and within the bounded-load factor of the pool's mean load; if none is, to
+  the least loaded of them. Load is requests on the pod (running + waiting) weighted by how
+  long the pod takes per request (Little's law: running / completion rate) relative to the
+  pool's median, so a pod at half speed counts its sessions twice. Three choices keep a
+  session's pod predictable (every sidecar sees the same loads and picks the same) while
+  giving a hot pod two ways out — the power of two choices, plus one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from sidecar.podload import PodLoad
+
+SATURATED_WAITING = 1.0
+SATURATED_KV = 0.9
+PREFILL_TOKENS_PER_S = 10_000.0
+FALLBACK_REQUEST_S = 1.0
+NEW_SESSION_CHOICES = 3
+BYTES_PER_TOKEN = 4  # a request body's bytes → prompt tokens (JSON overhead included)
+
+
+def saturated(load: PodLoad | None) -> bool:
+    return load is not None and (load.waiting >= SATURATED_WAITING
+                                 or load.kv_usage >= SATURATED_KV)
+
+
+def expected_wait_s(load: PodLoad | None) -> float:
+    """How long a call sent there now waits before it runs (0 when the pod has room)."""
+    if not saturated(load):
+        return 0.0
+    assert load is not None
+    ahead = load.waiting + 1
+    if load.rate > 0:
+        return ahead / load.rate
+    return ahead * FALLBACK_REQUEST_S / max(load.running, 1.0)
+
+
+def reprefill_s(prompt_tokens: int) -> float:
+    return prompt_tokens / PREFILL_TOKENS_PER_S
+
+
+def choose_move(current: PodLoad | None, others: Sequence[PodLoad | None],
+                prompt_tokens: int) -> int | None:
+    """Index into `others` (the pool's other ready pods, rendezvous order) to move the
+    session to, or None to stay."""
+    if not saturated(current):
+        return None
+    assert current is not None
+    gain = expected_wait_s(current)  # an unsaturated target's own wait is 0
+    if gain <= reprefill_s(prompt_tokens):
+        return None
+    best: int | None = None
+    best_load = math.inf
+    for i, load in enumerate(others):
+        if load is None or saturated(load):
+            continue
+        occupancy = load.running + load.waiting
+        if occupancy + 1 > current.running:
+            continue  # not clearly less loaded: no free slot for this call
+        if occupancy + load.kv_usage < best_load:
+            best, best_load = i, occupancy + load.kv_usage
+    return best
+
+
+def occupancy(load: PodLoad | None, local_inflight: int) -> float:
+    """Requests on the pod: the fleet view when known, never less than this sidecar's own."""
+    if load is None:
+        return float(local_inflight)
+    return max(load.running + load.waiting, float(local_inflight))
+
+
+def service_s(load: PodLoad | None) -> float | None:
+    """Mean time a request runs on the pod (Little's law on the running set), if known."""
+    if load is None or load.rate <= 0 or load.running <= 0:
+        return None
+    return load.running / load.rate
+
+
+def slowness(loads: Sequence[PodLoad | None]) -> list[float]:
+    """Each pod's time per request over the pool's median (1.0 when unknown)."""
+    known = sorted(s for s in map(service_s, loads) if s is not None)
+    if len(known) < 2:
+        return [1.0] * len(loads)
+    median = known[len(known) // 2]
+    return [1.0 if (s := service_s(load)) is None else s / median for load in loads]
+
+
+def choose_new(loads: Sequence[PodLoad | None], local_inflight: Sequence[int],
+               load_factor: float) -> int:
+    """Index of a new session's pod among the ready pods in its rendezvous order."""
+    n = len(loads)
+    if n <= 1:
+        return 0
+    weights = slowness(loads)
+    scores = [occupancy(load, local) * weight for load, local, weight
+              in zip(loads, local_inflight, weights, strict=True)]
+    first = min(n, NEW_SESSION_CHOICES)
+    bound = math.ceil(load_factor * (sum(scores) + 1) / n) if load_factor > 0 else math.inf
+    for i in range(first):
+        if not saturated(loads[i]) and scores[i] + weights[i] <= bound:
+            return i
+    return min(range(first), key=lambda i: (expected_wait_s(loads[i]), scores[i], i))

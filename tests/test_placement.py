@@ -1,0 +1,153 @@
+"""Sticky until saturated, as pure decisions, and the metrics parser that feeds them."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sidecar.fakellm.engine import Engine
+from sidecar.placement import (
+    SATURATED_KV,
+    choose_move,
+    choose_new,
+    expected_wait_s,
+    reprefill_s,
+    saturated,
+)
+from sidecar.podload import MetricsParseError, PodLoad, parse_metrics, with_rate
+
+
+def load(running: float = 0, waiting: float = 0, kv: float = 0.0, rate: float = 0.0
+         ) -> PodLoad:
+    return PodLoad(running, waiting, kv, 1000.0, "metrics", 0.0, rate)
+
+
+loads = st.builds(load, st.integers(0, 64), st.integers(0, 64),
+                  st.floats(0, 1), st.floats(0, 50))
+prompts = st.integers(0, 200_000)
+
+
+@given(loads, st.integers(1, 7), prompts)
+def test_no_session_moves_when_all_pods_are_equally_loaded(pod, others, prompt):
+    assert choose_move(pod, [pod] * others, prompt) is None
+
+
+@given(loads, loads, prompts)
+def test_moves_never_oscillate(a, b, prompt):
+    """If a session would move A → B, a session on B never moves back to A."""
+    if choose_move(a, [b], prompt) == 0:
+        assert choose_move(b, [a], prompt) is None
+
+
+@given(loads, st.lists(loads, min_size=1, max_size=7), prompts)
+def test_a_move_only_when_the_avoided_wait_exceeds_the_reprefill(current, others, prompt):
+    index = choose_move(current, others, prompt)
+    if index is not None:
+        assert saturated(current) and not saturated(others[index])
+        assert expected_wait_s(current) - expected_wait_s(others[index]) > reprefill_s(prompt)
+        assert others[index].running + others[index].waiting + 1 <= current.running
+
+
+def test_a_queued_pod_moves_a_short_conversation_to_an_idle_one():
+    hot = load(running=8, waiting=6, kv=0.5, rate=4.0)  # wait ≈ 7 / 4 s = 1.75 s
+    assert choose_move(hot, [load(running=8, waiting=1), load(running=2)], 2_000) == 1
+
+
+def test_a_long_conversation_stays_when_reprefilling_costs_more_than_the_queue():
+    hot = load(running=8, waiting=1, rate=8.0)   # wait ≈ 2 / 8 s = 0.25 s
+    assert choose_move(hot, [load(running=0)], 2_000) == 0   # 0.2 s to re-prefill
+    assert choose_move(hot, [load(running=0)], 50_000) is None  # 5 s to re-prefill
+
+
+def test_a_pod_with_room_keeps_its_sessions():
+    assert choose_move(load(running=7, kv=0.5), [load()], 0) is None
+    assert choose_move(None, [load()], 0) is None
+
+
+def test_full_kv_cache_is_saturation():
+    assert saturated(load(running=3, kv=SATURATED_KV))
+    assert choose_move(load(running=3, kv=0.95), [load(running=1)], 10) == 0
+
+
+@given(st.lists(st.integers(0, 20), min_size=2, max_size=8))
+def test_new_sessions_keep_their_first_choice_when_pods_are_equal(counts):
+    n = counts[0]
+    pods = [load(running=n)] * len(counts)
+    assert choose_new(pods, [0] * len(counts), 1.25) == 0
+
+
+def test_new_sessions_avoid_a_saturated_first_choice():
+    pods = [load(running=8, waiting=5), load(running=3), load(running=2), load()]
+    assert choose_new(pods, [0, 0, 0, 0], 1.25) == 1
+
+
+def test_new_sessions_look_only_at_their_first_three_choices():
+    pods = [load(running=8, waiting=5)] * 3 + [load()]
+    assert choose_new(pods, [0] * 4, 1.25) in (0, 1, 2)
+
+
+def test_without_a_load_view_the_local_in_flight_counts_bound_the_load():
+    assert choose_new([None, None, None], [9, 0, 0], 1.25) == 1
+    assert choose_new([None, None], [0, 0], 1.25) == 0
+
+
+# -- the metrics page --------------------------------------------------------------------
+
+VLLM_PAGE = b"""# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 5.0
+vllm:num_requests_running{engine="1",model_name="m"} 3.0
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="m"} 2.0
+vllm:num_requests_waiting{engine="1",model_name="m"} 0.0
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.5
+vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.7
+vllm:request_success_total{engine="0",finished_reason="stop",model_name="m"} 10.0
+vllm:request_success_total{engine="0",finished_reason="length",model_name="m"} 2.0
+vllm:num_requests_running_created 1.7e9
+process_cpu_seconds_total 12.5
+"""
+
+
+def test_parser_sums_engines_and_averages_kv_usage():
+    parsed = parse_metrics(VLLM_PAGE, 5.0)
+    assert (parsed.running, parsed.waiting, parsed.kv_usage, parsed.completed) == \
+        (8.0, 2.0, pytest.approx(0.6), 12.0)
+
+
+def test_parser_reads_the_pre_v1_kv_gauge():
+    page = (b"vllm:num_requests_running 1\nvllm:num_requests_waiting 0\n"
+            b'vllm:gpu_cache_usage_perc{model_name="m"} 0.25\n')
+    assert parse_metrics(page, 0).kv_usage == 0.25
+
+
+@pytest.mark.parametrize("page", [b"", b'{"object": "list"}', b"vllm:num_requests_running x\n",
+                                  b"vllm:num_requests_running{a=\"1\" 3\n",
+                                  b"vllm:num_requests_running 1\n"])
+def test_parser_refuses_what_is_not_a_vllm_page(page):
+    with pytest.raises(MetricsParseError):
+        parse_metrics(page, 0)
+
+
+def test_parser_reads_fake_llms_own_page():
+    engine = Engine()
+    engine.lookup(["a" * 400], 4096, 0)
+    page = engine.metrics('model "x"', 1000).encode()
+    parsed = parse_metrics(page, 0)
+    assert (parsed.running, parsed.waiting, parsed.kv_usage) == (0.0, 0.0, 0.0)
+
+
+def test_completion_rate_is_measured_between_scrapes():
+    first = PodLoad(1, 0, 0, 10.0, "metrics", 100.0)
+    second = PodLoad(1, 0, 0, 12.0, "metrics", 110.0)
+    assert with_rate(first, second).rate == 5.0
+    restarted = PodLoad(1, 0, 0, 14.0, "metrics", 3.0)
+    assert with_rate(second, restarted).rate == 0.0
+
+
+def test_a_pod_at_half_speed_counts_its_sessions_twice_for_new_sessions():
+    # Same requests on each pod, but the first completes them at half the rate.
+    slow, fast = load(running=4, rate=2.0), load(running=4, rate=4.0)
+    assert choose_new([slow, fast, fast, fast], [0] * 4, 1.25) == 1
+    assert choose_new([fast, slow, fast, fast], [0] * 4, 1.25) == 0
