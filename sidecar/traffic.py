@@ -30,7 +30,7 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -264,11 +264,7 @@ async def read_pod_load(client: Any, pools: Iterable[str], now: float
             waiting += parsed[1]
             kv = max(kv, parsed[2])
         view[pool] = PoolLoad(pods, running, waiting, kv)
-    if stale:
-        async with client.pipeline(transaction=False) as pipe:
-            for pool, endpoints in stale.items():
-                pipe.hdel(pod_load_key(pool), *endpoints)
-            await pipe.execute()
+    await _prune(client, pod_load_key, stale)
     return view
 
 
@@ -303,9 +299,16 @@ async def read_traffic(client: Any, pools: Iterable[str], now: float, buckets: i
             pods += 1
             inflight += int(count)
         view[pool] = PoolTraffic(pods, inflight, requests, rates)
-    if stale:
-        async with client.pipeline(transaction=False) as pipe:
-            for pool, pods_ in stale.items():
-                pipe.hdel(inflight_key(pool), *pods_)
-            await pipe.execute()
+    await _prune(client, inflight_key, stale)
     return view
+
+
+async def _prune(client: Any, key_of: Callable[[str], str], stale: dict[str, list[bytes]]
+                 ) -> None:
+    """Delete stale report fields (per pool) in one pipelined write."""
+    if not stale:
+        return
+    async with client.pipeline(transaction=False) as pipe:
+        for pool, fields in stale.items():
+            pipe.hdel(key_of(pool), *fields)
+        await pipe.execute()

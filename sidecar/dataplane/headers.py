@@ -17,15 +17,6 @@ REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"http2-sett
 RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
 
 
-def connection_named(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """Every header name listed in any `Connection` header (lowercased)."""
-    named: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            named.update(token.strip().lower() for token in value.split(b","))
-    return frozenset(named)
-
-
 def header_block(headers: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes],
                  connection: bytes | None = None) -> bytes:
     """`Name: value\\r\\n` lines of `headers` minus `drop` and the fields `connection` (the

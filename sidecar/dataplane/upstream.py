@@ -53,7 +53,6 @@ class HttpUpstream:
         self.idle_timeout = idle_timeout
         self.tls = tls if tls is not None else ssl.create_default_context()
         self.closing = False
-        self.connections_opened = 0
         self._origins: dict[str, Origin] = {}
         self.watched: set[Connection] = set()  # leased: deadlines checked by the tick
         self._sweeper = self.loop.create_task(self._sweep_forever())
@@ -139,14 +138,10 @@ class HttpUpstream:
         except BaseException:
             origin.in_use -= 1
             raise
-        self.connections_opened += 1
         return conn
 
     def in_use(self) -> int:
         return sum(origin.in_use for origin in self._origins.values())
-
-    def idle(self) -> int:
-        return sum(len(origin.idle) for origin in self._origins.values())
 
     async def _sweep_forever(self) -> None:
         while True:
