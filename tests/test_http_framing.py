@@ -249,6 +249,32 @@ async def test_requests_after_connection_close_are_not_processed(sidecar, upstre
     assert [r.target for r in upstream.requests] == [b"/first"]
 
 
+@pytest.mark.parametrize("garbage", [
+    b"GET /x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",  # refused by the sidecar's checks
+    b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n"
+    b"\r\n0\r\n\r\n",  # refused by llhttp itself
+], ids=["two-hosts", "content-length-and-chunked"])
+async def test_garbage_behind_a_request_in_flight_lets_its_answer_finish_then_closes(
+        sidecar, upstreams, garbage):
+    # A malformed request pipelined behind a slow one: the first answer arrives whole (the
+    # refusal does not cut it), nothing of the garbage is forwarded, then the close.
+    async def respond(conn: Conn, request: Message) -> bool:
+        await asyncio.sleep(0.2)
+        await conn.send(response(request.target))
+        return True
+
+    running, upstream = await proxied(sidecar, upstreams, respond)
+    client = await Client.open(running.port)
+    try:
+        await client.send(get(b"/slow") + garbage)
+        answer = await client.final()
+        assert answer.status == 200 and answer.body == b"/slow" and answer.complete
+        assert await client.closed(), "the connection stays open after garbage"
+    finally:
+        client.close()
+    assert [r.target for r in upstream.requests] == [b"/slow"]
+
+
 async def test_upgrade_h2c_is_ignored_and_the_request_served_over_http_1_1(sidecar,
                                                                            upstreams):
     running, upstream = await proxied(sidecar, upstreams, always(echo_target))

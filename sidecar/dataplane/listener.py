@@ -109,13 +109,6 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
             self._refuse(cause if isinstance(cause, Refused) else
                          Refused(400, "bad_request", str(exc)))
         except httptools.HttpParserError as exc:
-            if self._queue or self.task is not None:
-                # Bytes after a request that asked to close, or garbage behind a good one:
-                # answer what came whole, forward nothing more, then close.
-                self._unreadable = True
-                if self.transport is not None:
-                    self.transport.pause_reading()
-                return
             self._refuse(Refused(400, "bad_request", f"malformed HTTP request: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -279,10 +272,16 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
 
     def _refuse(self, refused: Refused) -> None:
         self.listener.refused += 1
-        if self.task is None:  # else the answer in flight comes first, then the close
-            self.keep_alive = False
-            self.started = False
-            self.respond(refused.status, error_body(str(refused), refused.code))
+        if self.task is not None or self._queue:
+            # Bytes after a request that asked to close, or garbage behind good requests:
+            # answer what came whole, forward nothing more, then close (in `_serve`).
+            self._unreadable = True
+            if self.transport is not None:
+                self.transport.pause_reading()
+            return
+        self.keep_alive = False
+        self.started = False
+        self.respond(refused.status, error_body(str(refused), refused.code))
         self._close()
 
     def timed_out(self) -> None:
