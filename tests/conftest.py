@@ -15,10 +15,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from sidecar.config import load_settings
 from sidecar.fakellm import Behaviour, FakeLLM, start_fake_llm
 from sidecar.server import Running, start
+from tests.fake_nomad import FakeNomad
 from tests.redis_server import Monitor, RedisServer, free_port, redis_binary, redis_version
 
 REDIS_FIXTURES = {"redis_server", "monitor"}
@@ -239,3 +241,16 @@ def sidecar_process() -> Iterator[Callable[[dict[str, str]], SidecarProcess]]:
             process.stop()
         if process.process is not None and process.process.poll() is None:
             process.process.kill()
+
+
+@pytest.fixture
+async def nomad() -> AsyncIterator[FakeNomad]:
+    """A fake Nomad on loopback (`nomad.addr`), stopped after the test."""
+    fake = FakeNomad()
+    runner = web.AppRunner(fake.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    fake.addr = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    yield fake
+    await runner.cleanup()

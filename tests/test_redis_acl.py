@@ -9,12 +9,10 @@ import json
 import os
 import re
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import redis
-from aiohttp import web
 
 from sidecar.scaler.nomad import NomadClient
 from sidecar.scaler.service import Scaler
@@ -24,7 +22,7 @@ from sidecar.traffic import inflight_key, read_traffic
 from tests.conftest import admin, chat, pool
 from tests.redis_server import RedisServer
 from tests.test_redis_topologies import start_cluster
-from tests.test_scaler import FakeNomad, settings
+from tests.test_scaler import settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,18 +57,6 @@ def create_users(server: RedisServer, *extra: str, passwords: dict[str, str] | N
 
 def refusals(server: RedisServer) -> list[dict[str, object]]:
     return server.client().execute_command("ACL", "LOG")
-
-
-@pytest.fixture
-async def nomad() -> AsyncIterator[FakeNomad]:
-    fake = FakeNomad()
-    runner = web.AppRunner(fake.app())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    fake.addr = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-    yield fake
-    await runner.cleanup()
 
 
 async def wait_for(condition, what: str, timeout: float = 10.0) -> None:

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from aiohttp import web
 
 from sidecar.config import ConfigError
 from sidecar.scaler.config import load_scaler_settings
@@ -25,74 +24,8 @@ from sidecar.store import LEVEL_KEY
 from sidecar.telemetry import Telemetry
 from sidecar.traffic import BUCKET_S, Traffic
 from tests.conftest import chat, pool
+from tests.fake_nomad import TOKEN
 from tests.redis_server import Monitor
-
-TOKEN = "nomad-secret-token"
-
-
-class FakeNomad:
-    """Nomad's scale endpoints, as documented."""
-
-    def __init__(self) -> None:
-        self.desired = {("llm-small", "server"): 2}
-        self.healthy = {("llm-small", "server"): 2}
-        self.active_deployment = False
-        self.calls: list[dict[str, Any]] = []
-        self.queries: list[dict[str, str]] = []
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/v1/job/{job}/scale", self.status)
-        app.router.add_post("/v1/job/{job}/scale", self.scale)
-        return app
-
-    def _denied(self, request: web.Request) -> web.Response | None:
-        self.queries.append(dict(request.query))
-        if request.headers.get("X-Nomad-Token") != TOKEN:
-            return web.Response(status=403, text="Permission denied")
-        return None
-
-    async def status(self, request: web.Request) -> web.Response:
-        denied = self._denied(request)
-        if denied:
-            return denied
-        job = request.match_info["job"]
-        groups = {g: {"Desired": n, "Placed": n, "Running": n,
-                      "Healthy": self.healthy[(j, g)], "Unhealthy": 0, "Events": None}
-                  for (j, g), n in self.desired.items() if j == job}
-        if not groups:
-            return web.Response(status=404, text="job not found")
-        return web.json_response({"JobID": job, "JobCreateIndex": 10, "JobModifyIndex": 20,
-                                  "JobStopped": False, "TaskGroups": groups})
-
-    async def scale(self, request: web.Request) -> web.Response:
-        denied = self._denied(request)
-        if denied:
-            return denied
-        body = await request.json()
-        job = request.match_info["job"]
-        if self.active_deployment:
-            return web.Response(status=400,
-                                text="job scaling blocked due to active deployment")
-        group = body["Target"]["Group"]
-        self.calls.append({"job": job, **body})
-        self.desired[(job, group)] = body["Count"]
-        return web.json_response({"EvalID": f"eval-{len(self.calls)}", "EvalCreateIndex": 30,
-                                  "JobModifyIndex": 31, "Warnings": "", "Index": 31,
-                                  "LastContact": 0, "KnownLeader": False})
-
-
-@pytest.fixture
-async def nomad():
-    fake = FakeNomad()
-    runner = web.AppRunner(fake.app())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    fake.addr = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-    yield fake
-    await runner.cleanup()
-
 
 POOLS = {"small": {"job": "llm-small", "group": "server", "min": 1, "max": 10,
                    "replica_tokens_per_s": 1000, "cold_start_s": 600}}

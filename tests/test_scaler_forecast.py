@@ -20,7 +20,7 @@ from sidecar.traffic import (
     pod_load_key,
     read_pod_load,
 )
-from tests.test_scaler import make_scaler, nomad, report_traffic  # noqa: F401 (fixtures)
+from tests.test_scaler import make_scaler, report_traffic  # noqa: F401 (fixtures)
 
 
 async def write_pod_load(redis_server, pool: str, values: dict[str, str]) -> None:
