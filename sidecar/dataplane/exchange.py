@@ -180,7 +180,8 @@ class Proxy:
                 prompt, completion = usage or (len(payload) // 4, len(answer.body) // 4)
                 self.events.tokens(pool.name, pool.model, prompt, completion)
                 return reply.status, pool.name, pool.model
-            relay = Relay(down, self.events, pool.name, pool.model, request.received_at, None)
+            relay = Relay(down, self.events, pool.name, pool.model, request.received_at,
+                          _transcript(request, answer))
             await self._relay(request, down, route, answer, relay, head, local)
             prompt, completion = relay.tokens(len(payload))
             self.events.tokens(pool.name, pool.model, prompt, completion,
@@ -209,11 +210,7 @@ class Proxy:
                      relay: Relay, head: bytes, local: bool) -> None:
         reply, payload = answer.reply, answer.payload
         pool = answer.pool
-        transcript = Transcript() if (
-            pool.config.resume and answer.sse and reply.status == 200
-            and request.method == b"POST" and request.target.split(b"?", 1)[0].endswith(
-                b"/chat/completions")) else None
-        relay.transcript = transcript
+        transcript = relay.transcript
         # The head, what was held and (when the whole body is already here) the end leave
         # in one write; later chunks go out as they arrive.
         down.cork()
@@ -309,6 +306,15 @@ class Proxy:
         return (f"no ready endpoint in pool {route.pool!r} or its fallback chain {pools[1:]} "
                 f"({states}): pods may still be starting (a cold start) or were ejected "
                 "after failures; GET /endpoints on the admin listener shows their states")
+
+
+def _transcript(request: Request, answer: Answer) -> Transcript | None:
+    """A transcript for a stream that may be resumed: a chat stream of a `resume` pool."""
+    if answer.pool.config.resume and answer.sse and answer.reply.status == 200 and \
+            request.method == b"POST" and \
+            request.target.split(b"?", 1)[0].endswith(b"/chat/completions"):
+        return Transcript()
+    return None
 
 
 def _seconds(value: float | None) -> str:
