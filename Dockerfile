@@ -6,7 +6,7 @@ WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
 COPY sidecar ./sidecar
 RUN python -m venv /opt/llm-sidecar \
- && /opt/llm-sidecar/bin/pip install --no-cache-dir -c constraints.txt . \
+ && PIP_CONSTRAINT=/src/constraints.txt /opt/llm-sidecar/bin/pip install --no-cache-dir . \
  && find /opt/llm-sidecar -name '__pycache__' -prune -exec rm -rf {} +
 
 FROM python:3.13-slim-bookworm

@@ -3,8 +3,10 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# Every install takes the versions CI tested (constraints.txt), the build backend included.
+PIP    := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(BIN)/pip
 
-.PHONY: run test lint dev clean
+.PHONY: run test lint dev clean lock
 
 run: $(VENV)/.runtime
 	$(BIN)/llm-sidecar demo
@@ -20,15 +22,25 @@ dev: $(VENV)/.dev
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(PIP) install --quiet pip
 
-$(VENV)/.runtime: pyproject.toml | $(VENV)/bin/python
-	$(BIN)/pip install --quiet -e .
+$(VENV)/.runtime: pyproject.toml constraints.txt | $(VENV)/bin/python
+	$(PIP) install --quiet -e .
 	touch $@
 
-$(VENV)/.dev: pyproject.toml | $(VENV)/bin/python
-	$(BIN)/pip install --quiet -e '.[dev]'
+$(VENV)/.dev: pyproject.toml constraints.txt | $(VENV)/bin/python
+	$(PIP) install --quiet -e '.[dev]'
 	touch $(VENV)/.runtime $@
+
+# After changing pyproject.toml: resolve the newest versions its ranges allow, write them to
+# constraints.txt, then run the suite (3.11 and 3.13) before committing the new lock.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip setuptools wheel
+	.lock-venv/bin/pip install --quiet '.[dev]'
+	{ sed -n '1,/^pip==/p' constraints.txt | sed '$$d'; \
+	  .lock-venv/bin/pip freeze --all --exclude llm-sidecar | LC_ALL=C sort -f; } > constraints.new
+	mv constraints.new constraints.txt && rm -rf .lock-venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis *.egg-info
