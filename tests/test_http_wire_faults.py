@@ -340,10 +340,14 @@ async def test_a_refused_header_value_is_a_400_naming_the_header(sidecar, upstre
 # --- a handler that ends without answering --------------------------------------------
 
 
-async def test_a_handler_cancelled_before_answering_gives_a_500_and_a_close(sidecar, upstreams):
+@pytest.mark.parametrize("corked", [False, True], ids=["plain", "corked"])
+async def test_a_handler_cancelled_before_answering_gives_a_500_and_a_close(sidecar, upstreams,
+                                                                            corked):
     running, _ = await proxied(sidecar, upstreams, always(echo_target))
 
     async def cancelled(request, down) -> None:
+        if corked:  # as the relay does before its head: the 500 must not stay held
+            down.cork()
         raise asyncio.CancelledError
 
     running.listener.handle = cancelled

@@ -337,8 +337,8 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
             # a clear end: an error if nothing was sent yet, else an aborted connection.
             self.task = None
             self.source = None
-            if not self.closed:  # closed: the app went away, which cancelled this
-                self._unanswered(exc)
+            if not (self.closed and isinstance(exc, asyncio.CancelledError)):
+                self._unanswered(exc)  # (else the app went away, which cancelled this)
             if not isinstance(exc, (Exception, asyncio.CancelledError)):
                 raise
             return
@@ -376,6 +376,7 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
         self.keep_alive = False
         if not self.started:
             self.respond(500, error_body("internal error in the sidecar", "internal_error"))
+        self.uncork()  # what the handler held back goes out before the close
         self._close()
 
     def _refuse(self, refused: Refused) -> None:
