@@ -198,6 +198,8 @@ class Sidecar:
                       "\n  ".join(exc.problems))
             return False
         changes = self.pools.apply(settings.pools, settings.api_keys)
+        if self.upstream is not None:  # removed endpoints' pooled connections go too
+            self.upstream.retain({e.url for e in self.pools.all_endpoints()})
         self.settings = settings
         self.router.settings = settings
         self.prober.sync()

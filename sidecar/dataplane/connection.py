@@ -26,6 +26,10 @@ WRITE_LOW = 16 * 1024
 _BODYLESS = (204, 304)
 
 
+class _Unasked(Exception):
+    """A response began where none was asked for."""
+
+
 class Connection(asyncio.Protocol):
     """One upstream connection; while leased, the reply to the request it carries."""
 
@@ -89,6 +93,8 @@ class Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError:
+            # After a whole answer (`_Unasked`, or garbage behind it) the reply stands and
+            # `_fail` keeps it; only the connection goes.
             self._fail(Outcome.CONNECT_ERROR if self._head is not None
                        and not self._head.done() else Outcome.BROKEN_STREAM)
             self._close()
@@ -96,6 +102,9 @@ class Connection(asyncio.Protocol):
         if self.head_only and self.finished:
             # llhttp cannot know a HEAD response has no body: start the next one afresh.
             self._parser = httptools.HttpResponseParser(self)
+            if self.body:  # it read bytes after the head as a body: nobody's answer
+                self.body = []
+                self._close()
 
     def eof_received(self) -> bool:
         return False
@@ -125,6 +134,13 @@ class Connection(asyncio.Protocol):
         pass
 
     # -- parser callbacks --------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self.finished:
+            # Bytes after the whole answer, before this lease ends: not an answer to
+            # anything we sent. Parsing stops here (the reply stays exactly the first
+            # response) and `data_received` closes the connection: out of step, never reused.
+            raise _Unasked
+
     def on_status(self, reason: bytes) -> None:
         self._reason.append(reason)
 
@@ -226,7 +242,7 @@ class Connection(asyncio.Protocol):
         origin.in_use -= 1
         if self.finished and self.outcome is None and self.keep_alive and \
                 self.transport is not None and not self.transport.is_closing() and \
-                not self.owner.closing:
+                not self.owner.closing and not origin.retired:
             self.resume()
             self.body = []
             self.idle_since = self.loop.time()

@@ -34,6 +34,7 @@ class ResponseWriter:
     started: bool
     source: Reply | None
     _version: tuple[int, int]
+    _answered: bool  # the answer was written whole, or the connection aborted
     _chunked: bool
     _close_delimited: bool
     _corked: list[bytes] | None
@@ -46,6 +47,7 @@ class ResponseWriter:
     def _response_reset(self, head_only: bool) -> None:
         self.head_only = head_only
         self.started = False
+        self._answered = False
         self._corked: list[bytes] | None = None
         self._chunked = False
         self._close_delimited = False
@@ -75,6 +77,7 @@ class ResponseWriter:
 
     def send(self, status: int, reason: bytes, headers: bytes, length: int | None,
              body: bytes) -> None:
+        self._answered = True
         self.start(status, reason, headers, length, body)
 
     def write(self, data: bytes) -> None:
@@ -94,6 +97,7 @@ class ResponseWriter:
             self._out(data)
 
     def end(self) -> None:
+        self._answered = True
         if self.closed:
             return
         if self._chunked and not self.head_only:
@@ -103,12 +107,14 @@ class ResponseWriter:
             self._close()
 
     def abort(self) -> None:
+        self._answered = True
         self.keep_alive = False
         self.uncork()
         self._close()
 
     def respond(self, status: int, body: bytes, headers: bytes = b"") -> None:
         self.started = True
+        self._answered = True
         close = b"" if self.keep_alive else b"Connection: close\r\n"
         if self.transport is not None and not self.closed:
             self._write_head(b"%sContent-Type: application/json\r\n%sContent-Length: %d\r\n"

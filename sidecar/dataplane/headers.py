@@ -40,3 +40,24 @@ def get(headers: Headers, name: bytes) -> bytes | None:
         if key.lower() == name:
             return value
     return None
+
+
+# RFC 9110 §5.5: a field value is visible characters, obs-text, space and tab.
+_VALUE_BAD = bytes(c for c in range(256) if (c < 0x20 and c != 0x09) or c == 0x7F)
+# RFC 9110 §5.6.2: a field name is a token.
+_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def refused_header(head: bytes) -> bytes | None:
+    """The name of the first header line in `head` (a request head, possibly cut or with
+    bytes before it) whose value holds a character HTTP forbids, as sent; None if none
+    does. The parser only says *what* it refused; this says *where*, for the error."""
+    for line in head.split(b"\n"):
+        name, colon, value = line.partition(b":")
+        if not colon or not name or not _TOKEN.issuperset(name):
+            continue
+        if value.endswith(b"\r"):
+            value = value[:-1]
+        if len(value.translate(None, _VALUE_BAD)) != len(value):
+            return name
+    return None

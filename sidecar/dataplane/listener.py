@@ -1,7 +1,8 @@
 """HTTP/1.1 from the app on an asyncio protocol with httptools' request parser (llhttp):
-framing checks (nothing ambiguous is ever forwarded), header and body limits, a deadline
-for the request head, Expect, pipelining in order, flow control. Each connection is the
-`Downstream` of the request it is answering."""
+framing checks (nothing ambiguous is ever forwarded), header and body limits, deadlines
+for the request head and a stalled body, Expect, upgrades declined, half-close, pipelining
+in order, flow control. Each connection is the `Downstream` of the request it is
+answering."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Any
 import httptools
 
 from sidecar.dataplane.downstream import WRITE_HIGH, WRITE_LOW, ResponseWriter
-from sidecar.dataplane.headers import REQUEST_DROP, Headers, header_block
+from sidecar.dataplane.headers import REQUEST_DROP, Headers, header_block, refused_header
 from sidecar.dataplane.seam import Reply, Request
 from sidecar.errors import error_body
 
@@ -29,6 +30,11 @@ MAX_HEAD_BYTES = MAX_LINE * MAX_HEADERS
 # The request head must arrive within this (slowloris); idle keep-alive connections close
 # after KEEPALIVE_S.
 HEAD_TIMEOUT_S = 10.0
+# A body that stops arriving: 408 once no byte came for this long (checked by the same
+# sweep, so the bound is between this and twice this, plus a sweep). The same order as the
+# head's: a client that is still sending never waits on it, and one that stalled holds a
+# connection (and a buffered partial body) for at most ~20 s.
+BODY_IDLE_S = 10.0
 KEEPALIVE_S = 75.0
 SWEEP_S = 1.0
 SELECTOR_HEADER = b"x-sidecar-selector"
@@ -48,11 +54,13 @@ class Refused(Exception):
 
 
 class ClientConnection(ResponseWriter, asyncio.Protocol):
-    __slots__ = ("_begun_at", "_body", "_body_size", "_chunked", "_close_delimited", "_connection",
-                 "_corked", "_expect", "_forward", "_head_bytes", "_headers", "_hosts", "_in_head",
-                 "_parser", "_queue", "_selector", "_session", "_te", "_unreadable", "_url",
-                 "_version", "closed", "connection_id", "deadline", "head_only", "keep_alive",
-                 "listener", "source", "started", "task", "transport")
+    __slots__ = ("_answered", "_begun_at", "_body", "_body_seen", "_body_size", "_chunked",
+                 "_close_delimited", "_connection", "_corked", "_expect", "_forward",
+                 "_half_closed", "_head_bytes", "_head_tail", "_headers", "_hosts", "_in_body",
+                 "_in_head", "_parser", "_queue", "_resume", "_selector", "_session", "_stash",
+                 "_te", "_unreadable", "_url", "_version", "closed", "connection_id",
+                 "deadline", "head_only", "keep_alive", "listener", "source", "started", "task",
+                 "transport")
 
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
@@ -65,7 +73,12 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
         self.deadline = time.monotonic() + KEEPALIVE_S
         self.source: Reply | None = None
         self._in_head = False
+        self._in_body = False
+        self._half_closed = False  # the app's FIN came while its answer was awaited
         self._head_bytes = 0
+        self._head_tail = b""  # a head's last, unfinished line when it spans reads
+        self._resume: bytes | None = None  # see `_decline_upgrade`
+        self._stash: tuple[list[bytes], Headers, list[bytes]] | None = None
         self._unreadable = False  # the parser failed behind a whole request
         self._version = (1, 1)
         self._begun_at = 0.0
@@ -99,17 +112,65 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            # An upgrade we do not take (h2c from Java clients): the request was whole; a
-            # fresh parser reads whatever follows as HTTP/1.1 again.
-            self._parser = httptools.HttpRequestParser(self)
-            if rest := data[upgrade.args[0]:]:
-                self.data_received(rest)
+            self._decline_upgrade(data[upgrade.args[0]:])
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             self._refuse(cause if isinstance(cause, Refused) else
                          Refused(400, "bad_request", str(exc)))
         except httptools.HttpParserError as exc:
-            self._refuse(Refused(400, "bad_request", f"malformed HTTP request: {exc}"))
+            self._refuse(self._malformed(data, exc) if self._in_head else
+                         Refused(400, "bad_request", f"malformed HTTP request: {exc}"))
+        else:
+            if self._in_head:  # a head in pieces: keep its unfinished line (for `_malformed`)
+                tail = self._head_tail + data
+                self._head_tail = tail[tail.rfind(b"\n") + 1:]
+
+    def eof_received(self) -> bool:
+        # A FIN is a half-close ("that was my last request": batch clients, `nc -N`) or a
+        # client gone for good; TCP only tells them apart once we write. Mid-answer it is
+        # an app that hung up: close, which cancels its upstream request. Nothing whole
+        # to answer: close, forwarding nothing. Otherwise what came whole is answered,
+        # then the connection closes; meanwhile a 100 Continue (which HTTP/1.1 clients
+        # skip, RFC 9110 §15.2) makes a peer that closed for good answer with a reset,
+        # which the sweep finds (`_peer_reset`): its upstream request is cancelled then.
+        if (self.task is None and not self._queue) or (self.task is not None and self.started):
+            self.closed = True
+            return False
+        self._unreadable = True
+        if self.task is not None and self._version >= (1, 1) and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._half_closed = True
+            self.deadline = time.monotonic()  # looked at by the next sweep
+        return True
+
+    def _decline_upgrade(self, rest: bytes) -> None:
+        """An upgrade we do not take (h2c from Java clients, websocket): RFC 9110 §7.8 lets
+        a server ignore it and answer in HTTP/1.1. llhttp has stopped after the head (a body
+        is skipped: httptools asks it to), so a fresh parser reads what follows — for a
+        request with a body, after a head made up to frame that body (`_resume`)."""
+        self._parser = httptools.HttpRequestParser(self)
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            self._stash = (self._url, self._headers, self._forward)
+            rest = resume + rest
+        if rest:
+            self.data_received(rest)
+
+    def _malformed(self, data: bytes, exc: Exception) -> Refused:
+        """A head llhttp refused: named by its header when a header's value is at fault."""
+        name = refused_header(self._head_tail + data)
+        if name is None:
+            return Refused(400, "bad_request", f"malformed HTTP request: {exc}")
+        lower = name.lower()
+        if lower == self.listener.session_header:
+            return Refused(400, "invalid_session_id", f"header {lower.decode()} must be "
+                           "1-256 printable ASCII characters")
+        if lower == SELECTOR_HEADER:
+            return Refused(400, "invalid_selector", "header x-sidecar-selector must be an "
+                           "integer 0-15")
+        return Refused(400, "bad_request", f"malformed HTTP request: header "
+                       f"{name.decode('latin-1')} has a character HTTP does not allow in "
+                       f"its value ({exc})")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -132,6 +193,7 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
         self._forward: list[bytes] = []  # the header lines that go upstream
         self._body: list[bytes] = []
         self._body_size = 0
+        self._body_seen = 0  # `_body_size` at the sweep's last look
         self._session: bytes | None = None
         self._selector: bytes | None = None
         self._connection: bytes | None = None
@@ -140,10 +202,14 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
         self._hosts = 0
 
     def on_message_begin(self) -> None:
+        if self._stash is not None:  # the made-up head of `_decline_upgrade`: kept apart
+            self._url, self._headers, self._forward = [], [], []
+            return
         self._begun_at = perf_counter()  # the request's clock starts at its first bytes
         self._begin()
         self._in_head = True
         self._head_bytes = 0
+        self._head_tail = b""
         self.deadline = time.monotonic() + HEAD_TIMEOUT_S
 
     def on_url(self, url: bytes) -> None:
@@ -177,8 +243,15 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
                 self._hosts += 1
 
     def on_headers_complete(self) -> None:
+        if self._stash is not None:
+            self._url, self._headers, self._forward = self._stash
+            self._stash = None
+            return
         self._in_head = False
-        self.deadline = 0.0
+        self._in_body = True
+        # The body's first stall check comes no sooner than BODY_IDLE_S after the head
+        # (whose deadline this was); `on_message_complete` clears it.
+        self.deadline += BODY_IDLE_S
         version = self._parser.get_http_version()
         if self._hosts > 1 or (self._hosts == 0 and version != "1.0"):
             # RFC 9112 §3.2: exactly one Host in HTTP/1.1, never two.
@@ -208,6 +281,14 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
                 # We buffer the body ourselves, so the app may send it now; the upstream
                 # never sees Expect.
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if (length or self._te is not None) and self._parser.should_upgrade():
+            # httptools makes llhttp skip an upgrading request's body: once it stops, the
+            # body is read through a head that frames it like this one did.
+            self._resume = b"%s / HTTP/%s\r\n%s%s\r\n" % (
+                self._parser.get_method(), version.encode(),
+                b"Content-Length: %d\r\n" % length if length else
+                b"Transfer-Encoding: chunked\r\n",
+                b"" if self._parser.should_keep_alive() else b"Connection: close\r\n")
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
@@ -217,6 +298,10 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if self._resume is not None:  # the body follows the upgrade's stop
+            return
+        self._in_body = False
+        self.deadline = 0.0
         parser = self._parser
         body = self._body
         request = Request(
@@ -247,19 +332,22 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
         # What follows an answer runs here, not in a done callback: one loop turn less.
         try:
             await self.listener.handle(request, self)
-        except Exception as exc:
+        except BaseException as exc:
+            # Whatever ended the handler (a bug, a cancellation from inside), the app gets
+            # a clear end: an error if nothing was sent yet, else an aborted connection.
             self.task = None
             self.source = None
-            self.listener.errors += 1
-            self.listener.log_error(exc)
-            if not self.started:
-                self.respond(500, error_body("internal error in the sidecar",
-                                             "internal_error"))
-            self._close()
+            if not (self.closed and isinstance(exc, asyncio.CancelledError)):
+                self._unanswered(exc)  # (else the app went away, which cancelled this)
+            if not isinstance(exc, (Exception, asyncio.CancelledError)):
+                raise
             return
         self.task = None
         self.source = None
         if self.closed:
+            return
+        if not self._answered:
+            self._unanswered(None)
             return
         if not self.keep_alive or (self._unreadable and not self._queue):
             self._close()
@@ -269,6 +357,27 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
             self._next()
         elif self.transport is not None:
             self.transport.resume_reading()
+
+    def _peer_reset(self) -> bool:
+        """The peer answered our write with a reset (it had closed, not half-closed)."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None:
+            return False
+        try:
+            return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
+        except OSError:
+            return True
+
+    def _unanswered(self, exc: BaseException | None) -> None:
+        listener = self.listener
+        listener.errors += 1
+        listener.log_error(exc if exc is not None else
+                           RuntimeError("the request handler returned without an answer"))
+        self.keep_alive = False
+        if not self.started:
+            self.respond(500, error_body("internal error in the sidecar", "internal_error"))
+        self.uncork()  # what the handler held back goes out before the close
+        self._close()
 
     def _refuse(self, refused: Refused) -> None:
         self.listener.refused += 1
@@ -284,12 +393,28 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
         self.respond(refused.status, error_body(str(refused), refused.code))
         self._close()
 
-    def timed_out(self) -> None:
-        """The sweep found a head that took too long, or a keep-alive connection idle."""
-        if self.task is None and self._in_head:
+    def timed_out(self, now: float) -> None:
+        """The sweep found a head that took too long, a body that stopped arriving, a
+        keep-alive connection idle, or a half-closed one to look at."""
+        if self.task is not None:
+            if self._half_closed and not self.started:
+                if self._peer_reset():
+                    self._close()  # the app is gone: `connection_lost` cancels the task
+                else:
+                    self.deadline = now + SWEEP_S
+            return
+        if self._in_head:
             self._refuse(Refused(408, "request_timeout", "request head not received within "
                                  f"{HEAD_TIMEOUT_S:.0f} s"))
-        elif self.task is None:
+        elif self._in_body:
+            if self._body_size != self._body_seen:  # still arriving: look again later
+                self._body_seen = self._body_size
+                self.deadline = now + BODY_IDLE_S
+                return
+            # Nothing was forwarded: a request goes upstream only once its body is whole.
+            self._refuse(Refused(408, "request_timeout", "request body stalled: no bytes "
+                                 f"for {BODY_IDLE_S:.0f} s"))
+        else:
             self._close()
 
 
@@ -328,7 +453,7 @@ class Listener:
             await asyncio.sleep(SWEEP_S)
             now = time.monotonic()
             for conn in [c for c in self.connections if 0 < c.deadline < now]:
-                conn.timed_out()
+                conn.timed_out(now)
 
     async def drain(self, grace_s: float) -> None:
         """Stop accepting, let answers in flight finish (up to `grace_s`), close the rest."""

@@ -29,7 +29,7 @@ PER_ENDPOINT = 256
 class Origin:
     """One endpoint's address and its pool of keep-alive connections."""
 
-    __slots__ = ("host", "host_header", "idle", "in_use", "port", "tls", "waiters")
+    __slots__ = ("host", "host_header", "idle", "in_use", "port", "retired", "tls", "waiters")
 
     def __init__(self, base_url: str, tls: ssl.SSLContext | None) -> None:
         parts = urlsplit(base_url)
@@ -41,6 +41,7 @@ class Origin:
         self.idle: list[Connection] = []
         self.in_use = 0
         self.waiters: list[asyncio.Future[None]] = []
+        self.retired = False  # its endpoint left the configuration: nothing goes back idle
 
 
 class HttpUpstream:
@@ -54,6 +55,7 @@ class HttpUpstream:
         self.tls = tls if tls is not None else ssl.create_default_context()
         self.closing = False
         self._origins: dict[str, Origin] = {}
+        self._retired: list[Origin] = []  # dropped by `retain`, answers still in flight
         self.watched: set[Connection] = set()  # leased: deadlines checked by the tick
         self._sweeper = self.loop.create_task(self._sweep_forever())
         self._ticker = self.loop.create_task(self._tick_forever())
@@ -140,13 +142,28 @@ class HttpUpstream:
             raise
         return conn
 
+    def retain(self, base_urls: set[str]) -> None:
+        """After a reload: the pools of endpoints no longer configured go, their idle
+        connections closed now and their leased ones when their answer ends."""
+        for base_url in [url for url in self._origins if url not in base_urls]:
+            origin = self._origins.pop(base_url)
+            origin.retired = True
+            for conn in origin.idle:
+                conn._close()
+            origin.idle.clear()
+            if origin.in_use:
+                self._retired.append(origin)
+
     def in_use(self) -> int:
-        return sum(origin.in_use for origin in self._origins.values())
+        return sum(origin.in_use for origin in self._origins.values()) + \
+            sum(origin.in_use for origin in self._retired)
 
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_S)
             now = self.loop.time()
+            if self._retired:
+                self._retired = [origin for origin in self._retired if origin.in_use]
             for origin in self._origins.values():
                 expired = [c for c in origin.idle if now - c.idle_since >= IDLE_S]
                 for conn in expired:
