@@ -64,7 +64,7 @@ class Router:
         # up to STAMP_RESOLUTION_S older than the refresh it marks; waiting that much longer
         # keeps refreshes at least a tenth of the TTL apart.
         self._refresh_after = settings.session_ttl_s * 0.1 + STAMP_RESOLUTION_S
-        self._first_touch: dict[str, asyncio.Future[Route]] = {}
+        self._first_touch: dict[str, asyncio.Task[Route]] = {}
         self._pending_refresh: set[str] = set()
         self._moving: dict[str, str] = {}  # session → why its next call goes elsewhere
         self._writes: set[asyncio.Task[None]] = set()
@@ -110,23 +110,26 @@ class Router:
     async def resolve(self, session: str, selector: int | None, *, local: bool,
                       pool: str | None = None) -> Route:
         """First touch: one store round trip (shared by concurrent requests of the session).
-        `pool` is the pool the request's model names; without one the table chooses."""
+        `pool` is the pool the request's model names; without one the table chooses.
+
+        The round trip is a task of its own, and every request of the session (the first
+        one too) waits on it shielded: a client that goes away cancels only its own wait,
+        never the answer the others are waiting for."""
         pending = self._first_touch.get(session)
         if pending is not None:
             self.counters.coalesced += 1
-            return await asyncio.shield(pending)
-        future: asyncio.Future[Route] = asyncio.get_running_loop().create_future()
-        self._first_touch[session] = future
-        try:
-            route = await self._resolve(session, selector, local=local, pool=pool)
-            future.set_result(route)
-            return route
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: nobody may be waiting
-            raise
-        finally:
+        else:
+            pending = asyncio.get_running_loop().create_task(
+                self._resolve(session, selector, local=local, pool=pool))
+            self._first_touch[session] = pending
+            pending.add_done_callback(lambda task: self._touched(session, task))
+        return await asyncio.shield(pending)
+
+    def _touched(self, session: str, task: asyncio.Task[Route]) -> None:
+        if self._first_touch.get(session) is task:
             del self._first_touch[session]
+        if not task.cancelled():
+            task.exception()  # retrieved: every waiter may have gone
 
     async def _resolve(self, session: str, selector: int | None, *, local: bool,
                        pool: str | None = None) -> Route:
