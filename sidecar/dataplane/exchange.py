@@ -136,11 +136,7 @@ class Proxy:
         def request_for(pool: Pool) -> tuple[bytes, bytes]:
             payload = rewrite_model(body, pool.model) if needs_rewrite(requested, pool.model) \
                 else body
-            if pool.auth_header is None:
-                return request.forward, payload
-            return with_header(request.headers, b"Authorization", pool.auth_header.encode(),
-                               REQUEST_DROP, get(request.headers, b"connection")
-                               ), payload
+            return _headers_for(request, pool), payload
 
         answer, step = await self.attempts.run(self.router.plan(route, now, len(body)),
                                                request.method,
@@ -279,7 +275,7 @@ class Proxy:
         candidates = ((pool, e) for e in pool.ranked(route.session.encode())
                       if e is not broken and e.usable(now))
         continued, _ = await self.attempts.run(
-            candidates, b"POST", request.target, lambda _: (request.forward, body), [],
+            candidates, b"POST", request.target, lambda p: (_headers_for(request, p), body), [],
             strict=True)
         if continued is None:
             return None
@@ -306,6 +302,15 @@ class Proxy:
         return (f"no ready endpoint in pool {route.pool!r} or its fallback chain {pools[1:]} "
                 f"({states}): pods may still be starting (a cold start) or were ejected "
                 "after failures; GET /endpoints on the admin listener shows their states")
+
+
+def _headers_for(request: Request, pool: Pool) -> bytes:
+    """The header lines every send to `pool` carries (first tries, retries, resumes alike):
+    the app's, with the pool's key in place of the app's Authorization when it has one."""
+    if pool.auth_header is None:
+        return request.forward
+    return with_header(request.headers, b"Authorization", pool.auth_header.encode(),
+                       REQUEST_DROP, get(request.headers, b"connection"))
 
 
 def _transcript(request: Request, answer: Answer) -> Transcript | None:
