@@ -340,7 +340,14 @@ def parse_pools(reader: _Reader, data: Any, source: str, env: Mapping[str, str]
                                    f"like \"http://10.0.0.5:8000\", got {endpoints!r}")
             endpoints = []
         for url in endpoints:
-            if not _valid_endpoint(url):
+            if isinstance(url, str) and "@" in urlsplit(url).netloc:
+                # Never used as credentials, yet it would travel in the Host header and be
+                # echoed in x-sidecar-endpoint and logs: refuse it, printed without the secret.
+                reader.problems.append(f"{where}: endpoint {redact_url(url)!r} carries "
+                                       "credentials (user:password@): endpoints are echoed "
+                                       "in headers and logs, so name an environment "
+                                       "variable holding the key in \"api_key_env\" instead")
+            elif not _valid_endpoint(url):
                 reader.problems.append(f"{where}: endpoint {url!r} is not a base URL "
                                        "(http:// or https://, host, optional port, no path)")
         if len(set(map(str, endpoints))) != len(endpoints):

@@ -220,3 +220,12 @@ def test_reload_refuses_a_file_that_drops_a_routed_pool(tmp_path):
     reloaded = reload_pools(settings, {})
     assert reloaded.pools["small"].endpoints == ("http://b:1",)
     assert reloaded.routes == settings.routes
+
+
+@pytest.mark.parametrize("url", ["http://user:hunter2@10.0.0.5:8000", "https://tok3n@api.example"])
+def test_endpoint_with_credentials_is_refused_without_printing_them(url):
+    pools = json.dumps({"small": {"model": "m", "endpoints": [url]}})
+    [problem] = problems(SIDECAR_POOLS=pools)
+    assert problem.startswith("SIDECAR_POOLS: pool 'small': endpoint")
+    assert "credentials" in problem and "api_key_env" in problem
+    assert "hunter2" not in problem and "tok3n" not in problem
