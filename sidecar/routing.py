@@ -64,7 +64,8 @@ class Router:
         # up to STAMP_RESOLUTION_S older than the refresh it marks; waiting that much longer
         # keeps refreshes at least a tenth of the TTL apart.
         self._refresh_after = settings.session_ttl_s * 0.1 + STAMP_RESOLUTION_S
-        self._first_touch: dict[str, asyncio.Task[Route]] = {}
+        self._first_touch: dict[str, asyncio.Future[Route]] = {}
+        self._taken_over: set[asyncio.Task[Route]] = set()  # first touches a waiter took on
         self._pending_refresh: set[str] = set()
         self._moving: dict[str, str] = {}  # session → why its next call goes elsewhere
         self._writes: set[asyncio.Task[None]] = set()
@@ -112,24 +113,52 @@ class Router:
         """First touch: one store round trip (shared by concurrent requests of the session).
         `pool` is the pool the request's model names; without one the table chooses.
 
-        The round trip is a task of its own, and every request of the session (the first
-        one too) waits on it shielded: a client that goes away cancels only its own wait,
-        never the answer the others are waiting for."""
+        The first request runs it inline (no task: its pick must count toward the next
+        request's bounded load); the others wait on a shielded future. Should the first
+        request's app go away mid-way, the round trip starts again as a task of its own for
+        the others: a waiter's cancellation never becomes theirs."""
         pending = self._first_touch.get(session)
         if pending is not None:
             self.counters.coalesced += 1
-        else:
-            pending = asyncio.get_running_loop().create_task(
-                self._resolve(session, selector, local=local, pool=pool))
-            self._first_touch[session] = pending
-            pending.add_done_callback(lambda task: self._touched(session, task))
-        return await asyncio.shield(pending)
+            return await asyncio.shield(pending)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Route] = loop.create_future()
+        self._first_touch[session] = future
+        try:
+            route = await self._resolve(session, selector, local=local, pool=pool)
+        except asyncio.CancelledError:
+            task = loop.create_task(self._resolve(session, selector, local=local, pool=pool))
+            self._taken_over.add(task)
+            task.add_done_callback(self._taken_over.discard)
+            task.add_done_callback(lambda done: self._touched(session, future, done))
+            raise
+        except BaseException as exc:
+            self._touched(session, future, None, exc)
+            raise
+        self._touched(session, future, None, None, route)
+        return route
 
-    def _touched(self, session: str, task: asyncio.Task[Route]) -> None:
-        if self._first_touch.get(session) is task:
+    def _touched(self, session: str, future: asyncio.Future[Route],
+                 task: asyncio.Task[Route] | None, exc: BaseException | None = None,
+                 route: Route | None = None) -> None:
+        """The first touch ended (inline, or in the task that took over): every waiter
+        gets its route or its error."""
+        if self._first_touch.get(session) is future:
             del self._first_touch[session]
-        if not task.cancelled():
-            task.exception()  # retrieved: every waiter may have gone
+        if task is not None:
+            if task.cancelled():
+                future.cancel()
+                return
+            exc = task.exception()
+            route = None if exc is not None else task.result()
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+            future.exception()  # retrieved: nobody may be waiting
+        else:
+            assert route is not None
+            future.set_result(route)
 
     async def _resolve(self, session: str, selector: int | None, *, local: bool,
                        pool: str | None = None) -> Route:
