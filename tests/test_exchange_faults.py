@@ -157,3 +157,26 @@ async def test_the_sidecars_own_answers_say_how_many_sends_they_made(sidecar, ht
     assert status == 503 and headers["x-sidecar-attempts"] == "2"
     status, headers, _ = await chat(http, running, "x" * 300)  # too long
     assert status == 400 and headers["x-sidecar-attempts"] == "0"
+
+
+async def test_a_pod_silent_after_its_head_is_not_mistaken_for_a_dead_one(pods, sidecar, http):
+    """A head at once, then nothing: the sidecar hangs up on a live pod at the stream idle
+    timeout. That is the sidecar's doing, not the pod dying: no other pod starts over."""
+    async def head_then_silence(conn: Conn, request: Message) -> bool:
+        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n")
+        await asyncio.sleep(10)
+        return False
+
+    [good] = await pods(1)
+    async with upstream_factory() as upstreams:
+        silent = await upstreams(head_then_silence)
+        running = await sidecar({"small": {"model": "m", "endpoints": [silent.url, good.url]}},
+                                SIDECAR_STREAM_IDLE_TIMEOUT_S="0.3")
+        session = starting_on(running, silent.url, "silent")
+        status, headers, body = await chat(http, running, session)
+        assert status == 504 and body["error"]["code"] == "upstream_timeout"
+        assert "SIDECAR_STREAM_IDLE_TIMEOUT_S=0.3" in body["error"]["message"]
+        assert headers["x-sidecar-attempts"] == "1"
+        assert len(silent.requests) == 1 and good.requests == 0
+        assert await wait_until(lambda: running.sidecar.upstream.in_use() == 0)

@@ -91,6 +91,7 @@ class Proxy:
         self.budget = RetryBudget(settings.retry_budget_percent, settings.retry_budget_min)
         self.attempts = Attempts(upstream, self.events, self.budget, settings.max_attempts,
                                  settings.first_byte_timeout_s, settings.response_timeout_s)
+        self.stream_idle_timeout = settings.stream_idle_timeout_s
         self.loop = asyncio.get_running_loop()
 
     async def handle(self, request: Request, down: Downstream) -> None:
@@ -316,11 +317,14 @@ class Proxy:
 
     def _timeout_message(self, failure: Failure, streamed: bool) -> str:
         if streamed:
-            waited = (f"sent no content within SIDECAR_FIRST_BYTE_TIMEOUT_S="
-                      f"{self.attempts.first_byte_timeout:g} s")
+            deadline = self.attempts.first_byte_timeout
+            waited = f"sent no content within SIDECAR_FIRST_BYTE_TIMEOUT_S={deadline:g} s"
         else:
-            waited = (f"did not answer within SIDECAR_RESPONSE_TIMEOUT_S="
-                      f"{self.attempts.response_timeout:g} s")
+            deadline = self.attempts.response_timeout
+            waited = f"did not answer within SIDECAR_RESPONSE_TIMEOUT_S={deadline:g} s"
+        if self.stream_idle_timeout < deadline:
+            waited += (f" (or fell silent for SIDECAR_STREAM_IDLE_TIMEOUT_S="
+                       f"{self.stream_idle_timeout:g} s after its head)")
         return (f"the model server at {failure.endpoint} (pool {failure.pool}) took the "
                 f"request but {waited}; its connection was closed so it stops generating, "
                 "and the request was not sent elsewhere (that would start the same work "
