@@ -44,19 +44,23 @@ RETRY_AFTER_S = "5"
 
 
 _STREAM_KEY = b'"stream"'
+_TRUE = (b":true", b": true")
+_FALSE = (b":false", b": false")
 
 
 def asks_to_stream(body: bytes) -> bool:
     """Does a JSON request ask for a stream (`"stream": true`)? A body naming the key once,
-    as the SDKs write it, is decided by scans in C (a lone nested `stream` key reads as the
-    top one: that only shortens the deadline); any other body is parsed."""
-    if _STREAM_KEY not in body:
+    as the SDKs write it, is decided in one scan in C (a lone nested `stream` key reads as
+    the top one: that only shortens the deadline); any other body is parsed."""
+    at = body.find(_STREAM_KEY)
+    if at < 0:
         return False
-    if body.count(_STREAM_KEY) == 1:
-        # A quote inside a JSON string is escaped: these bytes can only be the key.
-        if b'"stream":true' in body or b'"stream": true' in body:
+    after = at + len(_STREAM_KEY)
+    # A quote inside a JSON string is escaped: these bytes can only be a key.
+    if body.find(_STREAM_KEY, after) < 0:
+        if body.startswith(_TRUE, after):
             return True
-        if b'"stream":false' in body or b'"stream": false' in body:
+        if body.startswith(_FALSE, after):
             return False
     try:
         data = orjson.loads(body)
