@@ -17,8 +17,10 @@ and counters read.
      ├── CONNECT_TIMEOUT     NOT_TAKEN  no TCP connection within SIDECAR_CONNECT_TIMEOUT_S
      ├── FIRST_BYTE_TIMEOUT  HELD       a live pod did not answer within the call's deadline
      │                                  (SIDECAR_RESPONSE_TIMEOUT_S; streams: first content
-     │                                  within SIDECAR_FIRST_BYTE_TIMEOUT_S): its connection
-     │                                  is closed so its engine stops, and the app gets 504
+     │                                  within SIDECAR_FIRST_BYTE_TIMEOUT_S), or fell silent
+     │                                  for SIDECAR_STREAM_IDLE_TIMEOUT_S before it: its
+     │                                  connection is closed so its engine stops, and the
+     │                                  app gets 504
      ├── BROKEN_BEFORE_CONTENT DROPPED  the pod broke the connection before anything reached
      │                                  the app (a body cut short, a stream that died in prefill)
      └── BROKEN_STREAM       DROPPED    the pod broke after bytes reached the app: never
