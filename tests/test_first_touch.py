@@ -9,6 +9,9 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from tests.conftest import pool
 from tests.raw_http import post
@@ -43,6 +46,26 @@ def stall(server: RedisServer) -> threading.Thread:
     return thread
 
 
+async def wait_blocked(server: RedisServer) -> None:
+    """Until the server is inside its DEBUG SLEEP (a PING gets no answer)."""
+    def ping_times_out() -> bool:
+        client = redis.Redis(port=server.port, socket_timeout=0.1,
+                             retry=Retry(NoBackoff(), 0))  # one try: no waiting it out
+        try:
+            client.ping()
+            return False
+        except (redis.TimeoutError, redis.ConnectionError):
+            return True
+        finally:
+            client.close()
+
+    for _ in range(50):
+        if await asyncio.to_thread(ping_times_out):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("redis-server never blocked in DEBUG SLEEP")
+
+
 async def wait_for(condition, what: str, timeout: float = 5.0) -> None:
     for _ in range(int(timeout / 0.01)):
         if condition():
@@ -63,7 +86,7 @@ async def test_a_waiter_leaving_does_not_cancel_the_shared_first_touch(
     second = await Client.open(running.port)
     thread = stall(debug_redis)
     try:
-        await asyncio.sleep(0.2)  # the DEBUG SLEEP reached the server first
+        await wait_blocked(debug_redis)
         await first.send(request)
         await wait_for(lambda: "shared-first-touch" in router._first_touch,
                        "the first touch to start")
