@@ -5,12 +5,14 @@ came) → never sent again, to that pod or any other."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from sidecar.dataplane.exchange import asks_to_stream
 from sidecar.dataplane.failover import RETRIES, Step, after_failure
 from sidecar.errors import Outcome, Work, classify_status
+from tests.test_seam import MockUpstream, _attempts
 
 decisions = st.fixed_dictionaries({
     "attempt": st.integers(1, 6), "max_attempts": st.integers(1, 6),
@@ -75,3 +77,25 @@ def test_a_stream_is_recognised_however_the_body_is_written(stream, spaced, pad,
         body["stream"] = stream
     raw = json.dumps(body, separators=(", ", ": ") if spaced else (",", ":")).encode()
     assert asks_to_stream(raw) is (stream is True)
+
+
+@pytest.mark.parametrize(("script", "sent", "step"), [
+    # a live pod past the deadline: nobody else is asked
+    ({"http://a:1": [Outcome.FIRST_BYTE_TIMEOUT], "http://b:1": [200]}, ["http://a:1"],
+     Step.GAVE_UP),
+    # a pod's own 500: its answer, passed through
+    ({"http://a:1": [500], "http://b:1": [200]}, ["http://a:1"], Step.PASS_THROUGH),
+    # declined, then dropped with the connection: both move on
+    ({"http://a:1": [429], "http://b:1": [Outcome.BROKEN_BEFORE_CONTENT],
+      "http://c:1": [200]}, ["http://a:1", "http://b:1", "http://c:1"], Step.NEXT),
+])
+async def test_the_attempt_loop_sends_only_what_the_rule_allows(script, sent, step):
+    upstream = MockUpstream(script)
+    attempts, _, pools = _attempts(upstream)
+    pool = pools.get("small")
+    answer, ended = await attempts.run(iter([(pool, e) for e in pool.endpoints]), b"POST",
+                                       b"/v1/chat/completions", lambda p: (b"", b"{}"), [])
+    assert upstream.sent == sent and ended is step
+    if answer is not None:
+        answer.lease.close()
+    assert all(e.inflight == 0 for e in pool.endpoints)
