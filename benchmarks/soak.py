@@ -6,7 +6,8 @@ should be flat.
 
 Faults, in turn every 20 s: a pod answers its next 30 calls with 503 + Retry-After; a pod
 drops its next 10 streams mid-answer (resumed); a pod hangs its next calls past the
-first-byte budget. Everything targets 127.0.0.1 and stops by itself.
+deadlines (504 `upstream_timeout`, never retried). Everything targets 127.0.0.1 and stops
+by itself.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def main() -> int:
     parser.add_argument("--sample-s", type=float, default=10)
     args = parser.parse_args()
     fleet = Fleet(3, ["--ttft-ms", "20", "--tokens-per-s", "400"],
-                  env={"SIDECAR_FIRST_BYTE_TIMEOUT_S": "1"})
+                  env={"SIDECAR_FIRST_BYTE_TIMEOUT_S": "1", "SIDECAR_RESPONSE_TIMEOUT_S": "1"})
     try:
         outcomes, samples = asyncio.run(drive(fleet, args.seconds, args.rate, args.sample_s))
     finally:

@@ -92,6 +92,7 @@ class Settings:
     retry_budget_min: int
     bounded_load_factor: float
     stream_idle_timeout_s: float = 120.0
+    response_timeout_s: float = 600.0
     upstream_ca_file: str | None = None
     redis_ca_file: str | None = None
     request_log_level: int = 10
@@ -153,6 +154,7 @@ class Settings:
             "SIDECAR_ROUTE_CACHE_SIZE": self.route_cache_size,
             "SIDECAR_CONNECT_TIMEOUT_S": self.connect_timeout_s,
             "SIDECAR_FIRST_BYTE_TIMEOUT_S": self.first_byte_timeout_s,
+            "SIDECAR_RESPONSE_TIMEOUT_S": self.response_timeout_s,
             "SIDECAR_MAX_ATTEMPTS": self.max_attempts,
             "SIDECAR_MAX_BODY_BYTES": self.max_body_bytes,
             "SIDECAR_FALLBACK_HOLD_S": self.fallback_hold_s,
@@ -208,7 +210,11 @@ VARIABLES: dict[str, tuple[str | None, str]] = {
     "SIDECAR_SESSION_IDLE_S": ("900", "idle time before a route leaves process memory"),
     "SIDECAR_ROUTE_CACHE_SIZE": ("200000", "most session routes kept in process memory"),
     "SIDECAR_CONNECT_TIMEOUT_S": ("1", "upstream connect timeout, seconds"),
-    "SIDECAR_FIRST_BYTE_TIMEOUT_S": ("60", "upstream time-to-response-headers budget"),
+    "SIDECAR_FIRST_BYTE_TIMEOUT_S": ("60", "streamed calls: how long a pod may take to its "
+                                     "first content; past it 504, never retried"),
+    "SIDECAR_RESPONSE_TIMEOUT_S": ("600", "other calls: how long a pod may take to answer "
+                                   "(its head comes with the whole answer); past it 504, "
+                                   "never retried"),
     "SIDECAR_MAX_ATTEMPTS": ("3", "attempts per request across endpoints and fallbacks"),
     "SIDECAR_MAX_BODY_BYTES": ("33554432", "largest request body accepted"),
     "SIDECAR_FALLBACK_HOLD_S": ("300", "how long a session stays on a fallback pool"),
@@ -340,7 +346,14 @@ def parse_pools(reader: _Reader, data: Any, source: str, env: Mapping[str, str]
                                    f"like \"http://10.0.0.5:8000\", got {endpoints!r}")
             endpoints = []
         for url in endpoints:
-            if not _valid_endpoint(url):
+            if isinstance(url, str) and "@" in urlsplit(url).netloc:
+                # Never used as credentials, yet it would travel in the Host header and be
+                # echoed in x-sidecar-endpoint and logs: refuse it, printed without the secret.
+                reader.problems.append(f"{where}: endpoint {redact_url(url)!r} carries "
+                                       "credentials (user:password@): endpoints are echoed "
+                                       "in headers and logs, so name an environment "
+                                       "variable holding the key in \"api_key_env\" instead")
+            elif not _valid_endpoint(url):
                 reader.problems.append(f"{where}: endpoint {url!r} is not a base URL "
                                        "(http:// or https://, host, optional port, no path)")
         if len(set(map(str, endpoints))) != len(endpoints):
@@ -635,6 +648,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         retry_budget_min=int(r.number("SIDECAR_RETRY_BUDGET_MIN", integer=True, strict=False)),
         bounded_load_factor=load_factor,
         stream_idle_timeout_s=r.number("SIDECAR_STREAM_IDLE_TIMEOUT_S"),
+        response_timeout_s=r.number("SIDECAR_RESPONSE_TIMEOUT_S"),
         upstream_ca_file=ca_file,
         redis_ca_file=redis_ca_file,
         request_log_level=REQUEST_LOG_LEVELS[request_log],

@@ -1,20 +1,36 @@
 """Upstream outcomes and the sidecar's own errors: the one vocabulary that retries, ejection
 and counters read.
 
-    Outcome
-     ├── OK                  response headers arrived with a status the app should see
-     ├── CLIENT_ERROR        4xx other than 429: the app's own mistake, passed through untouched
-     ├── RETRYABLE_STATUS    429 / 500 / 502 / 503 / 504 before any byte reached the app
-     ├── CONNECT_ERROR       refused, unreachable, TLS failure: the pod is not there
-     ├── CONNECTION_LOST     a reused keep-alive connection closed before any response (the
-     │                       server's idle close racing our reuse): retried once on the
-     │                       same endpoint, never an ejection by itself
-     ├── CONNECT_TIMEOUT     no TCP connection within SIDECAR_CONNECT_TIMEOUT_S
-     ├── FIRST_BYTE_TIMEOUT  no response headers (streams: no generated content) within
-     │                       SIDECAR_FIRST_BYTE_TIMEOUT_S
-     ├── BROKEN_BEFORE_CONTENT  upstream broke before anything reached the app (a non-streamed
-     │                       body cut short, a stream that died during prefill): retried
-     └── BROKEN_STREAM       upstream broke after bytes reached the app: never retried
+    Outcome                 (what became of the work: Work)
+     ├── OK                  DONE       a status the app should see
+     ├── CLIENT_ERROR        DONE       4xx other than 429: the app's own mistake, passed
+     │                                  through untouched
+     ├── RETRYABLE_STATUS    NOT_TAKEN  429 / 503: the pod declined before doing the work
+     ├── UPSTREAM_ERROR      DONE       500 / 502 / 504 and other 5xx: the pod (or a gateway
+     │                                  before it) took the work and failed it; passed through
+     ├── CONNECT_ERROR       DROPPED    refused, unreachable, TLS failure, or a fresh
+     │                                  connection closed before any answer: no pod holds it
+     ├── CONNECTION_LOST     DROPPED    a reused keep-alive connection closed before any
+     │                                  answer (the server's idle close racing our reuse):
+     │                                  retried once on the same endpoint, never an ejection
+     │                                  by itself
+     ├── CONNECT_TIMEOUT     NOT_TAKEN  no TCP connection within SIDECAR_CONNECT_TIMEOUT_S
+     ├── FIRST_BYTE_TIMEOUT  HELD       a live pod did not answer within the call's deadline
+     │                                  (SIDECAR_RESPONSE_TIMEOUT_S; streams: first content
+     │                                  within SIDECAR_FIRST_BYTE_TIMEOUT_S), or fell silent
+     │                                  for SIDECAR_STREAM_IDLE_TIMEOUT_S before it: its
+     │                                  connection is closed so its engine stops, and the
+     │                                  app gets 504
+     ├── BROKEN_BEFORE_CONTENT DROPPED  the pod broke the connection before anything reached
+     │                                  the app (a body cut short, a stream that died in prefill)
+     └── BROKEN_STREAM       DROPPED    the pod broke after bytes reached the app: never
+                                        retried (the app holds part of the answer)
+
+The retry rule reads only `Work`: a request is sent again only when no pod is doing it —
+never taken (refused, not connected, declined with 429/503) or dropped with the connection
+that carried it (the pod died or reset it; a server stops a request whose connection
+closes, so nothing runs twice). A pod that took it and is still on it (slow but alive) or
+answered it is never asked twice for the same work.
 """
 
 from __future__ import annotations
@@ -25,13 +41,24 @@ from enum import Enum
 
 import orjson
 
-RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+# Answered before any work was done: "not now", another pod may take it.
+DECLINED_STATUSES = frozenset({429, 503})
+
+
+class Work(Enum):
+    """What became of the work an attempt carried, as far as the sidecar can know."""
+
+    NOT_TAKEN = "not_taken"  # no pod took it: not connected, or declined (429/503)
+    DROPPED = "dropped"      # the connection that carried it broke: no pod is still on it
+    HELD = "held"            # a live pod took it and was still on it when the deadline came
+    DONE = "done"            # a pod answered it
 
 
 class Outcome(Enum):
     OK = "ok"
     CLIENT_ERROR = "client_error"
     RETRYABLE_STATUS = "retryable_status"
+    UPSTREAM_ERROR = "upstream_error"
     CONNECT_ERROR = "connect_error"
     CONNECTION_LOST = "connection_lost"
     CONNECT_TIMEOUT = "connect_timeout"
@@ -40,13 +67,19 @@ class Outcome(Enum):
     BROKEN_STREAM = "broken_stream"
 
     @property
+    def work(self) -> Work:
+        return _WORK[self]
+
+    @property
     def retryable(self) -> bool:
-        """May the request be sent again elsewhere (nothing has reached the app yet)?"""
-        return self in _RETRYABLE
+        """May the request be sent again elsewhere? Only when no pod is doing it and
+        nothing has reached the app yet."""
+        return self.work in (Work.NOT_TAKEN, Work.DROPPED) and self is not Outcome.BROKEN_STREAM
 
     @property
     def endpoint_failed(self) -> bool:
-        """Does this outcome count against the endpoint's health?"""
+        """Does this outcome count against the endpoint's health? A slow pod is not a
+        failed one: a timeout alone never ejects it."""
         return self in _ENDPOINT_FAILURES
 
     @property
@@ -55,8 +88,7 @@ class Outcome(Enum):
         retry budget: retrying them multiplies load on a pool that is already struggling.
         A pod that is gone (refused, reset, cut off) is ejected at once and its work moves
         to a healthy pod instead, bounded by SIDECAR_MAX_ATTEMPTS."""
-        return self in (Outcome.RETRYABLE_STATUS, Outcome.FIRST_BYTE_TIMEOUT,
-                        Outcome.CONNECT_TIMEOUT)
+        return self in (Outcome.RETRYABLE_STATUS, Outcome.CONNECT_TIMEOUT)
 
     @property
     def endpoint_unreachable(self) -> bool:
@@ -64,15 +96,29 @@ class Outcome(Enum):
         return self in (Outcome.CONNECT_ERROR, Outcome.CONNECT_TIMEOUT)
 
 
-_RETRYABLE = frozenset({Outcome.RETRYABLE_STATUS, Outcome.CONNECT_ERROR, Outcome.CONNECTION_LOST,
-                        Outcome.CONNECT_TIMEOUT, Outcome.FIRST_BYTE_TIMEOUT,
-                        Outcome.BROKEN_BEFORE_CONTENT})
-_ENDPOINT_FAILURES = _RETRYABLE | {Outcome.BROKEN_STREAM}
+_WORK = {
+    Outcome.OK: Work.DONE,
+    Outcome.CLIENT_ERROR: Work.DONE,
+    Outcome.RETRYABLE_STATUS: Work.NOT_TAKEN,
+    Outcome.UPSTREAM_ERROR: Work.DONE,
+    Outcome.CONNECT_ERROR: Work.DROPPED,
+    Outcome.CONNECTION_LOST: Work.DROPPED,
+    Outcome.CONNECT_TIMEOUT: Work.NOT_TAKEN,
+    Outcome.FIRST_BYTE_TIMEOUT: Work.HELD,
+    Outcome.BROKEN_BEFORE_CONTENT: Work.DROPPED,
+    Outcome.BROKEN_STREAM: Work.DROPPED,
+}
+_ENDPOINT_FAILURES = frozenset({Outcome.RETRYABLE_STATUS, Outcome.UPSTREAM_ERROR,
+                                Outcome.CONNECT_ERROR, Outcome.CONNECTION_LOST,
+                                Outcome.CONNECT_TIMEOUT, Outcome.BROKEN_BEFORE_CONTENT,
+                                Outcome.BROKEN_STREAM})
 
 
 def classify_status(status: int) -> Outcome:
-    if status in RETRYABLE_STATUSES:
+    if status in DECLINED_STATUSES:
         return Outcome.RETRYABLE_STATUS
+    if status >= 500:
+        return Outcome.UPSTREAM_ERROR
     if 400 <= status < 500:
         return Outcome.CLIENT_ERROR
     return Outcome.OK

@@ -65,6 +65,7 @@ class Router:
         # keeps refreshes at least a tenth of the TTL apart.
         self._refresh_after = settings.session_ttl_s * 0.1 + STAMP_RESOLUTION_S
         self._first_touch: dict[str, asyncio.Future[Route]] = {}
+        self._taken_over: set[asyncio.Task[Route]] = set()  # first touches a waiter took on
         self._pending_refresh: set[str] = set()
         self._moving: dict[str, str] = {}  # session → why its next call goes elsewhere
         self._writes: set[asyncio.Task[None]] = set()
@@ -110,23 +111,54 @@ class Router:
     async def resolve(self, session: str, selector: int | None, *, local: bool,
                       pool: str | None = None) -> Route:
         """First touch: one store round trip (shared by concurrent requests of the session).
-        `pool` is the pool the request's model names; without one the table chooses."""
+        `pool` is the pool the request's model names; without one the table chooses.
+
+        The first request runs it inline (no task: its pick must count toward the next
+        request's bounded load); the others wait on a shielded future. Should the first
+        request's app go away mid-way, the round trip starts again as a task of its own for
+        the others: a waiter's cancellation never becomes theirs."""
         pending = self._first_touch.get(session)
         if pending is not None:
             self.counters.coalesced += 1
             return await asyncio.shield(pending)
-        future: asyncio.Future[Route] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Route] = loop.create_future()
         self._first_touch[session] = future
         try:
             route = await self._resolve(session, selector, local=local, pool=pool)
-            future.set_result(route)
-            return route
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: nobody may be waiting
+        except asyncio.CancelledError:
+            task = loop.create_task(self._resolve(session, selector, local=local, pool=pool))
+            self._taken_over.add(task)
+            task.add_done_callback(self._taken_over.discard)
+            task.add_done_callback(lambda done: self._touched(session, future, done))
             raise
-        finally:
+        except BaseException as exc:
+            self._touched(session, future, None, exc)
+            raise
+        self._touched(session, future, None, None, route)
+        return route
+
+    def _touched(self, session: str, future: asyncio.Future[Route],
+                 task: asyncio.Task[Route] | None, exc: BaseException | None = None,
+                 route: Route | None = None) -> None:
+        """The first touch ended (inline, or in the task that took over): every waiter
+        gets its route or its error."""
+        if self._first_touch.get(session) is future:
             del self._first_touch[session]
+        if task is not None:
+            if task.cancelled():
+                future.cancel()
+                return
+            exc = task.exception()
+            route = None if exc is not None else task.result()
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+            future.exception()  # retrieved: nobody may be waiting
+        else:
+            assert route is not None
+            future.set_result(route)
 
     async def _resolve(self, session: str, selector: int | None, *, local: bool,
                        pool: str | None = None) -> Route:

@@ -37,6 +37,7 @@ def test_defaults_match_the_spec():
     assert s.session_header == "x-session-id"
     assert s.session_ttl_s == 86400 and s.session_idle_s == 900
     assert s.connect_timeout_s == 1 and s.first_byte_timeout_s == 60
+    assert s.response_timeout_s == 600  # non-streamed calls: the OpenAI SDK's own wait
     assert s.max_attempts == 3 and s.max_body_bytes == 33554432
     # Default routes: all 16 slots to the first pool at every level.
     assert s.routes == {level: ("small",) * 16 for level in ("low", "medium", "high")}
@@ -66,6 +67,8 @@ def test_routes_give_out_slots_in_the_order_pools_are_listed():
     ("SIDECAR_ROUTE_CACHE_SIZE", "0", "an integer > 0"),
     ("SIDECAR_CONNECT_TIMEOUT_S", "nan", "a number > 0"),
     ("SIDECAR_FIRST_BYTE_TIMEOUT_S", "0", "a number > 0"),
+    ("SIDECAR_RESPONSE_TIMEOUT_S", "ten minutes", "a number > 0"),
+    ("SIDECAR_RESPONSE_TIMEOUT_S", "-1", "a number > 0"),
     ("SIDECAR_MAX_ATTEMPTS", "zero", "an integer > 0"),
     ("SIDECAR_MAX_BODY_BYTES", "32MB", "an integer > 0"),
     ("SIDECAR_FALLBACK_HOLD_S", "-1", "a number >= 0"),
@@ -220,3 +223,12 @@ def test_reload_refuses_a_file_that_drops_a_routed_pool(tmp_path):
     reloaded = reload_pools(settings, {})
     assert reloaded.pools["small"].endpoints == ("http://b:1",)
     assert reloaded.routes == settings.routes
+
+
+@pytest.mark.parametrize("url", ["http://user:hunter2@10.0.0.5:8000", "https://tok3n@api.example"])
+def test_endpoint_with_credentials_is_refused_without_printing_them(url):
+    pools = json.dumps({"small": {"model": "m", "endpoints": [url]}})
+    [problem] = problems(SIDECAR_POOLS=pools)
+    assert problem.startswith("SIDECAR_POOLS: pool 'small': endpoint")
+    assert "credentials" in problem and "api_key_env" in problem
+    assert "hunter2" not in problem and "tok3n" not in problem

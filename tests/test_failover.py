@@ -65,7 +65,7 @@ async def test_whole_pool_down_falls_back_with_model_rewritten(pods, sidecar, ht
         "large": pool([large], "large-model", fallback="small"),
         "small": pool([small], "small-model"),
     })
-    large.fake.behaviour.update({"fail_next": 100, "fail_status": 502})
+    large.fake.behaviour.update({"fail_next": 100, "fail_status": 503})
     body = {"model": "large-model", "messages": [{"role": "user", "content": "hi"}]}
     status, headers, data = await chat(http, running, "fb", body)
     assert status == 200
@@ -121,18 +121,22 @@ async def test_all_endpoints_down_gives_503_with_retry_after_and_what_was_tried(
     assert status == 503 and body["error"]["tried"] == []
 
 
-async def test_first_byte_timeout_fails_over(pods, sidecar, http):
+async def test_a_live_pod_past_the_deadline_gets_no_retry_and_the_app_a_504(pods, sidecar,
+                                                                              http):
     a, b = await pods(2)
-    running = await sidecar({"small": pool([a, b])}, SIDECAR_FIRST_BYTE_TIMEOUT_S="0.3")
+    running = await sidecar({"small": pool([a, b])}, SIDECAR_RESPONSE_TIMEOUT_S="0.3")
     _, headers, _ = await chat(http, running, "slow")
     first = a if headers["x-sidecar-endpoint"] == a.url else b
     other = b if first is a else a
     first.fake.behaviour.update({"hang": True})
     first.fake._released.clear()
     try:
-        status, headers, _ = await chat(http, running, "slow")
-        assert status == 200
-        assert headers["x-sidecar-endpoint"] == other.url
+        status, headers, body = await chat(http, running, "slow")
+        assert status == 504 and body["error"]["code"] == "upstream_timeout"
+        assert headers["x-sidecar-attempts"] == "1"
+        assert other.requests == 0, "the work is not started over on another pod"
+        [endpoint] = [e for e in running.sidecar.pools.all_endpoints() if e.url == first.url]
+        assert endpoint.state is EndpointState.READY, "slow is not failed"
     finally:
         first.fake.behaviour.update({"hang": False})
         first.fake._released.set()
@@ -203,7 +207,7 @@ async def test_retry_budget_exhaustion_gives_a_clear_503(pods, sidecar, http):
     running = await sidecar({"small": pool([a, b])}, SIDECAR_RETRY_BUDGET_PERCENT="0",
                             SIDECAR_RETRY_BUDGET_MIN="2")
     for p in (a, b):
-        p.fake.behaviour.update({"fail_next": 1000, "fail_status": 500})
+        p.fake.behaviour.update({"fail_next": 1000, "fail_status": 503})
     codes = []
     for i in range(6):
         status, _, body = await chat(http, running, f"budget-{i}")

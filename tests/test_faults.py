@@ -136,31 +136,29 @@ async def test_upstream_hanging_mid_stream_ends_visibly_instead_of_hanging(pods,
 
 async def test_an_upstream_answering_byte_by_byte_gets_an_answer_or_a_clear_timeout(
         raw_upstream, pods, sidecar, http):
-    """1 byte/s, scaled to 1 byte per 20 ms: slow is not dead. Past the first-byte budget
-    the call goes elsewhere (or fails clearly); within it, the answer arrives whole."""
+    """1 byte/s, scaled to 1 byte per 20 ms: slow is not dead. Within the deadline the
+    answer arrives whole; past it the app gets a clear 504 and no other pod is asked."""
     reply = http_response(b'{"ok":1}')  # ~80 bytes: ~1.7 s at this pace
     slow = await raw_upstream(lambda n: reply, trickle_s=0.02)
     patient = await sidecar({"small": {"model": "m", "endpoints": [slow]}},
-                            SIDECAR_FIRST_BYTE_TIMEOUT_S="10")
+                            SIDECAR_RESPONSE_TIMEOUT_S="10", SIDECAR_FIRST_BYTE_TIMEOUT_S="0.3")
     async with no_leaks(patient):
         async with http.post(base(patient) + "/v1/chat/completions", json=CHAT) as r:
             assert r.status == 200 and await r.read() == b'{"ok":1}'
     [healthy] = await pods(1)
     hasty = await sidecar({"small": {"model": "m", "endpoints": [slow, healthy.url]}},
-                          SIDECAR_FIRST_BYTE_TIMEOUT_S="0.3")
+                          SIDECAR_RESPONSE_TIMEOUT_S="0.3")
     async with no_leaks(hasty):
         statuses = []
-        for i in range(4):  # whichever pod a session starts on, it ends on the healthy one
-            status, headers, _ = await chat(http, hasty, f"trickle-{i}")
+        for i in range(6):  # a session on the slow pod times out there, and only there
+            status, headers, body = await chat(http, hasty, f"trickle-{i}")
             statuses.append(status)
-            assert headers["x-sidecar-endpoint"] == healthy.url
-        assert statuses == [200] * 4
-    alone = await sidecar({"small": {"model": "m", "endpoints": [slow]}},
-                          SIDECAR_FIRST_BYTE_TIMEOUT_S="0.3")
-    async with no_leaks(alone):
-        status, _, body = await chat(http, alone, "trickle-alone")
-        assert status == 503
-        assert body["error"]["tried"][0]["outcome"] == "first_byte_timeout"
+            assert headers["x-sidecar-attempts"] == "1"
+            if status == 504:
+                assert body["error"]["tried"][0] == {"endpoint": slow, "pool": "small",
+                                                     "outcome": "first_byte_timeout"}
+        assert set(statuses) <= {200, 504} and 200 in statuses
+        assert healthy.requests == statuses.count(200)
 
 
 async def test_upstream_answering_garbage_fails_over(raw_upstream, pods, sidecar, http):
@@ -198,14 +196,15 @@ async def test_invalid_sse_is_passed_through_untouched(raw_upstream, sidecar, ht
         assert await r.read() == body
 
 
-async def test_5xx_without_retry_after_fails_over_and_passes_through_at_the_end(
+async def test_a_5xx_other_than_503_is_the_pods_answer_passed_through_without_a_retry(
         pods, sidecar, http):
     a, b = await pods(2, fail_next=100, fail_status=502)
     running = await sidecar({"small": pool([a, b])}, SIDECAR_MAX_ATTEMPTS="2")
     async with no_leaks(running):
         status, headers, body = await chat(http, running, "five-oh-two")
-    assert status == 502 and headers["x-sidecar-attempts"] == "2"
+    assert status == 502 and headers["x-sidecar-attempts"] == "1"
     assert body["error"]["code"] == "injected"
+    assert a.requests + b.requests == 1
 
 
 async def test_keep_alive_connections_closed_by_the_server_are_not_errors(raw_upstream,

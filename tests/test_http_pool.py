@@ -96,7 +96,7 @@ async def test_a_connection_whose_answer_timed_out_is_not_reused(sidecar, upstre
         return True
 
     running, upstream = await proxied(sidecar, upstreams, late, SIDECAR_MAX_ATTEMPTS="1",
-                                      SIDECAR_FIRST_BYTE_TIMEOUT_S="0.3")
+                                      SIDECAR_RESPONSE_TIMEOUT_S="0.3")
     timed_out = await exchange(running.port, get(b"/slow"))
     assert timed_out.status >= 500
     assert error_of(timed_out)["tried"][0]["outcome"] == "first_byte_timeout"

@@ -14,7 +14,7 @@ from sidecar.dataplane.failover import Step, after_failure
 from sidecar.dataplane.headers import get
 from sidecar.dataplane.relay import Preamble
 from sidecar.dataplane.seam import Broken, Reply, Upstream
-from sidecar.errors import Outcome, classify_status, parse_retry_after
+from sidecar.errors import Outcome, Work, classify_status, parse_retry_after
 from sidecar.pools import Endpoint, Pool
 
 # A Content-Length body up to this size is read whole before the app sees a byte (so a
@@ -89,22 +89,28 @@ class Failure:
 
 class Attempts:
     def __init__(self, upstream: Upstream, events: Events, budget: RetryBudget,
-                 max_attempts: int, first_byte_timeout: float) -> None:
+                 max_attempts: int, first_byte_timeout: float,
+                 response_timeout: float = 600.0) -> None:
         self.upstream = upstream
         self.events = events
         self.budget = budget
         self.max_attempts = max_attempts
+        # How long a live pod may take: a stream until its first content, any other call
+        # until its head (a server sends it when the whole answer is ready).
         self.first_byte_timeout = first_byte_timeout
+        self.response_timeout = response_timeout
         self.loop = asyncio.get_running_loop()
 
     async def run(self, candidates: Iterator[tuple[Pool, Endpoint]], method: bytes,
                   target: bytes, request_for: Callable[[Pool], tuple[bytes, bytes]],
-                  failures: list[Failure], *, strict: bool = False
+                  failures: list[Failure], *, streamed: bool = False, strict: bool = False
                   ) -> tuple[Answer | None, Step]:
         """Try candidates until one answers. `request_for(pool)` gives (headers, body) for
-        that pool. `strict` (resumes): only a 200 counts, nothing is passed through and no
+        that pool; `streamed`: the call asked for a stream (its deadline is the first
+        content's). `strict` (resumes): only a 200 counts, nothing is passed through and no
         retry budget applies. Returns the answer (its lease open) and how the loop ended;
         every lease but the answer's is closed, on every path."""
+        timeout = self.first_byte_timeout if streamed else self.response_timeout
         candidate = next(candidates, None)
         attempt = 0
         reconnected = False
@@ -115,20 +121,26 @@ class Attempts:
             headers, body = request_for(pool)
             lease = Lease(endpoint)
             try:
-                answer, outcome = await self._once(pool, lease, method, target, headers, body)
+                answer, outcome = await self._once(pool, lease, method, target, headers, body,
+                                                   self.loop.time() + timeout)
             except BaseException:
                 lease.close()
                 raise
             if answer is not None:
                 answer.attempt = attempt
-                if not outcome.retryable and (not strict or answer.reply.status == 200):
+                if outcome.work is Work.DONE and (not strict or answer.reply.status == 200):
+                    if outcome is Outcome.UPSTREAM_ERROR:  # its own 5xx: the app sees it
+                        events.attempt_failed(endpoint, outcome, self.loop.time())
+                        return answer, Step.PASS_THROUGH
                     events.answered(endpoint, pool.model, answer.ready_at - answer.sent_at)
                     return answer, Step.NEXT
             now = self.loop.time()
             if strict:
                 lease.close()
-                if outcome.endpoint_failed:
+                if outcome not in (Outcome.OK, Outcome.CLIENT_ERROR):
                     events.attempt_failed(endpoint, outcome, now)
+                if not outcome.retryable:
+                    return None, Step.GAVE_UP  # a live pod took the continuation
                 candidate = next(candidates, None)
                 continue
             events.attempt_failed(endpoint, outcome, now)
@@ -164,11 +176,13 @@ class Attempts:
         return None, Step.EXHAUSTED
 
     async def _once(self, pool: Pool, lease: Lease, method: bytes, target: bytes,
-                    headers: bytes, body: bytes) -> tuple[Answer | None, Outcome]:
+                    headers: bytes, body: bytes, deadline: float
+                    ) -> tuple[Answer | None, Outcome]:
         """Send once and read up to the point of no return: a whole (small) body, or a
-        stream's preamble plus its first content. Nothing has reached the app yet, so
-        every failure here is still retryable."""
-        deadline = self.loop.time() + self.first_byte_timeout
+        stream's preamble plus its first content. Nothing has reached the app yet; whether
+        a failure here may be retried is the outcome's `Work`."""
+        # One deadline for the head and, for a stream, its first content; the upstream's
+        # tick checks it (no timer per request) and closes the connection when it passes.
         reply = await self.upstream.send(lease.endpoint.url, method, target, headers, body,
                                          deadline)
         if isinstance(reply, Outcome):

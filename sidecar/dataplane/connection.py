@@ -306,7 +306,9 @@ class Connection(asyncio.Protocol):
             self._fail(Outcome.FIRST_BYTE_TIMEOUT)
             self._close()
         elif self.in_body and now - self._last >= self.owner.idle_timeout:
-            self._fail(Outcome.BROKEN_STREAM)  # silent for too long: a broken stream
+            # Silent for too long: a broken stream, or (before its first content) a live
+            # pod we hung up on, which must not count as a dead one that may be retried.
+            self._fail(Outcome.FIRST_BYTE_TIMEOUT if self._deadline else Outcome.BROKEN_STREAM)
             self._close()
 
     def _close(self) -> None:

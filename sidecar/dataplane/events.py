@@ -43,7 +43,7 @@ class Events:
     def attempt_failed(self, endpoint: Endpoint, outcome: Outcome, now: float) -> None:
         """Passive health, the error count, an event if it ejected the pod."""
         self.telemetry.count("upstream_errors", (endpoint.pool, outcome.value))
-        if endpoint.record_failure(outcome, now):
+        if outcome.endpoint_failed and endpoint.record_failure(outcome, now):
             self.telemetry.event("endpoint ejected", f"{endpoint.url} (pool {endpoint.pool}) "
                                  f"after {outcome.value}", alert_type="warning",
                                  tags=[f"pool:{endpoint.pool}"])

@@ -43,6 +43,32 @@ log = logging.getLogger("sidecar.proxy")
 RETRY_AFTER_S = "5"
 
 
+_STREAM_KEY = b'"stream"'
+_TRUE = (b":true", b": true")
+_FALSE = (b":false", b": false")
+
+
+def asks_to_stream(body: bytes) -> bool:
+    """Does a JSON request ask for a stream (`"stream": true`)? A body naming the key once,
+    as the SDKs write it, is decided in one scan in C (a lone nested `stream` key reads as
+    the top one: that only shortens the deadline); any other body is parsed."""
+    at = body.find(_STREAM_KEY)
+    if at < 0:
+        return False
+    after = at + len(_STREAM_KEY)
+    # A quote inside a JSON string is escaped: these bytes can only be a key.
+    if body.find(_STREAM_KEY, after) < 0:
+        if body.startswith(_TRUE, after):
+            return True
+        if body.startswith(_FALSE, after):
+            return False
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(data, dict) and data.get("stream") is True
+
+
 def rewrite_model(body: bytes, model: str) -> bytes:
     """Swap the `model` of a JSON request for the serving pool's; anything else untouched."""
     try:
@@ -68,7 +94,8 @@ class Proxy:
         self.max_attempts = settings.max_attempts
         self.budget = RetryBudget(settings.retry_budget_percent, settings.retry_budget_min)
         self.attempts = Attempts(upstream, self.events, self.budget, settings.max_attempts,
-                                 settings.first_byte_timeout_s)
+                                 settings.first_byte_timeout_s, settings.response_timeout_s)
+        self.stream_idle_timeout = settings.stream_idle_timeout_s
         self.loop = asyncio.get_running_loop()
 
     async def handle(self, request: Request, down: Downstream) -> None:
@@ -87,15 +114,18 @@ class Proxy:
                              perf_counter() - request.received_at, fields)
 
     def _refuse(self, down: Downstream, status: int, message: str, code: str,
-                headers: bytes = b"", **extra: object) -> tuple[int, str, str]:
-        down.respond(status, error_body(message, code, **extra), headers)
+                headers: bytes = b"", attempts: int = 0, **extra: object
+                ) -> tuple[int, str, str]:
+        down.respond(status, error_body(message, code, **extra),
+                     headers + b"x-sidecar-attempts: %d\r\n" % attempts)
         return status, "none", "none"
 
     async def _handle(self, request: Request, down: Downstream, fields: dict[str, object]
                       ) -> tuple[int, str, str]:
         if request.method == b"GET" and request.target.split(b"?", 1)[0] == b"/v1/models":
             # What the app may name is what the sidecar can serve, not what one pod serves.
-            down.respond(200, orjson.dumps(listing(self.router.settings.pools)))
+            down.respond(200, orjson.dumps(listing(self.router.settings.pools)),
+                         b"x-sidecar-attempts: 0\r\n")
             return 200, "none", "none"
         raw = request.session
         local = raw is None
@@ -136,29 +166,30 @@ class Proxy:
         def request_for(pool: Pool) -> tuple[bytes, bytes]:
             payload = rewrite_model(body, pool.model) if needs_rewrite(requested, pool.model) \
                 else body
-            if pool.auth_header is None:
-                return request.forward, payload
-            return with_header(request.headers, b"Authorization", pool.auth_header.encode(),
-                               REQUEST_DROP, get(request.headers, b"connection")
-                               ), payload
+            return _headers_for(request, pool), payload
 
+        streamed = asks_to_stream(body)
         answer, step = await self.attempts.run(self.router.plan(route, now, len(body)),
-                                               request.method,
-                                               request.target, request_for, failures)
+                                               request.method, request.target, request_for,
+                                               failures, streamed=streamed)
         fields["attempts"] = answer.attempt if answer is not None else len(failures)
         if answer is None:
+            sent = len(failures)
+            tried = [f.view() for f in failures]
+            if step is Step.GAVE_UP:
+                return self._refuse(down, 504, self._timeout_message(failures[-1], streamed),
+                                    "upstream_timeout", attempts=sent, tried=tried)
             retry_after = _seconds(min((f.retry_after for f in failures if f.retry_after),
                                        default=None)).encode()
-            tried = [f.view() for f in failures]
             if step is Step.BUDGET_REFUSED:
                 return self._refuse(
                     down, 503, "retry budget exhausted: too many retries in the last 10 s; "
                     "not retrying to avoid multiplying load", "retry_budget_exhausted",
-                    b"Retry-After: " + retry_after + b"\r\n", tried=tried)
+                    b"Retry-After: " + retry_after + b"\r\n", sent, tried=tried)
             self.counters.no_endpoint += 1
             return self._refuse(down, 503, self._no_endpoint_message(route, failures),
                                 "no_ready_endpoint", b"Retry-After: " + retry_after + b"\r\n",
-                                tried=tried)
+                                sent, tried=tried)
         with answer.lease:
             pool, endpoint = answer.pool, answer.lease.endpoint
             if pool.name != route.pool:
@@ -279,14 +310,29 @@ class Proxy:
         candidates = ((pool, e) for e in pool.ranked(route.session.encode())
                       if e is not broken and e.usable(now))
         continued, _ = await self.attempts.run(
-            candidates, b"POST", request.target, lambda _: (request.forward, body), [],
-            strict=True)
+            candidates, b"POST", request.target, lambda p: (_headers_for(request, p), body), [],
+            streamed=True, strict=True)
         if continued is None:
             return None
         self.events.resumed()
         log.info("resuming a stream of session %s on %s after %s broke", route.session,
                  continued.lease.endpoint.url, broken.url)
         return continued, ContinuationFrames(stream_id, created)
+
+    def _timeout_message(self, failure: Failure, streamed: bool) -> str:
+        if streamed:
+            deadline = self.attempts.first_byte_timeout
+            waited = f"sent no content within SIDECAR_FIRST_BYTE_TIMEOUT_S={deadline:g} s"
+        else:
+            deadline = self.attempts.response_timeout
+            waited = f"did not answer within SIDECAR_RESPONSE_TIMEOUT_S={deadline:g} s"
+        if self.stream_idle_timeout < deadline:
+            waited += (f" (or fell silent for SIDECAR_STREAM_IDLE_TIMEOUT_S="
+                       f"{self.stream_idle_timeout:g} s after its head)")
+        return (f"the model server at {failure.endpoint} (pool {failure.pool}) took the "
+                f"request but {waited}; its connection was closed so it stops generating, "
+                "and the request was not sent elsewhere (that would start the same work "
+                "over). Raise the timeout if calls this long are expected")
 
     def _no_endpoint_message(self, route: Route, failures: list[Failure]) -> str:
         """Say what went wrong and what to check: this is the first error a new user meets."""
@@ -306,6 +352,15 @@ class Proxy:
         return (f"no ready endpoint in pool {route.pool!r} or its fallback chain {pools[1:]} "
                 f"({states}): pods may still be starting (a cold start) or were ejected "
                 "after failures; GET /endpoints on the admin listener shows their states")
+
+
+def _headers_for(request: Request, pool: Pool) -> bytes:
+    """The header lines every send to `pool` carries (first tries, retries, resumes alike):
+    the app's, with the pool's key in place of the app's Authorization when it has one."""
+    if pool.auth_header is None:
+        return request.forward
+    return with_header(request.headers, b"Authorization", pool.auth_header.encode(),
+                       REQUEST_DROP, get(request.headers, b"connection"))
 
 
 def _transcript(request: Request, answer: Answer) -> Transcript | None:

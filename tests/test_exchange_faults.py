@@ -1,0 +1,182 @@
+"""The request logic under upstream faults, on real sockets: what a retry or a resume sends,
+to whom, and how many times each pod is asked (fake-llm pods count their requests)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+
+from tests.conftest import CHAT, base, chat, dead_url, pool
+from tests.raw_http import Message
+from tests.raw_peers import Conn, upstream_factory
+
+POOL_KEY = "sk-pool-key-0123456789"
+
+
+async def test_a_resumed_stream_carries_the_pools_key_never_the_apps(pods, sidecar, http,
+                                                                     monkeypatch):
+    a, b = await pods(2, max_tokens=20)
+    monkeypatch.setenv("TEST_POOL_KEY", POOL_KEY)
+    running = await sidecar({"keyed": pool([a, b], resume=True, api_key_env="TEST_POOL_KEY")},
+                            TEST_POOL_KEY=POOL_KEY)
+    status, headers, _ = await chat(http, running, "keyed", Authorization="Bearer app-token")
+    assert status == 200
+    first = a if headers["x-sidecar-endpoint"] == a.url else b
+    other = b if first is a else a
+    assert first.fake.last_headers["Authorization"] == f"Bearer {POOL_KEY}"
+    first.fake.behaviour.update({"drop_after_chunks": 6, "drop_next": 1})  # dies mid-stream
+    before = other.requests
+    async with http.post(base(running) + "/v1/chat/completions",
+                         json={**CHAT, "max_tokens": 20, "stream": True},
+                         headers={"x-session-id": "keyed",
+                                  "Authorization": "Bearer app-token"}) as r:
+        raw = await r.read()
+    events = [e.removeprefix(b"data: ") for e in raw.split(b"\n\n") if e]
+    assert events[-1] == b"[DONE]", raw[-300:]
+    assert other.requests == before + 1, "the continuation went to the other pod"
+    assert other.fake.last_request is not None
+    assert other.fake.last_request["continue_final_message"] is True
+    assert other.fake.last_headers["Authorization"] == f"Bearer {POOL_KEY}"
+    assert "app-token" not in json.dumps(other.fake.last_headers)
+    assert running.sidecar.proxy.counters.resumes == 1
+
+
+def starting_on(running, url: str, prefix: str) -> str:
+    """A session id whose rendezvous choice in pool `small` is the endpoint at `url`."""
+    pool_ = running.sidecar.pools.pools["small"]
+    return next(s for s in (f"{prefix}-{i}" for i in range(200))
+                if pool_.ranked(s.encode())[0].url == url)
+
+
+async def wait_until(condition, timeout: float = 5.0) -> bool:
+    for _ in range(int(timeout / 0.02)):
+        if condition():
+            return True
+        await asyncio.sleep(0.02)
+    return condition()
+
+
+async def test_a_slow_non_streamed_call_on_a_live_pod_is_sent_once_and_answered(
+        pods, sidecar, http):
+    # The whole answer takes longer than the streams' first-content budget: a model server
+    # sends a non-streamed answer's head only when all of it is ready.
+    a, b = await pods(2, ttft_ms=1200)
+    running = await sidecar({"small": pool([a, b])}, SIDECAR_FIRST_BYTE_TIMEOUT_S="0.3")
+    status, headers, body = await chat(http, running, "long-generation")
+    assert status == 200, body
+    assert headers["x-sidecar-attempts"] == "1"
+    assert a.requests + b.requests == 1, "one generation, not one per attempt"
+    assert a.fake.counters.cancelled + b.fake.counters.cancelled == 0
+
+
+async def test_a_slow_first_token_past_the_deadline_is_a_504_never_a_second_generation(
+        pods, sidecar, http):
+    a, b = await pods(2, ttft_ms=3000)
+    running = await sidecar({"small": pool([a, b])}, SIDECAR_FIRST_BYTE_TIMEOUT_S="0.3")
+    async with http.post(base(running) + "/v1/chat/completions",
+                         json={**CHAT, "stream": True},
+                         headers={"x-session-id": "slow-stream"}) as r:
+        assert r.status == 504
+        assert r.headers["x-sidecar-attempts"] == "1"
+        error = (await r.json())["error"]
+    assert error["code"] == "upstream_timeout"
+    assert "SIDECAR_FIRST_BYTE_TIMEOUT_S" in error["message"]
+    assert a.requests + b.requests == 1, "the work was not started over elsewhere"
+    slow = a if a.requests else b
+    # The sidecar hung up, so the engine stops generating for nobody.
+    assert await wait_until(lambda: slow.fake.counters.cancelled == 1)
+    assert all(e.consecutive_failures == 0 for e in running.sidecar.pools.all_endpoints())
+
+
+async def test_a_non_streamed_call_past_the_response_deadline_is_closed_and_not_retried(
+        pods, sidecar, http):
+    a, b = await pods(2, ttft_ms=3000)
+    running = await sidecar({"small": pool([a, b])}, SIDECAR_RESPONSE_TIMEOUT_S="0.3")
+    status, headers, body = await chat(http, running, "too-long")
+    assert status == 504 and body["error"]["code"] == "upstream_timeout"
+    assert "SIDECAR_RESPONSE_TIMEOUT_S=0.3" in body["error"]["message"]
+    assert headers["x-sidecar-attempts"] == "1"
+    assert a.requests + b.requests == 1
+    slow = a if a.requests else b
+    assert await wait_until(lambda: slow.fake.counters.cancelled == 1)
+
+
+async def test_a_refused_pod_then_a_good_one_is_two_attempts(pods, sidecar, http):
+    [good] = await pods(1)
+    dead = dead_url()
+    running = await sidecar({"small": {"model": "m", "endpoints": [dead, good.url]}})
+    session = starting_on(running, dead, "refused")
+    status, headers, _ = await chat(http, running, session)
+    assert status == 200 and headers["x-sidecar-endpoint"] == good.url
+    assert headers["x-sidecar-attempts"] == "2"
+    assert good.requests == 1
+
+
+async def test_a_pod_that_resets_after_reading_the_request_is_known_dead_and_retried(
+        pods, sidecar, http):
+    async def reset(conn: Conn, request: Message) -> bool:
+        sock = conn.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.writer.transport.abort()  # an RST: the pod died holding the request
+        return False
+
+    [good] = await pods(1)
+    async with upstream_factory() as upstreams:
+        resetter = await upstreams(reset)
+        running = await sidecar({"small": {"model": "m",
+                                           "endpoints": [resetter.url, good.url]}})
+        session = starting_on(running, resetter.url, "reset")
+        status, headers, _ = await chat(http, running, session)
+        assert status == 200 and headers["x-sidecar-endpoint"] == good.url
+        assert headers["x-sidecar-attempts"] == "2"
+        assert len(resetter.requests) == 1 and good.requests == 1
+
+
+async def test_a_declined_call_moves_on_and_a_failed_one_is_passed_through(pods, sidecar, http):
+    a, b = await pods(2)
+    running = await sidecar({"small": pool([a, b])})
+    session = starting_on(running, a.url, "declined")
+    a.fake.behaviour.update({"fail_next": 1, "fail_status": 429})
+    status, headers, _ = await chat(http, running, session)
+    assert status == 200 and headers["x-sidecar-attempts"] == "2"
+    assert (a.requests, b.requests) == (1, 1)
+    session = starting_on(running, b.url, "failed")
+    b.fake.behaviour.update({"fail_next": 1, "fail_status": 500})
+    status, headers, body = await chat(http, running, session)
+    assert status == 500 and body["error"]["code"] == "injected"
+    assert headers["x-sidecar-attempts"] == "1"
+    assert (a.requests, b.requests) == (1, 2), "the pod did the work: nobody does it again"
+
+
+async def test_the_sidecars_own_answers_say_how_many_sends_they_made(sidecar, http):
+    dead = [dead_url(), dead_url()]
+    running = await sidecar({"small": {"model": "m", "endpoints": dead}})
+    status, headers, _ = await chat(http, running, "nobody-home")
+    assert status == 503 and headers["x-sidecar-attempts"] == "2"
+    status, headers, _ = await chat(http, running, "x" * 300)  # too long
+    assert status == 400 and headers["x-sidecar-attempts"] == "0"
+
+
+async def test_a_pod_silent_after_its_head_is_not_mistaken_for_a_dead_one(pods, sidecar, http):
+    """A head at once, then nothing: the sidecar hangs up on a live pod at the stream idle
+    timeout. That is the sidecar's doing, not the pod dying: no other pod starts over."""
+    async def head_then_silence(conn: Conn, request: Message) -> bool:
+        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n")
+        await asyncio.sleep(10)
+        return False
+
+    [good] = await pods(1)
+    async with upstream_factory() as upstreams:
+        silent = await upstreams(head_then_silence)
+        running = await sidecar({"small": {"model": "m", "endpoints": [silent.url, good.url]}},
+                                SIDECAR_STREAM_IDLE_TIMEOUT_S="0.3")
+        session = starting_on(running, silent.url, "silent")
+        status, headers, body = await chat(http, running, session)
+        assert status == 504 and body["error"]["code"] == "upstream_timeout"
+        assert "SIDECAR_STREAM_IDLE_TIMEOUT_S=0.3" in body["error"]["message"]
+        assert headers["x-sidecar-attempts"] == "1"
+        assert len(silent.requests) == 1 and good.requests == 0
+        assert await wait_until(lambda: running.sidecar.upstream.in_use() == 0)
