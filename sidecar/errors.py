@@ -15,6 +15,9 @@ and counters read.
      │                                  retried once on the same endpoint, never an ejection
      │                                  by itself
      ├── CONNECT_TIMEOUT     NOT_TAKEN  no TCP connection within SIDECAR_CONNECT_TIMEOUT_S
+     ├── POOL_FULL           NOT_TAKEN  every connection to the endpoint stayed busy until the
+     │                                  call's deadline: never sent, so another pod may take
+     │                                  it; the pod is busy, not failing
      ├── FIRST_BYTE_TIMEOUT  HELD       a live pod did not answer within the call's deadline
      │                                  (SIDECAR_RESPONSE_TIMEOUT_S; streams: first content
      │                                  within SIDECAR_FIRST_BYTE_TIMEOUT_S), or fell silent
@@ -62,6 +65,7 @@ class Outcome(Enum):
     CONNECT_ERROR = "connect_error"
     CONNECTION_LOST = "connection_lost"
     CONNECT_TIMEOUT = "connect_timeout"
+    POOL_FULL = "pool_full"
     FIRST_BYTE_TIMEOUT = "first_byte_timeout"
     BROKEN_BEFORE_CONTENT = "broken_before_content"
     BROKEN_STREAM = "broken_stream"
@@ -88,7 +92,7 @@ class Outcome(Enum):
         retry budget: retrying them multiplies load on a pool that is already struggling.
         A pod that is gone (refused, reset, cut off) is ejected at once and its work moves
         to a healthy pod instead, bounded by SIDECAR_MAX_ATTEMPTS."""
-        return self in (Outcome.RETRYABLE_STATUS, Outcome.CONNECT_TIMEOUT)
+        return self in (Outcome.RETRYABLE_STATUS, Outcome.CONNECT_TIMEOUT, Outcome.POOL_FULL)
 
     @property
     def endpoint_unreachable(self) -> bool:
@@ -104,6 +108,7 @@ _WORK = {
     Outcome.CONNECT_ERROR: Work.DROPPED,
     Outcome.CONNECTION_LOST: Work.DROPPED,
     Outcome.CONNECT_TIMEOUT: Work.NOT_TAKEN,
+    Outcome.POOL_FULL: Work.NOT_TAKEN,
     Outcome.FIRST_BYTE_TIMEOUT: Work.HELD,
     Outcome.BROKEN_BEFORE_CONTENT: Work.DROPPED,
     Outcome.BROKEN_STREAM: Work.DROPPED,

@@ -149,3 +149,33 @@ async def test_idle_upstream_connections_are_closed_before_5_s(sidecar, upstream
     idle = time.monotonic() - answered
     assert idle < 5.0, f"the idle connection was kept {idle:.1f} s"
     assert idle > 0.5, "closed at once: keep-alive is not kept at all"
+
+
+async def test_a_call_that_waited_for_a_busy_endpoint_was_never_sent_and_says_so(
+        sidecar, upstreams, monkeypatch):
+    """All of an endpoint's connections busy until the deadline: the waiting call was never
+    sent, so it is `pool_full` (another pod may take it), not a timeout of work a pod held."""
+    monkeypatch.setattr("sidecar.dataplane.upstream.PER_ENDPOINT", 1)
+
+    async def slow(conn: Conn, request: Message) -> bool:
+        if request.target != b"/busy":
+            await conn.send(echo_target(request))
+            return True
+        # An answer that keeps its connection busy past the other call's deadline.
+        await conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(8):
+            await conn.send(b"5\r\nbusy\n\r\n")
+            await asyncio.sleep(0.1)
+        await conn.send(b"0\r\n\r\n")
+        return True
+
+    running, upstream = await proxied(sidecar, upstreams, slow, SIDECAR_MAX_ATTEMPTS="1",
+                                      SIDECAR_RESPONSE_TIMEOUT_S="0.4")
+    busy = asyncio.create_task(exchange(running.port, get(b"/busy")))
+    await asyncio.sleep(0.1)
+    waited = await exchange(running.port, get(b"/waited"))
+    assert error_of(waited)["tried"][0]["outcome"] == "pool_full"
+    assert waited.status == 503
+    await busy
+    sent = [r.target for c in upstream.conns for r in c.requests]
+    assert b"/waited" not in sent

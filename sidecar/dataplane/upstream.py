@@ -121,7 +121,7 @@ class HttpUpstream:
                 async with asyncio.timeout_at(deadline):
                     await waiter
             except TimeoutError:
-                return Outcome.FIRST_BYTE_TIMEOUT
+                return Outcome.POOL_FULL  # never sent: another pod may take it
             finally:
                 with contextlib.suppress(ValueError):
                     origin.waiters.remove(waiter)
