@@ -89,7 +89,7 @@ async def test_the_sidecar_counts_the_engines_usage(llama, sidecar, http):
 
 LONG_PROMPT = "Summarise the following notes in one line.\n" + "\n".join(
     f"Note {i}: the shipment of crate {i * 7 % 101} left dock {i % 9} on day {i % 31}."
-    for i in range(160))
+    for i in range(50))
 
 
 async def test_a_pod_killed_during_prefill_is_retried_with_nothing_sent(llama, sidecar, http):
