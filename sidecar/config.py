@@ -63,7 +63,7 @@ class PoolConfig:
     health_interval_s: float = 5.0
     api_key_env: str | None = None
     resume: bool = False
-    metrics_path: str | None = None  # the pods' vLLM /metrics, scraped for their load
+    metrics_path: str | None = None  # the pods' /metrics (names per `engine`), scraped for load
     aliases: tuple[str, ...] = ()
     engine: str = DEFAULT_ENGINE  # the pods' server: which names its metrics page uses
 
