@@ -106,6 +106,13 @@ async def test_a_pod_killed_mid_stream_is_resumed_into_one_answer(llama, sidecar
     assert len(finishes) == 1
     # Token for token the uninterrupted answer (temperature 0).
     assert content_of(events) == whole
+    # The usage frame is the continuation's: its prompt holds the answer so far, its
+    # completion the rest, so only the total matches the uninterrupted call's.
+    usage = next(e["usage"] for e in events if isinstance(e, dict) and e.get("usage"))
+    direct_usage = next(e["usage"] for e in sse_events(direct)
+                        if isinstance(e, dict) and e.get("usage"))
+    assert usage["total_tokens"] == direct_usage["total_tokens"]
+    assert usage["completion_tokens"] < direct_usage["completion_tokens"]
 
 
 async def test_without_resume_a_pod_killed_mid_stream_ends_visibly_broken(llama, sidecar,
