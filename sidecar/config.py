@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from sidecar.podload import DEFAULT_ENGINE, ENGINES
+
 LOAD_LEVELS = ("low", "medium", "high")
 SELECTOR_SLOTS = 16
 REDIS_MODES = ("standalone", "cluster", "sentinel")
@@ -61,8 +63,9 @@ class PoolConfig:
     health_interval_s: float = 5.0
     api_key_env: str | None = None
     resume: bool = False
-    metrics_path: str | None = None  # the pods' vLLM /metrics, scraped for their load
+    metrics_path: str | None = None  # the pods' /metrics (names per `engine`), scraped for load
     aliases: tuple[str, ...] = ()
+    engine: str = DEFAULT_ENGINE  # the pods' server: which names its metrics page uses
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +141,7 @@ class Settings:
                     "resume": p.resume,
                     "metrics_path": p.metrics_path,
                     "aliases": list(p.aliases),
+                    "engine": p.engine,
                 }
                 for name, p in self.pools.items()
             },
@@ -322,7 +326,7 @@ def parse_pools(reader: _Reader, data: Any, source: str, env: Mapping[str, str]
                                'e.g. {"small": {"model": "m", "endpoints": ["http://10.0.0.5:8000"]}}')
         return pools, keys
     known = {"model", "endpoints", "fallback", "cold_start_s", "health_path",
-             "health_interval_s", "api_key_env", "resume", "aliases", "metrics_path"}
+             "health_interval_s", "api_key_env", "resume", "aliases", "metrics_path", "engine"}
     for name, spec in data.items():
         where = f"{source}: pool {name!r}"
         if not isinstance(spec, dict):
@@ -390,6 +394,15 @@ def parse_pools(reader: _Reader, data: Any, source: str, env: Mapping[str, str]
         if not isinstance(resume, bool):
             reader.problems.append(f"{where}: \"resume\" must be true or false, got {resume!r}")
             resume = False
+        engine = spec.get("engine", DEFAULT_ENGINE)
+        if not isinstance(engine, str) or engine not in ENGINES:
+            reader.problems.append(f"{where}: \"engine\" must be one of {sorted(ENGINES)}, "
+                                   f"got {engine!r}")
+            engine = DEFAULT_ENGINE
+        elif metrics_path is not None and ENGINES[engine] is None:
+            reader.problems.append(f"{where}: \"engine\" {engine!r} has no Prometheus load "
+                                   "series the sidecar reads; drop \"metrics_path\" (the "
+                                   "pool's load then comes from the sidecars' heartbeats)")
         aliases = spec.get("aliases", [])
         if not isinstance(aliases, list) or not all(
                 isinstance(a, str) and a and a.isascii() and a.isprintable() for a in aliases):
@@ -414,7 +427,7 @@ def parse_pools(reader: _Reader, data: Any, source: str, env: Mapping[str, str]
                 fallback=fallback, cold_start_s=numbers["cold_start_s"],
                 health_path=health_path, health_interval_s=numbers["health_interval_s"],
                 api_key_env=key_env, resume=resume, aliases=tuple(aliases),
-                metrics_path=metrics_path,
+                metrics_path=metrics_path, engine=engine,
             )
     _check_fallback_cycles(reader, data, source)
     _check_model_names(reader, data, source)

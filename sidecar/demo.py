@@ -2,10 +2,12 @@
 
 Three simulated model pods run as their own processes (a "small" pool of two, a "large"
 pool of one that falls back to small, cold starts scaled down to seconds) behind the
-sidecar on embedded defaults (in-memory route store). A scripted client then plays four
-acts — sessions stick to pods; a pod is killed mid-traffic; the large pool finishes its
-cold start while its sessions wait on the small model; the load level rises — and prints
-a summary. Afterwards it serves on 127.0.0.1:7878 until Ctrl-C.
+sidecar on embedded defaults (in-memory route store). With `--engine llama` the pods are
+llama.cpp servers with a real (small) model instead, when `make engine` installed them.
+A scripted client then plays four acts — sessions stick to pods; a pod is killed
+mid-traffic; the large pool finishes its cold start while its sessions wait on the small
+model; the load level rises — and prints a summary. Afterwards it serves on
+127.0.0.1:7878 until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -42,9 +44,9 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def demo_environment(small: list[int], large: list[int], listen: str, admin_listen: str
-                     ) -> dict[str, str]:
-    pools = {
+def demo_environment(small: list[int], large: list[int], listen: str, admin_listen: str,
+                     engine: str = "fake") -> dict[str, str]:
+    pools: dict[str, dict[str, object]] = {
         "small": {"model": SMALL_MODEL, "health_path": "/health", "health_interval_s": 0.25,
                   "cold_start_s": 600, "resume": True,
                   "endpoints": [f"http://127.0.0.1:{p}" for p in small]},
@@ -52,6 +54,10 @@ def demo_environment(small: list[int], large: list[int], listen: str, admin_list
                   "cold_start_s": 900, "fallback": "small",
                   "endpoints": [f"http://127.0.0.1:{p}" for p in large]},
     }
+    if engine == "llama":
+        # The pods' own load (busy slots, deferred requests) steers placement and `top`.
+        for spec in pools.values():
+            spec.update(engine="llamacpp", metrics_path="/metrics")
     routes = {"low": {"small": 12, "large": 4}, "medium": {"small": 8, "large": 8},
               "high": {"small": 4, "large": 12}}
     return {"SIDECAR_LISTEN": listen, "SIDECAR_ADMIN_LISTEN": admin_listen,
@@ -128,6 +134,32 @@ class Pod:
                 self.kill()
 
 
+class LlamaDemoPod:
+    """A llama.cpp server with the real small model, started `delay_s` late: the large pod's
+    cold start (refused, then 503 "Loading model", then ready) scaled down."""
+
+    def __init__(self, name: str, model: str, delay_s: float = 0.0) -> None:
+        from sidecar.llamaserver import LlamaPod
+
+        self.name = name
+        self.pod = LlamaPod(alias=model, slots=2)
+        self.port = self.pod.port
+        self.url = self.pod.url
+        self._starting: asyncio.TimerHandle | None = None
+        if delay_s > 0:
+            self._starting = asyncio.get_running_loop().call_later(delay_s, self.pod.start)
+        else:
+            self.pod.start()
+
+    def kill(self) -> None:
+        self.pod.kill()
+
+    def stop(self) -> None:
+        if self._starting is not None:
+            self._starting.cancel()
+        self.pod.stop()
+
+
 @dataclass
 class Tally:
     calls: int = 0
@@ -140,7 +172,7 @@ class Tally:
 
 
 class Story:
-    def __init__(self, running: Running, base: str, pods: dict[str, Pod],
+    def __init__(self, running: Running, base: str, pods: dict[str, Pod | LlamaDemoPod],
                  console: Console) -> None:
         self.running = running
         self.base = base
@@ -285,28 +317,57 @@ class Story:
         return table
 
 
+def _pods(engine: str, cold_start_s: float) -> dict[str, Pod | LlamaDemoPod]:
+    if engine == "llama":
+        return {"small-0": LlamaDemoPod("small-0", SMALL_MODEL),
+                "small-1": LlamaDemoPod("small-1", SMALL_MODEL),
+                "large-0": LlamaDemoPod("large-0", LARGE_MODEL, cold_start_s)}
+    return {"small-0": Pod("small-0", SMALL_MODEL, 0.5),
+            "small-1": Pod("small-1", SMALL_MODEL, 0.5),
+            "large-0": Pod("large-0", LARGE_MODEL, cold_start_s)}
+
+
+def _describe(engine: str, cold_start_s: float) -> str:
+    if engine == "llama":
+        from sidecar.llamaserver import engine_version, model_path
+
+        return (f"[bold]llm-sidecar demo[/bold] on llama.cpp ({engine_version()}): every pod "
+                f"serves {model_path().name} on one CPU thread; small pool = small-0, "
+                f"small-1 (as {SMALL_MODEL}); large pool = large-0 (as {LARGE_MODEL}, "
+                f"started {cold_start_s:g} s late: its cold start; falls back to small). "
+                "Route store: in-memory.")
+    return (f"[bold]llm-sidecar demo[/bold]: small pool = small-0, small-1 "
+            f"({SMALL_MODEL}); large pool = large-0 ({LARGE_MODEL}, cold start "
+            f"{cold_start_s:g} s here, ~15 min for real; falls back to small). "
+            "Route store: in-memory.")
+
+
 async def run_demo(listen: str, admin_listen: str, cold_start_s: float,
-                   story: bool = True) -> int:
+                   story: bool = True, engine: str = "fake") -> int:
     console = Console(highlight=False)
+    if engine == "llama":
+        from sidecar.llamaserver import EngineMissing, binary_path, model_path
+
+        try:
+            binary_path()
+            model_path()
+        except EngineMissing as exc:
+            console.print(f"llm-sidecar demo --engine llama: {exc}")
+            return 2
     # The story is the output; the sidecar's own log lines would interleave with it.
     quiet = logging.getLogger("sidecar")
     level = quiet.level
     if story:
         quiet.setLevel(logging.ERROR)
-    pods = {"small-0": Pod("small-0", SMALL_MODEL, 0.5),
-            "small-1": Pod("small-1", SMALL_MODEL, 0.5),
-            "large-0": Pod("large-0", LARGE_MODEL, cold_start_s)}
+    pods = _pods(engine, cold_start_s)
     running: Running | None = None
     try:
         env = demo_environment([pods["small-0"].port, pods["small-1"].port],
-                               [pods["large-0"].port], listen, admin_listen)
+                               [pods["large-0"].port], listen, admin_listen, engine)
         running = await start(load_settings(env), env=env)
-        console.print(f"[bold]llm-sidecar demo[/bold]: small pool = small-0, small-1 "
-                      f"({SMALL_MODEL}); large pool = large-0 ({LARGE_MODEL}, cold start "
-                      f"{cold_start_s:g} s here, ~15 min for real; falls back to small). "
-                      "Route store: in-memory.")
+        console.print(_describe(engine, cold_start_s))
         sidecar = running.sidecar
-        for _ in range(400):  # the small pods' (scaled-down) cold start
+        for _ in range(1200):  # the small pods' (scaled-down) cold start
             if warm_pools(sidecar.pools):
                 break
             await asyncio.sleep(0.05)

@@ -1,9 +1,11 @@
 """Active health probes and load scrapes: each endpoint of a pool with a `health_path` is
-probed, and one with a `metrics_path` has its vLLM metrics read, at once and then every
-`health_interval_s` (with jitter, so pods do not probe in lockstep). Never on the request path.
+probed, and one with a `metrics_path` has its metrics read (under its engine's names), at
+once and then every `health_interval_s` (with jitter, so pods do not probe in lockstep).
+Never on the request path.
 
 A warming endpoint's first healthy probe is its cold start event; a ready endpoint that fails
-probes in a row is ejected, and an ejected one that answers is restored.
+probes in a row is ejected, and an ejected one that answers is restored. A pod that answers
+it is still loading its model is warming, not failing.
 """
 
 from __future__ import annotations
@@ -14,11 +16,18 @@ import logging
 import random
 import time
 from collections import deque
+from enum import Enum
 
 import aiohttp
 
 from sidecar.placement import saturated
-from sidecar.podload import MAX_METRICS_BYTES, MetricsParseError, parse_metrics, with_rate
+from sidecar.podload import (
+    DEFAULT_ENGINE,
+    MAX_METRICS_BYTES,
+    MetricsParseError,
+    parse_metrics,
+    with_rate,
+)
 from sidecar.pools import Endpoint, EndpointState, PoolSet
 from sidecar.telemetry import Telemetry
 
@@ -28,6 +37,26 @@ PROBE_TIMEOUT_S = 2.0
 JITTER = 0.2
 # A scraped load older than this many probe intervals is dropped (routing stops using it).
 LOAD_STALE_INTERVALS = 3
+# llama.cpp's server answers every path with 503 {"error":{"message":"Loading model",…}}
+# while it loads its weights (tools/server/server-http.cpp); vLLM does not listen until then.
+LOADING_MARK = b"loading model"
+LOADING_BODY_BYTES = 4096
+
+
+class Probe(Enum):
+    HEALTHY = "healthy"
+    LOADING = "loading"   # up, but its model is still loading: warming
+    DOWN = "down"
+
+
+def classify_probe(status: int, body: bytes) -> Probe:
+    """A health answer, judged: 200 is healthy; a 503 that says the model is loading is a
+    pod in its cold start; anything else is a failed probe."""
+    if status == 200:
+        return Probe.HEALTHY
+    if status == 503 and LOADING_MARK in body[:LOADING_BODY_BYTES].lower():
+        return Probe.LOADING
+    return Probe.DOWN
 
 
 class ColdStart:
@@ -50,6 +79,7 @@ class HealthProber:
         self.telemetry = telemetry if telemetry is not None else Telemetry({})
         self.cold_starts: deque[ColdStart] = deque(maxlen=100)
         self.probes = 0
+        self.loading_probes = 0    # answers "still loading its model" (warming pods)
         self.scrapes = 0
         self.scrape_failures = 0   # unreachable, non-200, too large or unparsable pages
         self.parse_failures = 0    # of which: answered, but not vLLM's metrics text
@@ -95,22 +125,26 @@ class HealthProber:
                 return
             interval = pool.config.health_interval_s
             if pool.config.health_path:
-                healthy = await self.probe(endpoint, pool.config.health_path)
-                self.apply(endpoint, healthy)
+                result = await self.probe(endpoint, pool.config.health_path)
+                self.apply(endpoint, result)
             if pool.config.metrics_path:
-                await self.scrape(endpoint, pool.config.metrics_path, interval)
+                await self.scrape(endpoint, pool.config.metrics_path, interval,
+                                  pool.config.engine)
             await asyncio.sleep(interval * random.uniform(1 - JITTER, 1 + JITTER))
 
-    async def probe(self, endpoint: Endpoint, path: str) -> bool:
+    async def probe(self, endpoint: Endpoint, path: str) -> Probe:
         assert self._http is not None
         self.probes += 1
         try:
             async with self._http.get(endpoint.url + path) as response:
-                return response.status == 200
+                body = b"" if response.status in (200, 204) else \
+                    await response.content.read(LOADING_BODY_BYTES)
+                return classify_probe(response.status, body)
         except (aiohttp.ClientError, OSError, TimeoutError):
-            return False
+            return Probe.DOWN
 
-    async def scrape(self, endpoint: Endpoint, path: str, interval: float) -> None:
+    async def scrape(self, endpoint: Endpoint, path: str, interval: float,
+                     engine: str = DEFAULT_ENGINE) -> None:
         """Read the pod's load; a failed read keeps the last one until it is stale."""
         assert self._http is not None
         self.scrapes += 1
@@ -124,7 +158,7 @@ class HealthProber:
             if len(body) > MAX_METRICS_BYTES:
                 raise MetricsParseError("page larger than the limit")
             try:
-                load = parse_metrics(body, time.time())
+                load = parse_metrics(body, time.time(), engine)
             except MetricsParseError:
                 self.parse_failures += 1
                 raise
@@ -139,9 +173,16 @@ class HealthProber:
         load = with_rate(endpoint.load, load)
         endpoint.set_load(load, saturated(load))
 
-    def apply(self, endpoint: Endpoint, healthy: bool) -> None:
+    def apply(self, endpoint: Endpoint, result: Probe) -> None:
         """A probe's result, through the endpoint's own methods (it owns its state)."""
-        if healthy:
+        if result is Probe.LOADING:
+            self.loading_probes += 1
+            if endpoint.loading():
+                self.telemetry.event("endpoint loading", f"{endpoint.url} (pool "
+                                     f"{endpoint.pool}) is loading its model again: warming",
+                                     alert_type="warning", tags=[f"pool:{endpoint.pool}"])
+            return
+        if result is Probe.HEALTHY:
             if endpoint.state is EndpointState.EJECTED:
                 endpoint.record_success()
                 self.telemetry.event("endpoint restored", f"{endpoint.url} (pool "

@@ -107,6 +107,17 @@ class Endpoint:
             return time.monotonic() - self.registered_at
         return None
 
+    def loading(self) -> bool:
+        """The pod answers that it is loading its model. Returns True when this sends a
+        ready (or ejected) endpoint back to warming: a restart in place, a cold start whose
+        end its next healthy probe reports, not a failure."""
+        if self.state not in (EndpointState.READY, EndpointState.EJECTED):
+            return False
+        self.state = EndpointState.WARMING
+        self.consecutive_failures = 0
+        self.registered_at = time.monotonic()
+        return True
+
     def probe_failed(self) -> bool:
         """A failed active probe. Returns True when this one ejected a ready endpoint (only
         a healthy probe restores it)."""

@@ -42,17 +42,42 @@ HEARTBEAT_TTL_S = 60
 STALE_AFTER_S = 20.0
 FLUSH_INTERVAL_S = 2.0
 
-_USAGE = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)[^{}]*?"completion_tokens"\s*:\s*(\d+)')
+_USAGE_OPEN = re.compile(rb'"usage"\s*:\s*\{')
+_PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+USAGE_WINDOW = 400
 
 
 def usage_in(data: bytes) -> tuple[int, int] | None:
     """(prompt, completion) tokens from an OpenAI `usage` object in `data`, if there is one.
-    Looks only after the last `"usage"`, so a response body is not parsed as JSON."""
+    Looks only after the last `"usage"`, so a response body is not parsed as JSON. The two
+    counts are read in either order (vLLM writes prompt_tokens first, llama.cpp's server
+    sorts its keys: completion_tokens first), inside the usage object only."""
     at = data.rfind(b'"usage"')
     if at < 0:
         return None
-    found = _USAGE.search(data, at, at + 400)
-    return (int(found[1]), int(found[2])) if found else None
+    opened = _USAGE_OPEN.match(data, at, at + USAGE_WINDOW)
+    if opened is None:
+        return None  # "usage": null, or cut off
+    end = _object_end(data, opened.end() - 1, min(len(data), at + USAGE_WINDOW))
+    prompt = _PROMPT_TOKENS.search(data, opened.end(), end)
+    completion = _COMPLETION_TOKENS.search(data, opened.end(), end)
+    return (int(prompt[1]), int(completion[1])) if prompt and completion else None
+
+
+def _object_end(data: bytes, start: int, stop: int) -> int:
+    """Where the JSON object opening at `start` closes (nested details objects skipped; no
+    braces occur inside usage's strings), or `stop`."""
+    depth = 0
+    for i in range(start, stop):
+        byte = data[i]
+        if byte == 0x7B:
+            depth += 1
+        elif byte == 0x7D:
+            depth -= 1
+            if depth == 0:
+                return i
+    return stop
 
 
 def traffic_key(pool: str, bucket: int) -> str:
