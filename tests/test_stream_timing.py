@@ -3,9 +3,12 @@ tokens per second per pool and model, and the sidecar's own time in x-sidecar-ov
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from tests.conftest import CHAT, admin, base, chat, pool
+from tests.raw_http import Message, post
+from tests.raw_peers import Conn, exchange, proxied, upstream_factory
 
 
 def _series(text: str, name: str, suffix: str) -> dict[str, float]:
@@ -62,3 +65,33 @@ async def test_overhead_header_counts_the_sidecars_own_time_only(pods, sidecar, 
     overhead_ms = float(headers["x-sidecar-overhead-ms"])
     # Positive, and far below the call: the model's 50 ms are not the sidecar's.
     assert 0 < overhead_ms < elapsed_ms - 40
+
+
+async def test_a_role_only_preamble_is_neither_the_first_token_nor_a_token(sidecar):
+    """vLLM opens a stream with `"content":""`, llama.cpp with `"content":null`: neither is a
+    token, so the time to first token runs to the first text and, without usage in the
+    stream, the completion estimate counts only frames with text."""
+    def event(delta: bytes) -> bytes:
+        frame = b'data: {"choices":[{"index":0,"delta":' + delta + b'}]}\n\n'
+        return b"%x\r\n%s\r\n" % (len(frame), frame)
+
+    async def stream(conn: Conn, request: Message) -> bool:
+        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n")
+        await conn.send(event(b'{"role":"assistant","content":""}'))
+        await conn.send(event(b'{"role":"assistant","content":null}'))
+        await asyncio.sleep(0.3)
+        for word in (b"one", b"two", b"three"):
+            await conn.send(event(b'{"content":"' + word + b'"}'))
+        await conn.send(event(b'{"content": null}') + b"0\r\n\r\n")
+        return True
+
+    async with upstream_factory() as upstreams:
+        running, _ = await proxied(sidecar, upstreams, stream)
+        answer = await exchange(running.port, post(b"/v1/chat/completions",
+                                                   b'{"stream":true}'), b"POST")
+    assert answer.status == 200
+    telemetry = running.sidecar.telemetry
+    assert telemetry.counter_total("completion_tokens") == 3
+    [ttft] = [s for key, s in telemetry.series.items() if "ttft" in key[0]]
+    assert ttft.count == 1 and ttft.sum >= 0.3  # the preamble came at once, the text 0.3 s on

@@ -71,10 +71,12 @@ class Relay:
         self.last_content = 0.0
 
     def feed(self, chunk: bytes) -> None:
-        # Two scans in C per chunk; no JSON parsing on the stream path.
+        # Scans in C per chunk; no JSON parsing on the stream path.
         content = chunk.count(b'"content":')
         if content:
-            self._timing(content)
+            content -= _empty_content(chunk)
+            if content > 0:
+                self._timing(content)
         if b'"usage"' in chunk:
             self.usage = usage_in(chunk) or self.usage
         if self.frames is None and self.transcript is None:
@@ -128,3 +130,11 @@ class Relay:
         return prompt_bytes // 4, self.completion_frames
 
 
+# A role-only delta carries no token: vLLM sends `"content":""`, llama.cpp `"content":null`
+# (with a space after the colon from Python-made JSON). Counting them as content would put
+# the first token's time at the preamble and add a token to every estimate.
+_EMPTY_CONTENT = (b'"content":""', b'"content":null', b'"content": ""', b'"content": null')
+
+
+def _empty_content(chunk: bytes) -> int:
+    return sum(chunk.count(empty) for empty in _EMPTY_CONTENT)

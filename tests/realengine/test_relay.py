@@ -87,10 +87,6 @@ async def test_the_sidecar_counts_the_engines_usage(llama, sidecar, http):
         sum(u["completion_tokens"] for u in usages)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "dataplane/relay.py counts occurrences of '\"content\":' per chunk as content frames, "
-    "so llama.cpp's role-only preamble ('\"content\":null') counts as one: without usage "
-    "in the stream the completion estimate is one token high"))
 async def test_without_usage_the_estimate_is_one_token_per_content_frame(llama, sidecar, http):
     """README: without reported usage a stream's completion tokens are estimated as "a token
     per streamed content frame"."""
