@@ -2,11 +2,14 @@
 Redis in one pipelined write every few seconds (never per request), and the reader the
 scaler uses.
 
-Layout (both sides live here so they cannot drift):
+Layout (both sides live here so they cannot drift). Every time in it is Redis's: a sidecar
+learns the offset between its clock and Redis's `TIME` at each flush (`RedisClock`), so a
+sidecar whose clock is off still writes where the scaler reads.
 
     llmsc:traffic:{<pool>}:<bucket>   hash: requests, prompt_tokens, completion_tokens
-                                      (bucket = unix time // 5; every sidecar HINCRBYs the
-                                      same key, so the sum is made by Redis; expires)
+                                      (bucket = Redis unix time // 5; every sidecar
+                                      HINCRBYs the same key, so the sum is made by Redis;
+                                      expires)
     llmsc:inflight:{<pool>}           hash: <pod id> → "<in-flight>:<unix time>" (heartbeat;
                                       stale fields are ignored and pruned)
     llmsc:epinflight:{<pool>}         hash: "<pod id> <endpoint URL>" → "<in-flight>:<unix
@@ -30,6 +33,7 @@ import contextlib
 import logging
 import os
 import re
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -117,6 +121,42 @@ def parse_pod_load(value: bytes | str) -> tuple[int, int, float, float] | None:
     return running, waiting, kv_usage, stamp
 
 
+class RedisClock:
+    """Redis's clock as this process sees it: its own clock plus the offset learned from the
+    `TIME` that rides in every flush's round trip (the midpoint of send and receipt is taken
+    as the moment Redis answered, so the error is at most half a round trip).
+
+    Why Redis's clock and not each sidecar's: every sidecar adds into the same 5-second
+    buckets and the scaler reads the ones that closed, so they must agree on when a bucket
+    closes; a fleet's hosts drift apart, the one Redis they share is one clock. (On Cluster
+    it is the clock of the node redis-py sends keyless commands to; a cluster's few nodes
+    are assumed to keep NTP time with each other, its many sidecars are not.)"""
+
+    def __init__(self, local: Callable[[], float] = time.time) -> None:
+        self.local = local
+        self.offset: float | None = None   # Redis time − local time; None until learned
+
+    @property
+    def synced(self) -> bool:
+        return self.offset is not None
+
+    def to_redis(self, local: float) -> float:
+        return local + (self.offset or 0.0)
+
+    def now(self) -> float:
+        return self.to_redis(self.local())
+
+    def observe(self, reply: Any, sent_at: float, received_at: float) -> None:
+        """Learn the offset from a `TIME` reply (seconds, microseconds) asked at `sent_at`
+        and received at `received_at` (local clock); a reply not in that form is ignored."""
+        try:
+            seconds, micros = reply
+            redis_now = int(seconds) + int(micros) / 1e6
+        except (TypeError, ValueError):
+            return
+        self.offset = redis_now - (sent_at + received_at) / 2
+
+
 class PoolCounters:
     __slots__ = ("completion_tokens", "prompt_tokens", "requests")
 
@@ -129,8 +169,9 @@ class PoolCounters:
 class Traffic:
     """This pod's counts since the last flush; the flush adds them to the shared buckets."""
 
-    def __init__(self, pod_id: str | None = None) -> None:
+    def __init__(self, pod_id: str | None = None, clock: RedisClock | None = None) -> None:
         self.pod_id = pod_id or os.urandom(6).hex()
+        self.clock = clock or RedisClock()
         self.counts: dict[str, PoolCounters] = {}
         self.totals: dict[str, PoolCounters] = {}
         self.flushes = 0
@@ -154,9 +195,18 @@ class Traffic:
         return counts
 
     def write(self, pipe: Any, inflight: dict[str, int], now: float,
-              endpoints: dict[str, dict[str, int]] | None = None) -> None:
+              endpoints: dict[str, dict[str, int]] | None = None) -> bool:
         """Queue this flush's commands on a Redis pipeline (one round trip for all pools);
-        `endpoints` (pool → endpoint URL → in-flight) adds the per-endpoint heartbeat."""
+        `endpoints` (pool → endpoint URL → in-flight) adds the per-endpoint heartbeat.
+
+        The first command is always `TIME`: hand its reply to `clock.observe`. `now` is this
+        process's clock; buckets and stamps are written in Redis's. Until the offset is
+        known, only `TIME` is queued and the counts wait (returns False: flush again once
+        the reply is in)."""
+        pipe.execute_command("TIME")  # not pipe.time(): redis-py refuses that in a Cluster pipeline
+        if not self.clock.synced:
+            return False
+        now = self.clock.to_redis(now)
         bucket = int(now // BUCKET_S)
         counts = self.take()
         for pool in sorted(set(counts) | set(inflight)):
@@ -177,6 +227,7 @@ class Traffic:
                                         for url, n in counts.items()})
                 pipe.expire(key, HEARTBEAT_TTL_S)
         self.flushes += 1
+        return True
 
     def start(self, flush: Any) -> None:
         """Run `await flush()` every FLUSH_INTERVAL_S until `stop()`."""

@@ -22,7 +22,7 @@ from sidecar.scaler.policy import Bounds, Observation, PredictivePolicy
 from sidecar.scaler.service import Scaler
 from sidecar.store import LEVEL_KEY
 from sidecar.telemetry import Telemetry
-from sidecar.traffic import BUCKET_S, Traffic
+from sidecar.traffic import BUCKET_S, RedisClock, Traffic
 from tests.conftest import chat, pool
 from tests.fake_nomad import TOKEN
 from tests.redis_server import Monitor
@@ -61,7 +61,9 @@ async def report_traffic(redis_server, now: float, tokens_per_s: float, pods: in
     client = aioredis.Redis(port=redis_server.port)
     try:
         for i in range(pods):
-            traffic = Traffic(pod_id=f"pod-{i}")
+            clock = RedisClock()
+            clock.offset = 0.0  # the test's clock is the server's (same machine)
+            traffic = Traffic(pod_id=f"pod-{i}", clock=clock)
             traffic.count(pool_name, int(tokens_per_s * BUCKET_S / pods), 0)
             async with client.pipeline(transaction=False) as pipe:
                 traffic.write(pipe, {pool_name: 1}, now - BUCKET_S)
@@ -159,9 +161,9 @@ async def test_commands_per_tick_do_not_grow_with_sidecars(make_scaler, redis_se
     finally:
         monitor.close()
     names = [c.split('"')[1].upper() for c in commands]
-    # the lock, then per pool one bucket read and one heartbeat read, then its pod loads:
-    # whatever the number of pods
-    assert names == ["EVALSHA", "HGETALL", "HGETALL", "HGETALL"], names
+    # the lock (and Redis's clock), then per pool one bucket read and one heartbeat read,
+    # then its pod loads, then the state saved for a successor: whatever the number of pods
+    assert names == ["EVALSHA", "HGETALL", "HGETALL", "HGETALL", "EVALSHA"], names
 
 
 async def test_a_pool_without_ready_capacity_is_reported_once(make_scaler, redis_server,
