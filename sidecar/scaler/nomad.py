@@ -47,6 +47,7 @@ def ssl_context(settings: ScalerSettings) -> ssl.SSLContext | None:
 class NomadClient:
     def __init__(self, settings: ScalerSettings, timeout_s: float = 10.0) -> None:
         self.addr = settings.nomad_addr
+        self.timeout_s = timeout_s
         self.params: dict[str, str] = {}
         if settings.nomad_namespace:
             self.params["namespace"] = settings.nomad_namespace
@@ -62,7 +63,8 @@ class NomadClient:
 
     async def _call(self, method: str, path: str, body: Any = None,
                     timeout_s: float | None = None) -> Any:
-        timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s is not None else None
+        timeout = (aiohttp.ClientTimeout(total=min(timeout_s, self.timeout_s))
+                   if timeout_s is not None else None)
         try:
             async with self.http.request(method, self.addr + path, params=self.params,
                                          json=body, timeout=timeout) as response:

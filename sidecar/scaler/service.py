@@ -41,6 +41,7 @@ LEADER_KEY = "llmsc:scaler:leader"
 # can check the lock and write the state atomically on every topology.
 STATE_KEY = "llmsc:scaler:state:{llmsc:scaler:leader}"
 STATE_TTL_S = 86400  # a fleet whose scalers all stopped for a day starts afresh
+MIN_CALL_S = 0.05  # a Nomad call given less than this would time out before it began
 FORECAST_GAUGES = frozenset({"scaler_forecast_replicas", "scaler_forecast_ratio",
                              "scaler_demand", "scaler_queued"})
 # Keep the lock if it is ours (extend it), or take it if free and ARGV[3] says so; and say
@@ -170,7 +171,11 @@ class Scaler:
         if not lease.held:
             raise LostLease("the lock is no longer ours")
         # Leave a tenth of the lease for the clocks' rates to disagree.
-        return max(0.0, (lease.until - time.monotonic()) * 0.9)
+        budget = (lease.until - time.monotonic()) * 0.9
+        if budget < MIN_CALL_S:
+            raise LostLease(f"the lease leaves {max(budget, 0.0):.3f} s, too little for a "
+                            "Nomad call")
+        return budget
 
     def _policy(self, name: str, pool: ScaledPool, now: float) -> PredictivePolicy:
         policy = self.policies.get(name)
@@ -224,22 +229,21 @@ class Scaler:
         `run`, which restarts the loop; `now` (tests) overrides Redis's clock."""
         self.ticks += 1
         try:
-            lease = await self.lease()
+            return await self._tick(now)
         except CAUGHT:
             self._step_down()
             raise
+
+    async def _tick(self, now: float | None) -> TickReport:
+        lease = await self.lease()
         if not lease.held:
             self._step_down()
             return TickReport(leader=False)
         now = lease.now if now is None else now
-        try:
-            if lease.taken or not self._restored:
-                await self._restore(now)
-            view = await read_traffic(self.redis, self.settings.pools, now, self.buckets)
-            loads = await read_pod_load(self.redis, self.settings.pools, now)
-        except CAUGHT:
-            self._step_down()
-            raise
+        if lease.taken or not self._restored:
+            await self._restore(now)
+        view = await read_traffic(self.redis, self.settings.pools, now, self.buckets)
+        loads = await read_pod_load(self.redis, self.settings.pools, now)
         self.leader_ticks += 1
         report = TickReport(leader=True)
         demand_total = 0.0
@@ -267,16 +271,11 @@ class Scaler:
         if complete and ready_total == 0 and demand_total > 0:
             utilization = math.inf
         fleet_queued = waiting / max(running, 1) if reporting else None
-        try:
-            report.level = await self._publish_level(self.levels.decide(utilization,
-                                                                        fleet_queued))
-            if not await self._save():
-                log.warning("the lock moved during this tick: its state was not saved")
-                report.leader = False
-                self._step_down()
-        except CAUGHT:
+        report.level = await self._publish_level(self.levels.decide(utilization, fleet_queued))
+        if not await self._save():
+            log.warning("the lock moved during this tick: its state was not saved")
+            report.leader = False
             self._step_down()
-            raise
         return report
 
     def _step_down(self) -> None:
