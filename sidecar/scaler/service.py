@@ -271,7 +271,14 @@ class Scaler:
         if complete and ready_total == 0 and demand_total > 0:
             utilization = math.inf
         fleet_queued = waiting / max(running, 1) if reporting else None
-        report.level = await self._publish_level(self.levels.decide(utilization, fleet_queued))
+        level = self.levels.decide(utilization, fleet_queued)
+        if self._lease is None or time.monotonic() >= self._lease.until:
+            # The tick outlived the lock (a slow Nomad read): another scaler may lead now.
+            log.warning("this tick outlived the lock: not publishing, following from now on")
+            report.leader = False
+            self._step_down()
+            return report
+        report.level = await self._publish_level(level)
         if not await self._save():
             log.warning("the lock moved during this tick: its state was not saved")
             report.leader = False
