@@ -258,3 +258,25 @@ def test_the_scalers_redis_ca_file_must_be_a_readable_file(tmp_path):
     ca.write_text("-")
     assert settings("rediss://127.0.0.1:1/0", "http://127.0.0.1:4646",
                     SIDECAR_REDIS_CA_FILE=str(ca)).redis_ca_file == str(ca)
+
+
+async def test_a_nomad_that_drops_the_connection_holds_the_pool(redis_server):
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    s = settings(redis_server.url, f"http://127.0.0.1:{port}")
+    client = aioredis.Redis(port=redis_server.port)
+    scaler = Scaler(s, client, NomadClient(s), Telemetry({}), "scaler-a")
+    try:
+        report = await scaler.tick()
+    finally:
+        await scaler.nomad.close()
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
+    # aiohttp's own error (not an OSError) is Nomad's failure: the tick holds and goes on.
+    assert report.leader and report.pools[0].action == "hold"
+    assert "cannot read Nomad" in report.pools[0].reason

@@ -59,8 +59,8 @@ elseif not holder and ARGV[3] == '1' then
 end
 return {held, now[1], now[2]}
 """
-# Write the state (field/value pairs from ARGV[2]) only while ARGV[1] holds the lock: a
-# deposed leader cannot overwrite what its successor decided.
+# Write the state (field/value pairs from ARGV[3], expiry ARGV[2] ms) only while ARGV[1]
+# holds the lock: a deposed leader cannot overwrite what its successor decided.
 SAVE_STATE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
