@@ -107,7 +107,7 @@ class Sidecar:
 
         def build(pipe: Any) -> None:
             nonlocal counted
-            counted = self.traffic.write(pipe, inflight, now, endpoints)  # TIME first
+            counted = self.traffic.write(pipe, inflight, now, endpoints)  # its clock first
             _write_pod_load_for_scaler(pipe, scraped, clock)
             for name, fields in stale.items():
                 pipe.hdel(endpoint_inflight_key(name), *fields)

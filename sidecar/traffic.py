@@ -3,9 +3,12 @@ Redis in one pipelined write every few seconds (never per request), and the read
 scaler uses.
 
 Layout (both sides live here so they cannot drift). Every time in it is Redis's: a sidecar
-learns the offset between its clock and Redis's `TIME` at each flush (`RedisClock`), so a
-sidecar whose clock is off still writes where the scaler reads.
+learns the offset between its clock and Redis's at each flush (`RedisClock`), so a sidecar
+whose clock is off still writes where the scaler reads.
 
+    llmsc:traffic:clock:{llmsc:scaler:leader}
+                                      stream of one entry, appended at each flush: its ID
+                                      is Redis's clock (RedisClock)
     llmsc:traffic:{<pool>}:<bucket>   hash: requests, prompt_tokens, completion_tokens
                                       (bucket = Redis unix time // 5; every sidecar
                                       HINCRBYs the same key, so the sum is made by Redis;
@@ -45,6 +48,8 @@ BUCKET_TTL_S = 900
 HEARTBEAT_TTL_S = 60
 STALE_AFTER_S = 20.0
 FLUSH_INTERVAL_S = 2.0
+# RedisClock's stream: in the slot of the scaler's lock (hash tag), see RedisClock.
+CLOCK_KEY = "llmsc:traffic:clock:{llmsc:scaler:leader}"
 
 _USAGE = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)[^{}]*?"completion_tokens"\s*:\s*(\d+)')
 
@@ -122,15 +127,18 @@ def parse_pod_load(value: bytes | str) -> tuple[int, int, float, float] | None:
 
 
 class RedisClock:
-    """Redis's clock as this process sees it: its own clock plus the offset learned from the
-    `TIME` that rides in every flush's round trip (the midpoint of send and receipt is taken
-    as the moment Redis answered, so the error is at most half a round trip).
+    """Redis's clock as this process sees it: its own clock plus the offset learned at every
+    flush (the midpoint of send and receipt is taken as the moment Redis answered, so the
+    error is at most half a round trip).
 
     Why Redis's clock and not each sidecar's: every sidecar adds into the same 5-second
     buckets and the scaler reads the ones that closed, so they must agree on when a bucket
-    closes; a fleet's hosts drift apart, the one Redis they share is one clock. (On Cluster
-    it is the clock of the node redis-py sends keyless commands to; a cluster's few nodes
-    are assumed to keep NTP time with each other, its many sidecars are not.)"""
+    closes; a fleet's hosts drift apart, the one Redis they share is one clock.
+
+    How it is read: each flush appends to a one-entry stream (CLOCK_KEY); the ID Redis gives
+    the entry is its own clock in milliseconds. Unlike `TIME` this is keyed, so it pipelines
+    on every topology, and on Cluster it lands on one node for the whole fleet: the node of
+    the scaler's lock, whose `TIME` the scaler reads."""
 
     def __init__(self, local: Callable[[], float] = time.time) -> None:
         self.local = local
@@ -146,15 +154,15 @@ class RedisClock:
     def now(self) -> float:
         return self.to_redis(self.local())
 
-    def observe(self, reply: Any, sent_at: float, received_at: float) -> None:
-        """Learn the offset from a `TIME` reply (seconds, microseconds) asked at `sent_at`
-        and received at `received_at` (local clock); a reply not in that form is ignored."""
+    def observe(self, entry_id: Any, sent_at: float, received_at: float) -> None:
+        """Learn the offset from the `XADD` reply (`<ms>-<seq>`) sent at `sent_at` and
+        received at `received_at` (local clock); a reply not in that form is ignored."""
+        text = entry_id.decode("ascii", "replace") if isinstance(entry_id, bytes) else entry_id
         try:
-            seconds, micros = reply
-            redis_now = int(seconds) + int(micros) / 1e6
-        except (TypeError, ValueError):
+            millis = int(str(text).partition("-")[0])
+        except ValueError:
             return
-        self.offset = redis_now - (sent_at + received_at) / 2
+        self.offset = millis / 1000 - (sent_at + received_at) / 2
 
 
 class PoolCounters:
@@ -199,11 +207,11 @@ class Traffic:
         """Queue this flush's commands on a Redis pipeline (one round trip for all pools);
         `endpoints` (pool → endpoint URL → in-flight) adds the per-endpoint heartbeat.
 
-        The first command is always `TIME`: hand its reply to `clock.observe`. `now` is this
-        process's clock; buckets and stamps are written in Redis's. Until the offset is
-        known, only `TIME` is queued and the counts wait (returns False: flush again once
-        the reply is in)."""
-        pipe.execute_command("TIME")  # not pipe.time(): redis-py refuses that in a Cluster pipeline
+        The first command always reads Redis's clock: hand its reply to `clock.observe`.
+        `now` is this process's clock; buckets and stamps are written in Redis's. Until the
+        offset is known, only that read is queued and the counts wait (returns False: flush
+        again once the reply is in)."""
+        pipe.xadd(CLOCK_KEY, {"pod": self.pod_id}, maxlen=1, approximate=False)
         if not self.clock.synced:
             return False
         now = self.clock.to_redis(now)

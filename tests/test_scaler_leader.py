@@ -26,7 +26,7 @@ from sidecar.scaler.service import LEADER_KEY, STATE_KEY, Scaler
 from sidecar.store import LEVEL_CHANNEL, LEVEL_KEY, connect_redis
 from sidecar.supervise import SUPERVISOR
 from sidecar.telemetry import Telemetry
-from sidecar.traffic import BUCKET_S, RedisClock
+from sidecar.traffic import BUCKET_S, CLOCK_KEY, RedisClock
 from tests.conftest import chat, pool
 from tests.redis_server import RedisServer
 from tests.test_redis_topologies import Sentinel, start_cluster
@@ -222,6 +222,9 @@ async def test_the_level_reaches_redis_cluster_and_every_node_hears_it(nomad):
             assert await client.get(LEVEL_KEY) == b"high"
             # The lock and the state share a slot: the fenced save worked.
             assert b"levels" in await client.hgetall(STATE_KEY)
+            # The sidecars' clock stream too: one node's clock for the fleet and the scaler.
+            slot = nodes[0].client().execute_command("CLUSTER", "KEYSLOT", LEADER_KEY)
+            assert nodes[0].client().execute_command("CLUSTER", "KEYSLOT", CLOCK_KEY) == slot
         finally:
             await scaler.nomad.close()
             await client.aclose()
@@ -284,7 +287,7 @@ def test_a_policy_restored_from_its_state_decides_as_the_original():
 def test_the_redis_clock_is_the_local_clock_plus_the_learned_offset():
     clock = RedisClock(local=lambda: 1000.0)
     assert not clock.synced and clock.now() == 1000.0
-    clock.observe((1030, 500000), sent_at=999.9, received_at=1000.1)  # 30.5 s ahead
+    clock.observe(b"1030500-0", sent_at=999.9, received_at=1000.1)  # 30.5 s ahead
     assert clock.synced and clock.now() == pytest.approx(1030.5)
-    clock.observe("not a TIME reply", 0.0, 0.0)
+    clock.observe(b"not a stream entry id", 0.0, 0.0)
     assert clock.now() == pytest.approx(1030.5)
