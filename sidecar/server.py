@@ -35,6 +35,7 @@ from sidecar.store import RouteStore, StoreUnavailable, make_store
 from sidecar.telemetry import Telemetry
 from sidecar.traffic import (
     HEARTBEAT_TTL_S,
+    RedisClock,
     Traffic,
     endpoint_inflight_key,
     format_pod_load,
@@ -100,11 +101,14 @@ class Sidecar:
         heartbeat_pools = [name for name, pool in self.pools.pools.items()
                            if not pool.config.metrics_path and pool.endpoints]
         stale, self._stale_heartbeats = self._stale_heartbeats, {}
-        now = time.time()
+        clock = self.traffic.clock
+        now = clock.local()
+        counted = True
 
         def build(pipe: Any) -> None:
-            self.traffic.write(pipe, inflight, now, endpoints)
-            _write_pod_load_for_scaler(pipe, scraped)
+            nonlocal counted
+            counted = self.traffic.write(pipe, inflight, now, endpoints)  # its clock first
+            _write_pod_load_for_scaler(pipe, scraped, clock)
             for name, fields in stale.items():
                 pipe.hdel(endpoint_inflight_key(name), *fields)
             for name in heartbeat_pools:
@@ -119,8 +123,12 @@ class Sidecar:
                         and now - e.load.at > HEARTBEAT_STALE_S:
                     e.set_load(None, False)
             return
+        if replies:
+            clock.observe(replies[0], now, clock.local())
         if replies and heartbeat_pools:
             self._apply_heartbeats(heartbeat_pools, replies[-len(heartbeat_pools):], now)
+        if not counted and clock.synced:
+            await self.flush_traffic()  # the first flush only learned Redis's clock
 
     def _apply_heartbeats(self, names: list[str], replies: list[Any], now: float) -> None:
         """Pools without metrics: each endpoint's load is the fleet's summed in-flight."""
@@ -128,7 +136,8 @@ class Sidecar:
             pool = self.pools.get(name)
             if pool is None or not isinstance(fields, dict):
                 continue
-            totals, stale = sum_endpoint_inflight(fields, now)
+            # The stamps are in Redis's clock (traffic.RedisClock), as every sidecar writes them.
+            totals, stale = sum_endpoint_inflight(fields, self.traffic.clock.to_redis(now))
             if stale:
                 self._stale_heartbeats[name] = stale
             for endpoint in pool.endpoints:
@@ -267,13 +276,15 @@ def process_view() -> dict[str, int]:
     return view
 
 
-def _write_pod_load_for_scaler(pipe: Any, scraped: dict[str, dict[str, PodLoad]]) -> None:
-    """The scraped loads, for the scaler (traffic.py's `llmsc:podload:{<pool>}` layout).
-    Every sidecar of the fleet writes the same pod's latest reading; readers skip stale ones."""
+def _write_pod_load_for_scaler(pipe: Any, scraped: dict[str, dict[str, PodLoad]],
+                               clock: RedisClock) -> None:
+    """The scraped loads, for the scaler (traffic.py's `llmsc:podload:{<pool>}` layout),
+    stamped in Redis's clock. Every sidecar of the fleet writes the same pod's latest
+    reading; readers skip stale ones."""
     for pool, loads in sorted(scraped.items()):
         key = pod_load_key(pool)
         pipe.hset(key, mapping={url: format_pod_load(round(load.running), round(load.waiting),
-                                                     load.kv_usage, load.at)
+                                                     load.kv_usage, clock.to_redis(load.at))
                                 for url, load in loads.items()})
         pipe.expire(key, HEARTBEAT_TTL_S)
 

@@ -2,11 +2,17 @@
 Redis in one pipelined write every few seconds (never per request), and the reader the
 scaler uses.
 
-Layout (both sides live here so they cannot drift):
+Layout (both sides live here so they cannot drift). Every time in it is Redis's: a sidecar
+learns the offset between its clock and Redis's at each flush (`RedisClock`), so a sidecar
+whose clock is off still writes where the scaler reads.
 
+    llmsc:traffic:clock:{llmsc:scaler:leader}
+                                      stream of one entry, appended at each flush: its ID
+                                      is Redis's clock (RedisClock)
     llmsc:traffic:{<pool>}:<bucket>   hash: requests, prompt_tokens, completion_tokens
-                                      (bucket = unix time // 5; every sidecar HINCRBYs the
-                                      same key, so the sum is made by Redis; expires)
+                                      (bucket = Redis unix time // 5; every sidecar
+                                      HINCRBYs the same key, so the sum is made by Redis;
+                                      expires)
     llmsc:inflight:{<pool>}           hash: <pod id> → "<in-flight>:<unix time>" (heartbeat;
                                       stale fields are ignored and pruned)
     llmsc:epinflight:{<pool>}         hash: "<pod id> <endpoint URL>" → "<in-flight>:<unix
@@ -30,6 +36,7 @@ import contextlib
 import logging
 import os
 import re
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +48,8 @@ BUCKET_TTL_S = 900
 HEARTBEAT_TTL_S = 60
 STALE_AFTER_S = 20.0
 FLUSH_INTERVAL_S = 2.0
+# RedisClock's stream: in the slot of the scaler's lock (hash tag), see RedisClock.
+CLOCK_KEY = "llmsc:traffic:clock:{llmsc:scaler:leader}"
 
 _USAGE_OPEN = re.compile(rb'"usage"\s*:\s*\{')
 _PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
@@ -142,6 +151,45 @@ def parse_pod_load(value: bytes | str) -> tuple[int, int, float, float] | None:
     return running, waiting, kv_usage, stamp
 
 
+class RedisClock:
+    """Redis's clock as this process sees it: its own clock plus the offset learned at every
+    flush (the midpoint of send and receipt is taken as the moment Redis answered, so the
+    error is at most half a round trip).
+
+    Why Redis's clock and not each sidecar's: every sidecar adds into the same 5-second
+    buckets and the scaler reads the ones that closed, so they must agree on when a bucket
+    closes; a fleet's hosts drift apart, the one Redis they share is one clock.
+
+    How it is read: each flush appends to a one-entry stream (CLOCK_KEY); the ID Redis gives
+    the entry is its own clock in milliseconds. Unlike `TIME` this is keyed, so it pipelines
+    on every topology, and on Cluster it lands on one node for the whole fleet: the node of
+    the scaler's lock, whose `TIME` the scaler reads."""
+
+    def __init__(self, local: Callable[[], float] = time.time) -> None:
+        self.local = local
+        self.offset: float | None = None   # Redis time − local time; None until learned
+
+    @property
+    def synced(self) -> bool:
+        return self.offset is not None
+
+    def to_redis(self, local: float) -> float:
+        return local + (self.offset or 0.0)
+
+    def now(self) -> float:
+        return self.to_redis(self.local())
+
+    def observe(self, entry_id: Any, sent_at: float, received_at: float) -> None:
+        """Learn the offset from the `XADD` reply (`<ms>-<seq>`) sent at `sent_at` and
+        received at `received_at` (local clock); a reply not in that form is ignored."""
+        text = entry_id.decode("ascii", "replace") if isinstance(entry_id, bytes) else entry_id
+        try:
+            millis = int(str(text).partition("-")[0])
+        except ValueError:
+            return
+        self.offset = millis / 1000 - (sent_at + received_at) / 2
+
+
 class PoolCounters:
     __slots__ = ("completion_tokens", "prompt_tokens", "requests")
 
@@ -154,8 +202,9 @@ class PoolCounters:
 class Traffic:
     """This pod's counts since the last flush; the flush adds them to the shared buckets."""
 
-    def __init__(self, pod_id: str | None = None) -> None:
+    def __init__(self, pod_id: str | None = None, clock: RedisClock | None = None) -> None:
         self.pod_id = pod_id or os.urandom(6).hex()
+        self.clock = clock or RedisClock()
         self.counts: dict[str, PoolCounters] = {}
         self.totals: dict[str, PoolCounters] = {}
         self.flushes = 0
@@ -179,9 +228,18 @@ class Traffic:
         return counts
 
     def write(self, pipe: Any, inflight: dict[str, int], now: float,
-              endpoints: dict[str, dict[str, int]] | None = None) -> None:
+              endpoints: dict[str, dict[str, int]] | None = None) -> bool:
         """Queue this flush's commands on a Redis pipeline (one round trip for all pools);
-        `endpoints` (pool → endpoint URL → in-flight) adds the per-endpoint heartbeat."""
+        `endpoints` (pool → endpoint URL → in-flight) adds the per-endpoint heartbeat.
+
+        The first command always reads Redis's clock: hand its reply to `clock.observe`.
+        `now` is this process's clock; buckets and stamps are written in Redis's. Until the
+        offset is known, only that read is queued and the counts wait (returns False: flush
+        again once the reply is in)."""
+        pipe.xadd(CLOCK_KEY, {"pod": self.pod_id}, maxlen=1, approximate=False)
+        if not self.clock.synced:
+            return False
+        now = self.clock.to_redis(now)
         bucket = int(now // BUCKET_S)
         counts = self.take()
         for pool in sorted(set(counts) | set(inflight)):
@@ -202,6 +260,7 @@ class Traffic:
                                         for url, n in counts.items()})
                 pipe.expire(key, HEARTBEAT_TTL_S)
         self.flushes += 1
+        return True
 
     def start(self, flush: Any) -> None:
         """Run `await flush()` every FLUSH_INTERVAL_S until `stop()`."""

@@ -3,6 +3,7 @@ for the scaler's tests."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp import web
@@ -17,6 +18,8 @@ class FakeNomad:
         self.desired = {("llm-small", "server"): 2}
         self.healthy = {("llm-small", "server"): 2}
         self.active_deployment = False
+        # Seconds the next status reads are late, one entry per read (a slow Nomad, once).
+        self.status_delays: list[float] = []
         self.calls: list[dict[str, Any]] = []
         self.queries: list[dict[str, str]] = []
 
@@ -42,6 +45,8 @@ class FakeNomad:
                   for (j, g), n in self.desired.items() if j == job}
         if not groups:
             return web.Response(status=404, text="job not found")
+        if self.status_delays:  # the status as it was when asked, answered late
+            await asyncio.sleep(self.status_delays.pop(0))
         return web.json_response({"JobID": job, "JobCreateIndex": 10, "JobModifyIndex": 20,
                                   "JobStopped": False, "TaskGroups": groups})
 

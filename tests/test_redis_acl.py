@@ -152,13 +152,13 @@ async def test_the_documented_users_work_on_redis_cluster(pods, sidecar, http, n
         client = connect_redis(scaler_url, "cluster", timeout_s=2.0)
         scaler = Scaler(s, client, NomadClient(s), Telemetry({}), "scaler-acl")
         try:
-            # Its lock and its read (publishing the level from a Cluster pipeline is
-            # refused by redis-py itself, whatever the ACL).
-            assert await scaler.is_leader()
+            # A whole tick: its lock, its state, its reads and the level it publishes.
+            report = await scaler.tick()
             view = await read_traffic(client, ["small"], time.time(), 1)
         finally:
             await scaler.nomad.close()
             await client.aclose()
+        assert report.leader and report.level == "low"
         assert view["small"].reporting_pods == 1
         for node in nodes:
             assert refusals(node) == [], node.port

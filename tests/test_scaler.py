@@ -22,7 +22,7 @@ from sidecar.scaler.policy import Bounds, Observation, PredictivePolicy
 from sidecar.scaler.service import Scaler
 from sidecar.store import LEVEL_KEY
 from sidecar.telemetry import Telemetry
-from sidecar.traffic import BUCKET_S, Traffic
+from sidecar.traffic import BUCKET_S, RedisClock, Traffic
 from tests.conftest import chat, pool
 from tests.fake_nomad import TOKEN
 from tests.redis_server import Monitor
@@ -61,7 +61,9 @@ async def report_traffic(redis_server, now: float, tokens_per_s: float, pods: in
     client = aioredis.Redis(port=redis_server.port)
     try:
         for i in range(pods):
-            traffic = Traffic(pod_id=f"pod-{i}")
+            clock = RedisClock()
+            clock.offset = 0.0  # the test's clock is the server's (same machine)
+            traffic = Traffic(pod_id=f"pod-{i}", clock=clock)
             traffic.count(pool_name, int(tokens_per_s * BUCKET_S / pods), 0)
             async with client.pipeline(transaction=False) as pipe:
                 traffic.write(pipe, {pool_name: 1}, now - BUCKET_S)
@@ -159,9 +161,9 @@ async def test_commands_per_tick_do_not_grow_with_sidecars(make_scaler, redis_se
     finally:
         monitor.close()
     names = [c.split('"')[1].upper() for c in commands]
-    # the lock, then per pool one bucket read and one heartbeat read, then its pod loads:
-    # whatever the number of pods
-    assert names == ["EVALSHA", "HGETALL", "HGETALL", "HGETALL"], names
+    # the lock (and Redis's clock), then per pool one bucket read and one heartbeat read,
+    # then its pod loads, then the state saved for a successor: whatever the number of pods
+    assert names == ["EVALSHA", "HGETALL", "HGETALL", "HGETALL", "EVALSHA"], names
 
 
 async def test_a_pool_without_ready_capacity_is_reported_once(make_scaler, redis_server,
@@ -256,3 +258,25 @@ def test_the_scalers_redis_ca_file_must_be_a_readable_file(tmp_path):
     ca.write_text("-")
     assert settings("rediss://127.0.0.1:1/0", "http://127.0.0.1:4646",
                     SIDECAR_REDIS_CA_FILE=str(ca)).redis_ca_file == str(ca)
+
+
+async def test_a_nomad_that_drops_the_connection_holds_the_pool(redis_server):
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    s = settings(redis_server.url, f"http://127.0.0.1:{port}")
+    client = aioredis.Redis(port=redis_server.port)
+    scaler = Scaler(s, client, NomadClient(s), Telemetry({}), "scaler-a")
+    try:
+        report = await scaler.tick()
+    finally:
+        await scaler.nomad.close()
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
+    # aiohttp's own error (not an OSError) is Nomad's failure: the tick holds and goes on.
+    assert report.leader and report.pools[0].action == "hold"
+    assert "cannot read Nomad" in report.pools[0].reason

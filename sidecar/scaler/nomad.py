@@ -47,6 +47,7 @@ def ssl_context(settings: ScalerSettings) -> ssl.SSLContext | None:
 class NomadClient:
     def __init__(self, settings: ScalerSettings, timeout_s: float = 10.0) -> None:
         self.addr = settings.nomad_addr
+        self.timeout_s = timeout_s
         self.params: dict[str, str] = {}
         if settings.nomad_namespace:
             self.params["namespace"] = settings.nomad_namespace
@@ -60,16 +61,23 @@ class NomadClient:
     async def close(self) -> None:
         await self.http.close()
 
-    async def _call(self, method: str, path: str, body: Any = None) -> Any:
-        async with self.http.request(method, self.addr + path, params=self.params,
-                                     json=body) as response:
-            text = await response.text()
-            if response.status >= 400:
-                message = text.strip()[:300]
-                if response.status == 400 and "active deployment" in message:
-                    raise DeploymentActive(response.status, message)
-                raise NomadError(response.status, message)
-            return await response.json(content_type=None)
+    async def _call(self, method: str, path: str, body: Any = None,
+                    timeout_s: float | None = None) -> Any:
+        timeout = (aiohttp.ClientTimeout(total=min(timeout_s, self.timeout_s))
+                   if timeout_s is not None else None)
+        try:
+            async with self.http.request(method, self.addr + path, params=self.params,
+                                         json=body, timeout=timeout) as response:
+                text = await response.text()
+                if response.status >= 400:
+                    message = text.strip()[:300]
+                    if response.status == 400 and "active deployment" in message:
+                        raise DeploymentActive(response.status, message)
+                    raise NomadError(response.status, message)
+                return await response.json(content_type=None)
+        except (aiohttp.ClientError, ValueError) as exc:
+            # A dropped connection or a body that is not JSON: Nomad's failure, not ours.
+            raise NomadError(0, f"{type(exc).__name__}: {exc}") from exc
 
     async def scale_status(self, job: str, group: str) -> GroupStatus:
         """GET /v1/job/:job_id/scale: the group's Desired count and placed allocations."""
@@ -83,9 +91,11 @@ class NomadClient:
                            int(status.get("Healthy") or 0))
 
     async def scale(self, job: str, group: str, count: int, message: str,
-                    meta: dict[str, str]) -> str:
-        """POST /v1/job/:job_id/scale; returns the evaluation id."""
+                    meta: dict[str, str], timeout_s: float | None = None) -> str:
+        """POST /v1/job/:job_id/scale; returns the evaluation id. `timeout_s` bounds this
+        call below the client's own timeout (the scaler ends it before its lock does)."""
         body = {"Count": count, "Target": {"Group": group}, "Message": message,
                 "Meta": meta, "PolicyOverride": False}
-        data = await self._call("POST", f"/v1/job/{quote(job, safe='')}/scale", body)
+        data = await self._call("POST", f"/v1/job/{quote(job, safe='')}/scale", body,
+                                timeout_s)
         return str(data.get("EvalID", ""))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +140,24 @@ class PredictivePolicy:
         self._targets: deque[tuple[float, int]] = deque()    # now, count wanted then
         self._saturated = 0
 
+    def state(self) -> dict[str, Any]:
+        """What the next decision needs of the past, as plain JSON values (the scaler keeps
+        it in Redis so a scaler that takes over continues where the last one left off)."""
+        return {"started_at": self.started_at, "saturated": self._saturated,
+                "means": [[t, round(m, 6)] for t, m in self._means],
+                "bursts": [[t, round(b, 6)] for t, b in self._bursts],
+                "targets": [[t, n] for t, n in self._targets]}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from `state()`; a value not in that form raises ValueError/TypeError/
+        KeyError and leaves this policy as it was."""
+        means = deque((float(t), float(m)) for t, m in state["means"])
+        bursts = deque((float(t), float(b)) for t, b in state["bursts"])
+        targets = deque((float(t), int(n)) for t, n in state["targets"])
+        started_at, saturated = float(state["started_at"]), int(state["saturated"])
+        self._means, self._bursts, self._targets = means, bursts, targets
+        self.started_at, self._saturated = started_at, saturated
+
     def level(self, now: float) -> float:
         window = [m for t, m in self._means if t > now - self.level_s]
         return sum(window) / len(window) if window else 0.0
@@ -227,6 +245,15 @@ class LoadLevelPolicy:
         self.dwell = dwell
         self._streak = 0
         self._direction = 0
+
+    def state(self) -> dict[str, Any]:
+        return {"level": self.level, "streak": self._streak, "direction": self._direction}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        level, streak, direction = state["level"], int(state["streak"]), int(state["direction"])
+        if level not in LEVELS:
+            raise ValueError(f"unknown load level {level!r}")
+        self.level, self._streak, self._direction = level, streak, direction
 
     def decide(self, utilization: float | None, queued: float | None = None) -> str:
         saturated = queued is not None and queued >= self.SATURATED

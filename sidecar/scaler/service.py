@@ -3,15 +3,18 @@ Redis, decide each pool's replica count with the predictive policy, apply it thr
 (or only publish it as a metric for the stock Nomad Autoscaler), and publish the load level
 the sidecars use for new sessions.
 
-Safe to run twice: only the holder of a Redis lock (with expiry) acts; the other keeps
-trying and takes over within a lock lifetime if the leader dies. The first decision comes
-at start, then every SIDECAR_SCALER_INTERVAL_S.
+Safe to run twice: only the holder of a Redis lock acts, and it confirms the lock (compare
+and extend, by its token) immediately before each Nomad call, which must end before that
+lease does; the other keeps trying and takes over within a lock lifetime. What a decision
+needs of the past (the policies' history, the last scale-down of each pool) lives in Redis,
+so a new leader continues where the old left off. Every time is Redis's `TIME`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import os
@@ -21,33 +24,71 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from redis.exceptions import RedisError
 
+from sidecar.redisfaults import CAUGHT, Fault, classify, describe
 from sidecar.scaler.config import ScaledPool, ScalerSettings
 from sidecar.scaler.nomad import DeploymentActive, GroupStatus, NomadClient, NomadError
 from sidecar.scaler.policy import Bounds, LoadLevelPolicy, Observation, PredictivePolicy
 from sidecar.store import LEVEL_CHANNEL, LEVEL_KEY
+from sidecar.supervise import SUPERVISOR, Supervisor, supervised
 from sidecar.telemetry import Telemetry
 from sidecar.traffic import BUCKET_S, PoolLoad, PoolTraffic, read_pod_load, read_traffic
 
 log = logging.getLogger("sidecar.scaler")
 
 LEADER_KEY = "llmsc:scaler:leader"
+# The state shares the lock's Cluster slot (the hash tag is the lock's name), so one script
+# can check the lock and write the state atomically on every topology.
+STATE_KEY = "llmsc:scaler:state:{llmsc:scaler:leader}"
+STATE_TTL_S = 86400  # a fleet whose scalers all stopped for a day starts afresh
+MIN_CALL_S = 0.05  # a Nomad call given less than this would time out before it began
 FORECAST_GAUGES = frozenset({"scaler_forecast_replicas", "scaler_forecast_ratio",
                              "scaler_demand", "scaler_queued"})
-# Take the lock, or keep it if it is ours, in one round trip.
-ACQUIRE_OR_RENEW = """
+# Keep the lock if it is ours (extend it), or take it if free and ARGV[3] says so; and say
+# what Redis's clock reads, in the same round trip. 1: kept, 2: taken, 0: someone else's.
+LEASE = """
+local now = redis.call('TIME')
 local holder = redis.call('GET', KEYS[1])
-if not holder then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
+local held = 0
 if holder == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
+  held = 1
+elseif not holder and ARGV[3] == '1' then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  held = 2
 end
-return 0
+return {held, now[1], now[2]}
 """
+# Write the state (field/value pairs from ARGV[3], expiry ARGV[2] ms) only while ARGV[1]
+# holds the lock: a deposed leader cannot overwrite what its successor decided.
+SAVE_STATE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[2], unpack(ARGV, 3))
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+# A scale-down happened (whoever leads by now): keep the latest time, never an older one.
+NOTE_SCALE_DOWN = """
+local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '-1')
+if tonumber(ARGV[2]) > last then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+return 1
+"""
+
+
+class LostLease(Exception):
+    """The lock could not be confirmed: this scaler stops acting until it leads again."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    held: bool
+    taken: bool          # newly taken (not kept): load the state the last leader left
+    now: float           # Redis's clock when it answered
+    until: float         # monotonic deadline before which the lock is surely still ours
 
 
 @dataclass
@@ -73,46 +114,137 @@ class TickReport:
 class Scaler:
     def __init__(self, settings: ScalerSettings, redis: Any, nomad: NomadClient,
                  events: Telemetry | None = None, instance: str | None = None,
-                 now: float | None = None) -> None:
+                 now: float | None = None, supervisor: Supervisor = SUPERVISOR) -> None:
         self.settings = settings
         self.redis = redis
         self.nomad = nomad
         self.events = events or Telemetry()
         self.instance = instance or f"{socket.gethostname()}-{os.getpid()}"
-        started = time.time() if now is None else now
-        self.policies = {
-            name: PredictivePolicy(Bounds(p.minimum, p.maximum, p.cold_start_s),
-                                   quantile=settings.burst_quantile,
-                                   headroom=settings.headroom, started_at=started)
-            for name, p in settings.pools.items()}
+        # The lock's value: unique per run, so a restarted instance is a new holder.
+        self.token = f"{self.instance}:{os.urandom(6).hex()}"
+        self.supervisor = supervisor
+        self._started_at = now  # None: the first tick's Redis time
+        self.policies: dict[str, PredictivePolicy] = {}
         self.levels = LoadLevelPolicy()
         self.published_level: str | None = None
         self._last_down: dict[str, float] = {}
         self._without_capacity: set[str] = set()
-        self._lock = redis.register_script(ACQUIRE_OR_RENEW)
+        self._lease_script = redis.register_script(LEASE)
+        self._save_script = redis.register_script(SAVE_STATE)
+        self._down_script = redis.register_script(NOTE_SCALE_DOWN)
+        self._lease: Lease | None = None
+        self._restored = False
+        self._bugs_logged: set[str] = set()
         self.ticks = 0
+        self.leader_ticks = 0
 
     @property
     def buckets(self) -> int:
         return max(1, math.ceil(self.settings.interval_s / BUCKET_S))
 
+    @property
+    def lock_ttl_s(self) -> float:
+        return self.settings.interval_s * 3
+
+    async def lease(self, take: bool = True) -> Lease:
+        """Extend the lock if it is ours (or take it if free and `take`); Redis's time."""
+        asked = time.monotonic()
+        held, seconds, micros = await self._lease_script(
+            keys=[LEADER_KEY], args=[self.token, int(self.lock_ttl_s * 1000), int(take)])
+        # Redis starts the expiry after we asked, so `asked + ttl` errs on the safe side.
+        lease = Lease(bool(held), held == 2, int(seconds) + int(micros) / 1e6,
+                      asked + self.lock_ttl_s)
+        self._lease = lease if lease.held else None
+        return lease
+
     async def is_leader(self) -> bool:
-        ttl_ms = int(self.settings.interval_s * 3 * 1000)
-        return bool(await self._lock(keys=[LEADER_KEY], args=[self.instance, ttl_ms]))
+        return (await self.lease()).held
+
+    async def confirm(self) -> float:
+        """Immediately before a Nomad call: extend the lock only if it is still ours. Returns
+        the seconds the call may take (it must end before the lease does); raises LostLease
+        when the lock moved, expired, or Redis cannot say."""
+        try:
+            lease = await self.lease(take=False)
+        except CAUGHT as exc:
+            raise LostLease(f"cannot confirm the lock ({describe(exc)})") from exc
+        if not lease.held:
+            raise LostLease("the lock is no longer ours")
+        # Leave a tenth of the lease for the clocks' rates to disagree.
+        budget = (lease.until - time.monotonic()) * 0.9
+        if budget < MIN_CALL_S:
+            raise LostLease(f"the lease leaves {max(budget, 0.0):.3f} s, too little for a "
+                            "Nomad call")
+        return budget
+
+    def _policy(self, name: str, pool: ScaledPool, now: float) -> PredictivePolicy:
+        policy = self.policies.get(name)
+        if policy is None:
+            started = self._started_at if self._started_at is not None else now
+            policy = self.policies[name] = PredictivePolicy(
+                Bounds(pool.minimum, pool.maximum, pool.cold_start_s),
+                quantile=self.settings.burst_quantile, headroom=self.settings.headroom,
+                started_at=started)
+        return policy
+
+    async def _restore(self, now: float) -> None:
+        """Continue from the state the last leader saved (none: start afresh)."""
+        fields = {k.decode() if isinstance(k, bytes) else k: v
+                  for k, v in (await self.redis.hgetall(STATE_KEY)).items()}
+        self.policies.clear()
+        self.levels = LoadLevelPolicy()
+        self._last_down.clear()
+        self.published_level = None  # publish once as the new leader
+        for name, pool in self.settings.pools.items():
+            policy = self._policy(name, pool, now)
+            raw = fields.get(f"policy:{name}")
+            down = fields.get(f"down:{name}")
+            try:
+                if raw is not None:
+                    policy.restore(json.loads(raw))
+                if down is not None:
+                    self._last_down[name] = float(down)
+            except (ValueError, TypeError, KeyError) as exc:
+                log.warning("pool %s: the saved scaler state is unreadable (%s); starting "
+                            "its history afresh", name, exc)
+        raw = fields.get("levels")
+        if raw is not None:
+            try:
+                self.levels.restore(json.loads(raw))
+            except (ValueError, TypeError, KeyError) as exc:
+                log.warning("the saved load level state is unreadable (%s)", exc)
+        self._restored = True
+
+    async def _save(self) -> bool:
+        pairs: list[str] = []
+        for name, policy in self.policies.items():
+            pairs += [f"policy:{name}", json.dumps(policy.state(), separators=(",", ":"))]
+        pairs += ["levels", json.dumps(self.levels.state(), separators=(",", ":"))]
+        saved = await self._save_script(keys=[LEADER_KEY, STATE_KEY],
+                                        args=[self.token, STATE_TTL_S * 1000, *pairs])
+        return bool(saved)
 
     async def tick(self, now: float | None = None) -> TickReport:
-        now = time.time() if now is None else now
+        """One decision round. Redis errors (every tree redisfaults knows) propagate to
+        `run`, which restarts the loop; `now` (tests) overrides Redis's clock."""
         self.ticks += 1
         try:
-            if not await self.is_leader():
-                self._unpublish()
-                return TickReport(leader=False)
-            view = await read_traffic(self.redis, self.settings.pools, now, self.buckets)
-            loads = await read_pod_load(self.redis, self.settings.pools, now)
-        except (RedisError, OSError) as exc:
-            log.warning("redis unavailable (%s): holding every pool this tick", exc)
-            self._unpublish()
+            return await self._tick(now)
+        except CAUGHT:
+            self._step_down()
+            raise
+
+    async def _tick(self, now: float | None) -> TickReport:
+        lease = await self.lease()
+        if not lease.held:
+            self._step_down()
             return TickReport(leader=False)
+        now = lease.now if now is None else now
+        if lease.taken or not self._restored:
+            await self._restore(now)
+        view = await read_traffic(self.redis, self.settings.pools, now, self.buckets)
+        loads = await read_pod_load(self.redis, self.settings.pools, now)
+        self.leader_ticks += 1
         report = TickReport(leader=True)
         demand_total = 0.0
         ready_total = 0
@@ -121,7 +253,14 @@ class Scaler:
         waiting = sum(load.waiting for load in loads.values())
         reporting = sum(load.pods for load in loads.values())
         for name, pool in self.settings.pools.items():
-            item = await self._decide(name, pool, view[name], loads[name], now)
+            try:
+                item = await self._decide(name, pool, view[name], loads[name], now)
+            except LostLease as exc:
+                log.warning("pool %s: %s: no Nomad call; following from now on", name, exc)
+                report.leader = False
+                report.pools.append(PoolReport(name, action="not-leader", reason=str(exc)))
+                self._step_down()
+                return report
             report.pools.append(item)
             if item.demand_mean is None or item.healthy is None:
                 complete = False
@@ -132,8 +271,26 @@ class Scaler:
         if complete and ready_total == 0 and demand_total > 0:
             utilization = math.inf
         fleet_queued = waiting / max(running, 1) if reporting else None
-        report.level = await self._publish_level(self.levels.decide(utilization, fleet_queued))
+        level = self.levels.decide(utilization, fleet_queued)
+        if self._lease is None or time.monotonic() >= self._lease.until:
+            # The tick outlived the lock (a slow Nomad read): another scaler may lead now.
+            log.warning("this tick outlived the lock: not publishing, following from now on")
+            report.leader = False
+            self._step_down()
+            return report
+        report.level = await self._publish_level(level)
+        if not await self._save():
+            log.warning("the lock moved during this tick: its state was not saved")
+            report.leader = False
+            self._step_down()
         return report
+
+    def _step_down(self) -> None:
+        """Not leading (or not sure): publish no forecast, and load the state afresh when
+        leading again (another leader may have moved it on)."""
+        self._lease = None
+        self._restored = False
+        self._unpublish()
 
     def _unpublish(self, pool: str | None = None) -> None:
         """A scaler that does not lead (or cannot read a pool) publishes no forecast for it:
@@ -183,7 +340,7 @@ class Scaler:
                                        if report.demand_mean is not None and status.healthy
                                        else None),
                           current=status.desired, ready=status.healthy, queued=load.queued)
-        decision = self.policies[name].decide(obs)
+        decision = self._policy(name, pool, now).decide(obs)
         report.decision, report.reason = decision.count, decision.reason
         self._publish(name, report, status.desired)
         if decision.count == status.desired:
@@ -199,9 +356,13 @@ class Scaler:
             log.info("dry run: pool %s (job %s group %s) would scale %s", name, pool.job,
                      pool.group, message)
             return report
+        # Fencing: the status above may have taken longer than the lock lives; act only on
+        # a lock confirmed now, and end the call before that lease can end.
+        budget = await self.confirm()
         try:
             evaluation = await self.nomad.scale(pool.job, pool.group, decision.count, message,
-                                                {"scaler": self.instance, "pool": name})
+                                                {"scaler": self.instance, "pool": name},
+                                                timeout_s=budget)
         except DeploymentActive:
             report.action = "blocked"
             report.reason += "; a deployment is active, trying next tick"
@@ -209,12 +370,16 @@ class Scaler:
             return report
         except (NomadError, OSError, TimeoutError) as exc:
             report.action = "failed"
-            report.reason += f"; {exc}"
-            log.error("pool %s: scaling to %d failed: %s", name, decision.count, exc)
+            report.reason += f"; {exc or type(exc).__name__}"
+            log.error("pool %s: scaling to %d failed: %s", name, decision.count,
+                      exc or type(exc).__name__)
             return report
         report.action = "scaled"
         if decision.count < status.desired:
             self._last_down[name] = now
+            # Recorded whether or not this scaler still leads: it is a fact about Nomad the
+            # next leader's cooldown must know.
+            await self._down_script(keys=[STATE_KEY], args=[f"down:{name}", repr(now)])
         self.events.event(f"scaled pool {name} to {decision.count}",
                           f"{message}; evaluation {evaluation}",
                           tags=[f"pool:{name}", f"job:{pool.job}"])
@@ -222,33 +387,51 @@ class Scaler:
 
     async def _publish_level(self, level: str) -> str:
         if level != self.published_level:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.set(LEVEL_KEY, level)
-                pipe.publish(LEVEL_CHANNEL, level)
-                await pipe.execute()
+            # Two commands, not a pipeline: redis-py refuses PUBLISH in a Cluster pipeline.
+            # The key first, so a sidecar that reads it on the message sees the new level.
+            await self.redis.set(LEVEL_KEY, level)
+            await self.redis.publish(LEVEL_CHANNEL, level)
             if self.published_level is not None:
                 self.events.event(f"load level {level}",
                                   f"load level {self.published_level} → {level}")
             self.published_level = level
         return level
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Tick at once, then every interval, until `stop` is set."""
+    async def _loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             started = time.monotonic()
             try:
                 report = await self.tick()
-                if report.leader:
-                    for item in report.pools:
-                        log.info("pool %s: demand %s replicas, queued %s, desired %s, "
-                                 "healthy %s → %s (%s) %s", item.pool, _fmt(item.demand_mean),
-                                 _fmt(item.queued), item.desired, item.healthy, item.decision,
-                                 item.action, item.reason)
-            except Exception:
-                log.exception("scaler tick failed")
+            except CAUGHT as exc:
+                if classify(exc) is Fault.BUG and describe(exc) not in self._bugs_logged:
+                    self._bugs_logged.add(describe(exc))
+                    log.error("scaler tick: Redis refused a command", exc_info=exc)
+                raise  # the supervisor restarts this loop with a backoff, logging once
+            if report.leader:
+                for item in report.pools:
+                    log.info("pool %s: demand %s replicas, queued %s, desired %s, "
+                             "healthy %s → %s (%s) %s", item.pool, _fmt(item.demand_mean),
+                             _fmt(item.queued), item.desired, item.healthy, item.decision,
+                             item.action, item.reason)
             wait = max(0.0, self.settings.interval_s - (time.monotonic() - started))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), wait)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Tick at once, then every interval, until `stop` is set; any exception (a Redis
+        outage of any topology, a bug) restarts the loop after a bounded backoff."""
+        async def body() -> None:
+            await self._loop(stop)
+
+        task = asyncio.ensure_future(supervised("scaler", body, supervisor=self.supervisor))
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def serve_metrics(telemetry: Telemetry, host: str, port: int) -> web.AppRunner:
