@@ -9,9 +9,12 @@ only way out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
+
+from sidecar.redisfaults import Fault, classify
 
 log = logging.getLogger("sidecar.supervise")
 
@@ -20,13 +23,38 @@ MAX_BACKOFF_S = 5.0
 
 
 class Supervisor:
-    """Restart counts per task name, for `/stats` and the tests."""
+    """Restart counts per task name, and the tasks it runs, for `/stats` and the tests."""
 
     def __init__(self) -> None:
         self.restarts: dict[str, int] = {}
+        self.failing: set[str] = set()  # names whose last run ended in an exception
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def view(self) -> dict[str, int]:
         return dict(self.restarts)
+
+    def start(self, name: str, body: Callable[[], Awaitable[None]], *,
+              initial_backoff_s: float = INITIAL_BACKOFF_S,
+              max_backoff_s: float = MAX_BACKOFF_S,
+              attempts: int | None = None) -> asyncio.Task[None]:
+        """Run `body` supervised as a task of this supervisor (see `supervised`)."""
+        task = asyncio.get_running_loop().create_task(
+            supervised(name, body, initial_backoff_s, max_backoff_s, self, attempts),
+            name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def running(self) -> list[str]:
+        return sorted(task.get_name() for task in self._tasks if not task.done())
+
+    async def stop(self, task: asyncio.Task[None] | None) -> None:
+        """Cancel one task and wait for it (a no-op for None or a finished task)."""
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 SUPERVISOR = Supervisor()
@@ -35,29 +63,43 @@ SUPERVISOR = Supervisor()
 async def supervised(name: str, body: Callable[[], Awaitable[None]],
                      initial_backoff_s: float = INITIAL_BACKOFF_S,
                      max_backoff_s: float = MAX_BACKOFF_S,
-                     supervisor: Supervisor = SUPERVISOR) -> None:
+                     supervisor: Supervisor = SUPERVISOR,
+                     attempts: int | None = None) -> None:
     """Run `body()` until it returns; after an exception, log once per streak and run it again
     after a jittered backoff that doubles up to `max_backoff_s`. A body that returns ends the
-    task; one that ran for longer than the current backoff resets it."""
+    task; one that ran for longer than four backoffs resets it. With `attempts`, a one-shot
+    job (a write) gives up after that many failed runs instead of retrying for ever."""
     backoff = initial_backoff_s
     failing = False
+    failures = 0
     loop = asyncio.get_running_loop()
     while True:
         started = loop.time()
         try:
             await body()
+            supervisor.failing.discard(name)
+            if failing:
+                log.info("%s works again", name)
             return
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # any dependency's exception: this task must outlive it
+            if loop.time() - started > backoff * 4:
+                backoff = initial_backoff_s  # it ran well for a while: a new streak
+                failing = False
             supervisor.restarts[name] = supervisor.restarts.get(name, 0) + 1
+            supervisor.failing.add(name)
+            failures += 1
             if not failing:
-                log.warning("%s failed (%s: %s); restarting it with a backoff up to %.1f s",
-                            name, type(exc).__name__, exc, max_backoff_s,
-                            exc_info=log.isEnabledFor(logging.DEBUG))
+                # A dependency away is a warning; our own mistake deserves its traceback.
+                bug = classify(exc) is Fault.BUG
+                log.log(logging.ERROR if bug else logging.WARNING,
+                        "%s failed (%s: %s); restarting it with a backoff up to %.1f s",
+                        name, type(exc).__name__, exc, max_backoff_s,
+                        exc_info=bug or log.isEnabledFor(logging.DEBUG))
                 failing = True
-        if loop.time() - started > backoff * 4:
-            backoff = initial_backoff_s
-            failing = False
+            if attempts is not None and failures >= attempts:
+                log.warning("%s gave up after %d attempts", name, failures)
+                return
         await asyncio.sleep(backoff * (0.5 + random.random()))
         backoff = min(backoff * 2, max_backoff_s)
