@@ -25,7 +25,8 @@ MAX_BACKOFF_S = 5.0
 class Supervisor:
     """Restart counts per task name, and the tasks it runs, for `/stats` and the tests."""
 
-    def __init__(self) -> None:
+    def __init__(self, backoff_scale: float = 1.0) -> None:
+        self.backoff_scale = backoff_scale  # tests shrink every backoff with it
         self.restarts: dict[str, int] = {}
         self.failing: set[str] = set()  # names whose last run ended in an exception
         self._tasks: set[asyncio.Task[None]] = set()
@@ -101,5 +102,5 @@ async def supervised(name: str, body: Callable[[], Awaitable[None]],
             if attempts is not None and failures >= attempts:
                 log.warning("%s gave up after %d attempts", name, failures)
                 return
-        await asyncio.sleep(backoff * (0.5 + random.random()))
+        await asyncio.sleep(backoff * supervisor.backoff_scale * (0.5 + random.random()))
         backoff = min(backoff * 2, max_backoff_s)
