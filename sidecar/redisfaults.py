@@ -12,6 +12,7 @@ the second kill whatever task met it.
 from __future__ import annotations
 
 import enum
+import re
 
 from redis.exceptions import (
     AskError,
@@ -60,6 +61,11 @@ _TRANSIENT_CLASSES: tuple[type[BaseException], ...] = (
     BusyLoadingError, NoScriptError, ReadOnlyError, NoPermissionError, OutOfMemoryError,
     ClusterDownError, TryAgainError, AskError,  # AskError covers MovedError
     RedisClusterUnreachableError, SlotNotCoveredError)
+# Redis 6.2 wraps a reply met inside a script: "ERR Error running script (...): @user_script:4:
+# @user_script: 4: -READONLY You can't write...", and words an ACL denial there (6.2 and 7)
+# without a code.
+_INNER_REPLY = re.compile(r"(?:^|\s)-([A-Z]+)\b")
+_ACL_IN_SCRIPT = "executing the script can't run this command"
 # A plain RedisClusterException is a refused command (no key, keys across slots: our bug)
 # unless its text says the cluster could not be reached or has no owner for a slot.
 _CLUSTER_UNREACHABLE_TEXT = ("cannot be connected", "not covered", "could not agree",
@@ -85,9 +91,11 @@ def classify(exc: BaseException) -> Fault:
         # An ACL revoked (NOPERM) is an operator's change, not our bug: degrade and keep
         # retrying, so restoring the grant heals every pod without a restart.
         code = getattr(exc, "status_code", None) or ""
-        text = str(exc).lstrip("-").upper()
-        words = {code.upper(), text.split(" ", 1)[0]}
-        return Fault.UNAVAILABLE if words & _TRANSIENT_REPLIES else Fault.BUG
+        text = str(exc).lstrip("-")
+        words = {code.upper(), text.split(" ", 1)[0].upper(), *_INNER_REPLY.findall(text)}
+        if words & _TRANSIENT_REPLIES or _ACL_IN_SCRIPT in text:
+            return Fault.UNAVAILABLE
+        return Fault.BUG
     if isinstance(exc, ClusterError):
         return Fault.UNAVAILABLE  # "TTL exhausted": the cluster kept redirecting us
     if isinstance(exc, RedisError):

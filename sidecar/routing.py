@@ -95,6 +95,8 @@ class Router:
             await self._flush_refresh()
         if self._writes:
             await asyncio.wait(self._writes, timeout=1.0)
+        for task in list(self._writes):  # still retrying after a second: Redis is away
+            task.cancel()
 
     # -- the hot path --------------------------------------------------------------------
 

@@ -247,7 +247,7 @@ class Sidecar:
                        "expired": self.router.cache.expired},
             "store": redis_state,
             "background_tasks": {"restarts": self.supervisor.view(),
-                                 "failing": sorted(self.supervisor.failing),
+                                 "last_error": dict(self.supervisor.last_error),
                                  "running": self.supervisor.running()},
             "endpoint_states": endpoint_states,
             "endpoints": [e.view() for e in self.pools.all_endpoints()],

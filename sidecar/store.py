@@ -355,15 +355,19 @@ class RedisStore:
         if not self._available:
             self.counters.skipped += 1
             raise StoreUnavailable("redis unavailable")
-        running = False
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        acquired: float | None = None
         try:
             async with asyncio.timeout(self.timeout_s):
                 async with self._permits:
-                    running = True
+                    acquired = loop.time()
                     return await make()
         except CAUGHT as exc:
-            if isinstance(exc, TimeoutError) and not running:
-                # Every connection was busy for the whole budget: a burst, not an outage.
+            if isinstance(exc, TimeoutError) and (
+                    acquired is None or acquired - started > self.timeout_s / 2):
+                # The budget went on waiting for a connection: a burst, not an outage (a
+                # command that had half the budget to itself and did not answer is one).
                 self.counters.busy += 1
                 raise StoreUnavailable("redis connections busy") from exc
             if classify(exc) is Fault.BUG:

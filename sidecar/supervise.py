@@ -28,7 +28,7 @@ class Supervisor:
     def __init__(self, backoff_scale: float = 1.0) -> None:
         self.backoff_scale = backoff_scale  # tests shrink every backoff with it
         self.restarts: dict[str, int] = {}
-        self.failing: set[str] = set()  # names whose last run ended in an exception
+        self.last_error: dict[str, str] = {}  # name → the exception type of its last failure
         self._tasks: set[asyncio.Task[None]] = set()
 
     def view(self) -> dict[str, int]:
@@ -78,7 +78,6 @@ async def supervised(name: str, body: Callable[[], Awaitable[None]],
         started = loop.time()
         try:
             await body()
-            supervisor.failing.discard(name)
             if failing:
                 log.info("%s works again", name)
             return
@@ -89,7 +88,7 @@ async def supervised(name: str, body: Callable[[], Awaitable[None]],
                 backoff = initial_backoff_s  # it ran well for a while: a new streak
                 failing = False
             supervisor.restarts[name] = supervisor.restarts.get(name, 0) + 1
-            supervisor.failing.add(name)
+            supervisor.last_error[name] = type(exc).__name__
             failures += 1
             if not failing:
                 # A dependency away is a warning; our own mistake deserves its traceback.
