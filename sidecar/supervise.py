@@ -14,8 +14,6 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 
-from sidecar.redisfaults import Fault, classify
-
 log = logging.getLogger("sidecar.supervise")
 
 INITIAL_BACKOFF_S = 0.25
@@ -61,6 +59,18 @@ class Supervisor:
 SUPERVISOR = Supervisor()
 
 
+def _is_bug(exc: BaseException) -> bool:
+    """A dependency away (a warning) or our own mistake (an error with its traceback)."""
+    if isinstance(exc, (OSError, TimeoutError)):
+        return False
+    if type(exc).__module__.partition(".")[0] == "redis":
+        # Imported here, not above: modules that import no redis (traffic, telemetry, the
+        # data path's) use this one too, and redis is loaded whenever its exception is.
+        from sidecar.redisfaults import Fault, classify
+        return classify(exc) is Fault.BUG
+    return True
+
+
 async def supervised(name: str, body: Callable[[], Awaitable[None]],
                      initial_backoff_s: float = INITIAL_BACKOFF_S,
                      max_backoff_s: float = MAX_BACKOFF_S,
@@ -92,7 +102,7 @@ async def supervised(name: str, body: Callable[[], Awaitable[None]],
             failures += 1
             if not failing:
                 # A dependency away is a warning; our own mistake deserves its traceback.
-                bug = classify(exc) is Fault.BUG
+                bug = _is_bug(exc)
                 log.log(logging.ERROR if bug else logging.WARNING,
                         "%s failed (%s: %s); restarting it with a backoff up to %.1f s",
                         name, type(exc).__name__, exc, max_backoff_s,
