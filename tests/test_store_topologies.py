@@ -20,6 +20,7 @@ import aiohttp
 import orjson
 import pytest
 import redis
+from redis.crc import key_slot
 
 from sidecar.server import Running
 from sidecar.store import LEVEL_CHANNEL, StoreUnavailable, route_key
@@ -151,6 +152,14 @@ async def test_a_burst_of_first_touches_waits_for_a_connection(pods, sidecar, to
     assert running.sidecar.router.counters.resolved_without_store == 0
     client = topology.client()
     assert sum(client.exists(route_key(f"burst-{i}")) for i in range(200)) == 200
+    # The batched TTL refresh and the traffic flush are pipelines across slots (Cluster).
+    for i in range(200):
+        client.expire(route_key(f"burst-{i}"), 100)
+    await store.refresh([f"burst-{i}" for i in range(200)])
+    assert all(client.ttl(route_key(f"burst-{i}")) > 100 for i in range(200))
+    await running.sidecar.flush_traffic()
+    assert client.hgetall(inflight_key("small"))
+    assert store.counters.errors == store.counters.bugs == store.counters.timeouts == 0
 
 
 def task_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -249,3 +258,140 @@ async def test_a_stopped_redis_is_noticed_and_resubscribed_after_it_resumes(
           f"{time.monotonic() - resumed_at:.1f} s after SIGCONT")
     assert store.subscriptions >= 2
     await until(lambda: store.available, "the store never came back")
+
+
+async def test_a_sentinel_switchover_sends_writes_to_the_new_primary(pods, sidecar, http):
+    """The old primary stays up as a replica: connections to it must not keep failing."""
+    primary = RedisServer().start()
+    replica = RedisServer(args=("--replicaof", "127.0.0.1", str(primary.port))).start()
+    sentinel = Sentinel(primary.port)
+    try:
+        running = await sidecar({"small": pool(await pods(1))},
+                                SIDECAR_REDIS_URL=f"redis://127.0.0.1:{sentinel.port}/0",
+                                SIDECAR_REDIS_MODE="sentinel",
+                                SIDECAR_REDIS_SENTINEL_MASTER="primary",
+                                SIDECAR_REDIS_TIMEOUT_MS="500")
+        assert (await chat(http, running, "before"))[0] == 200
+        assert primary.client().exists(route_key("before")) == 1
+        watcher = redis.Redis(port=sentinel.port, socket_timeout=2)
+        deadline = time.monotonic() + 30
+        while True:  # the sentinel must have seen the replica before it can promote it
+            try:
+                watcher.execute_command("SENTINEL", "FAILOVER", "primary")
+                break
+            except redis.ResponseError:
+                assert time.monotonic() < deadline, "the sentinel never found the replica"
+                await asyncio.sleep(0.2)
+        await until(lambda: sentinel.master() == replica.port, "no switchover", timeout=30)
+        await until(lambda: primary.client().info("replication")["role"] == "slave",
+                    "the old primary did not follow", timeout=30)
+        for i in range(100):  # new sessions reach the new primary again
+            assert (await chat(http, running, f"after-{i}"))[0] == 200
+            if replica.client().exists(route_key(f"after-{i}")):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("routes never reached the new primary")
+        assert running.sidecar.store.counters.bugs == 0
+    finally:
+        sentinel.stop()
+        replica.cleanup()
+        primary.cleanup()
+
+
+def migrate_slots(source: RedisServer, target: RedisServer, slots: list[int],
+                  nodes: list[RedisServer]) -> None:
+    """Move `slots` from `source` to `target` the way redis-cli --cluster reshard does:
+    importing/migrating, MIGRATE key by key (clients meet ASK), then the new owner (MOVED)."""
+    src, dst = source.client(), target.client()
+    src_id = src.execute_command("CLUSTER", "MYID")
+    dst_id = dst.execute_command("CLUSTER", "MYID")
+    for slot in slots:
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 10):
+            for key in keys:
+                src.execute_command("MIGRATE", "127.0.0.1", target.port, key, 0, 5000)
+            time.sleep(0.01)  # let the sidecars' commands meet ASK
+        for node in nodes:
+            node.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+
+
+async def test_slots_migrating_under_load_cost_no_route(pods, sidecar, http):
+    nodes = start_cluster()
+    try:
+        small = {"small": pool(await pods(2))}
+        env = {"SIDECAR_REDIS_URL": nodes[0].url, "SIDECAR_REDIS_MODE": "cluster",
+               "SIDECAR_REDIS_TIMEOUT_MS": "2000"}
+        a = await sidecar(small, **env)
+
+        def slot(session: str) -> int:
+            return int(key_slot(route_key(session).encode()))
+        old = [f"mig-{i}" for i in range(600) if slot(f"mig-{i}") < 16384 // 3][:40]
+        for session in old:
+            assert (await chat(http, a, session))[0] == 200
+        slots = sorted({slot(s) for s in old})
+        # New sessions on the same slots: each a first touch while its slot moves.
+        new = [f"new-{i}" for i in range(200_000) if slot(f"new-{i}") in slots][:400]
+        moving = asyncio.create_task(asyncio.to_thread(migrate_slots, nodes[0], nodes[1],
+                                                       slots, nodes))
+        statuses, i = [], 0
+        while not moving.done() and i < len(new):
+            statuses.append((await chat(http, a, new[i]))[0])
+            route = a.sidecar.router.cache.peek(old[i % len(old)])
+            await a.sidecar.store.update(route.session, route.record())  # a moved route
+            i += 1
+        await moving
+        assert i > 0 and set(statuses) == {200}
+        target = nodes[1].client()
+        assert all(target.exists(route_key(s)) for s in old + new[:i]), "a route was lost"
+        counters = a.sidecar.store.counters
+        assert counters.bugs == 0 and a.sidecar.router.counters.resolved_without_store == 0, \
+            counters.view()
+        print(f"{len(slots)} slots moved under {i} first touches and {i} route writes: "
+              f"{a.sidecar.store.incidents} incidents, {counters.view()}")
+    finally:
+        for node in nodes:
+            node.cleanup()
+
+
+async def test_a_route_moved_while_the_listener_was_away_is_reread_on_next_use(
+        pods, sidecar, http, redis_server):
+    first_pod, second_pod = await pods(2)
+    small = {"small": pool([first_pod, second_pod])}
+    env = {"SIDECAR_REDIS_URL": redis_server.url, "SIDECAR_REDIS_TIMEOUT_MS": "1000"}
+    a = await sidecar(small, **env)
+    b = await sidecar(small, **env)
+    _, headers, _ = await chat(http, a, "missed")
+    await chat(http, b, "missed")
+    home = first_pod if headers["x-sidecar-endpoint"] == first_pod.url else second_pod
+    other = second_pod if home is first_pod else first_pod
+    # a's listener is cut off and cannot subscribe again until b has moved the session.
+    subscribe = a.sidecar.store.client.pubsub
+    away = asyncio.Event()
+
+    def refused() -> Any:
+        pubsub = subscribe()
+
+        async def refuse(*channels: str) -> None:
+            away.set()
+            raise redis.exceptions.ConnectionError("Connection refused (test)")
+        pubsub.subscribe = refuse
+        return pubsub
+    a.sidecar.store.client.pubsub = refused
+    redis_server.client().client_kill_filter(_type="pubsub")
+    await asyncio.wait_for(away.wait(), 10)
+    home.fake.behaviour.update({"fail_next": 1, "fail_status": 503, "retry_after": "1"})
+    _, headers, _ = await chat(http, b, "missed")  # b fails the session over
+    assert headers["x-sidecar-endpoint"] == other.url
+    await until(lambda: (orjson.loads(redis_server.client().get(route_key("missed")))
+                         ["endpoint"] == other.url), "b never wrote the move")
+    changes = a.sidecar.store.changes_received
+    a.sidecar.store.client.pubsub = subscribe
+    await until(lambda: redis_server.client().pubsub_numsub("llmsc:route-changes")[0][1] >= 2,
+                "a never subscribed again")
+    assert a.sidecar.store.changes_received == changes, "a heard nothing while it was away"
+    status, headers, _ = await chat(http, a, "missed")
+    assert status == 200 and headers["x-sidecar-endpoint"] == other.url, \
+        "a kept the route it held before the move"
+    assert headers["x-sidecar-attempts"] == "1"
