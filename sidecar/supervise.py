@@ -45,7 +45,7 @@ class Supervisor:
         return task
 
     def running(self) -> list[str]:
-        return sorted(task.get_name() for task in self._tasks if not task.done())
+        return sorted({task.get_name() for task in self._tasks if not task.done()})
 
     async def stop(self, task: asyncio.Task[None] | None) -> None:
         """Cancel one task and wait for it (a no-op for None or a finished task)."""
