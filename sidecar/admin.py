@@ -223,7 +223,12 @@ class Admin:
         session = request.match_info["session"]
         if not valid_session_id(session):
             return _json({"error": "invalid session id"}, status=400)
-        had = await self._on_proxy_loop(lambda: self.sidecar.router.forget(session))
+        had, store_error = await self._on_proxy_loop(
+            lambda: self.sidecar.router.forget(session))
+        if store_error is not None:
+            # Forgotten here only: the other pods keep the route until Redis is back.
+            return _json({"session": session, "forgotten": False, "was_cached": had,
+                          "store_error": store_error}, status=503)
         return _json({"session": session, "forgotten": True, "was_cached": had})
 
 

@@ -327,11 +327,15 @@ class Router:
 
     # -- admin ---------------------------------------------------------------------------
 
-    async def forget(self, session: str) -> bool:
+    async def forget(self, session: str) -> tuple[bool, str | None]:
+        """Forget the session here and in the store: whether this pod had it cached, and
+        why the store could not forget it (None: it did)."""
         had = self.cache.pop(session) is not None
-        with contextlib.suppress(StoreUnavailable):
+        try:
             await self.store.forget(session)
-        return had
+        except StoreUnavailable as exc:
+            return had, str(exc)
+        return had, None
 
     # -- background ----------------------------------------------------------------------
 

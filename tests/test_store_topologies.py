@@ -182,6 +182,18 @@ async def changes_arrive(sender: Running, receiver: Running, session: str,
     return time.monotonic() - started
 
 
+async def levels_arrive(nodes: list[RedisServer], receiver: Running, level: str,
+                        timeout: float) -> float:
+    """Publish `level` until `receiver` hears it; returns the wait."""
+    started = time.monotonic()
+    while receiver.sidecar.router.level != level:
+        assert time.monotonic() - started < timeout, "load levels never arrived again"
+        with contextlib.suppress(redis.RedisError):
+            nodes[0].client().publish(LEVEL_CHANNEL, level)
+        await asyncio.sleep(0.2)
+    return time.monotonic() - started
+
+
 async def test_a_full_cluster_outage_heals_by_itself(pods, sidecar, http, caplog):
     caplog.set_level(logging.INFO)
     nodes = start_cluster()
@@ -193,7 +205,7 @@ async def test_a_full_cluster_outage_heals_by_itself(pods, sidecar, http, caplog
         b = await sidecar(small, **env)
         for running in (a, b):
             assert (await chat(http, running, "steady"))[0] == 200
-        await changes_arrive(b, a, "steady", timeout=10)
+        await levels_arrive(nodes, a, "medium", timeout=10)
 
         for node in nodes:  # every node at once
             node.stop()
@@ -207,6 +219,7 @@ async def test_a_full_cluster_outage_heals_by_itself(pods, sidecar, http, caplog
         store_back = await until(lambda: a.sidecar.store.available
                                  and b.sidecar.store.available,
                                  "the store never came back", timeout=30)
+        level_again = await levels_arrive(nodes, a, "high", timeout=30)
         heard_again = await changes_arrive(b, a, "steady", timeout=30)
         assert (await chat(http, a, "after"))[0] == 200
         client = redis.RedisCluster(host="127.0.0.1", port=nodes[0].port, socket_timeout=2)
@@ -214,8 +227,9 @@ async def test_a_full_cluster_outage_heals_by_itself(pods, sidecar, http, caplog
         # The traffic flush resumes (the restarted nodes lost every key: no persistence).
         flushed = await until(lambda: client.exists(inflight_key("small")) == 1,
                               "the traffic flush never resumed", timeout=30)
-        print(f"after the restart: store available in {store_back:.1f} s, route changes "
-              f"heard again {heard_again:.1f} s later, traffic flushed {flushed:.1f} s later")
+        print(f"after the restart: store available in {store_back:.1f} s, a level heard "
+              f"again {level_again:.1f} s later, a route change {heard_again:.1f} s after "
+              f"that, traffic flushed {flushed:.1f} s later")
         await until(lambda: min(a.sidecar.store.subscriptions,
                                 b.sidecar.store.subscriptions) >= 2,
                     "a listener never subscribed again", timeout=30)
@@ -395,3 +409,16 @@ async def test_a_route_moved_while_the_listener_was_away_is_reread_on_next_use(
     assert status == 200 and headers["x-sidecar-endpoint"] == other.url, \
         "a kept the route it held before the move"
     assert headers["x-sidecar-attempts"] == "1"
+
+
+async def test_delete_session_says_when_redis_could_not_forget_it(pods, sidecar, http,
+                                                                  redis_server):
+    running = await sidecar({"small": pool(await pods(1))}, SIDECAR_REDIS_URL=redis_server.url,
+                            SIDECAR_REDIS_TIMEOUT_MS="500")
+    assert (await chat(http, running, "kept"))[0] == 200
+    redis_server.stop()
+    async with http.delete(admin(running) + "/sessions/kept") as response:
+        assert response.status == 503
+        body = await response.json()
+    assert body["forgotten"] is False and body["was_cached"] is True and body["store_error"]
+    assert running.sidecar.router.cache.peek("kept") is None
