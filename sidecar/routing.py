@@ -302,8 +302,8 @@ class Router:
         task.add_done_callback(self._writes.discard)
 
     async def _update(self, session: str, record: bytes) -> None:
-        # Redis away: the store has counted it and the route is this pod's until Redis is
-        # back (other pods keep the old route; a failover there moves it again).
+        # Redis away: counted by the store; the move stays this pod's only (other pods keep
+        # the old route until a failover there moves the session too).
         with contextlib.suppress(StoreUnavailable):
             await self.store.update(session, record)
 
