@@ -26,6 +26,7 @@ from sidecar.config import Listen
 from sidecar.sessions import valid_session_id
 from sidecar.sites import bound_port, start_site
 from sidecar.store import StoreUnavailable
+from sidecar.supervise import Supervisor
 
 if TYPE_CHECKING:
     from sidecar.server import Sidecar
@@ -65,15 +66,18 @@ class Heartbeat:
         self.worst_lag_s = 0.0
         self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._beat())
+    def start(self, supervisor: Supervisor | None = None) -> None:
+        # Supervised: a dead beat would fail liveness and get a healthy pod restarted.
+        self._task = (supervisor or Supervisor()).start("admin heartbeat", self._beat)
 
     async def _beat(self) -> None:
         while True:
             await asyncio.sleep(BEAT_INTERVAL_S)
-            now = time.monotonic()
-            self.worst_lag_s = max(self.worst_lag_s, now - self.last - BEAT_INTERVAL_S)
-            self.last = now
+            self.tick(time.monotonic())
+
+    def tick(self, now: float) -> None:
+        self.worst_lag_s = max(self.worst_lag_s, now - self.last - BEAT_INTERVAL_S)
+        self.last = now
 
     def age_s(self) -> float:
         return time.monotonic() - self.last
@@ -219,7 +223,12 @@ class Admin:
         session = request.match_info["session"]
         if not valid_session_id(session):
             return _json({"error": "invalid session id"}, status=400)
-        had = await self._on_proxy_loop(lambda: self.sidecar.router.forget(session))
+        had, store_error = await self._on_proxy_loop(
+            lambda: self.sidecar.router.forget(session))
+        if store_error is not None:
+            # Forgotten here only: the other pods keep the route until Redis is back.
+            return _json({"session": session, "forgotten": False, "was_cached": had,
+                          "store_error": store_error}, status=503)
         return _json({"session": session, "forgotten": True, "was_cached": had})
 
 
@@ -248,7 +257,7 @@ class AdminThread:
         except BaseException:
             await asyncio.to_thread(self._thread.join, 10)
             raise
-        self.heartbeat.start()
+        self.heartbeat.start(self.sidecar.supervisor)
 
     def _run(self, admin: Admin, started: concurrent.futures.Future[int | None]) -> None:
         loop = asyncio.new_event_loop()

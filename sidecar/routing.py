@@ -19,6 +19,7 @@ from sidecar.placement import BYTES_PER_TOKEN, choose_move
 from sidecar.pools import Endpoint, EndpointState, Pool, PoolSet
 from sidecar.sessions import STAMP_RESOLUTION_S, Route, RouteCache, Stamps, selector_for
 from sidecar.store import RouteStore, StoreUnavailable
+from sidecar.supervise import Supervisor
 from sidecar.telemetry import Telemetry
 
 log = logging.getLogger("sidecar.routing")
@@ -27,6 +28,8 @@ SWEEP_INTERVAL_S = 5.0
 REFRESH_FLUSH_INTERVAL_S = 1.0
 MAX_BACKGROUND_WRITES = 1024
 MAX_PENDING_MOVES = 4096
+# A route write that fails with an exception the store did not expect is tried this often.
+WRITE_ATTEMPTS = 3
 
 
 class RouterCounters:
@@ -51,11 +54,13 @@ class RouterCounters:
 
 class Router:
     def __init__(self, settings: Settings, pools: PoolSet, store: RouteStore,
-                 telemetry: Telemetry | None = None) -> None:
+                 telemetry: Telemetry | None = None,
+                 supervisor: Supervisor | None = None) -> None:
         self.settings = settings
         self.telemetry = telemetry if telemetry is not None else Telemetry({})
         self.pools = pools
         self.store = store
+        self.supervisor = supervisor if supervisor is not None else Supervisor()
         self.level = settings.load_level
         self.cache = RouteCache(settings.route_cache_size, settings.session_idle_s)
         self._wall_stamp = Stamps()  # creation times (wall clock), shared like the cache's
@@ -72,14 +77,14 @@ class Router:
         self._tasks: list[asyncio.Task[None]] = []
         store.on_change(self._remote_change)
         store.on_level(self.set_level)
+        store.on_gap(self._changes_missed)
         self.level_changes = 0
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._sweep_forever()),
-                       loop.create_task(self._refresh_forever())]
+        self._tasks = [self.supervisor.start("route cache sweep", self._sweep_forever),
+                       self.supervisor.start("route TTL refresh", self._refresh_forever)]
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -87,9 +92,12 @@ class Router:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self._flush_refresh()
+        with contextlib.suppress(Exception):  # logged by the store; shutting down anyway
+            await self._flush_refresh()
         if self._writes:
             await asyncio.wait(self._writes, timeout=1.0)
+        for task in list(self._writes):  # still retrying after a second: Redis is away
+            task.cancel()
 
     # -- the hot path --------------------------------------------------------------------
 
@@ -319,13 +327,23 @@ class Router:
         if len(self._writes) >= MAX_BACKGROUND_WRITES:
             self.counters.writes_dropped += 1
             return
-        task = asyncio.get_running_loop().create_task(self._update(session, record))
+        task = self.supervisor.start("route write-behind",
+                                     lambda: self._update(session, record),
+                                     attempts=WRITE_ATTEMPTS)
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 
     async def _update(self, session: str, record: bytes) -> None:
+        # Redis away: counted by the store; the move stays this pod's only (other pods keep
+        # the old route until a failover there moves the session too).
         with contextlib.suppress(StoreUnavailable):
             await self.store.update(session, record)
+
+    def _changes_missed(self) -> None:
+        """The store's pub/sub was away: another pod may have moved a cached session. Each
+        cached route is re-read (get-or-create, one round trip) on its next use."""
+        for route in self.cache:
+            route.synced = False
 
     def set_level(self, level: str) -> None:
         """The scaler's load level: new sessions use its table; existing routes keep their
@@ -341,11 +359,15 @@ class Router:
 
     # -- admin ---------------------------------------------------------------------------
 
-    async def forget(self, session: str) -> bool:
+    async def forget(self, session: str) -> tuple[bool, str | None]:
+        """Forget the session here and in the store: whether this pod had it cached, and
+        why the store could not forget it (None: it did)."""
         had = self.cache.pop(session) is not None
-        with contextlib.suppress(StoreUnavailable):
+        try:
             await self.store.forget(session)
-        return had
+        except StoreUnavailable as exc:
+            return had, str(exc)
+        return had, None
 
     # -- background ----------------------------------------------------------------------
 
@@ -366,5 +388,10 @@ class Router:
             return
         sessions = list(self._pending_refresh)
         self._pending_refresh.clear()
-        with contextlib.suppress(StoreUnavailable):
+        try:
             await self.store.refresh(sessions)
+        except StoreUnavailable:
+            pass  # counted by the store; the TTL has 90 % left, the next use asks again
+        except Exception:
+            self._pending_refresh.update(sessions)  # the supervisor's retry includes them
+            raise

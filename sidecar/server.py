@@ -32,6 +32,7 @@ from sidecar.podload import PodLoad, heartbeat_load
 from sidecar.pools import EndpointState, PoolSet
 from sidecar.routing import Router
 from sidecar.store import RouteStore, StoreUnavailable, make_store
+from sidecar.supervise import Supervisor
 from sidecar.telemetry import Telemetry
 from sidecar.traffic import (
     HEARTBEAT_TTL_S,
@@ -56,8 +57,12 @@ class Sidecar:
         self.env = env  # where `api_key_env` variables are read on reload (None: os.environ)
         self.telemetry = Telemetry(env)
         self.pools = PoolSet(settings)
-        self.store = store if store is not None else make_store(settings)
-        self.router = Router(settings, self.pools, self.store, self.telemetry)
+        # Restarts of every background task (store reconnect and pub/sub, route writes and
+        # refreshes, traffic and telemetry flushes, the admin heartbeat), for /stats.
+        self.supervisor = Supervisor()
+        self.store = store if store is not None else make_store(settings, self.supervisor)
+        self.router = Router(settings, self.pools, self.store, self.telemetry,
+                             self.supervisor)
         self.prober = HealthProber(self.pools, self.telemetry)
         self.traffic = Traffic()
         self._pools_on_fallback: set[str] = set()
@@ -80,8 +85,8 @@ class Sidecar:
         await self.store.start()
         await self.router.start()
         await self.prober.start()
-        self.traffic.start(self.flush_traffic)
-        self.telemetry.start()
+        self.traffic.start(self.flush_traffic, self.supervisor)
+        self.telemetry.start(self.supervisor)
 
     async def flush_traffic(self) -> None:
         """One pipelined round trip: this pod's counts since the last flush, its in-flight
@@ -234,6 +239,9 @@ class Sidecar:
                                        **store.counters.view()}
         if hasattr(store, "incidents"):
             redis_state["incidents"] = store.incidents
+        if hasattr(store, "subscriptions"):
+            redis_state["pubsub_subscriptions"] = store.subscriptions
+            redis_state["changes_received"] = store.changes_received
         endpoint_states: dict[str, int] = {s.value: 0 for s in EndpointState}
         for endpoint in self.pools.all_endpoints():
             endpoint_states[endpoint.state.value] += 1
@@ -249,6 +257,9 @@ class Sidecar:
                        "evicted": self.router.cache.evicted,
                        "expired": self.router.cache.expired},
             "store": redis_state,
+            "background_tasks": {"restarts": self.supervisor.view(),
+                                 "last_error": dict(self.supervisor.last_error),
+                                 "running": self.supervisor.running()},
             "endpoint_states": endpoint_states,
             "endpoints": [e.view() for e in self.pools.all_endpoints()],
             "cold_starts": [c.view() for c in self.prober.cold_starts],

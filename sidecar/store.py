@@ -14,16 +14,17 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
-from redis.exceptions import RedisError
 
 from sidecar.config import Settings, redact_url
+from sidecar.redisfaults import CAUGHT, Fault, classify, describe
+from sidecar.supervise import Supervisor
 
 log = logging.getLogger("sidecar.store")
 
@@ -35,9 +36,18 @@ CHANGES_CHANNEL = "llmsc:route-changes"
 LEVEL_CHANNEL = "llmsc:load-level"
 LEVEL_KEY = "llmsc:load-level"
 RECONNECT_INTERVAL_S = 0.5
+RECONNECT_MAX_BACKOFF_S = 2.0
+# The pub/sub connection carries nothing for long stretches: after this much silence the
+# listener pings, and a connection silent (no pong either) for PUBSUB_DEAD_AFTER_S is
+# dropped and subscribed again. A stopped Redis or a peer gone without a reset is noticed
+# within PUBSUB_DEAD_AFTER_S + PUBSUB_PING_AFTER_S.
+PUBSUB_PING_AFTER_S = 1.0
+PUBSUB_DEAD_AFTER_S = 3.0
+LISTENER_MAX_BACKOFF_S = 2.0
 
 RouteChangeHandler = Callable[[str, bytes], None]
 LevelHandler = Callable[[str], None]
+GapHandler = Callable[[], None]
 PipelineBuilder = Callable[[Any], None]
 
 # One round trip that returns the existing record, or stores ours and returns it: two pods
@@ -48,6 +58,18 @@ local current = redis.call('GET', KEYS[1])
 if current then return current end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return ARGV[1]
+"""
+
+# A route change (or, with an empty record, a forgotten session) and its announcement, in
+# one round trip in every mode (see RedisStore). ARGV: record, ttl, channel, announcement.
+WRITE_AND_ANNOUNCE = """
+if ARGV[1] == '' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+end
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
 """
 
 
@@ -61,14 +83,16 @@ class StoreUnavailable(Exception):
 
 
 class StoreCounters:
-    __slots__ = ("created", "errors", "found", "skipped", "timeouts")
+    __slots__ = ("bugs", "busy", "created", "errors", "found", "skipped", "timeouts")
 
     def __init__(self) -> None:
         self.found = 0      # first touch found an existing record
         self.created = 0    # first touch created the record
-        self.errors = 0     # operations that failed (connection, server error)
+        self.errors = 0     # operations that failed because Redis was unavailable
         self.timeouts = 0   # operations past the budget
         self.skipped = 0    # operations not attempted because the store was unavailable
+        self.busy = 0       # operations that waited the whole budget for a connection
+        self.bugs = 0       # operations Redis refused as wrong (logged; the store stays up)
 
     def view(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -107,6 +131,10 @@ class RouteStore(Protocol):
 
     def on_level(self, handler: LevelHandler) -> None:
         """Call `handler(level)` when the scaler publishes a load level."""
+        ...
+
+    def on_gap(self, handler: GapHandler) -> None:
+        """Call `handler()` when route changes may have been missed (pub/sub was away)."""
         ...
 
     async def write(self, build: PipelineBuilder) -> list[Any]:
@@ -175,6 +203,9 @@ class MemoryStore:
     def on_level(self, handler: LevelHandler) -> None:
         return None  # no scaler without Redis: the configured level stays
 
+    def on_gap(self, handler: GapHandler) -> None:
+        return None  # nothing is ever missed
+
     async def write(self, build: PipelineBuilder) -> list[Any]:
         return []  # no global view to feed
 
@@ -182,64 +213,124 @@ class MemoryStore:
         return len(self._records)
 
 
-class RedisStore:
-    """Routes in Redis, with a per-operation budget and a circuit breaker."""
+class RedisSilent(TimeoutError):
+    """Redis stopped answering on the pub/sub connection (no message, no pong)."""
 
-    def __init__(self, client: Any, ttl_s: int, timeout_s: float, label: str) -> None:
+
+class RedisStore:
+    """Routes in Redis, with a per-operation budget and a circuit breaker.
+
+    Every call goes through `_call`: it waits for one of `max_connections` permits and runs
+    within SIDECAR_REDIS_TIMEOUT_MS, and every exception redis-py can raise is judged by
+    `redisfaults.classify`. Redis unavailable trips the breaker (callers route without the
+    store; a supervised task reconnects); a bug is logged with the operation and leaves the
+    breaker alone. Waiting for a permit is never a Redis failure: in every mode (standalone,
+    Sentinel, Cluster) a burst waits its turn within the budget, so the pool bound cannot
+    trip the breaker. The client's pool holds one connection more than the permits: the
+    pub/sub listener's.
+
+    A route change and its announcement are one script (`WRITE_AND_ANNOUNCE`, SET or DEL
+    then PUBLISH), so they reach Redis in one round trip in every mode: Cluster refuses a
+    keyless PUBLISH in a pipeline, but runs a script on the node owning the route key, and
+    a PUBLISH there reaches subscribers on every node (classic pub/sub is broadcast over the
+    cluster bus; route changes are rare, so the broadcast costs nothing that matters).
+    Sharded pub/sub (SPUBLISH) would avoid the broadcast but needs Redis 7 and a
+    subscription per shard.
+
+    The listener pings Redis after PUBSUB_PING_AFTER_S of silence and drops a connection
+    silent for PUBSUB_DEAD_AFTER_S (a Redis that stopped, or a peer gone without a reset);
+    each (re)subscription re-reads the load level, and a resubscription tells the router
+    that route changes may have been missed (it re-validates each cached route on its next
+    use, one round trip per session that is still in use).
+    """
+
+    def __init__(self, client: Any, ttl_s: int, timeout_s: float, label: str,
+                 max_connections: int = 32, supervisor: Supervisor | None = None) -> None:
         self.client = client
         self.ttl_s = ttl_s
         self.timeout_s = timeout_s
         self.label = label
         self.kind = "redis"
         self.counters = StoreCounters()
+        self.supervisor = supervisor if supervisor is not None else Supervisor()
         self._available = True
+        self._permits = asyncio.Semaphore(max_connections)
         self._script = client.register_script(GET_OR_CREATE)
+        self._announce = client.register_script(WRITE_AND_ANNOUNCE)
         self._reconnect_task: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._handler: RouteChangeHandler | None = None
         self._level_handler: LevelHandler | None = None
+        self._gap_handler: GapHandler | None = None
+        self._bugs_logged: set[tuple[str, str]] = set()
         self.pod_id = os.urandom(8).hex().encode()
         self.incidents = 0
         self.down_since: float | None = None
         self.changes_received = 0
+        self.subscriptions = 0  # pub/sub subscriptions made (1 + resubscriptions)
+        self._first_subscription = asyncio.Event()
+        self.ping_after_s = PUBSUB_PING_AFTER_S
+        self.dead_after_s = PUBSUB_DEAD_AFTER_S
 
     @property
     def available(self) -> bool:
         return self._available
 
+    @property
+    def _setup_budget_s(self) -> float:
+        # Connecting, loading scripts, subscribing: more than one command's budget.
+        return max(self.timeout_s, 1.0)
+
     async def start(self) -> None:
-        # Load the script now so a session's first touch is one EVALSHA, not EVAL + retry.
+        # Load the scripts now so a session's first touch is one EVALSHA, not EVAL + retry.
         try:
-            async with asyncio.timeout(max(self.timeout_s, 1.0)):
-                await self.client.script_load(GET_OR_CREATE)
-        except (RedisError, OSError, TimeoutError) as exc:
+            await self._probe()
+        except CAUGHT as exc:
             log.warning("redis %s is not reachable at start (%s): routing without it (each "
                         "pod computes the same routes) and reconnecting in the background. "
                         "Check SIDECAR_REDIS_URL and that Redis is running and reachable.",
-                        self.label, type(exc).__name__)
+                        self.label, describe(exc))
             self._trip()
-        if self._level_handler is not None and self._available:
-            # Before serving, so the first sessions already use the published level.
-            with contextlib.suppress(RedisError, OSError, TimeoutError):
-                async with asyncio.timeout(max(self.timeout_s, 1.0)):
-                    level = await self.client.get(LEVEL_KEY)
-                if level:
-                    self._level_handler(level.decode())
-        if self._handler is not None or self._level_handler is not None:
-            if hasattr(self.client, "pubsub"):
-                self._listener = asyncio.get_running_loop().create_task(self._listen())
-            else:
-                log.warning("this Redis client has no pub/sub: other pods learn a moved route "
-                            "only on their own failover or first touch")
+        if self._handler is None and self._level_handler is None:
+            return
+        if not hasattr(self.client, "pubsub"):
+            log.warning("this Redis client has no pub/sub: other pods learn a moved route "
+                        "only on their own failover or first touch")
+            if self._level_handler is not None and self._available:
+                with contextlib.suppress(*CAUGHT):
+                    await self._read_level()
+            return
+        self._listener = self.supervisor.start("redis pub/sub listener", self._listen,
+                                               max_backoff_s=LISTENER_MAX_BACKOFF_S)
+        if self._available:
+            # Serve once subscribed (the subscription reads the published level), so the
+            # first sessions already use the level and no change is missed in between.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._setup_budget_s * 2):
+                    await self._first_subscription.wait()
 
     async def close(self) -> None:
-        for task in (self._reconnect_task, self._listener):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await self.supervisor.stop(self._reconnect_task)
+        await self.supervisor.stop(self._listener)
         with contextlib.suppress(Exception):
-            await self.client.aclose()
+            async with asyncio.timeout(self._setup_budget_s):
+                await self.client.aclose()
+
+    async def _held(self, make: Callable[[], Awaitable[Any]], budget_s: float) -> Any:
+        """`make()` on a permit, all within `budget_s`; raises what redis-py raises."""
+        async with asyncio.timeout(budget_s), self._permits:
+            return await make()
+
+    async def _probe(self) -> None:
+        async def load() -> None:
+            await self.client.script_load(GET_OR_CREATE)
+            await self.client.script_load(WRITE_AND_ANNOUNCE)
+        await self._held(load, self._setup_budget_s)
+
+    async def _read_level(self) -> None:
+        level = await self._held(lambda: self.client.get(LEVEL_KEY), self._setup_budget_s)
+        if level and self._level_handler is not None:
+            self._level_handler(bytes(level).decode())
 
     def _trip(self) -> None:
         if self._available:
@@ -247,41 +338,62 @@ class RedisStore:
             self.incidents += 1
             self.down_since = time.time()
         if self._reconnect_task is None or self._reconnect_task.done():
-            self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
+            self._reconnect_task = self.supervisor.start(
+                "redis reconnect", self._reconnect, initial_backoff_s=RECONNECT_INTERVAL_S,
+                max_backoff_s=RECONNECT_MAX_BACKOFF_S)
 
     async def _reconnect(self) -> None:
-        while True:
-            await asyncio.sleep(RECONNECT_INTERVAL_S)
-            try:
-                async with asyncio.timeout(max(self.timeout_s, 1.0)):
-                    await self.client.script_load(GET_OR_CREATE)
-            except (RedisError, OSError, TimeoutError):
-                continue
-            log.info("redis %s is back after %.1f s", self.label,
-                     time.time() - (self.down_since or time.time()))
-            self._available = True
-            self.down_since = None
-            return
+        """One probe after a pause; an exception makes the supervisor try again (backoff)."""
+        await asyncio.sleep(RECONNECT_INTERVAL_S)
+        await self._probe()
+        log.info("redis %s is back after %.1f s", self.label,
+                 time.time() - (self.down_since or time.time()))
+        self._available = True
+        self.down_since = None
 
-    async def _call(self, make: Any) -> Any:
+    async def _call(self, op: str, make: Callable[[], Awaitable[Any]]) -> Any:
         if not self._available:
             self.counters.skipped += 1
             raise StoreUnavailable("redis unavailable")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        acquired: float | None = None
         try:
             async with asyncio.timeout(self.timeout_s):
-                return await make()
-        except TimeoutError as exc:
-            self.counters.timeouts += 1
+                async with self._permits:
+                    acquired = loop.time()
+                    return await make()
+        except CAUGHT as exc:
+            if isinstance(exc, TimeoutError) and (
+                    acquired is None or acquired - started > self.timeout_s / 2):
+                # The budget went on waiting for a connection: a burst, not an outage (a
+                # command that had half the budget to itself and did not answer is one).
+                self.counters.busy += 1
+                raise StoreUnavailable("redis connections busy") from exc
+            if classify(exc) is Fault.BUG:
+                self.counters.bugs += 1
+                self._log_bug(op, exc)
+                raise StoreUnavailable(f"redis {op} failed: {describe(exc)}") from exc
+            if isinstance(exc, TimeoutError):
+                self.counters.timeouts += 1
+            else:
+                self.counters.errors += 1
             self._trip()
-            raise StoreUnavailable("redis timed out") from exc
-        except (RedisError, OSError) as exc:
-            self.counters.errors += 1
-            self._trip()
-            raise StoreUnavailable(f"redis error: {type(exc).__name__}") from exc
+            raise StoreUnavailable(f"redis {op}: {describe(exc)}") from exc
+
+    def _log_bug(self, op: str, exc: BaseException) -> None:
+        """Once per operation and exception type: the traceback says what to fix."""
+        key = (op, describe(exc))
+        if key in self._bugs_logged:
+            return
+        self._bugs_logged.add(key)
+        log.error("redis %s %s failed with %s: a command or data bug, not an outage (the "
+                  "store stays in use; further %s errors are counted in /stats as `bugs`)",
+                  self.label, op, describe(exc), describe(exc), exc_info=exc)
 
     async def get_or_create(self, session: str, record: bytes) -> bytes:
-        stored = await self._call(
-            lambda: self._script(keys=[route_key(session)], args=[record, self.ttl_s]))
+        stored = await self._call("get_or_create", lambda: self._script(
+            keys=[route_key(session)], args=[record, self.ttl_s]))
         if stored == record:
             self.counters.created += 1
         else:
@@ -289,7 +401,7 @@ class RedisStore:
         return bytes(stored)
 
     async def get(self, session: str) -> bytes | None:
-        return await self._call(lambda: self.client.get(route_key(session)))
+        return await self._call("get", lambda: self.client.get(route_key(session)))
 
     def on_change(self, handler: RouteChangeHandler) -> None:
         self._handler = handler
@@ -297,12 +409,15 @@ class RedisStore:
     def on_level(self, handler: LevelHandler) -> None:
         self._level_handler = handler
 
+    def on_gap(self, handler: GapHandler) -> None:
+        self._gap_handler = handler
+
     async def write(self, build: PipelineBuilder) -> list[Any]:
         async def run() -> list[Any]:
             async with self.client.pipeline(transaction=False) as pipe:
                 build(pipe)
                 return list(await pipe.execute())
-        result: list[Any] = await self._call(run)
+        result: list[Any] = await self._call("write", run)
         return result
 
     def _announcement(self, session: str, record: bytes) -> bytes:
@@ -310,48 +425,74 @@ class RedisStore:
 
     async def update(self, session: str, record: bytes) -> None:
         """Write a changed route and tell the other pods, in one round trip."""
-        async def write() -> None:
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.set(route_key(session), record, ex=self.ttl_s)
-                pipe.publish(CHANGES_CHANNEL, self._announcement(session, record))
-                await pipe.execute()
-        await self._call(write)
+        await self._call("update", lambda: self._announce(
+            keys=[route_key(session)],
+            args=[record, self.ttl_s, CHANGES_CHANNEL, self._announcement(session, record)]))
 
     async def forget(self, session: str) -> None:
-        async def delete() -> None:
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.delete(route_key(session))
-                pipe.publish(CHANGES_CHANNEL, self._announcement(session, b""))
-                await pipe.execute()
-        await self._call(delete)
+        await self._call("forget", lambda: self._announce(
+            keys=[route_key(session)],
+            args=[b"", self.ttl_s, CHANGES_CHANNEL, self._announcement(session, b"")]))
 
     async def _listen(self) -> None:
-        """Receive other pods' route changes and the scaler's load level; resubscribes by
-        itself after a Redis outage (and re-reads the level it may have missed)."""
-        resubscribing = False
-        while True:
-            pubsub = self.client.pubsub()
-            try:
+        """One subscription, for as long as its connection lives: other pods' route changes
+        and the scaler's load level. Raises when the connection breaks or goes silent; the
+        supervisor then subscribes again."""
+        loop = asyncio.get_running_loop()
+        pubsub = self.client.pubsub()
+        try:
+            async with asyncio.timeout(self._setup_budget_s):
                 await pubsub.subscribe(CHANGES_CHANNEL, LEVEL_CHANNEL)
-                if resubscribing and self._level_handler is not None:
-                    level = await self.client.get(LEVEL_KEY)
-                    if level:
-                        self._level_handler(level.decode())
-                async for message in pubsub.listen():
-                    if message.get("type") != "message":
-                        continue
-                    if message.get("channel") in (LEVEL_CHANNEL, LEVEL_CHANNEL.encode()):
-                        if self._level_handler is not None:
-                            self._level_handler(bytes(message["data"]).decode())
-                    else:
-                        self._dispatch(message["data"])
-            except (RedisError, OSError) as exc:
-                log.debug("pub/sub listener lost redis (%s)", type(exc).__name__)
-            finally:
-                with contextlib.suppress(Exception):
+            heard = pinged = loop.time()
+            unconfirmed = 2
+            while True:
+                async with asyncio.timeout(self.ping_after_s + self._setup_budget_s):
+                    message = await pubsub.get_message(timeout=self.ping_after_s)
+                now = loop.time()
+                if message is None:
+                    if now - heard > self.dead_after_s:
+                        raise RedisSilent(f"nothing on the pub/sub connection for "
+                                          f"{now - heard:.1f} s, not even a pong")
+                    if now - pinged >= self.ping_after_s:
+                        async with asyncio.timeout(self._setup_budget_s):
+                            await pubsub.ping()
+                        pinged = now
+                    continue
+                heard = now
+                kind = message.get("type")
+                if kind == "message":
+                    self._receive(message)
+                elif kind == "subscribe":
+                    unconfirmed -= 1
+                    if unconfirmed == 0:
+                        await self._subscribed()
+        finally:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
                     await pubsub.aclose()
-            resubscribing = True
-            await asyncio.sleep(RECONNECT_INTERVAL_S)
+
+    async def _subscribed(self) -> None:
+        """Catch up on what may have been published while no subscription was listening."""
+        if self._level_handler is not None:
+            await self._read_level()
+        self.subscriptions += 1
+        self._first_subscription.set()
+        if self.subscriptions > 1:
+            log.info("redis %s: pub/sub subscribed again; cached routes are re-read on "
+                     "their next use", self.label)
+            if self._gap_handler is not None:
+                self._gap_handler()
+
+    def _receive(self, message: dict[str, Any]) -> None:
+        channel = message.get("channel")
+        try:
+            if channel in (LEVEL_CHANNEL, LEVEL_CHANNEL.encode()):
+                if self._level_handler is not None:
+                    self._level_handler(bytes(message["data"]).decode())
+            else:
+                self._dispatch(message["data"])
+        except Exception:  # a bad message must not stop the listener
+            log.exception("could not apply a message from %s", channel)
 
     def _dispatch(self, data: bytes) -> None:
         pod, _, rest = data.partition(b"\0")
@@ -359,10 +500,7 @@ class RedisStore:
             return
         session, _, record = rest.partition(b"\0")
         self.changes_received += 1
-        try:
-            self._handler(session.decode(), record)
-        except Exception:  # a bad message must not stop the listener
-            log.exception("could not apply a route change from another pod")
+        self._handler(session.decode(), record)
 
     async def refresh(self, sessions: list[str]) -> None:
         async def expire_all() -> None:
@@ -370,7 +508,7 @@ class RedisStore:
                 for session in sessions:
                     pipe.expire(route_key(session), self.ttl_s)
                 await pipe.execute()
-        await self._call(expire_all)
+        await self._call("refresh", expire_all)
 
 
 def _no_client_setinfo() -> dict[str, Any]:
@@ -387,10 +525,13 @@ _NO_CLIENT_SETINFO = _no_client_setinfo()
 def connect_redis(url: str, mode: str = "standalone", timeout_s: float = 0.05,
                   max_connections: int = 32, sentinel_master: str | None = None,
                   ca_file: str | None = None) -> Any:
-    """Build the redis-py asyncio client for a URL and mode (no I/O yet)."""
+    """Build the redis-py asyncio client for a URL and mode (no I/O yet). Its pool holds
+    `max_connections` for commands (RedisStore's permits) plus one for the pub/sub listener:
+    per node in Cluster, towards the current primary with Sentinel."""
     # A new connection costs only the TCP handshake: RESP2 needs no HELLO, no CLIENT
     # SETINFO, and no health-check PING (a dead connection fails its command, which trips
-    # the store and reconnects in the background instead).
+    # the store and reconnects in the background instead; the listener pings on its own).
+    pooled = max_connections + 1
     common: dict[str, Any] = {
         "socket_connect_timeout": max(timeout_s, 0.5),
         "health_check_interval": 0,
@@ -403,7 +544,7 @@ def connect_redis(url: str, mode: str = "standalone", timeout_s: float = 0.05,
         # session routes must never fall back to an unverified server.
         common.update(ssl_cert_reqs="required", ssl_check_hostname=True, ssl_ca_certs=ca_file)
     if mode == "cluster":
-        return RedisCluster.from_url(url, max_connections=max_connections, **common)
+        return RedisCluster.from_url(url, max_connections=pooled, **common)
     if mode == "sentinel":
         parts = urlsplit(url)
         hosts = []
@@ -416,18 +557,18 @@ def connect_redis(url: str, mode: str = "standalone", timeout_s: float = 0.05,
                            if k.startswith(("socket_", "ssl_"))} | ({"ssl": True} if tls else {})
         sentinel = Sentinel(hosts, password=parts.password, username=parts.username,
                             db=db, sentinel_kwargs=sentinel_kwargs, ssl=tls, **common)
-        return sentinel.master_for(sentinel_master or "mymaster",
-                                   max_connections=max_connections)
+        return sentinel.master_for(sentinel_master or "mymaster", max_connections=pooled)
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=None, **common)
+        url, max_connections=pooled, timeout=None, **common)
     return aioredis.Redis(connection_pool=pool)
 
 
-def make_store(settings: Settings) -> RouteStore:
+def make_store(settings: Settings, supervisor: Supervisor | None = None) -> RouteStore:
     if settings.redis_url is None:
         return MemoryStore(settings.session_ttl_s)
     client = connect_redis(settings.redis_url, settings.redis_mode, settings.redis_timeout_s,
                            settings.redis_max_connections, settings.redis_sentinel_master,
                            settings.redis_ca_file)
     return RedisStore(client, settings.session_ttl_s, settings.redis_timeout_s,
-                      redact_url(settings.redis_url))
+                      redact_url(settings.redis_url), settings.redis_max_connections,
+                      supervisor)

@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.supervise import Supervisor
+
 log = logging.getLogger("sidecar.events")
 
 FLUSH_INTERVAL_S = 10.0
@@ -343,16 +345,15 @@ class Telemetry:
         """Snapshot and send now (tests, shutdown); returns the number of metric lines."""
         return self.send(self.snapshot())
 
-    def start(self) -> None:
+    def start(self, supervisor: Supervisor | None = None) -> None:
+        """Flush every FLUSH_INTERVAL_S; a flush that raises restarts the loop after a
+        backoff (counted by the supervisor)."""
         async def loop() -> None:
             while True:
                 await asyncio.sleep(FLUSH_INTERVAL_S)
-                try:
-                    batch = self.snapshot()
-                    await asyncio.to_thread(self.send, batch)
-                except Exception:
-                    logging.getLogger("sidecar.telemetry").exception("telemetry flush failed")
-        self._task = asyncio.get_running_loop().create_task(loop())
+                batch = self.snapshot()
+                await asyncio.to_thread(self.send, batch)
+        self._task = (supervisor or Supervisor()).start("telemetry flush", loop)
 
     async def stop(self) -> None:
         if self._task is not None:

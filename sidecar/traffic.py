@@ -41,6 +41,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.supervise import Supervisor
+
 log = logging.getLogger("sidecar.traffic")
 
 BUCKET_S = 5
@@ -262,16 +264,14 @@ class Traffic:
         self.flushes += 1
         return True
 
-    def start(self, flush: Any) -> None:
-        """Run `await flush()` every FLUSH_INTERVAL_S until `stop()`."""
+    def start(self, flush: Any, supervisor: Supervisor | None = None) -> None:
+        """Run `await flush()` every FLUSH_INTERVAL_S until `stop()`; a flush that raises
+        restarts the loop after a backoff (counted by the supervisor)."""
         async def loop() -> None:
             while True:
                 await asyncio.sleep(FLUSH_INTERVAL_S)
-                try:
-                    await flush()
-                except Exception:  # a failed flush must not end the loop
-                    log.exception("traffic flush failed")
-        self._task = asyncio.get_running_loop().create_task(loop())
+                await flush()
+        self._task = (supervisor or Supervisor()).start("traffic flush", loop)
 
     async def stop(self, flush: Any) -> None:
         if self._task is not None:

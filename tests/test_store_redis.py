@@ -14,6 +14,12 @@ import orjson
 from sidecar.sessions import selector_for
 from sidecar.store import route_key
 from tests.conftest import chat, pool
+from tests.redis_server import Monitor
+
+
+def sent(monitor: Monitor) -> list[str]:
+    """What the sidecar sent, without its pub/sub listener's health-check PINGs."""
+    return [c for c in monitor.commands() if not c.endswith('"PING"')]
 
 ROUTES_LOW_ONLY_SMALL = json.dumps({"low": {"small": 16}, "medium": {"small": 16},
                                     "high": {"small": 16}})
@@ -29,14 +35,14 @@ async def test_first_call_is_one_round_trip_and_the_next_20_make_none(
     monitor.reset()
     status, headers, _ = await chat(http, running, "counted")
     assert status == 200
-    commands = monitor.commands()
+    commands = sent(monitor)
     assert len(commands) == 1, commands
     assert '"EVALSHA"' in commands[0].upper()
     monitor.reset()
     for _ in range(20):
         status, _, _ = await chat(http, running, "counted")
         assert status == 200
-    assert monitor.commands() == []
+    assert sent(monitor) == []
     stored = orjson.loads(redis_server.client().get(route_key("counted")))
     assert stored["endpoint"] == headers["x-sidecar-endpoint"]
     assert 0 < redis_server.client().ttl(route_key("counted")) <= 86400
@@ -100,7 +106,7 @@ async def test_two_sidecars_racing_on_new_sessions_route_them_identically(
                                          for s in sessions))
     disagreements = [(s, x, y) for s, (x, y) in zip(sessions, results, strict=True) if x != y]
     assert disagreements == []
-    evalshas = [c for c in monitor.commands() if '"EVALSHA"' in c.upper()]
+    evalshas = [c for c in sent(monitor) if '"EVALSHA"' in c.upper()]
     for session in sessions:
         assert sum(f"{{{session}}}" in c for c in evalshas) == 2, "both pods raced"
         record = orjson.loads(redis_server.client().get(route_key(session)))
@@ -200,7 +206,7 @@ async def test_ttl_is_refreshed_at_most_once_per_tenth_of_the_ttl(
         calls += 1
         await asyncio.sleep(0.02)
     await asyncio.sleep(1.1)  # let the batched refresh flush
-    commands = monitor.commands()
+    commands = sent(monitor)
     expires = [c for c in commands if '"EXPIRE"' in c.upper()]
     assert calls > 50
     # 2.6 s at one refresh per 1 s (10 % of 10 s): two or three, never one per request.
@@ -275,7 +281,7 @@ async def test_first_touches_on_new_connections_are_still_one_command_each(
     # Concurrent first touches open new pooled connections: no handshake commands.
     results = await asyncio.gather(*(chat(http, running, f"burst-{i}") for i in range(24)))
     assert {status for status, _, _ in results} == {200}
-    commands = monitor.commands()
+    commands = sent(monitor)
     assert running.sidecar.router.counters.resolved_without_store == 0
     assert len(commands) == 24, commands[:5]
     assert all('"EVALSHA"' in c.upper() for c in commands)

@@ -1,0 +1,203 @@
+"""No background task dies of an exception: one of each tree (redis-py's RedisError and
+RedisClusterException, the socket's OSError, a timeout, pool exhaustion, and one that is not
+about Redis at all) is injected into each task of a running sidecar; each restarts, says so
+once, is counted in /stats, and does its job again."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from redis.exceptions import (
+    MaxConnectionsError,
+    RedisClusterException,
+    RedisClusterUnreachableError,
+    RedisError,
+)
+
+from sidecar import routing, store, telemetry, traffic
+from sidecar.server import Running
+from sidecar.store import route_key
+from sidecar.supervise import Supervisor, supervised
+from tests.conftest import admin, chat, pool
+
+INJECTED: list[BaseException] = [
+    RedisError("injected"),
+    RedisClusterUnreachableError("Redis Cluster cannot be connected (injected)"),
+    RedisClusterException("No way to dispatch this command to Redis Cluster (injected)"),
+    OSError(errno.ECONNRESET, "Connection reset by peer (injected)"),
+    TimeoutError(),
+    MaxConnectionsError("Too many connections (injected)"),
+    ValueError("not about Redis (injected)"),
+]
+
+
+def injecting(original: Callable[..., Any], errors: list[BaseException]) -> Callable[..., Any]:
+    """`original`, raising each of `errors` once first."""
+    pending = list(errors)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if pending:
+            raise pending.pop(0)
+        return original(*args, **kwargs)
+    return call
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def running(pods, sidecar, redis_server, monkeypatch) -> Running:
+    for module, name in ((traffic, "FLUSH_INTERVAL_S"), (telemetry, "FLUSH_INTERVAL_S"),
+                         (routing, "REFRESH_FLUSH_INTERVAL_S"), (routing, "SWEEP_INTERVAL_S"),
+                         (store, "RECONNECT_INTERVAL_S")):
+        monkeypatch.setattr(module, name, 0.02)
+    started = await sidecar({"small": pool(await pods(1))}, SIDECAR_REDIS_URL=redis_server.url,
+                            SIDECAR_REDIS_TIMEOUT_MS="1000")
+    started.sidecar.supervisor.backoff_scale = 0.01
+    return started
+
+
+def said_once(caplog: pytest.LogCaptureFixture, name: str) -> int:
+    return sum(r.name == "sidecar.supervise" and r.getMessage().startswith(f"{name} failed")
+               for r in caplog.records)
+
+
+async def restarted(running: Running, name: str, times: int) -> None:
+    supervisor = running.sidecar.supervisor
+    await until(lambda: supervisor.restarts.get(name, 0) >= times, f"{name} did not restart")
+    assert supervisor.restarts[name] == times
+    assert name in supervisor.running()
+
+
+async def test_the_traffic_flush_restarts(running, caplog):
+    s = running.sidecar
+    s.store.write = injecting(s.store.write, INJECTED)  # type: ignore[method-assign]
+    await restarted(running, "traffic flush", len(INJECTED))
+    flushes = s.traffic.flushes
+    await until(lambda: s.traffic.flushes > flushes, "no flush after the restarts")
+    assert said_once(caplog, "traffic flush") == 1
+
+
+async def test_the_ttl_refresh_restarts_and_keeps_what_it_owed(running, redis_server, http):
+    s = running.sidecar
+    assert (await chat(http, running, "ttl"))[0] == 200
+    redis_server.client().expire(route_key("ttl"), 5)
+    s.store.refresh = injecting(s.store.refresh, INJECTED)  # type: ignore[method-assign]
+    s.router._pending_refresh.add("ttl")
+    await restarted(running, "route TTL refresh", len(INJECTED))
+    await until(lambda: redis_server.client().ttl(route_key("ttl")) > 5,
+                "the refresh owed before the failures was lost")
+
+
+async def test_the_cache_sweep_restarts(running):
+    cache = running.sidecar.router.cache
+    swept = 0
+
+    def counted(now: float) -> int:
+        nonlocal swept
+        swept += 1
+        return 0
+    cache.expire_idle = injecting(counted, INJECTED)  # type: ignore[method-assign]
+    await restarted(running, "route cache sweep", len(INJECTED))
+    await until(lambda: swept > 0, "no sweep after the restarts")
+
+
+async def test_the_telemetry_flush_restarts(running):
+    t = running.sidecar.telemetry
+    snapshots = 0
+
+    def counted() -> list[Any]:
+        nonlocal snapshots
+        snapshots += 1
+        return []
+    t.snapshot = injecting(counted, INJECTED)  # type: ignore[method-assign]
+    await restarted(running, "telemetry flush", len(INJECTED))
+    await until(lambda: snapshots > 0, "no telemetry flush after the restarts")
+
+
+async def test_the_admin_heartbeat_restarts(running, http):
+    beat = running.admin.heartbeat
+    beat.tick = injecting(beat.tick, INJECTED)  # type: ignore[method-assign]
+    await restarted(running, "admin heartbeat", len(INJECTED))
+    async with http.get(admin(running) + "/health") as response:
+        assert response.status == 200
+    async with http.get(admin(running) + "/stats") as response:
+        tasks = (await response.json())["background_tasks"]
+    assert tasks["restarts"]["admin heartbeat"] == len(INJECTED)
+    assert "admin heartbeat" in tasks["running"]
+    assert tasks["last_error"]["admin heartbeat"] == "ValueError"
+    ticked = beat.last
+    await until(lambda: beat.last > ticked, "the heartbeat does not tick")
+
+
+async def test_each_route_write_behind_is_retried(running, redis_server):
+    s = running.sidecar
+    original = s.store.update
+    record = redis_server.client().get(route_key("w")) or b"{}"
+    for i, exc in enumerate(INJECTED):
+        s.store.update = injecting(original, [exc])  # type: ignore[method-assign]
+        s.router._write_behind(f"w{i}", record)
+        await until(lambda i=i: redis_server.client().exists(route_key(f"w{i}")) == 1,
+                    f"write {i} was lost")
+        assert s.supervisor.restarts["route write-behind"] == i + 1
+
+
+async def test_the_pubsub_listener_restarts(running, redis_server):
+    s = running.sidecar
+    assert s.store.subscriptions == 1
+    s.store.client.pubsub = injecting(s.store.client.pubsub, INJECTED)
+    redis_server.client().client_kill_filter(_type="pubsub")
+    await restarted(running, "redis pub/sub listener", len(INJECTED) + 1)
+    await until(lambda: s.store.subscriptions == 2, "the listener never subscribed again")
+    redis_server.client().publish(store.LEVEL_CHANNEL, "high")
+    await until(lambda: s.router.level == "high", "no level after the restarts")
+
+
+async def test_the_reconnect_restarts_until_redis_answers(running):
+    s = running.sidecar
+    s.store.client.script_load = injecting(s.store.client.script_load, INJECTED)
+    s.store._trip()
+    await restarted(running, "redis reconnect", len(INJECTED))
+    await until(lambda: s.store.available, "the store never came back")
+
+
+async def test_a_task_that_keeps_failing_logs_once_and_backs_off_to_the_bound(caplog):
+    supervisor = Supervisor(backoff_scale=0.001)
+    runs = 0
+
+    async def body() -> None:
+        nonlocal runs
+        runs += 1
+        if runs < 20:
+            raise aiohttp.ClientConnectionError("down")
+
+    await asyncio.wait_for(supervised("flaky", body, supervisor=supervisor), 10)
+    assert runs == 20 and supervisor.restarts == {"flaky": 19}
+    assert said_once(caplog, "flaky") == 1
+    assert supervisor.last_error == {"flaky": "ClientConnectionError"}
+
+
+async def test_a_one_shot_job_gives_up_after_its_attempts():
+    supervisor = Supervisor(backoff_scale=0.001)
+
+    async def body() -> None:
+        raise RedisError("always")
+
+    await asyncio.wait_for(supervised("write", body, supervisor=supervisor, attempts=3), 10)
+    assert supervisor.restarts == {"write": 3}
+
+
+@pytest.fixture(autouse=True)
+def _capture(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
