@@ -1,8 +1,8 @@
 """HTTP/1.1 from the app on an asyncio protocol with httptools' request parser (llhttp):
 framing checks (nothing ambiguous is ever forwarded), header and body limits, deadlines
-for the request head and a stalled body, Expect, upgrades declined, half-close, pipelining
-in order, flow control. Each connection is the `Downstream` of the request it is
-answering."""
+for the request head and a stalled or trickling body, Expect, upgrades declined, CONNECT
+refused, half-close, pipelining in order, flow control. Each connection is the
+`Downstream` of the request it is answering."""
 
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ BODY_IDLE_S = 10.0
 # A body that keeps trickling (a byte every 9 s never stalls): 408 once it has taken longer
 # than BODY_GRACE_S plus a second per BODY_MIN_RATE bytes received — Apache
 # mod_reqtimeout's default (`body=20,MinRate=500`). An honest client on the slowest link
-# sends far faster; a slowloris must pay for each second it holds a connection with 500
-# bytes, and a connection it holds can never outlive its data by more than 20 s.
+# sends far faster; a slowloris must pay 500 bytes (all buffered against
+# SIDECAR_MAX_BODY_BYTES) for every second it holds a connection past the first 20.
 BODY_GRACE_S = 20.0
 BODY_MIN_RATE = 500.0
 KEEPALIVE_S = 75.0
@@ -295,8 +295,8 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
         # The body's stall clock starts at the end of this read (`data_received`), unless
         # the body is whole by then (`on_message_complete` clears the deadline).
         self._body_seen = -1
-        method = self._parser.get_method()
-        if method == b"CONNECT":
+        upgrade = self._parser.should_upgrade()  # (CONNECT is one to llhttp)
+        if upgrade and self._parser.get_method() == b"CONNECT":
             # A tunnel is a forward proxy's job; llhttp would also take whatever follows
             # the head as tunnel bytes, never as this request's body.
             raise Refused(501, "method_not_supported", "CONNECT is not supported: the "
@@ -332,7 +332,7 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
                 # never sees Expect. (Not inside an earlier request's answer: the app's
                 # wait for it times out, RFC 9110 §10.1.1.)
                 self.transport.write(CONTINUE)
-        if (length or self._te is not None) and self._parser.should_upgrade():
+        if upgrade and (length or self._te is not None):
             # httptools makes llhttp skip an upgrading request's body: once it stops, the
             # body is read through a head that frames it like this one did. Its method is
             # a plain POST, whatever this one's: a method llhttp reads as a tunnel would
