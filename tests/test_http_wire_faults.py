@@ -363,6 +363,35 @@ async def test_a_half_closed_client_that_had_its_100_continue_gets_no_second_one
     assert bytes(client.wire.seen).count(b"100 Continue") == 1, bytes(client.wire.seen)
 
 
+async def test_a_running_answer_past_the_keep_alive_deadline_is_not_looked_at_again(
+        sidecar, upstreams, monkeypatch):
+    # A pipelined request's answer starts with the keep-alive deadline of the one before;
+    # once the sweep has seen it run, it leaves the connection alone until the answer ends.
+    monkeypatch.setattr(listener_module, "SWEEP_S", 0.05)
+    monkeypatch.setattr(listener_module, "KEEPALIVE_S", 0.2)
+    release = asyncio.Event()
+
+    async def respond(conn: Conn, request: Message) -> bool:
+        if request.target == b"/held":
+            await asyncio.wait_for(release.wait(), 5)
+        await conn.send(echo_body(request))
+        return True
+
+    running, _ = await proxied(sidecar, upstreams, respond)
+    client = await Client.open(running.port)
+    try:
+        await client.send(get(b"/first") + get(b"/held"))
+        assert (await client.final()).body == b"/first|"
+        conn = await the_connection(running)
+        await until(lambda: conn.deadline == 0.0)
+        await asyncio.sleep(0.3)  # six sweeps: none sets a deadline again
+        assert conn.deadline == 0.0 and conn.task is not None and not conn.closed
+        release.set()
+        assert (await client.final()).body == b"/held|"
+    finally:
+        client.close()
+
+
 # --- an upstream that says more than its answer ---------------------------------------
 
 EXTRA = b"HTTP/1.1 200 OK\r\nX-Evil: 1\r\nContent-Length: 5\r\n\r\nevil!"
