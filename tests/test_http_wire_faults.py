@@ -181,6 +181,23 @@ async def test_a_half_closed_client_gets_its_whole_answer_then_the_close(
     assert len(upstream.requests) == 1
 
 
+async def test_a_request_cut_by_a_half_close_behind_an_answered_one_gets_400(sidecar,
+                                                                             upstreams):
+    running, upstream = await proxied(sidecar, upstreams, slow)
+    client = await Client.open(running.port)
+    try:
+        await client.send(get(b"/a") + request_head(10) + b"abc")
+        client.writer.write_eof()
+        assert (await client.final()).body == b"/a|"
+        answer = await client.final(b"POST")
+        assert answer.status == 400 and error_of(answer)["code"] == "incomplete_request"
+        assert answer.header("connection") == b"close"
+        assert await client.closed()
+    finally:
+        client.close()
+    assert [r.target for r in upstream.requests] == [b"/a"]
+
+
 async def test_half_closed_pipelined_requests_are_all_answered(sidecar, upstreams):
     running, _ = await proxied(sidecar, upstreams, slow)
     client = await Client.open(running.port)
@@ -617,6 +634,20 @@ async def test_a_refused_header_value_is_a_400_naming_the_header(sidecar, upstre
     finally:
         client.close()
     assert upstream.received == b""
+
+
+async def test_a_refusal_after_a_head_answer_keeps_its_body(sidecar, upstreams):
+    running, _ = await proxied(sidecar, upstreams, always(echo_target))
+    client = await Client.open(running.port)
+    try:
+        await client.send(get(b"/a", method=b"HEAD"))
+        assert (await client.final(b"HEAD")).status == 200
+        await client.send(b"GET /b\x01 HTTP/1.1\r\nHost: s\r\n\r\n")
+        answer = await client.final()
+        assert answer.status == 400 and answer.complete, answer.raw[:300]
+        assert error_of(answer)["code"] == "bad_request"
+    finally:
+        client.close()
 
 
 async def test_a_refused_url_is_not_blamed_on_a_header(sidecar, upstreams):

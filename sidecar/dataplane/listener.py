@@ -64,6 +64,11 @@ class Refused(Exception):
         self.code = code
 
 
+def _incomplete() -> Refused:
+    return Refused(400, "incomplete_request", "the client ended its side of the connection "
+                   "before the request was whole")
+
+
 class ClientConnection(ResponseWriter, asyncio.Protocol):
     __slots__ = ("_answered", "_begun_at", "_body", "_body_seen", "_body_since", "_body_size",
                  "_chunked", "_close_delimited", "_connection", "_continued", "_corked",
@@ -152,8 +157,7 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
         # client gone for good; TCP only tells them apart once we write.
         if self.task is None and not self._queue:
             if self._in_head or self._in_body:  # a request cut short: never forwarded
-                self._refuse(Refused(400, "incomplete_request", "the client ended its side "
-                                     "of the connection before the request was whole"))
+                self._refuse(_incomplete())
             self.closed = True
             return False
         if self._version < (1, 1):
@@ -405,6 +409,9 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
             self._unanswered(None)
             return
         if not self.keep_alive or (self._unreadable and not self._queue):
+            if self._half_closed and self.keep_alive and (self._in_head or self._in_body):
+                self._refuse(_incomplete())  # what the half-close cut, behind this answer
+                return
             self._close()
             return
         # A half-closed pipeline's next answer is watched for the peer's reset as this one
@@ -445,8 +452,8 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
             if self.transport is not None:
                 self.transport.pause_reading()
             return
+        self._response_reset(False)  # not the last answer's: a HEAD's would lose this body
         self.keep_alive = False
-        self.started = False
         self.respond(refused.status, error_body(str(refused), refused.code))
         self._close()
 
