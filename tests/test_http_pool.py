@@ -73,15 +73,28 @@ async def test_a_connection_that_said_close_is_not_reused(sidecar, upstreams, re
 
 async def test_a_connection_whose_answer_the_app_abandoned_is_not_reused(sidecar, upstreams):
     # The app hangs up mid-answer: the rest of that answer would still arrive on the
-    # upstream connection, ahead of whatever answer is read from it next.
+    # upstream connection, ahead of whatever answer is read from it next. (Its FIN alone
+    # reads like a half-close; the answer's next piece draws the reset that tells.)
     partial = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked"
                b"\r\n\r\n5\r\nfirst\r\n")
-    running, upstream = await proxied(sidecar, upstreams, first_conn_says(partial))
+    hung_up = asyncio.Event()
+
+    async def respond(conn: Conn, request: Message) -> bool:
+        if conn.number > 1:
+            await conn.send(echo_target(request))
+            return True
+        await conn.send(partial)
+        await asyncio.wait_for(hung_up.wait(), 5)
+        await conn.send(b"6\r\nsecond\r\n")
+        return True
+
+    running, upstream = await proxied(sidecar, upstreams, respond)
     client = await Client.open(running.port)
     await client.send(get(b"/first"))
     await asyncio.wait_for(client.wire.until(b"first"), 5)
     client.close()
-    await asyncio.wait_for(upstream.conns[0].closed_by_peer.wait(), 2)
+    hung_up.set()
+    await asyncio.wait_for(upstream.conns[0].closed_by_peer.wait(), 5)
     assert (await exchange(running.port, get(b"/second"))).body == b"/second"
     assert len(upstream.conns) == 2 and len(upstream.conns[0].requests) == 1
 

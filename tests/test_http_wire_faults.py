@@ -8,12 +8,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from sidecar.dataplane import listener as listener_module
+from sidecar.dataplane.listener import ClientConnection
 from tests.raw_http import Message, echo_target, error_of, get, post, response
-from tests.raw_peers import Client, Conn, always, pools_for, proxied, upstream_factory
+from tests.raw_peers import (
+    Client,
+    Conn,
+    Upstream,
+    always,
+    pools_for,
+    proxied,
+    upstream_factory,
+)
 
 
 @pytest.fixture
@@ -29,6 +41,13 @@ def short_deadlines(monkeypatch):
     monkeypatch.setattr(listener_module, "SWEEP_S", 0.05)
     monkeypatch.setattr(listener_module, "BODY_IDLE_S", 0.5, raising=False)
     monkeypatch.setattr(listener_module, "HEAD_TIMEOUT_S", 0.5)
+
+
+@pytest.fixture
+def no_sweep(monkeypatch):
+    """The test looks at the connection itself (`timed_out(now)` with a `now` of its
+    choosing) instead of waiting for the sweep."""
+    monkeypatch.setattr(listener_module, "SWEEP_S", 3600.0)
 
 
 def echo_body(request: Message) -> bytes:
@@ -87,6 +106,54 @@ async def test_a_slow_body_that_keeps_coming_is_not_cut(sidecar, upstreams, shor
         client.close()
 
 
+async def test_a_body_that_came_with_its_head_then_stalled_is_refused_at_the_first_look(
+        sidecar, upstreams, no_sweep, monkeypatch):
+    # The bytes read with the head are not progress: the body's idle clock starts at the
+    # end of that read, not at the head's deadline (which would double it, then some).
+    monkeypatch.setattr(listener_module, "HEAD_TIMEOUT_S", 100.0)
+    monkeypatch.setattr(listener_module, "BODY_IDLE_S", 100.0)
+    running, upstream = await proxied(sidecar, upstreams, always(echo_body))
+    client = await Client.open(running.port)
+    try:
+        await client.send(request_head(100) + b"abcd")  # one read, then nothing
+        conn = await the_connection(running)
+        await until(lambda: conn._body_size == 4)
+        assert conn.deadline <= time.monotonic() + 100.0, "the head's deadline plus more"
+        conn.timed_out(conn.deadline + 0.001)
+        answer = await client.final(b"POST")
+        assert answer.status == 408 and "stalled" in error_of(answer)["message"]
+        assert await client.closed()
+    finally:
+        client.close()
+    assert upstream.received == b""
+
+
+async def test_a_body_that_trickles_below_the_minimum_rate_gets_408(sidecar, upstreams,
+                                                                      no_sweep):
+    # One byte every 9 s never stalls (10 s idle): the body's overall bound ends it.
+    running, upstream = await proxied(sidecar, upstreams, always(echo_body))
+    client = await Client.open(running.port)
+    sent = 1
+    try:
+        await client.send(request_head(100) + b"x")
+        conn = await the_connection(running)
+        await until(lambda: conn._body_size == 1)
+        now = time.monotonic()
+        for sent in range(2, 30):
+            await client.send(b"x")
+            await until(lambda: conn._body_size == sent)  # noqa: B023
+            now += 9.0
+            conn.timed_out(now)
+            if conn.closed:
+                break
+        answer = await client.final(b"POST")
+        assert answer.status == 408 and "too slow" in error_of(answer)["message"]
+    finally:
+        client.close()
+    assert sent < 10, f"refused only after {sent} bytes in {9 * sent} s"
+    assert upstream.received == b""
+
+
 # --- half-close -------------------------------------------------------------------------
 
 
@@ -114,6 +181,23 @@ async def test_a_half_closed_client_gets_its_whole_answer_then_the_close(
     assert len(upstream.requests) == 1
 
 
+async def test_a_request_cut_by_a_half_close_behind_an_answered_one_gets_400(sidecar,
+                                                                             upstreams):
+    running, upstream = await proxied(sidecar, upstreams, slow)
+    client = await Client.open(running.port)
+    try:
+        await client.send(get(b"/a") + request_head(10) + b"abc")
+        client.writer.write_eof()
+        assert (await client.final()).body == b"/a|"
+        answer = await client.final(b"POST")
+        assert answer.status == 400 and error_of(answer)["code"] == "incomplete_request"
+        assert answer.header("connection") == b"close"
+        assert await client.closed()
+    finally:
+        client.close()
+    assert [r.target for r in upstream.requests] == [b"/a"]
+
+
 async def test_half_closed_pipelined_requests_are_all_answered(sidecar, upstreams):
     running, _ = await proxied(sidecar, upstreams, slow)
     client = await Client.open(running.port)
@@ -127,12 +211,18 @@ async def test_half_closed_pipelined_requests_are_all_answered(sidecar, upstream
         client.close()
 
 
-async def test_a_half_close_mid_request_closes_without_forwarding(sidecar, upstreams):
+@pytest.mark.parametrize("cut", [b"POST /v1/chat/completions HTTP/1.1\r\nHost: s\r\n",
+                                 request_head(2) + b"{"], ids=["in-the-head", "in-the-body"])
+async def test_a_half_close_mid_request_gets_400_and_nothing_is_forwarded(sidecar, upstreams,
+                                                                         cut):
     running, upstream = await proxied(sidecar, upstreams, always(echo_body))
     client = await Client.open(running.port)
     try:
-        await client.send(request_head(100) + b"abcd")
+        await client.send(cut)
         client.writer.write_eof()
+        answer = await client.final(b"POST")
+        assert answer.status == 400 and answer.header("connection") == b"close"
+        assert error_of(answer)["code"] == "incomplete_request"
         assert await client.closed(), "an unfinished request kept the connection open"
     finally:
         client.close()
@@ -140,26 +230,183 @@ async def test_a_half_close_mid_request_closes_without_forwarding(sidecar, upstr
     assert upstream.received == b""
 
 
+async def never(conn: Conn, request: Message) -> bool:
+    """No answer; notices the sidecar's close of the connection."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(conn.wire.rest(), 10)
+        conn.closed_by_peer.set()
+    return False
+
+
+async def forwarded(upstream: Upstream) -> None:
+    for _ in range(250):
+        if upstream.requests:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the request never reached the upstream")
+
+
+async def the_connection(running: Any) -> ClientConnection:
+    """The sidecar's side of the test's one client connection."""
+    for _ in range(250):
+        if running.listener.connections:
+            [conn] = running.listener.connections
+            return conn
+        await asyncio.sleep(0.02)
+    raise AssertionError("no client connection in the sidecar")
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    for _ in range(250):
+        if predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the sidecar never got there")
+
+
 async def test_a_client_gone_before_its_answer_cancels_the_upstream_request(
         sidecar, upstreams):
     # A full close looks like a half-close until the sidecar writes: its probe is answered
     # with a reset, and the upstream request is dropped instead of generating for nobody.
-    async def never(conn: Conn, request: Message) -> bool:
-        with contextlib.suppress(TimeoutError):  # no answer; notice the sidecar's close
-            await asyncio.wait_for(conn.wire.rest(), 10)
-            conn.closed_by_peer.set()
-        return False
-
     running, upstream = await proxied(sidecar, upstreams, never)
     client = await Client.open(running.port)
     await client.send(post())
-    for _ in range(100):
-        if upstream.requests:
-            break
-        await asyncio.sleep(0.02)
+    await forwarded(upstream)
     client.close()
     await asyncio.wait_for(upstream.conns[0].closed_by_peer.wait(), 5)
     assert running.sidecar.proxy.counters.client_disconnects == 1
+
+
+@pytest.mark.parametrize("how", ["close", "half-close"])
+async def test_an_http_1_0_client_that_closes_cancels_its_upstream_request(sidecar, upstreams,
+                                                                            how):
+    # No 1xx may be sent to HTTP/1.0, so nothing tells its half-close from its leaving:
+    # either is taken as gone, and nothing (no 100 Continue either) is written to it.
+    running, upstream = await proxied(sidecar, upstreams, never)
+    client = await Client.open(running.port)
+    try:
+        await client.send(b"POST /v1/chat/completions HTTP/1.0\r\nHost: s\r\n"
+                          b"Content-Length: 2\r\n\r\n{}")
+        await forwarded(upstream)
+        if how == "close":
+            client.close()
+        else:
+            client.writer.write_eof()
+            assert await asyncio.wait_for(client.wire.rest(), 5) == b""
+        await asyncio.wait_for(upstream.conns[0].closed_by_peer.wait(), 5)
+    finally:
+        client.close()
+    assert running.sidecar.proxy.counters.client_disconnects == 1
+
+
+def piece(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+STREAM_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n")
+
+
+async def test_a_half_close_mid_answer_lets_the_answer_end_whole(sidecar, upstreams):
+    release = asyncio.Event()
+
+    async def streaming(conn: Conn, request: Message) -> bool:
+        await conn.send(STREAM_HEAD + piece(b"data: 1\n\n"))
+        await asyncio.wait_for(release.wait(), 5)
+        await conn.send(piece(b"data: 2\n\n") + b"0\r\n\r\n")
+        return True
+
+    running, upstream = await proxied(sidecar, upstreams, streaming)
+    client = await Client.open(running.port)
+    try:
+        await client.send(post())
+        await asyncio.wait_for(client.wire.until(b"data: 1\n\n"), 5)
+        conn = await the_connection(running)
+        client.writer.write_eof()  # the answer has begun: this is "no more requests"
+        await until(lambda: conn._half_closed or conn.closed)
+        release.set()
+        await asyncio.wait_for(client.wire.rest(), 5)
+    finally:
+        client.close()
+    received = bytes(client.wire.seen)
+    assert b"data: 2\n\n" in received and received.endswith(b"\r\n0\r\n\r\n"), received
+    assert b" 100 " not in received  # never a probe inside an answer
+    assert running.sidecar.proxy.counters.client_disconnects == 0
+    assert len(upstream.requests) == 1
+
+
+async def test_a_client_gone_mid_answer_cancels_the_upstream_request(sidecar, upstreams):
+    # Its FIN looks like a half-close: the answer's next write draws the reset.
+    async def endless(conn: Conn, request: Message) -> bool:
+        await conn.send(STREAM_HEAD + piece(b"data: 0\n\n"))
+        for i in range(1, 200):  # 10 s at most
+            await asyncio.sleep(0.05)
+            await conn.send(piece(b"data: %d\n\n" % i))
+        return False
+
+    running, upstream = await proxied(sidecar, upstreams, endless)
+    client = await Client.open(running.port)
+    await client.send(post())
+    await asyncio.wait_for(client.wire.until(b"data: 0\n\n"), 5)
+    client.close()
+    await asyncio.wait_for(upstream.conns[0].closed_by_peer.wait(), 5)
+    assert running.sidecar.proxy.counters.client_disconnects == 1
+
+
+async def test_a_half_closed_client_that_had_its_100_continue_gets_no_second_one(
+        sidecar, upstreams):
+    release = asyncio.Event()
+
+    async def held(conn: Conn, request: Message) -> bool:
+        await asyncio.wait_for(release.wait(), 5)
+        await conn.send(echo_body(request))
+        return True
+
+    running, _ = await proxied(sidecar, upstreams, held)
+    client = await Client.open(running.port)
+    try:
+        await client.send(request_head(2, b"Expect: 100-continue\r\n"))
+        assert (await client.response(b"POST")).status == 100
+        await client.send(b"{}")
+        conn = await the_connection(running)
+        client.writer.write_eof()
+        await until(lambda: conn._half_closed or conn.closed)
+        release.set()
+        answer = await client.final(b"POST")
+        assert answer.status == 200 and answer.body == b"/v1/chat/completions|{}"
+        assert await client.closed()
+    finally:
+        client.close()
+    assert bytes(client.wire.seen).count(b"100 Continue") == 1, bytes(client.wire.seen)
+
+
+async def test_a_running_answer_past_the_keep_alive_deadline_is_not_looked_at_again(
+        sidecar, upstreams, monkeypatch):
+    # A pipelined request's answer starts with the keep-alive deadline of the one before;
+    # once the sweep has seen it run, it leaves the connection alone until the answer ends.
+    monkeypatch.setattr(listener_module, "SWEEP_S", 0.05)
+    monkeypatch.setattr(listener_module, "KEEPALIVE_S", 0.2)
+    release = asyncio.Event()
+
+    async def respond(conn: Conn, request: Message) -> bool:
+        if request.target == b"/held":
+            await asyncio.wait_for(release.wait(), 5)
+        await conn.send(echo_body(request))
+        return True
+
+    running, _ = await proxied(sidecar, upstreams, respond)
+    client = await Client.open(running.port)
+    try:
+        await client.send(get(b"/first") + get(b"/held"))
+        assert (await client.final()).body == b"/first|"
+        conn = await the_connection(running)
+        await until(lambda: conn.deadline == 0.0)
+        await asyncio.sleep(0.3)  # six sweeps: none sets a deadline again
+        assert conn.deadline == 0.0 and conn.task is not None and not conn.closed
+        release.set()
+        assert (await client.final()).body == b"/held|"
+    finally:
+        client.close()
 
 
 # --- an upstream that says more than its answer ---------------------------------------
@@ -289,6 +536,58 @@ async def test_an_upgrade_with_a_chunked_body_is_declined_and_the_body_forwarded
     no_upgrade_headers(seen)
 
 
+async def test_an_upgrade_with_a_body_keeps_its_method(sidecar, upstreams):
+    running, upstream = await proxied(sidecar, upstreams, always(echo_body))
+    client = await Client.open(running.port)
+    try:
+        await client.send(b"PUT /v1/files/a HTTP/1.1\r\nHost: s\r\n"
+                          + b"".join(h + b"\r\n" for h in H2C)
+                          + b"Content-Length: 2\r\n\r\n{}")
+        assert (await client.final(b"PUT")).body == b"/v1/files/a|{}"
+    finally:
+        client.close()
+    [seen] = upstream.requests
+    assert seen.method == b"PUT" and seen.body == b"{}"
+
+
+async def test_an_http_1_0_keep_alive_upgrade_with_a_body_keeps_the_connection(sidecar,
+                                                                               upstreams):
+    running, upstream = await proxied(sidecar, upstreams, always(echo_body))
+    client = await Client.open(running.port)
+    try:
+        await client.send(b"POST /v1/chat/completions HTTP/1.0\r\nHost: s\r\n"
+                          b"Connection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n"
+                          b"Content-Length: 2\r\n\r\n{}")
+        answer = await client.final(b"POST")
+        assert answer.body == b"/v1/chat/completions|{}"
+        assert answer.header("connection") == b"keep-alive", answer.raw[:300]
+        await client.send(b"GET /after HTTP/1.0\r\nHost: s\r\nConnection: keep-alive"
+                          b"\r\n\r\n")
+        assert (await client.final()).body == b"/after|"
+    finally:
+        client.close()
+    assert [r.target for r in upstream.requests] == [b"/v1/chat/completions", b"/after"]
+
+
+@pytest.mark.parametrize("body", [b"", b"GET /smuggled HTTP/1.1\r\nHost: s\r\n\r\n"],
+                         ids=["no-body", "a-request-as-body"])
+async def test_connect_is_refused_and_nothing_is_forwarded(sidecar, upstreams, body):
+    running, upstream = await proxied(sidecar, upstreams, always(echo_target))
+    client = await Client.open(running.port)
+    try:
+        await client.send(b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n"
+                          + (b"Content-Length: %d\r\n" % len(body) if body else b"")
+                          + b"\r\n" + body)
+        answer = await client.final(b"CONNECT")
+        assert answer.status == 501 and answer.header("connection") == b"close"
+        assert error_of(answer)["code"] == "method_not_supported"
+        assert await client.closed()
+    finally:
+        client.close()
+    await asyncio.sleep(0.05)
+    assert upstream.received == b""
+
+
 async def test_a_websocket_upgrade_is_declined_and_answered_in_http_1_1(sidecar, upstreams):
     running, upstream = await proxied(sidecar, upstreams, always(echo_target))
     client = await Client.open(running.port)
@@ -332,6 +631,68 @@ async def test_a_refused_header_value_is_a_400_naming_the_header(sidecar, upstre
         error = error_of(answer)
         assert error["code"] == code and named in error["message"], error
         assert await client.closed()
+    finally:
+        client.close()
+    assert upstream.received == b""
+
+
+async def test_a_refusal_after_a_head_answer_keeps_its_body(sidecar, upstreams):
+    running, _ = await proxied(sidecar, upstreams, always(echo_target))
+    client = await Client.open(running.port)
+    try:
+        await client.send(get(b"/a", method=b"HEAD"))
+        assert (await client.final(b"HEAD")).status == 200
+        await client.send(b"GET /b\x01 HTTP/1.1\r\nHost: s\r\n\r\n")
+        answer = await client.final()
+        assert answer.status == 400 and answer.complete, answer.raw[:300]
+        assert error_of(answer)["code"] == "bad_request"
+    finally:
+        client.close()
+
+
+async def test_a_refused_url_is_not_blamed_on_a_header(sidecar, upstreams):
+    running, upstream = await proxied(sidecar, upstreams, always(echo_body))
+    client = await Client.open(running.port)
+    try:
+        await client.send(b"GET /a\x01 HTTP/1.1\r\nHost: s\r\nX-Session-Id: a\x01b\r\n\r\n")
+        answer = await client.final()
+        error = error_of(answer)
+        assert answer.status == 400 and error["code"] == "bad_request", error
+        assert "x-session-id" not in error["message"].lower(), error
+    finally:
+        client.close()
+    assert upstream.received == b""
+
+
+async def test_a_refused_header_is_named_from_its_own_head_not_the_bytes_before_it(
+        sidecar, upstreams):
+    # An answer made without waiting (as eager tasks on 3.12+ make one) leaves the rest of
+    # the read to the parser: the body before the refused head holds a bad "header" too.
+    running, upstream = await proxied(sidecar, upstreams, always(echo_body))
+
+    async def at_once(request: Any, down: Any) -> None:
+        down.respond(200, b"{}")
+
+    def eager(coro: Any) -> asyncio.Future[None]:
+        with contextlib.suppress(StopIteration):
+            coro.send(None)
+            raise AssertionError("the handler waited")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    running.listener.handle = at_once
+    running.listener.start = eager
+    body = b"X-Session-Id: a\x01b\r\n"
+    client = await Client.open(running.port)
+    try:
+        await client.send(request_head(len(body)) + body
+                          + get(b"/b", [b"X-App: c\x01d"]))
+        assert (await client.final(b"POST")).status == 200
+        answer = await client.final()
+        error = error_of(answer)
+        assert answer.status == 400 and error["code"] == "bad_request", error
+        assert "X-App" in error["message"], error
     finally:
         client.close()
     assert upstream.received == b""

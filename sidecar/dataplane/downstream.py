@@ -14,6 +14,9 @@ from sidecar.dataplane.seam import Reply
 WRITE_HIGH = 64 * 1024
 WRITE_LOW = 16 * 1024
 _BODYLESS = (204, 304)
+CLOSE = b"Connection: close\r\n"
+# RFC 9112 §9.3: an HTTP/1.0 client keeps the connection only when the answer says so.
+KEEP_ALIVE_1_0 = b"Connection: keep-alive\r\n"
 
 
 def status_line(status: int, reason: bytes = b"") -> bytes:
@@ -70,7 +73,9 @@ class ResponseWriter:
             self.keep_alive = False
             framing = b""
         if not self.keep_alive:
-            framing += b"Connection: close\r\n"
+            framing += CLOSE
+        elif self._version < (1, 1):
+            framing += KEEP_ALIVE_1_0
         if self.transport is not None and not self.closed:
             self._write_head(b"%s%s%s\r\n" % (status_line(status, reason), headers, framing),
                              body)
@@ -115,7 +120,8 @@ class ResponseWriter:
     def respond(self, status: int, body: bytes, headers: bytes = b"") -> None:
         self.started = True
         self._answered = True
-        close = b"" if self.keep_alive else b"Connection: close\r\n"
+        close = (CLOSE if not self.keep_alive else
+                 KEEP_ALIVE_1_0 if self._version < (1, 1) else b"")
         if self.transport is not None and not self.closed:
             self._write_head(b"%sContent-Type: application/json\r\n%sContent-Length: %d\r\n"
                              b"%s\r\n" % (status_line(status), headers, len(body), close), body)

@@ -1,8 +1,8 @@
 """HTTP/1.1 from the app on an asyncio protocol with httptools' request parser (llhttp):
 framing checks (nothing ambiguous is ever forwarded), header and body limits, deadlines
-for the request head and a stalled body, Expect, upgrades declined, half-close, pipelining
-in order, flow control. Each connection is the `Downstream` of the request it is
-answering."""
+for the request head and a stalled or trickling body, Expect, upgrades declined, CONNECT
+refused, half-close, pipelining in order, flow control. Each connection is the
+`Downstream` of the request it is answering."""
 
 from __future__ import annotations
 
@@ -35,10 +35,21 @@ HEAD_TIMEOUT_S = 10.0
 # head's: a client that is still sending never waits on it, and one that stalled holds a
 # connection (and a buffered partial body) for at most ~20 s.
 BODY_IDLE_S = 10.0
+# A body that keeps trickling (a byte every 9 s never stalls): 408 once it has taken longer
+# than BODY_GRACE_S plus a second per BODY_MIN_RATE bytes received — Apache
+# mod_reqtimeout's default (`body=20,MinRate=500`). An honest client on the slowest link
+# sends far faster; a slowloris must pay 500 bytes (all buffered against
+# SIDECAR_MAX_BODY_BYTES) for every second it holds a connection past the first 20.
+BODY_GRACE_S = 20.0
+BODY_MIN_RATE = 500.0
 KEEPALIVE_S = 75.0
 SWEEP_S = 1.0
 SELECTOR_HEADER = b"x-sidecar-selector"
 _VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# llhttp's reason for a forbidden character in a header value; httptools raises it as a
+# plain HttpParserError (no errno), so its text is the only way to tell it apart.
+_BAD_VALUE = "Invalid header value char"
 EAGER_TASKS = sys.version_info >= (3, 12)
 
 Handler = Callable[[Request, "ClientConnection"], Awaitable[None]]
@@ -53,20 +64,26 @@ class Refused(Exception):
         self.code = code
 
 
+def _incomplete() -> Refused:
+    return Refused(400, "incomplete_request", "the client ended its side of the connection "
+                   "before the request was whole")
+
+
 class ClientConnection(ResponseWriter, asyncio.Protocol):
-    __slots__ = ("_answered", "_begun_at", "_body", "_body_seen", "_body_size", "_chunked",
-                 "_close_delimited", "_connection", "_corked", "_expect", "_forward",
-                 "_half_closed", "_head_bytes", "_head_tail", "_headers", "_hosts", "_in_body",
-                 "_in_head", "_parser", "_queue", "_resume", "_selector", "_session", "_stash",
-                 "_te", "_unreadable", "_url", "_version", "closed", "connection_id",
-                 "deadline", "head_only", "keep_alive", "listener", "source", "started", "task",
-                 "transport")
+    __slots__ = ("_answered", "_begun_at", "_body", "_body_seen", "_body_since", "_body_size",
+                 "_chunked", "_close_delimited", "_connection", "_continued", "_corked",
+                 "_expect", "_forward", "_half_closed", "_head_bytes", "_head_tail",
+                 "_headers", "_hosts", "_in_body", "_in_head", "_method", "_parser", "_queue",
+                 "_resume", "_selector", "_session", "_stash", "_te", "_unreadable", "_url",
+                 "_version", "closed", "connection_id", "deadline", "head_only", "keep_alive",
+                 "listener", "source", "started", "task", "transport")
 
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
-        self._queue: deque[tuple[Request, bool]] = deque()
+        # (request, keep-alive, a 100 Continue already went out for it)
+        self._queue: deque[tuple[Request, bool, bool]] = deque()
         self.task: asyncio.Task[None] | None = None
         self.closed = False
         self.connection_id = ""
@@ -74,11 +91,13 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
         self.source: Reply | None = None
         self._in_head = False
         self._in_body = False
-        self._half_closed = False  # the app's FIN came while its answer was awaited
+        self._half_closed = False  # the app's FIN came while an answer was owed
+        self._continued = False  # the request being answered got a 100 Continue
+        self._body_since = 0.0  # when the body's wait began (its head's last read)
         self._head_bytes = 0
         self._head_tail = b""  # a head's last, unfinished line when it spans reads
         self._resume: bytes | None = None  # see `_decline_upgrade`
-        self._stash: tuple[list[bytes], Headers, list[bytes]] | None = None
+        self._stash: tuple[bytes, list[bytes], Headers, list[bytes]] | None = None
         self._unreadable = False  # the parser failed behind a whole request
         self._version = (1, 1)
         self._begun_at = 0.0
@@ -103,7 +122,8 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
-        if self._in_head:
+        began = self._in_head  # the head being read began in an earlier read
+        if began:
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse(Refused(431, "headers_too_large", "request header section "
@@ -118,29 +138,45 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
             self._refuse(cause if isinstance(cause, Refused) else
                          Refused(400, "bad_request", str(exc)))
         except httptools.HttpParserError as exc:
-            self._refuse(self._malformed(data, exc) if self._in_head else
+            self._refuse(self._malformed(data, began, exc) if self._in_head else
                          Refused(400, "bad_request", f"malformed HTTP request: {exc}"))
         else:
             if self._in_head:  # a head in pieces: keep its unfinished line (for `_malformed`)
                 tail = self._head_tail + data
                 self._head_tail = tail[tail.rfind(b"\n") + 1:]
+            elif self._body_seen < 0:
+                # A head ended in this read and its body did not: the body's clock starts
+                # now, and what came with the head is not progress at the first look.
+                now = time.monotonic()
+                self._body_seen = self._body_size
+                self._body_since = now
+                self.deadline = now + BODY_IDLE_S
 
     def eof_received(self) -> bool:
         # A FIN is a half-close ("that was my last request": batch clients, `nc -N`) or a
-        # client gone for good; TCP only tells them apart once we write. Mid-answer it is
-        # an app that hung up: close, which cancels its upstream request. Nothing whole
-        # to answer: close, forwarding nothing. Otherwise what came whole is answered,
-        # then the connection closes; meanwhile a 100 Continue (which HTTP/1.1 clients
-        # skip, RFC 9110 §15.2) makes a peer that closed for good answer with a reset,
-        # which the sweep finds (`_peer_reset`): its upstream request is cancelled then.
-        if (self.task is None and not self._queue) or (self.task is not None and self.started):
+        # client gone for good; TCP only tells them apart once we write.
+        if self.task is None and not self._queue:
+            if self._in_head or self._in_body:  # a request cut short: never forwarded
+                self._refuse(_incomplete())
             self.closed = True
             return False
+        if self._version < (1, 1):
+            # No 1xx may go to an HTTP/1.0 client (RFC 9110 §15.2), so nothing would tell
+            # its half-close from its leaving: taken as gone, which cancels its upstream
+            # request (`connection_lost`).
+            self.closed = True
+            return False
+        # What came whole is answered, then the connection closes. Our writes tell a peer
+        # that left for good: its kernel answers them with a reset, which the sweep finds
+        # (`_peer_reset`) and which cancels the upstream request. Before the answer's head
+        # a 100 Continue (HTTP/1.1 clients skip it, RFC 9110 §15.2) is that write — once
+        # per request, never inside an answer.
         self._unreadable = True
-        if self.task is not None and self._version >= (1, 1) and self.transport is not None:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            self._half_closed = True
-            self.deadline = time.monotonic()  # looked at by the next sweep
+        self._half_closed = True
+        if not self.started and not self._continued and self.transport is not None:
+            self._continued = True
+            self.transport.write(CONTINUE)
+        self.deadline = time.monotonic()  # looked at by the next sweep
         return True
 
     def _decline_upgrade(self, rest: bytes) -> None:
@@ -148,17 +184,27 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
         a server ignore it and answer in HTTP/1.1. llhttp has stopped after the head (a body
         is skipped: httptools asks it to), so a fresh parser reads what follows — for a
         request with a body, after a head made up to frame that body (`_resume`)."""
-        self._parser = httptools.HttpRequestParser(self)
         resume, self._resume = self._resume, None
         if resume is not None:
-            self._stash = (self._url, self._headers, self._forward)
+            self._stash = (self._parser.get_method(), self._url, self._headers, self._forward)
             rest = resume + rest
+        self._parser = httptools.HttpRequestParser(self)
         if rest:
             self.data_received(rest)
 
-    def _malformed(self, data: bytes, exc: Exception) -> Refused:
-        """A head llhttp refused: named by its header when a header's value is at fault."""
-        name = refused_header(self._head_tail + data)
+    def _malformed(self, data: bytes, began: bool, exc: Exception) -> Refused:
+        """A head llhttp refused: named by its header when a header's value is at fault.
+        Only the refused head's own lines are looked at: `data` may hold whole requests
+        (and their bodies) before it."""
+        name = None
+        if str(exc) == _BAD_VALUE:
+            if began:  # every byte since the head began is in `_head_tail` + `data`
+                name = refused_header(self._head_tail + data)
+            else:  # it began in this read: at its request line, whole since llhttp passed it
+                line = b"%s %s " % (self._parser.get_method(), b"".join(self._url))
+                start = data.rfind(line)
+                if start >= 0:
+                    name = refused_header(data[start:])
         if name is None:
             return Refused(400, "bad_request", f"malformed HTTP request: {exc}")
         lower = name.lower()
@@ -193,7 +239,8 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
         self._forward: list[bytes] = []  # the header lines that go upstream
         self._body: list[bytes] = []
         self._body_size = 0
-        self._body_seen = 0  # `_body_size` at the sweep's last look
+        self._body_seen = 0  # `_body_size` at the sweep's last look (-1: the head's read)
+        self._method: bytes | None = None  # an upgrade's own, read through a made-up head
         self._session: bytes | None = None
         self._selector: bytes | None = None
         self._connection: bytes | None = None
@@ -244,14 +291,20 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         if self._stash is not None:
-            self._url, self._headers, self._forward = self._stash
+            self._method, self._url, self._headers, self._forward = self._stash
             self._stash = None
             return
         self._in_head = False
         self._in_body = True
-        # The body's first stall check comes no sooner than BODY_IDLE_S after the head
-        # (whose deadline this was); `on_message_complete` clears it.
-        self.deadline += BODY_IDLE_S
+        # The body's stall clock starts at the end of this read (`data_received`), unless
+        # the body is whole by then (`on_message_complete` clears the deadline).
+        self._body_seen = -1
+        upgrade = self._parser.should_upgrade()  # (CONNECT is one to llhttp)
+        if upgrade and self._parser.get_method() == b"CONNECT":
+            # A tunnel is a forward proxy's job; llhttp would also take whatever follows
+            # the head as tunnel bytes, never as this request's body.
+            raise Refused(501, "method_not_supported", "CONNECT is not supported: the "
+                          "sidecar is a reverse proxy")
         version = self._parser.get_http_version()
         if self._hosts > 1 or (self._hosts == 0 and version != "1.0"):
             # RFC 9112 §3.2: exactly one Host in HTTP/1.1, never two.
@@ -277,18 +330,24 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
             if self._expect.strip().lower() != b"100-continue":
                 raise Refused(417, "expectation_failed", "only Expect: 100-continue is "
                               "supported")
-            if version == "1.1" and self.transport is not None:
+            if version == "1.1" and self.transport is not None and not (
+                    self.task is not None and self.started):
                 # We buffer the body ourselves, so the app may send it now; the upstream
-                # never sees Expect.
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        if (length or self._te is not None) and self._parser.should_upgrade():
+                # never sees Expect. (Not inside an earlier request's answer: the app's
+                # wait for it times out, RFC 9110 §10.1.1.)
+                self.transport.write(CONTINUE)
+        if upgrade and (length or self._te is not None):
             # httptools makes llhttp skip an upgrading request's body: once it stops, the
-            # body is read through a head that frames it like this one did.
-            self._resume = b"%s / HTTP/%s\r\n%s%s\r\n" % (
-                self._parser.get_method(), version.encode(),
+            # body is read through a head that frames it like this one did. Its method is
+            # a plain POST, whatever this one's: a method llhttp reads as a tunnel would
+            # have it take the body for a new request.
+            keep_alive = self._parser.should_keep_alive()
+            self._resume = b"POST / HTTP/%s\r\n%s%s\r\n" % (
+                version.encode(),
                 b"Content-Length: %d\r\n" % length if length else
                 b"Transfer-Encoding: chunked\r\n",
-                b"" if self._parser.should_keep_alive() else b"Connection: close\r\n")
+                (b"Connection: keep-alive\r\n" if version == "1.0" else b"") if keep_alive
+                else b"Connection: close\r\n")
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
@@ -305,13 +364,13 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
         parser = self._parser
         body = self._body
         request = Request(
-            parser.get_method(), b"".join(self._url),
+            parser.get_method() if self._method is None else self._method, b"".join(self._url),
             _VERSIONS.get(parser.get_http_version(), (1, 0)), self._headers,
             b"".join(self._forward) if self._connection is None else
             header_block(self._headers, REQUEST_DROP, self._connection),
             body[0] if len(body) == 1 else b"".join(body), self._session, self._selector,
             self.connection_id, self._begun_at)
-        self._queue.append((request, parser.should_keep_alive()))
+        self._queue.append((request, parser.should_keep_alive(), self._expect is not None))
         self._begin()
         if self.task is None:
             self._next()
@@ -320,7 +379,7 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
 
     # -- dispatch ----------------------------------------------------------------------
     def _next(self) -> None:
-        request, keep_alive = self._queue.popleft()
+        request, keep_alive, self._continued = self._queue.popleft()
         self._response_reset(request.method == b"HEAD")
         self._version = request.version
         self.keep_alive = keep_alive and not self.listener.draining
@@ -350,9 +409,14 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
             self._unanswered(None)
             return
         if not self.keep_alive or (self._unreadable and not self._queue):
+            if self._half_closed and self.keep_alive and (self._in_head or self._in_body):
+                self._refuse(_incomplete())  # what the half-close cut, behind this answer
+                return
             self._close()
             return
-        self.deadline = time.monotonic() + KEEPALIVE_S
+        # A half-closed pipeline's next answer is watched for the peer's reset as this one
+        # was (`timed_out`).
+        self.deadline = time.monotonic() + (0.0 if self._half_closed else KEEPALIVE_S)
         if self._queue:
             self._next()
         elif self.transport is not None:
@@ -388,8 +452,8 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
             if self.transport is not None:
                 self.transport.pause_reading()
             return
+        self._response_reset(False)  # not the last answer's: a HEAD's would lose this body
         self.keep_alive = False
-        self.started = False
         self.respond(refused.status, error_body(str(refused), refused.code))
         self._close()
 
@@ -397,23 +461,27 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
         """The sweep found a head that took too long, a body that stopped arriving, a
         keep-alive connection idle, or a half-closed one to look at."""
         if self.task is not None:
-            if self._half_closed and not self.started:
-                if self._peer_reset():
-                    self._close()  # the app is gone: `connection_lost` cancels the task
-                else:
-                    self.deadline = now + SWEEP_S
+            if not self._half_closed:
+                self.deadline = 0.0  # an answer is running: `_serve` sets the next deadline
+            elif self._peer_reset():
+                self._close()  # the app is gone: `connection_lost` cancels the task
+            else:
+                self.deadline = now + SWEEP_S
             return
         if self._in_head:
             self._refuse(Refused(408, "request_timeout", "request head not received within "
                                  f"{HEAD_TIMEOUT_S:.0f} s"))
         elif self._in_body:
-            if self._body_size != self._body_seen:  # still arriving: look again later
+            # Nothing was forwarded: a request goes upstream only once its body is whole.
+            if self._body_size == self._body_seen:
+                self._refuse(Refused(408, "request_timeout", "request body stalled: no "
+                                     f"bytes for {BODY_IDLE_S:.0f} s"))
+            elif now > self._body_since + BODY_GRACE_S + self._body_size / BODY_MIN_RATE:
+                self._refuse(Refused(408, "request_timeout", "request body too slow: under "
+                                     f"{BODY_MIN_RATE:.0f} bytes/s on average"))
+            else:  # still arriving: look again later
                 self._body_seen = self._body_size
                 self.deadline = now + BODY_IDLE_S
-                return
-            # Nothing was forwarded: a request goes upstream only once its body is whole.
-            self._refuse(Refused(408, "request_timeout", "request body stalled: no bytes "
-                                 f"for {BODY_IDLE_S:.0f} s"))
         else:
             self._close()
 
