@@ -624,10 +624,13 @@ class SentinelGroup(Deployment):
         [master] = self.masters()
         [replica] = [n for n in self.nodes if n is not master]
         seen = self.sentinel.client().execute_command("SENTINEL", "MASTER", self.NAME)
-        flags = dict(zip(seen[::2], seen[1::2], strict=True)).get(b"flags", b"")
+        if not isinstance(seen, dict):  # redis-py parses this reply in some versions only
+            seen = dict(zip(seen[::2], seen[1::2], strict=True))
+        flags = {k.decode() if isinstance(k, bytes) else k: v for k, v in seen.items()}["flags"]
+        flags = flags.decode() if isinstance(flags, bytes) else str(flags)
         return (_role(master) == ("master", None) and _role(replica) == ("slave", master.port)
                 and replica.client().info("replication")["master_link_status"] == "up"
-                and flags == b"master")
+                and flags == "master")
 
     def wait_whole(self, timeout: float = 20) -> None:
         _wait(self._whole, "the sentinel group is not whole", timeout)
