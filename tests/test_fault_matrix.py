@@ -251,11 +251,14 @@ class Cell:
     fresh: Iterator[str]          # sessions first seen during the fault
     passwords: dict[str, str] = field(default_factory=dict)
     statuses: Counter[int] = field(default_factory=Counter)
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # the details, for pytest's report
+    failed: list[str] = field(default_factory=list)    # one short phrase each, for the table
 
-    def check(self, ok: bool, problem: str) -> bool:
+    def check(self, ok: bool, short: str, detail: str = "") -> bool:
         if not ok:
-            self.problems.append(problem)
+            if short not in self.failed:
+                self.failed.append(short)
+            self.problems.append(f"{short}: {detail}" if detail else short)
         return ok
 
 
@@ -325,7 +328,8 @@ async def move(http: aiohttp.ClientSession, cell: Cell, via: Target, session: st
     cell.statuses[status] += 1
     pod.fake.behaviour.update({"fail_next": 0})
     if not cell.check(status == 200 and endpoint not in (None, current),
-                      f"a failed-over call of {session} answered {status} from {endpoint} "
+                      "a failed-over call not answered",
+                      f"{session} answered {status} from {endpoint} "
                       f"{ANSWERS.get(session, b'')!r}"):
         return None
     return endpoint
@@ -384,6 +388,7 @@ async def run_cell(fault: Fault, d: Deployment, cell: Cell, pods: list[Pod],
         routes[last] = to
         cell.check(await wait_for(lambda: _more(remote_changes(http, bt, a, a_running), known),
                                   2.0) is not None,
+                   "pub/sub broken before the fault",
                    "a route change did not reach the other sidecar even before the fault")
     await asyncio.to_thread(d.settle)
 
@@ -404,7 +409,7 @@ async def run_cell(fault: Fault, d: Deployment, cell: Cell, pods: list[Pod],
                                    *[(a if j % 2 else bt, s) for j, s in enumerate(olds)]])
             if results[0][0] == 200 and results[0][1] is not None:
                 made_during[fresh] = results[0][1]
-            cell.check(results[0][1] == results[1][1],
+            cell.check(results[0][1] == results[1][1], "sidecars disagreed during the fault",
                        f"the sidecars routed {fresh} apart during the fault")
             await asyncio.sleep(0.1)
 
@@ -421,7 +426,7 @@ async def run_cell(fault: Fault, d: Deployment, cell: Cell, pods: list[Pod],
         return store.available and (await stats(http, bt))["store"]["available"]
 
     back = await wait_for(both_available, RECOVERY_BOUND_S)
-    cell.check(back is not None,
+    cell.check(back is not None, f"store not back in {RECOVERY_BOUND_S:g} s",
                f"the store was not back within {RECOVERY_BOUND_S:g} s of the fault's end "
                f"(in process: {store.available}, "
                f"other: {(await stats(http, bt))['store']['available']})")
@@ -432,24 +437,28 @@ async def run_cell(fault: Fault, d: Deployment, cell: Cell, pods: list[Pod],
     after = await batch([(t, s) for s in cell.sessions for t in (a, bt)])
     for i, session in enumerate(cell.sessions):
         (_, ea), (_, eb) = after[2 * i], after[2 * i + 1]
+        if session == last:
+            continue  # moved before the fault: the pub/sub check above covers it
         if session == moved:
-            cell.check(ea == moved_to, f"the moved session went to {ea}, not {moved_to}")
+            cell.check(ea == moved_to, "moved route forgotten",
+                       f"the moved session went to {ea}, not {moved_to}")
         else:
-            cell.check(ea == eb == routes[session],
+            cell.check(ea == eb == routes[session], "routes changed after recovery",
                        f"{session} went to {ea} / {eb} after recovery, not {routes[session]}")
     if moved_to is not None:
         cell.check(await wait_for(lambda: _is(stored_endpoint(moved), moved_to),
                                   WRITE_BACK_BOUND_S) is not None,
-                   f"the route moved during the fault is not in Redis "
-                   f"(it holds {await stored_endpoint(moved)}, the move went to {moved_to})")
+                   "route moved during the fault not in Redis",
+                   f"Redis holds {await stored_endpoint(moved)}, the move went to {moved_to}")
     again = await batch([(a, s) for s in made_during])
     cell.check([e for _, e in again] == list(made_during.values()),
+               "routes made during the fault changed",
                "a session made during the fault changed pod after recovery")
     missing = [s for s in made_during if await stored_endpoint(s) != made_during[s]]
     lost = f", {len(missing)} new routes lost with the dead master" if missing else ""
     cell.check(not missing or fault.loses_unreplicated,
-               f"{len(missing)}/{len(made_during)} sessions made during the fault are not in "
-               "Redis after their next call")
+               "routes made during the fault not in Redis",
+               f"{len(missing)}/{len(made_during)} missing after their next call")
 
     # Pub/sub back: a route moved by one sidecar reaches the other, both ways.
     spare = iter(cell.sessions[1:-1])
@@ -472,27 +481,29 @@ async def run_cell(fault: Fault, d: Deployment, cell: Cell, pods: list[Pod],
             if await wait_for(arrived, 1.5) is not None:
                 status, endpoint = await ask(http, hearer, session)
                 cell.statuses[status] += 1
-                cell.check(endpoint == to, f"a route change {name} was heard but the "
-                           f"session went to {endpoint}, not {to}")
+                cell.check(endpoint == to, "a heard route change not followed",
+                           f"{name}: the session went to {endpoint}, not {to}")
                 heard.append(name)
                 break
-        cell.check(name in heard, f"no route change reached {name.split(' ', 1)[1]} within "
-                   f"{PUBSUB_BOUND_S:g} s after recovery (pub/sub not back)")
+        cell.check(name in heard, "pub/sub not back",
+                   f"no route change {name} within {PUBSUB_BOUND_S:g} s after recovery")
 
     # Nothing leaked: every background task of this process alive, the other process alive
     # and quiet, the deployment whole again for the next cell.
     dead = [f"{t.get_coro().__qualname__}: {_ended(t)}"  # type: ignore[union-attr]
             for t in background if t.done()]
-    cell.check(not dead, f"background tasks died: {', '.join(sorted(dead))}")
+    cell.check(not dead, f"tasks died ({', '.join(sorted(dead))})")
     assert b.process is not None
-    cell.check(b.process.poll() is None, "the sidecar process exited")
+    cell.check(b.process.poll() is None, "the sidecar process died")
     try:
         await asyncio.to_thread(d.wait_whole)
     except AssertionError as exc:
-        cell.check(False, str(exc))
+        cell.check(False, "deployment not whole again", str(exc))
     ok = cell.statuses[200]
     total = sum(cell.statuses.values())
-    cell.check(ok == total, f"answered: {dict(cell.statuses)}")
+    others = {k: v for k, v in cell.statuses.items() if k != 200}
+    cell.check(ok == total, f"{total - ok}/{total} not 200 ({others})",
+               f"first: {next(iter(ANSWERS.values()), b'')!r}")
     return f"200s: {ok}/{total}, routes kept{lost}, back in {back_s:.1f} s"
 
 
@@ -534,6 +545,7 @@ async def test_fault_cell(fault_name: str, topology: str, request: pytest.Fixtur
                           caplog: pytest.LogCaptureFixture) -> None:
     """One cell of the matrix (docstring of the module: what each cell asserts)."""
     outcome = "FAIL: did not finish"
+    ANSWERS.clear()
     try:
         d: Deployment = request.getfixturevalue(topology)
         await asyncio.to_thread(d.wait_whole)
@@ -563,15 +575,16 @@ async def test_fault_cell(fault_name: str, topology: str, request: pytest.Fixtur
         code = await other.wait()
         reader.join(timeout=10)
         log = other.output()
-        cell.check(code == 0, f"the sidecar process exited {code} on SIGTERM")
+        cell.check(code == 0, f"exit {code} on SIGTERM")
         for bad in ("Traceback", "Task exception was never retrieved"):
-            cell.check(bad not in log, f"the sidecar process logged {bad!r}: "
+            cell.check(bad not in log, f"{bad!r} in the process's log", "it logged: "
                        + log[log.find(bad):][:300].replace("\n", " | "))
         unretrieved = [r.getMessage() for r in caplog.records
                        if "never retrieved" in r.getMessage() or (
                            r.exc_info and r.name.startswith(("sidecar", "asyncio")))]
-        cell.check(not unretrieved, f"this process logged {unretrieved[:1]}")
-        outcome = summary if not cell.problems else "FAIL: " + "; ".join(cell.problems)
+        cell.check(not unretrieved, "unretrieved task exceptions",
+                   f"this process logged {unretrieved[:1]}")
+        outcome = summary if not cell.failed else "FAIL: " + "; ".join(cell.failed)
         assert not cell.problems, "\n".join(cell.problems)
     except AssertionError as exc:
         if not outcome.startswith("FAIL: ") or outcome == "FAIL: did not finish":
