@@ -62,6 +62,8 @@ class Fault:
     # A master killed before its replica had a write loses it (asynchronous replication):
     # routes first stored during such a fault are counted, not failed, when missing after.
     loses_unreplicated = False
+    # A failover is over once the replica is promoted (the old master rejoins afterwards).
+    over_after_progress = False
 
     def begin(self, d: Deployment, cell: Cell) -> None:
         raise NotImplementedError
@@ -123,6 +125,7 @@ class AclRevoked(Fault):
 class ClusterMasterKilled(Fault):
     name = "a master killed, its replica promoted"
     loses_unreplicated = True
+    over_after_progress = True
 
     def begin(self, d: Deployment, cell: Cell) -> None:
         assert isinstance(d, Cluster)
@@ -172,6 +175,7 @@ class SlotsMigrating(Fault):
 class SentinelFailover(Fault):
     name = "Sentinel failover (the primary killed)"
     loses_unreplicated = True
+    over_after_progress = True
 
     def begin(self, d: Deployment, cell: Cell) -> None:
         assert isinstance(d, SentinelGroup)
@@ -335,6 +339,29 @@ async def move(http: aiohttp.ClientSession, cell: Cell, via: Target, session: st
     return endpoint
 
 
+class StoreWatch:
+    """When the store of either sidecar was last seen down, and when both were first seen up
+    after that (every 50 ms; a look at the other process is one /stats call)."""
+
+    def __init__(self) -> None:
+        self.last_down: float | None = None
+        self.up_again: float | None = None
+
+    async def run(self, here: Callable[[], bool], http: aiohttp.ClientSession,
+                  there: Target) -> None:
+        while True:
+            try:
+                up = here() and bool((await stats(http, there))["store"]["available"])
+            except (aiohttp.ClientError, TimeoutError):
+                up = False
+            now = time.monotonic()
+            if not up:
+                self.last_down, self.up_again = now, None
+            elif self.last_down is not None and self.up_again is None:
+                self.up_again = now
+            await asyncio.sleep(0.05)
+
+
 async def wait_for(condition: Callable[[], Any], bound: float) -> float | None:
     """Seconds until `condition()` (awaited if a coroutine) is true, or None past `bound`."""
     started = time.monotonic()
@@ -392,7 +419,10 @@ async def run_cell(fault: Fault, d: Deployment, cell: Cell, pods: list[Pod],
                    "a route change did not reach the other sidecar even before the fault")
     await asyncio.to_thread(d.settle)
 
-    # During: calls on old and new sessions from both sidecars; one route moves.
+    # During: calls on old and new sessions from both sidecars; one route moves. A watcher
+    # notes when each sidecar's store is seen down and when both are seen up again.
+    watch = StoreWatch()
+    watching = asyncio.ensure_future(watch.run(lambda: store.available, http, bt))
     await asyncio.to_thread(fault.begin, d, cell)
     started = time.monotonic()
     moved = cell.sessions[0]
@@ -413,13 +443,18 @@ async def run_cell(fault: Fault, d: Deployment, cell: Cell, pods: list[Pod],
                        f"the sidecars routed {fresh} apart during the fault")
             await asyncio.sleep(0.1)
 
-    progressing = asyncio.ensure_future(asyncio.to_thread(fault.progress, d, cell))
+    def timed(step: Callable[[Deployment, Cell], None]) -> float:
+        step(d, cell)
+        return time.monotonic()
+
+    progressing = asyncio.ensure_future(asyncio.to_thread(timed, fault.progress))
     await calls_until(progressing.done, fault.hold_s)
-    await progressing
-    healing = asyncio.ensure_future(asyncio.to_thread(fault.heal, d, cell))
+    ended = await progressing
+    healing = asyncio.ensure_future(asyncio.to_thread(timed, fault.heal))
     await calls_until(healing.done, 0)
-    await healing
-    ended = time.monotonic()
+    healed = await healing
+    if not fault.over_after_progress:
+        ended = healed
 
     # Back: the store of both sidecars usable again, without a restart.
     async def both_available() -> bool:
@@ -430,7 +465,16 @@ async def run_cell(fault: Fault, d: Deployment, cell: Cell, pods: list[Pod],
                f"the store was not back within {RECOVERY_BOUND_S:g} s of the fault's end "
                f"(in process: {store.available}, "
                f"other: {(await stats(http, bt))['store']['available']})")
-    back_s = time.monotonic() - ended
+    await asyncio.sleep(0.1)  # the watcher's next look
+    watching.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watching
+    if watch.last_down is None:
+        recovery = "store never down"
+    elif watch.up_again is None:
+        recovery = "store not back"
+    else:
+        recovery = f"store back {max(0.0, watch.up_again - ended):.1f} s after the fault"
 
     # No route lost: the old sessions on their pods on both sidecars, the moved one where it
     # moved, in Redis too; sessions made during the fault keep their pod and reach Redis.
@@ -504,7 +548,7 @@ async def run_cell(fault: Fault, d: Deployment, cell: Cell, pods: list[Pod],
     others = {k: v for k, v in cell.statuses.items() if k != 200}
     cell.check(ok == total, f"{total - ok}/{total} not 200 ({others})",
                f"first: {next(iter(ANSWERS.values()), b'')!r}")
-    return f"200s: {ok}/{total}, routes kept{lost}, back in {back_s:.1f} s"
+    return f"200s: {ok}/{total}, routes kept{lost}, {recovery}"
 
 
 async def _is(value: Any, expected: Any) -> bool:
