@@ -256,6 +256,7 @@ class Cell:
     passwords: dict[str, str] = field(default_factory=dict)
     statuses: Counter[int] = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)  # the details, for pytest's report
+    in_place: bool = False  # the fault began and has not healed: heal it whatever happens
     failed: list[str] = field(default_factory=list)    # one short phrase each, for the table
 
     def check(self, ok: bool, short: str, detail: str = "") -> bool:
@@ -423,6 +424,7 @@ async def run_cell(fault: Fault, d: Deployment, cell: Cell, pods: list[Pod],
     # notes when each sidecar's store is seen down and when both are seen up again.
     watch = StoreWatch()
     watching = asyncio.ensure_future(watch.run(lambda: store.available, http, bt))
+    cell.in_place = True
     await asyncio.to_thread(fault.begin, d, cell)
     started = time.monotonic()
     moved = cell.sessions[0]
@@ -453,6 +455,7 @@ async def run_cell(fault: Fault, d: Deployment, cell: Cell, pods: list[Pod],
     healing = asyncio.ensure_future(asyncio.to_thread(timed, fault.heal))
     await calls_until(healing.done, 0)
     healed = await healing
+    cell.in_place = False
     if not fault.over_after_progress:
         ended = healed
 
@@ -590,8 +593,11 @@ async def test_fault_cell(fault_name: str, topology: str, request: pytest.Fixtur
     """One cell of the matrix (docstring of the module: what each cell asserts)."""
     outcome = "FAIL: did not finish"
     ANSWERS.clear()
+    cell: Cell | None = None
+    d: Deployment | None = None
+    fault: Fault | None = None
     try:
-        d: Deployment = request.getfixturevalue(topology)
+        d = request.getfixturevalue(topology)
         await asyncio.to_thread(d.wait_whole)
         fault = FAULTS[fault_name][0]()
         prefix = f"{fault_name}-{os.urandom(3).hex()}"
@@ -639,3 +645,7 @@ async def test_fault_cell(fault_name: str, topology: str, request: pytest.Fixtur
         raise
     finally:
         record(fault_name, topology, outcome)
+        if cell is not None and cell.in_place and fault is not None and d is not None:
+            # The next cells share the deployment: never leave it stopped, paused or revoked.
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(fault.heal, d, cell)
