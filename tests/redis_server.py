@@ -597,10 +597,14 @@ class SentinelGroup(Deployment):
             self.nodes.append(RedisServer(args=(*PERSISTENT, "--replicaof", "127.0.0.1",
                                                 str(self.nodes[0].port))).start())
             self.sentinel = Sentinel(self.nodes[0].port, self.NAME)
-            self.wait_whole()
         except BaseException:
             for node in self.nodes:
                 node.cleanup()
+            raise
+        try:
+            self.wait_whole()
+        except BaseException:
+            self.cleanup()
             raise
 
     def env(self, username: str | None = None, password: str | None = None

@@ -587,9 +587,9 @@ def record(fault: str, topology: str, outcome: str) -> None:
 
 @pytest.mark.parametrize(("fault_name", "topology"), CELLS,
                          ids=[f"{t}-{f}" for f, t in CELLS])
-async def test_fault_cell(fault_name: str, topology: str, request: pytest.FixtureRequest,
-                          pods: Any, sidecar: Any, sidecar_process: Any,
-                          caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_redis_fault_loses_no_call_no_route_and_no_task(
+        fault_name: str, topology: str, request: pytest.FixtureRequest, pods: Any,
+        sidecar: Any, sidecar_process: Any, caplog: pytest.LogCaptureFixture) -> None:
     """One cell of the matrix (docstring of the module: what each cell asserts)."""
     outcome = "FAIL: did not finish"
     ANSWERS.clear()
