@@ -5,122 +5,27 @@ under a burst of new sessions."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import random
-import socket
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
-import pytest
 import redis
 
 from sidecar.store import route_key
 from tests.conftest import chat, pool
-from tests.redis_server import RedisServer, free_port, redis_binary
 
-SLOTS = 16384
-
-
-def cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free and valid too."""
-    rng = random.Random()
-    while True:
-        port = rng.randrange(20000, 55000)
-        with contextlib.ExitStack() as stack:
-            try:
-                for candidate in (port, port + 10000):
-                    sock = stack.enter_context(socket.socket())
-                    sock.bind(("127.0.0.1", candidate))
-            except OSError:
-                continue
-        return port
+# The Cluster and Sentinel helpers live with the other server fixtures; other test modules
+# import them from here too.
+from tests.redis_server import (  # noqa: F401
+    SLOTS,
+    RedisServer,
+    Sentinel,
+    cluster,
+    cluster_port,
+    start_cluster,
+)
 
 
-def start_cluster(masters: int = 3, replicas: int = 0) -> list[RedisServer]:
-    """`masters` masters sharing the 16384 slots, then `replicas` replicas given out to the
-    masters in turn; returns masters first. The caller cleans up every node."""
-    nodes = [RedisServer(port=cluster_port(),
-                         args=("--cluster-enabled", "yes", "--cluster-node-timeout", "1000",
-                               "--cluster-config-file", f"nodes-{i}.conf"))
-             for i in range(masters + replicas)]
-    try:
-        for node in nodes:
-            node.start()
-        share = SLOTS // masters
-        for i, node in enumerate(nodes[:masters]):
-            last = SLOTS - 1 if i == masters - 1 else (i + 1) * share - 1
-            node.client().execute_command("CLUSTER", "ADDSLOTS", *range(i * share, last + 1))
-        for node in nodes[1:]:
-            nodes[0].client().execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
-        deadline = time.monotonic() + 20
-        while not all(b"cluster_state:ok" in n.client().execute_command("CLUSTER", "INFO")
-                      for n in nodes):
-            assert time.monotonic() < deadline, "the cluster did not form"
-            time.sleep(0.1)
-        for i, replica in enumerate(nodes[masters:]):
-            master_id = nodes[i % masters].client().execute_command("CLUSTER", "MYID")
-            while True:  # the replica must know the master before it can follow it
-                try:
-                    replica.client().execute_command("CLUSTER", "REPLICATE", master_id)
-                    break
-                except redis.ResponseError:
-                    assert time.monotonic() < deadline, "a replica could not follow"
-                    time.sleep(0.1)
-        for replica in nodes[masters:]:
-            while replica.client().info("replication").get("master_link_status") != "up":
-                assert time.monotonic() < deadline, "a replica did not sync"
-                time.sleep(0.1)
-        return nodes
-    except BaseException:
-        for node in nodes:
-            node.cleanup()
-        raise
-
-
-@pytest.fixture
-def cluster():
-    nodes = start_cluster()
-    try:
-        yield nodes
-    finally:
-        for node in nodes:
-            node.cleanup()
-
-
-class Sentinel:
-    def __init__(self, master_port: int) -> None:
-        self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="llmsc-sentinel-"))
-        conf = self.dir / "sentinel.conf"
-        conf.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n"
-                        f"sentinel monitor primary 127.0.0.1 {master_port} 1\n"
-                        "sentinel down-after-milliseconds primary 400\n"
-                        "sentinel failover-timeout primary 2000\n")
-        self.process = subprocess.Popen([redis_binary(), str(conf), "--sentinel"],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_timeout=1)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "sentinel did not start"
-                time.sleep(0.05)
-
-    def master(self) -> int:
-        client = redis.Redis(port=self.port, socket_timeout=1)
-        _, port = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "primary")
-        return int(port)
-
-    def stop(self) -> None:
-        self.process.kill()
-        self.process.wait(timeout=10)
-
-
-async def test_routes_work_across_cluster_slots_and_pods_agree(pods, sidecar, http, cluster):
+async def test_routes_work_across_cluster_slots_and_pods_agree(
+        pods, sidecar, http, cluster):  # noqa: F811 (the imported fixture)
     small = await pods(3)
     url = cluster[0].url
     env = {"SIDECAR_REDIS_URL": url, "SIDECAR_REDIS_MODE": "cluster",
