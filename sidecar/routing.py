@@ -28,6 +28,8 @@ SWEEP_INTERVAL_S = 5.0
 REFRESH_FLUSH_INTERVAL_S = 1.0
 MAX_BACKGROUND_WRITES = 1024
 MAX_PENDING_MOVES = 4096
+# Moves made while Redis was away, written once it is back: bounded like the write-behind.
+MAX_UNWRITTEN_MOVES = 4096
 # A route write that fails with an exception the store did not expect is tried this often.
 WRITE_ATTEMPTS = 3
 
@@ -74,6 +76,10 @@ class Router:
         self._pending_refresh: set[str] = set()
         self._moving: dict[str, str] = {}  # session → why its next call goes elsewhere
         self._writes: set[asyncio.Task[None]] = set()
+        # session → the moved route's record Redis has not got yet (it was away): written by
+        # the refresh loop once it is back, and on the session's next first touch instead of
+        # reading Redis's older record back over it.
+        self._unwritten: dict[str, bytes] = {}
         self._tasks: list[asyncio.Task[None]] = []
         store.on_change(self._remote_change)
         store.on_level(self.set_level)
@@ -179,6 +185,19 @@ class Router:
             self.cache.put(proposal, now)
             return proposal
         record = proposal.record()
+        if self._unwritten.get(session) == record:
+            # This pod moved the session while Redis was away: its move is the news, so it is
+            # written, not overwritten by the record Redis kept from before.
+            try:
+                await self.store.update(session, record)
+            except StoreUnavailable:
+                self.counters.resolved_without_store += 1
+                self.cache.put(proposal, now)
+                return proposal
+            self._written(session, record)
+            proposal.synced = True
+            self.cache.put(proposal, now)
+            return proposal
         try:
             asked_at = time.perf_counter()
             stored = await self.store.get_or_create(session, record)
@@ -312,6 +331,7 @@ class Router:
         if current is None:
             return  # read on first touch, if it ever comes here
         self.counters.remote_changes += 1
+        self._unwritten.pop(session, None)  # another pod's later move wins over ours
         if not record:
             self.cache.pop(session)
             return
@@ -334,10 +354,41 @@ class Router:
         task.add_done_callback(self._writes.discard)
 
     async def _update(self, session: str, record: bytes) -> None:
-        # Redis away: counted by the store; the move stays this pod's only (other pods keep
-        # the old route until a failover there moves the session too).
-        with contextlib.suppress(StoreUnavailable):
+        try:
             await self.store.update(session, record)
+        except StoreUnavailable:
+            # Redis away (counted by the store): kept, and written once it is back, so no
+            # move is lost to an outage; other pods keep the old route until then.
+            if session in self._unwritten or len(self._unwritten) < MAX_UNWRITTEN_MOVES:
+                self._unwritten[session] = record
+            else:
+                self.counters.writes_dropped += 1
+            return
+        self._written(session, record)
+
+    @property
+    def unwritten_moves(self) -> int:
+        """Moves made while Redis was away that it has not got yet."""
+        return len(self._unwritten)
+
+    def _written(self, session: str, record: bytes) -> None:
+        if self._unwritten.get(session) == record:
+            del self._unwritten[session]
+
+    async def _write_unwritten(self) -> None:
+        """Write the moves Redis missed, oldest first, while it answers; a route that changed
+        again or left the cache since is its own news (or none)."""
+        for session, record in list(self._unwritten.items()):
+            route = self.cache.peek(session)
+            if route is None or route.record() != record:
+                self._unwritten.pop(session, None)
+                continue
+            try:
+                await self.store.update(session, record)
+            except StoreUnavailable:
+                return
+            self._written(session, record)
+            route.synced = True
 
     def _changes_missed(self) -> None:
         """The store's pub/sub was away: another pod may have moved a cached session. Each
@@ -363,6 +414,7 @@ class Router:
         """Forget the session here and in the store: whether this pod had it cached, and
         why the store could not forget it (None: it did)."""
         had = self.cache.pop(session) is not None
+        self._unwritten.pop(session, None)
         try:
             await self.store.forget(session)
         except StoreUnavailable as exc:
@@ -381,6 +433,8 @@ class Router:
     async def _refresh_forever(self) -> None:
         while True:
             await asyncio.sleep(REFRESH_FLUSH_INTERVAL_S)
+            if self._unwritten and self.store.available:
+                await self._write_unwritten()
             await self._flush_refresh()
 
     async def _flush_refresh(self) -> None:

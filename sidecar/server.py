@@ -254,6 +254,7 @@ class Sidecar:
             "reloads": self.reloads,
             "proxy": self.proxy.counters.view() if self.proxy else {},
             "routes": {**self.router.counters.view(), "cached": len(self.router.cache),
+                       "unwritten_moves": self.router.unwritten_moves,
                        "evicted": self.router.cache.evicted,
                        "expired": self.router.cache.expired},
             "store": redis_state,

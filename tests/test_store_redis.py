@@ -285,3 +285,36 @@ async def test_first_touches_on_new_connections_are_still_one_command_each(
     assert running.sidecar.router.counters.resolved_without_store == 0
     assert len(commands) == 24, commands[:5]
     assert all('"EVALSHA"' in c.upper() for c in commands)
+
+
+async def test_a_route_moved_while_redis_was_away_is_written_once_it_is_back(
+        pods, sidecar, http, redis_server):
+    """A failover during an outage moves the session on this pod only; the move is kept and
+    written (with its announcement) when Redis answers again, not lost or read back over."""
+    small = await pods(2)
+    running = await sidecar({"small": pool(small)}, SIDECAR_REDIS_URL=redis_server.url)
+    router, store = running.sidecar.router, running.sidecar.store
+    _, headers, _ = await chat(http, running, "moving")
+    first = headers["x-sidecar-endpoint"]
+    redis_server.stop()
+    [home] = [p for p in small if p.url == first]
+    home.fake.behaviour.fail_next = 1  # its next answer is a 503: the session moves
+    status, headers, _ = await chat(http, running, "moving")
+    assert status == 200 and headers["x-sidecar-endpoint"] != first
+    moved_to = headers["x-sidecar-endpoint"]
+    deadline = time.monotonic() + 10
+    while router.unwritten_moves == 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)  # the write-behind meets the outage
+    assert router.unwritten_moves == 1
+
+    redis_server.start()  # same port, empty
+    deadline = time.monotonic() + 15
+    while redis_server.client().get(route_key("moving")) is None and \
+            time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    stored = redis_server.client().get(route_key("moving"))
+    assert stored is not None, "the move was never written"
+    assert orjson.loads(stored)["endpoint"] == moved_to
+    assert router.unwritten_moves == 0 and store.available
+    # and the session stays where it moved
+    assert (await chat(http, running, "moving"))[1]["x-sidecar-endpoint"] == moved_to
