@@ -76,9 +76,9 @@ class Router:
         self._pending_refresh: set[str] = set()
         self._moving: dict[str, str] = {}  # session → why its next call goes elsewhere
         self._writes: set[asyncio.Task[None]] = set()
-        # session → the moved route's record Redis has not got yet (it was away): written by
-        # the refresh loop once it is back, and on the session's next first touch instead of
-        # reading Redis's older record back over it.
+        # session → a moved route's record Redis has not confirmed yet (its write is on the
+        # way, or Redis was away): written by the refresh loop once Redis is back, and on
+        # the session's next first touch instead of reading Redis's older record over it.
         self._unwritten: dict[str, bytes] = {}
         self._tasks: list[asyncio.Task[None]] = []
         store.on_change(self._remote_change)
@@ -344,6 +344,10 @@ class Router:
         self.cache.put(route, current.last_seen)
 
     def _write_behind(self, session: str, record: bytes) -> None:
+        # Noted before the write is tried: a re-read racing the write (after a pub/sub gap)
+        # must write this move, not take Redis's older record back.
+        if session in self._unwritten or len(self._unwritten) < MAX_UNWRITTEN_MOVES:
+            self._unwritten[session] = record
         if len(self._writes) >= MAX_BACKGROUND_WRITES:
             self.counters.writes_dropped += 1
             return
@@ -357,18 +361,15 @@ class Router:
         try:
             await self.store.update(session, record)
         except StoreUnavailable:
-            # Redis away (counted by the store): kept, and written once it is back, so no
-            # move is lost to an outage; other pods keep the old route until then.
-            if session in self._unwritten or len(self._unwritten) < MAX_UNWRITTEN_MOVES:
-                self._unwritten[session] = record
-            else:
-                self.counters.writes_dropped += 1
+            # Redis away (counted by the store): the move stays noted and is written once
+            # Redis is back, so none is lost to an outage; other pods keep the old route
+            # until then.
             return
         self._written(session, record)
 
     @property
     def unwritten_moves(self) -> int:
-        """Moves made while Redis was away that it has not got yet."""
+        """Moves this pod made that Redis has not confirmed yet."""
         return len(self._unwritten)
 
     def _written(self, session: str, record: bytes) -> None:
