@@ -607,7 +607,11 @@ class SentinelGroup(Deployment):
         try:
             self.nodes.append(RedisServer(args=(*PERSISTENT, "--replicaof", "127.0.0.1",
                                                 str(self.nodes[0].port))).start())
-            self.sentinel = Sentinel(self.nodes[0].port, self.NAME)
+            # A second longer than the default before judging a server down: on a loaded
+            # 2-core machine 400 ms of silence happens to a live server, and a needless
+            # failover right after a real one loses what the first heir took (two masters
+            # for a moment, the newer one demoted).
+            self.sentinel = Sentinel(self.nodes[0].port, self.NAME, down_after_ms=1000)
         except BaseException:
             for node in self.nodes:
                 node.cleanup()
@@ -687,7 +691,7 @@ class SentinelGroup(Deployment):
             with super().slow(pause_ms, period_s):
                 yield
         finally:
-            client.execute_command("SENTINEL", "SET", self.NAME, "down-after-milliseconds", 400)
+            client.execute_command("SENTINEL", "SET", self.NAME, "down-after-milliseconds", 1000)
 
 
 def _cluster_nodes(server: RedisServer) -> list[list[str]]:
