@@ -47,7 +47,7 @@ from tests.wire_model import (
     parse_response,
 )
 
-CLIENT_EXAMPLES = int(os.environ.get("LLMSC_FUZZ_EXAMPLES", "300"))
+CLIENT_EXAMPLES = int(os.environ.get("LLMSC_FUZZ_EXAMPLES", "800"))
 UPSTREAM_EXAMPLES = max(1, CLIENT_EXAMPLES // 2)
 SEED = os.environ.get("LLMSC_FUZZ_SEED")
 KNOWN_DEFECTS = set(os.environ.get("LLMSC_FUZZ_KNOWN_DEFECTS", "").split(","))
@@ -106,6 +106,7 @@ class Sidecar:
                     "SIDECAR_ADMIN_LISTEN": f"127.0.0.1:{self.admin_port}",
                     "SIDECAR_LOG_FORMAT": "json"}
         self.process: subprocess.Popen[bytes] | None = None
+        self.baseline: dict[str, int] = {}  # /stats process view once started
 
     def start(self) -> None:
         with self.log.open("wb") as out:
@@ -118,9 +119,19 @@ class Sidecar:
                 with socket.create_connection(("127.0.0.1", self.admin_port), 1) as sock:
                     sock.sendall(b"GET /ready HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
                     if sock.recv(64).startswith(b"HTTP/1.1 200"):
+                        self.baseline = self.process_view()
                         return
             time.sleep(0.05)
         raise RuntimeError(f"sidecar did not become ready: {self.log.read_text()}")
+
+    def process_view(self) -> dict[str, int]:
+        with socket.create_connection(("127.0.0.1", self.admin_port), 5) as sock:
+            sock.sendall(b"GET /stats HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        answers, _ = parse_answers([b"GET"], data, closed=True)
+        return dict(json.loads(answers[0].body)["process"])
 
     def new_errors(self) -> list[str]:
         """Log lines since the last call that are errors or tracebacks."""
@@ -1127,6 +1138,25 @@ def test_upstream_bytes_reach_the_client_as_h11_reads_them_or_a_clear_5xx(rig: R
     print(f"\ndifferential: {rig.upstream_cases} upstream cases, {rig.probes} probes, "
           f"{time.monotonic() - started:.0f} s; {dict(sorted(rig.tally.items()))}")
     rig.tally.clear()
+
+
+def test_nothing_is_left_open_after_the_cases(rig: Rig) -> None:
+    """Runs after the properties (file order): every upstream connection closes once idle
+    (the pool keeps them 3 s), and each sidecar is back to the descriptors and tasks it
+    started with."""
+    async def upstream_connections() -> int:
+        deadline = time.monotonic() + 10
+        while rig.recorder.open_conns and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return rig.recorder.open_conns
+
+    assert rig.run(upstream_connections()) == 0, "upstream connections left open"
+    for sidecar in rig.sidecars:
+        now = sidecar.process_view()
+        assert now["open_fds"] <= sidecar.baseline["open_fds"] + 2, (sidecar.baseline, now)
+        assert now["asyncio_tasks"] <= sidecar.baseline["asyncio_tasks"] + 2, \
+            (sidecar.baseline, now)
+        check_alive(sidecar)
 
 
 # --- the defects the properties found, one minimal case each ------------------------------
