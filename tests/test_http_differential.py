@@ -785,7 +785,9 @@ async def client_case(rig: Rig, case: ClientCase) -> None:
     methods = [e.ref.method for e in expected if e.verdict != INCOMPLETE]
     answers: list[Answer] = []
     # "read": every answer that is due must come (else a hang); the others only look.
-    read_all = case.ending == "read" and sent_all
+    # A client that shuts down its sending side after whole requests still gets their
+    # answers (RFC 9112 §9.6: the close is what ends the connection, not the half-close).
+    read_all = case.ending in ("read", KNOWN_HALF_CLOSE) and sent_all
     if case.ending != "abort":
         if case.ending == KNOWN_HALF_CLOSE:
             conn.shutdown_write()
@@ -810,14 +812,18 @@ async def client_case(rig: Rig, case: ClientCase) -> None:
                 assert not extra, f"bytes after the last answer: {extra[:120]!r}"
                 closed = True
             assert closed, "the connection stays open after an answer that ends it"
-        clean = (read_all and not closed and expected and
+        clean = (case.ending == "read" and read_all and not closed and expected and
                  expected[-1].ref.end == len(case.data) and len(answers) == len(expected) and all(
             e.verdict in (MUST, MAY) and e.ref.keep_alive for e in expected)
             and all(a.status == 200 for a in answers))
         if clean:  # the same connection still serves a well-formed request
             rig.probes += 1
             target = b"/probe/%d" % rig.probes
-            await conn.send(b"GET " + target + b" HTTP/1.1\r\nHost: sidecar\r\n\r\n")
+            try:
+                await conn.send(b"GET " + target + b" HTTP/1.1\r\nHost: sidecar\r\n\r\n")
+            except ConnectionError as exc:
+                raise AssertionError(f"the connection was closed after a clean case: {exc}"
+                                     ) from None
             more, error, _ = await read_answers(conn, [*methods, b"GET"], received)
             assert not error, error
             assert len(more) == len(methods) + 1 and more[-1].status == 200 and \
