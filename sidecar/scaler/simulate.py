@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sidecar.scaler.config import load_prior
 from sidecar.scaler.policy import (
     Bounds,
     Observation,
@@ -336,7 +337,9 @@ def baseline(bounds: Bounds) -> TargetValuePolicy:
 
 
 def predictive(bounds: Bounds) -> PredictivePolicy:
-    return PredictivePolicy(bounds)
+    # The scaler's own prior settings, so a replay runs what the scaler would.
+    cv, samples = load_prior()
+    return PredictivePolicy(bounds, prior_cv=cv, prior_samples=samples)
 
 
 POLICIES: dict[str, PolicyFactory] = {"baseline": baseline, "predictive": predictive}
