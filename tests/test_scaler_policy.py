@@ -291,10 +291,25 @@ def test_with_a_prior_a_young_fleet_asks_for_more_and_the_extra_fades():
     assert primed.burst(1800.0) == pytest.approx(plain.burst(1800.0))
 
 
+def test_a_burst_in_the_first_minute_is_evidence_for_a_young_fleet():
+    bounds = Bounds(minimum=1, maximum=50, cold_start_s=600)
+    asked = {}
+    for cv in (0.0, 0.1):
+        policy, count = PredictivePolicy(bounds, prior_cv=cv), 1
+        for step, peak in enumerate([1.0, 1.0, 6.0, 1.0, 1.0, 1.0, 1.0], start=1):
+            count = policy.decide(Observation(step * 10.0, peak, 1.0, 0.5, count, 1)).count
+        asked[cv] = count
+    # the learned quantile ignores the first minute; the young fleet's bound does not
+    assert asked[0.0] == 1 and asked[0.1] >= 6
+
+
 def test_the_prior_is_off_at_cv_0_and_refuses_bad_settings():
     bounds = Bounds(minimum=1, maximum=50, cold_start_s=600)
-    assert early(PredictivePolicy(bounds, prior_cv=0.0), 600) == early(PredictivePolicy(bounds),
-                                                                       600)
+    policy = PredictivePolicy(bounds, prior_cv=0.0)
+    for step in range(1, 120):
+        peak = 4.0 if step % 9 == 0 else 2.0
+        policy.decide(Observation(step * 10.0, peak, 2.0, 0.5, 4, 4))
+        assert policy.burst(step * 10.0) == policy.learned()
     with pytest.raises(ValueError, match="prior_cv"):
         PredictivePolicy(bounds, prior_cv=-1)
     with pytest.raises(ValueError, match="prior_samples"):
@@ -313,18 +328,18 @@ def test_a_young_fleets_state_carries_its_prior_across_a_takeover():
         obs = Observation(step * 10.0, peak, 2.0, 0.5, 4, 4)
         assert copy.decide(obs) == original.decide(obs)
         assert copy.burst(step * 10.0) == original.burst(step * 10.0)
-    # a fresh scaler without that state knows less, and holds more than the restored one
+    assert copy.burst(1990.0) == copy.learned(), "a cold start of history: the prior is gone"
+    # a scaler that lost the state knows nothing again, and the prior holds a margin
     fresh = PredictivePolicy(bounds, prior_cv=0.25)
     fresh.decide(Observation(2000.0, 2.0, 2.0, 0.5, 4, 4))
-    fresh.decide(Observation(2070.0, 2.0, 2.0, 0.5, 4, 4))
-    assert fresh.burst(2070.0) > copy.burst(1990.0)
+    assert fresh.learned() == 0 and fresh.burst(2000.0) > 0
 
 
 def test_prior_settings_are_validated_and_named():
     from sidecar.config import ConfigError
     from sidecar.scaler.config import load_prior
 
-    assert load_prior({}) == (0.0, 6.0)
+    assert load_prior({}) == (0.0, 12.0)
     assert load_prior({"SIDECAR_SCALER_PRIOR_CV": "0.1", "SIDECAR_SCALER_PRIOR_SAMPLES": "12"}) \
         == (0.1, 12.0)
     with pytest.raises(ConfigError) as bad:

@@ -24,8 +24,9 @@ SCALER_VARIABLES: dict[str, tuple[str | None, str]] = {
                                       "(0 < q <= 1)"),
     "SIDECAR_SCALER_HEADROOM": ("0", "share added on top of the forecast"),
     "SIDECAR_SCALER_PRIOR_CV": ("0", "mean burst above the level assumed before history, "
-                                "as a share of the level (>= 0; 0 = no prior)"),
-    "SIDECAR_SCALER_PRIOR_SAMPLES": ("6", "intervals of history the prior counts as (> 0)"),
+                                "as a share of the level (>= 0; 0 = off: the learned "
+                                "quantile alone)"),
+    "SIDECAR_SCALER_PRIOR_SAMPLES": ("12", "intervals of history the prior counts as (> 0)"),
     "SIDECAR_SCALER_METRICS_LISTEN": ("127.0.0.1:7880", "GET /metrics (the forecast for "
                                       "Prometheus): `host:port`, or `off`"),
     "SIDECAR_SCALER_COOLDOWN_S": ("300", "least time between scale-downs of a pool"),
