@@ -346,3 +346,16 @@ def test_prior_settings_are_validated_and_named():
         load_prior({"SIDECAR_SCALER_PRIOR_CV": "-1", "SIDECAR_SCALER_PRIOR_SAMPLES": "0"})
     assert "SIDECAR_SCALER_PRIOR_CV='-1': expected a finite number >= 0" in str(bad.value)
     assert "SIDECAR_SCALER_PRIOR_SAMPLES='0': expected a finite number > 0" in str(bad.value)
+
+
+def test_a_state_written_before_the_prior_existed_is_still_restored():
+    bounds = Bounds(minimum=1, maximum=50, cold_start_s=600)
+    original = PredictivePolicy(bounds, prior_cv=0.1)
+    early(original, 300)
+    state = json.loads(json.dumps(original.state()))
+    assert state["early"], "the first minute's bursts travel with the state"
+    del state["early"]  # what a scaler of the previous version wrote
+    copy = PredictivePolicy(bounds, prior_cv=0.1)
+    copy.restore(state)
+    assert copy.learned() == original.learned()
+    assert copy.burst(300.0) >= copy.learned()
