@@ -13,7 +13,8 @@ The model (defaults; every one is a flag):
   the goal counts those arriving after the first cold-start window, since before it ends
   no decision can have produced a ready replica;
 - replica-minutes count every replica asked for, ready or still starting (it holds a GPU).
-The policies are the same objects the scaler runs (policy.py); the simulator feeds them,
+The policies are the same objects the scaler runs (policy.py), with the scaler's
+SIDECAR_SCALER_PRIOR_CV / _SAMPLES read from the environment; the simulator feeds them,
 once per evaluation interval, the work offered (the concurrency the arrivals need if
 served at once, as the scaler's token rate measures it) and the pods' queue (saturation).
 """
