@@ -359,3 +359,17 @@ def test_a_state_written_before_the_prior_existed_is_still_restored():
     copy.restore(state)
     assert copy.learned() == original.learned()
     assert copy.burst(300.0) >= copy.learned()
+
+
+@given(peaks=st.lists(st.floats(min_value=0, max_value=20), min_size=70, max_size=120),
+       cv=st.floats(min_value=0.01, max_value=1))
+def test_a_policy_holds_at_least_the_learned_margin_and_only_that_after_a_cold_start(
+        peaks, cv):
+    bounds = Bounds(minimum=1, maximum=1000, cold_start_s=600)
+    policy = PredictivePolicy(bounds, prior_cv=cv)
+    for step, peak in enumerate(peaks, start=1):
+        now = step * 10.0
+        policy.decide(Observation(now, max(peak, 1.0), 1.0, 0.5, 4, 4))
+        assert policy.burst(now) >= policy.learned()
+        if now - 10.0 >= 600:  # a cold start since the first observation
+            assert policy.burst(now) == policy.learned(), now

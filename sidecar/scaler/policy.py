@@ -236,8 +236,9 @@ class PredictivePolicy:
             return learned
         bound = max([burst_bound(seen, self.quantile, self.level(now), self.prior_cv,
                                  self.prior_samples), *seen])
-        first = self._early[0][0] if self._early else (
-            self._bursts[0][0] if self._bursts else now)
+        # The history's span is that of the level it was measured against (kept for three
+        # cold starts, and carried by the state): the bursts' own deques are trimmed.
+        first = self._means[0][0] if self._means else now
         return margin(learned, bound, trust(now - first, self.bounds.cold_start_s))
 
     def growth(self, now: float) -> float:
@@ -268,7 +269,8 @@ class PredictivePolicy:
             return Decision(obs.current, "no metrics: holding capacity")
         now = obs.now
         self._means.append((now, obs.demand_mean))
-        while self._means and self._means[0][0] <= now - max(self.level_s, self.trend_s):
+        while self._means and self._means[0][0] <= now - max(self.level_s, self.trend_s,
+                                                             self.bounds.cold_start_s):
             self._means.popleft()
         level = self.level(now)
         # A burst needs a level to stand on: not from the first minute of history.
