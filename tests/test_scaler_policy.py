@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sidecar.scaler import simulate as sim
 from sidecar.scaler.policy import (
@@ -20,6 +22,9 @@ from sidecar.scaler.policy import (
     Observation,
     PredictivePolicy,
     TargetValuePolicy,
+    burst_bound,
+    margin,
+    trust,
 )
 
 # The Azure trace lives beside the project (it may not be copied into it); LLMSC_TRACE
@@ -221,3 +226,150 @@ def test_on_the_azure_trace_ours_beats_the_baseline_where_decisions_matter():
         base.no_warm_capacity_after_first_window
     assert ours.p95_queue_delay_s == 0
     assert ours.replica_minutes <= 1.25 * base.replica_minutes
+
+
+# The prior: a burst margin that knows how little history it stands on.
+
+levels = st.floats(min_value=0.1, max_value=50)
+cvs = st.floats(min_value=0.01, max_value=2)
+quantiles = st.floats(min_value=0.5, max_value=0.999)
+
+
+@given(level=levels, cv=cvs, q=quantiles, burst=st.floats(min_value=0, max_value=1),
+       n=st.integers(min_value=1, max_value=2000))
+def test_the_bound_with_no_history_is_at_least_the_bound_after_lots_of_stable_history(
+        level, cv, q, burst, n):
+    # stable history: every interval's burst the same, no bigger than the prior's mean
+    seen = [burst * cv * level] * n
+    empty = burst_bound([], q, level, cv, 6)
+    assert empty > 0
+    assert burst_bound(seen, q, level, cv, 6) <= empty * (1 + 1e-9)
+
+
+@given(level=levels, cv=cvs, q=quantiles, burst=st.floats(min_value=0, max_value=1))
+def test_the_bound_shrinks_monotonically_as_stable_evidence_grows(level, cv, q, burst):
+    bounds = [burst_bound([burst * cv * level] * n, q, level, cv, 6)
+              for n in (0, 1, 2, 5, 10, 50, 200, 1000)]
+    assert all(b >= a * (1 - 1e-9) for a, b in itertools.pairwise(reversed(bounds)))
+
+
+@given(learned=st.floats(min_value=0, max_value=100), bound=st.floats(min_value=0,
+       max_value=100), trusted=st.floats(min_value=0, max_value=1))
+def test_the_margin_is_never_below_the_learned_one(learned, bound, trusted):
+    held = margin(learned, bound, trusted)
+    assert held >= learned
+    assert held <= max(learned, bound) + 1e-9
+    assert margin(learned, bound, 1.0) == learned, "full trust: the history alone"
+
+
+@given(seen=st.lists(st.floats(min_value=0, max_value=6000), min_size=2, max_size=2))
+def test_trust_grows_with_the_history_spanned_up_to_one_cold_start(seen):
+    low, high = sorted(seen)
+    assert 0 <= trust(low, 600) <= trust(high, 600) <= 1
+    assert trust(0, 600) == 0 and trust(600, 600) == 1
+
+
+def early(policy: PredictivePolicy, seconds: float) -> list[int]:
+    """Counts asked for over `seconds` of a level of 2 whose every 6th interval peaks at 3."""
+    counts, count = [], 1
+    for step in range(1, int(seconds // 10) + 1):
+        peak = 3.0 if step % 6 == 0 else 2.0
+        count = policy.decide(Observation(step * 10.0, peak, 2.0, 0.5, count, count)).count
+        counts.append(count)
+    return counts
+
+
+def test_with_a_prior_a_young_fleet_asks_for_more_and_the_extra_fades():
+    bounds = Bounds(minimum=1, maximum=50, cold_start_s=600)
+    plain = PredictivePolicy(bounds)
+    primed = PredictivePolicy(bounds, prior_cv=0.25)
+    assert plain.burst(10.0) == 0 and primed.burst(10.0) == 0, "no level yet"
+    without, withp = early(plain, 1800), early(primed, 1800)
+    assert withp[0] > without[0], "the first decision already holds a margin"
+    assert all(b >= a for a, b in zip(without, withp, strict=True))
+    # after a cold start of history the learned quantile alone decides again
+    assert primed.burst(1800.0) == pytest.approx(plain.burst(1800.0))
+
+
+def test_a_burst_in_the_first_minute_is_evidence_for_a_young_fleet():
+    bounds = Bounds(minimum=1, maximum=50, cold_start_s=600)
+    asked = {}
+    for cv in (0.0, 0.1):
+        policy, count = PredictivePolicy(bounds, prior_cv=cv), 1
+        for step, peak in enumerate([1.0, 1.0, 6.0, 1.0, 1.0, 1.0, 1.0], start=1):
+            count = policy.decide(Observation(step * 10.0, peak, 1.0, 0.5, count, 1)).count
+        asked[cv] = count
+    # the learned quantile ignores the first minute; the young fleet's bound does not
+    assert asked[0.0] == 1 and asked[0.1] >= 6
+
+
+def test_the_prior_is_off_at_cv_0_and_refuses_bad_settings():
+    bounds = Bounds(minimum=1, maximum=50, cold_start_s=600)
+    policy = PredictivePolicy(bounds, prior_cv=0.0)
+    for step in range(1, 120):
+        peak = 4.0 if step % 9 == 0 else 2.0
+        policy.decide(Observation(step * 10.0, peak, 2.0, 0.5, 4, 4))
+        assert policy.burst(step * 10.0) == policy.learned()
+    with pytest.raises(ValueError, match="prior_cv"):
+        PredictivePolicy(bounds, prior_cv=-1)
+    with pytest.raises(ValueError, match="prior_samples"):
+        PredictivePolicy(bounds, prior_samples=0)
+
+
+def test_a_young_fleets_state_carries_its_prior_across_a_takeover():
+    bounds = Bounds(minimum=1, maximum=50, cold_start_s=600)
+    original = PredictivePolicy(bounds, prior_cv=0.25)
+    early(original, 200)  # a takeover a third of the way into the first cold start
+    copy = PredictivePolicy(bounds, prior_cv=0.25, started_at=99.0)
+    copy.restore(json.loads(json.dumps(original.state())))
+    assert copy.burst(200.0) == original.burst(200.0) > original.learned()
+    for step in range(21, 200):
+        peak = 5.0 if step % 17 == 0 else 2.0
+        obs = Observation(step * 10.0, peak, 2.0, 0.5, 4, 4)
+        assert copy.decide(obs) == original.decide(obs)
+        assert copy.burst(step * 10.0) == original.burst(step * 10.0)
+    assert copy.burst(1990.0) == copy.learned(), "a cold start of history: the prior is gone"
+    # a scaler that lost the state knows nothing again, and the prior holds a margin
+    fresh = PredictivePolicy(bounds, prior_cv=0.25)
+    fresh.decide(Observation(2000.0, 2.0, 2.0, 0.5, 4, 4))
+    assert fresh.learned() == 0 and fresh.burst(2000.0) > 0
+
+
+def test_prior_settings_are_validated_and_named():
+    from sidecar.config import ConfigError
+    from sidecar.scaler.config import load_prior
+
+    assert load_prior({}) == (0.0, 12.0)
+    assert load_prior({"SIDECAR_SCALER_PRIOR_CV": "0.1", "SIDECAR_SCALER_PRIOR_SAMPLES": "12"}) \
+        == (0.1, 12.0)
+    with pytest.raises(ConfigError) as bad:
+        load_prior({"SIDECAR_SCALER_PRIOR_CV": "-1", "SIDECAR_SCALER_PRIOR_SAMPLES": "0"})
+    assert "SIDECAR_SCALER_PRIOR_CV='-1': expected a finite number >= 0" in str(bad.value)
+    assert "SIDECAR_SCALER_PRIOR_SAMPLES='0': expected a finite number > 0" in str(bad.value)
+
+
+def test_a_state_written_before_the_prior_existed_is_still_restored():
+    bounds = Bounds(minimum=1, maximum=50, cold_start_s=600)
+    original = PredictivePolicy(bounds, prior_cv=0.1)
+    early(original, 300)
+    state = json.loads(json.dumps(original.state()))
+    assert state["early"], "the first minute's bursts travel with the state"
+    del state["early"]  # what a scaler of the previous version wrote
+    copy = PredictivePolicy(bounds, prior_cv=0.1)
+    copy.restore(state)
+    assert copy.learned() == original.learned()
+    assert copy.burst(300.0) >= copy.learned()
+
+
+@given(peaks=st.lists(st.floats(min_value=0, max_value=20), min_size=70, max_size=120),
+       cv=st.floats(min_value=0.01, max_value=1))
+def test_a_policy_holds_at_least_the_learned_margin_and_only_that_after_a_cold_start(
+        peaks, cv):
+    bounds = Bounds(minimum=1, maximum=1000, cold_start_s=600)
+    policy = PredictivePolicy(bounds, prior_cv=cv)
+    for step, peak in enumerate(peaks, start=1):
+        now = step * 10.0
+        policy.decide(Observation(now, max(peak, 1.0), 1.0, 0.5, 4, 4))
+        assert policy.burst(now) >= policy.learned()
+        if now - 10.0 >= 600:  # a cold start since the first observation
+            assert policy.burst(now) == policy.learned(), now

@@ -23,6 +23,10 @@ SCALER_VARIABLES: dict[str, tuple[str | None, str]] = {
     "SIDECAR_SCALER_BURST_QUANTILE": ("0.995", "quantile of past bursts held above the level "
                                       "(0 < q <= 1)"),
     "SIDECAR_SCALER_HEADROOM": ("0", "share added on top of the forecast"),
+    "SIDECAR_SCALER_PRIOR_CV": ("0", "mean burst above the level assumed before history, "
+                                "as a share of the level (>= 0; 0 = off: the learned "
+                                "quantile alone)"),
+    "SIDECAR_SCALER_PRIOR_SAMPLES": ("12", "intervals of history the prior counts as (> 0)"),
     "SIDECAR_SCALER_METRICS_LISTEN": ("127.0.0.1:7880", "GET /metrics (the forecast for "
                                       "Prometheus): `host:port`, or `off`"),
     "SIDECAR_SCALER_COOLDOWN_S": ("300", "least time between scale-downs of a pool"),
@@ -59,6 +63,8 @@ class ScalerSettings:
     dry_run: bool
     burst_quantile: float
     headroom: float
+    prior_cv: float
+    prior_samples: float
     metrics_listen: Listen | None
     cooldown_s: float
     nomad_addr: str
@@ -77,6 +83,8 @@ class ScalerSettings:
                 "SIDECAR_SCALER_DRY_RUN": self.dry_run,
                 "SIDECAR_SCALER_BURST_QUANTILE": self.burst_quantile,
                 "SIDECAR_SCALER_HEADROOM": self.headroom,
+                "SIDECAR_SCALER_PRIOR_CV": self.prior_cv,
+                "SIDECAR_SCALER_PRIOR_SAMPLES": self.prior_samples,
                 "SIDECAR_SCALER_METRICS_LISTEN": (str(self.metrics_listen)
                                                   if self.metrics_listen else "off"),
                 "NOMAD_ADDR": self.nomad_addr,
@@ -105,6 +113,27 @@ def vars_of(pool: ScaledPool) -> dict[str, Any]:
 
 def _flag(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def load_prior(env: Mapping[str, str] | None = None) -> tuple[float, float]:
+    """SIDECAR_SCALER_PRIOR_CV and _SAMPLES alone (the simulator reads them too, so what it
+    replays is what the scaler would run)."""
+    env = os.environ if env is None else env
+    values, problems = [], []
+    for name, strict in (("SIDECAR_SCALER_PRIOR_CV", False),
+                         ("SIDECAR_SCALER_PRIOR_SAMPLES", True)):
+        raw = env.get(name, "").strip() or SCALER_VARIABLES[name][0] or ""
+        try:
+            value = float(raw)
+        except ValueError:
+            value = float("nan")
+        if not (value > 0 if strict else value >= 0) or value == float("inf"):
+            problems.append(f"{name}={raw!r}: expected a finite number "
+                            f"{'>' if strict else '>='} 0")
+        values.append(value)
+    if problems:
+        raise ConfigError(problems)
+    return values[0], values[1]
 
 
 def load_scaler_settings(env: Mapping[str, str] | None = None) -> ScalerSettings:
@@ -180,6 +209,12 @@ def load_scaler_settings(env: Mapping[str, str] | None = None) -> ScalerSettings
             pools[name] = ScaledPool(name, spec["job"], spec["group"], low, high,
                                      float(spec["replica_tokens_per_s"]),
                                      float(spec["cold_start_s"]))
+    try:
+        prior = load_prior(env)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        prior = (float(SCALER_VARIABLES["SIDECAR_SCALER_PRIOR_CV"][0] or 0),
+                 float(SCALER_VARIABLES["SIDECAR_SCALER_PRIOR_SAMPLES"][0] or 1))
     settings = ScalerSettings(
         redis_url=redis_url or "", redis_mode=mode,
         redis_sentinel_master=get("SIDECAR_REDIS_SENTINEL_MASTER"),
@@ -188,6 +223,7 @@ def load_scaler_settings(env: Mapping[str, str] | None = None) -> ScalerSettings
         dry_run=_flag(get("SIDECAR_SCALER_DRY_RUN")),
         burst_quantile=number("SIDECAR_SCALER_BURST_QUANTILE", 0),
         headroom=number("SIDECAR_SCALER_HEADROOM", 0, strict=False),
+        prior_cv=prior[0], prior_samples=prior[1],
         metrics_listen=metrics_listen,
         cooldown_s=number("SIDECAR_SCALER_COOLDOWN_S", 0, strict=False),
         nomad_addr=(get("NOMAD_ADDR") or "").rstrip("/"), nomad_token=get("NOMAD_TOKEN"),

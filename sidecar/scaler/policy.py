@@ -90,6 +90,41 @@ class TargetValuePolicy:
 # just started sees its first intervals' peaks towering over a level still filling up.
 WARMUP_S = 60.0
 
+# The prior's defaults (SIDECAR_SCALER_PRIOR_CV, SIDECAR_SCALER_PRIOR_SAMPLES; README).
+# Off by default: tuned on synthetic traffic, on the real traces of the README it bought
+# little on bursty traffic and cost smooth traffic more than its goal allows.
+PRIOR_CV = 0.0
+PRIOR_SAMPLES = 12.0
+
+
+def burst_bound(bursts: list[float], quantile: float, level: float, cv: float,
+                samples: float) -> float:
+    """The `quantile` of the next burst (replica units) when bursts are exponential with
+    an unknown mean, and that mean has a conjugate (gamma) prior worth `samples`
+    observations of mean `cv` × `level`: the posterior predictive is a Lomax,
+    P(B > x) = (1 + x/β)^−α with α = samples + n and β = samples·cv·level + Σ bursts.
+    Few observations leave α small and the tail heavy, so the bound is wide; it narrows
+    to the exponential quantile, mean × ln(1/(1−q)), as observations accumulate."""
+    alpha = samples + len(bursts)
+    beta = samples * cv * max(0.0, level) + sum(bursts)
+    if alpha <= 0 or beta <= 0:
+        return 0.0
+    # (1−q)^(−1/α) − 1, computed without overflow or cancellation; q = 1 has no bound.
+    tail = max(1.0 - quantile, 1e-9)
+    return beta * math.expm1(-math.log(tail) / alpha)
+
+
+def trust(seen_s: float, window_s: float) -> float:
+    """How far the learned quantile can be believed: the share of one window (a cold
+    start: what the next decision must cover) that the burst history spans."""
+    return min(1.0, max(0.0, seen_s / window_s)) if window_s > 0 else 1.0
+
+
+def margin(learned: float, bound: float, trust: float) -> float:
+    """What to hold above the level: the learned quantile, lifted towards the bound by the
+    share of it the history cannot yet vouch for; never below the learned quantile."""
+    return learned + (1.0 - trust) * max(0.0, bound - learned)
+
 
 class PredictivePolicy:
     """Ours: capacity must be asked for a cold start ahead, so provision for what the next
@@ -104,6 +139,15 @@ class PredictivePolicy:
       `quantile` of those bursts over the last `history_s` is added to the projected
       level, so the margin is what bursts of this traffic needed, not one held maximum
       (nor a ratio to the level, which explodes when the level is low).
+    - Prior (`prior_cv` > 0; off by default): a short history cannot vouch for a high
+      quantile (the first minutes may be quiet; a few samples hold no 0.995 quantile), so
+      while the burst history spans less than a cold start the margin is lifted towards
+      an upper bound that knows how little it has seen: the larger of the biggest burst
+      seen (the first minute's included, measured against the level so far) and the
+      quantile of a model of exponential bursts whose mean has a prior of `prior_cv` ×
+      level worth `prior_samples` intervals (`burst_bound`; wide with few samples,
+      narrowing as they accumulate). The lift is weighted by the share of the cold start
+      not yet spanned, and the margin is never below the learned quantile.
     - `headroom`: a share on top of all that (0 by default; the sweep's other knob).
     - Saturation: a queue at the pods that lasts `saturation_ticks` intervals says the
       offered work is under-measured (a saturated pod's token rate is flat at its
@@ -120,12 +164,19 @@ class PredictivePolicy:
                  level_s: float = 300.0, trend_s: float | None = None,
                  history_s: float = 3600.0, keep_s: float | None = None,
                  saturation: float = 0.05, saturation_ticks: int = 3,
+                 prior_cv: float = PRIOR_CV, prior_samples: float = PRIOR_SAMPLES,
                  started_at: float = 0.0) -> None:
         if not 0 < quantile <= 1:
             raise ValueError(f"quantile={quantile!r}: expected a number in (0, 1]")
+        if not prior_cv >= 0:
+            raise ValueError(f"prior_cv={prior_cv!r}: expected a number >= 0")
+        if not prior_samples > 0:
+            raise ValueError(f"prior_samples={prior_samples!r}: expected a number > 0")
         self.bounds = bounds
         self.quantile = quantile
         self.headroom = headroom
+        self.prior_cv = prior_cv
+        self.prior_samples = prior_samples
         horizon = bounds.cold_start_s
         self.level_s = level_s
         # Three cold starts: a shorter window reads noise as trend on smooth traffic.
@@ -137,6 +188,9 @@ class PredictivePolicy:
         self.started_at = started_at
         self._means: deque[tuple[float, float]] = deque()    # now, mean offered
         self._bursts: deque[tuple[float, float]] = deque()   # now, peak − level
+        # Bursts of the first minute, against a level still filling up: too rough for the
+        # learned quantile, but evidence for the bound a young history is held to.
+        self._early: deque[tuple[float, float]] = deque()
         self._targets: deque[tuple[float, int]] = deque()    # now, count wanted then
         self._saturated = 0
 
@@ -146,6 +200,7 @@ class PredictivePolicy:
         return {"started_at": self.started_at, "saturated": self._saturated,
                 "means": [[t, round(m, 6)] for t, m in self._means],
                 "bursts": [[t, round(b, 6)] for t, b in self._bursts],
+                "early": [[t, round(b, 6)] for t, b in self._early],
                 "targets": [[t, n] for t, n in self._targets]}
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -155,19 +210,36 @@ class PredictivePolicy:
         bursts = deque((float(t), float(b)) for t, b in state["bursts"])
         targets = deque((float(t), int(n)) for t, n in state["targets"])
         started_at, saturated = float(state["started_at"]), int(state["saturated"])
+        # A state from before the prior has no early bursts: its history is what it holds.
+        early = deque((float(t), float(b)) for t, b in state.get("early", []))
         self._means, self._bursts, self._targets = means, bursts, targets
+        self._early = early
         self.started_at, self._saturated = started_at, saturated
 
     def level(self, now: float) -> float:
         window = [m for t, m in self._means if t > now - self.level_s]
         return sum(window) / len(window) if window else 0.0
 
-    def burst(self) -> float:
-        """The burst (replica units) to hold above the level: a high quantile of those seen."""
+    def learned(self) -> float:
+        """A high quantile of the bursts seen (replica units; 0 with none)."""
         bursts = sorted(b for _, b in self._bursts)
         if not bursts:
             return 0.0
         return bursts[min(len(bursts) - 1, math.ceil(self.quantile * len(bursts)) - 1)]
+
+    def burst(self, now: float) -> float:
+        """The burst (replica units) to hold above the level: the learned quantile, lifted
+        towards `burst_bound` by the share of one cold start the history does not span."""
+        learned = self.learned()
+        seen = [b for _, b in self._early] + [b for _, b in self._bursts]
+        if self.prior_cv == 0 or (not seen and self.level(now) == 0):
+            return learned
+        bound = max([burst_bound(seen, self.quantile, self.level(now), self.prior_cv,
+                                 self.prior_samples), *seen])
+        # The history's span is that of the level it was measured against (kept for three
+        # cold starts, and carried by the state): the bursts' own deques are trimmed.
+        first = self._means[0][0] if self._means else now
+        return margin(learned, bound, trust(now - first, self.bounds.cold_start_s))
 
     def growth(self, now: float) -> float:
         points = [(t, m) for t, m in self._means if t > now - self.trend_s]
@@ -190,19 +262,24 @@ class PredictivePolicy:
         if self._saturated >= self.saturation_ticks and queued:
             # At most double: a deep queue says "more", not how much more.
             level *= 1 + min(queued, 1.0)
-        return (level + self.growth(now) + self.burst()) * (1 + self.headroom)
+        return (level + self.growth(now) + self.burst(now)) * (1 + self.headroom)
 
     def decide(self, obs: Observation) -> Decision:
         if obs.demand_peak is None or obs.demand_mean is None:
             return Decision(obs.current, "no metrics: holding capacity")
         now = obs.now
         self._means.append((now, obs.demand_mean))
-        while self._means and self._means[0][0] <= now - max(self.level_s, self.trend_s):
+        while self._means and self._means[0][0] <= now - max(self.level_s, self.trend_s,
+                                                             self.bounds.cold_start_s):
             self._means.popleft()
         level = self.level(now)
         # A burst needs a level to stand on: not from the first minute of history.
         if level > 0 and now - self._means[0][0] >= WARMUP_S:
             self._bursts.append((now, max(0.0, obs.demand_peak - level)))
+        elif level > 0:
+            self._early.append((now, max(0.0, obs.demand_peak - level)))
+        while self._early and self._early[0][0] <= now - self.bounds.cold_start_s:
+            self._early.popleft()  # past one cold start the bound carries no weight
         while self._bursts and self._bursts[0][0] <= now - self.history_s:
             self._bursts.popleft()
         queued = obs.queued or 0.0
@@ -216,7 +293,7 @@ class PredictivePolicy:
         saturated = ", saturated" if self._saturated >= self.saturation_ticks else ""
         reason = (f"forecast {forecast:.2f} replicas over the next "
                   f"{self.bounds.cold_start_s:.0f} s (level {level:.2f}, burst "
-                  f"+{self.burst():.2f}{saturated})")
+                  f"+{self.burst(now):.2f}{saturated})")
         if kept >= obs.current:
             return Decision(kept, reason)
         if now - self.started_at < self.bounds.cold_start_s:

@@ -184,6 +184,7 @@ class Scaler:
             policy = self.policies[name] = PredictivePolicy(
                 Bounds(pool.minimum, pool.maximum, pool.cold_start_s),
                 quantile=self.settings.burst_quantile, headroom=self.settings.headroom,
+                prior_cv=self.settings.prior_cv, prior_samples=self.settings.prior_samples,
                 started_at=started)
         return policy
 

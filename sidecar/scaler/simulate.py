@@ -13,7 +13,8 @@ The model (defaults; every one is a flag):
   the goal counts those arriving after the first cold-start window, since before it ends
   no decision can have produced a ready replica;
 - replica-minutes count every replica asked for, ready or still starting (it holds a GPU).
-The policies are the same objects the scaler runs (policy.py); the simulator feeds them,
+The policies are the same objects the scaler runs (policy.py), with the scaler's
+SIDECAR_SCALER_PRIOR_CV / _SAMPLES read from the environment; the simulator feeds them,
 once per evaluation interval, the work offered (the concurrency the arrivals need if
 served at once, as the scaler's token rate measures it) and the pods' queue (saturation).
 """
@@ -27,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sidecar.scaler.config import load_prior
 from sidecar.scaler.policy import (
     Bounds,
     Observation,
@@ -336,7 +338,9 @@ def baseline(bounds: Bounds) -> TargetValuePolicy:
 
 
 def predictive(bounds: Bounds) -> PredictivePolicy:
-    return PredictivePolicy(bounds)
+    # The scaler's own prior settings, so a replay runs what the scaler would.
+    cv, samples = load_prior()
+    return PredictivePolicy(bounds, prior_cv=cv, prior_samples=samples)
 
 
 POLICIES: dict[str, PolicyFactory] = {"baseline": baseline, "predictive": predictive}

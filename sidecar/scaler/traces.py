@@ -82,18 +82,19 @@ def _poisson(rate: Callable[[float], float], peak: float, seconds: float,
             out.append(at)
 
 
-def code_completion(seed: int = 1, seconds: float = 3600.0) -> Trace:
+def code_completion(seed: int = 1, seconds: float = 3600.0, background: float = 1.0) -> Trace:
     """Bursty traffic: a background rate climbing from 2 to 6 requests/s over the trace,
     plus bursts (tens of requests within a second) that come in clusters — a burst makes
     follow-up bursts likely in the next half minute, as editors re-request while typing.
     Clusters start at 0.02/s, climbing to 0.04/s with the background; a step doubles
-    their rate for the trace's last fifth."""
+    their rate for the trace's last fifth. `background` scales the background rate only
+    (0.25: a quiet team whose bursts dwarf its level)."""
     rng = random.Random(seed)
 
     def climb(t: float) -> float:
         return t / seconds
 
-    times = _poisson(lambda t: 2 + 4 * climb(t), 6, seconds, rng)
+    times = _poisson(lambda t: background * (2 + 4 * climb(t)), 6 * background, seconds, rng)
     seeds = _poisson(lambda t: (0.02 + 0.02 * climb(t)) * (2 if t > 0.8 * seconds else 1),
                      0.08, seconds, rng)
     bursts = []
