@@ -1,0 +1,300 @@
+"""The fleet monitor: one process probes the pods for the whole fleet and the sidecars follow
+its pod view (real redis-server, real monitor and sidecar processes, fake-llm pods that count
+their /health and /metrics hits); and the pure pod-view decisions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from sidecar.podload import PodLoad
+from sidecar.podview import (
+    Action,
+    EndpointView,
+    Following,
+    ViewError,
+    ViewState,
+    action_for,
+    decode,
+    encode,
+    parse_notice,
+)
+from sidecar.pools import Endpoint, EndpointState, rendezvous_score
+from tests.conftest import CHAT, Pod, PodFactory, SidecarProcess, pool
+from tests.redis_server import RedisServer, free_port
+
+INTERVAL_S = 0.5
+JITTER = 0.2  # health.JITTER: probes of one endpoint are at least 0.8 interval apart
+
+
+# -- the pure part --------------------------------------------------------------------------
+
+def test_view_round_trips_state_and_load_with_its_age() -> None:
+    load = PodLoad(3.0, 1.0, 0.25, 100.0, "metrics", 40.0, 2.5)
+    body = encode({"http://a": EndpointView(ViewState.READY, load),
+                   "http://b": EndpointView(None, None)}, now=101.5)
+    view = decode("small", b"7", b"2000.5", body.encode())
+    assert view.version == 7 and view.at == 2000.5
+    a = view.endpoints["http://a"]
+    assert a.state is ViewState.READY
+    assert a.load == PodLoad(3.0, 1.0, 0.25, 1.5, "metrics", 40.0, 2.5)  # at = age
+    assert view.endpoints["http://b"] == EndpointView(None, None)
+    notice = parse_notice(b"small\x007\x002000.5\x00" + body.encode())
+    assert notice == view
+
+
+@pytest.mark.parametrize("body", [b"[]", b"{", b'{"u":{"state":"lost"}}',
+                                  b'{"u":{"state":"ready","load":[1,1,2,0,0,0]}}'])
+def test_unreadable_views_are_refused(body: bytes) -> None:
+    with pytest.raises(ViewError):
+        decode("small", b"1", b"1.0", body)
+
+
+def test_what_a_view_state_does_to_each_endpoint_state() -> None:
+    assert action_for(ViewState.READY, "warming") is Action.HEALTHY   # a cold start ended
+    assert action_for(ViewState.READY, "ejected") is Action.HEALTHY   # restored
+    assert action_for(ViewState.READY, "ready") is Action.NONE
+    assert action_for(ViewState.WARMING, "ready") is Action.LOADING
+    assert action_for(ViewState.WARMING, "warming") is Action.NONE
+    assert action_for(ViewState.FAILING, "ready") is Action.EJECT
+    assert action_for(ViewState.FAILING, "ejected") is Action.NONE
+    assert action_for(ViewState.READY, "draining") is Action.NONE
+    assert action_for(None, "warming") is Action.NONE  # the monitor does not probe health
+
+
+def test_a_view_is_followed_while_fresh_and_applied_once_per_version() -> None:
+    following = Following()
+    view = decode("small", 3, 100.0, "{}")
+    assert following.offer(view)
+    following.mark_applied(view)
+    assert not following.offer(view)                          # the same write again
+    assert not following.offer(decode("small", 2, 99.0, "{}"))  # an older one
+    assert following.offer(decode("small", 1, 130.0, "{}"))   # the key expired: restarted
+    intervals = {"small": 5.0, "large": 5.0}
+    assert following.fresh_pools(intervals, 145.0) == {"small"}   # 15 s = 3 intervals
+    assert following.fresh_pools(intervals, 145.1) == set()
+
+
+# -- real processes ------------------------------------------------------------------------
+
+class MonitorProcess:
+    """`python -m sidecar monitor` with its /stats on a free port."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.env = {**os.environ, **env}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> MonitorProcess:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "monitor", "--stats-listen",
+             f"127.0.0.1:{self.port}"], env=self.env, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        await until(lambda: self.stats_ok(), "the monitor answers")
+        return self
+
+    async def stats_ok(self) -> bool:
+        with contextlib.suppress(aiohttp.ClientError):
+            await self.stats()
+            return True
+        return False
+
+    async def stats(self) -> dict[str, Any]:
+        async with aiohttp.ClientSession() as http, \
+                http.get(f"http://127.0.0.1:{self.port}/stats") as response:
+            result: dict[str, Any] = await response.json()
+            return result
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def monitor_process() -> Iterator[Callable[[dict[str, str]], MonitorProcess]]:
+    made: list[MonitorProcess] = []
+
+    def make(env: dict[str, str]) -> MonitorProcess:
+        made.append(MonitorProcess(env))
+        return made[-1]
+
+    yield make
+    for process in made:
+        process.kill()
+
+
+@pytest.fixture
+def sidecars() -> Iterator[list[SidecarProcess]]:
+    made: list[SidecarProcess] = []
+    yield made
+    for process in made:
+        with contextlib.suppress(Exception):
+            process.stop()
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+async def stats(process: SidecarProcess) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http, http.get(process.admin + "/stats") as r:
+        result: dict[str, Any] = await r.json()
+        return result
+
+
+def fleet_env(redis: RedisServer, pods: list[Pod]) -> dict[str, str]:
+    pools = {"small": pool(pods, health_path="/health", metrics_path="/metrics",
+                           health_interval_s=INTERVAL_S)}
+    return {"SIDECAR_POOLS": json.dumps(pools), "SIDECAR_REDIS_URL": redis.url,
+            "SIDECAR_CONNECT_TIMEOUT_S": "0.5", "SIDECAR_DRAIN_TIMEOUT_S": "2",
+            "SIDECAR_LOG_FORMAT": "text"}
+
+
+def view_states(redis: RedisServer) -> dict[str, str | None]:
+    body = redis.client().hget("llmsc:podview:{small}", "view")
+    if body is None:
+        return {}
+    return {url: entry["state"] for url, entry in json.loads(body).items()}
+
+
+def hits(pod: Pod) -> int:
+    return pod.fake.paths.get("/health", 0) + pod.fake.paths.get("/metrics", 0)
+
+
+async def sources(fleet: list[SidecarProcess]) -> set[str]:
+    return {(await stats(s))["pod_view"]["pools"]["small"]["source"] for s in fleet}
+
+
+async def test_pods_get_two_monitoring_requests_per_interval_whatever_the_fleet_size(
+        redis_server: RedisServer, pods: PodFactory,
+        monitor_process: Callable[[dict[str, str]], MonitorProcess],
+        sidecars: list[SidecarProcess]) -> None:
+    made = await pods(2)
+    env = fleet_env(redis_server, made)
+    monitor = await monitor_process(env).start()
+    urls = {p.url for p in made}
+
+    async def view_ready() -> bool:
+        return view_states(redis_server) == dict.fromkeys(urls, "ready")
+    await until(view_ready, "the monitor publishes both pods ready")
+    for _ in range(3):
+        sidecars.append(await SidecarProcess(env).start())
+
+    # Every sidecar follows the view from its start: no probe, no scrape of its own.
+    for process in sidecars:
+        view = await stats(process)
+        assert view["pod_view"]["pools"]["small"]["source"] == "monitor"
+        assert view["health_probes"] == 0 and view["load_scrapes"]["scrapes"] == 0
+        assert view["endpoint_states"]["ready"] == 2
+
+    # A fixed window: each pod answers the monitor's health + metrics once per (jittered)
+    # interval, and nobody else's.
+    before_hits = {p.url: hits(p) for p in made}
+    before = await monitor.stats()
+    started = time.monotonic()
+    await asyncio.sleep(12 * INTERVAL_S)
+    window = time.monotonic() - started
+    after = await monitor.stats()
+    most = 2 * (math.floor(window / ((1 - JITTER) * INTERVAL_S)) + 2)
+    for pod in made:
+        got = hits(pod) - before_hits[pod.url]
+        assert 2 <= got <= most, (pod.url, got, most)
+    monitored = (after["health_probes"] - before["health_probes"]
+                 + after["load_scrapes"] - before["load_scrapes"])
+    sent = sum(hits(p) - before_hits[p.url] for p in made)
+    # Every hit is the monitor's (at most one request per endpoint in flight at the edges).
+    assert monitored - 2 * len(made) <= sent <= monitored + 2 * len(made)
+    for process in sidecars:
+        view = await stats(process)
+        assert view["health_probes"] == 0 and view["load_scrapes"]["scrapes"] == 0
+
+    # The monitor dies: within the bound every sidecar probes by itself, and says so.
+    monitor.kill()
+
+    async def all_probing() -> bool:
+        return await sources(sidecars) == {"probing"}
+    await until(all_probing, "every sidecar falls back to probing")
+    for process in sidecars:
+        await until(lambda p=process: _probed(p), "the sidecar probes the pods")
+
+    # It comes back: the sidecars follow it again and stop probing.
+    await monitor_process(env).start()
+
+    async def all_following() -> bool:
+        return await sources(sidecars) == {"monitor"}
+    await until(all_following, "every sidecar follows the new monitor")
+    counts = [(await stats(p))["health_probes"] for p in sidecars]
+    await asyncio.sleep(6 * INTERVAL_S)
+    assert [(await stats(p))["health_probes"] for p in sidecars] == counts
+    for process in sidecars:
+        assert "probing its pods from this sidecar" in _log_of(process)
+        assert "following the fleet monitor's pod view" in _log_of(process)
+
+
+async def _probed(process: SidecarProcess) -> bool:
+    return bool((await stats(process))["health_probes"] > 0)
+
+
+def _log_of(process: SidecarProcess) -> str:
+    process.stop()  # the log is read once the process has exited
+    return process.output()
+
+
+async def test_a_cold_start_reaches_the_sidecars_by_the_monitors_notice(
+        redis_server: RedisServer, pods: PodFactory,
+        monitor_process: Callable[[dict[str, str]], MonitorProcess],
+        sidecars: list[SidecarProcess]) -> None:
+    warm, cold = await pods(1) + await pods(1, cold_start_s=600.0)
+    env = fleet_env(redis_server, [warm, cold])
+    monitor = await monitor_process(env).start()
+
+    async def one_ready() -> bool:
+        return view_states(redis_server) == {warm.url: "ready", cold.url: "warming"}
+    await until(one_ready, "the monitor publishes one pod ready, one warming")
+    sidecar = await SidecarProcess(env).start()
+    sidecars.append(sidecar)
+    assert (await stats(sidecar))["pod_view"]["notices"] == 0
+
+    cold.fake.behaviour.cold_start_s = 0.0  # its model is loaded: /health answers 200
+
+    async def ready_here() -> bool:
+        view = await stats(sidecar)
+        return {e["url"]: e["state"] for e in view["endpoints"]}[cold.url] == "ready"
+    await until(ready_here, "the sidecar routes to the pod whose cold start ended")
+    view = await stats(sidecar)
+    assert view["pod_view"]["notices"] >= 1          # the notice carried it ...
+    assert view["health_probes"] == 0                # ... not a probe of this sidecar
+    assert [c["endpoint"] for c in view["cold_starts"]] == [warm.url, cold.url]
+    assert (await monitor.stats())["notices"] >= 2   # the first view, then the cold start
+
+    # A new session whose rendezvous choice is the pod that just came up lands there.
+    session = next(f"s{i}" for i in range(1000)
+                   if _first_choice(f"s{i}", [warm.url, cold.url]) == cold.url)
+    async with aiohttp.ClientSession() as http, http.post(
+            sidecar.base + "/v1/chat/completions", json=CHAT,
+            headers={"X-Session-Id": session}) as response:
+        assert response.status == 200
+    assert cold.fake.counters.requests == 1
+
+
+def _first_choice(session: str, urls: list[str]) -> str:
+    endpoints = [Endpoint(url, "small", EndpointState.READY) for url in urls]
+    return max(endpoints, key=lambda e: rendezvous_score(session.encode(), e)).url
