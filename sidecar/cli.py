@@ -211,13 +211,14 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         events = Telemetry()
         monitor = FleetMonitor(settings, redis, events)
         events.start()
-        runner = None
-        if listen is not None:
-            runner = await serve_stats(monitor, listen.host or "127.0.0.1", listen.port or 0)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, monitor.reload)
+        runner = None
+        if listen is not None:
+            runner = await serve_stats(monitor, listen.host or "127.0.0.1", listen.port or 0)
         logging.getLogger("sidecar.monitor").info(
             "fleet monitor %s: %d pools to probe, every %.1f s", monitor.token,
             len(monitored(PoolSet(settings))), monitor.interval_s)

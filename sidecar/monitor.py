@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.config import Settings
+from sidecar.config import ConfigError, Settings, reload_pools
 from sidecar.health import HealthProber
 from sidecar.podview import (
     MONITOR_LEADER_KEY,
@@ -161,6 +161,25 @@ class FleetMonitor:
                     state_of(e.state.value) if pool.config.health_path else None,
                     e.load if pool.config.metrics_path else None)
                 for e in pool.endpoints}
+
+    def reload(self) -> bool:
+        """SIGHUP: re-read the pools file (the same one the sidecars render); new endpoints
+        are probed at once, a pool's view waits for their first answer."""
+        if self.settings.pools_file is None:
+            log.warning("SIGHUP ignored: pools come from SIDECAR_POOLS (set "
+                        "SIDECAR_POOLS_FILE to reload pools without a restart)")
+            return False
+        try:
+            self.settings = reload_pools(self.settings)
+        except ConfigError as exc:
+            log.error("SIGHUP: pools file rejected, keeping the running configuration:\n  %s",
+                      "\n  ".join(exc.problems))
+            return False
+        if self.pools is not None and self.prober is not None:
+            self.pools.apply(self.settings.pools, self.settings.api_keys)
+            self.prober.sync()
+        log.info("SIGHUP: pools reloaded")
+        return True
 
     async def publish(self, pool: Pool, notice: bool) -> bool:
         if not self.leading:

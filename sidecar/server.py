@@ -485,6 +485,12 @@ async def start(settings: Settings, store: RouteStore | None = None,
 
 async def serve(settings: Settings) -> int:
     """`llm-sidecar serve`: run until SIGTERM/SIGINT, then drain and exit 0."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    # Before the listeners open: a SIGTERM that arrives as soon as /health answers drains
+    # the sidecar instead of killing it.
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
     try:
         running = await start(settings)
     except OSError as exc:
@@ -495,10 +501,6 @@ async def serve(settings: Settings) -> int:
     # a full collection under load no longer walks it (fewer multi-millisecond pauses).
     gc.collect()
     gc.freeze()
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, running.sidecar.reload)
     store = running.sidecar.store
     log.info("llm-sidecar %s listening on %s (admin %s), %d pools, route store: %s",
