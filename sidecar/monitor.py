@@ -109,8 +109,8 @@ class FleetMonitor:
 
     @property
     def lock_ttl_s(self) -> float:
-        # Two intervals: renewed every interval, and a standby takes over before the view
-        # goes stale (STALE_INTERVALS) for the sidecars.
+        # Two intervals: renewed every interval; a standby takes over before the view goes
+        # stale (STALE_INTERVALS) for the sidecars.
         return max(1.0, self.interval_s * 2)
 
     @property
@@ -217,7 +217,10 @@ class FleetMonitor:
         loop = asyncio.get_running_loop()
         while True:
             await self.tick()
-            deadline = loop.time() + self.interval_s
+            # A standby asks twice per interval: it leads within 2.5 intervals of the last
+            # renewal, before the view the leader wrote then is stale (STALE_INTERVALS).
+            wait = self.interval_s if self.leading else self.interval_s / 2
+            deadline = loop.time() + wait
             while (remaining := deadline - loop.time()) > 0:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):

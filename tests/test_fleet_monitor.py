@@ -18,7 +18,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from rich.console import Console
 
+from sidecar.config import load_settings
+from sidecar.monitor import FleetMonitor
 from sidecar.podload import PodLoad
 from sidecar.podview import (
     Action,
@@ -32,8 +35,11 @@ from sidecar.podview import (
     parse_notice,
 )
 from sidecar.pools import Endpoint, EndpointState, rendezvous_score
-from tests.conftest import CHAT, Pod, PodFactory, SidecarProcess, pool
+from sidecar.store import connect_redis
+from sidecar.top import Snapshot, render
+from tests.conftest import CHAT, Pod, PodFactory, SidecarFactory, SidecarProcess, pool
 from tests.redis_server import RedisServer, free_port
+from tests.test_redis_acl import create_users, refusals
 
 INTERVAL_S = 0.5
 JITTER = 0.2  # health.JITTER: probes of one endpoint are at least 0.8 interval apart
@@ -234,6 +240,8 @@ async def test_pods_get_two_monitoring_requests_per_interval_whatever_the_fleet_
     await until(all_probing, "every sidecar falls back to probing")
     for process in sidecars:
         await until(lambda p=process: _probed(p), "the sidecar probes the pods")
+    assert "small probed here: the monitor's view is stale" in \
+        shown_by_top(await stats(sidecars[0]))
 
     # It comes back: the sidecars follow it again and stop probing.
     await monitor_process(env).start()
@@ -241,12 +249,20 @@ async def test_pods_get_two_monitoring_requests_per_interval_whatever_the_fleet_
     async def all_following() -> bool:
         return await sources(sidecars) == {"monitor"}
     await until(all_following, "every sidecar follows the new monitor")
+    assert "small from the monitor" in shown_by_top(await stats(sidecars[0]))
     counts = [(await stats(p))["health_probes"] for p in sidecars]
     await asyncio.sleep(6 * INTERVAL_S)
     assert [(await stats(p))["health_probes"] for p in sidecars] == counts
     for process in sidecars:
         assert "probing its pods from this sidecar" in _log_of(process)
         assert "following the fleet monitor's pod view" in _log_of(process)
+
+
+def shown_by_top(stats: dict[str, Any]) -> str:
+    console = Console(width=200, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    console.print(render(Snapshot(time.time(), stats, {}), None))
+    console.file.close()
+    return console.export_text()
 
 
 async def _probed(process: SidecarProcess) -> bool:
@@ -298,3 +314,52 @@ async def test_a_cold_start_reaches_the_sidecars_by_the_monitors_notice(
 def _first_choice(session: str, urls: list[str]) -> str:
     endpoints = [Endpoint(url, "small", EndpointState.READY) for url in urls]
     return max(endpoints, key=lambda e: rendezvous_score(session.encode(), e)).url
+
+
+async def test_without_redis_the_sidecar_is_its_own_monitor(pods: PodFactory,
+                                                            sidecar: SidecarFactory) -> None:
+    [pod] = await pods(1)
+    running = await sidecar({"small": pool([pod], health_path="/health",
+                                           health_interval_s=INTERVAL_S)})
+
+    async def probed() -> bool:
+        return pod.fake.paths.get("/health", 0) >= 2
+    await until(probed, "the sidecar probes its pod")
+    view = running.sidecar.stats()
+    assert view["pod_view"]["pools"]["small"]["source"] == "probing"
+    assert view["health_probes"] >= 2 and view["endpoint_states"]["ready"] == 1
+
+
+async def test_the_documented_monitor_user_publishes_and_a_sidecar_user_follows(
+        redis_server: RedisServer, pods: PodFactory, sidecar: SidecarFactory) -> None:
+    """The README's `llm-monitor` and `llm-sidecar` ACL users: the monitor leads, writes the
+    view and its notice; a sidecar reads the view and hears the notice; nothing refused."""
+    users = create_users(redis_server)
+    assert "llm-monitor" in users
+    warm, cold = await pods(1) + await pods(1, cold_start_s=600.0)
+    pools = {"small": pool([warm, cold], health_path="/health", metrics_path="/metrics",
+                           health_interval_s=INTERVAL_S)}
+    env = {"SIDECAR_POOLS": json.dumps(pools), "SIDECAR_REDIS_URL": users["llm-monitor"][1]}
+    client = connect_redis(users["llm-monitor"][1], timeout_s=2.0)
+    monitor = FleetMonitor(load_settings(env), client, instance="acl")
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(monitor.run(stop))
+    try:
+        async def published() -> bool:
+            return view_states(redis_server) == {warm.url: "ready", cold.url: "warming"}
+        await until(published, "the monitor publishes as llm-monitor")
+        running = await sidecar(pools, SIDECAR_REDIS_URL=users["llm-sidecar"][1])
+        assert running.sidecar.stats()["pod_view"]["pools"]["small"]["source"] == "monitor"
+        cold.fake.behaviour.cold_start_s = 0.0
+
+        async def heard() -> bool:
+            return running.sidecar.stats()["pod_view"]["notices"] >= 1
+        await until(heard, "the sidecar hears the cold start's notice as llm-sidecar")
+        assert running.sidecar.pools.endpoint("small", cold.url).state is EndpointState.READY
+        assert running.sidecar.prober.probes == 0
+    finally:
+        stop.set()
+        await task
+        await client.aclose()
+    assert redis_server.client().exists("llmsc:monitor:leader") == 0  # released on stop
+    assert refusals(redis_server) == [], "a documented user was refused something it needs"
