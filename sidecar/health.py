@@ -108,7 +108,10 @@ class HealthProber:
     async def start(self) -> None:
         self._http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S),
-            connector=aiohttp.TCPConnector(limit=64, force_close=not self.keep_alive))
+            # Kept alive (the monitor): one connection per pod at most, as each endpoint's
+            # task sends its health and metrics requests one after the other.
+            connector=aiohttp.TCPConnector(limit=0 if self.keep_alive else 64,
+                                           force_close=not self.keep_alive))
         self.sync()
 
     def sync(self) -> None:
@@ -172,8 +175,9 @@ class HealthProber:
         self.probes += 1
         try:
             async with self._http.get(endpoint.url + path) as response:
-                body = b"" if response.status in (200, 204) else \
-                    await response.content.read(LOADING_BODY_BYTES)
+                # Read (bounded) even when healthy: a body left unread would close the
+                # kept-alive connection.
+                body = await response.content.read(LOADING_BODY_BYTES)
                 return classify_probe(response.status, body)
         except (aiohttp.ClientError, OSError, TimeoutError):
             return Probe.DOWN

@@ -100,7 +100,7 @@ class Sidecar:
         self.proxy = Proxy(s, self.router, self.upstream, self.traffic, self.telemetry)
         await self.store.start()
         await self.router.start()
-        if self.store.kind == "redis":
+        if self.store.kind == "redis" and self._monitored():
             # One flush before probing: where a monitor publishes fresh views, this sidecar
             # starts by following them and never probes.
             await self.flush_traffic()
