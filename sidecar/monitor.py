@@ -70,6 +70,10 @@ return v
 """
 
 
+# Probe rounds that end within this long of each other are written together.
+WRITE_GAP_S = 0.1
+
+
 def monitored(pools: PoolSet) -> list[Pool]:
     return [p for p in pools.pools.values() if p.config.health_path or p.config.metrics_path]
 
@@ -92,8 +96,10 @@ class FleetMonitor:
         self.pools: PoolSet | None = None
         self.prober: HealthProber | None = None
         self.lease_until = 0.0            # monotonic; the lock is surely ours before it
-        self._seen: set[tuple[str, str]] = set()
-        self._changed: set[str] = set()
+        self._rounds: dict[tuple[str, str], int] = {}  # probe rounds of each endpoint
+        self._reign = ""                  # names this reign's rounds in the view
+        self._fresh: set[str] = set()     # pools with a round not yet written
+        self._changed: set[str] = set()   # pools with a state change not yet announced
         self._wake = asyncio.Event()
         self.writes = 0
         self.notices = 0
@@ -127,7 +133,9 @@ class FleetMonitor:
     async def _lead(self) -> None:
         self.reigns += 1
         self.pools = PoolSet(self.settings)
-        self._seen.clear()
+        self._rounds.clear()
+        self._reign = os.urandom(3).hex()
+        self._fresh.clear()
         self._changed.clear()
         self.prober = HealthProber(self.pools, self.telemetry, keep_alive=True,
                                    observer=self._observed)
@@ -140,6 +148,8 @@ class FleetMonitor:
     async def _step_down(self) -> None:
         prober, self.prober = self.prober, None
         self.lease_until = 0.0
+        self._fresh.clear()
+        self._changed.clear()
         if prober is not None:
             self.probes += prober.probes
             self.scrapes += prober.scrapes
@@ -147,19 +157,22 @@ class FleetMonitor:
             log.info("not leading: stopped probing")
 
     def _observed(self, endpoint: Endpoint, before: EndpointState) -> None:
-        self._seen.add((endpoint.pool, endpoint.url))
+        key = (endpoint.pool, endpoint.url)
+        self._rounds[key] = self._rounds.get(key, 0) + 1
+        self._fresh.add(endpoint.pool)
         if endpoint.state is not before:
             self._changed.add(endpoint.pool)
-            self._wake.set()
+        self._wake.set()
 
     def view_of(self, pool: Pool) -> dict[str, EndpointView] | None:
         """The pool's view, once every endpoint has been probed in this reign (until then
         the last reign's view stays up: it is fresher than "all warming")."""
-        if any((pool.name, e.url) not in self._seen for e in pool.endpoints):
+        if any((pool.name, e.url) not in self._rounds for e in pool.endpoints):
             return None
         return {e.url: EndpointView(
                     state_of(e.state.value) if pool.config.health_path else None,
-                    e.load if pool.config.metrics_path else None)
+                    e.load if pool.config.metrics_path else None,
+                    f"{self._reign}:{self._rounds[(pool.name, e.url)]}")
                 for e in pool.endpoints}
 
     def reload(self) -> bool:
@@ -192,6 +205,7 @@ class FleetMonitor:
                           args=[encode(endpoints, time.time()), ttl_ms, VIEW_CHANNEL,
                                 pool.name if notice else ""])
         self.writes += 1
+        self._fresh.discard(pool.name)
         if notice:
             self.notices += 1
             self._changed.discard(pool.name)
@@ -222,16 +236,19 @@ class FleetMonitor:
             wait = self.interval_s if self.leading else self.interval_s / 2
             deadline = loop.time() + wait
             while (remaining := deadline - loop.time()) > 0:
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(remaining):
-                        await self._wake.wait()
+                if not (self._fresh or self._changed):
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(remaining):
+                            await self._wake.wait()
                 if self.pools is not None:
-                    # An endpoint changed state: every sidecar hears of it now, not at the
-                    # next write.
+                    # A probe round ended: its reading is written now (a sidecar's next
+                    # read has it), and a state change is announced to every sidecar.
                     for pool in monitored(self.pools):
-                        if pool.name in self._changed:
-                            await self.publish(pool, notice=True)
+                        if pool.name in self._fresh or pool.name in self._changed:
+                            await self.publish(pool, notice=pool.name in self._changed)
+                    # Rounds that end together share one write.
+                    await asyncio.sleep(min(WRITE_GAP_S, max(0.0, deadline - loop.time())))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Until `stop`: any exception (Redis away) steps down and restarts the loop after

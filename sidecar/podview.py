@@ -6,7 +6,10 @@ Layout (the monitor writes, every sidecar reads; both sides use only this module
 
     llmsc:podview:{<pool>}    hash: version (HINCRBY, +1 per write), at (Redis `TIME` of
                               the write, "<s>.<µs>"), view (JSON: endpoint URL →
-                              {"state", "load"}); PEXPIRE STALE_INTERVALS × the interval
+                              {"state", "load", "n"}); PEXPIRE STALE_INTERVALS × the
+                              interval. Written after each probe round of an endpoint
+                              and every interval; "n" names the round, so a sidecar
+                              applies each round once however often it reads the view
     llmsc:podview             channel: "<pool>\\0<version>\\0<at>\\0<view>", published in the
                               same script as the write when an endpoint changed state
     llmsc:monitor:leader      the monitor's lock (one monitor probes; the others wait)
@@ -54,6 +57,7 @@ class ViewError(ValueError):
 class EndpointView:
     state: ViewState | None   # None: the monitor does not probe this pool's health
     load: PodLoad | None      # `at` is the age in seconds at the write, not a time
+    round: str = ""           # which probe round this is ("": apply on every read)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +89,8 @@ def encode(endpoints: Mapping[str, EndpointView], now: float) -> str:
             load = [entry.load.running, entry.load.waiting, round(entry.load.kv_usage, 4),
                     round(entry.load.rate, 3), entry.load.completed,
                     round(max(0.0, now - entry.load.at), 3)]
-        out[url] = {"state": entry.state.value if entry.state else None, "load": load}
+        out[url] = {"state": entry.state.value if entry.state else None, "load": load,
+                    "n": entry.round}
     return json.dumps(out, separators=(",", ":"))
 
 
@@ -109,7 +114,7 @@ def decode(pool: str, version: bytes | str | int, at: bytes | str | float,
                 if min(running, waiting, kv, rate, completed, age) < 0 or kv > 1:
                     raise ValueError(f"bad load for {url}")
                 load = PodLoad(running, waiting, kv, age, "metrics", completed, rate)
-            endpoints[str(url)] = EndpointView(state, load)
+            endpoints[str(url)] = EndpointView(state, load, str(item.get("n") or ""))
     except (ValueError, TypeError, KeyError) as exc:
         raise ViewError(f"view of pool {pool} unreadable: {exc}") from None
     return PoolView(pool, number, stamp, endpoints)
@@ -156,6 +161,7 @@ class Following:
     def __init__(self) -> None:
         self.views: dict[str, PoolView] = {}
         self.applied: dict[str, tuple[int, float]] = {}
+        self.rounds: dict[tuple[str, str], str] = {}
 
     def offer(self, view: PoolView) -> bool:
         """Keep `view` unless the one held is as new; True when it is still to apply. (A
@@ -168,6 +174,16 @@ class Following:
 
     def mark_applied(self, view: PoolView) -> None:
         self.applied[view.pool] = (view.version, view.at)
+
+    def new_round(self, pool: str, url: str, entry: EndpointView) -> bool:
+        """True the first time an endpoint's probe round is seen: its state and load are
+        applied once, as one probe's result would be (a ready reading restores an ejected
+        endpoint once per round, and a move budget is granted once per reading)."""
+        key = (pool, url)
+        if entry.round and self.rounds.get(key) == entry.round:
+            return False
+        self.rounds[key] = entry.round
+        return True
 
     def fresh_pools(self, intervals: Mapping[str, float], redis_now: float) -> set[str]:
         """The pools (of `intervals`: pool → health interval) whose view is fresh."""

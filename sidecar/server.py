@@ -202,6 +202,8 @@ class Sidecar:
             entry = view.endpoints.get(endpoint.url)
             if entry is None:
                 continue  # not in the monitor's configuration: this sidecar probes it
+            if not self.following.new_round(pool.name, endpoint.url, entry):
+                continue
             load = None if entry.load is None else \
                 load_at(entry.load, view, local_now, redis_now)
             self.prober.apply_view(endpoint, entry.state if pool.config.health_path else None,

@@ -93,6 +93,18 @@ def test_a_view_is_followed_while_fresh_and_applied_once_per_version() -> None:
     assert following.fresh_pools(intervals, 145.1) == set()
 
 
+def test_each_probe_round_of_an_endpoint_is_applied_once() -> None:
+    following = Following()
+    first = EndpointView(ViewState.READY, None, "r1:1")
+    assert following.new_round("small", "http://a", first)
+    assert not following.new_round("small", "http://a", first)   # read again: skipped
+    assert following.new_round("small", "http://b", first)       # another endpoint
+    assert following.new_round("small", "http://a", EndpointView(ViewState.READY, None,
+                                                                 "r1:2"))
+    assert following.new_round("small", "http://a", EndpointView(ViewState.READY, None,
+                                                                 "r2:2"))  # a new reign
+
+
 # -- real processes ------------------------------------------------------------------------
 
 class MonitorProcess:
