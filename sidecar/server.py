@@ -219,8 +219,16 @@ class Sidecar:
             return
         fresh = self.following.fresh_pools(monitored, self.traffic.clock.now()) \
             if self.store.kind == "redis" else set()
-        covered = {(name, e.url) for name in fresh for e in self.pools.pools[name].endpoints
-                   if e.url in self.following.views[name].endpoints}
+        covered = set()
+        for name in fresh:
+            pool, entries = self.pools.pools[name], self.following.views[name].endpoints
+            for e in pool.endpoints:
+                entry = entries.get(e.url)
+                # A view without a state (the monitor's pools file has no health_path for
+                # this pool) cannot end a cold start here: this sidecar probes it.
+                if entry is not None and (entry.state is not None
+                                          or not pool.config.health_path):
+                    covered.add((name, e.url))
         self.prober.follow(covered)
         probing = set(monitored) - fresh
         before, self._probing_pools = self._probing_pools, probing

@@ -375,3 +375,36 @@ async def test_the_documented_monitor_user_publishes_and_a_sidecar_user_follows(
         await client.aclose()
     assert redis_server.client().exists("llmsc:monitor:leader") == 0  # released on stop
     assert refusals(redis_server) == [], "a documented user was refused something it needs"
+
+
+async def test_an_endpoint_the_view_does_not_carry_is_probed_by_the_sidecar(
+        redis_server: RedisServer, pods: PodFactory, sidecar: SidecarFactory) -> None:
+    """The monitor's pools file lags the sidecar's (a pod just added): the sidecar follows
+    the view for the pod it carries and probes the other itself."""
+    known, added = await pods(2)
+    health = {"health_path": "/health", "health_interval_s": INTERVAL_S}
+    monitor_env = {"SIDECAR_POOLS": json.dumps({"small": pool([known], **health)}),
+                   "SIDECAR_REDIS_URL": redis_server.url}
+    client = connect_redis(redis_server.url, timeout_s=2.0)
+    monitor = FleetMonitor(load_settings(monitor_env), client, instance="lagging")
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(monitor.run(stop))
+    try:
+        async def published() -> bool:
+            return view_states(redis_server) == {known.url: "ready"}
+        await until(published, "the monitor publishes its one pod")
+        running = await sidecar({"small": pool([known, added], **health)},
+                                SIDECAR_REDIS_URL=redis_server.url)
+        prober = running.sidecar.prober
+        assert prober.covered == {("small", known.url)} and prober.probing == 1
+
+        async def both_ready() -> bool:
+            return running.sidecar.stats()["endpoint_states"]["ready"] == 2
+        await until(both_ready, "the sidecar's own probe makes the added pod ready")
+        health_hits = known.fake.paths.get("/health", 0)
+        assert health_hits == monitor.stats()["health_probes"] or \
+            health_hits == monitor.stats()["health_probes"] - 1  # one may be in flight
+    finally:
+        stop.set()
+        await task
+        await client.aclose()
