@@ -185,6 +185,11 @@ class Following:
         self.rounds[key] = entry.round
         return True
 
+    def keep_only(self, pool: str, urls: set[str]) -> None:
+        """Forget the rounds of a pool's endpoints that left the configuration."""
+        for key in [k for k in self.rounds if k[0] == pool and k[1] not in urls]:
+            del self.rounds[key]
+
     def fresh_pools(self, intervals: Mapping[str, float], redis_now: float) -> set[str]:
         """The pools (of `intervals`: pool → health interval) whose view is fresh."""
         return {pool for pool, interval in intervals.items()

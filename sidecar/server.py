@@ -209,6 +209,7 @@ class Sidecar:
             self.prober.apply_view(endpoint, entry.state if pool.config.health_path else None,
                                    load, bool(pool.config.metrics_path))
         self.following.mark_applied(view)
+        self.following.keep_only(pool.name, {e.url for e in pool.endpoints})
 
     def follow_views(self) -> None:
         """Per pool: follow its fresh view (this sidecar probes none of the endpoints it
