@@ -41,7 +41,7 @@ from tests.conftest import CHAT, Pod, PodFactory, SidecarFactory, SidecarProcess
 from tests.redis_server import RedisServer, free_port
 from tests.test_redis_acl import create_users, refusals
 
-INTERVAL_S = 0.5
+INTERVAL_S = 1.0  # stale after 3 s: a stall of the loaded test machine must not look like an outage
 JITTER = 0.2  # health.JITTER: probes of one endpoint are at least 0.8 interval apart
 
 
@@ -228,7 +228,7 @@ async def test_pods_get_two_monitoring_requests_per_interval_whatever_the_fleet_
     before_hits = {p.url: hits(p) for p in made}
     before = await monitor.stats()
     started = time.monotonic()
-    await asyncio.sleep(12 * INTERVAL_S)
+    await asyncio.sleep(8 * INTERVAL_S)
     window = time.monotonic() - started
     after = await monitor.stats()
     most = 2 * (math.floor(window / ((1 - JITTER) * INTERVAL_S)) + 2)
@@ -263,7 +263,7 @@ async def test_pods_get_two_monitoring_requests_per_interval_whatever_the_fleet_
     await until(all_following, "every sidecar follows the new monitor")
     assert "small from the monitor" in shown_by_top(await stats(sidecars[0]))
     counts = [(await stats(p))["health_probes"] for p in sidecars]
-    await asyncio.sleep(6 * INTERVAL_S)
+    await asyncio.sleep(4 * INTERVAL_S)
     assert [(await stats(p))["health_probes"] for p in sidecars] == counts
     for process in sidecars:
         assert "probing its pods from this sidecar" in _log_of(process)
