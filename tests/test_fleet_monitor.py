@@ -408,3 +408,45 @@ async def test_an_endpoint_the_view_does_not_carry_is_probed_by_the_sidecar(
         stop.set()
         await task
         await client.aclose()
+
+
+async def test_redis_away_the_sidecar_probes_and_follows_again_when_it_is_back(
+        redis_server: RedisServer, pods: PodFactory, sidecar: SidecarFactory) -> None:
+    [pod] = await pods(1)
+    pools = {"small": pool([pod], health_path="/health", health_interval_s=INTERVAL_S)}
+    env = {"SIDECAR_POOLS": json.dumps(pools), "SIDECAR_REDIS_URL": redis_server.url}
+    client = connect_redis(redis_server.url, timeout_s=2.0)
+    monitor = FleetMonitor(load_settings(env), client, instance="outage")
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(monitor.run(stop))
+    try:
+        async def published() -> bool:
+            return view_states(redis_server) == {pod.url: "ready"}
+        await until(published, "the monitor publishes")
+        running = await sidecar(pools, SIDECAR_REDIS_URL=redis_server.url,
+                                SIDECAR_REDIS_TIMEOUT_MS="200")
+        side = running.sidecar
+
+        def source() -> str:
+            return str(side.stats()["pod_view"]["pools"]["small"]["source"])
+        assert source() == "monitor" and side.prober.probes == 0
+
+        redis_server.stop()
+
+        async def probing() -> bool:
+            return source() == "probing" and side.prober.probes > 0
+        await until(probing, "the sidecar probes by itself while Redis is away")
+        assert side.stats()["endpoint_states"]["ready"] == 1
+
+        redis_server.start()
+
+        async def following() -> bool:
+            return source() == "monitor"
+        await until(following, "the sidecar follows the monitor again once Redis is back")
+        probes = side.prober.probes
+        await asyncio.sleep(2 * INTERVAL_S)
+        assert side.prober.probes == probes
+    finally:
+        stop.set()
+        await task
+        await client.aclose()
