@@ -33,6 +33,7 @@ from sidecar.podview import (
     decode,
     encode,
     parse_notice,
+    view_key,
 )
 from sidecar.pools import Endpoint, EndpointState, rendezvous_score
 from sidecar.store import connect_redis
@@ -40,6 +41,7 @@ from sidecar.top import Snapshot, render
 from tests.conftest import CHAT, Pod, PodFactory, SidecarFactory, SidecarProcess, pool
 from tests.redis_server import RedisServer, free_port
 from tests.test_redis_acl import create_users, refusals
+from tests.test_redis_topologies import start_cluster
 
 INTERVAL_S = 1.0  # stale after 3 s: a stall of the loaded test machine must not look like an outage
 JITTER = 0.2  # health.JITTER: probes of one endpoint are at least 0.8 interval apart
@@ -450,3 +452,47 @@ async def test_redis_away_the_sidecar_probes_and_follows_again_when_it_is_back(
         stop.set()
         await task
         await client.aclose()
+
+
+async def test_on_redis_cluster_a_sidecar_reads_the_views_and_hears_the_notices(
+        pods: PodFactory, sidecar: SidecarFactory) -> None:
+    """Two pools' views in two slots, read in one flush; the cold start's notice is a
+    PUBLISH from a script on the pool key's node, heard by a sidecar subscribed elsewhere."""
+    nodes = start_cluster()
+    try:
+        warm, cold = await pods(1) + await pods(1, cold_start_s=600.0)
+        [other] = await pods(1)
+        health = {"health_path": "/health", "health_interval_s": INTERVAL_S}
+        pools = {"small": pool([warm, cold], **health),
+                 "large": pool([other], model="large-model", **health)}
+        env = {"SIDECAR_POOLS": json.dumps(pools), "SIDECAR_REDIS_URL": nodes[0].url,
+               "SIDECAR_REDIS_MODE": "cluster"}
+        client = connect_redis(nodes[0].url, "cluster", timeout_s=2.0)
+        monitor = FleetMonitor(load_settings(env), client, instance="cluster")
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(monitor.run(stop))
+        try:
+            async def published() -> bool:
+                return all([await client.exists(view_key("small")),
+                            await client.exists(view_key("large"))])
+            await until(published, "the monitor writes both pools' views")
+            running = await sidecar(pools, SIDECAR_REDIS_URL=nodes[0].url,
+                                    SIDECAR_REDIS_MODE="cluster",
+                                    SIDECAR_REDIS_TIMEOUT_MS="1000")
+            side = running.sidecar
+            view = side.stats()["pod_view"]["pools"]
+            assert view["small"]["source"] == view["large"]["source"] == "monitor"
+            assert side.prober.probes == 0
+            cold.fake.behaviour.cold_start_s = 0.0
+
+            async def ready() -> bool:
+                return side.pools.endpoint("small", cold.url).state is EndpointState.READY
+            await until(ready, "the cold start reaches the sidecar")
+            assert side.stats()["pod_view"]["notices"] >= 1 and side.prober.probes == 0
+        finally:
+            stop.set()
+            await task
+            await client.aclose()
+    finally:
+        for node in nodes:
+            node.cleanup()
