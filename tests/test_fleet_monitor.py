@@ -496,3 +496,43 @@ async def test_on_redis_cluster_a_sidecar_reads_the_views_and_hears_the_notices(
     finally:
         for node in nodes:
             node.cleanup()
+
+
+async def test_a_failing_pod_is_ejected_by_the_notice_and_restored_by_the_next(
+        redis_server: RedisServer, pods: PodFactory, sidecar: SidecarFactory) -> None:
+    steady, flaky = await pods(2)
+    pools = {"small": pool([steady, flaky], health_path="/health",
+                           health_interval_s=INTERVAL_S)}
+    env = {"SIDECAR_POOLS": json.dumps(pools), "SIDECAR_REDIS_URL": redis_server.url}
+    client = connect_redis(redis_server.url, timeout_s=2.0)
+    monitor = FleetMonitor(load_settings(env), client, instance="failing")
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(monitor.run(stop))
+    try:
+        async def published() -> bool:
+            return view_states(redis_server) == {steady.url: "ready", flaky.url: "ready"}
+        await until(published, "the monitor publishes both pods ready")
+        running = await sidecar(pools, SIDECAR_REDIS_URL=redis_server.url)
+        side = running.sidecar
+        endpoint = side.pools.endpoint("small", flaky.url)
+        assert endpoint is not None and endpoint.state is EndpointState.READY
+
+        flaky.fake.behaviour.cold_start_s = 600.0  # /health answers 503 from now on
+        flaky.fake.started = time.monotonic()
+
+        async def ejected() -> bool:
+            return endpoint.state is EndpointState.EJECTED
+        await until(ejected, "the monitor's ejection reaches the sidecar")
+        assert view_states(redis_server)[flaky.url] == "failing"
+        assert endpoint.retry_at == float("inf")  # no half-open try: only "ready" restores
+
+        flaky.fake.behaviour.cold_start_s = 0.0
+
+        async def restored() -> bool:
+            return endpoint.state is EndpointState.READY
+        await until(restored, "the pod's recovery reaches the sidecar")
+        assert side.stats()["pod_view"]["notices"] >= 2 and side.prober.probes == 0
+    finally:
+        stop.set()
+        await task
+        await client.aclose()
