@@ -219,9 +219,12 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         runner = None
         if listen is not None:
             runner = await serve_stats(monitor, listen.host or "127.0.0.1", listen.port or 0)
-        logging.getLogger("sidecar.monitor").info(
-            "fleet monitor %s: %d pools to probe, every %.1f s", monitor.token,
-            len(monitored(PoolSet(settings))), monitor.interval_s)
+        count = len(monitored(PoolSet(settings)))
+        logging.getLogger("sidecar.monitor").log(
+            logging.INFO if count else logging.WARNING,
+            "fleet monitor %s: %d pools to probe, every %.1f s%s", monitor.token, count,
+            monitor.interval_s, "" if count else " (no pool has a health_path or a "
+            "metrics_path: there is nothing to monitor)")
         try:
             await monitor.run(stop)
         finally:

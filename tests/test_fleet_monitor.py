@@ -536,3 +536,13 @@ async def test_a_failing_pod_is_ejected_by_the_notice_and_restored_by_the_next(
         stop.set()
         await task
         await client.aclose()
+
+
+def test_the_monitor_refuses_to_start_without_redis_and_says_why() -> None:
+    env = {**os.environ, "SIDECAR_POOLS": json.dumps({"small": {
+        "model": "m", "endpoints": ["http://127.0.0.1:1"], "health_path": "/health"}})}
+    env.pop("SIDECAR_REDIS_URL", None)
+    done = subprocess.run([sys.executable, "-m", "sidecar", "monitor"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "SIDECAR_REDIS_URL is not set" in done.stderr and "Traceback" not in done.stderr
