@@ -190,6 +190,8 @@ class FleetMonitor:
             return False
         if self.pools is not None and self.prober is not None:
             self.pools.apply(self.settings.pools, self.settings.api_keys)
+            kept = {(p.name, e.url) for p in self.pools.pools.values() for e in p.endpoints}
+            self._rounds = {k: n for k, n in self._rounds.items() if k in kept}
             self.prober.sync()
         log.info("SIGHUP: pools reloaded")
         return True

@@ -546,3 +546,33 @@ def test_the_monitor_refuses_to_start_without_redis_and_says_why() -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "SIDECAR_REDIS_URL is not set" in done.stderr and "Traceback" not in done.stderr
+
+
+async def test_the_monitor_rereads_its_pools_file_and_publishes_the_new_pod(
+        tmp_path: Any, redis_server: RedisServer, pods: PodFactory) -> None:
+    first, added = await pods(2)
+    health = {"health_path": "/health", "health_interval_s": INTERVAL_S}
+    pools_file = tmp_path / "pools.json"
+    pools_file.write_text(json.dumps({"small": pool([first], **health)}))
+    env = {"SIDECAR_POOLS_FILE": str(pools_file), "SIDECAR_REDIS_URL": redis_server.url}
+    client = connect_redis(redis_server.url, timeout_s=2.0)
+    monitor = FleetMonitor(load_settings(env), client, instance="reload")
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(monitor.run(stop))
+    try:
+        async def one() -> bool:
+            return view_states(redis_server) == {first.url: "ready"}
+        await until(one, "the monitor publishes its one pod")
+        pools_file.write_text(json.dumps({"small": pool([added], **health)}))
+        assert monitor.reload()
+
+        async def swapped() -> bool:
+            return view_states(redis_server) == {added.url: "ready"}
+        await until(swapped, "the view follows the re-read pools file")
+        probes = first.fake.paths.get("/health", 0)
+        await asyncio.sleep(2 * INTERVAL_S)
+        assert first.fake.paths.get("/health", 0) == probes  # the removed pod: no probe
+    finally:
+        stop.set()
+        await task
+        await client.aclose()
