@@ -1,4 +1,5 @@
-"""The `llm-sidecar` command line: serve, check, scaler, simulate, fake-llm, demo, top, wait."""
+"""The `llm-sidecar` command line: serve, check, monitor, scaler, simulate, fake-llm, demo, top,
+wait."""
 
 from __future__ import annotations
 
@@ -176,6 +177,66 @@ def cmd_scaler(args: argparse.Namespace) -> int:
     return _run(main())
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    """The fleet monitor: probes the pools of SIDECAR_POOLS once for the whole fleet and
+    publishes the pod view in SIDECAR_REDIS_URL (two instances: one leads)."""
+    from sidecar.config import parse_listen
+
+    settings = _settings_or_exit()
+    listen = None if args.stats_listen == "off" else parse_listen(args.stats_listen)
+    problems = []
+    if settings.redis_url is None:
+        problems.append("SIDECAR_REDIS_URL is not set: the monitor publishes its pod view "
+                        "in the Redis the sidecars share (without Redis each sidecar probes "
+                        "by itself; no monitor is needed)")
+    if args.stats_listen != "off" and (listen is None or listen.path is not None):
+        problems.append(f"--stats-listen: expected `host:port` or `off`, got "
+                        f"{args.stats_listen!r}")
+    if problems:
+        print("llm-sidecar monitor: configuration refused:", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
+
+    async def main() -> int:
+        import signal
+
+        from sidecar.monitor import FleetMonitor, monitored, serve_stats
+        from sidecar.pools import PoolSet
+        from sidecar.store import connect_redis
+        from sidecar.telemetry import Telemetry
+
+        redis = connect_redis(settings.redis_url, settings.redis_mode, 2.0, 4,
+                              settings.redis_sentinel_master, settings.redis_ca_file)
+        events = Telemetry()
+        monitor = FleetMonitor(settings, redis, events)
+        events.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, monitor.reload)
+        runner = None
+        if listen is not None:
+            runner = await serve_stats(monitor, listen.host or "127.0.0.1", listen.port or 0)
+        count = len(monitored(PoolSet(settings)))
+        logging.getLogger("sidecar.monitor").log(
+            logging.INFO if count else logging.WARNING,
+            "fleet monitor %s: %d pools to probe, every %.1f s%s", monitor.token, count,
+            monitor.interval_s, "" if count else " (no pool has a health_path or a "
+            "metrics_path: there is nothing to monitor)")
+        try:
+            await monitor.run(stop)
+        finally:
+            if runner is not None:
+                await runner.cleanup()
+            await redis.aclose()
+            await events.stop()
+        return 0
+
+    return _run(main())
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from sidecar.scaler import simulate as sim
     from sidecar.scaler import traces
@@ -310,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     _behaviour_flags(fake)
     fake.set_defaults(func=cmd_fake_llm)
 
+    monitor = sub.add_parser("monitor", help="the fleet monitor: probes every pool's pods "
+                             "once for all sidecars and publishes the pod view in Redis "
+                             "(reads the sidecar's SIDECAR_POOLS and SIDECAR_REDIS_*)")
+    monitor.add_argument("--stats-listen", default="127.0.0.1:7881",
+                         help="GET /stats and /health: `host:port`, or `off`")
+    monitor.set_defaults(func=cmd_monitor)
+
     scaler = sub.add_parser("scaler", help="the traffic monitor and scaler (reads "
                             "SIDECAR_SCALER_* and NOMAD_* variables)")
     scaler.add_argument("--check", action="store_true",
@@ -390,7 +458,7 @@ class JsonLines(logging.Formatter):
 def setup_logging(level: str, command: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     # Services log JSON lines by default (log shippers); interactive commands log text.
-    default = "json" if command in ("serve", "scaler") else "text"
+    default = "json" if command in ("serve", "scaler", "monitor") else "text"
     if (os.environ.get("SIDECAR_LOG_FORMAT") or default).strip().lower() == "json":
         handler.setFormatter(JsonLines())
     else:

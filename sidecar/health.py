@@ -6,6 +6,10 @@ Never on the request path.
 A warming endpoint's first healthy probe is its cold start event; a ready endpoint that fails
 probes in a row is ejected, and an ejected one that answers is restored. A pod that answers
 it is still loading its model is warming, not failing.
+
+Where a fleet monitor publishes a pod view (podview.py), a sidecar follows it instead:
+`follow` stops probing the endpoints a fresh view covers, and `apply_view` moves them by the
+same endpoint methods a probe result does.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from enum import Enum
 
 import aiohttp
@@ -25,9 +30,11 @@ from sidecar.podload import (
     DEFAULT_ENGINE,
     MAX_METRICS_BYTES,
     MetricsParseError,
+    PodLoad,
     parse_metrics,
     with_rate,
 )
+from sidecar.podview import Action, ViewState, action_for
 from sidecar.pools import Endpoint, EndpointState, PoolSet
 from sidecar.telemetry import Telemetry
 
@@ -73,9 +80,21 @@ class ColdStart:
                 "duration_s": round(self.duration_s, 3), "at": self.at}
 
 
+# Called after each probe round of an endpoint, with the state it had before the round.
+ProbeObserver = Callable[[Endpoint, EndpointState], None]
+
+
 class HealthProber:
-    def __init__(self, pools: PoolSet, telemetry: Telemetry | None = None) -> None:
+    """Probes every endpoint of the pools that have a health or metrics path, except those
+    `covered` by a fresh pod view. `keep_alive` (the monitor) reuses one connection per
+    pod; a sidecar's own probes close theirs (it probes only while the monitor is away)."""
+
+    def __init__(self, pools: PoolSet, telemetry: Telemetry | None = None,
+                 keep_alive: bool = False, observer: ProbeObserver | None = None) -> None:
         self.pools = pools
+        self.keep_alive = keep_alive
+        self.observer = observer
+        self.covered: set[tuple[str, str]] = set()  # (pool, URL): state from the pod view
         self.telemetry = telemetry if telemetry is not None else Telemetry({})
         self.cold_starts: deque[ColdStart] = deque(maxlen=100)
         self.probes = 0
@@ -89,7 +108,10 @@ class HealthProber:
     async def start(self) -> None:
         self._http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S),
-            connector=aiohttp.TCPConnector(limit=64, force_close=True))
+            # Kept alive (the monitor): one connection per pod at most, as each endpoint's
+            # task sends its health and metrics requests one after the other.
+            connector=aiohttp.TCPConnector(limit=0 if self.keep_alive else 64,
+                                           force_close=not self.keep_alive))
         self.sync()
 
     def sync(self) -> None:
@@ -98,7 +120,8 @@ class HealthProber:
         for pool in self.pools.pools.values():
             if pool.config.health_path or pool.config.metrics_path:
                 for endpoint in pool.endpoints:
-                    wanted[(pool.name, endpoint.url)] = endpoint
+                    if (pool.name, endpoint.url) not in self.covered:
+                        wanted[(pool.name, endpoint.url)] = endpoint
         for key in list(self._tasks):
             if key not in wanted:
                 self._tasks.pop(key).cancel()
@@ -106,6 +129,18 @@ class HealthProber:
         for key, endpoint in wanted.items():
             if key not in self._tasks:
                 self._tasks[key] = loop.create_task(self._probe_forever(endpoint))
+
+    @property
+    def probing(self) -> int:
+        """How many endpoints this process probes itself now."""
+        return len(self._tasks)
+
+    def follow(self, covered: set[tuple[str, str]]) -> None:
+        """Probe no endpoint in `covered` (a fresh view says their state); probe the rest."""
+        if covered != self.covered:
+            self.covered = covered
+            if self._http is not None:
+                self.sync()
 
     async def close(self) -> None:
         tasks = list(self._tasks.values())
@@ -124,12 +159,15 @@ class HealthProber:
             if pool is None or not (pool.config.health_path or pool.config.metrics_path):
                 return
             interval = pool.config.health_interval_s
+            before = endpoint.state
             if pool.config.health_path:
                 result = await self.probe(endpoint, pool.config.health_path)
                 self.apply(endpoint, result)
             if pool.config.metrics_path:
                 await self.scrape(endpoint, pool.config.metrics_path, interval,
                                   pool.config.engine)
+            if self.observer is not None:
+                self.observer(endpoint, before)
             await asyncio.sleep(interval * random.uniform(1 - JITTER, 1 + JITTER))
 
     async def probe(self, endpoint: Endpoint, path: str) -> Probe:
@@ -137,8 +175,9 @@ class HealthProber:
         self.probes += 1
         try:
             async with self._http.get(endpoint.url + path) as response:
-                body = b"" if response.status in (200, 204) else \
-                    await response.content.read(LOADING_BODY_BYTES)
+                # Read (bounded) even when healthy: a body left unread would close the
+                # kept-alive connection.
+                body = await response.content.read(LOADING_BODY_BYTES)
                 return classify_probe(response.status, body)
         except (aiohttp.ClientError, OSError, TimeoutError):
             return Probe.DOWN
@@ -172,6 +211,24 @@ class HealthProber:
             return
         load = with_rate(endpoint.load, load)
         endpoint.set_load(load, saturated(load))
+
+    def apply_view(self, endpoint: Endpoint, state: ViewState | None, load: PodLoad | None,
+                   load_known: bool) -> None:
+        """The monitor's word on an endpoint, through the same methods as a probe's result:
+        its state (None: the monitor does not probe its health), and its load when
+        `load_known` (the pool has a metrics path here)."""
+        action = action_for(state, endpoint.state.value)
+        if action is Action.HEALTHY:
+            self.apply(endpoint, Probe.HEALTHY)
+        elif action is Action.LOADING:
+            self.apply(endpoint, Probe.LOADING)
+        elif action is Action.EJECT:
+            endpoint.eject(retry_at=float("inf"))  # as probe_failed: only "ready" restores
+            self.telemetry.event("endpoint ejected", f"{endpoint.url} (pool {endpoint.pool}) "
+                                 "is failing its probes (fleet monitor)", alert_type="warning",
+                                 tags=[f"pool:{endpoint.pool}"])
+        if load_known:
+            endpoint.set_load(load, load is not None and saturated(load))
 
     def apply(self, endpoint: Endpoint, result: Probe) -> None:
         """A probe's result, through the endpoint's own methods (it owns its state)."""

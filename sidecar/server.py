@@ -29,6 +29,16 @@ from sidecar.dataplane.upstream import HttpUpstream
 from sidecar.health import HealthProber
 from sidecar.placement import saturated
 from sidecar.podload import PodLoad, heartbeat_load
+from sidecar.podview import (
+    STALE_INTERVALS,
+    Following,
+    PoolView,
+    ViewError,
+    decode,
+    load_at,
+    parse_notice,
+    view_key,
+)
 from sidecar.pools import EndpointState, PoolSet
 from sidecar.routing import Router
 from sidecar.store import RouteStore, StoreUnavailable, make_store
@@ -65,6 +75,12 @@ class Sidecar:
                              self.supervisor)
         self.prober = HealthProber(self.pools, self.telemetry)
         self.traffic = Traffic()
+        # The fleet monitor's pod views (podview.py): while a pool's view is fresh this
+        # sidecar follows it and probes none of its pods; stale or absent, it probes them.
+        self.following = Following()
+        self.views_unreadable = 0
+        self._probing_pools: set[str] | None = None  # None: not decided yet
+        self.store.on_view(self._view_notice)
         self._pools_on_fallback: set[str] = set()
         self._stale_heartbeats: dict[str, list[bytes]] = {}
         self.telemetry.collectors.append(self.collect_metrics)
@@ -84,6 +100,11 @@ class Sidecar:
         self.proxy = Proxy(s, self.router, self.upstream, self.traffic, self.telemetry)
         await self.store.start()
         await self.router.start()
+        if self.store.kind == "redis" and self._monitored():
+            # One flush before probing: where a monitor publishes fresh views, this sidecar
+            # starts by following them and never probes.
+            await self.flush_traffic()
+        self.follow_views()
         await self.prober.start()
         self.traffic.start(self.flush_traffic, self.supervisor)
         self.telemetry.start(self.supervisor)
@@ -105,6 +126,7 @@ class Sidecar:
                 scraped[name] = loads
         heartbeat_pools = [name for name, pool in self.pools.pools.items()
                            if not pool.config.metrics_path and pool.endpoints]
+        view_pools = list(self._monitored()) if self.store.kind == "redis" else []
         stale, self._stale_heartbeats = self._stale_heartbeats, {}
         clock = self.traffic.clock
         now = clock.local()
@@ -118,6 +140,8 @@ class Sidecar:
                 pipe.hdel(endpoint_inflight_key(name), *fields)
             for name in heartbeat_pools:
                 pipe.hgetall(endpoint_inflight_key(name))
+            for name in view_pools:
+                pipe.hmget(view_key(name), "version", "at", "view")
 
         try:
             replies = await self.store.write(build)
@@ -127,13 +151,122 @@ class Sidecar:
                 if e.load is not None and e.load.source == "heartbeat" \
                         and now - e.load.at > HEARTBEAT_STALE_S:
                     e.set_load(None, False)
+            self.follow_views()  # the views age: past their bound, probe again
             return
         if replies:
             clock.observe(replies[0], now, clock.local())
+        views = replies[len(replies) - len(view_pools):] if replies else []
+        replies = replies[:len(replies) - len(view_pools)]
         if replies and heartbeat_pools:
             self._apply_heartbeats(heartbeat_pools, replies[-len(heartbeat_pools):], now)
+        for name, fields in zip(view_pools, views, strict=True):
+            if isinstance(fields, list) and len(fields) == 3 and None not in fields:
+                try:
+                    self.take_view(decode(name, *fields))
+                except ViewError as exc:
+                    self._unreadable(exc)
+        self.follow_views()
         if not counted and clock.synced:
             await self.flush_traffic()  # the first flush only learned Redis's clock
+
+    def _monitored(self) -> dict[str, float]:
+        """Pools whose pods are probed or scraped → their health interval."""
+        return {name: pool.config.health_interval_s for name, pool in self.pools.pools.items()
+                if pool.config.health_path or pool.config.metrics_path}
+
+    def _view_notice(self, data: bytes) -> None:
+        """The monitor saw an endpoint change state: apply its view now (no read needed)."""
+        try:
+            self.take_view(parse_notice(data))
+        except ViewError as exc:
+            self._unreadable(exc)
+            return
+        self.follow_views()
+
+    def _unreadable(self, exc: ViewError) -> None:
+        self.views_unreadable += 1
+        if self.views_unreadable == 1:
+            log.warning("%s (a monitor of another version?); this sidecar probes the "
+                        "pools whose view it cannot read", exc)
+
+    def take_view(self, view: PoolView) -> None:
+        """A newer view of a pool, if fresh, moves its endpoints by the prober's setters."""
+        pool = self.pools.get(view.pool)
+        if pool is None or not self.following.offer(view):
+            return
+        redis_now = self.traffic.clock.now()
+        if not view.fresh(redis_now, pool.config.health_interval_s):
+            return
+        local_now = time.time()
+        for endpoint in pool.endpoints:
+            entry = view.endpoints.get(endpoint.url)
+            if entry is None:
+                continue  # not in the monitor's configuration: this sidecar probes it
+            if not self.following.new_round(pool.name, endpoint.url, entry):
+                continue
+            load = None if entry.load is None else \
+                load_at(entry.load, view, local_now, redis_now)
+            self.prober.apply_view(endpoint, entry.state if pool.config.health_path else None,
+                                   load, bool(pool.config.metrics_path))
+        self.following.mark_applied(view)
+        self.following.keep_only(pool.name, {e.url for e in pool.endpoints})
+
+    def follow_views(self) -> None:
+        """Per pool: follow its fresh view (this sidecar probes none of the endpoints it
+        covers), or probe by itself (no monitor, monitor away, Redis away). Says so when
+        that changes."""
+        monitored = self._monitored()
+        if not monitored:
+            return
+        fresh = self.following.fresh_pools(monitored, self.traffic.clock.now()) \
+            if self.store.kind == "redis" else set()
+        covered = set()
+        for name in fresh:
+            pool, entries = self.pools.pools[name], self.following.views[name].endpoints
+            for e in pool.endpoints:
+                entry = entries.get(e.url)
+                # A view without a state (the monitor's pools file has no health_path for
+                # this pool) cannot end a cold start here: this sidecar probes it.
+                if entry is not None and (entry.state is not None
+                                          or not pool.config.health_path):
+                    covered.add((name, e.url))
+        self.prober.follow(covered)
+        probing = set(monitored) - fresh
+        before, self._probing_pools = self._probing_pools, probing
+        if before is None:
+            if probing and self.store.kind == "redis":
+                log.info("no fresh pod view for pools %s: this sidecar probes their pods "
+                         "itself (run `llm-sidecar monitor` to probe once for the fleet)",
+                         ", ".join(sorted(probing)))
+            return
+        for name in sorted(probing - before):
+            bound = STALE_INTERVALS * monitored[name]
+            self.telemetry.event("pod view stale", f"pool {name}: no pod view newer than "
+                                 f"{bound:.1f} s (monitor or Redis away): this sidecar probes "
+                                 "its pods itself", alert_type="warning",
+                                 tags=[f"pool:{name}"])
+            log.warning("pool %s: the pod view is older than %.1f s (monitor or Redis away): "
+                        "probing its pods from this sidecar", name, bound)
+        for name in sorted(before - probing):
+            self.telemetry.event("pod view fresh", f"pool {name}: following the fleet "
+                                 "monitor's pod view again; this sidecar stopped probing",
+                                 tags=[f"pool:{name}"])
+            log.info("pool %s: following the fleet monitor's pod view; stopped probing", name)
+
+    def view_stats(self) -> dict[str, Any]:
+        redis_now = self.traffic.clock.now()
+        pools: dict[str, Any] = {}
+        for name, interval in self._monitored().items():
+            view = self.following.views.get(name)
+            pools[name] = {
+                "source": "probing" if self._probing_pools is None
+                or name in self._probing_pools else "monitor",
+                "version": view.version if view else None,
+                "age_s": round(view.age(redis_now), 3) if view else None,
+                "stale_after_s": STALE_INTERVALS * interval}
+        return {"pools": pools, "probing_endpoints": self.prober.probing,
+                "notices": getattr(self.store, "views_received", 0),
+                "unreadable": self.views_unreadable}
 
     def _apply_heartbeats(self, names: list[str], replies: list[Any], now: float) -> None:
         """Pools without metrics: each endpoint's load is the fleet's summed in-flight."""
@@ -269,6 +402,7 @@ class Sidecar:
             "traffic": self.traffic.view(),
             "load_level_changes": self.router.level_changes,
             "health_probes": self.prober.probes,
+            "pod_view": self.view_stats(),
             "load_scrapes": {"scrapes": self.prober.scrapes,
                              "failures": self.prober.scrape_failures,
                              "parse_failures": self.prober.parse_failures},
@@ -363,6 +497,12 @@ async def start(settings: Settings, store: RouteStore | None = None,
 
 async def serve(settings: Settings) -> int:
     """`llm-sidecar serve`: run until SIGTERM/SIGINT, then drain and exit 0."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    # Before the listeners open: a SIGTERM that arrives as soon as /health answers drains
+    # the sidecar instead of killing it.
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
     try:
         running = await start(settings)
     except OSError as exc:
@@ -373,10 +513,6 @@ async def serve(settings: Settings) -> int:
     # a full collection under load no longer walks it (fewer multi-millisecond pauses).
     gc.collect()
     gc.freeze()
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, running.sidecar.reload)
     store = running.sidecar.store
     log.info("llm-sidecar %s listening on %s (admin %s), %d pools, route store: %s",

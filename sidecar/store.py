@@ -23,6 +23,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 
 from sidecar.config import Settings, redact_url
+from sidecar.podview import VIEW_CHANNEL
 from sidecar.redisfaults import CAUGHT, Fault, classify, describe
 from sidecar.supervise import Supervisor
 
@@ -48,6 +49,7 @@ LISTENER_MAX_BACKOFF_S = 2.0
 RouteChangeHandler = Callable[[str, bytes], None]
 LevelHandler = Callable[[str], None]
 GapHandler = Callable[[], None]
+ViewHandler = Callable[[bytes], None]
 PipelineBuilder = Callable[[Any], None]
 
 # One round trip that returns the existing record, or stores ours and returns it: two pods
@@ -137,6 +139,10 @@ class RouteStore(Protocol):
         """Call `handler()` when route changes may have been missed (pub/sub was away)."""
         ...
 
+    def on_view(self, handler: ViewHandler) -> None:
+        """Call `handler(notice)` when the fleet monitor announces a pod view (podview.py)."""
+        ...
+
     async def write(self, build: PipelineBuilder) -> list[Any]:
         """Run the commands `build(pipeline)` queues, in one round trip (traffic flushes);
         returns their replies in order."""
@@ -206,6 +212,9 @@ class MemoryStore:
     def on_gap(self, handler: GapHandler) -> None:
         return None  # nothing is ever missed
 
+    def on_view(self, handler: ViewHandler) -> None:
+        return None  # no monitor without Redis: the sidecar probes by itself
+
     async def write(self, build: PipelineBuilder) -> list[Any]:
         return []  # no global view to feed
 
@@ -262,6 +271,8 @@ class RedisStore:
         self._handler: RouteChangeHandler | None = None
         self._level_handler: LevelHandler | None = None
         self._gap_handler: GapHandler | None = None
+        self._view_handler: ViewHandler | None = None
+        self.views_received = 0
         self._bugs_logged: set[tuple[str, str]] = set()
         self.pod_id = os.urandom(8).hex().encode()
         self.incidents = 0
@@ -412,6 +423,9 @@ class RedisStore:
     def on_gap(self, handler: GapHandler) -> None:
         self._gap_handler = handler
 
+    def on_view(self, handler: ViewHandler) -> None:
+        self._view_handler = handler
+
     async def write(self, build: PipelineBuilder) -> list[Any]:
         async def run() -> list[Any]:
             async with self.client.pipeline(transaction=False) as pipe:
@@ -442,9 +456,9 @@ class RedisStore:
         pubsub = self.client.pubsub()
         try:
             async with asyncio.timeout(self._setup_budget_s):
-                await pubsub.subscribe(CHANGES_CHANNEL, LEVEL_CHANNEL)
+                await pubsub.subscribe(*self._channels)
             heard = pinged = loop.time()
-            unconfirmed = 2
+            unconfirmed = len(self._channels)
             while True:
                 async with asyncio.timeout(self.ping_after_s + self._setup_budget_s):
                     message = await pubsub.get_message(timeout=self.ping_after_s)
@@ -471,6 +485,11 @@ class RedisStore:
                 async with asyncio.timeout(1.0):
                     await pubsub.aclose()
 
+    @property
+    def _channels(self) -> tuple[str, ...]:
+        return (CHANGES_CHANNEL, LEVEL_CHANNEL) + \
+            ((VIEW_CHANNEL,) if self._view_handler is not None else ())
+
     async def _subscribed(self) -> None:
         """Catch up on what may have been published while no subscription was listening."""
         if self._level_handler is not None:
@@ -489,6 +508,10 @@ class RedisStore:
             if channel in (LEVEL_CHANNEL, LEVEL_CHANNEL.encode()):
                 if self._level_handler is not None:
                     self._level_handler(bytes(message["data"]).decode())
+            elif channel in (VIEW_CHANNEL, VIEW_CHANNEL.encode()):
+                if self._view_handler is not None:
+                    self.views_received += 1
+                    self._view_handler(bytes(message["data"]))
             else:
                 self._dispatch(message["data"])
         except Exception:  # a bad message must not stop the listener

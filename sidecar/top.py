@@ -125,10 +125,30 @@ def render(now: Snapshot, before: Snapshot | None) -> Group:
                           Text(f"{load['waiting']:g}", style="red" if load.get("saturated")
                                else "") if load else "–", kv)
     parts: list[Any] = [head, Text(""), figures, Text(""), endpoints]
+    if (line := _pod_view_line(stats.get("pod_view") or {})) is not None:
+        parts.append(line)
     if stats.get("pools_without_ready_capacity"):
         parts.append(Text("pools without ready capacity: "
                           + ", ".join(stats["pools_without_ready_capacity"]), style="red"))
     return Group(*parts)
+
+
+def _pod_view_line(view: dict[str, Any]) -> Text | None:
+    """Per pool: following the fleet monitor's view (its age), or probing by itself."""
+    pools = view.get("pools") or {}
+    if not pools:
+        return None
+    line = Text("pod health: ")
+    for i, (name, pool) in enumerate(sorted(pools.items())):
+        if i:
+            line.append(", ")
+        if pool["source"] == "monitor":
+            line.append(f"{name} from the monitor ({pool['age_s']:.1f} s old)", style="green")
+        elif pool.get("version") is not None:
+            line.append(f"{name} probed here: the monitor's view is stale", style="yellow")
+        else:
+            line.append(f"{name} probed here")
+    return line
 
 
 class Refused(Exception):

@@ -36,7 +36,7 @@ def documented_acls() -> dict[str, list[str]]:
     for line in re.findall(r"^ACL SETUSER .+$", section, flags=re.M):
         words = line.split()[2:]
         users[words[0]] = words
-    assert set(users) == {"llm-sidecar", "llm-scaler"}, sorted(users)
+    assert set(users) == {"llm-sidecar", "llm-monitor", "llm-scaler"}, sorted(users)
     return users
 
 

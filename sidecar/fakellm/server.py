@@ -122,12 +122,14 @@ class FakeLLM:
         return time.monotonic() - self.started >= self.behaviour.cold_start_s
 
     async def health(self, request: web.Request) -> web.Response:
+        self._probed(request)
         if not self.warm:
             return web.Response(status=503, text="warming up")
         return web.Response(text="ok")
 
     async def metrics(self, request: web.Request) -> web.Response:
         """vLLM's Prometheus page (see engine.py for the names and the version matched)."""
+        self._probed(request)
         text = self.engine.metrics(self.behaviour.model, self.behaviour.kv_cache_tokens)
         return web.Response(text=text, content_type="text/plain",
                             headers={"X-Content-Type-Options": "nosniff"})
@@ -232,6 +234,10 @@ class FakeLLM:
                                "exist.", "type": "NotFoundError", "param": None, "code": 404},
                               status=404)
         return body
+
+    def _probed(self, request: web.Request) -> None:
+        """Monitoring requests count per path only (`requests` counts the API's)."""
+        self.paths[request.path] = self.paths.get(request.path, 0) + 1
 
     def _seen(self, request: web.Request) -> None:
         self.counters.requests += 1
