@@ -30,6 +30,10 @@ class _Unasked(Exception):
     """A response began where none was asked for."""
 
 
+class _BadCoding(Exception):
+    """A response body in a transfer coding other than chunked alone."""
+
+
 class Connection(asyncio.Protocol):
     """One upstream connection; while leased, the reply to the request it carries."""
 
@@ -93,9 +97,11 @@ class Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError:
-            # After a whole answer (`_Unasked`, or garbage behind it) the reply stands and
-            # `_fail` keeps it; only the connection goes.
-            self._fail(Outcome.CONNECT_ERROR if self._head is not None
+            # Before the head is whole: the pod answered, but not in HTTP/1.1 (RFC 9110
+            # §15.6.3: a 502) — it took the request, so it is not sent elsewhere. After a
+            # whole answer (`_Unasked`, or garbage behind it) the reply stands and `_fail`
+            # keeps it; only the connection goes.
+            self._fail(Outcome.BAD_RESPONSE if self._head is not None
                        and not self._head.done() else Outcome.BROKEN_STREAM)
             self._close()
             return
@@ -157,7 +163,7 @@ class Connection(asyncio.Protocol):
             return
         self.status = status
         self.reason = b"".join(self._reason)
-        chunked = False
+        coding = None
         lines = []
         connection = None
         for name, value in self.headers:
@@ -169,7 +175,7 @@ class Connection(asyncio.Protocol):
             elif lower == b"content-length":
                 self.length = int(value)
             elif lower == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
+                coding = value if coding is None else coding + b"," + value
             elif lower == b"connection":
                 connection = value if connection is None else connection + b"," + value
         # Hop-by-hop fields are gone; so are the ones a Connection header names.
@@ -182,7 +188,11 @@ class Connection(asyncio.Protocol):
             else:
                 self._finish_message()
         else:
-            self.close_delimited = self.length is None and not chunked
+            if coding is not None and coding.strip().lower() != b"chunked":
+                # De-chunked, a gzip (or any other) coding would reach the app undeclared
+                # (RFC 9112 §6.1, §7): the answer is refused as malformed, a 502.
+                raise _BadCoding(coding)
+            self.close_delimited = self.length is None and coding is None
             self.in_body = True
             self._last = self.loop.time()
         self._answer(self)
