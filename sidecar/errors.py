@@ -8,12 +8,15 @@ and counters read.
      ├── RETRYABLE_STATUS    NOT_TAKEN  429 / 503: the pod declined before doing the work
      ├── UPSTREAM_ERROR      DONE       500 / 502 / 504 and other 5xx: the pod (or a gateway
      │                                  before it) took the work and failed it; passed through
-     ├── BAD_RESPONSE        DONE       the pod answered with bytes that are not a valid
-     │                                  HTTP/1.1 response head (or a transfer coding other
-     │                                  than chunked): the app gets 502; counts against the
-     │                                  pod's health, but it was reachable
-     ├── CONNECT_ERROR       DROPPED    refused, unreachable, TLS failure, or a fresh
-     │                                  connection closed before any answer: no pod holds it
+     ├── BAD_RESPONSE        DONE       the pod answered in HTTP, but not with a valid
+     │                                  HTTP/1.1 response head (or in a transfer coding
+     │                                  other than chunked): the app gets 502; counts
+     │                                  against the pod's health, but it was reachable.
+     │                                  (Bytes that are not HTTP at all: CONNECT_ERROR)
+     ├── CONNECT_ERROR       DROPPED    refused, unreachable, TLS failure, a fresh
+     │                                  connection closed before any answer, or an answer
+     │                                  that is not HTTP (not a model server's port): no
+     │                                  pod holds it
      ├── CONNECTION_LOST     DROPPED    a reused keep-alive connection closed before any
      │                                  answer (the server's idle close racing our reuse):
      │                                  retried once on the same endpoint, never an ejection

@@ -37,7 +37,8 @@ class _BadCoding(Exception):
 class Connection(asyncio.Protocol):
     """One upstream connection; while leased, the reply to the request it carries."""
 
-    __slots__ = ("_deadline", "_done", "_head", "_last", "_parser", "_reason", "_sink",
+    __slots__ = ("_deadline", "_done", "_head", "_last", "_opening", "_parser", "_reason",
+                 "_sink",
                  "arrived_at", "body", "close_delimited", "event_stream", "finished", "forward",
                  "head_only", "headers", "idle_since", "in_body", "interim", "keep_alive",
                  "leased", "length", "loop", "origin", "outcome", "owner", "paused", "reason",
@@ -78,6 +79,7 @@ class Connection(asyncio.Protocol):
         self._done: asyncio.Future[Outcome | None] | None = None
         self._deadline = 0.0  # loop time the first byte is due by (0: none)
         self._last = 0.0
+        self._opening = b""  # the answer's first bytes: is it HTTP at all?
 
     # -- protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -94,15 +96,20 @@ class Connection(asyncio.Protocol):
             return
         # From here on the time is the sidecar's own (x-sidecar-overhead-ms).
         self.arrived_at = perf_counter()
+        if len(self._opening) < 5:
+            self._opening += data[:5 - len(self._opening)]
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError:
-            # Before the head is whole: the pod answered, but not in HTTP/1.1 (RFC 9110
-            # §15.6.3: a 502) — it took the request, so it is not sent elsewhere. After a
-            # whole answer (`_Unasked`, or garbage behind it) the reply stands and `_fail`
-            # keeps it; only the connection goes.
-            self._fail(Outcome.BAD_RESPONSE if self._head is not None
-                       and not self._head.done() else Outcome.BROKEN_STREAM)
+            # Before the head is whole: an HTTP server's malformed answer is a 502 (RFC
+            # 9110 §15.6.3), and it took the request, so it is not sent elsewhere; bytes
+            # that are no HTTP at all come from something else at that address (a wrong
+            # port), which never took the request. After a whole answer (`_Unasked`, or
+            # garbage behind it) the reply stands and `_fail` keeps it; only the
+            # connection goes.
+            self._fail(Outcome.BROKEN_STREAM if self._head is None or self._head.done()
+                       else Outcome.BAD_RESPONSE if self._opening == b"HTTP/"
+                       else Outcome.CONNECT_ERROR)
             self._close()
             return
         if self.head_only and self.finished:
