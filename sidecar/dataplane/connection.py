@@ -34,6 +34,24 @@ class _BadCoding(Exception):
     """A response body in a transfer coding other than chunked alone."""
 
 
+class _HeadAnswer:
+    """The parser callbacks for a HEAD request's answer: the connection's own, and a chunk
+    header — llhttp cannot know a HEAD answer has no body, so a chunk (`0\r\n\r\n` too,
+    which makes no `on_body`) is bytes past the answer: the connection is out of step."""
+
+    __slots__ = ("on_body", "on_chunk_header", "on_header", "on_headers_complete",
+                 "on_message_begin", "on_message_complete", "on_status")
+
+    def __init__(self, conn: Connection) -> None:
+        self.on_body = conn.on_body
+        self.on_header = conn.on_header
+        self.on_headers_complete = conn.on_headers_complete
+        self.on_message_begin = conn.on_message_begin
+        self.on_message_complete = conn.on_message_complete
+        self.on_status = conn.on_status
+        self.on_chunk_header = conn._close
+
+
 class Connection(asyncio.Protocol):
     """One upstream connection; while leased, the reply to the request it carries."""
 
@@ -188,6 +206,11 @@ class Connection(asyncio.Protocol):
         # Hop-by-hop fields are gone; so are the ones a Connection header names.
         self.forward = b"".join(lines) if connection is None else header_block(
             self.headers, RESPONSE_DROP, connection)
+        if coding is not None and coding.strip().lower() != b"chunked":
+            # De-chunked, a gzip (or any other) coding would reach the app undeclared
+            # (RFC 9112 §6.1, §7): the answer is refused as malformed, a 502 — a HEAD's or
+            # a 204's too, whose Transfer-Encoding only describes the body they lack.
+            raise _BadCoding(coding)
         if self.head_only or status in _BODYLESS:
             # No body follows. A HEAD answer keeps its Content-Length for the app.
             if not self.head_only:
@@ -195,10 +218,6 @@ class Connection(asyncio.Protocol):
             else:
                 self._finish_message()
         else:
-            if coding is not None and coding.strip().lower() != b"chunked":
-                # De-chunked, a gzip (or any other) coding would reach the app undeclared
-                # (RFC 9112 §6.1, §7): the answer is refused as malformed, a 502.
-                raise _BadCoding(coding)
             self.close_delimited = self.length is None and coding is None
             self.in_body = True
             self._last = self.loop.time()
@@ -274,6 +293,8 @@ class Connection(asyncio.Protocol):
     # -- internals ---------------------------------------------------------------------
     def begin(self, head_only: bool, deadline: float) -> asyncio.Future[Connection | Outcome]:
         self._reset(head_only)
+        if head_only:  # (between answers: nothing half-parsed is lost)
+            self._parser = httptools.HttpResponseParser(_HeadAnswer(self))
         self.leased = True
         self._head = head = self.loop.create_future()
         self._deadline = deadline
