@@ -1270,3 +1270,33 @@ def test_an_invalid_upstream_response_is_a_502(rig: Rig, head: bytes) -> None:
     assert "malformed" in refusal["message"], refusal["message"]
     assert len(seen) == 1, f"sent {len(seen)} times"
     assert state == "ready", f"one malformed answer left the endpoint {state}"
+
+
+def test_a_chunk_after_a_head_answer_closes_the_upstream_connection(rig: Rig) -> None:
+    """llhttp cannot know a HEAD answer has no body: an (empty) chunk behind it is bytes past
+    the answer, so that upstream connection is out of step and must not carry the next
+    request."""
+    async def exchange() -> tuple[Answer, list[Received], Received]:
+        k = await pick_pool(rig)
+        port = rig.recorder.ports[1 + k]
+        mark = len(rig.recorder.requests)
+        rig.recorder.scripts[port] = Script(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", close=False)
+        conn = await Raw.open(rig.upstream_side.port)
+        try:
+            await conn.send(b"HEAD /u/head HTTP/1.1\r\nHost: sidecar\r\n" + pinned(rig, k)
+                            + b"\r\n")
+            [answer], error, _ = await read_answers(conn, [b"HEAD"], bytearray())
+            assert not error, error
+        finally:
+            conn.close()
+            del rig.recorder.scripts[port]
+        seen = [r for r in rig.recorder.since(mark) if r.target == b"/u/head"]
+        _, probe_seen = await probe(rig, rig.upstream_side, pinned(rig, k))
+        await quiesced(rig.upstream_side)
+        return answer, seen, probe_seen
+
+    answer, seen, probe_seen = rig.run(exchange())
+    assert answer.status == 200 and answer.complete, answer
+    assert [r.target for r in seen] == [b"/u/head"]
+    assert probe_seen.conn != seen[0].conn, "the upstream connection was reused"
