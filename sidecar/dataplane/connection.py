@@ -56,11 +56,10 @@ class Connection(asyncio.Protocol):
     """One upstream connection; while leased, the reply to the request it carries."""
 
     __slots__ = ("_deadline", "_done", "_head", "_last", "_opening", "_parser", "_reason",
-                 "_sink",
-                 "arrived_at", "body", "close_delimited", "event_stream", "finished", "forward",
-                 "head_only", "headers", "idle_since", "in_body", "interim", "keep_alive",
-                 "leased", "length", "loop", "origin", "outcome", "owner", "paused", "reason",
-                 "reused", "sent_at", "status", "transport")
+                 "_sink", "arrived_at", "body", "close_delimited", "event_stream", "finished",
+                 "forward", "head_only", "headers", "idle_since", "in_body", "interim",
+                 "keep_alive", "leased", "length", "loop", "origin", "outcome", "owner",
+                 "paused", "reason", "reused", "sent_at", "status", "transport")
 
     def __init__(self, owner: HttpUpstream, origin: Origin) -> None:
         self.owner = owner

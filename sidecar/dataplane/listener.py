@@ -72,8 +72,7 @@ def _incomplete() -> Refused:
 class ClientConnection(ResponseWriter, asyncio.Protocol):
     __slots__ = ("_answered", "_begun_at", "_body", "_body_seen", "_body_since", "_body_size",
                  "_chunked", "_close_delimited", "_connection", "_continue_sent", "_continued",
-                 "_corked",
-                 "_expect", "_forward", "_half_closed", "_head_bytes", "_head_tail",
+                 "_corked", "_expect", "_forward", "_half_closed", "_head_bytes", "_head_tail",
                  "_headers", "_hosts", "_in_body", "_in_head", "_method", "_parser", "_queue",
                  "_resume", "_selector", "_session", "_stash", "_te", "_unreadable", "_url",
                  "_version", "closed", "connection_id", "deadline", "head_only", "keep_alive",
