@@ -8,8 +8,15 @@ and counters read.
      ├── RETRYABLE_STATUS    NOT_TAKEN  429 / 503: the pod declined before doing the work
      ├── UPSTREAM_ERROR      DONE       500 / 502 / 504 and other 5xx: the pod (or a gateway
      │                                  before it) took the work and failed it; passed through
-     ├── CONNECT_ERROR       DROPPED    refused, unreachable, TLS failure, or a fresh
-     │                                  connection closed before any answer: no pod holds it
+     ├── BAD_RESPONSE        DONE       the pod answered in HTTP, but not with a valid
+     │                                  HTTP/1.1 response head (or in a transfer coding
+     │                                  other than chunked): the app gets 502; counts
+     │                                  against the pod's health, but it was reachable.
+     │                                  (Bytes that are not HTTP at all: CONNECT_ERROR)
+     ├── CONNECT_ERROR       DROPPED    refused, unreachable, TLS failure, a fresh
+     │                                  connection closed before any answer, or an answer
+     │                                  that is not HTTP (not a model server's port): no
+     │                                  pod holds it
      ├── CONNECTION_LOST     DROPPED    a reused keep-alive connection closed before any
      │                                  answer (the server's idle close racing our reuse):
      │                                  retried once on the same endpoint, never an ejection
@@ -62,6 +69,7 @@ class Outcome(Enum):
     CLIENT_ERROR = "client_error"
     RETRYABLE_STATUS = "retryable_status"
     UPSTREAM_ERROR = "upstream_error"
+    BAD_RESPONSE = "bad_response"
     CONNECT_ERROR = "connect_error"
     CONNECTION_LOST = "connection_lost"
     CONNECT_TIMEOUT = "connect_timeout"
@@ -105,6 +113,7 @@ _WORK = {
     Outcome.CLIENT_ERROR: Work.DONE,
     Outcome.RETRYABLE_STATUS: Work.NOT_TAKEN,
     Outcome.UPSTREAM_ERROR: Work.DONE,
+    Outcome.BAD_RESPONSE: Work.DONE,
     Outcome.CONNECT_ERROR: Work.DROPPED,
     Outcome.CONNECTION_LOST: Work.DROPPED,
     Outcome.CONNECT_TIMEOUT: Work.NOT_TAKEN,
@@ -114,6 +123,7 @@ _WORK = {
     Outcome.BROKEN_STREAM: Work.DROPPED,
 }
 _ENDPOINT_FAILURES = frozenset({Outcome.RETRYABLE_STATUS, Outcome.UPSTREAM_ERROR,
+                                Outcome.BAD_RESPONSE,
                                 Outcome.CONNECT_ERROR, Outcome.CONNECTION_LOST,
                                 Outcome.CONNECT_TIMEOUT, Outcome.BROKEN_BEFORE_CONTENT,
                                 Outcome.BROKEN_STREAM})

@@ -30,14 +30,36 @@ class _Unasked(Exception):
     """A response began where none was asked for."""
 
 
+class _BadCoding(Exception):
+    """A response body in a transfer coding other than chunked alone."""
+
+
+class _HeadAnswer:
+    """The parser callbacks for a HEAD request's answer: the connection's own, and a chunk
+    header — llhttp cannot know a HEAD answer has no body, so a chunk (`0\r\n\r\n` too,
+    which makes no `on_body`) is bytes past the answer: the connection is out of step."""
+
+    __slots__ = ("on_body", "on_chunk_header", "on_header", "on_headers_complete",
+                 "on_message_begin", "on_message_complete", "on_status")
+
+    def __init__(self, conn: Connection) -> None:
+        self.on_body = conn.on_body
+        self.on_header = conn.on_header
+        self.on_headers_complete = conn.on_headers_complete
+        self.on_message_begin = conn.on_message_begin
+        self.on_message_complete = conn.on_message_complete
+        self.on_status = conn.on_status
+        self.on_chunk_header = conn._close
+
+
 class Connection(asyncio.Protocol):
     """One upstream connection; while leased, the reply to the request it carries."""
 
-    __slots__ = ("_deadline", "_done", "_head", "_last", "_parser", "_reason", "_sink",
-                 "arrived_at", "body", "close_delimited", "event_stream", "finished", "forward",
-                 "head_only", "headers", "idle_since", "in_body", "interim", "keep_alive",
-                 "leased", "length", "loop", "origin", "outcome", "owner", "paused", "reason",
-                 "reused", "sent_at", "status", "transport")
+    __slots__ = ("_deadline", "_done", "_head", "_last", "_opening", "_parser", "_reason",
+                 "_sink", "arrived_at", "body", "close_delimited", "event_stream", "finished",
+                 "forward", "head_only", "headers", "idle_since", "in_body", "interim",
+                 "keep_alive", "leased", "length", "loop", "origin", "outcome", "owner",
+                 "paused", "reason", "reused", "sent_at", "status", "transport")
 
     def __init__(self, owner: HttpUpstream, origin: Origin) -> None:
         self.owner = owner
@@ -74,6 +96,7 @@ class Connection(asyncio.Protocol):
         self._done: asyncio.Future[Outcome | None] | None = None
         self._deadline = 0.0  # loop time the first byte is due by (0: none)
         self._last = 0.0
+        self._opening = b""  # the answer's first bytes: is it HTTP at all?
 
     # -- protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -90,13 +113,20 @@ class Connection(asyncio.Protocol):
             return
         # From here on the time is the sidecar's own (x-sidecar-overhead-ms).
         self.arrived_at = perf_counter()
+        if len(self._opening) < 5:
+            self._opening += data[:5 - len(self._opening)]
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError:
-            # After a whole answer (`_Unasked`, or garbage behind it) the reply stands and
-            # `_fail` keeps it; only the connection goes.
-            self._fail(Outcome.CONNECT_ERROR if self._head is not None
-                       and not self._head.done() else Outcome.BROKEN_STREAM)
+            # Before the head is whole: an HTTP server's malformed answer is a 502 (RFC
+            # 9110 §15.6.3), and it took the request, so it is not sent elsewhere; bytes
+            # that are no HTTP at all come from something else at that address (a wrong
+            # port), which never took the request. After a whole answer (`_Unasked`, or
+            # garbage behind it) the reply stands and `_fail` keeps it; only the
+            # connection goes.
+            self._fail(Outcome.BROKEN_STREAM if self._head is None or self._head.done()
+                       else Outcome.BAD_RESPONSE if self._opening == b"HTTP/"
+                       else Outcome.CONNECT_ERROR)
             self._close()
             return
         if self.head_only and self.finished:
@@ -157,7 +187,7 @@ class Connection(asyncio.Protocol):
             return
         self.status = status
         self.reason = b"".join(self._reason)
-        chunked = False
+        coding = None
         lines = []
         connection = None
         for name, value in self.headers:
@@ -169,12 +199,17 @@ class Connection(asyncio.Protocol):
             elif lower == b"content-length":
                 self.length = int(value)
             elif lower == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
+                coding = value if coding is None else coding + b"," + value
             elif lower == b"connection":
                 connection = value if connection is None else connection + b"," + value
         # Hop-by-hop fields are gone; so are the ones a Connection header names.
         self.forward = b"".join(lines) if connection is None else header_block(
             self.headers, RESPONSE_DROP, connection)
+        if coding is not None and coding.strip().lower() != b"chunked":
+            # De-chunked, a gzip (or any other) coding would reach the app undeclared
+            # (RFC 9112 §6.1, §7): the answer is refused as malformed, a 502 — a HEAD's or
+            # a 204's too, whose Transfer-Encoding only describes the body they lack.
+            raise _BadCoding(coding)
         if self.head_only or status in _BODYLESS:
             # No body follows. A HEAD answer keeps its Content-Length for the app.
             if not self.head_only:
@@ -182,7 +217,7 @@ class Connection(asyncio.Protocol):
             else:
                 self._finish_message()
         else:
-            self.close_delimited = self.length is None and not chunked
+            self.close_delimited = self.length is None and coding is None
             self.in_body = True
             self._last = self.loop.time()
         self._answer(self)
@@ -257,6 +292,8 @@ class Connection(asyncio.Protocol):
     # -- internals ---------------------------------------------------------------------
     def begin(self, head_only: bool, deadline: float) -> asyncio.Future[Connection | Outcome]:
         self._reset(head_only)
+        if head_only:  # (between answers: nothing half-parsed is lost)
+            self._parser = httptools.HttpResponseParser(_HeadAnswer(self))
         self.leased = True
         self._head = head = self.loop.create_future()
         self._deadline = deadline

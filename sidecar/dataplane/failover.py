@@ -17,7 +17,8 @@ class Step(Enum):
     BUDGET_REFUSED = "budget_refused"
     PASS_THROUGH = "pass_through"    # no retry: the last upstream answer goes to the app
     EXHAUSTED = "exhausted"          # nothing answered: the sidecar's 503
-    GAVE_UP = "gave_up"              # a live pod held the work past the deadline: 504
+    GAVE_UP = "gave_up"              # a live pod took the work, no usable answer came:
+    #                                  504 (held past the deadline) or 502 (BAD_RESPONSE)
 
 
 RETRIES = (Step.SAME_ENDPOINT, Step.NEXT)

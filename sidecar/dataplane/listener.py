@@ -71,8 +71,8 @@ def _incomplete() -> Refused:
 
 class ClientConnection(ResponseWriter, asyncio.Protocol):
     __slots__ = ("_answered", "_begun_at", "_body", "_body_seen", "_body_since", "_body_size",
-                 "_chunked", "_close_delimited", "_connection", "_continued", "_corked",
-                 "_expect", "_forward", "_half_closed", "_head_bytes", "_head_tail",
+                 "_chunked", "_close_delimited", "_connection", "_continue_sent", "_continued",
+                 "_corked", "_expect", "_forward", "_half_closed", "_head_bytes", "_head_tail",
                  "_headers", "_hosts", "_in_body", "_in_head", "_method", "_parser", "_queue",
                  "_resume", "_selector", "_session", "_stash", "_te", "_unreadable", "_url",
                  "_version", "closed", "connection_id", "deadline", "head_only", "keep_alive",
@@ -247,6 +247,7 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
         self._expect: bytes | None = None
         self._te: bytes | None = None
         self._hosts = 0
+        self._continue_sent = False
 
     def on_message_begin(self) -> None:
         if self._stash is not None:  # the made-up head of `_decline_upgrade`: kept apart
@@ -270,6 +271,12 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
             raise Refused(431, "too_many_headers", f"more than {MAX_HEADERS} headers")
         if len(name) + len(value) + 2 > MAX_LINE:
             raise Refused(431, "header_too_large", f"a header line over {MAX_LINE} bytes")
+        if not self._in_head and self._stash is None:
+            # A chunked body's trailer field: dropped (RFC 9110 §6.5.1 lets a proxy discard
+            # them; merged into the header section they would read as the app's headers,
+            # a session header among them). They count against the body's limit.
+            self._count_body(len(name) + len(value))
+            return
         headers.append((name, value))
         lower = name.lower()
         if lower not in REQUEST_DROP:
@@ -330,11 +337,13 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
             if self._expect.strip().lower() != b"100-continue":
                 raise Refused(417, "expectation_failed", "only Expect: 100-continue is "
                               "supported")
-            if version == "1.1" and self.transport is not None and not (
-                    self.task is not None and self.started):
+            if version == "1.1" and self.transport is not None and self.task is None \
+                    and not self._queue:
                 # We buffer the body ourselves, so the app may send it now; the upstream
-                # never sees Expect. (Not inside an earlier request's answer: the app's
-                # wait for it times out, RFC 9110 §10.1.1.)
+                # never sees Expect. (Not while an earlier request is owed its answer, which
+                # must come first, RFC 9112 §9.3.2: the app's wait for it times out, RFC
+                # 9110 §10.1.1.)
+                self._continue_sent = True
                 self.transport.write(CONTINUE)
         if upgrade and (length or self._te is not None):
             # httptools makes llhttp skip an upgrading request's body: once it stops, the
@@ -350,11 +359,14 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
                 else b"Connection: close\r\n")
 
     def on_body(self, body: bytes) -> None:
-        self._body_size += len(body)
+        self._count_body(len(body))
+        self._body.append(body)
+
+    def _count_body(self, size: int) -> None:
+        self._body_size += size
         if self._body_size > self.listener.max_body:
             raise Refused(413, "body_too_large", "request body exceeds "
                           f"SIDECAR_MAX_BODY_BYTES={self.listener.max_body}")
-        self._body.append(body)
 
     def on_message_complete(self) -> None:
         if self._resume is not None:  # the body follows the upgrade's stop
@@ -370,7 +382,7 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
             header_block(self._headers, REQUEST_DROP, self._connection),
             body[0] if len(body) == 1 else b"".join(body), self._session, self._selector,
             self.connection_id, self._begun_at)
-        self._queue.append((request, parser.should_keep_alive(), self._expect is not None))
+        self._queue.append((request, parser.should_keep_alive(), self._continue_sent))
         self._begin()
         if self.task is None:
             self._next()
@@ -452,10 +464,23 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
             if self.transport is not None:
                 self.transport.pause_reading()
             return
-        self._response_reset(False)  # not the last answer's: a HEAD's would lose this body
+        # Framed for the refused request's own method, not the last answer's: a refused
+        # HEAD gets the head alone (RFC 9110 §9.3.2), any other request its body.
+        self._response_reset(self._refused_method() == b"HEAD")
         self.keep_alive = False
         self.respond(refused.status, error_body(str(refused), refused.code))
         self._close()
+
+    def _refused_method(self) -> bytes | None:
+        """The method of the request being read, once its request line got that far."""
+        if self._method is not None:  # an upgrade's, read through a made-up head
+            return self._method
+        if not self._url:  # llhttp calls `on_url` only after the method
+            return None
+        try:
+            return self._parser.get_method()
+        except httptools.HttpParserError:
+            return None
 
     def timed_out(self, now: float) -> None:
         """The sweep found a head that took too long, a body that stopped arriving, a
