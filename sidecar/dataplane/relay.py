@@ -71,12 +71,10 @@ class Relay:
         self.last_content = 0.0
 
     def feed(self, chunk: bytes) -> None:
-        # Scans in C per chunk; no JSON parsing on the stream path.
-        content = chunk.count(b'"content":')
+        # A find in C per content key; no JSON parsing on the stream path.
+        content = _content_frames(chunk)
         if content:
-            content -= _empty_content(chunk)
-            if content > 0:
-                self._timing(content)
+            self._timing(content)
         if b'"usage"' in chunk:
             self.usage = usage_in(chunk) or self.usage
         if self.frames is None and self.transcript is None:
@@ -130,11 +128,19 @@ class Relay:
         return prompt_bytes // 4, self.completion_frames
 
 
-# A role-only delta carries no token: vLLM sends `"content":""`, llama.cpp `"content":null`
-# (with a space after the colon from Python-made JSON). Counting them as content would put
-# the first token's time at the preamble and add a token to every estimate.
-_EMPTY_CONTENT = (b'"content":""', b'"content":null', b'"content": ""', b'"content": null')
+# A role-only delta carries no token: vLLM sends `"content":""`, llama.cpp `"content":null`.
+# Counting them as content would put the first token's time at the preamble and add a token
+# to every estimate. Text is always a JSON string, so counting string values that are not
+# empty skips both in two scans (JSON written with a space after the colon, as Python's
+# json module does, is counted the same way when it has no compact key at all).
+_TEXT, _EMPTY = b'"content":"', b'"content":""'
+_SPACED_TEXT, _SPACED_EMPTY = b'"content": "', b'"content": ""'
 
 
-def _empty_content(chunk: bytes) -> int:
-    return sum(chunk.count(empty) for empty in _EMPTY_CONTENT)
+def _content_frames(chunk: bytes) -> int:
+    """How many `"content":` values in `chunk` carry text (not null, not empty)."""
+    found = chunk.count(_TEXT)
+    if found:
+        return found - chunk.count(_EMPTY)
+    found = chunk.count(_SPACED_TEXT)
+    return found - chunk.count(_SPACED_EMPTY) if found else 0
