@@ -86,6 +86,13 @@ def redis_version(binary: str | None = None) -> str:
     return out.strip() or "unknown"
 
 
+def debug_args() -> tuple[str, ...]:
+    """What lets loopback clients send DEBUG (to stall a server on purpose): Redis 7 refuses
+    DEBUG unless told, and Redis 6.2 refuses the option that tells it."""
+    major = redis_version().split(".", 1)[0]
+    return ("--enable-debug-command", "local") if major.isdigit() and int(major) >= 7 else ()
+
+
 class RedisServer:
     """One redis-server process on loopback; can be killed and restarted on the same port."""
 

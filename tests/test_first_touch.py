@@ -16,7 +16,7 @@ from redis.retry import Retry
 from tests.conftest import pool
 from tests.raw_http import post
 from tests.raw_peers import Client
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, debug_args
 
 SLEEP_S = 2.0
 
@@ -24,7 +24,7 @@ SLEEP_S = 2.0
 @pytest.fixture
 def debug_redis() -> Iterator[RedisServer]:
     """A redis-server that accepts DEBUG from loopback (to stall it on purpose)."""
-    server = RedisServer(args=("--enable-debug-command", "local")).start()
+    server = RedisServer(args=debug_args()).start()
     try:
         yield server
     finally:
