@@ -182,16 +182,27 @@ def _slot_counts(table: tuple[str, ...]) -> dict[str, int]:
 
 
 def redact_url(url: str) -> str:
-    """Hide the password (and a user that may be a token) of a URL."""
+    """Hide the password (and a user that may be a token) of a URL, in its userinfo or its
+    query (`?password=`). Hosts are not parsed: a Sentinel URL lists several
+    (`redis://:pw@h1:26379,h2:26380/0`), which no URL parser reads as one port."""
     parts = urlsplit(url)
-    if parts.password is None and parts.username is None:
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    netloc = parts.netloc
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        netloc = (f"{user}:<redacted>@" if colon else "<redacted>@") + hosts
+    query = parts.query
+    if query:
+        query = "&".join(
+            f"{name}=<redacted>" if name.lower() in SECRET_QUERY_NAMES else item
+            for item in query.split("&")
+            for name in [item.partition("=")[0]])
+    if netloc == parts.netloc and query == parts.query:
         return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    auth = f"{user}:<redacted>@" if parts.password is not None else "<redacted>@"
-    return urlunsplit((parts.scheme, auth + host, parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+SECRET_QUERY_NAMES = frozenset({"password", "username", "token", "api_key", "apikey"})
 
 
 # Each entry: variable → (default, description). The README's reference is checked against it.

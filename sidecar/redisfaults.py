@@ -53,7 +53,9 @@ class Fault(enum.Enum):
 # (READONLY → ReadOnlyError), so the class is checked first, then `status_code`, then text.
 _TRANSIENT_REPLIES = frozenset({"READONLY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN",
                                 "MOVED", "ASK", "OOM", "BUSY", "NOPERM", "NOAUTH", "WRONGPASS",
-                                "NOREPLICAS", "NOSCRIPT", "UNBLOCKED"})
+                                "NOREPLICAS", "NOSCRIPT", "UNBLOCKED",
+                                # writes refused while snapshots fail (a full disk): Redis's state
+                                "MISCONF"})
 _TRANSIENT_CLASSES: tuple[type[BaseException], ...] = (
     OSError, TimeoutError, RedisConnectionError, RedisTimeoutError,  # sockets, deadlines,
     # pool exhaustion (MaxConnectionsError) and AUTH failures are ConnectionErrors

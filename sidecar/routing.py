@@ -203,9 +203,11 @@ class Router:
             stored = await self.store.get_or_create(session, record)
             if self.store.kind == "redis":
                 self.telemetry.observe("redis_latency", (), time.perf_counter() - asked_at)
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             self.counters.resolved_without_store += 1
-            proposal.synced = False
+            # Asked again on the next request only when that can help (Redis away or busy);
+            # a command Redis refused as wrong would be refused again on every request.
+            proposal.synced = not exc.retry
             self.cache.put(proposal, now)
             return proposal
         route = proposal

@@ -26,6 +26,7 @@ from sidecar.config import Settings, redact_url
 from sidecar.podview import VIEW_CHANNEL
 from sidecar.redisfaults import CAUGHT, Fault, classify, describe
 from sidecar.supervise import Supervisor
+from sidecar.traffic import CLOCK_SCRIPT
 
 log = logging.getLogger("sidecar.store")
 
@@ -37,6 +38,8 @@ CHANGES_CHANNEL = "llmsc:route-changes"
 LEVEL_CHANNEL = "llmsc:load-level"
 LEVEL_KEY = "llmsc:load-level"
 RECONNECT_INTERVAL_S = 0.5
+# The reconnect probe's key (one per pod, expiring): `~llmsc:*` in the sidecar's ACL covers it.
+PROBE_KEY_PREFIX = "llmsc:probe:"
 RECONNECT_MAX_BACKOFF_S = 2.0
 # The pub/sub connection carries nothing for long stretches: after this much silence the
 # listener pings, and a connection silent (no pong either) for PUBSUB_DEAD_AFTER_S is
@@ -81,7 +84,13 @@ def route_key(session: str) -> str:
 
 
 class StoreUnavailable(Exception):
-    """The store cannot answer within its budget; route without it."""
+    """The store cannot answer within its budget; route without it. `retry`: worth asking
+    again on the session's next request (busy, or Redis away); False when Redis refused the
+    command as wrong, which asking again per request would only repeat."""
+
+    def __init__(self, message: str, retry: bool = True) -> None:
+        super().__init__(message)
+        self.retry = retry
 
 
 class StoreCounters:
@@ -336,6 +345,10 @@ class RedisStore:
         async def load() -> None:
             await self.client.script_load(GET_OR_CREATE)
             await self.client.script_load(WRITE_AND_ANNOUNCE)
+            await self.client.script_load(CLOCK_SCRIPT)  # the traffic flush's clock read
+            # A write, as the store's own calls are: a server that answers but refuses writes
+            # (a replica behind a standalone URL, a full disk, OOM) is not back.
+            await self.client.set(PROBE_KEY_PREFIX + self.pod_id.decode(), b"1", px=5000)
         await self._held(load, self._setup_budget_s)
 
     async def _read_level(self) -> None:
@@ -348,6 +361,8 @@ class RedisStore:
             self._available = False
             self.incidents += 1
             self.down_since = time.time()
+            log.warning("redis %s is unavailable: routing without it (each pod computes the "
+                        "same routes) until it answers again", self.label)
         if self._reconnect_task is None or self._reconnect_task.done():
             self._reconnect_task = self.supervisor.start(
                 "redis reconnect", self._reconnect, initial_backoff_s=RECONNECT_INTERVAL_S,
@@ -384,7 +399,8 @@ class RedisStore:
             if classify(exc) is Fault.BUG:
                 self.counters.bugs += 1
                 self._log_bug(op, exc)
-                raise StoreUnavailable(f"redis {op} failed: {describe(exc)}") from exc
+                raise StoreUnavailable(f"redis {op} failed: {describe(exc)}",
+                                       retry=False) from exc
             if isinstance(exc, TimeoutError):
                 self.counters.timeouts += 1
             else:

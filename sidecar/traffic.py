@@ -7,8 +7,8 @@ learns the offset between its clock and Redis's at each flush (`RedisClock`), so
 whose clock is off still writes where the scaler reads.
 
     llmsc:traffic:clock:{llmsc:scaler:leader}
-                                      stream of one entry, appended at each flush: its ID
-                                      is Redis's clock (RedisClock)
+                                      never written: a script keyed on it returns Redis's
+                                      `TIME` at each flush (RedisClock)
     llmsc:traffic:{<pool>}:<bucket>   hash: requests, prompt_tokens, completion_tokens
                                       (bucket = Redis unix time // 5; every sidecar
                                       HINCRBYs the same key, so the sum is made by Redis;
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -50,8 +51,13 @@ BUCKET_TTL_S = 900
 HEARTBEAT_TTL_S = 60
 STALE_AFTER_S = 20.0
 FLUSH_INTERVAL_S = 2.0
-# RedisClock's stream: in the slot of the scaler's lock (hash tag), see RedisClock.
+# RedisClock's key: in the slot of the scaler's lock (hash tag), see RedisClock.
 CLOCK_KEY = "llmsc:traffic:clock:{llmsc:scaler:leader}"
+# Keyed so that it pipelines and routes on every topology; read-only, so Redis 6.2 runs it
+# even though TIME is not deterministic. Sent by its SHA (the store loads it with its own
+# scripts, and again after Redis comes back), so the sidecar's ACL needs no `EVAL`.
+CLOCK_SCRIPT = "return redis.call('TIME')"
+CLOCK_SHA = hashlib.sha1(CLOCK_SCRIPT.encode()).hexdigest()
 
 _USAGE_OPEN = re.compile(rb'"usage"\s*:\s*\{')
 _PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
@@ -162,10 +168,11 @@ class RedisClock:
     buckets and the scaler reads the ones that closed, so they must agree on when a bucket
     closes; a fleet's hosts drift apart, the one Redis they share is one clock.
 
-    How it is read: each flush appends to a one-entry stream (CLOCK_KEY); the ID Redis gives
-    the entry is its own clock in milliseconds. Unlike `TIME` this is keyed, so it pipelines
-    on every topology, and on Cluster it lands on one node for the whole fleet: the node of
-    the scaler's lock, whose `TIME` the scaler reads."""
+    How it is read: each flush runs `TIME` inside a script keyed on CLOCK_KEY. Unlike a bare
+    `TIME` this is keyed, so it pipelines on every topology, and on Cluster it lands on one
+    node for the whole fleet: the node of the scaler's lock, whose `TIME` the scaler reads.
+    (A stream entry's ID would also carry the clock, but it never goes below the stream's
+    last ID: after Redis's clock stepped back, every sidecar would learn a wrong offset.)"""
 
     def __init__(self, local: Callable[[], float] = time.time) -> None:
         self.local = local
@@ -181,15 +188,14 @@ class RedisClock:
     def now(self) -> float:
         return self.to_redis(self.local())
 
-    def observe(self, entry_id: Any, sent_at: float, received_at: float) -> None:
-        """Learn the offset from the `XADD` reply (`<ms>-<seq>`) sent at `sent_at` and
-        received at `received_at` (local clock); a reply not in that form is ignored."""
-        text = entry_id.decode("ascii", "replace") if isinstance(entry_id, bytes) else entry_id
+    def observe(self, reply: Any, sent_at: float, received_at: float) -> None:
+        """Learn the offset from a `TIME` reply (`[seconds, microseconds]`) sent at `sent_at`
+        and received at `received_at` (local clock); a reply not in that form is ignored."""
         try:
-            millis = int(str(text).partition("-")[0])
-        except ValueError:
+            seconds, micros = (int(part) for part in reply)
+        except (TypeError, ValueError):
             return
-        self.offset = millis / 1000 - (sent_at + received_at) / 2
+        self.offset = seconds + micros / 1e6 - (sent_at + received_at) / 2
 
 
 class PoolCounters:
@@ -238,7 +244,7 @@ class Traffic:
         `now` is this process's clock; buckets and stamps are written in Redis's. Until the
         offset is known, only that read is queued and the counts wait (returns False: flush
         again once the reply is in)."""
-        pipe.xadd(CLOCK_KEY, {"pod": self.pod_id}, maxlen=1, approximate=False)
+        pipe.evalsha(CLOCK_SHA, 1, CLOCK_KEY)
         if not self.clock.synced:
             return False
         now = self.clock.to_redis(now)

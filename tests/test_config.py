@@ -168,6 +168,11 @@ def test_redact_url_hides_passwords():
     assert redact_url("redis://user:hunter2@host:6379/0") == "redis://user:<redacted>@host:6379/0"
     assert redact_url("rediss://:hunter2@host:6380") == "rediss://:<redacted>@host:6380"
     assert redact_url("redis://host:6379") == "redis://host:6379"
+    # Sentinel's list of hosts (no single port to parse) and a password in the query
+    assert redact_url("redis://:hunter2@h1:26379,h2:26380/0") == \
+        "redis://:<redacted>@h1:26379,h2:26380/0"
+    assert redact_url("redis://host?password=hunter2&db=1") == \
+        "redis://host?password=<redacted>&db=1"
 
 
 def test_every_variable_is_in_the_readme():

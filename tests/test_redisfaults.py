@@ -65,6 +65,8 @@ UNAVAILABLE = [
     reply("OOM command not allowed when used memory > 'maxmemory'."),
     reply("ERR " + SCRIPT_62 + "-OOM command not allowed when used memory > 'maxmemory'."),
     reply("NOSCRIPT No matching script. Please use EVAL."),
+    reply("MISCONF Redis is configured to save RDB snapshots, but it's currently unable to "
+          "persist to disk. Commands that may modify the data set are disabled."),
     reply("BUSY Redis is busy running a script."),
     RedisClusterUnreachableError("Redis Cluster cannot be connected. Please provide at least "
                                  "one reachable node: Error 111"),

@@ -22,7 +22,7 @@ from sidecar.scaler.policy import Bounds, Observation, PredictivePolicy
 from sidecar.scaler.service import Scaler
 from sidecar.store import LEVEL_KEY
 from sidecar.telemetry import Telemetry
-from sidecar.traffic import BUCKET_S, RedisClock, Traffic
+from sidecar.traffic import BUCKET_S, CLOCK_SCRIPT, RedisClock, Traffic
 from tests.conftest import chat, pool
 from tests.fake_nomad import TOKEN
 from tests.redis_server import Monitor
@@ -60,6 +60,7 @@ async def report_traffic(redis_server, now: float, tokens_per_s: float, pods: in
     """Sidecars' flushes: `tokens_per_s` spread over `pods`, in the last complete bucket."""
     client = aioredis.Redis(port=redis_server.port)
     try:
+        await client.script_load(CLOCK_SCRIPT)  # as a sidecar's store does at start
         for i in range(pods):
             clock = RedisClock()
             clock.offset = 0.0  # the test's clock is the server's (same machine)

@@ -287,7 +287,7 @@ def test_a_policy_restored_from_its_state_decides_as_the_original():
 def test_the_redis_clock_is_the_local_clock_plus_the_learned_offset():
     clock = RedisClock(local=lambda: 1000.0)
     assert not clock.synced and clock.now() == 1000.0
-    clock.observe(b"1030500-0", sent_at=999.9, received_at=1000.1)  # 30.5 s ahead
+    clock.observe([b"1030", b"500000"], sent_at=999.9, received_at=1000.1)  # 30.5 s ahead
     assert clock.synced and clock.now() == pytest.approx(1030.5)
-    clock.observe(b"not a stream entry id", 0.0, 0.0)
+    clock.observe(b"not a TIME reply", 0.0, 0.0)
     assert clock.now() == pytest.approx(1030.5)

@@ -14,7 +14,7 @@ import orjson
 from sidecar.sessions import selector_for
 from sidecar.store import route_key
 from tests.conftest import chat, pool
-from tests.redis_server import Monitor
+from tests.redis_server import Monitor, RedisServer
 
 
 def sent(monitor: Monitor) -> list[str]:
@@ -318,3 +318,41 @@ async def test_a_route_moved_while_redis_was_away_is_written_once_it_is_back(
     assert router.unwritten_moves == 0 and store.available
     # and the session stays where it moved
     assert (await chat(http, running, "moving"))[1]["x-sidecar-endpoint"] == moved_to
+
+
+async def test_a_server_that_refuses_writes_keeps_the_store_down_instead_of_flapping(
+        pods, sidecar, http, redis_server):
+    """A standalone URL that points at a replica answers reads and refuses writes: the
+    reconnect probe writes too, so the store stays down (one incident) rather than coming
+    "back" every half second and tripping again on the next write."""
+    replica = RedisServer(args=("--replicaof", "127.0.0.1", str(redis_server.port))).start()
+    try:
+        small = await pods(2)
+        running = await sidecar({"small": pool(small)}, SIDECAR_REDIS_URL=replica.url)
+        store = running.sidecar.store
+        for i in range(3):
+            assert (await chat(http, running, f"refused-{i}"))[0] == 200
+        await asyncio.sleep(2.0)  # four reconnect probes' worth
+        for i in range(3):
+            assert (await chat(http, running, f"refused-more-{i}"))[0] == 200
+        assert not store.available
+        assert store.incidents == 1
+    finally:
+        replica.cleanup()
+
+
+async def test_a_command_redis_refuses_as_wrong_is_not_asked_again_on_every_request(
+        pods, sidecar, http, redis_server, monitor):
+    """A route key of the wrong type (WRONGTYPE: a bug, not an outage) fails the first touch
+    once; the session is then served without asking Redis on each request."""
+    small = await pods(2)
+    running = await sidecar({"small": pool(small)}, SIDECAR_REDIS_URL=redis_server.url)
+    redis_server.client().hset(route_key("wrong-type"), "x", "1")
+    monitor.reset()
+    assert (await chat(http, running, "wrong-type"))[0] == 200
+    assert len(sent(monitor)) == 1
+    monitor.reset()
+    for _ in range(20):
+        assert (await chat(http, running, "wrong-type"))[0] == 200
+    assert sent(monitor) == []
+    assert running.sidecar.store.available and running.sidecar.store.counters.bugs == 1
