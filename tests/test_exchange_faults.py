@@ -8,6 +8,8 @@ import json
 import socket
 import struct
 
+import pytest
+
 from tests.conftest import CHAT, base, chat, dead_url, pool
 from tests.raw_http import Message
 from tests.raw_peers import Conn, upstream_factory
@@ -69,6 +71,22 @@ async def test_a_slow_non_streamed_call_on_a_live_pod_is_sent_once_and_answered(
     assert headers["x-sidecar-attempts"] == "1"
     assert a.requests + b.requests == 1, "one generation, not one per attempt"
     assert a.fake.counters.cancelled + b.fake.counters.cancelled == 0
+
+
+@pytest.mark.parametrize("extra", [
+    {"metadata": {"stream": True}},
+    {"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"stream": True}}}}]},
+], ids=["metadata", "tool-schema"])
+async def test_a_nested_stream_key_leaves_a_call_non_streamed_with_its_long_deadline(
+        pods, sidecar, http, extra):
+    # Only the top-level `stream` asks for a stream: a nested one read as it would give the
+    # call the streams' first-content deadline, and its slow whole answer a 504.
+    a, = await pods(1, ttft_ms=1200)
+    running = await sidecar({"small": pool([a])}, SIDECAR_FIRST_BYTE_TIMEOUT_S="0.3")
+    status, headers, body = await chat(http, running, "nested-stream", {**CHAT, **extra})
+    assert status == 200, body
+    assert headers["x-sidecar-attempts"] == "1"
 
 
 async def test_a_slow_first_token_past_the_deadline_is_a_504_never_a_second_generation(
