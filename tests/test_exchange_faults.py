@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import CHAT, base, chat, dead_url, pool
 from tests.raw_http import Message
-from tests.raw_peers import Conn, upstream_factory
+from tests.raw_peers import Client, Conn, upstream_factory
 
 POOL_KEY = "sk-pool-key-0123456789"
 
@@ -198,3 +198,37 @@ async def test_a_pod_silent_after_its_head_is_not_mistaken_for_a_dead_one(pods, 
         assert headers["x-sidecar-attempts"] == "1"
         assert len(silent.requests) == 1 and good.requests == 0
         assert await wait_until(lambda: running.sidecar.upstream.in_use() == 0)
+
+
+@pytest.mark.parametrize(("raw", "status"), [
+    (b"GET /x HTTP/1.1\r\n\r\n", 400),  # no Host
+    (b"GET /x HTTP/1.1\r\nHost: s\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", 431),
+    (b"POST /x HTTP/1.1\r\nHost: s\r\nContent-Length: 99999999999\r\n\r\n", 413),
+    (b"CONNECT s:443 HTTP/1.1\r\nHost: s:443\r\n\r\n", 501),
+], ids=["400", "431", "413", "501"])
+async def test_the_listeners_refusals_say_the_call_was_sent_nowhere(sidecar, raw, status):
+    running = await sidecar({"small": {"model": "m", "endpoints": [dead_url()]}})
+    client = await Client.open(running.port)
+    try:
+        await client.send(raw)
+        answer = await client.final()
+    finally:
+        client.close()
+    assert answer.status == status
+    assert answer.header("x-sidecar-attempts") == b"0"
+
+
+async def test_an_internal_error_says_the_call_was_sent_nowhere(sidecar):
+    running = await sidecar({"small": {"model": "m", "endpoints": [dead_url()]}})
+
+    async def broken(request, down) -> None:
+        raise RuntimeError("a bug")
+
+    running.listener.handle = broken
+    client = await Client.open(running.port)
+    try:
+        await client.send(b"GET /x HTTP/1.1\r\nHost: s\r\n\r\n")
+        answer = await client.final()
+    finally:
+        client.close()
+    assert answer.status == 500 and answer.header("x-sidecar-attempts") == b"0"
