@@ -323,6 +323,8 @@ def _valid_endpoint(url: object) -> bool:
     # and urlsplit silently drops CR/LF/tab, so they must be refused here.
     if not isinstance(url, str) or not url.isascii() or not url.isprintable() or " " in url:
         return False
+    if "?" in url or "#" in url:  # (urlsplit drops an empty `?` or `#`)
+        return False
     parts = urlsplit(url)
     return parts.scheme in ("http", "https") and bool(parts.hostname) and parts.path in ("", "/")
 
@@ -361,7 +363,16 @@ def parse_pools(reader: _Reader, data: Any, source: str, env: Mapping[str, str]
                                    f"like \"http://10.0.0.5:8000\", got {endpoints!r}")
             endpoints = []
         for url in endpoints:
-            if isinstance(url, str) and "@" in urlsplit(url).netloc:
+            if isinstance(url, str) and ("?" in url or "#" in url):
+                # A key in a query (?api_key=...) or fragment would be echoed with the URL
+                # in x-sidecar-endpoint, error bodies and logs: refused, shown cut before it.
+                base = redact_url(url[:min(i for i in (url.find("?"), url.find("#"))
+                                           if i >= 0)])
+                reader.problems.append(f"{where}: endpoint {base + '?...'!r} has a query or "
+                                       "fragment (shown cut): an endpoint is a base URL "
+                                       "like \"http://10.0.0.5:8000\", and a key goes in "
+                                       "an environment variable named by \"api_key_env\"")
+            elif isinstance(url, str) and "@" in urlsplit(url).netloc:
                 # Never used as credentials, yet it would travel in the Host header and be
                 # echoed in x-sidecar-endpoint and logs: refuse it, printed without the secret.
                 reader.problems.append(f"{where}: endpoint {redact_url(url)!r} carries "
@@ -370,7 +381,8 @@ def parse_pools(reader: _Reader, data: Any, source: str, env: Mapping[str, str]
                                        "variable holding the key in \"api_key_env\" instead")
             elif not _valid_endpoint(url):
                 reader.problems.append(f"{where}: endpoint {url!r} is not a base URL "
-                                       "(http:// or https://, host, optional port, no path)")
+                                       "(http:// or https://, host, optional port, no path, "
+                                       "query or fragment)")
         if len(set(map(str, endpoints))) != len(endpoints):
             reader.problems.append(f"{where}: \"endpoints\" lists the same URL twice")
         fallback = spec.get("fallback")

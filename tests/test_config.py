@@ -237,3 +237,15 @@ def test_endpoint_with_credentials_is_refused_without_printing_them(url):
     assert problem.startswith("SIDECAR_POOLS: pool 'small': endpoint")
     assert "credentials" in problem and "api_key_env" in problem
     assert "hunter2" not in problem and "tok3n" not in problem
+
+
+@pytest.mark.parametrize("url", ["http://10.0.0.5:8000/?api_key=SECRET#tok",
+                                 "http://10.0.0.5:8000?api_key=SECRET",
+                                 "https://api.example/#SECRET", "http://10.0.0.5:8000/?",
+                                 "http://user:SECRET@10.0.0.5:8000/?k=SECRET"])
+def test_endpoint_with_a_query_or_fragment_is_refused_without_printing_it(url):
+    pools = json.dumps({"small": {"model": "m", "endpoints": [url]}})
+    [problem] = problems(SIDECAR_POOLS=pools)
+    assert problem.startswith("SIDECAR_POOLS: pool 'small': endpoint")
+    assert "query or fragment" in problem and "http://10.0.0.5:8000" in problem
+    assert "SECRET" not in problem and "tok" not in problem

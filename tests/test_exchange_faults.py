@@ -8,9 +8,11 @@ import json
 import socket
 import struct
 
+import pytest
+
 from tests.conftest import CHAT, base, chat, dead_url, pool
 from tests.raw_http import Message
-from tests.raw_peers import Conn, upstream_factory
+from tests.raw_peers import Client, Conn, upstream_factory
 
 POOL_KEY = "sk-pool-key-0123456789"
 
@@ -69,6 +71,22 @@ async def test_a_slow_non_streamed_call_on_a_live_pod_is_sent_once_and_answered(
     assert headers["x-sidecar-attempts"] == "1"
     assert a.requests + b.requests == 1, "one generation, not one per attempt"
     assert a.fake.counters.cancelled + b.fake.counters.cancelled == 0
+
+
+@pytest.mark.parametrize("extra", [
+    {"metadata": {"stream": True}},
+    {"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"stream": True}}}}]},
+], ids=["metadata", "tool-schema"])
+async def test_a_nested_stream_key_leaves_a_call_non_streamed_with_its_long_deadline(
+        pods, sidecar, http, extra):
+    # Only the top-level `stream` asks for a stream: a nested one read as it would give the
+    # call the streams' first-content deadline, and its slow whole answer a 504.
+    a, = await pods(1, ttft_ms=1200)
+    running = await sidecar({"small": pool([a])}, SIDECAR_FIRST_BYTE_TIMEOUT_S="0.3")
+    status, headers, body = await chat(http, running, "nested-stream", {**CHAT, **extra})
+    assert status == 200, body
+    assert headers["x-sidecar-attempts"] == "1"
 
 
 async def test_a_slow_first_token_past_the_deadline_is_a_504_never_a_second_generation(
@@ -180,3 +198,37 @@ async def test_a_pod_silent_after_its_head_is_not_mistaken_for_a_dead_one(pods, 
         assert headers["x-sidecar-attempts"] == "1"
         assert len(silent.requests) == 1 and good.requests == 0
         assert await wait_until(lambda: running.sidecar.upstream.in_use() == 0)
+
+
+@pytest.mark.parametrize(("raw", "status"), [
+    (b"GET /x HTTP/1.1\r\n\r\n", 400),  # no Host
+    (b"GET /x HTTP/1.1\r\nHost: s\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", 431),
+    (b"POST /x HTTP/1.1\r\nHost: s\r\nContent-Length: 99999999999\r\n\r\n", 413),
+    (b"CONNECT s:443 HTTP/1.1\r\nHost: s:443\r\n\r\n", 501),
+], ids=["400", "431", "413", "501"])
+async def test_the_listeners_refusals_say_the_call_was_sent_nowhere(sidecar, raw, status):
+    running = await sidecar({"small": {"model": "m", "endpoints": [dead_url()]}})
+    client = await Client.open(running.port)
+    try:
+        await client.send(raw)
+        answer = await client.final()
+    finally:
+        client.close()
+    assert answer.status == status
+    assert answer.header("x-sidecar-attempts") == b"0"
+
+
+async def test_an_internal_error_says_the_call_was_sent_nowhere(sidecar):
+    running = await sidecar({"small": {"model": "m", "endpoints": [dead_url()]}})
+
+    async def broken(request, down) -> None:
+        raise RuntimeError("a bug")
+
+    running.listener.handle = broken
+    client = await Client.open(running.port)
+    try:
+        await client.send(b"GET /x HTTP/1.1\r\nHost: s\r\n\r\n")
+        answer = await client.final()
+    finally:
+        client.close()
+    assert answer.status == 500 and answer.header("x-sidecar-attempts") == b"0"

@@ -5,10 +5,13 @@ as it was reused is retried once on a fresh one, and idle ones are closed before
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import pytest
 
+from sidecar.dataplane.upstream import HttpUpstream, Origin
+from sidecar.errors import Outcome
 from tests.raw_http import Message, echo_target, error_of, get, post, response
 from tests.raw_peers import Client, Conn, always, exchange, proxied, upstream_factory
 
@@ -192,3 +195,34 @@ async def test_a_call_that_waited_for_a_busy_endpoint_was_never_sent_and_says_so
     await busy
     sent = [r.target for c in upstream.conns for r in c.requests]
     assert b"/waited" not in sent
+
+
+async def test_a_slot_freed_by_a_failed_connect_goes_to_the_waiting_call(monkeypatch):
+    """With the endpoint's one slot taken by a connect that then fails, the call waiting for
+    it is woken and tries at once, instead of sleeping to its deadline as `pool_full`."""
+    monkeypatch.setattr("sidecar.dataplane.upstream.PER_ENDPOINT", 1)
+    refused = socket.socket()
+    refused.bind(("127.0.0.1", 0))  # bound, never listening: connects are refused
+    url = f"http://127.0.0.1:{refused.getsockname()[1]}"
+    upstream = HttpUpstream(connect_timeout=2.0, idle_timeout=3.0)
+    try:
+        deadline = upstream.loop.time() + 5.0
+        first = asyncio.create_task(upstream.send(url, b"GET", b"/", b"", b"", deadline))
+        await asyncio.sleep(0)  # the first holds the slot while it connects
+        second = asyncio.create_task(upstream.send(url, b"GET", b"/", b"", b"", deadline))
+        outcomes = await asyncio.wait_for(asyncio.gather(first, second), 10)
+        assert outcomes == [Outcome.CONNECT_ERROR, Outcome.CONNECT_ERROR]
+        assert upstream.in_use() == 0
+    finally:
+        refused.close()
+        await upstream.aclose()
+
+
+async def test_a_freed_slot_skips_waiters_that_already_gave_up():
+    origin = Origin("http://127.0.0.1:1", None)
+    loop = asyncio.get_running_loop()
+    gone, waiting = loop.create_future(), loop.create_future()
+    gone.cancel()
+    origin.waiters = [gone, waiting]
+    origin.wake_one()
+    assert waiting.done() and not origin.waiters

@@ -99,3 +99,20 @@ async def test_the_attempt_loop_sends_only_what_the_rule_allows(script, sent, st
     if answer is not None:
         answer.lease.close()
     assert all(e.inflight == 0 for e in pool.endpoints)
+
+
+@pytest.mark.parametrize(("raw", "streamed"), [
+    (b'{"model":"m","messages":[],"metadata":{"stream":true}}', False),
+    (b'{"metadata":{"stream":true},"model":"m"}', False),
+    (b'{"tools":[{"parameters":{"properties":{"stream":true}}}],"model":"m"}', False),
+    (b'{"metadata":{"stream":true},"stream":false}', False),
+    (b'{"messages":[{"content":"}"}],"metadata":{"stream":true}}', False),
+    (b'[{"stream":true}]', False),
+    (b'{"\\u0073tream":true,"model":"m"}', True),
+    (b'{"model":"m","messages":[{"role":"user"}],"stream":true,"n":1}', True),
+    (b'{"stream":true,"messages":[{"role":"user"}],"metadata":{}}', True),
+    (b'{"stream":true', False),  # not JSON: no stream
+], ids=["nested-last", "nested-first", "tool-schema", "nested-and-top", "brace-in-string",
+        "array", "escaped-key", "sdk-order", "key-first", "not-json"])
+def test_only_the_top_level_stream_key_asks_for_a_stream(raw, streamed):
+    assert asks_to_stream(raw) is streamed

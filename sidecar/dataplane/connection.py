@@ -284,10 +284,7 @@ class Connection(asyncio.Protocol):
             origin.idle.append(self)
         else:
             self._close()
-        if origin.waiters:
-            waiter = origin.waiters.pop(0)
-            if not waiter.done():
-                waiter.set_result(None)
+        origin.wake_one()
 
     # -- internals ---------------------------------------------------------------------
     def begin(self, head_only: bool, deadline: float) -> asyncio.Future[Connection | Outcome]:

@@ -17,6 +17,10 @@ _BODYLESS = (204, 304)
 CLOSE = b"Connection: close\r\n"
 # RFC 9112 §9.3: an HTTP/1.0 client keeps the connection only when the answer says so.
 KEEP_ALIVE_1_0 = b"Connection: keep-alive\r\n"
+# Every answer says how often the call was sent upstream; the listener's own (a refused
+# request, an internal error) sent it nowhere.
+ATTEMPTS = b"x-sidecar-attempts:"
+NOT_SENT = b"x-sidecar-attempts: 0\r\n"
 
 
 def status_line(status: int, reason: bytes = b"") -> bytes:
@@ -118,6 +122,8 @@ class ResponseWriter:
         self._close()
 
     def respond(self, status: int, body: bytes, headers: bytes = b"") -> None:
+        if ATTEMPTS not in headers:
+            headers += NOT_SENT
         self.started = True
         self._answered = True
         close = (CLOSE if not self.keep_alive else

@@ -49,19 +49,27 @@ _FALSE = (b":false", b": false")
 
 
 def asks_to_stream(body: bytes) -> bool:
-    """Does a JSON request ask for a stream (`"stream": true`)? A body naming the key once,
-    as the SDKs write it, is decided in one scan in C (a lone nested `stream` key reads as
-    the top one: that only shortens the deadline); any other body is parsed."""
+    """Does a JSON request ask for a stream (top-level `"stream": true`)? Decided in C
+    scans when the key occurs once and the braces around it show it is the top object's (a
+    quote inside a JSON string is escaped, so those bytes can only be a key); any other body
+    is parsed, so a `stream` key nested in `metadata` or a tool schema, or an escaped key,
+    reads right. A body that is not JSON asks for no stream."""
     at = body.find(_STREAM_KEY)
     if at < 0:
-        return False
-    after = at + len(_STREAM_KEY)
-    # A quote inside a JSON string is escaped: these bytes can only be a key.
-    if body.find(_STREAM_KEY, after) < 0:
-        if body.startswith(_TRUE, after):
-            return True
-        if body.startswith(_FALSE, after):
+        # No escape that could spell the key (a one-byte scan first: memchr is ~10x faster)
+        if b"\\" not in body or b"\\u" not in body:
             return False
+    else:
+        after = at + len(_STREAM_KEY)
+        # In an object, only one `}` after the key or one `{` before it: the key's object
+        # is the top one (braces inside strings only add to those counts).
+        if body[:1] == b"{" and body[-1:] == b"}" and body.find(_STREAM_KEY, after) < 0 and (
+                body.count(b"}", after) == 1 if at > len(body) - after
+                else body.count(b"{", 0, at) == 1):
+            if body.startswith(_TRUE, after):
+                return True
+            if body.startswith(_FALSE, after):
+                return False
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:

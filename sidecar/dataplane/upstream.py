@@ -43,6 +43,16 @@ class Origin:
         self.waiters: list[asyncio.Future[None]] = []
         self.retired = False  # its endpoint left the configuration: nothing goes back idle
 
+    def wake_one(self) -> None:
+        """A slot was freed: the first call still waiting for one gets it. Called wherever
+        `in_use` drops; a waiter already done (timed out, cancelled) would swallow it."""
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.pop(0)
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
 
 class HttpUpstream:
     """Every endpoint's pool, one per sidecar."""
@@ -120,11 +130,14 @@ class HttpUpstream:
             try:
                 async with asyncio.timeout_at(deadline):
                     await waiter
-            except TimeoutError:
-                return Outcome.POOL_FULL  # never sent: another pod may take it
-            finally:
+            except BaseException as exc:
                 with contextlib.suppress(ValueError):
                     origin.waiters.remove(waiter)
+                if waiter.done() and not waiter.cancelled():
+                    origin.wake_one()  # woken, but leaving: the slot goes to the next
+                if isinstance(exc, TimeoutError):
+                    return Outcome.POOL_FULL  # never sent: another pod may take it
+                raise
         origin.in_use += 1
         try:
             async with asyncio.timeout(self.connect_timeout):
@@ -133,12 +146,15 @@ class HttpUpstream:
                     ssl=origin.tls, server_hostname=origin.host if origin.tls else None)
         except TimeoutError:
             origin.in_use -= 1
+            origin.wake_one()
             return Outcome.CONNECT_TIMEOUT
         except (OSError, ssl.SSLError):
             origin.in_use -= 1
+            origin.wake_one()
             return Outcome.CONNECT_ERROR
         except BaseException:
             origin.in_use -= 1
+            origin.wake_one()
             raise
         return conn
 
