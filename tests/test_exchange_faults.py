@@ -4,9 +4,12 @@ to whom, and how many times each pod is asked (fake-llm pods count their request
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import struct
+
+import aiohttp
 
 from tests.conftest import CHAT, base, chat, dead_url, pool
 from tests.raw_http import Message
@@ -263,3 +266,29 @@ async def test_a_retry_gets_what_is_left_of_the_calls_deadline_not_a_new_one(sid
         assert status == 504 and body["error"]["code"] == "upstream_timeout", body
         assert headers["x-sidecar-attempts"] == "2"
         assert len(drops.requests) == 1 and len(slow.requests) == 1
+
+
+async def test_a_malformed_chunk_after_content_reached_the_app_ends_the_stream_visibly(
+        sidecar, http):
+    """Content reached the app, then a bad chunk-size line: the stream ends with the error
+    event and no [DONE]; nothing is sent to another pod."""
+    content = (b'data: {"id":"c1","object":"chat.completion.chunk","model":"m","choices":'
+               b'[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}\n\n')
+    frames = b"".join(b"%x\r\n%s\r\n" % (len(f), f) for f in (ROLE, content))
+    async with upstream_factory() as upstreams:
+        bad = await upstreams(scripted(SSE_CHUNKED + frames, b"zz\r\nxx\r\n", pause_s=0.2,
+                                       then_s=1))
+        good = await upstreams(always(GOOD))
+        running = await sidecar({"small": {"model": "m", "endpoints": [bad.url, good.url]}})
+        session = starting_on(running, bad.url, "midstream")
+        raw = b""
+        async with http.post(base(running) + "/v1/chat/completions",
+                             json={**CHAT, "stream": True},
+                             headers={"x-session-id": session}) as r:
+            assert r.status == 200
+            with contextlib.suppress(aiohttp.ClientPayloadError):
+                async for piece in r.content.iter_any():
+                    raw += piece
+        assert b'"content":"Hi"' in raw and b"upstream_broken_mid_stream" in raw, raw
+        assert b"[DONE]" not in raw
+        assert len(bad.requests) == 1 and good.requests == []
