@@ -9,10 +9,12 @@ and counters read.
      ├── UPSTREAM_ERROR      DONE       500 / 502 / 504 and other 5xx: the pod (or a gateway
      │                                  before it) took the work and failed it; passed through
      ├── BAD_RESPONSE        DONE       the pod answered in HTTP, but not with a valid
-     │                                  HTTP/1.1 response head (or in a transfer coding
-     │                                  other than chunked): the app gets 502; counts
-     │                                  against the pod's health, but it was reachable.
-     │                                  (Bytes that are not HTTP at all: CONNECT_ERROR)
+     │                                  HTTP/1.1 response head, in a transfer coding
+     │                                  other than chunked, or with a body whose framing
+     │                                  breaks after a valid head (a bad chunk size): the
+     │                                  app gets 502 (mid-stream: the stream ends broken);
+     │                                  counts against the pod's health, but it was
+     │                                  reachable. (Bytes that are not HTTP: CONNECT_ERROR)
      ├── CONNECT_ERROR       DROPPED    refused, unreachable, TLS failure, a fresh
      │                                  connection closed before any answer, or an answer
      │                                  that is not HTTP (not a model server's port): no
@@ -23,12 +25,13 @@ and counters read.
      │                                  by itself
      ├── CONNECT_TIMEOUT     NOT_TAKEN  no TCP connection within SIDECAR_CONNECT_TIMEOUT_S
      ├── POOL_FULL           NOT_TAKEN  every connection to the endpoint stayed busy until the
-     │                                  call's deadline: never sent, so another pod may take
-     │                                  it; the pod is busy, not failing
+     │                                  call's deadline: never sent, so another pod could
+     │                                  take it, had the call time left; busy, not failing
      ├── FIRST_BYTE_TIMEOUT  HELD       a live pod did not answer within the call's deadline
      │                                  (SIDECAR_RESPONSE_TIMEOUT_S; streams: first content
-     │                                  within SIDECAR_FIRST_BYTE_TIMEOUT_S), or fell silent
-     │                                  for SIDECAR_STREAM_IDLE_TIMEOUT_S before it: its
+     │                                  within SIDECAR_FIRST_BYTE_TIMEOUT_S; a small
+     │                                  non-streamed body: all of it), or fell silent for
+     │                                  SIDECAR_STREAM_IDLE_TIMEOUT_S before then: its
      │                                  connection is closed so its engine stops, and the
      │                                  app gets 504
      ├── BROKEN_BEFORE_CONTENT DROPPED  the pod broke the connection before anything reached
@@ -41,6 +44,12 @@ never taken (refused, not connected, declined with 429/503) or dropped with the 
 that carried it (the pod died or reset it; a server stops a request whose connection
 closes, so nothing runs twice). A pod that took it and is still on it (slow but alive) or
 answered it is never asked twice for the same work.
+
+The deadline is the call's, not each attempt's: it starts when the call does, and a wait
+for a busy pool, a pod that held the work and then dropped it, and every retry all spend
+it. A retry that would start after the call's deadline has passed is not made: the app
+gets 504. A resume (the continuation of a broken stream) is a new call with its own
+deadline, and tries at most SIDECAR_MAX_ATTEMPTS pods.
 """
 
 from __future__ import annotations

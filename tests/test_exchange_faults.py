@@ -4,15 +4,17 @@ to whom, and how many times each pod is asked (fake-llm pods count their request
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import struct
 
+import aiohttp
 import pytest
 
 from tests.conftest import CHAT, base, chat, dead_url, pool
 from tests.raw_http import Message
-from tests.raw_peers import Client, Conn, upstream_factory
+from tests.raw_peers import Client, Conn, always, upstream_factory
 
 POOL_KEY = "sk-pool-key-0123456789"
 
@@ -232,3 +234,112 @@ async def test_an_internal_error_says_the_call_was_sent_nowhere(sidecar):
     finally:
         client.close()
     assert answer.status == 500 and answer.header("x-sidecar-attempts") == b"0"
+
+
+GOOD = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+JSON_CHUNKED = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n")
+SSE_CHUNKED = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n")
+ROLE = (b'data: {"id":"c1","object":"chat.completion.chunk","model":"m","choices":[{"index":0,'
+        b'"delta":{"role":"assistant"},"finish_reason":null}]}\n\n')
+
+
+def scripted(*parts: bytes, pause_s: float = 0.0, then_s: float = 0.0):
+    """A pod that writes `parts` (pausing between them), waits `then_s`, and closes."""
+    async def respond(conn: Conn, request: Message) -> bool:
+        for i, part in enumerate(parts):
+            if i and pause_s:
+                await asyncio.sleep(pause_s)
+            await conn.send(part)
+        await asyncio.sleep(then_s)
+        return False
+
+    return respond
+
+
+async def test_a_malformed_chunked_body_after_a_valid_head_is_a_502_never_sent_elsewhere(
+        sidecar, http):
+    """The pod answered — a valid head, then a bad chunk-size line: its answer is malformed
+    (502), not a connection that broke under the work, so no other pod is asked."""
+    bad_json = scripted(JSON_CHUNKED + b"5\r\n{\"a\":\r\nzz\r\n1}\r\n", then_s=1)
+    bad_sse = scripted(SSE_CHUNKED + b"%x\r\n%s\r\n" % (len(ROLE), ROLE), b"zz\r\nxx\r\n",
+                       pause_s=0.05, then_s=1)
+    async with upstream_factory() as upstreams:
+        for respond, stream in ((bad_json, False), (bad_sse, True)):
+            bad = await upstreams(respond)
+            good = await upstreams(always(GOOD))
+            running = await sidecar({"small": {"model": "m",
+                                               "endpoints": [bad.url, good.url]}})
+            session = starting_on(running, bad.url, "malformed")
+            status, headers, body = await chat(http, running, session,
+                                               {**CHAT, "stream": stream})
+            assert status == 502, (stream, body)
+            assert body["error"]["code"] == "upstream_error"
+            assert headers["x-sidecar-attempts"] == "1"
+            assert len(bad.requests) == 1 and good.requests == [], stream
+
+
+async def test_a_body_that_stalls_after_its_head_is_held_never_sent_elsewhere(sidecar, http):
+    """A head and part of a small Content-Length body, then silence: the sidecar hangs up
+    on a live pod (the stream idle timeout), which is a 504, not a pod that died."""
+    async with upstream_factory() as upstreams:
+        slow = await upstreams(scripted(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 20\r\n"
+            b"\r\n{\"id\":", then_s=10))
+        good = await upstreams(always(GOOD))
+        running = await sidecar({"small": {"model": "m", "endpoints": [slow.url, good.url]}},
+                                SIDECAR_STREAM_IDLE_TIMEOUT_S="0.3")
+        session = starting_on(running, slow.url, "stalls")
+        status, headers, body = await chat(http, running, session)
+        assert status == 504 and body["error"]["code"] == "upstream_timeout", body
+        assert headers["x-sidecar-attempts"] == "1"
+        assert len(slow.requests) == 1 and good.requests == []
+        assert await wait_until(lambda: running.sidecar.upstream.in_use() == 0)
+
+
+async def test_a_retry_gets_what_is_left_of_the_calls_deadline_not_a_new_one(sidecar, http):
+    """Pod A holds the call 1 s and drops it (retryable); pod B would answer after another
+    1 s — within a fresh 1.5 s window, but past the call's: the call ends in 504 at the
+    call's deadline instead of taking both windows."""
+    async def late(conn: Conn, request: Message) -> bool:
+        await asyncio.sleep(1.0)
+        await conn.send(GOOD)
+        return True
+
+    async with upstream_factory() as upstreams:
+        drops = await upstreams(scripted(then_s=1.0))
+        slow = await upstreams(late)
+        running = await sidecar({"small": {"model": "m", "endpoints": [drops.url, slow.url]}},
+                                SIDECAR_RESPONSE_TIMEOUT_S="1.5")
+        session = starting_on(running, drops.url, "deadline")
+        status, headers, body = await chat(http, running, session)
+        assert status == 504 and body["error"]["code"] == "upstream_timeout", body
+        assert headers["x-sidecar-attempts"] == "2"
+        assert len(drops.requests) == 1 and len(slow.requests) == 1
+
+
+async def test_a_malformed_chunk_after_content_reached_the_app_ends_the_stream_visibly(
+        sidecar, http):
+    """Content reached the app, then a bad chunk-size line: the stream ends with the error
+    event and no [DONE]; nothing is sent to another pod."""
+    content = (b'data: {"id":"c1","object":"chat.completion.chunk","model":"m","choices":'
+               b'[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}\n\n')
+    frames = b"".join(b"%x\r\n%s\r\n" % (len(f), f) for f in (ROLE, content))
+    async with upstream_factory() as upstreams:
+        bad = await upstreams(scripted(SSE_CHUNKED + frames, b"zz\r\nxx\r\n", pause_s=0.2,
+                                       then_s=1))
+        good = await upstreams(always(GOOD))
+        running = await sidecar({"small": {"model": "m", "endpoints": [bad.url, good.url]}})
+        session = starting_on(running, bad.url, "midstream")
+        raw = b""
+        async with http.post(base(running) + "/v1/chat/completions",
+                             json={**CHAT, "stream": True},
+                             headers={"x-session-id": session}) as r:
+            assert r.status == 200
+            with contextlib.suppress(aiohttp.ClientPayloadError):
+                async for piece in r.content.iter_any():
+                    raw += piece
+        assert b'"content":"Hi"' in raw and b"upstream_broken_mid_stream" in raw, raw
+        assert b"[DONE]" not in raw
+        assert len(bad.requests) == 1 and good.requests == []

@@ -172,16 +172,26 @@ async def test_upstream_answering_garbage_fails_over(raw_upstream, pods, sidecar
         assert {h["x-sidecar-endpoint"] for _, h, _ in results} == {good.url}
 
 
-async def test_upstream_with_broken_chunked_encoding_is_retried(raw_upstream, pods, sidecar,
-                                                                http):
+async def test_upstream_with_broken_chunked_encoding_is_a_502_never_retried(
+        raw_upstream, pods, sidecar, http):
+    """A valid head, then a body that is no chunked coding: the pod answered, malformed.
+    The app gets 502 and no other pod is asked to do the work again."""
     broken = await raw_upstream(lambda n: (
         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
         b"Transfer-Encoding: chunked\r\n\r\nzz\r\nnot a chunk\r\n"), close_after=True)
     [good] = await pods(1)
     running = await sidecar({"small": {"model": "m", "endpoints": [broken, good.url]}})
+    ranked = running.sidecar.pools.pools["small"].ranked
+    on_broken = next(s for s in (f"chunk-{i}" for i in range(200))
+                     if ranked(s.encode())[0].url == broken)
     async with no_leaks(running):
-        results = await asyncio.gather(*(chat(http, running, f"chunk-{i}") for i in range(10)))
-        assert {status for status, _, _ in results} == {200}
+        first = await chat(http, running, on_broken)
+        results = [first, *await asyncio.gather(*(chat(http, running, f"chunk-{i}")
+                                                  for i in range(10)))]
+    assert first[0] == 502 and first[2]["error"]["code"] == "upstream_error"
+    assert {status for status, _, _ in results} <= {200, 502}
+    assert all(h["x-sidecar-attempts"] == "1" for _, h, _ in results)
+    assert good.requests == sum(status == 200 for status, _, _ in results)
 
 
 async def test_invalid_sse_is_passed_through_untouched(raw_upstream, sidecar, http):
@@ -277,7 +287,10 @@ async def test_redis_full_keeps_requests_flowing(pods, sidecar, http, args):
             results = [await chat(http, running, f"full-{i}") for i in range(5)]
         assert {status for status, _, _ in results} == {200}
         store = running.sidecar.store
-        assert store.counters.errors >= 1 and store.counters.created == 0
+        # Refused at start (the store's probe writes) or by the first touches: either way
+        # the store is not used and no route was stored.
+        assert not store.available and store.counters.created == 0
+        assert store.counters.errors + store.counters.skipped >= 5
     finally:
         server.cleanup()
 
@@ -290,7 +303,9 @@ async def test_a_read_only_replica_keeps_requests_flowing(pods, sidecar, http, r
         async with no_leaks(running):
             results = [await chat(http, running, f"ro-{i}") for i in range(5)]
         assert {status for status, _, _ in results} == {200}
-        assert running.sidecar.store.counters.errors >= 1
+        store = running.sidecar.store
+        assert not store.available  # a replica refuses the probe's write: never "back"
+        assert store.counters.errors + store.counters.skipped >= 5
     finally:
         replica.cleanup()
 

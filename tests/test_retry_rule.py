@@ -5,6 +5,8 @@ came) → never sent again, to that pod or any other."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -116,3 +118,44 @@ async def test_the_attempt_loop_sends_only_what_the_rule_allows(script, sent, st
         "array", "escaped-key", "sdk-order", "key-first", "not-json"])
 def test_only_the_top_level_stream_key_asks_for_a_stream(raw, streamed):
     assert asks_to_stream(raw) is streamed
+
+
+async def test_a_resume_tries_no_more_pods_than_max_attempts():
+    upstream = MockUpstream({u: [Outcome.CONNECT_ERROR] for u in
+                             ("http://a:1", "http://b:1", "http://c:1")})
+    attempts, _, pools = _attempts(upstream, max_attempts=2)
+    pool = pools.get("small")
+    answer, ended = await attempts.run(iter([(pool, e) for e in pool.endpoints]), b"POST",
+                                       b"/v1/chat/completions", lambda p: (b"", b"{}"), [],
+                                       streamed=True, strict=True)
+    assert answer is None and ended is Step.EXHAUSTED
+    assert upstream.sent == ["http://a:1", "http://b:1"], "SIDECAR_MAX_ATTEMPTS=2"
+    assert all(e.inflight == 0 for e in pool.endpoints)
+
+
+class _SlowUpstream(MockUpstream):
+    """Each send takes `delay` s of the call's time before its scripted answer."""
+
+    def __init__(self, script: dict[str, list[Outcome | int]], delay: float) -> None:
+        super().__init__(script)
+        self.delay = delay
+
+    async def send(self, base_url, method, target, headers, body, deadline):
+        await asyncio.sleep(self.delay)
+        return await super().send(base_url, method, target, headers, body, deadline)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+async def test_no_attempt_starts_once_the_calls_deadline_has_passed(strict):
+    # Each failure uses more than the whole deadline (a stream's first content: 1 s): a
+    # retry would get a window the call no longer has.
+    upstream = _SlowUpstream({u: [Outcome.POOL_FULL] for u in
+                              ("http://a:1", "http://b:1", "http://c:1")}, 1.1)
+    attempts, _, pools = _attempts(upstream)
+    pool = pools.get("small")
+    answer, ended = await attempts.run(iter([(pool, e) for e in pool.endpoints]), b"POST",
+                                       b"/v1/chat/completions", lambda p: (b"", b"{}"), [],
+                                       streamed=True, strict=strict)
+    assert answer is None and ended is Step.GAVE_UP
+    assert upstream.sent == ["http://a:1"]
+    assert all(e.inflight == 0 for e in pool.endpoints)

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 
 from sidecar.budget import RetryBudget
 from sidecar.dataplane.events import Events
-from sidecar.dataplane.failover import Step, after_failure
+from sidecar.dataplane.failover import RETRIES, Step, after_failure
 from sidecar.dataplane.headers import get
 from sidecar.dataplane.relay import Preamble
 from sidecar.dataplane.seam import Broken, Reply, Upstream
@@ -109,8 +109,13 @@ class Attempts:
         that pool; `streamed`: the call asked for a stream (its deadline is the first
         content's). `strict` (resumes): only a 200 counts, nothing is passed through and no
         retry budget applies. Returns the answer (its lease open) and how the loop ended;
-        every lease but the answer's is closed, on every path."""
+        every lease but the answer's is closed, on every path.
+
+        The deadline is the call's, not each attempt's: a wait for a busy pool, a pod that
+        held the work and then dropped it, and every retry spend the same window; a retry
+        that would start after it has passed ends the loop instead (GAVE_UP: a 504)."""
         timeout = self.first_byte_timeout if streamed else self.response_timeout
+        deadline = self.loop.time() + timeout
         candidate = next(candidates, None)
         attempt = 0
         reconnected = False
@@ -122,7 +127,7 @@ class Attempts:
             lease = Lease(endpoint)
             try:
                 answer, outcome = await self._once(pool, lease, method, target, headers, body,
-                                                   self.loop.time() + timeout)
+                                                   deadline)
             except BaseException:
                 lease.close()
                 raise
@@ -139,8 +144,10 @@ class Attempts:
                 lease.close()
                 if outcome not in (Outcome.OK, Outcome.CLIENT_ERROR):
                     events.attempt_failed(endpoint, outcome, now)
-                if not outcome.retryable:
+                if not outcome.retryable or now >= deadline:
                     return None, Step.GAVE_UP  # a live pod took the continuation
+                if attempt >= self.max_attempts:
+                    return None, Step.EXHAUSTED
                 candidate = next(candidates, None)
                 continue
             events.attempt_failed(endpoint, outcome, now)
@@ -150,13 +157,16 @@ class Attempts:
             if wait:
                 endpoint.hold(wait, now)
             failures.append(Failure(pool.name, endpoint.url, outcome, status, wait))
+            late = now >= deadline
             has_next = attempt < self.max_attempts and (nxt := next(candidates, None)) \
                 is not None
             step = after_failure(
                 outcome, attempt=attempt, max_attempts=self.max_attempts,
                 reconnected=reconnected, has_next=has_next, answered=answer is not None,
-                budget_allows=not outcome.overload or not has_next
+                budget_allows=not outcome.overload or not has_next or late
                 or self.budget.try_retry(now))
+            if late and step in RETRIES:
+                step = Step.GAVE_UP  # the call's deadline passed: no attempt starts
             if step is Step.PASS_THROUGH:
                 assert answer is not None
                 return answer, step  # attempts spent: the last upstream answer goes out
@@ -196,11 +206,14 @@ class Attempts:
             return answer, outcome
         sse = answer.sse = reply.event_stream
         if not sse and reply.length is not None and reply.length <= WHOLE_BODY_MAX:
-            reply.settle()
+            # The call's deadline stays armed until the whole body is here: a pod slow
+            # after its head is still a live pod on the work (HELD), never a dropped one.
             try:
                 answer.body = await reply.read()
-            except Broken:
-                return None, Outcome.BROKEN_BEFORE_CONTENT
+            except Broken as broken:
+                return None, _before_content(broken.outcome)
+            finally:
+                reply.settle()
             answer.ready_at = reply.arrived_at
             return answer, outcome
         if reply.length == 0 or not _has_body(reply.status):
@@ -215,11 +228,19 @@ class Attempts:
         await preamble.ready
         reply.settle()
         if ended.done() and (broke := ended.result()) is not None:
-            return None, (Outcome.FIRST_BYTE_TIMEOUT if broke is Outcome.FIRST_BYTE_TIMEOUT
-                          else Outcome.BROKEN_BEFORE_CONTENT)
+            return None, _before_content(broke)
         answer.held = preamble.take()
         answer.ready_at = reply.arrived_at
         return answer, outcome
+
+
+def _before_content(broke: Outcome) -> Outcome:
+    """What a body that did not arrive whole, before anything reached the app, says about
+    the work: held past the deadline (a live pod, 504) and malformed (the pod answered,
+    502) are the pod's; only a connection that broke under it leaves the work to no pod."""
+    if broke in (Outcome.FIRST_BYTE_TIMEOUT, Outcome.BAD_RESPONSE):
+        return broke
+    return Outcome.BROKEN_BEFORE_CONTENT
 
 
 def _has_body(status: int) -> bool:

@@ -118,14 +118,14 @@ class Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError:
-            # Before the head is whole: an HTTP server's malformed answer is a 502 (RFC
-            # 9110 §15.6.3), and it took the request, so it is not sent elsewhere; bytes
-            # that are no HTTP at all come from something else at that address (a wrong
-            # port), which never took the request. After a whole answer (`_Unasked`, or
-            # garbage behind it) the reply stands and `_fail` keeps it; only the
-            # connection goes.
-            self._fail(Outcome.BROKEN_STREAM if self._head is None or self._head.done()
-                       else Outcome.BAD_RESPONSE if self._opening == b"HTTP/"
+            # An HTTP server's malformed answer — its head, or its body's framing after a
+            # valid head (a bad chunk size) — is a 502 (RFC 9110 §15.6.3): the pod took
+            # the request and answered it, so it is not sent elsewhere. Bytes that are no
+            # HTTP at all come from something else at that address (a wrong port), which
+            # never took the request. After a whole answer (`_Unasked`, or garbage behind
+            # it) the reply stands and `_fail` keeps it; only the connection goes.
+            answered = self._head is not None and self._head.done()
+            self._fail(Outcome.BAD_RESPONSE if answered or self._opening == b"HTTP/"
                        else Outcome.CONNECT_ERROR)
             self._close()
             return
