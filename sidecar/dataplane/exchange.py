@@ -188,9 +188,9 @@ class Proxy:
                 last = failures[-1]
                 return self._refuse(
                     down, 502, f"the model server at {last.endpoint} (pool {last.pool}) "
-                    "answered with a malformed HTTP response (an invalid status line or "
-                    "header, or a transfer coding other than chunked); the request was not "
-                    "sent elsewhere, since that server took it", "upstream_error",
+                    "answered with a malformed HTTP response (an invalid status line, header "
+                    "or chunked body, or a transfer coding other than chunked); the request "
+                    "was not sent elsewhere, since that server took it", "upstream_error",
                     attempts=sent, tried=tried)
             if step is Step.GAVE_UP:
                 return self._refuse(down, 504, self._timeout_message(failures[-1], streamed),
