@@ -32,7 +32,7 @@ from sidecar.podview import (
 )
 from sidecar.pools import Endpoint, EndpointState, Pool, PoolSet
 from sidecar.redisfaults import CAUGHT
-from sidecar.supervise import SUPERVISOR, Supervisor, supervised
+from sidecar.supervise import SUPERVISOR, Supervisor, supervised_until
 from sidecar.telemetry import Telemetry
 
 log = logging.getLogger("sidecar.monitor")
@@ -262,16 +262,9 @@ class FleetMonitor:
                 await self._step_down()
                 raise
 
-        task = asyncio.ensure_future(supervised("fleet monitor", body,
-                                                supervisor=self.supervisor))
-        stopping = asyncio.ensure_future(stop.wait())
         try:
-            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            await supervised_until(stop, "fleet monitor", body, self.supervisor)
         finally:
-            stopping.cancel()
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
             await self._step_down()
             with contextlib.suppress(*CAUGHT):
                 async with asyncio.timeout(1.0):

@@ -113,3 +113,18 @@ async def supervised(name: str, body: Callable[[], Awaitable[None]],
                 return
         await asyncio.sleep(backoff * supervisor.backoff_scale * (0.5 + random.random()))
         backoff = min(backoff * 2, max_backoff_s)
+
+
+async def supervised_until(stop: asyncio.Event, name: str, body: Callable[[], Awaitable[None]],
+                           supervisor: Supervisor = SUPERVISOR) -> None:
+    """`supervised(name, body)` until it returns or `stop` is set (a service's main loop:
+    the scaler, the fleet monitor); then the loop is cancelled and awaited."""
+    task = asyncio.ensure_future(supervised(name, body, supervisor=supervisor))
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

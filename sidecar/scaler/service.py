@@ -30,7 +30,7 @@ from sidecar.scaler.config import ScaledPool, ScalerSettings
 from sidecar.scaler.nomad import DeploymentActive, GroupStatus, NomadClient, NomadError
 from sidecar.scaler.policy import Bounds, LoadLevelPolicy, Observation, PredictivePolicy
 from sidecar.store import LEVEL_CHANNEL, LEVEL_KEY
-from sidecar.supervise import SUPERVISOR, Supervisor, supervised
+from sidecar.supervise import SUPERVISOR, Supervisor, supervised_until
 from sidecar.telemetry import Telemetry
 from sidecar.traffic import BUCKET_S, PoolLoad, PoolTraffic, read_pod_load, read_traffic
 
@@ -424,15 +424,7 @@ class Scaler:
         async def body() -> None:
             await self._loop(stop)
 
-        task = asyncio.ensure_future(supervised("scaler", body, supervisor=self.supervisor))
-        stopping = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopping.cancel()
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await supervised_until(stop, "scaler", body, self.supervisor)
 
 
 async def serve_metrics(telemetry: Telemetry, host: str, port: int) -> web.AppRunner:
