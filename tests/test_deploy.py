@@ -84,10 +84,11 @@ def test_sidecar_job_checks_the_admin_listener():
     assert network["port"][0]["admin"]["to"] == 7879
 
 
-def pools_template() -> tuple[dict[str, Any], str]:
-    _, job = load_job(ROOT / "nomad" / "sidecar.hcl")
+def pools_template(file: str = "sidecar.hcl", task: str = "sidecar"
+                   ) -> tuple[dict[str, Any], str]:
+    _, job = load_job(ROOT / "nomad" / file)
     [group] = groups(job).values()
-    [template] = [t for t in tasks(group)["sidecar"]["template"]
+    [template] = [t for t in tasks(group)[task]["template"]
                   if t["destination"].endswith("/pools.json")]
     data = template["data"]
     data = re.sub(r"^<<-?EOT\n", "", data.strip().strip('"'))
@@ -224,3 +225,9 @@ def test_sidecar_job_takes_the_admin_token_from_nomad_variables():
     assert "SIDECAR_ADMIN_TOKEN" not in env, "a secret in the job file"
     [service] = group["service"]
     assert service["check"][0]["path"] == "/health", "the check needs no token"
+
+
+def test_the_monitor_probes_the_same_pools_as_the_sidecars():
+    """Nomad jobs cannot share a template: the monitor's copy must not drift from the
+    sidecars' (a sidecar follows the view only for the endpoints the monitor carries)."""
+    assert pools_template("monitor.hcl", "monitor")[1] == pools_template()[1]
