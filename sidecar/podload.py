@@ -79,6 +79,21 @@ class PodLoad:
                 "source": self.source, "at": round(self.at, 3)}
 
 
+@dataclass(frozen=True, slots=True)
+class GpuUsage:
+    """A pod's GPUs as its node reports them (Nomad's device statistics): the mean over the
+    pod's devices, each a fraction 0..1."""
+
+    utilization: float      # time the GPUs were busy
+    memory: float           # device memory in use / device memory
+    devices: int            # how many devices the pod holds
+    at: float               # unix time of the reading
+
+    def view(self) -> dict[str, object]:
+        return {"utilization": round(self.utilization, 4), "memory": round(self.memory, 4),
+                "devices": self.devices, "at": round(self.at, 3)}
+
+
 def with_rate(previous: PodLoad | None, current: PodLoad) -> PodLoad:
     """`current` with its completion rate over the interval since `previous` (a counter
     that went down means the pod restarted: no rate for that interval)."""

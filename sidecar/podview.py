@@ -6,8 +6,8 @@ Layout (the monitor writes, every sidecar reads; both sides use only this module
 
     llmsc:podview:{<pool>}    hash: version (HINCRBY, +1 per write), at (Redis `TIME` of
                               the write, "<s>.<µs>"), view (JSON: endpoint URL →
-                              {"state", "load", "n"}); PEXPIRE STALE_INTERVALS × the
-                              interval. Written after each probe round of an endpoint
+                              {"state", "load", "n", "gpu"}); PEXPIRE STALE_INTERVALS ×
+                              the interval. Written after each probe round of an endpoint
                               and every interval; "n" names the round, so a sidecar
                               applies each round once however often it reads the view
     llmsc:podview             channel: "<pool>\\0<version>\\0<at>\\0<view>", published in the
@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-from sidecar.podload import PodLoad
+from sidecar.podload import GpuUsage, PodLoad
 
 VIEW_CHANNEL = "llmsc:podview"
 MONITOR_LEADER_KEY = "llmsc:monitor:leader"
@@ -58,6 +58,7 @@ class EndpointView:
     state: ViewState | None   # None: the monitor does not probe this pool's health
     load: PodLoad | None      # `at` is the age in seconds at the write, not a time
     round: str = ""           # which probe round this is ("": apply on every read)
+    gpu: GpuUsage | None = None  # `at` is the age in seconds at the write; None: not read
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +90,12 @@ def encode(endpoints: Mapping[str, EndpointView], now: float) -> str:
             load = [entry.load.running, entry.load.waiting, round(entry.load.kv_usage, 4),
                     round(entry.load.rate, 3), entry.load.completed,
                     round(max(0.0, now - entry.load.at), 3)]
+        gpu = None
+        if entry.gpu is not None:
+            gpu = [round(entry.gpu.utilization, 4), round(entry.gpu.memory, 4),
+                   entry.gpu.devices, round(max(0.0, now - entry.gpu.at), 3)]
         out[url] = {"state": entry.state.value if entry.state else None, "load": load,
-                    "n": entry.round}
+                    "n": entry.round, "gpu": gpu}
     return json.dumps(out, separators=(",", ":"))
 
 
@@ -114,7 +119,14 @@ def decode(pool: str, version: bytes | str | int, at: bytes | str | float,
                 if min(running, waiting, kv, rate, completed, age) < 0 or kv > 1:
                     raise ValueError(f"bad load for {url}")
                 load = PodLoad(running, waiting, kv, age, "metrics", completed, rate)
-            endpoints[str(url)] = EndpointView(state, load, str(item.get("n") or ""))
+            gpu = None
+            if item.get("gpu") is not None:
+                utilization, memory, devices, gpu_age = (float(x) for x in item["gpu"])
+                if not (0 <= utilization <= 1 and 0 <= memory <= 1) or devices < 0 \
+                        or gpu_age < 0:
+                    raise ValueError(f"bad gpu reading for {url}")
+                gpu = GpuUsage(utilization, memory, int(devices), gpu_age)
+            endpoints[str(url)] = EndpointView(state, load, str(item.get("n") or ""), gpu)
     except (ValueError, TypeError, KeyError) as exc:
         raise ViewError(f"view of pool {pool} unreadable: {exc}") from None
     return PoolView(pool, number, stamp, endpoints)

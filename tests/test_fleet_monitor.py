@@ -22,7 +22,7 @@ from rich.console import Console
 
 from sidecar.config import load_settings
 from sidecar.monitor import FleetMonitor
-from sidecar.podload import PodLoad
+from sidecar.podload import GpuUsage, PodLoad
 from sidecar.podview import (
     Action,
     EndpointView,
@@ -51,20 +51,23 @@ JITTER = 0.2  # health.JITTER: probes of one endpoint are at least 0.8 interval 
 
 def test_view_round_trips_state_and_load_with_its_age() -> None:
     load = PodLoad(3.0, 1.0, 0.25, 100.0, "metrics", 40.0, 2.5)
-    body = encode({"http://a": EndpointView(ViewState.READY, load),
+    gpu = GpuUsage(0.875, 0.5, 2, 99.0)
+    body = encode({"http://a": EndpointView(ViewState.READY, load, gpu=gpu),
                    "http://b": EndpointView(None, None)}, now=101.5)
     view = decode("small", b"7", b"2000.5", body.encode())
     assert view.version == 7 and view.at == 2000.5
     a = view.endpoints["http://a"]
     assert a.state is ViewState.READY
     assert a.load == PodLoad(3.0, 1.0, 0.25, 1.5, "metrics", 40.0, 2.5)  # at = age
+    assert a.gpu == GpuUsage(0.875, 0.5, 2, 2.5)
     assert view.endpoints["http://b"] == EndpointView(None, None)
     notice = parse_notice(b"small\x007\x002000.5\x00" + body.encode())
     assert notice == view
 
 
 @pytest.mark.parametrize("body", [b"[]", b"{", b'{"u":{"state":"lost"}}',
-                                  b'{"u":{"state":"ready","load":[1,1,2,0,0,0]}}'])
+                                  b'{"u":{"state":"ready","load":[1,1,2,0,0,0]}}',
+                                  b'{"u":{"state":"ready","gpu":[1.5,0,1,0]}}'])
 def test_unreadable_views_are_refused(body: bytes) -> None:
     with pytest.raises(ViewError):
         decode("small", b"1", b"1.0", body)
