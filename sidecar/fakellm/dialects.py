@@ -63,7 +63,7 @@ def _page(series: list[tuple[str, str, str, list[tuple[str, float]]]]) -> str:
 
 def vllm(s: Snapshot) -> str:
     """vLLM's V1 engine (vllm/v1/metrics/loggers.py), with V0's name of the KV gauge."""
-    labels = f'{{engine="0",model_name="{_quoted(s.model)}"}}'
+    labels = f'{{model_name="{_quoted(s.model)}",engine="0"}}'
     return _page([
         ("vllm:num_requests_running", "gauge",
          "Number of requests in model execution batches.", [(labels, s.running)]),
