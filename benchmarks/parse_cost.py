@@ -1,7 +1,7 @@
 """What reading a pod's metrics page costs, in µs per parse (medians of 7 runs): a
-vLLM-sized page (histograms of every request phase, ~130 KB) and a Triton page with the
-TensorRT-LLM backend's label-selected series (~40 KB). The prober parses one page per pod
-every `health_interval_s`, off the request path.
+vLLM-sized page (histograms of every request phase, ~50 KB) and a Triton page with the
+TensorRT-LLM backend's label-selected series and eight GPUs' gauges (~14 KB). The prober
+parses one page per pod every `health_interval_s`, off the request path.
 
     python benchmarks/parse_cost.py
 """

@@ -75,7 +75,7 @@ TRITON_KV = b"nv_trt_llm_kv_cache_block_metrics"
 # source; the version or commit read is named):
 # - vllm: the V1 engine's PrometheusStatLogger (vllm/v1/metrics/loggers.py, v0.10-v0.11;
 #   the same names on main in 2026); V0's KV gauge name as a fallback.
-# - llamacpp: llama.cpp's server (tools/server/server-context.cpp, build 11434, the one the
+# - llamacpp: llama.cpp's server (tools/server/server-task.cpp, build 11434, the one the
 #   real-engine tier runs) with --metrics: requests_processing = busy slots,
 #   requests_deferred = requests waiting for a slot. That build exports no KV gauge and no
 #   completed-requests counter; older builds (examples/server/server.cpp, 2024) exported
