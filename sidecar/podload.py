@@ -85,7 +85,9 @@ TRITON_KV = b"nv_trt_llm_kv_cache_block_metrics"
 #   (TokenizerMetricsCollector) counts finished requests.
 # - tgi: text-generation-inference v3.3.6 (backends/v3/src/backend.rs and queue.rs, the
 #   names described in router/src/server.rs): the current batch size and the queue; no KV
-#   gauge.
+#   gauge. Its exporter (metrics-exporter-prometheus 0.15.3) prints counters without a
+#   `_total` suffix, and a series only once it has been set: a fresh server's page has
+#   none of these until its first request.
 # - trtllm: trtllm-serve's Prometheus page, `/prometheus/metrics` (mounted only with
 #   `return_perf_metrics: true`; its `/metrics` is iteration statistics in JSON). The gauges
 #   come from MetricsCollector.log_iteration_stats (tensorrt_llm/metrics/collector.py,
@@ -112,7 +114,8 @@ ENGINES: dict[str, EngineMetrics] = {
     "sglang": EngineMetrics(b"sglang:", Series(b"sglang:num_running_reqs"),
                             Series(b"sglang:num_queue_reqs"), (Series(b"sglang:token_usage"),),
                             Series(b"sglang:num_requests_total")),
-    "tgi": EngineMetrics(b"tgi_", Series(b"tgi_batch_current_size"), Series(b"tgi_queue_size")),
+    "tgi": EngineMetrics(b"tgi_", Series(b"tgi_batch_current_size"), Series(b"tgi_queue_size"),
+                         success=Series(b"tgi_request_success")),
     "trtllm": EngineMetrics(b"trtllm_", Series(b"trtllm_num_requests_running"),
                             Series(b"trtllm_num_requests_waiting"),
                             (Series(b"trtllm_kv_cache_utilization"),),

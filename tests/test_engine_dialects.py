@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.fakellm.dialects import DIALECTS, PAGES, Snapshot, trtllm
+from sidecar.fakellm.dialects import DIALECTS, PAGES, Snapshot
 from sidecar.podload import ENGINES, MetricsParseError, Series, parse_metrics
 from sidecar.podview import decode
 from tests.conftest import Pod, PodFactory, SidecarFactory, admin, pool
@@ -88,13 +88,15 @@ def test_triton_without_a_waiting_sample_is_unreadable():
         parse_metrics(page, 0, "triton")
 
 
-def test_trtllm_serve_reads_nothing_before_its_first_iteration():
+@pytest.mark.parametrize("engine", ["trtllm", "tgi"])
+def test_a_server_whose_gauges_appear_with_the_first_request_reads_nothing_before(engine):
     fresh = Snapshot("m", 0, 0, 0, 1000, 4, 0.0, 0, 0, 0, 0, 0, 0)
-    with pytest.raises(MetricsParseError, match="trtllm_num_requests_running"):
-        parse_metrics(trtllm(fresh).encode(), 0, "trtllm")
+    with pytest.raises(MetricsParseError, match="no "):
+        parse_metrics(PAGES[engine][1](fresh).encode(), 0, engine)
     busy = Snapshot("m", 3, 2, 480, 1600, 3, 0.3, 5, 7, 0, 0, 0, 0)
-    load = parse_metrics(trtllm(busy).encode(), 0, "trtllm")
-    assert (load.running, load.waiting, load.kv_usage, load.completed) == (3.0, 2.0, 0.3, 7.0)
+    load = parse_metrics(PAGES[engine][1](busy).encode(), 0, engine)
+    assert (load.running, load.waiting, load.completed) == (3.0, 2.0, 7.0)
+    assert load.kv_usage == (0.3 if engine == "trtllm" else 0.0)
 
 
 # -- each dialect read as itself, never as another -------------------------------------

@@ -128,12 +128,16 @@ def llamacpp(s: Snapshot) -> str:
 
 
 def tgi(s: Snapshot) -> str:
-    """text-generation-inference 3.x's router (metrics-exporter-prometheus): no KV gauge."""
+    """text-generation-inference 3.3's router (metrics-exporter-prometheus 0.15: counters
+    without a `_total` suffix; a series exists once first set, so a fresh server's page
+    has none of them). No KV gauge."""
+    if not s.admitted:
+        return "\n"
     return _page([
         ("tgi_batch_current_size", "gauge", "Current batch size", [("", s.running)]),
         ("tgi_queue_size", "gauge", "Current queue size", [("", s.waiting)]),
         ("tgi_request_success", "counter", "Number of successful requests",
-         [("", s.successes)]),
+         [("", s.successes)] if s.successes else []),
     ])
 
 
