@@ -73,8 +73,9 @@ TRITON_KV = b"nv_trt_llm_kv_cache_block_metrics"
 
 # Per engine, the names as the engine's own source defines them (checked against that
 # source; the version or commit read is named):
-# - vllm: the V1 engine's PrometheusStatLogger (vllm/v1/metrics/loggers.py, v0.10-v0.11;
-#   the same names on main in 2026); V0's KV gauge name as a fallback.
+# - vllm: the V1 engine's PrometheusStatLogger (vllm/v1/metrics/loggers.py on main, 2026).
+#   Releases before the KV gauge's rename print vllm:gpu_cache_usage_perc (V0 always; V1
+#   for a while as a deprecated alias): the fallback.
 # - llamacpp: llama.cpp's server (tools/server/server-task.cpp, build 11434, the one the
 #   real-engine tier runs) with --metrics: requests_processing = busy slots,
 #   requests_deferred = requests waiting for a slot. That build exports no KV gauge and no
