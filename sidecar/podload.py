@@ -99,7 +99,8 @@ TRITON_KV = b"nv_trt_llm_kv_cache_block_metrics"
 #   `metrics_path` (heartbeats).
 # - triton: Triton with the TensorRT-LLM backend (triton_backend/inflight_batcher_llm/src/
 #   custom_metrics_reporter/custom_metrics_reporter.cc in TensorRT-LLM, commit 0d5352f;
-#   tensorrtllm_backend v0.21 / v1.0 document the same page), as Triton's OpenAI frontend
+#   tensorrtllm_backend's README prints the same page from v0.18.0 to v1.0.0, and without
+#   the "fraction" KV gauge in v0.12.0-v0.15.0), as Triton's OpenAI frontend
 #   serves it on the API's port (`/metrics`, python/openai in triton-inference-server/server).
 #   Running is request_type="active" (the executor's numActiveRequests: every request it
 #   has taken from its queue, scheduled this iteration or paused), not "scheduled" (this
