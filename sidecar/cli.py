@@ -55,6 +55,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _behaviour_flags(parser: argparse.ArgumentParser) -> None:
     from sidecar.fakellm import Behaviour
+    from sidecar.fakellm.dialects import DIALECTS
 
     for field in dataclasses.fields(Behaviour):
         flag = "--" + field.name.replace("_", "-")
@@ -63,6 +64,9 @@ def _behaviour_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action="store_true", default=default)
         elif field.name == "retry_after":
             parser.add_argument(flag, default=None)
+        elif field.name == "engine":
+            parser.add_argument(flag, default=default, choices=DIALECTS,
+                                help="whose metrics page and health answers to give")
         else:
             parser.add_argument(flag, type=type(default), default=default)
 

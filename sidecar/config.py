@@ -422,10 +422,6 @@ def parse_pools(reader: _Reader, data: Any, source: str, env: Mapping[str, str]
             reader.problems.append(f"{where}: \"engine\" must be one of {sorted(ENGINES)}, "
                                    f"got {engine!r}")
             engine = DEFAULT_ENGINE
-        elif metrics_path is not None and ENGINES[engine] is None:
-            reader.problems.append(f"{where}: \"engine\" {engine!r} has no Prometheus load "
-                                   "series the sidecar reads; drop \"metrics_path\" (the "
-                                   "pool's load then comes from the sidecars' heartbeats)")
         aliases = spec.get("aliases", [])
         if not isinstance(aliases, list) or not all(
                 isinstance(a, str) and a and a.isascii() and a.isprintable() for a in aliases):

@@ -19,42 +19,121 @@ MAX_METRICS_BYTES = 4 * 1024 * 1024  # a real vLLM page is ~50-200 KB
 
 
 @dataclass(frozen=True, slots=True)
+class Series:
+    """One series of a page: a metric name, and optionally one label pair (`key="value"`)
+    a sample must carry, for engines that put several quantities under one name (Triton's
+    `nv_trt_llm_request_metrics{request_type="waiting"}`)."""
+
+    name: bytes
+    label: bytes = b""
+
+    def selects(self, labels: bytes) -> bool:
+        """Whether a sample's label block (`{...}`, or empty) carries this series' pair. The
+        pair must start the block or follow a comma, and ends with its closing quote, so
+        neither `xrequest_type="waiting"` nor `request_type="waiting2"` is taken for it."""
+        if not self.label:
+            return True
+        at = labels.find(self.label)
+        while at > 0:
+            if labels[at - 1] in b"{,":
+                return True
+            at = labels.find(self.label, at + 1)
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class Ratio:
+    """A KV usage the page gives as two gauges (used blocks, all blocks), not as a fraction."""
+
+    used: Series
+    total: Series
+
+
+@dataclass(frozen=True, slots=True)
 class EngineMetrics:
     """Which series of an engine's Prometheus page mean running, waiting and KV usage.
     `kv_usage` lists fallbacks in order (the first present wins); empty when the engine
     exports no KV gauge (its usage reads 0, so only the queue marks it saturated)."""
 
     prefix: bytes            # every wanted series starts with it: other lines are skipped
-    running: bytes
-    waiting: bytes
-    kv_usage: tuple[bytes, ...] = ()
-    success: bytes | None = None  # a completed-requests counter, for the completion rate
+    running: Series
+    waiting: Series
+    kv_usage: tuple[Series | Ratio, ...] = ()
+    success: Series | None = None  # a completed-requests counter, for the completion rate
 
     @property
-    def wanted(self) -> frozenset[bytes]:
-        return frozenset({self.running, self.waiting, *self.kv_usage,
-                          *((self.success,) if self.success else ())})
+    def series(self) -> tuple[Series, ...]:
+        kv = [part for usage in self.kv_usage
+              for part in ((usage.used, usage.total) if isinstance(usage, Ratio) else (usage,))]
+        return (self.running, self.waiting, *kv, *((self.success,) if self.success else ()))
 
 
-# Per engine, the names as the engine's own source defines them:
-# - vllm: V1 engine (vllm/v1/metrics/loggers.py), and V0's KV gauge name as a fallback.
-# - llamacpp: llama.cpp's server (tools/server/server-task.cpp, build 11434) with
-#   --metrics: requests_processing = busy slots, requests_deferred = requests waiting for
-#   a slot; it exports no KV-usage gauge and no completed-requests counter.
-# - sglang: SchedulerMetricsCollector (python/sglang/srt/metrics/collector.py, 2025):
-#   token_usage is the KV pool's used fraction.
-# - tgi: text-generation-inference 3.x's router (docs/source/reference/metrics.md):
-#   the current batch size and the queue; no KV gauge.
-# trtllm-serve has no Prometheus page of these series: its pools use heartbeats (no
-# metrics_path), which config.py enforces.
-ENGINES: dict[str, EngineMetrics | None] = {
-    "vllm": EngineMetrics(b"vllm:", RUNNING, WAITING, (KV_USAGE, KV_USAGE_OLD), SUCCESS),
-    "llamacpp": EngineMetrics(b"llamacpp:", b"llamacpp:requests_processing",
-                              b"llamacpp:requests_deferred"),
-    "sglang": EngineMetrics(b"sglang:", b"sglang:num_running_reqs", b"sglang:num_queue_reqs",
-                            (b"sglang:token_usage",)),
-    "tgi": EngineMetrics(b"tgi_", b"tgi_batch_current_size", b"tgi_queue_size"),
-    "trtllm": None,
+TRITON_REQUESTS = b"nv_trt_llm_request_metrics"
+TRITON_KV = b"nv_trt_llm_kv_cache_block_metrics"
+
+# Per engine, the names as the engine's own source defines them (checked against that
+# source; the version or commit read is named):
+# - vllm: the V1 engine's PrometheusStatLogger (vllm/v1/metrics/loggers.py on main, 2026).
+#   Releases before the KV gauge's rename print vllm:gpu_cache_usage_perc (V0 always; V1
+#   for a while as a deprecated alias): the fallback.
+# - llamacpp: llama.cpp's server (tools/server/server-task.cpp, build 11434, the one the
+#   real-engine tier runs) with --metrics: requests_processing = busy slots,
+#   requests_deferred = requests waiting for a slot. That build exports no KV gauge and no
+#   completed-requests counter; older builds (examples/server/server.cpp, 2024) exported
+#   kv_cache_usage_ratio (used KV cells / n_ctx), read when present.
+# - sglang: SchedulerMetricsCollector (python/sglang/srt/metrics/collector.py, 0.5.x,
+#   commit 00ae9c1): token_usage is the KV pool's used fraction; num_requests_total
+#   (TokenizerMetricsCollector) counts finished requests.
+# - tgi: text-generation-inference v3.3.6 (backends/v3/src/backend.rs and queue.rs, the
+#   names described in router/src/server.rs): the current batch size and the queue; no KV
+#   gauge. Its exporter (metrics-exporter-prometheus 0.15.3) prints counters without a
+#   `_total` suffix, and a series only once it has been set: a fresh server's page has
+#   none of these until its first request.
+# - trtllm: trtllm-serve's Prometheus page, `/prometheus/metrics` (mounted only with
+#   `return_perf_metrics: true`; its `/metrics` is iteration statistics in JSON). The gauges
+#   come from MetricsCollector.log_iteration_stats (tensorrt_llm/metrics/collector.py,
+#   main at commit 050f80d, 2026): numActiveRequests, numQueuedRequests, usedNumBlocks /
+#   maxNumBlocks; they need `enable_iter_perf_stats` and appear after the engine's first
+#   iteration. Releases up to 1.1.0rc5 exported only per-request counters and histograms:
+#   there the page lacks the gauges, every read fails, and such a pool should drop
+#   `metrics_path` (heartbeats).
+# - triton: Triton with the TensorRT-LLM backend (triton_backend/inflight_batcher_llm/src/
+#   custom_metrics_reporter/custom_metrics_reporter.cc in TensorRT-LLM, commit 0d5352f;
+#   tensorrtllm_backend's README prints the same page from v0.18.0 to v1.0.0, and without
+#   the "fraction" KV gauge in v0.12.0-v0.15.0), as Triton's OpenAI frontend
+#   serves it on the API's port (`/metrics`, python/openai in triton-inference-server/server).
+#   Running is request_type="active" (the executor's numActiveRequests: every request it
+#   has taken from its queue, scheduled this iteration or paused), not "scheduled" (this
+#   iteration's batch only, which llm-d's router reads): with "active", running + waiting is
+#   every request the pod holds, as for the other engines. KV usage is the "fraction" block
+#   gauge, or used / max blocks on builds before it existed.
+ENGINES: dict[str, EngineMetrics] = {
+    "vllm": EngineMetrics(b"vllm:", Series(RUNNING), Series(WAITING),
+                          (Series(KV_USAGE), Series(KV_USAGE_OLD)), Series(SUCCESS)),
+    "llamacpp": EngineMetrics(b"llamacpp:", Series(b"llamacpp:requests_processing"),
+                              Series(b"llamacpp:requests_deferred"),
+                              (Series(b"llamacpp:kv_cache_usage_ratio"),)),
+    "sglang": EngineMetrics(b"sglang:", Series(b"sglang:num_running_reqs"),
+                            Series(b"sglang:num_queue_reqs"), (Series(b"sglang:token_usage"),),
+                            Series(b"sglang:num_requests_total")),
+    "tgi": EngineMetrics(b"tgi_", Series(b"tgi_batch_current_size"), Series(b"tgi_queue_size"),
+                         success=Series(b"tgi_request_success")),
+    "trtllm": EngineMetrics(b"trtllm_", Series(b"trtllm_num_requests_running"),
+                            Series(b"trtllm_num_requests_waiting"),
+                            (Series(b"trtllm_kv_cache_utilization"),),
+                            Series(b"trtllm_request_success_total")),
+    "triton": EngineMetrics(
+        b"nv_trt_llm_", Series(TRITON_REQUESTS, b'request_type="active"'),
+        Series(TRITON_REQUESTS, b'request_type="waiting"'),
+        (Series(TRITON_KV, b'kv_cache_block_type="fraction"'),
+         Ratio(Series(TRITON_KV, b'kv_cache_block_type="used"'),
+               Series(TRITON_KV, b'kv_cache_block_type="max"')))),
+}
+# Per engine, the wanted series by name (a name can carry several label-selected series).
+_BY_NAME: dict[str, dict[bytes, tuple[Series, ...]]] = {
+    engine: {name: tuple(s for s in names.series if s.name == name)
+             for name in {s.name for s in names.series}}
+    for engine, names in ENGINES.items()
 }
 DEFAULT_ENGINE = "vllm"
 
@@ -107,16 +186,18 @@ def with_rate(previous: PodLoad | None, current: PodLoad) -> PodLoad:
 
 def parse_metrics(text: bytes, at: float, engine: str = DEFAULT_ENGINE) -> PodLoad:
     """Running, waiting and KV usage from an engine's metrics page (`ENGINES` names the
-    series). A series with several label sets (one per engine of a data-parallel server) is
-    summed for the queues and averaged for the usage fraction. Raises MetricsParseError on
-    anything unreadable, and for an engine without a mapping."""
+    series). A series with several samples (one per engine of a data-parallel server, one
+    per model of a Triton server) is summed for the queues and averaged for the usage
+    fraction. Raises MetricsParseError on anything unreadable, and for an unknown engine."""
     names = ENGINES.get(engine)
     if names is None:
         raise MetricsParseError(f"no metrics mapping for engine {engine!r}")
-    wanted = names.wanted
-    sums: dict[bytes, float] = {}
-    counts: dict[bytes, int] = {}
-    for line in text.splitlines():
+    wanted = _BY_NAME[engine]
+    sums: dict[Series, float] = {}
+    counts: dict[Series, int] = {}
+    # Lines end with "\n" only: a label value may hold a raw "\r" (the format escapes only
+    # backslash, quote and newline), which splitlines() would take for a line end.
+    for line in text.split(b"\n"):
         if not line.startswith(names.prefix):
             continue  # comments, blank lines and other exporters' series
         name_end = len(line)
@@ -124,15 +205,19 @@ def parse_metrics(text: bytes, at: float, engine: str = DEFAULT_ENGINE) -> PodLo
             at_stop = line.find(stop)
             if 0 <= at_stop < name_end:
                 name_end = at_stop
-        name = line[:name_end]
-        if name not in wanted:
+        candidates = wanted.get(line[:name_end])
+        if candidates is None:
             continue
         rest = line[name_end:]
+        labels = b""
         if rest.startswith(b"{"):
             close = rest.rfind(b"}")
             if close < 0:
                 raise MetricsParseError(f"unclosed labels in {line[:120]!r}")
-            rest = rest[close + 1:]
+            labels, rest = rest[:close + 1], rest[close + 1:]
+        chosen = [series for series in candidates if series.selects(labels)]
+        if not chosen:
+            continue  # the name's other label values (Triton's "max", "context", ...)
         fields = rest.split()
         if not fields:
             raise MetricsParseError(f"no value in {line[:120]!r}")
@@ -142,18 +227,28 @@ def parse_metrics(text: bytes, at: float, engine: str = DEFAULT_ENGINE) -> PodLo
             raise MetricsParseError(f"bad value in {line[:120]!r}") from None
         if value != value or value < 0:  # NaN or negative: not a load
             raise MetricsParseError(f"bad value in {line[:120]!r}")
-        sums[name] = sums.get(name, 0.0) + value
-        counts[name] = counts.get(name, 0) + 1
+        for series in chosen:
+            sums[series] = sums.get(series, 0.0) + value
+            counts[series] = counts.get(series, 0) + 1
     if names.running not in sums or names.waiting not in sums:
-        raise MetricsParseError(f"no {names.running.decode()} / {names.waiting.decode()}")
+        raise MetricsParseError(f"no {_shown(names.running)} / {_shown(names.waiting)}")
     usage = 0.0
-    for usage_name in names.kv_usage:
-        if usage_name in sums:
-            usage = sums[usage_name] / counts[usage_name]
+    for source in names.kv_usage:
+        if isinstance(source, Ratio):
+            if source.used in sums and sums.get(source.total, 0.0) > 0:
+                usage = sums[source.used] / sums[source.total]
+                break
+        elif source in sums:
+            usage = sums[source] / counts[source]
             break
     completed = sums.get(names.success, 0.0) if names.success else 0.0
     return PodLoad(sums[names.running], sums[names.waiting], min(1.0, usage), at, "metrics",
                    completed)
+
+
+def _shown(series: Series) -> str:
+    label = "{" + series.label.decode() + "}" if series.label else ""
+    return series.name.decode() + label
 
 
 def heartbeat_load(inflight: int, max_num_seqs: int, at: float) -> PodLoad:

@@ -69,8 +69,15 @@ def test_a_llamacpp_page_is_not_read_as_another_engines(engine):
 
 
 def test_an_engine_without_a_mapping_is_refused():
-    with pytest.raises(MetricsParseError, match="trtllm"):
-        parse_metrics(LLAMACPP_PAGE, 0, "trtllm")
+    with pytest.raises(MetricsParseError, match="ollama"):
+        parse_metrics(LLAMACPP_PAGE, 0, "ollama")
+
+
+def test_a_raw_carriage_return_in_a_label_value_does_not_end_the_line():
+    # The text format escapes only backslash, quote and newline in label values.
+    page = b'vllm:num_requests_running{model_name="a\rb"} 3\nvllm:num_requests_waiting 1\n'
+    load = parse_metrics(page, 0, "vllm")
+    assert (load.running, load.waiting) == (3.0, 1.0)
 
 
 def pools(**spec: object) -> dict[str, str]:
@@ -87,9 +94,8 @@ def test_a_pools_engine_defaults_to_vllm_and_is_shown_by_check():
 
 @pytest.mark.parametrize("spec, expected", [
     ({"engine": "ollama"}, "\"engine\" must be one of ['llamacpp', 'sglang', 'tgi', "
-                           "'trtllm', 'vllm'], got 'ollama'"),
+                           "'triton', 'trtllm', 'vllm'], got 'ollama'"),
     ({"engine": ["vllm"]}, "\"engine\" must be one of"),
-    ({"engine": "trtllm", "metrics_path": "/metrics"}, "drop \"metrics_path\""),
 ])
 def test_a_bad_engine_names_the_pool_and_the_field(spec, expected):
     with pytest.raises(ConfigError) as refused:
@@ -98,8 +104,10 @@ def test_a_bad_engine_names_the_pool_and_the_field(spec, expected):
         refused.value.problems
 
 
-def test_trtllm_pools_run_on_heartbeats():
+def test_trtllm_pools_read_their_prometheus_page_or_run_on_heartbeats():
     assert load_settings(pools(engine="trtllm")).pools["small"].metrics_path is None
+    scraped = load_settings(pools(engine="trtllm", metrics_path="/prometheus/metrics"))
+    assert scraped.pools["small"].metrics_path == "/prometheus/metrics"
 
 
 @pytest.mark.parametrize("status, body, expected", [

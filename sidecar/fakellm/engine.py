@@ -1,13 +1,13 @@
 """The simulated engine behind fake-llm: running sequences bounded by `max_num_seqs`, a FIFO
 waiting queue, a KV cache of `kv_cache_tokens` shared by the cached prompt prefixes (least
-recently used leave first), and the vLLM-named `/metrics` page that reports all of it.
+recently used leave first), and the counters its metrics page reports.
 
-Metric names, types and meanings follow vLLM's V1 engine as its `vllm/v1/metrics/loggers.py`
-and the stable docs' "Production Metrics" page define them: gauges
-`vllm:num_requests_running`, `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc` (a
-fraction 0–1 despite its name) and the V0 engine's name of the same gauge,
-`vllm:gpu_cache_usage_perc` (docs up to v0.8.x); counters (exposed with `_total`)
-`vllm:prefix_cache_queries` / `vllm:prefix_cache_hits` in prompt tokens,
+The page itself is rendered by dialects.py, under the names of the server fake-llm stands
+in for (`--engine`, vLLM by default). vLLM's names, types and meanings follow its V1
+engine's `vllm/v1/metrics/loggers.py`: gauges `vllm:num_requests_running`,
+`vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc` (a fraction 0-1 despite its name)
+and the V0 engine's name of the same gauge, `vllm:gpu_cache_usage_perc`; counters (exposed
+with `_total`) `vllm:prefix_cache_queries` / `vllm:prefix_cache_hits` in prompt tokens,
 `vllm:prompt_tokens`, `vllm:generation_tokens` and `vllm:request_success`.
 """
 
@@ -18,6 +18,8 @@ import contextlib
 import hashlib
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
+
+from sidecar.fakellm.dialects import Snapshot, vllm
 
 
 def count_tokens(text: str) -> int:
@@ -43,6 +45,7 @@ class Engine:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.successes = 0
+        self.admitted = 0           # sequences ever admitted (kept across reset)
 
     @property
     def waiting(self) -> int:
@@ -91,6 +94,7 @@ class Engine:
             self._release(need, max_seqs, capacity)
 
     def _take(self, need: int) -> None:
+        self.admitted += 1
         self.running += 1
         self.in_use_tokens += need
 
@@ -139,32 +143,6 @@ class Engine:
 
     # -- /metrics ------------------------------------------------------------------------
 
-    def metrics(self, model: str, capacity: int) -> str:
-        escaped = model.replace("\\", "\\\\").replace('"', '\\"')
-        labels = f'{{model_name="{escaped}",engine="0"}}'
-        usage = self.usage(capacity)
-        series = [
-            ("vllm:num_requests_running", "gauge",
-             "Number of requests in model execution batches.", self.running),
-            ("vllm:num_requests_waiting", "gauge",
-             "Number of requests waiting to be processed.", self.waiting),
-            ("vllm:kv_cache_usage_perc", "gauge",
-             "KV-cache usage. 1 means 100 percent usage.", usage),
-            ("vllm:gpu_cache_usage_perc", "gauge",
-             "GPU KV-cache usage. 1 means 100 percent usage.", usage),
-            ("vllm:prefix_cache_queries_total", "counter",
-             "Prefix cache queries, in terms of number of queried tokens.", self.prefix_queries),
-            ("vllm:prefix_cache_hits_total", "counter",
-             "Prefix cache hits, in terms of number of cached tokens.", self.prefix_hit_tokens),
-            ("vllm:prompt_tokens_total", "counter",
-             "Number of prefill tokens processed.", self.prompt_tokens),
-            ("vllm:generation_tokens_total", "counter",
-             "Number of generation tokens processed.", self.generation_tokens),
-            ("vllm:request_success_total", "counter",
-             "Count of successfully processed requests.", self.successes),
-        ]
-        lines = []
-        for name, kind, help_text, value in series:
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}",
-                      f"{name}{labels} {float(value)!r}"]
-        return "\n".join(lines) + "\n"
+    def metrics(self, model: str, capacity: int, max_num_seqs: int = 0) -> str:
+        """vLLM's page (the default dialect; dialects.py has the others)."""
+        return vllm(Snapshot.of(self, model, capacity, max_num_seqs))

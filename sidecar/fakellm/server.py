@@ -3,7 +3,9 @@
 It models time to first token (a base plus a cost per uncached prompt token, with a bounded
 per-pod prefix cache), tokens per second, a cold start (`/health` and the API answer 503
 until warm), the engine of `engine.py` (running sequences bounded by `max_num_seqs`, a
-waiting queue, a KV cache in tokens; vLLM's `/metrics`), and injects faults on demand: an
+waiting queue, a KV cache in tokens), reported as the server named by `engine` reports it
+(dialects.py: vLLM's `/metrics` by default, or SGLang's, llama.cpp's, TGI's, trtllm-serve's
+or Triton's page and health answers), and injects faults on demand: an
 error rate, the next N requests failing with a status, hanging before headers, dropping a
 stream after N chunks. Everything is settable at start and at run time through
 `POST /_control` (never proxied).
@@ -21,6 +23,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from sidecar.fakellm.dialects import DIALECTS, PAGES, Snapshot, trtllm_iteration_stats
 from sidecar.fakellm.engine import Engine, count_tokens
 
 JSON = "application/json"
@@ -53,12 +56,17 @@ class Behaviour:
     drop_next: int = 0                  # only the next N streams drop (0 = every stream)
     stall_after_chunks: int = -1        # streams: go silent after N chunks (until released)
     seed: int = 0
+    # Whose metrics page and health answers to give (dialects.py): the pool's `engine` names.
+    engine: str = "vllm"
 
     def update(self, changes: dict[str, Any]) -> None:
         names = {f.name: f.type for f in fields(self)}
         for key, value in changes.items():
             if key not in names:
                 raise ValueError(f"unknown setting {key!r}; known: {sorted(names)}")
+            if key == "engine" and value not in DIALECTS:
+                raise ValueError(f"engine must be one of {list(DIALECTS)}, got {value!r}")
+        for key, value in changes.items():
             setattr(self, key, value)
 
 
@@ -111,7 +119,9 @@ class FakeLLM:
         app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/health/ready", self.health_ready)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/prometheus/metrics", self.metrics)
         app.router.add_get("/_control", self.get_control)
         app.router.add_post("/_control", self.set_control)
         app.router.add_route("*", "/{tail:.*}", self.echo)
@@ -123,15 +133,43 @@ class FakeLLM:
 
     async def health(self, request: web.Request) -> web.Response:
         self._probed(request)
+        if self.behaviour.engine == "llamacpp":
+            # llama.cpp's server answers 503 with this body while it loads the model
+            # (tools/server/server-http.cpp); the sidecar's prober reads it as warming.
+            if not self.warm:
+                return self._json({"error": {"message": "Loading model", "type":
+                                             "unavailable_error", "code": 503}}, status=503)
+            return self._json({"status": "ok"})
         if not self.warm:
             return web.Response(status=503, text="warming up")
+        if self.behaviour.engine in ("sglang", "tgi", "trtllm"):
+            return web.Response()  # 200 with an empty body
         return web.Response(text="ok")
 
-    async def metrics(self, request: web.Request) -> web.Response:
-        """vLLM's Prometheus page (see engine.py for the names and the version matched)."""
+    async def health_ready(self, request: web.Request) -> web.Response:
+        """Triton's OpenAI frontend: 400 until its engine is ready (observability.py)."""
+        if self.behaviour.engine != "triton":
+            return await self.echo(request)
         self._probed(request)
-        text = self.engine.metrics(self.behaviour.model, self.behaviour.kv_cache_tokens)
-        return web.Response(text=text, content_type="text/plain",
+        if not self.warm:
+            return self._json({"detail": "Attached inference engine is not ready for "
+                               "inference requests."}, status=400)
+        return web.Response()
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """The engine's page under the dialect's names, at the dialect's path; trtllm-serve's
+        `/metrics` is its iteration statistics in JSON (dialects.py names the sources)."""
+        b = self.behaviour
+        path, render = PAGES[b.engine]
+        snapshot = Snapshot.of(self.engine, b.model, b.kv_cache_tokens,
+                               b.max_num_seqs or b.max_concurrency)
+        if request.path != path:
+            if b.engine == "trtllm" and request.path == "/metrics":
+                self._probed(request)
+                return self._json(trtllm_iteration_stats(snapshot))
+            return await self.echo(request)
+        self._probed(request)
+        return web.Response(text=render(snapshot), content_type="text/plain",
                             headers={"X-Content-Type-Options": "nosniff"})
 
     async def get_control(self, request: web.Request) -> web.Response:
