@@ -133,6 +133,7 @@ class GpuReader:
         targets = self.targets()
         wanted = {(pool, url) for pool, (_, urls) in targets.items() for url in urls}
         errors: list[str] = []
+        answered = 0
         if wanted != self._wanted:
             self._wanted, self._refresh_soon = wanted, True
         since = time.monotonic() - self.services_tried
@@ -141,8 +142,10 @@ class GpuReader:
             self.services_tried, self._refresh_soon = time.monotonic(), False
             try:
                 await self.read_services(targets)
+                answered += 1
             except NomadReadError as exc:
                 errors.append(exc.reason)
+                self._refresh_soon = True  # again next interval, not after SERVICES_EVERY_S
         by_alloc: dict[str, list[tuple[str, str]]] = {}
         for key, alloc in self.allocations.items():
             if key in wanted:
@@ -150,6 +153,7 @@ class GpuReader:
         gate = asyncio.Semaphore(PARALLEL_READS)
 
         async def read(alloc: str) -> None:
+            nonlocal answered
             async with gate:
                 try:
                     usage = await self.read_stats(alloc)
@@ -157,12 +161,13 @@ class GpuReader:
                     self.failed_reads += 1
                     errors.append(exc.reason)
                     return
+            answered += 1
             for pool, url in by_alloc[alloc]:
                 self._set(pool, url, usage)
 
         await asyncio.gather(*(read(alloc) for alloc in by_alloc))
         self._expire(wanted)
-        self._judge(errors)
+        self._judge(errors, answered)
 
     def _set(self, pool: str, url: str, usage: GpuUsage | None) -> None:
         if usage is None:
@@ -183,7 +188,9 @@ class GpuReader:
                     self.report(*key, None)
         self.allocations = {k: a for k, a in self.allocations.items() if k in wanted}
 
-    def _judge(self, errors: list[str]) -> None:
+    def _judge(self, errors: list[str], answered: int) -> None:
+        """A round with a failed read starts a streak (said once); one whose reads all
+        answered ends it (a round with nothing to read says nothing)."""
         if errors:
             self.last_error = errors[0]
             if not self._failing:
@@ -193,7 +200,7 @@ class GpuReader:
                             "intervals", errors[0],
                             f", and {len(errors) - 1} more" if len(errors) > 1 else "",
                             STALE_INTERVALS)
-        elif self._failing:
+        elif self._failing and answered:
             self._failing = False
             log.info("GPU readings from Nomad work again")
 
