@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -370,3 +371,33 @@ async def test_the_monitor_process_logs_a_refusal_once_and_never_its_token(
     assert secret not in output
     assert output.count("GPU readings from Nomad failed") == 1, output
     assert "read-job" in output
+
+
+def test_the_monitor_job_reads_the_gpus_of_the_pool_jobs_services() -> None:
+    """nomad/monitor.hcl: every pool's nomad_service is a service a pool job registers, and
+    the task gets what the reads need: NOMAD_ADDR with the CA that signed it, the namespace
+    the pool jobs run in, and a token rendered from Nomad Variables into its secrets."""
+    from tests.test_deploy import JOB_FILES, ROOT, groups, load_job, pools_template, tasks
+
+    _, data = pools_template("monitor.hcl", "monitor")
+    named = set(re.findall(r'"nomad_service": "([^"]+)"', data))
+    registered = {}
+    for path in JOB_FILES:
+        _, pool_job = load_job(path)
+        for group in groups(pool_job).values():
+            for service in group.get("service", []):
+                registered[service["name"]] = pool_job.get("namespace", "default")
+    assert named == {"llm-small", "llm-large"} and named <= set(registered)
+
+    job_name, job = load_job(ROOT / "nomad" / "monitor.hcl")
+    [group] = groups(job).values()
+    task = tasks(group)["monitor"]
+    [env] = task["env"]
+    assert {registered[n] for n in named} == {env.get("NOMAD_NAMESPACE", "default")}
+    destinations = {t["destination"] for t in task["template"]}
+    if env["NOMAD_ADDR"].startswith("https://"):
+        assert env["NOMAD_CACERT"] in destinations
+    [token] = [t for t in task["template"] if "NOMAD_TOKEN=" in t["data"]]
+    assert token["env"] is True and token["destination"].startswith("${NOMAD_SECRETS_DIR}/")
+    assert f'nomadVar "nomad/jobs/{job_name}"' in token["data"]
+    assert "NOMAD_TOKEN" not in env   # never in the job file itself
