@@ -90,7 +90,11 @@ class GpuReader:
         try:
             async with self._session().get(self.access.nomad_addr + path,
                                            params=self.params) as response:
-                body = await response.content.read(MAX_BODY_BYTES + 1)
+                body = bytearray()
+                # read(n) returns what has arrived, not n bytes: read on until the end.
+                while len(body) <= MAX_BODY_BYTES and (
+                        chunk := await response.content.read(MAX_BODY_BYTES + 1 - len(body))):
+                    body += chunk
                 if response.status == 403:
                     raise NomadReadError("Nomad answered 403: NOMAD_TOKEN needs the read-job "
                                          "capability in the pools' namespace")

@@ -401,3 +401,23 @@ def test_the_monitor_job_reads_the_gpus_of_the_pool_jobs_services() -> None:
     assert token["env"] is True and token["destination"].startswith("${NOMAD_SECRETS_DIR}/")
     assert f'nomadVar "nomad/jobs/{job_name}"' in token["data"]
     assert "NOMAD_TOKEN" not in env   # never in the job file itself
+
+
+async def test_a_large_stats_answer_is_read_whole(nomad_server: NomadServer) -> None:
+    """An allocation answer of a few hundred KB (many devices, long descriptions) arrives in
+    several chunks: the reader reads to its end, not the first chunk."""
+    from sidecar.gpureader import GpuReader
+
+    devices = {f"GPU-{i:03d}": nvidia_device(40 + i % 2 * 20, 10, 100) for i in range(64)}
+    for device in devices.values():
+        device["Stats"]["Attributes"]["Padding"] = {"StringVal": "x" * 4000}
+    fake = nomad_server.fake
+    alloc = fake.register(SERVICE, "http://127.0.0.1:8000", alloc_stats(devices))
+    assert len(json.dumps(fake.allocations[alloc])) > 256 * 1024
+    reader = GpuReader(access(nomad_server), lambda: INTERVAL_S, dict, lambda *a: None)
+    try:
+        usage = await reader.read_stats(alloc)
+    finally:
+        await reader.close()
+    assert usage is not None and usage.devices == 64
+    assert usage.utilization == pytest.approx(0.5)
