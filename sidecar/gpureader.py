@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 import aiohttp
 
+from sidecar.config import redact_url
 from sidecar.gpustats import NomadShapeError, allocations_by_endpoint, gpu_usage
 from sidecar.podload import GpuUsage
 from sidecar.podview import STALE_INTERVALS
@@ -96,8 +97,11 @@ class GpuReader:
                         chunk := await response.content.read(MAX_BODY_BYTES + 1 - len(body))):
                     body += chunk
                 if response.status == 403:
-                    raise NomadReadError("Nomad answered 403: NOMAD_TOKEN needs the read-job "
-                                         "capability in the pools' namespace")
+                    raise NomadReadError(
+                        "Nomad answered 403: NOMAD_TOKEN needs the read-job capability in "
+                        "the pools' namespace" if self.access.nomad_token else
+                        "Nomad answered 403: NOMAD_TOKEN is not set and Nomad enforces ACLs; "
+                        "set it to a token with read-job in the pools' namespace")
                 if response.status == 404:
                     self._refresh_soon = True  # an allocation gone: its endpoint moved
                 if response.status >= 400:
@@ -107,8 +111,8 @@ class GpuReader:
                 return json.loads(body)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             # Exceptions name the URL (no token: it travels in a header) and the cause.
-            raise NomadReadError(f"{type(exc).__name__} from {self.access.nomad_addr}"
-                                 f"{path}") from None
+            raise NomadReadError(f"{type(exc).__name__} from "
+                                 f"{redact_url(self.access.nomad_addr)}{path}") from None
 
     async def read_services(self, targets: Targets) -> None:
         """Endpoint → allocation, from each pool's service registrations."""

@@ -296,10 +296,10 @@ async def test_an_endpoint_nomad_does_not_register_has_no_reading(
         await until(lambda: (view().get(known.url) or {}).get("gpu") is not None, "reading")
         assert view()[unknown.url]["gpu"] is None
         assert view()[unknown.url]["state"] == "ready"
-        # The missing endpoint asks for the registrations again, at most once per interval.
+        # An endpoint without a registration does not make every round ask again.
         reads = fake.service_reads
         await asyncio.sleep(3 * INTERVAL_S)
-        assert fake.service_reads - reads <= 4
+        assert fake.service_reads - reads <= 1
 
 
 def test_nomad_access_is_read_from_the_scalers_variables() -> None:
