@@ -256,18 +256,23 @@ async def test_a_nomad_down_slow_or_refusing_leaves_health_and_load_intact(
     assert '"NOMAD_TOKEN": "<redacted>"' in stats_text
 
 
-async def test_the_token_is_sent_and_a_wrong_one_reads_nothing(
-        redis_server: RedisServer, pods: PodFactory, nomad_server: NomadServer) -> None:
+@pytest.mark.parametrize("token", ["not-the-token", None])
+async def test_the_token_is_sent_and_a_wrong_or_missing_one_reads_nothing(
+        token: str | None, redis_server: RedisServer, pods: PodFactory,
+        nomad_server: NomadServer) -> None:
     [pod] = await pods(1)
     fake = nomad_server.fake
     fake.register(SERVICE, pod.url, alloc_stats({"GPU-0": nvidia_device(50, 1, 2)}))
     env = {"SIDECAR_POOLS": json.dumps(gpu_pool([pod])), "SIDECAR_REDIS_URL": redis_server.url}
-    async with running_monitor(env, access(nomad_server, token="not-the-token")) as monitor:
-        await until(lambda: fake.denied >= 1, "Nomad refuses the wrong token")
+    async with running_monitor(env, access(nomad_server, token=token)) as monitor:
+        await until(lambda: fake.denied >= 1, "Nomad refuses the request")
+        await until(lambda: monitor.stats()["gpu"]["last_error"] is not None, "the refusal")
         await until(lambda: pod.url in read_view(redis_server.client()), "the view")
         assert read_view(redis_server.client())[pod.url]["gpu"] is None
         assert fake.service_reads == 0 and fake.stats_reads == {}
-        assert "403" in str(monitor.stats()["gpu"]["last_error"])
+        error = str(monitor.stats()["gpu"]["last_error"])
+        assert "403" in error
+        assert ("NOMAD_TOKEN is not set" in error) is (token is None)
 
 
 async def test_without_a_nomad_service_nomad_is_never_called(
