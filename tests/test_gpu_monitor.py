@@ -426,3 +426,27 @@ async def test_a_large_stats_answer_is_read_whole(nomad_server: NomadServer) -> 
         await reader.close()
     assert usage is not None and usage.devices == 64
     assert usage.utilization == pytest.approx(0.5)
+
+
+async def test_a_sidecar_drops_the_reading_when_the_view_goes_stale(
+        redis_server: RedisServer, pods: PodFactory, sidecar: SidecarFactory,
+        nomad_server: NomadServer) -> None:
+    """Only the monitor reads GPUs: once its view is stale (the monitor stopped) the
+    sidecar probes by itself and holds no reading it cannot renew."""
+    [pod] = await pods(1)
+    nomad_server.fake.register(SERVICE, pod.url, alloc_stats({"GPU-0": nvidia_device(30, 1, 4)}))
+    pools = gpu_pool([pod])
+    env = {"SIDECAR_POOLS": json.dumps(pools), "SIDECAR_REDIS_URL": redis_server.url}
+    async with running_monitor(env, access(nomad_server)):
+        running = await sidecar(pools, SIDECAR_REDIS_URL=redis_server.url)
+        endpoint = running.sidecar.pools.endpoint("small", pod.url)
+        assert endpoint is not None
+        await until(lambda: endpoint.gpu is not None, "the sidecar holds the reading")
+        assert endpoint.gpu is not None and endpoint.gpu.utilization == 0.3
+    # The monitor stopped: no view is written any more.
+
+    def probing() -> bool:
+        return running.sidecar.stats()["pod_view"]["pools"]["small"]["source"] == "probing"
+    await until(probing, "the view goes stale and the sidecar probes")
+    assert endpoint.gpu is None
+    assert running.sidecar.stats()["endpoints"][0]["gpu"] is None
