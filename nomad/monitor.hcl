@@ -3,6 +3,13 @@
 # Redis; every sidecar follows it instead of probing the pods itself. Two instances are
 # safe: one leads through a Redis lock (llmsc:monitor:leader), the other takes over if it
 # dies. With no monitor running, or its view stale, each sidecar probes by itself.
+#
+# GPU readings: for the pools that name their "nomad_service", the leader also reads each
+# pod's allocation statistics from Nomad (NVIDIA utilization and memory) into the view.
+# It needs a Nomad ACL token whose policy grants read-job in the pool jobs' namespace
+# (namespace "default" { capabilities = ["read-job"] }: reading service registrations and
+# allocation statistics needs nothing else), kept with the Nomad CA in Nomad Variables at
+# nomad/jobs/llm-monitor (keys read_token and nomad_ca_pem), never in this file.
 
 variable "sidecar_image" {
   type    = string
@@ -68,6 +75,7 @@ job "llm-monitor" {
             "model": "llama-3.1-8b-instruct",
             "health_path": "/health",
             "cold_start_s": 600,
+            "nomad_service": "llm-small",
             "endpoints": [{{ range $i, $s := nomadService "llm-small" }}{{ if $i }}, {{ end }}"http://{{ $s.Address }}:{{ $s.Port }}"{{ end }}]
           },
           "large": {
@@ -75,15 +83,38 @@ job "llm-monitor" {
             "health_path": "/health",
             "cold_start_s": 900,
             "fallback": "small",
+            "nomad_service": "llm-large",
             "endpoints": [{{ range $i, $s := nomadService "llm-large" }}{{ if $i }}, {{ end }}"http://{{ $s.Address }}:{{ $s.Port }}"{{ end }}]
           }
         }
         EOT
       }
 
+      # The token that reads service registrations and allocation statistics (read-job),
+      # from Nomad Variables; the same NOMAD_* variables as the scaler's.
+      template {
+        destination = "${NOMAD_SECRETS_DIR}/nomad.env"
+        env         = true
+        data        = <<-EOT
+        NOMAD_TOKEN={{ with nomadVar "nomad/jobs/llm-monitor" }}{{ .read_token }}{{ end }}
+        EOT
+      }
+
+      # The CA that signed the Nomad servers' certificate (NOMAD_ADDR is https://).
+      template {
+        destination = "${NOMAD_SECRETS_DIR}/nomad-ca.pem"
+        data        = <<-EOT
+        {{ with nomadVar "nomad/jobs/llm-monitor" }}{{ .nomad_ca_pem }}{{ end }}
+        EOT
+      }
+
       env {
         SIDECAR_POOLS_FILE = "${NOMAD_TASK_DIR}/pools.json"
         SIDECAR_REDIS_URL  = var.redis_url
+        NOMAD_ADDR         = "https://nomad.service.internal:4646"
+        NOMAD_CACERT       = "${NOMAD_SECRETS_DIR}/nomad-ca.pem"
+        # The pool jobs (model-pool*.hcl) run in the default namespace.
+        NOMAD_NAMESPACE    = "default"
         DD_SERVICE         = "llm-monitor"
         # Events to the node's Datadog agent (see sidecar.hcl).
         DD_AGENT_HOST     = "${attr.unique.network.ip-address}"

@@ -129,6 +129,7 @@ job "chat-app" {
             "model": "llama-3.1-8b-instruct",
             "health_path": "/health",
             "cold_start_s": 600,
+            "nomad_service": "llm-small",
             "endpoints": [{{ range $i, $s := nomadService "llm-small" }}{{ if $i }}, {{ end }}"http://{{ $s.Address }}:{{ $s.Port }}"{{ end }}]
           },
           "large": {
@@ -136,6 +137,7 @@ job "chat-app" {
             "health_path": "/health",
             "cold_start_s": 900,
             "fallback": "small",
+            "nomad_service": "llm-large",
             "endpoints": [{{ range $i, $s := nomadService "llm-large" }}{{ if $i }}, {{ end }}"http://{{ $s.Address }}:{{ $s.Port }}"{{ end }}]
           }
         }

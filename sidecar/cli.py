@@ -14,7 +14,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from sidecar import __version__
-from sidecar.config import ConfigError, load_settings
+from sidecar.config import ConfigError, load_settings, redact_url
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
@@ -196,6 +196,19 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     if args.stats_listen != "off" and (listen is None or listen.path is not None):
         problems.append(f"--stats-listen: expected `host:port` or `off`, got "
                         f"{args.stats_listen!r}")
+    from sidecar.monitor import gpu_pools
+    from sidecar.scaler.config import NomadAccess, load_nomad_access
+
+    nomad: NomadAccess | None = None
+    try:
+        # Always, so a pool given a nomad_service by SIGHUP is read too; without one no
+        # pool is read and Nomad is never called.
+        nomad = load_nomad_access()
+    except ConfigError as exc:
+        if gpu_pools(settings):
+            problems.extend(f"{p} (pools {', '.join(gpu_pools(settings))} name a "
+                            "nomad_service: the monitor reads their GPUs from Nomad)"
+                            for p in exc.problems)
     if problems:
         print("llm-sidecar monitor: configuration refused:", file=sys.stderr)
         for problem in problems:
@@ -213,7 +226,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         redis = connect_redis(settings.redis_url, settings.redis_mode, 2.0, 4,
                               settings.redis_sentinel_master, settings.redis_ca_file)
         events = Telemetry()
-        monitor = FleetMonitor(settings, redis, events)
+        monitor = FleetMonitor(settings, redis, events, nomad=nomad)
         events.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -229,6 +242,12 @@ def cmd_monitor(args: argparse.Namespace) -> int:
             "fleet monitor %s: %d pools to probe, every %.1f s%s", monitor.token, count,
             monitor.interval_s, "" if count else " (no pool has a health_path or a "
             "metrics_path: there is nothing to monitor)")
+        if nomad is not None and gpu_pools(settings):
+            logging.getLogger("sidecar.monitor").info(
+                "GPU readings for pools %s from Nomad at %s%s",
+                ", ".join(gpu_pools(settings)), redact_url(nomad.nomad_addr),
+                "" if nomad.nomad_token else " (no NOMAD_TOKEN: a Nomad with ACLs answers "
+                "403; the token needs read-job in the pools' namespace)")
         try:
             await monitor.run(stop)
         finally:

@@ -66,6 +66,7 @@ class PoolConfig:
     metrics_path: str | None = None  # the pods' /metrics (names per `engine`), scraped for load
     aliases: tuple[str, ...] = ()
     engine: str = DEFAULT_ENGINE  # the pods' server: which names its metrics page uses
+    nomad_service: str | None = None  # the pods' Nomad service: the monitor reads their GPUs
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +143,7 @@ class Settings:
                     "metrics_path": p.metrics_path,
                     "aliases": list(p.aliases),
                     "engine": p.engine,
+                    "nomad_service": p.nomad_service,
                 }
                 for name, p in self.pools.items()
             },
@@ -339,7 +341,8 @@ def parse_pools(reader: _Reader, data: Any, source: str, env: Mapping[str, str]
                                'e.g. {"small": {"model": "m", "endpoints": ["http://10.0.0.5:8000"]}}')
         return pools, keys
     known = {"model", "endpoints", "fallback", "cold_start_s", "health_path",
-             "health_interval_s", "api_key_env", "resume", "aliases", "metrics_path", "engine"}
+             "health_interval_s", "api_key_env", "resume", "aliases", "metrics_path", "engine",
+             "nomad_service"}
     for name, spec in data.items():
         where = f"{source}: pool {name!r}"
         if not isinstance(spec, dict):
@@ -422,6 +425,16 @@ def parse_pools(reader: _Reader, data: Any, source: str, env: Mapping[str, str]
             reader.problems.append(f"{where}: \"engine\" must be one of {sorted(ENGINES)}, "
                                    f"got {engine!r}")
             engine = DEFAULT_ENGINE
+        nomad_service = spec.get("nomad_service")
+        if nomad_service is not None and not _nomad_service_name(nomad_service):
+            reader.problems.append(f"{where}: \"nomad_service\" must be a Nomad service name "
+                                   "(letters, digits and dashes, at most 63, no dash at "
+                                   f"either end), e.g. \"llm-small\", got {nomad_service!r}")
+            nomad_service = None
+        elif nomad_service is not None and health_path is None and metrics_path is None:
+            reader.problems.append(f"{where}: \"nomad_service\" needs \"health_path\" or "
+                                   "\"metrics_path\": the fleet monitor, which reads the GPUs, "
+                                   "publishes only the pools it probes")
         aliases = spec.get("aliases", [])
         if not isinstance(aliases, list) or not all(
                 isinstance(a, str) and a and a.isascii() and a.isprintable() for a in aliases):
@@ -446,11 +459,18 @@ def parse_pools(reader: _Reader, data: Any, source: str, env: Mapping[str, str]
                 fallback=fallback, cold_start_s=numbers["cold_start_s"],
                 health_path=health_path, health_interval_s=numbers["health_interval_s"],
                 api_key_env=key_env, resume=resume, aliases=tuple(aliases),
-                metrics_path=metrics_path, engine=engine,
+                metrics_path=metrics_path, engine=engine, nomad_service=nomad_service,
             )
     _check_fallback_cycles(reader, data, source)
     _check_model_names(reader, data, source)
     return pools, keys
+
+
+def _nomad_service_name(value: Any) -> bool:
+    """Nomad's rule for a service name (RFC 1123 label: its job validation refuses others)."""
+    return isinstance(value, str) and 0 < len(value) <= 63 and value.isascii() \
+        and all(c.isalnum() or c == "-" for c in value) \
+        and not value.startswith("-") and not value.endswith("-")
 
 
 def _check_fallback_cycles(reader: _Reader, data: dict[str, Any], source: str) -> None:

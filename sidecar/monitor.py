@@ -4,7 +4,9 @@ jittered and bounded by the prober's timeouts and page cap — and publishes eac
 view (podview.py) for every sidecar to read, with a notice when an endpoint changes state.
 
 The probing, its classification and the metrics parsing are the sidecar's own
-(health.HealthProber over a PoolSet); this module adds the lock and the writes.
+(health.HealthProber over a PoolSet); this module adds the lock and the writes. Where a pool
+names its `nomad_service` and Nomad is reachable, gpureader.py reads its pods' GPUs beside
+the probes and the view carries each endpoint's reading.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from typing import Any
 from aiohttp import web
 
 from sidecar.config import ConfigError, Settings, reload_pools
+from sidecar.gpureader import GpuReader
 from sidecar.health import HealthProber
+from sidecar.podload import GpuUsage
 from sidecar.podview import (
     MONITOR_LEADER_KEY,
     STALE_INTERVALS,
@@ -32,6 +36,7 @@ from sidecar.podview import (
 )
 from sidecar.pools import Endpoint, EndpointState, Pool, PoolSet
 from sidecar.redisfaults import CAUGHT
+from sidecar.scaler.config import NomadAccess
 from sidecar.supervise import SUPERVISOR, Supervisor, supervised_until
 from sidecar.telemetry import Telemetry
 
@@ -78,13 +83,21 @@ def monitored(pools: PoolSet) -> list[Pool]:
     return [p for p in pools.pools.values() if p.config.health_path or p.config.metrics_path]
 
 
+def gpu_pools(settings: Settings) -> list[str]:
+    """The pools whose GPUs the monitor reads from Nomad (none: Nomad is never called)."""
+    return sorted(name for name, p in settings.pools.items()
+                  if p.nomad_service and (p.health_path or p.metrics_path))
+
+
 class FleetMonitor:
     """Leads (holds MONITOR_LEADER_KEY) or waits. While leading it owns a fresh PoolSet and
     prober, so a new reign starts from what it observes itself, never from a past one."""
 
     def __init__(self, settings: Settings, redis: Any, telemetry: Telemetry | None = None,
-                 instance: str | None = None, supervisor: Supervisor = SUPERVISOR) -> None:
+                 instance: str | None = None, supervisor: Supervisor = SUPERVISOR,
+                 nomad: NomadAccess | None = None) -> None:
         self.settings = settings
+        self.nomad = nomad  # None: no GPU readings (no pool names a nomad_service)
         self.redis = redis
         self.telemetry = telemetry if telemetry is not None else Telemetry({})
         self.supervisor = supervisor
@@ -106,6 +119,10 @@ class FleetMonitor:
         self.reigns = 0
         self.probes = 0                   # over every reign (each has its own prober)
         self.scrapes = 0
+        self.gpu: GpuReader | None = None  # reads while leading, when `nomad` is set
+        self._gpu_task: asyncio.Task[None] | None = None
+        self._gpu_stats: dict[str, Any] = {}  # the last reign's reader, for /stats
+        self.telemetry.collectors.append(self._collect)
 
     @property
     def interval_s(self) -> float:
@@ -140,6 +157,10 @@ class FleetMonitor:
         self.prober = HealthProber(self.pools, self.telemetry, keep_alive=True,
                                    observer=self._observed)
         await self.prober.start()
+        if self.nomad is not None:
+            self.gpu = GpuReader(self.nomad, lambda: self.interval_s, self._gpu_targets,
+                                 self._gpu_read)
+            self._gpu_task = self.supervisor.start("gpu readings", self.gpu.run)
         log.info("leading: probing %d endpoints of %d pools",
                  sum(len(p.endpoints) for p in monitored(self.pools)),
                  len(monitored(self.pools)))
@@ -147,6 +168,12 @@ class FleetMonitor:
 
     async def _step_down(self) -> None:
         prober, self.prober = self.prober, None
+        gpu, self.gpu = self.gpu, None
+        task, self._gpu_task = self._gpu_task, None
+        if gpu is not None:
+            await self.supervisor.stop(task)
+            await gpu.close()
+            self._gpu_stats = gpu.stats()
         self.lease_until = 0.0
         self._fresh.clear()
         self._changed.clear()
@@ -164,6 +191,29 @@ class FleetMonitor:
             self._changed.add(endpoint.pool)
         self._wake.set()
 
+    def _gpu_targets(self) -> dict[str, tuple[str, list[str]]]:
+        if self.pools is None:
+            return {}
+        return {p.name: (p.config.nomad_service, [e.url for e in p.endpoints])
+                for p in monitored(self.pools) if p.config.nomad_service}
+
+    def _gpu_read(self, pool: str, url: str, gpu: GpuUsage | None) -> None:
+        endpoint = self.pools.endpoint(pool, url) if self.pools is not None else None
+        if endpoint is not None:
+            endpoint.set_gpu(gpu)
+
+    def _collect(self, t: Telemetry) -> None:
+        """One gauge pair per endpoint with a reading (bounded by the configuration)."""
+        t.gauges = {k: v for k, v in t.gauges.items()
+                    if k[0] not in ("endpoint_gpu_utilization", "endpoint_gpu_memory")}
+        if self.pools is None or not self.leading:
+            return
+        for pool in monitored(self.pools):
+            for e in pool.endpoints:
+                if e.gpu is not None:
+                    t.gauge("endpoint_gpu_utilization", (pool.name, e.url), e.gpu.utilization)
+                    t.gauge("endpoint_gpu_memory", (pool.name, e.url), e.gpu.memory)
+
     def view_of(self, pool: Pool) -> dict[str, EndpointView] | None:
         """The pool's view, once every endpoint has been probed in this reign (until then
         the last reign's view stays up: it is fresher than "all warming")."""
@@ -172,7 +222,7 @@ class FleetMonitor:
         return {e.url: EndpointView(
                     state_of(e.state.value) if pool.config.health_path else None,
                     e.load if pool.config.metrics_path else None,
-                    f"{self._reign}:{self._rounds[(pool.name, e.url)]}")
+                    f"{self._reign}:{self._rounds[(pool.name, e.url)]}", e.gpu)
                 for e in pool.endpoints}
 
     def reload(self) -> bool:
@@ -280,6 +330,8 @@ class FleetMonitor:
                 "load_scrapes": self.scrapes + (prober.scrapes if prober else 0),
                 "scrape_failures": prober.scrape_failures if prober else 0,
                 "endpoints": endpoints,
+                "gpu": (self.gpu.stats() if self.gpu is not None else self._gpu_stats)
+                if self.nomad is not None else None,
                 "restarts": self.supervisor.view()}
 
 

@@ -147,6 +147,13 @@ def load_at(entry_load: PodLoad, view: PoolView, local_now: float, redis_now: fl
                    entry_load.source, entry_load.completed, entry_load.rate)
 
 
+def gpu_at(entry_gpu: GpuUsage, view: PoolView, local_now: float, redis_now: float
+           ) -> GpuUsage:
+    """An entry's GPU reading with its time on this host's clock."""
+    at = local_now - view.age(redis_now) - entry_gpu.at
+    return GpuUsage(entry_gpu.utilization, entry_gpu.memory, entry_gpu.devices, at)
+
+
 class Action(StrEnum):
     HEALTHY = "healthy"   # as a healthy probe: ends a cold start, restores an ejected one
     LOADING = "loading"   # as a "loading model" answer: back to warming

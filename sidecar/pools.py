@@ -18,7 +18,7 @@ from sidecar.config import PoolConfig, Settings
 from sidecar.errors import Outcome
 from sidecar.models import model_index
 from sidecar.placement import choose_new
-from sidecar.podload import PodLoad
+from sidecar.podload import GpuUsage, PodLoad
 
 # A streak of failures that are not "the pod is gone" (5xx, timeouts) ejects at this count.
 EJECT_AFTER_FAILURES = 3
@@ -38,7 +38,7 @@ class EndpointState(StrEnum):
 class Endpoint:
     """One model server (pod). Shared by every route that points at it."""
 
-    __slots__ = ("consecutive_failures", "ejections", "held_until", "inflight", "load",
+    __slots__ = ("consecutive_failures", "ejections", "gpu", "held_until", "inflight", "load",
                  "move_budget", "pool", "registered_at", "retry_at", "saturated", "state",
                  "url", "url_key")
 
@@ -58,6 +58,9 @@ class Endpoint:
         self.load: PodLoad | None = None
         self.saturated = False
         self.move_budget = 0  # sessions this sidecar may still move away until the next view
+        # Its GPUs as Nomad reports them (the fleet monitor reads them; its view carries
+        # them to every sidecar). Not read on the request path.
+        self.gpu: GpuUsage | None = None
 
     def set_load(self, load: PodLoad | None, saturated: bool) -> None:
         self.load = load
@@ -65,6 +68,9 @@ class Endpoint:
         # At most as many sessions leave per view as the pod has calls queued: moving more
         # would only empty a pod that is about to have room again.
         self.move_budget = math.ceil(load.waiting) if load is not None and saturated else 0
+
+    def set_gpu(self, gpu: GpuUsage | None) -> None:
+        self.gpu = gpu
 
     def usable(self, now: float) -> bool:
         """Can a request be sent here now? An ejected endpoint admits one half-open try."""
@@ -154,7 +160,8 @@ class Endpoint:
             "url": self.url, "pool": self.pool, "state": self.state.value,
             "inflight": self.inflight, "consecutive_failures": self.consecutive_failures,
             "load": None if self.load is None else {**self.load.view(),
-                                                   "saturated": self.saturated}}
+                                                   "saturated": self.saturated},
+            "gpu": None if self.gpu is None else self.gpu.view()}
         if self.held_until > now:
             view["held_for_s"] = round(self.held_until - now, 3)
         if self.state is EndpointState.EJECTED and self.retry_at != float("inf"):

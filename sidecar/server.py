@@ -35,6 +35,7 @@ from sidecar.podview import (
     PoolView,
     ViewError,
     decode,
+    gpu_at,
     load_at,
     parse_notice,
     view_key,
@@ -202,6 +203,9 @@ class Sidecar:
             entry = view.endpoints.get(endpoint.url)
             if entry is None:
                 continue  # not in the monitor's configuration: this sidecar probes it
+            # Not tied to a probe round: each view carries the monitor's latest reading.
+            endpoint.set_gpu(None if entry.gpu is None else
+                             gpu_at(entry.gpu, view, local_now, redis_now))
             if not self.following.new_round(pool.name, endpoint.url, entry):
                 continue
             load = None if entry.load is None else \
@@ -232,6 +236,9 @@ class Sidecar:
                     covered.add((name, e.url))
         self.prober.follow(covered)
         probing = set(monitored) - fresh
+        for name in probing:  # only the monitor reads GPUs: no fresh view, no reading
+            for e in self.pools.pools[name].endpoints:
+                e.set_gpu(None)
         before, self._probing_pools = self._probing_pools, probing
         if before is None:
             if probing and self.store.kind == "redis":

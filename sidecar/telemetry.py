@@ -133,6 +133,14 @@ CATALOG: tuple[Metric, ...] = (
     Metric("endpoint_kv_usage", "gauge", "llm_sidecar.endpoint.kv_usage",
            "llm_sidecar_endpoint_kv_usage", ("pool", "endpoint"),
            "The model pod's KV-cache usage, 0–1 (vllm:kv_cache_usage_perc)."),
+    Metric("endpoint_gpu_utilization", "gauge", "llm_sidecar.endpoint.gpu_utilization",
+           "llm_sidecar_endpoint_gpu_utilization", ("pool", "endpoint"),
+           "The model pod's GPU utilization, 0–1, mean over its devices (Nomad's device "
+           "statistics; sent by the fleet monitor)."),
+    Metric("endpoint_gpu_memory", "gauge", "llm_sidecar.endpoint.gpu_memory",
+           "llm_sidecar_endpoint_gpu_memory", ("pool", "endpoint"),
+           "The model pod's GPU memory in use, 0–1, mean over its devices (Nomad's device "
+           "statistics; sent by the fleet monitor)."),
     Metric("load_scrape_failures", "counter", "llm_sidecar.load_scrape.failures",
            "llm_sidecar_load_scrape_failures_total", ("pool",),
            "Reads of a pod's `metrics_path` that failed or did not parse."),

@@ -120,10 +120,30 @@ def test_missing_pools_says_what_to_set():
      "unknown field(s) ['colour']"),
     ('{"p": {"model": "m", "endpoints": ["http://a:1"], "api_key_env": "NO_SUCH_KEY_VAR"}}',
      "names NO_SUCH_KEY_VAR, which is not set"),
+    ('{"p": {"model": "m", "endpoints": ["http://a:1"], "health_path": "/health", '
+     '"nomad_service": "llm_small"}}', "\"nomad_service\" must be a Nomad service name"),
+    ('{"p": {"model": "m", "endpoints": ["http://a:1"], "health_path": "/health", '
+     '"nomad_service": ""}}', "\"nomad_service\" must be a Nomad service name"),
+    ('{"p": {"model": "m", "endpoints": ["http://a:1"], "health_path": "/health", '
+     '"nomad_service": "-llm"}}', "\"nomad_service\" must be a Nomad service name"),
+    ('{"p": {"model": "m", "endpoints": ["http://a:1"], "health_path": "/health", '
+     '"nomad_service": ["llm"]}}', "\"nomad_service\" must be a Nomad service name"),
+    ('{"p": {"model": "m", "endpoints": ["http://a:1"], "nomad_service": "llm"}}',
+     "\"nomad_service\" needs \"health_path\" or \"metrics_path\""),
 ])
 def test_pool_problems_name_the_pool_and_field(pools, expected):
     found = problems(SIDECAR_POOLS=pools)
     assert any(expected in p for p in found), found
+
+
+def test_a_pool_names_its_nomad_service_and_check_shows_it():
+    s = load_settings({"SIDECAR_POOLS": json.dumps(
+        {"small": {"model": "m", "endpoints": ["http://a:1"], "metrics_path": "/metrics",
+                   "nomad_service": "llm-small-2"},
+         "plain": {"model": "n", "endpoints": ["http://b:1"]}})})
+    assert s.pools["small"].nomad_service == "llm-small-2"
+    assert s.pools["plain"].nomad_service is None
+    assert s.redacted()["SIDECAR_POOLS"]["small"]["nomad_service"] == "llm-small-2"
 
 
 def test_a_pool_with_no_endpoints_yet_is_valid():

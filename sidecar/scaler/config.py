@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.config import REDIS_MODES, ConfigError, Listen, parse_listen, redact_url
@@ -39,6 +39,45 @@ SCALER_VARIABLES: dict[str, tuple[str | None, str]] = {
     "NOMAD_CLIENT_KEY": (None, "client key file (mutual TLS)"),
     "NOMAD_SKIP_VERIFY": (None, "1/true: do not verify Nomad's certificate"),
 }
+
+
+@dataclass(frozen=True, slots=True)
+class NomadAccess:
+    """How to reach Nomad's HTTP API (the NOMAD_* variables, as Nomad's own CLI reads them):
+    what the fleet monitor needs to read GPU statistics, without the scaler's settings."""
+
+    nomad_addr: str
+    nomad_token: str | None = field(default=None, repr=False)
+    nomad_namespace: str | None = None
+    nomad_region: str | None = None
+    nomad_cacert: str | None = None
+    nomad_client_cert: str | None = None
+    nomad_client_key: str | None = None
+    nomad_skip_verify: bool = False
+
+    def redacted(self) -> dict[str, Any]:
+        return {"NOMAD_ADDR": redact_url(self.nomad_addr),
+                "NOMAD_TOKEN": "<redacted>" if self.nomad_token else None,
+                "NOMAD_NAMESPACE": self.nomad_namespace, "NOMAD_REGION": self.nomad_region}
+
+
+def load_nomad_access(env: Mapping[str, str] | None = None) -> NomadAccess:
+    """The NOMAD_* variables alone (the fleet monitor reads them too); raises ConfigError."""
+    env = os.environ if env is None else env
+
+    def get(name: str) -> str | None:
+        return env.get(name, "").strip() or SCALER_VARIABLES[name][0]
+
+    access = NomadAccess(
+        nomad_addr=(get("NOMAD_ADDR") or "").rstrip("/"), nomad_token=get("NOMAD_TOKEN"),
+        nomad_namespace=get("NOMAD_NAMESPACE"), nomad_region=get("NOMAD_REGION"),
+        nomad_cacert=get("NOMAD_CACERT"), nomad_client_cert=get("NOMAD_CLIENT_CERT"),
+        nomad_client_key=get("NOMAD_CLIENT_KEY"),
+        nomad_skip_verify=_flag(get("NOMAD_SKIP_VERIFY")))
+    if not access.nomad_addr.startswith(("http://", "https://")):
+        raise ConfigError([f"NOMAD_ADDR={access.nomad_addr!r}: expected an http:// or "
+                           "https:// URL"])
+    return access
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from sidecar.scaler.config import ScalerSettings
+from sidecar.scaler.config import NomadAccess, ScalerSettings
 
 
 class NomadError(Exception):
@@ -32,7 +32,7 @@ class GroupStatus:
     healthy: int
 
 
-def ssl_context(settings: ScalerSettings) -> ssl.SSLContext | None:
+def ssl_context(settings: ScalerSettings | NomadAccess) -> ssl.SSLContext | None:
     if not settings.nomad_addr.startswith("https://"):
         return None
     context = ssl.create_default_context(cafile=settings.nomad_cacert)
