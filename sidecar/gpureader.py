@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 import aiohttp
 
+from sidecar.bodyread import read_capped
 from sidecar.config import redact_url
 from sidecar.gpustats import NomadShapeError, allocations_by_endpoint, gpu_usage
 from sidecar.podload import GpuUsage
@@ -91,11 +92,7 @@ class GpuReader:
         try:
             async with self._session().get(self.access.nomad_addr + path,
                                            params=self.params) as response:
-                body = bytearray()
-                # read(n) returns what has arrived, not n bytes: read on until the end.
-                while len(body) <= MAX_BODY_BYTES and (
-                        chunk := await response.content.read(MAX_BODY_BYTES + 1 - len(body))):
-                    body += chunk
+                body = await read_capped(response.content, MAX_BODY_BYTES)
                 if response.status == 403:
                     raise NomadReadError(
                         "Nomad answered 403: NOMAD_TOKEN needs the read-job capability in "

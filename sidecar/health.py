@@ -25,6 +25,7 @@ from enum import Enum
 
 import aiohttp
 
+from sidecar.bodyread import read_capped
 from sidecar.placement import saturated
 from sidecar.podload import (
     DEFAULT_ENGINE,
@@ -177,8 +178,8 @@ class HealthProber:
             async with self._http.get(endpoint.url + path) as response:
                 # Read (bounded) even when healthy: a body left unread would close the
                 # kept-alive connection.
-                body = await response.content.read(LOADING_BODY_BYTES)
-                return classify_probe(response.status, body)
+                body = await read_capped(response.content, LOADING_BODY_BYTES)
+                return classify_probe(response.status, body[:LOADING_BODY_BYTES])
         except (aiohttp.ClientError, OSError, TimeoutError):
             return Probe.DOWN
 
@@ -193,7 +194,7 @@ class HealthProber:
                 async with self._http.get(endpoint.url + path) as response:
                     if response.status != 200:
                         raise MetricsParseError(f"status {response.status}")
-                    body = await response.content.read(MAX_METRICS_BYTES + 1)
+                    body = await read_capped(response.content, MAX_METRICS_BYTES)
             if len(body) > MAX_METRICS_BYTES:
                 raise MetricsParseError("page larger than the limit")
             try:
