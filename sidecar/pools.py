@@ -8,7 +8,7 @@ so every pod picks the same endpoint and a removed endpoint moves only its own s
 
 from __future__ import annotations
 
-import math
+import random
 import time
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
@@ -17,7 +17,7 @@ from hashlib import blake2b
 from sidecar.config import PoolConfig, Settings
 from sidecar.errors import Outcome
 from sidecar.models import model_index
-from sidecar.placement import choose_new
+from sidecar.placement import choose_new, move_budget
 from sidecar.podload import PodLoad
 
 # A streak of failures that are not "the pod is gone" (5xx, timeouts) ejects at this count.
@@ -59,12 +59,14 @@ class Endpoint:
         self.saturated = False
         self.move_budget = 0  # sessions this sidecar may still move away until the next view
 
-    def set_load(self, load: PodLoad | None, saturated: bool) -> None:
+    def set_load(self, load: PodLoad | None, saturated: bool, shared: bool = False) -> None:
+        """`shared`: the fleet monitor's view, which every sidecar reads at the same time."""
         self.load = load
         self.saturated = saturated
-        # At most as many sessions leave per view as the pod has calls queued: moving more
-        # would only empty a pod that is about to have room again.
-        self.move_budget = math.ceil(load.waiting) if load is not None and saturated else 0
+        # At most as many sessions leave per view as the pod has calls queued, fleet-wide:
+        # moving more would only empty a pod that is about to have room again.
+        self.move_budget = move_budget(load, self.inflight, shared, random.random()) \
+            if saturated else 0
 
     def usable(self, now: float) -> bool:
         """Can a request be sent here now? An ejected endpoint admits one half-open try."""
