@@ -90,11 +90,13 @@ def choose_move(current: PodLoad | None, others: Sequence[PodLoad | None],
     return best
 
 
-def occupancy(load: PodLoad | None, local_inflight: int) -> float:
-    """Requests on the pod: the fleet view when known, never less than this sidecar's own."""
+def occupancy(load: PodLoad | None, local_inflight: int, added: int = 0) -> float:
+    """Requests on the pod: the fleet view when known plus the calls this sidecar `added`
+    there since it was read (fewer when some of its calls ended), never less than this
+    sidecar's own."""
     if load is None:
         return float(local_inflight)
-    return max(load.running + load.waiting, float(local_inflight))
+    return max(load.running + load.waiting + added, float(local_inflight))
 
 
 def service_s(load: PodLoad | None) -> float | None:
@@ -114,14 +116,16 @@ def slowness(loads: Sequence[PodLoad | None]) -> list[float]:
 
 
 def choose_new(loads: Sequence[PodLoad | None], local_inflight: Sequence[int],
-               load_factor: float) -> int:
-    """Index of a new session's pod among the ready pods in its rendezvous order."""
+               load_factor: float, added: Sequence[int] | None = None) -> int:
+    """Index of a new session's pod among the ready pods in its rendezvous order (`added`:
+    per pod, this sidecar's calls there since its load was read)."""
     n = len(loads)
     if n <= 1:
         return 0
     weights = slowness(loads)
-    scores = [occupancy(load, local) * weight for load, local, weight
-              in zip(loads, local_inflight, weights, strict=True)]
+    added = added or [0] * n
+    scores = [occupancy(load, local, extra) * weight for load, local, extra, weight
+              in zip(loads, local_inflight, added, weights, strict=True)]
     first = min(n, NEW_SESSION_CHOICES)
     bound = math.ceil(load_factor * (sum(scores) + 1) / n) if load_factor > 0 else math.inf
     for i in range(first):

@@ -38,9 +38,9 @@ class EndpointState(StrEnum):
 class Endpoint:
     """One model server (pod). Shared by every route that points at it."""
 
-    __slots__ = ("consecutive_failures", "ejections", "held_until", "inflight", "load",
-                 "move_budget", "pool", "registered_at", "retry_at", "saturated", "state",
-                 "url", "url_key")
+    __slots__ = ("consecutive_failures", "ejections", "held_until", "inflight",
+                 "inflight_at_load", "load", "move_budget", "pool", "registered_at",
+                 "retry_at", "saturated", "state", "url", "url_key")
 
     def __init__(self, url: str, pool: str, state: EndpointState) -> None:
         self.url = url
@@ -48,6 +48,7 @@ class Endpoint:
         self.pool = pool
         self.state = state
         self.inflight = 0
+        self.inflight_at_load = 0  # this sidecar's calls there when `load` was read
         self.consecutive_failures = 0
         self.ejections = 0
         self.retry_at = 0.0
@@ -63,6 +64,7 @@ class Endpoint:
         """`shared`: the fleet monitor's view, which every sidecar reads at the same time."""
         self.load = load
         self.saturated = saturated
+        self.inflight_at_load = self.inflight
         # At most as many sessions leave per view as the pod has calls queued, fleet-wide:
         # moving more would only empty a pod that is about to have room again.
         self.move_budget = move_budget(load, self.inflight, shared, random.random()) \
@@ -207,7 +209,7 @@ class Pool:
         if len(ready) == 1:
             return ready[0]
         return ready[choose_new([e.load for e in ready], [e.inflight for e in ready],
-                                load_factor)]
+                                load_factor, [e.inflight - e.inflight_at_load for e in ready])]
 
     def has_warming(self) -> bool:
         return any(e.state is EndpointState.WARMING for e in self.endpoints)
