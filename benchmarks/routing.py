@@ -3,6 +3,7 @@ that queue, cache prefixes and can be saturated.
 
     python benchmarks/routing.py [--sessions 96] [--turns 4] [--concurrency 24] [--sidecars 3]
                                  [--loads even,skewed,hot,slow] [--targets NAME,...]
+                                 [--no-monitor]
 
 Four fake-llm pods run the simulated engine: 8 running sequences at most (more wait in a
 queue), a KV cache of 60 000 tokens shared by the cached prefixes (least recently used
@@ -10,7 +11,9 @@ leave first), time to first token = 20 ms + 0.1 ms per prompt token not cached, 
 generated tokens/s per sequence. Each session is a conversation whose prompt grows every
 turn (first-turn sizes drawn from the Azure trace's ContextTokens, seeded). The sidecar
 runs as `--sidecars` processes (app pods) sharing one Redis and scraping the pods'
-`/metrics`; session i enters through app pod i mod N. Peers, one process each: nginx and
+`/metrics`, and again (unless `--no-monitor`) as many processes sharing another Redis with
+the fleet monitor, which probes the pods once and publishes the view they route on;
+session i enters through app pod i mod N. Peers, one process each: nginx and
 Envoy round robin, Envoy ring hash on the session header and least_request, vllm-router
 round_robin, consistent_hash, cache_aware and power_of_two (those installed). Loads: even;
 skewed (a quarter of the sessions with 4× the turns); hot (four agent sessions whose every
@@ -226,8 +229,11 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=24)
     parser.add_argument("--sidecars", type=int, default=3, help="app pods, one sidecar each")
     parser.add_argument("--loads", default="even,skewed,hot,slow")
-    parser.add_argument("--targets", default="", help="comma-separated name filter")
+    parser.add_argument("--targets", default="",
+                        help="comma-separated name filter, run in this order")
     parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--no-monitor", dest="monitor", action="store_false",
+                        help="leave out the sidecars that follow the fleet monitor's view")
     args = parser.parse_args()
     # SIGTERM unwinds through `finally`, so every process started here is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -235,6 +241,7 @@ def main() -> int:
     processes: list[subprocess.Popen[bytes]] = []
     results: dict[str, dict[str, dict[str, float]]] = {}
     redis = RedisServer().start()
+    servers = [redis]
     try:
         pods = [free_port() for _ in range(4)]
         for port in pods:
@@ -242,16 +249,33 @@ def main() -> int:
                                               stdout=subprocess.DEVNULL,
                                               stderr=subprocess.DEVNULL))
         targets: dict[str, list[int]] = {}
-        sidecars, admins = [], []
-        for _ in range(args.sidecars):
-            port, admin = free_port(), free_port()
+        admins: dict[str, list[int]] = {}
+
+        def sidecar_fleet(name: str, redis_url: str) -> None:
+            targets[name], admins[name] = [], []
+            for _ in range(args.sidecars):
+                port, admin = free_port(), free_port()
+                processes.append(subprocess.Popen(
+                    pinned(1, [sys.executable, "-m", "sidecar", "serve"]),
+                    env=sidecar_env(port, admin, pods, redis_url),
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                targets[name].append(port)
+                admins[name].append(admin)
+
+        sidecar_fleet(f"llm-sidecar ×{args.sidecars}", redis.url)
+        monitor_stats = None
+        if args.monitor:
+            # Its own Redis: a sidecar follows any fresh view in its Redis, so the scraping
+            # fleet above must not see the monitor's.
+            monitored = RedisServer().start()
+            servers.append(monitored)
+            monitor_stats = free_port()
             processes.append(subprocess.Popen(
-                pinned(1, [sys.executable, "-m", "sidecar", "serve"]),
-                env=sidecar_env(port, admin, pods, redis.url),
+                pinned(1, [sys.executable, "-m", "sidecar", "monitor", "--stats-listen",
+                           f"127.0.0.1:{monitor_stats}"]),
+                env=sidecar_env(free_port(), free_port(), pods, monitored.url),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            sidecars.append(port)
-            admins.append(admin)
-        targets[f"llm-sidecar ×{args.sidecars}"] = sidecars
+            sidecar_fleet(f"llm-sidecar ×{args.sidecars} + monitor", monitored.url)
         for name, argv_of in peer_targets(folder, pods):
             port = free_port()
             processes.append(subprocess.Popen(pinned(1, argv_of(port)),
@@ -259,11 +283,13 @@ def main() -> int:
                                               stderr=subprocess.DEVNULL))
             targets[name] = [port]
         wanted = [t for t in args.targets.split(",") if t]
-        targets = {n: p for n, p in targets.items()
-                   if not wanted or any(w in n for w in wanted)}
+        if wanted:  # in the order asked (the order a load's targets run in)
+            targets = {n: targets[n] for w in wanted for n in targets if w in n}
         for port in pods:
             wait_http(f"http://127.0.0.1:{port}/health")
-        for admin in admins:
+        if monitor_stats is not None:
+            wait_http(f"http://127.0.0.1:{monitor_stats}/health")
+        for admin in (a for fleet in admins.values() for a in fleet):
             wait_http(f"http://127.0.0.1:{admin}/ready")
         for name, ports in targets.items():  # every proxy answers before measuring
             if not all(answers(port, 60) for port in ports):
@@ -283,7 +309,7 @@ def main() -> int:
                            for i in range(args.sessions)],
                           [6 if i in hot_agents else 1 for i in range(args.sessions)]),
                   "slow": even}
-        moved_before = 0
+        moved_before: Counter[str] = Counter()
         run_id = os.urandom(3).hex()  # routes of an earlier run in the same Redis never apply
         for shape in args.loads.split(","):
             turns, fanouts = shapes[shape]
@@ -296,10 +322,15 @@ def main() -> int:
                     args.concurrency, fanouts, f"{shape}-{args.seed}-{run_id}"))
                 ttfts.sort()
                 moves = 0
-                if name.startswith("llm-sidecar"):
-                    total = sum(get_json(f"http://127.0.0.1:{a}/stats")["routes"]
-                                ["session_moves"] for a in admins)
-                    moves, moved_before = total - moved_before, total
+                if name in admins:
+                    stats = [get_json(f"http://127.0.0.1:{a}/stats") for a in admins[name]]
+                    total = sum(s["routes"]["session_moves"] for s in stats)
+                    moves, moved_before[name] = total - moved_before[name], total
+                    if name.endswith("monitor"):  # the sidecars routed on the view
+                        sources = {p["source"] for s in stats
+                                   for p in s["pod_view"]["pools"].values()}
+                        if sources != {"monitor"}:
+                            raise RuntimeError(f"{name}: pod view sources {sources}")
                 per_pod = [get_json(f"http://127.0.0.1:{pod}/_control")["counters"]["completed"]
                            for pod in pods]
                 results.setdefault(shape, {})[name] = {
@@ -319,7 +350,8 @@ def main() -> int:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
-        redis.cleanup()
+        for server in servers:
+            server.cleanup()
         shutil.rmtree(folder, ignore_errors=True)
     report(results, args)
     out = ROOT / "benchmarks" / "results"
@@ -364,6 +396,15 @@ def report(results: dict[str, dict[str, dict[str, float]]], args: argparse.Names
                      f"sticky peer (goal ≥ 25 %), hit rate {ours['hit_rate'] * 100:.1f} vs "
                      f"{max(r['hit_rate'] for r in sticky) * 100:.1f} % (goal: within 5)")
         print(line)
+    for shape, rows in results.items():
+        scraping = next((r for n, r in rows.items() if n.startswith("llm-sidecar")
+                         and not n.endswith("monitor")), None)
+        following = next((r for n, r in rows.items() if n.endswith("+ monitor")), None)
+        if scraping and following:
+            print(f"- {shape}, the monitor's view vs each sidecar scraping: mean "
+                  f"{following['mean']:.1f} vs {scraping['mean']:.1f} ms, p99 "
+                  f"{following['p99']:.1f} vs {scraping['p99']:.1f} ms (goal: no worse "
+                  "beyond the run-to-run spread)")
 
 
 if __name__ == "__main__":

@@ -229,7 +229,7 @@ class HealthProber:
                                  "is failing its probes (fleet monitor)", alert_type="warning",
                                  tags=[f"pool:{endpoint.pool}"])
         if load_known:
-            endpoint.set_load(load, load is not None and saturated(load))
+            endpoint.set_load(load, load is not None and saturated(load), shared=True)
 
     def apply(self, endpoint: Endpoint, result: Probe) -> None:
         """A probe's result, through the endpoint's own methods (it owns its state)."""

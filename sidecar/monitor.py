@@ -75,8 +75,14 @@ return v
 """
 
 
-# Probe rounds that end within this long of each other are written together.
+# Probe rounds that end within this long of each other are written together; and a pool is
+# written (and its view pushed to every sidecar) at most WRITES_PER_INTERVAL times per
+# interval: the push is what keeps the load a sidecar routes on as fresh as its own scrape
+# was (a sidecar that waited for its next read routed on loads seconds old, and moved
+# sessions onto pods that had filled since), and the bound keeps a large pool's pushes from
+# growing with its endpoints.
 WRITE_GAP_S = 0.1
+WRITES_PER_INTERVAL = 8
 
 
 def monitored(pools: PoolSet) -> list[Pool]:
@@ -253,9 +259,11 @@ class FleetMonitor:
         if endpoints is None:
             return False
         ttl_ms = int(STALE_INTERVALS * pool.config.health_interval_s * 1000)
+        # Every write is pushed (a state change is announced at once, and each reading
+        # reaches the sidecars' routing without waiting for their next read).
         await self._write(keys=[view_key(pool.name)],
                           args=[encode(endpoints, time.time()), ttl_ms, VIEW_CHANNEL,
-                                pool.name if notice else ""])
+                                pool.name])
         self.writes += 1
         self._fresh.discard(pool.name)
         if notice:
@@ -300,7 +308,8 @@ class FleetMonitor:
                         if pool.name in self._fresh or pool.name in self._changed:
                             await self.publish(pool, notice=pool.name in self._changed)
                     # Rounds that end together share one write.
-                    await asyncio.sleep(min(WRITE_GAP_S, max(0.0, deadline - loop.time())))
+                    gap = max(WRITE_GAP_S, self.interval_s / WRITES_PER_INTERVAL)
+                    await asyncio.sleep(min(gap, max(0.0, deadline - loop.time())))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Until `stop`: any exception (Redis away) steps down and restarts the loop after

@@ -16,6 +16,13 @@ Thresholds, and why:
   source's running count), so equal pods never trade sessions and a move can never be
   answered by a move back: the source is saturated, the target is not, and a move back
   would need the reverse.
+- How many sessions leave a saturated pod per reading: as many as it queues when the
+  reading is this sidecar's own (its scrapes are spread in time from the other sidecars',
+  so the next one sees the effect of the last one's moves). A reading every sidecar gets at
+  once (the fleet monitor's view) would make each of them move that many at the same
+  instant, onto the same least-loaded pod: there each takes its share of the queue — its
+  own calls on the pod over all of the pod's — rounded up or down at random, so the
+  fleet moves about as many as the pod queues.
 - A new session goes to the first of its `NEW_SESSION_CHOICES` rendezvous choices that is
   unsaturated and within the bounded-load factor of the pool's mean load; if none is, to
   the least loaded of them. Load is requests on the pod (running + waiting) weighted by how
@@ -83,11 +90,13 @@ def choose_move(current: PodLoad | None, others: Sequence[PodLoad | None],
     return best
 
 
-def occupancy(load: PodLoad | None, local_inflight: int) -> float:
-    """Requests on the pod: the fleet view when known, never less than this sidecar's own."""
+def occupancy(load: PodLoad | None, local_inflight: int, added: int = 0) -> float:
+    """Requests on the pod: the fleet view when known plus the calls this sidecar `added`
+    there since it was read (fewer when some of its calls ended), never less than this
+    sidecar's own."""
     if load is None:
         return float(local_inflight)
-    return max(load.running + load.waiting, float(local_inflight))
+    return max(load.running + load.waiting + added, float(local_inflight))
 
 
 def service_s(load: PodLoad | None) -> float | None:
@@ -107,17 +116,33 @@ def slowness(loads: Sequence[PodLoad | None]) -> list[float]:
 
 
 def choose_new(loads: Sequence[PodLoad | None], local_inflight: Sequence[int],
-               load_factor: float) -> int:
-    """Index of a new session's pod among the ready pods in its rendezvous order."""
+               load_factor: float, added: Sequence[int] | None = None) -> int:
+    """Index of a new session's pod among the ready pods in its rendezvous order (`added`:
+    per pod, this sidecar's calls there since its load was read)."""
     n = len(loads)
     if n <= 1:
         return 0
     weights = slowness(loads)
-    scores = [occupancy(load, local) * weight for load, local, weight
-              in zip(loads, local_inflight, weights, strict=True)]
+    added = added or [0] * n
+    scores = [occupancy(load, local, extra) * weight for load, local, extra, weight
+              in zip(loads, local_inflight, added, weights, strict=True)]
     first = min(n, NEW_SESSION_CHOICES)
     bound = math.ceil(load_factor * (sum(scores) + 1) / n) if load_factor > 0 else math.inf
     for i in range(first):
         if not saturated(loads[i]) and scores[i] + weights[i] <= bound:
             return i
     return min(range(first), key=lambda i: (expected_wait_s(loads[i]), scores[i], i))
+
+
+def move_budget(load: PodLoad | None, local_inflight: int, shared: bool, draw: float) -> int:
+    """Sessions this sidecar may move off the pod until its next reading of `load`;
+    `shared`: every sidecar got the same reading at once; `draw`: uniform in [0, 1)."""
+    if load is None or not saturated(load):
+        return 0
+    if not shared:
+        return math.ceil(load.waiting)
+    on_pod = load.running + load.waiting
+    share = min(1.0, local_inflight / on_pod) if on_pod > 0 else 0.0
+    quota = load.waiting * share
+    whole = math.floor(quota)
+    return whole + (1 if draw < quota - whole else 0)

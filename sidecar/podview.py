@@ -11,7 +11,8 @@ Layout (the monitor writes, every sidecar reads; both sides use only this module
                               and every interval; "n" names the round, so a sidecar
                               applies each round once however often it reads the view
     llmsc:podview             channel: "<pool>\\0<version>\\0<at>\\0<view>", published in the
-                              same script as the write when an endpoint changed state
+                              same script as every write (a state change at once, each
+                              reading as it is written), so the hash is only the backstop
     llmsc:monitor:leader      the monitor's lock (one monitor probes; the others wait)
 
 One key per pool: on Cluster each lands in its own slot (a sidecar's pipelined read of a

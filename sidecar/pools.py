@@ -8,7 +8,7 @@ so every pod picks the same endpoint and a removed endpoint moves only its own s
 
 from __future__ import annotations
 
-import math
+import random
 import time
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
@@ -17,7 +17,7 @@ from hashlib import blake2b
 from sidecar.config import PoolConfig, Settings
 from sidecar.errors import Outcome
 from sidecar.models import model_index
-from sidecar.placement import choose_new
+from sidecar.placement import choose_new, move_budget
 from sidecar.podload import GpuUsage, PodLoad
 
 # A streak of failures that are not "the pod is gone" (5xx, timeouts) ejects at this count.
@@ -38,9 +38,9 @@ class EndpointState(StrEnum):
 class Endpoint:
     """One model server (pod). Shared by every route that points at it."""
 
-    __slots__ = ("consecutive_failures", "ejections", "gpu", "held_until", "inflight", "load",
-                 "move_budget", "pool", "registered_at", "retry_at", "saturated", "state",
-                 "url", "url_key")
+    __slots__ = ("consecutive_failures", "ejections", "gpu", "held_until", "inflight",
+                 "inflight_at_load", "load", "move_budget", "pool", "registered_at",
+                 "retry_at", "saturated", "state", "url", "url_key")
 
     def __init__(self, url: str, pool: str, state: EndpointState) -> None:
         self.url = url
@@ -48,6 +48,7 @@ class Endpoint:
         self.pool = pool
         self.state = state
         self.inflight = 0
+        self.inflight_at_load = 0  # this sidecar's calls there when `load` was read
         self.consecutive_failures = 0
         self.ejections = 0
         self.retry_at = 0.0
@@ -62,12 +63,15 @@ class Endpoint:
         # them to every sidecar). Not read on the request path.
         self.gpu: GpuUsage | None = None
 
-    def set_load(self, load: PodLoad | None, saturated: bool) -> None:
+    def set_load(self, load: PodLoad | None, saturated: bool, shared: bool = False) -> None:
+        """`shared`: the fleet monitor's view, which every sidecar reads at the same time."""
         self.load = load
         self.saturated = saturated
-        # At most as many sessions leave per view as the pod has calls queued: moving more
-        # would only empty a pod that is about to have room again.
-        self.move_budget = math.ceil(load.waiting) if load is not None and saturated else 0
+        self.inflight_at_load = self.inflight
+        # At most as many sessions leave per view as the pod has calls queued, fleet-wide:
+        # moving more would only empty a pod that is about to have room again.
+        self.move_budget = move_budget(load, self.inflight, shared, random.random()) \
+            if saturated else 0
 
     def set_gpu(self, gpu: GpuUsage | None) -> None:
         self.gpu = gpu
@@ -212,7 +216,7 @@ class Pool:
         if len(ready) == 1:
             return ready[0]
         return ready[choose_new([e.load for e in ready], [e.inflight for e in ready],
-                                load_factor)]
+                                load_factor, [e.inflight - e.inflight_at_load for e in ready])]
 
     def has_warming(self) -> bool:
         return any(e.state is EndpointState.WARMING for e in self.endpoints)

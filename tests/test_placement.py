@@ -12,6 +12,7 @@ from sidecar.placement import (
     choose_move,
     choose_new,
     expected_wait_s,
+    move_budget,
     reprefill_s,
     saturated,
 )
@@ -26,6 +27,38 @@ def load(running: float = 0, waiting: float = 0, kv: float = 0.0, rate: float = 
 loads = st.builds(load, st.integers(0, 64), st.integers(0, 64),
                   st.floats(0, 1), st.floats(0, 50))
 prompts = st.integers(0, 200_000)
+
+
+def test_a_sidecars_own_reading_moves_as_many_sessions_as_the_pod_queues():
+    assert move_budget(load(8, 3), 0, shared=False, draw=0.99) == 3
+    assert move_budget(load(8, 2.5), 5, shared=False, draw=0.0) == 3
+    assert move_budget(load(7, 0), 7, shared=False, draw=0.0) == 0  # not saturated
+
+
+def test_a_shared_reading_moves_this_sidecars_share_of_the_queue():
+    # All of the pod's calls are this sidecar's: the whole queue, as from its own reading.
+    assert move_budget(load(8, 4), 12, shared=True, draw=0.99) == 4
+    # None of them: nothing to move (the sidecars with calls there move them).
+    assert move_budget(load(8, 4), 0, shared=True, draw=0.0) == 0
+    # A third of them: 4/3 → 1, or 2 when the draw falls under the third left over.
+    assert move_budget(load(8, 4), 4, shared=True, draw=0.5) == 1
+    assert move_budget(load(8, 4), 4, shared=True, draw=0.2) == 2
+    assert move_budget(None, 4, shared=True, draw=0.0) == 0
+
+
+@given(st.integers(1, 64), st.integers(1, 64),
+       st.lists(st.integers(0, 16), min_size=1, max_size=12), st.floats(0, 0.999))
+def test_a_fleet_sharing_one_reading_moves_at_most_the_queue_plus_rounding(
+        running, waiting, inflights, draw):
+    """Sidecars whose calls add up to the pod's: the budgets sum to the queue, give or take
+    one per sidecar for the rounding (never each sidecar the whole queue)."""
+    total = sum(inflights)
+    if total == 0 or total > running + waiting:
+        return
+    budgets = [move_budget(load(running, waiting), n, shared=True, draw=draw)
+               for n in inflights]
+    assert sum(budgets) <= waiting * total / (running + waiting) + len(inflights)
+    assert all(b <= waiting for b in budgets)
 
 
 @given(loads, st.integers(1, 7), prompts)
