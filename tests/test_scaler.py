@@ -163,8 +163,9 @@ async def test_commands_per_tick_do_not_grow_with_sidecars(make_scaler, redis_se
         monitor.close()
     names = [c.split('"')[1].upper() for c in commands]
     # the lock (and Redis's clock), then per pool one bucket read and one heartbeat read,
-    # then its pod loads, then the state saved for a successor: whatever the number of pods
-    assert names == ["EVALSHA", "HGETALL", "HGETALL", "HGETALL", "EVALSHA"], names
+    # then its pod view (none here) and so its pod loads, then the state saved for a
+    # successor: whatever the number of pods
+    assert names == ["EVALSHA", "HGETALL", "HGETALL", "HMGET", "HGETALL", "EVALSHA"], names
 
 
 async def test_a_pool_without_ready_capacity_is_reported_once(make_scaler, redis_server,

@@ -17,7 +17,8 @@ SCALER_VARIABLES: dict[str, tuple[str | None, str]] = {
     "SIDECAR_REDIS_SENTINEL_MASTER": (None, "Sentinel service name (sentinel mode)"),
     "SIDECAR_REDIS_CA_FILE": (None, "CA bundle to verify a rediss:// server with"),
     "SIDECAR_SCALER_POOLS": (None, "JSON: per pool job, group, min, max, "
-                             "replica_tokens_per_s, cold_start_s"),
+                             "replica_tokens_per_s, cold_start_s (and health_interval_s: "
+                             "the pool's, for the monitor's view; 5)"),
     "SIDECAR_SCALER_INTERVAL_S": ("15", "seconds between decisions"),
     "SIDECAR_SCALER_DRY_RUN": ("0", "1 = only log decisions"),
     "SIDECAR_SCALER_BURST_QUANTILE": ("0.995", "quantile of past bursts held above the level "
@@ -50,6 +51,9 @@ class ScaledPool:
     maximum: int
     replica_tokens_per_s: float
     cold_start_s: float
+    # The pool's health interval (SIDECAR_POOLS'): the monitor writes its view that often,
+    # and a view older than podview.STALE_INTERVALS of them is stale.
+    health_interval_s: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,14 +205,17 @@ def load_scaler_settings(env: Mapping[str, str] | None = None) -> ScalerSettings
         if not isinstance(high, int) or isinstance(high, bool) or (
                 isinstance(low, int) and high < max(low, 1)):
             problems.append(f"{where}: \"max\" must be an integer >= max(min, 1), got {high!r}")
-        for key in ("replica_tokens_per_s", "cold_start_s"):
+        for key in ("replica_tokens_per_s", "cold_start_s", "health_interval_s"):
+            if key == "health_interval_s" and key not in spec:
+                continue
             value = spec.get(key)
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 problems.append(f"{where}: \"{key}\" must be a number > 0, got {value!r}")
         if len(problems) == before:
             pools[name] = ScaledPool(name, spec["job"], spec["group"], low, high,
                                      float(spec["replica_tokens_per_s"]),
-                                     float(spec["cold_start_s"]))
+                                     float(spec["cold_start_s"]),
+                                     float(spec.get("health_interval_s", 5.0)))
     try:
         prior = load_prior(env)
     except ConfigError as exc:
