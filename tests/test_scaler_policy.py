@@ -339,13 +339,56 @@ def test_prior_settings_are_validated_and_named():
     from sidecar.config import ConfigError
     from sidecar.scaler.config import load_prior
 
-    assert load_prior({}) == (0.0, 12.0)
-    assert load_prior({"SIDECAR_SCALER_PRIOR_CV": "0.1", "SIDECAR_SCALER_PRIOR_SAMPLES": "12"}) \
-        == (0.1, 12.0)
+    assert load_prior({}) == (0.0, 12.0, 0.0)
+    assert load_prior({"SIDECAR_SCALER_PRIOR_CV": "0.1", "SIDECAR_SCALER_PRIOR_SAMPLES": "12",
+                       "SIDECAR_SCALER_PRIOR_FLOOR": "6"}) == (0.1, 12.0, 6.0)
     with pytest.raises(ConfigError) as bad:
-        load_prior({"SIDECAR_SCALER_PRIOR_CV": "-1", "SIDECAR_SCALER_PRIOR_SAMPLES": "0"})
+        load_prior({"SIDECAR_SCALER_PRIOR_CV": "-1", "SIDECAR_SCALER_PRIOR_SAMPLES": "0",
+                    "SIDECAR_SCALER_PRIOR_FLOOR": "six"})
     assert "SIDECAR_SCALER_PRIOR_CV='-1': expected a finite number >= 0" in str(bad.value)
     assert "SIDECAR_SCALER_PRIOR_SAMPLES='0': expected a finite number > 0" in str(bad.value)
+    assert "SIDECAR_SCALER_PRIOR_FLOOR='six': expected a finite number >= 0" in str(bad.value)
+    with pytest.raises(ConfigError, match="SIDECAR_SCALER_PRIOR_FLOOR='inf'"):
+        load_prior({"SIDECAR_SCALER_PRIOR_FLOOR": "inf"})
+    with pytest.raises(ValueError, match="prior_floor"):
+        PredictivePolicy(Bounds(1, 10, 600), prior_floor=-1)
+
+
+def quiet_then_burst(policy: PredictivePolicy, seconds: float) -> list[int]:
+    """Counts asked for over `seconds` of a level of 0.3 replicas that never bursts."""
+    counts, count = [], 1
+    for step in range(1, int(seconds // 10) + 1):
+        count = policy.decide(Observation(step * 10.0, 0.5, 0.3, 0.3, count, count)).count
+        counts.append(count)
+    return counts
+
+
+def test_a_young_pool_holds_the_floor_and_lets_it_go_as_its_history_spans_a_cold_start():
+    bounds = Bounds(minimum=1, maximum=50, cold_start_s=600)
+    plain = quiet_then_burst(PredictivePolicy(bounds), 1900)
+    floored = PredictivePolicy(bounds, prior_floor=6)
+    counts = quiet_then_burst(floored, 1900)
+    assert plain[0] == 1 and counts[0] == 6, "before any history: the floor"
+    young = PredictivePolicy(bounds, prior_floor=6)
+    young.decide(Observation(10.0, 0.5, 0.3, 0.3, 1, 1))
+    assert young.floor(10.0) == 6.0 and young.floor(310.0) == pytest.approx(3.0)
+    assert young.floor(610.0) == 0.0, "the history spans a cold start: no floor"
+    # What the floor asked is kept a cold start more (a replica released in a shorter gap
+    # costs a cold start to bring back), then the pool comes down to what it needs.
+    assert counts[59] == 6 and counts[-1] == 1 == plain[-1]
+    assert all(a >= b for a, b in itertools.pairwise(counts)), "only down"
+
+
+def test_the_floor_costs_a_pool_whose_level_asks_for_more_nothing():
+    bounds = Bounds(minimum=1, maximum=50, cold_start_s=600)
+    busy = []
+    for floor in (0.0, 6.0):
+        policy, count, asked = PredictivePolicy(bounds, prior_floor=floor), 8, []
+        for step in range(1, 120):
+            count = policy.decide(Observation(step * 10.0, 8.5, 7.5, 0.9, count, count)).count
+            asked.append(count)
+        busy.append(asked)
+    assert busy[0] == busy[1] and min(busy[1]) >= 8
 
 
 def test_a_state_written_before_the_prior_existed_is_still_restored():

@@ -266,3 +266,20 @@ async def test_views_of_two_pools_in_distinct_cluster_slots_drive_each_pool(noma
     finally:
         for node in nodes:
             node.cleanup()
+
+
+def test_a_pools_health_interval_is_read_and_a_bad_one_named():
+    from sidecar.config import ConfigError
+
+    pools = {"small": {**POOLS["small"], "health_interval_s": 2}}
+    s = settings("redis://127.0.0.1:1/0", "http://127.0.0.1:1",
+                 SIDECAR_SCALER_POOLS=json.dumps(pools), SIDECAR_SCALER_PRIOR_FLOOR="4")
+    assert s.pools["small"].health_interval_s == 2.0 and s.prior_floor == 4.0
+    assert settings("redis://127.0.0.1:1/0", "http://127.0.0.1:1").pools[
+        "small"].health_interval_s == 5.0, "the sidecar's default"
+    pools["small"]["health_interval_s"] = 0
+    with pytest.raises(ConfigError) as bad:
+        settings("redis://127.0.0.1:1/0", "http://127.0.0.1:1",
+                 SIDECAR_SCALER_POOLS=json.dumps(pools))
+    assert "SIDECAR_SCALER_POOLS: pool 'small': \"health_interval_s\" must be a number > 0" \
+        in str(bad.value)

@@ -222,6 +222,7 @@ class Scaler:
                 Bounds(pool.minimum, pool.maximum, pool.cold_start_s),
                 quantile=self.settings.burst_quantile, headroom=self.settings.headroom,
                 prior_cv=self.settings.prior_cv, prior_samples=self.settings.prior_samples,
+                prior_floor=self.settings.prior_floor,
                 started_at=started)
         return policy
 

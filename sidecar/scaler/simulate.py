@@ -9,14 +9,17 @@ The model (defaults; every one is a flag):
 - every policy starts in steady state with the replicas the trace's first cold-start window
   needs at 70 % slot utilization, and none scales down before a full cold-start window;
 - a request finds no warm capacity when every slot of every ready replica is busy when it
-  arrives; it then queues (first come, first served) and its wait is its queueing delay;
-  the goal counts those arriving after the first cold-start window, since before it ends
-  no decision can have produced a ready replica;
+  arrives; it then queues at the replica with the shortest queue (first come, first
+  served there; a queued request stays at its replica, as in an engine's scheduler) and
+  its wait is its queueing delay; the goal counts those arriving after the first
+  cold-start window, since before it ends no decision can have produced a ready replica;
 - replica-minutes count every replica asked for, ready or still starting (it holds a GPU).
 The policies are the same objects the scaler runs (policy.py), with the scaler's
-SIDECAR_SCALER_PRIOR_CV / _SAMPLES read from the environment; the simulator feeds them,
-once per evaluation interval, the work offered (the concurrency the arrivals need if
-served at once, as the scaler's token rate measures it) and the pods' queue (saturation).
+SIDECAR_SCALER_PRIOR_CV / _SAMPLES / _FLOOR read from the environment; the simulator feeds
+them, once per evaluation interval, the work offered (the concurrency the arrivals need if
+served at once, as the scaler's token rate measures it), the worst replica's queue
+(saturation, as the scaler reads it from the monitor's pod view) and the replicas' GPU
+utilization (each replica's busy share of its slots).
 """
 
 from __future__ import annotations
@@ -419,8 +422,8 @@ def baseline(bounds: Bounds) -> TargetValuePolicy:
 
 def predictive(bounds: Bounds) -> PredictivePolicy:
     # The scaler's own prior settings, so a replay runs what the scaler would.
-    cv, samples = load_prior()
-    return PredictivePolicy(bounds, prior_cv=cv, prior_samples=samples)
+    cv, samples, floor = load_prior()
+    return PredictivePolicy(bounds, prior_cv=cv, prior_samples=samples, prior_floor=floor)
 
 
 POLICIES: dict[str, PolicyFactory] = {"baseline": baseline, "predictive": predictive}
