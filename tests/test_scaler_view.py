@@ -43,7 +43,7 @@ def mean_queue(pods: list[PodSample]) -> float:
 
 def decisions(queued: float, ticks: int = 4) -> list[int]:
     """A pool of 4 offered 3.5 replicas' worth of work, fed `queued` every tick."""
-    policy = PredictivePolicy(Bounds(1, 20, 600), started_at=-3600)
+    policy = PredictivePolicy(Bounds(1, 20, 600), prior_floor=0, started_at=-3600)
     return [policy.decide(Observation(15.0 * i, 3.5, 3.5, 0.9, 4, 4, queued=queued)).count
             for i in range(ticks)]
 
@@ -283,3 +283,14 @@ def test_a_pools_health_interval_is_read_and_a_bad_one_named():
                  SIDECAR_SCALER_POOLS=json.dumps(pools))
     assert "SIDECAR_SCALER_POOLS: pool 'small': \"health_interval_s\" must be a number > 0" \
         in str(bad.value)
+
+
+async def test_a_fresh_scaler_asks_for_the_young_pools_floor_by_default(
+        make_scaler, redis_server, nomad):  # noqa: F811
+    now = time.time()
+    scaler = make_scaler(now=now, SIDECAR_SCALER_PRIOR_FLOOR="")  # "": the default
+    assert scaler.settings.prior_floor == 9.0
+    await report_traffic(redis_server, now, tokens_per_s=500)  # half a replica's worth
+    report = (await scaler.tick(now)).pools[0]
+    assert report.decision == 9 and "young pool's floor" in report.reason
+    assert [c["Count"] for c in nomad.calls] == [9]

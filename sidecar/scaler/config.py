@@ -28,9 +28,9 @@ SCALER_VARIABLES: dict[str, tuple[str | None, str]] = {
                                 "as a share of the level (>= 0; 0 = off: the learned "
                                 "quantile alone)"),
     "SIDECAR_SCALER_PRIOR_SAMPLES": ("12", "intervals of history the prior counts as (> 0)"),
-    "SIDECAR_SCALER_PRIOR_FLOOR": ("0", "replicas a young pool holds at least while its "
-                                   "history spans less than a cold start, shrinking to 0 as "
-                                   "it does (>= 0; 0 = off)"),
+    "SIDECAR_SCALER_PRIOR_FLOOR": ("9", "replicas a young pool asks for at least until its "
+                                   "history spans half a cold start, shrinking to 0 at a "
+                                   "whole one (>= 0; 0 = off)"),
     "SIDECAR_SCALER_METRICS_LISTEN": ("127.0.0.1:7880", "GET /metrics (the forecast for "
                                       "Prometheus): `host:port`, or `off`"),
     "SIDECAR_SCALER_COOLDOWN_S": ("300", "least time between scale-downs of a pool"),
