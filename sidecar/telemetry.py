@@ -171,7 +171,16 @@ CATALOG: tuple[Metric, ...] = (
            "replica_tokens_per_s)."),
     Metric("scaler_queued", "gauge", "llm_sidecar.scaler.queued",
            "llm_sidecar_scaler_queued", ("pool",),
-           "Scaler: requests waiting at the pool's pods per request running (saturation)."),
+           "Scaler: requests waiting per request running at the pool's worst ready pod "
+           "(the fleet monitor's view; without a fresh view, the pool's sums: a mean)."),
+    Metric("scaler_gpu_utilization", "gauge", "llm_sidecar.scaler.gpu_utilization",
+           "llm_sidecar_scaler_gpu_utilization", ("pool",),
+           "Scaler: mean GPU utilization (0–1) over the pool's ready pods with a reading in "
+           "the fleet monitor's view; absent without one."),
+    Metric("scaler_view_fallbacks", "counter", "llm_sidecar.scaler.view_fallbacks",
+           "llm_sidecar_scaler_view_fallbacks_total", ("pool",),
+           "Scaler: ticks that judged a pool's saturation by the sidecars' pod-load reports "
+           "because its pod view was missing, stale or unreadable."),
 )
 BY_KEY = {m.key: m for m in CATALOG}
 EVENTS = ("cold start finished", "endpoint ejected", "endpoint restored",

@@ -77,13 +77,13 @@ def test_predictive_forecast_is_the_level_plus_a_burst_learned_from_history():
         return count
 
     # the bursts are 10 % of intervals: a high quantile holds them, the median does not
-    assert feed(PredictivePolicy(BOUNDS, quantile=0.995)) == 7
-    assert feed(PredictivePolicy(BOUNDS, quantile=0.5)) == 4
-    assert feed(PredictivePolicy(BOUNDS, quantile=0.5, headroom=0.25)) == 5
+    assert feed(PredictivePolicy(BOUNDS, prior_floor=0, quantile=0.995)) == 7
+    assert feed(PredictivePolicy(BOUNDS, prior_floor=0, quantile=0.5)) == 4
+    assert feed(PredictivePolicy(BOUNDS, prior_floor=0, quantile=0.5, headroom=0.25)) == 5
 
 
 def test_predictive_projects_growth_across_the_cold_start():
-    policy = PredictivePolicy(BOUNDS)
+    policy = PredictivePolicy(BOUNDS, prior_floor=0)
     count = 0
     for step in range(130):  # demand grows 1 replica per 100 s for 1300 s
         now = step * 10.0
@@ -93,7 +93,7 @@ def test_predictive_projects_growth_across_the_cold_start():
 
 
 def test_predictive_keeps_replicas_through_gaps_shorter_than_a_cold_start():
-    policy = PredictivePolicy(BOUNDS, quantile=0.5)
+    policy = PredictivePolicy(BOUNDS, prior_floor=0, quantile=0.5)
     now, count = 0.0, 8
 
     def hold(demand: float, seconds: float) -> int:
@@ -114,7 +114,7 @@ def test_predictive_keeps_replicas_through_gaps_shorter_than_a_cold_start():
 
 
 def test_a_queue_raises_the_forecast_only_while_it_lasts_and_is_never_demand():
-    policy = PredictivePolicy(BOUNDS, quantile=0.5)
+    policy = PredictivePolicy(BOUNDS, prior_floor=0, quantile=0.5)
     now, count = 0.0, 4
     for _ in range(70):
         now += 10
@@ -136,7 +136,7 @@ def test_a_queue_raises_the_forecast_only_while_it_lasts_and_is_never_demand():
 
 
 def test_predictive_holds_capacity_when_metrics_are_missing():
-    policy = PredictivePolicy(BOUNDS)
+    policy = PredictivePolicy(BOUNDS, prior_floor=0)
     for step in range(200):
         assert policy.decide(obs(step * 10.0, None, 7)).count == 7
 
@@ -281,8 +281,8 @@ def early(policy: PredictivePolicy, seconds: float) -> list[int]:
 
 def test_with_a_prior_a_young_fleet_asks_for_more_and_the_extra_fades():
     bounds = Bounds(minimum=1, maximum=50, cold_start_s=600)
-    plain = PredictivePolicy(bounds)
-    primed = PredictivePolicy(bounds, prior_cv=0.25)
+    plain = PredictivePolicy(bounds, prior_floor=0)
+    primed = PredictivePolicy(bounds, prior_cv=0.25, prior_floor=0)
     assert plain.burst(10.0) == 0 and primed.burst(10.0) == 0, "no level yet"
     without, withp = early(plain, 1800), early(primed, 1800)
     assert withp[0] > without[0], "the first decision already holds a margin"
@@ -295,7 +295,7 @@ def test_a_burst_in_the_first_minute_is_evidence_for_a_young_fleet():
     bounds = Bounds(minimum=1, maximum=50, cold_start_s=600)
     asked = {}
     for cv in (0.0, 0.1):
-        policy, count = PredictivePolicy(bounds, prior_cv=cv), 1
+        policy, count = PredictivePolicy(bounds, prior_cv=cv, prior_floor=0), 1
         for step, peak in enumerate([1.0, 1.0, 6.0, 1.0, 1.0, 1.0, 1.0], start=1):
             count = policy.decide(Observation(step * 10.0, peak, 1.0, 0.5, count, 1)).count
         asked[cv] = count
@@ -305,7 +305,7 @@ def test_a_burst_in_the_first_minute_is_evidence_for_a_young_fleet():
 
 def test_the_prior_is_off_at_cv_0_and_refuses_bad_settings():
     bounds = Bounds(minimum=1, maximum=50, cold_start_s=600)
-    policy = PredictivePolicy(bounds, prior_cv=0.0)
+    policy = PredictivePolicy(bounds, prior_cv=0.0, prior_floor=0)
     for step in range(1, 120):
         peak = 4.0 if step % 9 == 0 else 2.0
         policy.decide(Observation(step * 10.0, peak, 2.0, 0.5, 4, 4))
@@ -318,9 +318,9 @@ def test_the_prior_is_off_at_cv_0_and_refuses_bad_settings():
 
 def test_a_young_fleets_state_carries_its_prior_across_a_takeover():
     bounds = Bounds(minimum=1, maximum=50, cold_start_s=600)
-    original = PredictivePolicy(bounds, prior_cv=0.25)
+    original = PredictivePolicy(bounds, prior_cv=0.25, prior_floor=0)
     early(original, 200)  # a takeover a third of the way into the first cold start
-    copy = PredictivePolicy(bounds, prior_cv=0.25, started_at=99.0)
+    copy = PredictivePolicy(bounds, prior_cv=0.25, started_at=99.0, prior_floor=0)
     copy.restore(json.loads(json.dumps(original.state())))
     assert copy.burst(200.0) == original.burst(200.0) > original.learned()
     for step in range(21, 200):
@@ -330,7 +330,7 @@ def test_a_young_fleets_state_carries_its_prior_across_a_takeover():
         assert copy.burst(step * 10.0) == original.burst(step * 10.0)
     assert copy.burst(1990.0) == copy.learned(), "a cold start of history: the prior is gone"
     # a scaler that lost the state knows nothing again, and the prior holds a margin
-    fresh = PredictivePolicy(bounds, prior_cv=0.25)
+    fresh = PredictivePolicy(bounds, prior_cv=0.25, prior_floor=0)
     fresh.decide(Observation(2000.0, 2.0, 2.0, 0.5, 4, 4))
     assert fresh.learned() == 0 and fresh.burst(2000.0) > 0
 
@@ -339,23 +339,68 @@ def test_prior_settings_are_validated_and_named():
     from sidecar.config import ConfigError
     from sidecar.scaler.config import load_prior
 
-    assert load_prior({}) == (0.0, 12.0)
-    assert load_prior({"SIDECAR_SCALER_PRIOR_CV": "0.1", "SIDECAR_SCALER_PRIOR_SAMPLES": "12"}) \
-        == (0.1, 12.0)
+    assert load_prior({}) == (0.0, 12.0, 9.0)
+    assert load_prior({"SIDECAR_SCALER_PRIOR_CV": "0.1", "SIDECAR_SCALER_PRIOR_SAMPLES": "12",
+                       "SIDECAR_SCALER_PRIOR_FLOOR": "6"}) == (0.1, 12.0, 6.0)
     with pytest.raises(ConfigError) as bad:
-        load_prior({"SIDECAR_SCALER_PRIOR_CV": "-1", "SIDECAR_SCALER_PRIOR_SAMPLES": "0"})
+        load_prior({"SIDECAR_SCALER_PRIOR_CV": "-1", "SIDECAR_SCALER_PRIOR_SAMPLES": "0",
+                    "SIDECAR_SCALER_PRIOR_FLOOR": "six"})
     assert "SIDECAR_SCALER_PRIOR_CV='-1': expected a finite number >= 0" in str(bad.value)
     assert "SIDECAR_SCALER_PRIOR_SAMPLES='0': expected a finite number > 0" in str(bad.value)
+    assert "SIDECAR_SCALER_PRIOR_FLOOR='six': expected a finite number >= 0" in str(bad.value)
+    with pytest.raises(ConfigError, match="SIDECAR_SCALER_PRIOR_FLOOR='inf'"):
+        load_prior({"SIDECAR_SCALER_PRIOR_FLOOR": "inf"})
+    with pytest.raises(ValueError, match="prior_floor"):
+        PredictivePolicy(Bounds(1, 10, 600), prior_floor=-1)
+
+
+def quiet_then_burst(policy: PredictivePolicy, seconds: float) -> list[int]:
+    """Counts asked for over `seconds` of a level of 0.3 replicas that never bursts."""
+    counts, count = [], 1
+    for step in range(1, int(seconds // 10) + 1):
+        count = policy.decide(Observation(step * 10.0, 0.5, 0.3, 0.3, count, count)).count
+        counts.append(count)
+    return counts
+
+
+def test_a_young_pool_holds_the_floor_and_lets_it_go_as_its_history_spans_a_cold_start():
+    bounds = Bounds(minimum=1, maximum=50, cold_start_s=600)
+    plain = quiet_then_burst(PredictivePolicy(bounds, prior_floor=0), 1900)
+    floored = PredictivePolicy(bounds, prior_floor=6)
+    counts = quiet_then_burst(floored, 1900)
+    assert plain[0] == 1 and counts[0] == 6, "before any history: the floor"
+    young = PredictivePolicy(bounds, prior_floor=6)
+    young.decide(Observation(10.0, 0.5, 0.3, 0.3, 1, 1))
+    assert young.floor(10.0) == young.floor(310.0) == 6.0, "held for half a cold start"
+    assert young.floor(460.0) == pytest.approx(3.0), "then shrinking"
+    assert young.floor(610.0) == 0.0, "the history spans a cold start: no floor"
+    assert PredictivePolicy(bounds).prior_floor == 9.0, "on by default"
+    # What the floor asked is kept a cold start more (a replica released in a shorter gap
+    # costs a cold start to bring back), then the pool comes down to what it needs.
+    assert counts[59] == 6 and counts[-1] == 1 == plain[-1]
+    assert all(a >= b for a, b in itertools.pairwise(counts)), "only down"
+
+
+def test_the_floor_costs_a_pool_whose_level_asks_for_more_nothing():
+    bounds = Bounds(minimum=1, maximum=50, cold_start_s=600)
+    busy = []
+    for floor in (0.0, 6.0):
+        policy, count, asked = PredictivePolicy(bounds, prior_floor=floor), 8, []
+        for step in range(1, 120):
+            count = policy.decide(Observation(step * 10.0, 8.5, 7.5, 0.9, count, count)).count
+            asked.append(count)
+        busy.append(asked)
+    assert busy[0] == busy[1] and min(busy[1]) >= 8
 
 
 def test_a_state_written_before_the_prior_existed_is_still_restored():
     bounds = Bounds(minimum=1, maximum=50, cold_start_s=600)
-    original = PredictivePolicy(bounds, prior_cv=0.1)
+    original = PredictivePolicy(bounds, prior_cv=0.1, prior_floor=0)
     early(original, 300)
     state = json.loads(json.dumps(original.state()))
     assert state["early"], "the first minute's bursts travel with the state"
     del state["early"]  # what a scaler of the previous version wrote
-    copy = PredictivePolicy(bounds, prior_cv=0.1)
+    copy = PredictivePolicy(bounds, prior_cv=0.1, prior_floor=0)
     copy.restore(state)
     assert copy.learned() == original.learned()
     assert copy.burst(300.0) >= copy.learned()
@@ -366,7 +411,7 @@ def test_a_state_written_before_the_prior_existed_is_still_restored():
 def test_a_policy_holds_at_least_the_learned_margin_and_only_that_after_a_cold_start(
         peaks, cv):
     bounds = Bounds(minimum=1, maximum=1000, cold_start_s=600)
-    policy = PredictivePolicy(bounds, prior_cv=cv)
+    policy = PredictivePolicy(bounds, prior_cv=cv, prior_floor=0)
     for step, peak in enumerate(peaks, start=1):
         now = step * 10.0
         policy.decide(Observation(now, max(peak, 1.0), 1.0, 0.5, 4, 4))

@@ -17,7 +17,8 @@ SCALER_VARIABLES: dict[str, tuple[str | None, str]] = {
     "SIDECAR_REDIS_SENTINEL_MASTER": (None, "Sentinel service name (sentinel mode)"),
     "SIDECAR_REDIS_CA_FILE": (None, "CA bundle to verify a rediss:// server with"),
     "SIDECAR_SCALER_POOLS": (None, "JSON: per pool job, group, min, max, "
-                             "replica_tokens_per_s, cold_start_s"),
+                             "replica_tokens_per_s, cold_start_s (and health_interval_s: "
+                             "the pool's, for the monitor's view; 5)"),
     "SIDECAR_SCALER_INTERVAL_S": ("15", "seconds between decisions"),
     "SIDECAR_SCALER_DRY_RUN": ("0", "1 = only log decisions"),
     "SIDECAR_SCALER_BURST_QUANTILE": ("0.995", "quantile of past bursts held above the level "
@@ -27,6 +28,9 @@ SCALER_VARIABLES: dict[str, tuple[str | None, str]] = {
                                 "as a share of the level (>= 0; 0 = off: the learned "
                                 "quantile alone)"),
     "SIDECAR_SCALER_PRIOR_SAMPLES": ("12", "intervals of history the prior counts as (> 0)"),
+    "SIDECAR_SCALER_PRIOR_FLOOR": ("9", "replicas a young pool asks for at least until its "
+                                   "history spans half a cold start, shrinking to 0 at a "
+                                   "whole one (>= 0; 0 = off)"),
     "SIDECAR_SCALER_METRICS_LISTEN": ("127.0.0.1:7880", "GET /metrics (the forecast for "
                                       "Prometheus): `host:port`, or `off`"),
     "SIDECAR_SCALER_COOLDOWN_S": ("300", "least time between scale-downs of a pool"),
@@ -89,6 +93,9 @@ class ScaledPool:
     maximum: int
     replica_tokens_per_s: float
     cold_start_s: float
+    # The pool's health interval (SIDECAR_POOLS'): the monitor writes its view that often,
+    # and a view older than podview.STALE_INTERVALS of them is stale.
+    health_interval_s: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +111,7 @@ class ScalerSettings:
     headroom: float
     prior_cv: float
     prior_samples: float
+    prior_floor: float
     metrics_listen: Listen | None
     cooldown_s: float
     nomad_addr: str
@@ -124,6 +132,7 @@ class ScalerSettings:
                 "SIDECAR_SCALER_HEADROOM": self.headroom,
                 "SIDECAR_SCALER_PRIOR_CV": self.prior_cv,
                 "SIDECAR_SCALER_PRIOR_SAMPLES": self.prior_samples,
+                "SIDECAR_SCALER_PRIOR_FLOOR": self.prior_floor,
                 "SIDECAR_SCALER_METRICS_LISTEN": (str(self.metrics_listen)
                                                   if self.metrics_listen else "off"),
                 "NOMAD_ADDR": self.nomad_addr,
@@ -154,13 +163,14 @@ def _flag(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def load_prior(env: Mapping[str, str] | None = None) -> tuple[float, float]:
-    """SIDECAR_SCALER_PRIOR_CV and _SAMPLES alone (the simulator reads them too, so what it
-    replays is what the scaler would run)."""
+def load_prior(env: Mapping[str, str] | None = None) -> tuple[float, float, float]:
+    """SIDECAR_SCALER_PRIOR_CV, _SAMPLES and _FLOOR alone (the simulator reads them too, so
+    what it replays is what the scaler would run)."""
     env = os.environ if env is None else env
     values, problems = [], []
     for name, strict in (("SIDECAR_SCALER_PRIOR_CV", False),
-                         ("SIDECAR_SCALER_PRIOR_SAMPLES", True)):
+                         ("SIDECAR_SCALER_PRIOR_SAMPLES", True),
+                         ("SIDECAR_SCALER_PRIOR_FLOOR", False)):
         raw = env.get(name, "").strip() or SCALER_VARIABLES[name][0] or ""
         try:
             value = float(raw)
@@ -172,7 +182,7 @@ def load_prior(env: Mapping[str, str] | None = None) -> tuple[float, float]:
         values.append(value)
     if problems:
         raise ConfigError(problems)
-    return values[0], values[1]
+    return values[0], values[1], values[2]
 
 
 def load_scaler_settings(env: Mapping[str, str] | None = None) -> ScalerSettings:
@@ -240,20 +250,24 @@ def load_scaler_settings(env: Mapping[str, str] | None = None) -> ScalerSettings
         if not isinstance(high, int) or isinstance(high, bool) or (
                 isinstance(low, int) and high < max(low, 1)):
             problems.append(f"{where}: \"max\" must be an integer >= max(min, 1), got {high!r}")
-        for key in ("replica_tokens_per_s", "cold_start_s"):
+        for key in ("replica_tokens_per_s", "cold_start_s", "health_interval_s"):
+            if key == "health_interval_s" and key not in spec:
+                continue
             value = spec.get(key)
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 problems.append(f"{where}: \"{key}\" must be a number > 0, got {value!r}")
         if len(problems) == before:
             pools[name] = ScaledPool(name, spec["job"], spec["group"], low, high,
                                      float(spec["replica_tokens_per_s"]),
-                                     float(spec["cold_start_s"]))
+                                     float(spec["cold_start_s"]),
+                                     float(spec.get("health_interval_s", 5.0)))
     try:
         prior = load_prior(env)
     except ConfigError as exc:
         problems.extend(exc.problems)
         prior = (float(SCALER_VARIABLES["SIDECAR_SCALER_PRIOR_CV"][0] or 0),
-                 float(SCALER_VARIABLES["SIDECAR_SCALER_PRIOR_SAMPLES"][0] or 1))
+                 float(SCALER_VARIABLES["SIDECAR_SCALER_PRIOR_SAMPLES"][0] or 1),
+                 float(SCALER_VARIABLES["SIDECAR_SCALER_PRIOR_FLOOR"][0] or 0))
     settings = ScalerSettings(
         redis_url=redis_url or "", redis_mode=mode,
         redis_sentinel_master=get("SIDECAR_REDIS_SENTINEL_MASTER"),
@@ -262,7 +276,7 @@ def load_scaler_settings(env: Mapping[str, str] | None = None) -> ScalerSettings
         dry_run=_flag(get("SIDECAR_SCALER_DRY_RUN")),
         burst_quantile=number("SIDECAR_SCALER_BURST_QUANTILE", 0),
         headroom=number("SIDECAR_SCALER_HEADROOM", 0, strict=False),
-        prior_cv=prior[0], prior_samples=prior[1],
+        prior_cv=prior[0], prior_samples=prior[1], prior_floor=prior[2],
         metrics_listen=metrics_listen,
         cooldown_s=number("SIDECAR_SCALER_COOLDOWN_S", 0, strict=False),
         nomad_addr=(get("NOMAD_ADDR") or "").rstrip("/"), nomad_token=get("NOMAD_TOKEN"),

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.scaler.config import load_prior
 from sidecar.scaler.policy import Bounds, PredictivePolicy, TargetValuePolicy
 from sidecar.scaler.simulate import Call, Model, pyplot, run
 
@@ -40,11 +41,15 @@ def grid() -> list[tuple[str, str, Callable[[Bounds], Any]]]:
         out.append(("baseline", f"target {target:g}",
                     lambda b, t=target: TargetValuePolicy(b, target=t, window_s=60.0,
                                                           cooldown_s=300.0)))
+    # The scaler's prior settings at every knob (the young pool's floor is on by default):
+    # each point is what the scaler would run with that quantile and headroom.
+    cv, samples, floor = load_prior()
     for quantile, margin in PREDICTIVE_KNOBS:
         label = f"quantile {quantile:g}" + (f", headroom {margin:+g}" if margin else "")
         out.append(("predictive", label,
-                    lambda b, q=quantile, m=margin: PredictivePolicy(b, quantile=q,
-                                                                     headroom=m)))
+                    lambda b, q=quantile, m=margin: PredictivePolicy(
+                        b, quantile=q, headroom=m, prior_cv=cv, prior_samples=samples,
+                        prior_floor=floor)))
     return out
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -28,8 +29,80 @@ class Observation:
     utilization: float | None     # busy share of ready capacity since the last tick (0..1+)
     current: int                  # replicas asked for (includes those still starting)
     ready: int                    # replicas serving
-    # Requests waiting at the pods per request running there (saturation; None: unknown).
+    # Requests waiting per request running at the worst ready pod (saturation; None:
+    # unknown). Without a pod view: the pool's sums, waiting ÷ running (a mean).
     queued: float | None = None
+    # Mean GPU utilization over the ready pods with a reading (0..1; None: no reading).
+    gpu_utilization: float | None = None
+    # Ready pods that queue with idle GPUs (`pressure`): not counted in `queued`.
+    stalled: int = 0
+
+
+# A pod whose KV cache is this full admits no new sequence without preempting one: it counts
+# as saturated (at the threshold's queue) even while its own queue is still empty.
+KV_FULL = 0.95
+# Below this GPU utilization a pod is not computing: its queue is not waiting for compute.
+GPU_IDLE = 0.2
+# Waiting per running at which a pod counts as saturated (the policies' default threshold).
+SATURATION = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class PodSample:
+    """One ready pod at one tick (the fleet monitor's view of it)."""
+
+    running: float
+    waiting: float
+    kv_usage: float = 0.0                  # 0..1 (0: not known)
+    gpu_utilization: float | None = None   # 0..1 (None: not read)
+
+
+@dataclass(frozen=True, slots=True)
+class Pressure:
+    """What a pool's ready pods say about its saturation (`pressure`)."""
+
+    queued: float | None          # the worst counted pod's waiting ÷ running (None: no pod)
+    gpu_utilization: float | None  # mean over the ready pods with a reading
+    stalled: int                  # pods queueing with idle GPUs, left out of `queued`
+
+
+def pod_queue(pod: PodSample, saturation: float = SATURATION) -> float:
+    """A pod's queue per running request, with a full KV cache counting as the threshold."""
+    queued = pod.waiting / max(pod.running, 1.0)
+    return max(queued, saturation) if pod.kv_usage >= KV_FULL else queued
+
+
+def pressure(pods: Sequence[PodSample], saturation: float = SATURATION) -> Pressure:
+    """The pool's saturation signal from its ready pods: the worst pod, not the mean.
+
+    - Users queue at a pod, not at a pool: with sticky sessions one pod can hold a queue
+      while the others idle, and the mean (waiting ÷ running over the pool) dilutes it
+      below any threshold as the pool grows. The worst pod is what someone waits behind.
+    - KV usage near full (`KV_FULL`) counts as saturated even with an empty queue, but KV
+      usage alone is never the signal: a prefill-heavy pod (long contexts, short answers)
+      saturates its compute with the cache half empty, and only its queue shows it.
+    - GPU utilization (the share of time a kernel ran, NVML's reading) reads near 1 as soon
+      as any batch runs, so it cannot tell a saturated pod from a merely busy one; high
+      utilization with a queue is the normal picture of saturation and adds nothing to the
+      queue. What it can tell is a pod that is not computing: a pod whose own GPUs are idle
+      (< `GPU_IDLE`) while requests wait there is stuck (a hung engine, a model reloading,
+      a pod-local fault), and more replicas would not drain its queue — the monitor's
+      probes eject it. Such a pod is counted in `stalled` and left out of `queued`. Its
+      own reading is used, not the pool's mean: one saturated pod among idle ones has a
+      low mean, and that is exactly the case the worst-pod rule exists for.
+    """
+    counted: list[float] = []
+    stalled = 0
+    readings = [p.gpu_utilization for p in pods if p.gpu_utilization is not None]
+    for pod in pods:
+        queued = pod_queue(pod, saturation)
+        if queued >= saturation and pod.gpu_utilization is not None \
+                and pod.gpu_utilization < GPU_IDLE:
+            stalled += 1
+            continue
+        counted.append(queued)
+    return Pressure(max(counted) if counted else (0.0 if pods else None),
+                    sum(readings) / len(readings) if readings else None, stalled)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +168,10 @@ WARMUP_S = 60.0
 # little on bursty traffic and cost smooth traffic more than its goal allows.
 PRIOR_CV = 0.0
 PRIOR_SAMPLES = 12.0
+# The young pool's floor (SIDECAR_SCALER_PRIOR_FLOOR, replicas; README "A young fleet's
+# margin"): the largest floor that kept synthetic smooth hours within 1.15× the clairvoyant
+# replica-minutes (10 reaches 1.18×); it keeps every bursty synthetic trace within its goal.
+PRIOR_FLOOR = 9.0
 
 
 def burst_bound(bursts: list[float], quantile: float, level: float, cv: float,
@@ -148,11 +225,24 @@ class PredictivePolicy:
       level worth `prior_samples` intervals (`burst_bound`; wide with few samples,
       narrowing as they accumulate). The lift is weighted by the share of the cold start
       not yet spanned, and the margin is never below the learned quantile.
+    - Young pool's floor (`prior_floor`, replicas; 0: off): a history shorter than a
+      cold start has not seen what the traffic can do, and the asks made then are the
+      only ones ready when the first cold start ends. So the forecast is at least the
+      floor until the history spans half a cold start (the asks that are ready for the
+      first window's unseen traffic, and that the kept targets hold through the next
+      half), then the floor shrinks linearly to 0 as the history spans a whole one and
+      the learned margin takes over — erring on the side of warm capacity. It is a floor
+      on the whole forecast, not a margin on top: a pool whose level and margin already
+      ask for as much pays nothing for it (smooth traffic at a high level); a pool whose
+      level is a fraction of a replica and whose bursts are many times that (bursty
+      traffic) holds it. Like every target, it is clamped to the pool's bounds.
     - `headroom`: a share on top of all that (0 by default; the sweep's other knob).
-    - Saturation: a queue at the pods that lasts `saturation_ticks` intervals says the
-      offered work is under-measured (a saturated pod's token rate is flat at its
-      capacity): the level is raised by the queued share (at most doubled) while it lasts,
-      and it never enters the level, trend or burst history.
+    - Saturation: a queue at the worst ready pod (`pressure`: its waiting per running
+      request, a full KV cache counting as the threshold, a pod with idle GPUs left out)
+      that lasts `saturation_ticks` intervals says the offered work is under-measured (a
+      saturated pod's token rate is flat at its capacity): the level is raised by the
+      queued share (at most doubled) while it lasts, and it never enters the level, trend
+      or burst history.
     - Up at once; down only to the highest target of the last `keep_s` (a cold start):
       a replica released in a gap shorter than that costs a full cold start to bring back.
     - No metrics: hold capacity.
@@ -163,20 +253,23 @@ class PredictivePolicy:
     def __init__(self, bounds: Bounds, quantile: float = 0.995, headroom: float = 0.0,
                  level_s: float = 300.0, trend_s: float | None = None,
                  history_s: float = 3600.0, keep_s: float | None = None,
-                 saturation: float = 0.05, saturation_ticks: int = 3,
+                 saturation: float = SATURATION, saturation_ticks: int = 3,
                  prior_cv: float = PRIOR_CV, prior_samples: float = PRIOR_SAMPLES,
-                 started_at: float = 0.0) -> None:
+                 prior_floor: float = PRIOR_FLOOR, started_at: float = 0.0) -> None:
         if not 0 < quantile <= 1:
             raise ValueError(f"quantile={quantile!r}: expected a number in (0, 1]")
         if not prior_cv >= 0:
             raise ValueError(f"prior_cv={prior_cv!r}: expected a number >= 0")
         if not prior_samples > 0:
             raise ValueError(f"prior_samples={prior_samples!r}: expected a number > 0")
+        if not 0 <= prior_floor < math.inf:
+            raise ValueError(f"prior_floor={prior_floor!r}: expected a finite number >= 0")
         self.bounds = bounds
         self.quantile = quantile
         self.headroom = headroom
         self.prior_cv = prior_cv
         self.prior_samples = prior_samples
+        self.prior_floor = prior_floor
         horizon = bounds.cold_start_s
         self.level_s = level_s
         # Three cold starts: a shorter window reads noise as trend on smooth traffic.
@@ -256,13 +349,23 @@ class PredictivePolicy:
         slope = sum((t - mean_t) * (m - mean_m) for t, m in points) / var
         return max(0.0, slope) * self.bounds.cold_start_s
 
+    def floor(self, now: float) -> float:
+        """The young pool's floor (replicas): `prior_floor` until the history spans half a
+        cold start, then shrinking linearly to 0 as it spans a whole one."""
+        if not self.prior_floor:
+            return 0.0
+        first = self._means[0][0] if self._means else now
+        unseen = 1.0 - trust(now - first, self.bounds.cold_start_s)
+        return self.prior_floor * min(1.0, 2.0 * unseen)
+
     def forecast(self, now: float, queued: float | None = None) -> float:
         """Replicas to be ready for over the next cold-start window."""
         level = self.level(now)
         if self._saturated >= self.saturation_ticks and queued:
             # At most double: a deep queue says "more", not how much more.
             level *= 1 + min(queued, 1.0)
-        return (level + self.growth(now) + self.burst(now)) * (1 + self.headroom)
+        learned = (level + self.growth(now) + self.burst(now)) * (1 + self.headroom)
+        return max(learned, self.floor(now))
 
     def decide(self, obs: Observation) -> Decision:
         if obs.demand_peak is None or obs.demand_mean is None:
@@ -291,6 +394,10 @@ class PredictivePolicy:
             self._targets.popleft()
         kept = max(t for _, t in self._targets)
         saturated = ", saturated" if self._saturated >= self.saturation_ticks else ""
+        if self.floor(now) >= forecast > 0:
+            saturated += f", young pool's floor {self.floor(now):.2f}"
+        if obs.stalled:
+            saturated += f", {obs.stalled} pod(s) queueing with idle GPUs not counted"
         reason = (f"forecast {forecast:.2f} replicas over the next "
                   f"{self.bounds.cold_start_s:.0f} s (level {level:.2f}, burst "
                   f"+{self.burst(now):.2f}{saturated})")
@@ -312,7 +419,7 @@ class LoadLevelPolicy:
     above the threshold whatever its utilization says: sustained saturation raises the
     level."""
 
-    SATURATED: ClassVar[float] = 0.05
+    SATURATED: ClassVar[float] = SATURATION
 
     UP: ClassVar[dict[str, float]] = {"low": 0.60, "medium": 0.80}     # leave upward above
     DOWN: ClassVar[dict[str, float]] = {"medium": 0.45, "high": 0.65}  # leave downward below

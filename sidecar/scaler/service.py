@@ -1,7 +1,8 @@
-"""`llm-sidecar scaler`: each tick, read the global traffic view and the pods' load from
-Redis, decide each pool's replica count with the predictive policy, apply it through Nomad
-(or only publish it as a metric for the stock Nomad Autoscaler), and publish the load level
-the sidecars use for new sessions.
+"""`llm-sidecar scaler`: each tick, read the global traffic view and the fleet monitor's pod
+views from Redis (the sidecars' pod-load reports for a pool whose view is stale), decide
+each pool's replica count with the predictive policy, apply it through Nomad (or only
+publish it as a metric for the stock Nomad Autoscaler), and publish the load level the
+sidecars use for new sessions.
 
 Safe to run twice: only the holder of a Redis lock acts, and it confirms the lock (compare
 and extend, by its token) immediately before each Nomad call, which must end before that
@@ -25,14 +26,23 @@ from typing import Any
 
 from aiohttp import web
 
+from sidecar.podview import STALE_INTERVALS, PoolView, ViewError, ViewState, decode, view_key
 from sidecar.redisfaults import CAUGHT, Fault, classify, describe
 from sidecar.scaler.config import ScaledPool, ScalerSettings
 from sidecar.scaler.nomad import DeploymentActive, GroupStatus, NomadClient, NomadError
-from sidecar.scaler.policy import Bounds, LoadLevelPolicy, Observation, PredictivePolicy
+from sidecar.scaler.policy import (
+    Bounds,
+    LoadLevelPolicy,
+    Observation,
+    PodSample,
+    PredictivePolicy,
+    Pressure,
+    pressure,
+)
 from sidecar.store import LEVEL_CHANNEL, LEVEL_KEY
 from sidecar.supervise import SUPERVISOR, Supervisor, supervised_until
 from sidecar.telemetry import Telemetry
-from sidecar.traffic import BUCKET_S, PoolLoad, PoolTraffic, read_pod_load, read_traffic
+from sidecar.traffic import BUCKET_S, PoolTraffic, read_pod_load, read_traffic
 
 log = logging.getLogger("sidecar.scaler")
 
@@ -43,7 +53,7 @@ STATE_KEY = "llmsc:scaler:state:{llmsc:scaler:leader}"
 STATE_TTL_S = 86400  # a fleet whose scalers all stopped for a day starts afresh
 MIN_CALL_S = 0.05  # a Nomad call given less than this would time out before it began
 FORECAST_GAUGES = frozenset({"scaler_forecast_replicas", "scaler_forecast_ratio",
-                             "scaler_demand", "scaler_queued"})
+                             "scaler_demand", "scaler_queued", "scaler_gpu_utilization"})
 # Keep the lock if it is ours (extend it), or take it if free and ARGV[3] says so; and say
 # what Redis's clock reads, in the same round trip. 1: kept, 2: taken, 0: someone else's.
 LEASE = """
@@ -97,6 +107,8 @@ class PoolReport:
     demand_peak: float | None = None
     demand_mean: float | None = None
     queued: float | None = None
+    gpu_utilization: float | None = None
+    source: str = "view"       # where `queued` came from: "view" or "pod-load"
     desired: int | None = None
     healthy: int | None = None
     decision: int | None = None
@@ -109,6 +121,27 @@ class TickReport:
     leader: bool
     level: str | None = None
     pools: list[PoolReport] = field(default_factory=list)
+
+
+def view_pods(view: PoolView, now: float, interval_s: float) -> list[PodSample] | None:
+    """The ready pods of a pool's view, with the loads and GPU readings no older than the
+    staleness bound; None when the view is stale or shows no ready pod's load (nothing to
+    judge saturation by: the sidecars' reports are read instead)."""
+    if not view.fresh(now, interval_s):
+        return None
+    bound = STALE_INTERVALS * interval_s
+    age = view.age(now)
+    pods = []
+    for entry in view.endpoints.values():
+        # No state: the monitor scrapes this pool's metrics without probing its health.
+        if entry.state not in (ViewState.READY, None) or entry.load is None \
+                or age + entry.load.at > bound:
+            continue
+        gpu = entry.gpu.utilization if entry.gpu is not None \
+            and age + entry.gpu.at <= bound else None
+        pods.append(PodSample(entry.load.running, entry.load.waiting, entry.load.kv_usage,
+                              gpu))
+    return pods or None
 
 
 class Scaler:
@@ -135,6 +168,10 @@ class Scaler:
         self._lease: Lease | None = None
         self._restored = False
         self._bugs_logged: set[str] = set()
+        # Pools read from the sidecars' reports for want of a fresh view (logged once per
+        # streak), and how many ticks each has fallen back (for `stats`).
+        self._falling_back: set[str] = set()
+        self.fallbacks: dict[str, int] = {}
         self.ticks = 0
         self.leader_ticks = 0
 
@@ -185,6 +222,7 @@ class Scaler:
                 Bounds(pool.minimum, pool.maximum, pool.cold_start_s),
                 quantile=self.settings.burst_quantile, headroom=self.settings.headroom,
                 prior_cv=self.settings.prior_cv, prior_samples=self.settings.prior_samples,
+                prior_floor=self.settings.prior_floor,
                 started_at=started)
         return policy
 
@@ -244,18 +282,15 @@ class Scaler:
         if lease.taken or not self._restored:
             await self._restore(now)
         view = await read_traffic(self.redis, self.settings.pools, now, self.buckets)
-        loads = await read_pod_load(self.redis, self.settings.pools, now)
+        pressures = await self.read_pressure(now)
         self.leader_ticks += 1
         report = TickReport(leader=True)
         demand_total = 0.0
         ready_total = 0
         complete = True
-        running = sum(load.running for load in loads.values())
-        waiting = sum(load.waiting for load in loads.values())
-        reporting = sum(load.pods for load in loads.values())
         for name, pool in self.settings.pools.items():
             try:
-                item = await self._decide(name, pool, view[name], loads[name], now)
+                item = await self._decide(name, pool, view[name], pressures[name], now)
             except LostLease as exc:
                 log.warning("pool %s: %s: no Nomad call; following from now on", name, exc)
                 report.leader = False
@@ -271,8 +306,9 @@ class Scaler:
         utilization = demand_total / ready_total if complete and ready_total else None
         if complete and ready_total == 0 and demand_total > 0:
             utilization = math.inf
-        fleet_queued = waiting / max(running, 1) if reporting else None
-        level = self.levels.decide(utilization, fleet_queued)
+        # The worst pool's worst pod: wherever users queue, the level rises.
+        known = [item.queued for item in report.pools if item.queued is not None]
+        level = self.levels.decide(utilization, max(known) if known else None)
         if self._lease is None or time.monotonic() >= self._lease.until:
             # The tick outlived the lock (a slow Nomad read): another scaler may lead now.
             log.warning("this tick outlived the lock: not publishing, following from now on")
@@ -285,6 +321,51 @@ class Scaler:
             report.leader = False
             self._step_down()
         return report
+
+    async def read_pressure(self, now: float) -> dict[str, tuple[Pressure, str]]:
+        """Each pool's saturation signal and where it came from: its pod view (one pipelined
+        read of every pool's view; on Cluster each pool's key is in its own slot) when
+        fresh, else the sidecars' pod-load reports (a second read, for those pools only)."""
+        pools = self.settings.pools
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in pools:
+                pipe.hmget(view_key(name), "version", "at", "view")
+            replies = await pipe.execute()
+        out: dict[str, tuple[Pressure, str]] = {}
+        missing: dict[str, str] = {}
+        unreadable: set[str] = set()
+        for (name, pool), fields in zip(pools.items(), replies, strict=True):
+            if not isinstance(fields, list) or len(fields) != 3 or None in fields:
+                missing[name] = "no pod view"
+                continue
+            try:
+                pods = view_pods(decode(name, *fields), now, pool.health_interval_s)
+            except ViewError as exc:
+                missing[name] = str(exc)
+                unreadable.add(name)
+                continue
+            if pods is None:
+                missing[name] = "its pod view is stale or shows no ready pod's load"
+                continue
+            out[name] = (pressure(pods), "view")
+            if name in self._falling_back:
+                self._falling_back.discard(name)
+                log.info("pool %s: reading the fleet monitor's pod view again", name)
+        if missing:
+            loads = await read_pod_load(self.redis, list(missing), now)
+            for name, why in missing.items():
+                out[name] = (Pressure(loads[name].queued, None, 0), "pod-load")
+                self.fallbacks[name] = self.fallbacks.get(name, 0) + 1
+                self.events.count("scaler_view_fallbacks", (name,))
+                if name not in self._falling_back:
+                    self._falling_back.add(name)
+                    # A fleet without a monitor has no view at all: that is information,
+                    # not a fault; a view that cannot be read is one.
+                    log.log(logging.WARNING if name in unreadable else logging.INFO,
+                            "pool %s: %s; judging saturation by the sidecars' pod-load "
+                            "reports (the pool's mean queue, not its worst pod's) until "
+                            "a fresh view arrives", name, why)
+        return out
 
     def _step_down(self) -> None:
         """Not leading (or not sure): publish no forecast, and load the state afresh when
@@ -311,10 +392,17 @@ class Scaler:
             self.events.gauge("scaler_demand", tags, round(report.demand_mean, 4))
         if report.queued is not None:
             self.events.gauge("scaler_queued", tags, round(report.queued, 4))
+        key = ("scaler_gpu_utilization", tags)
+        if report.gpu_utilization is not None:
+            self.events.gauge(*key, round(report.gpu_utilization, 4))
+        elif key in self.events.gauges:
+            del self.events.gauges[key]  # no reading now: no stale value either
 
-    async def _decide(self, name: str, pool: ScaledPool, traffic: PoolTraffic, load: PoolLoad,
-                      now: float) -> PoolReport:
-        report = PoolReport(name)
+    async def _decide(self, name: str, pool: ScaledPool, traffic: PoolTraffic,
+                      measured: tuple[Pressure, str], now: float) -> PoolReport:
+        signal, source = measured
+        report = PoolReport(name, queued=signal.queued, gpu_utilization=signal.gpu_utilization,
+                            source=source)
         try:
             status: GroupStatus = await self.nomad.scale_status(pool.job, pool.group)
         except (NomadError, OSError, TimeoutError) as exc:
@@ -334,13 +422,13 @@ class Scaler:
             rates = [r / pool.replica_tokens_per_s for r in traffic.tokens_per_s]
             report.demand_peak = max(rates)
             report.demand_mean = sum(rates) / len(rates)
-        report.queued = load.queued
         obs = Observation(now=now, demand_peak=report.demand_peak,
                           demand_mean=report.demand_mean,
                           utilization=(report.demand_mean / status.healthy
                                        if report.demand_mean is not None and status.healthy
                                        else None),
-                          current=status.desired, ready=status.healthy, queued=load.queued)
+                          current=status.desired, ready=status.healthy, queued=signal.queued,
+                          gpu_utilization=signal.gpu_utilization, stalled=signal.stalled)
         decision = self._policy(name, pool, now).decide(obs)
         report.decision, report.reason = decision.count, decision.reason
         self._publish(name, report, status.desired)
@@ -410,10 +498,11 @@ class Scaler:
                 raise  # the supervisor restarts this loop with a backoff, logging once
             if report.leader:
                 for item in report.pools:
-                    log.info("pool %s: demand %s replicas, queued %s, desired %s, "
-                             "healthy %s → %s (%s) %s", item.pool, _fmt(item.demand_mean),
-                             _fmt(item.queued), item.desired, item.healthy, item.decision,
-                             item.action, item.reason)
+                    log.info("pool %s: demand %s replicas, queued %s (%s), GPU %s, desired "
+                             "%s, healthy %s → %s (%s) %s", item.pool, _fmt(item.demand_mean),
+                             _fmt(item.queued), item.source, _fmt(item.gpu_utilization),
+                             item.desired, item.healthy, item.decision, item.action,
+                             item.reason)
             wait = max(0.0, self.settings.interval_s - (time.monotonic() - started))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), wait)

@@ -9,14 +9,17 @@ The model (defaults; every one is a flag):
 - every policy starts in steady state with the replicas the trace's first cold-start window
   needs at 70 % slot utilization, and none scales down before a full cold-start window;
 - a request finds no warm capacity when every slot of every ready replica is busy when it
-  arrives; it then queues (first come, first served) and its wait is its queueing delay;
-  the goal counts those arriving after the first cold-start window, since before it ends
-  no decision can have produced a ready replica;
+  arrives; it then queues at the replica with the shortest queue (first come, first
+  served there; a queued request stays at its replica, as in an engine's scheduler) and
+  its wait is its queueing delay; the goal counts those arriving after the first
+  cold-start window, since before it ends no decision can have produced a ready replica;
 - replica-minutes count every replica asked for, ready or still starting (it holds a GPU).
 The policies are the same objects the scaler runs (policy.py), with the scaler's
-SIDECAR_SCALER_PRIOR_CV / _SAMPLES read from the environment; the simulator feeds them,
-once per evaluation interval, the work offered (the concurrency the arrivals need if
-served at once, as the scaler's token rate measures it) and the pods' queue (saturation).
+SIDECAR_SCALER_PRIOR_CV / _SAMPLES / _FLOOR read from the environment; the simulator feeds
+them, once per evaluation interval, the work offered (the concurrency the arrivals need if
+served at once, as the scaler's token rate measures it), the worst replica's queue
+(saturation, as the scaler reads it from the monitor's pod view) and the replicas' GPU
+utilization (each replica's busy share of its slots).
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ from sidecar.scaler.config import load_prior
 from sidecar.scaler.policy import (
     Bounds,
     Observation,
+    PodSample,
     PredictivePolicy,
     TargetValuePolicy,
+    pressure,
 )
 from sidecar.scaler.traces import read_trace, shape
 
@@ -116,48 +121,118 @@ class Result:
 PolicyFactory = Callable[[Bounds], Any]
 
 
-class _Fleet:
-    """First come, first served over `capacity` slots; capacity may change at any time and
-    calls already waiting take new slots as soon as they exist."""
+class _Pod:
+    """One replica: `slots` requests at once, and its own first-come-first-served queue (a
+    request queued at a pod stays there, as in an engine's scheduler)."""
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.in_service: list[float] = []           # end times (heap)
+    __slots__ = ("busy", "slots", "waiting")
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self.busy = 0
         self.waiting: deque[Call] = deque()
+
+
+class _Fleet:
+    """A pool's replicas, each with its slots and its queue. An arrival goes to the replica
+    with the most free slots, or — every slot busy — joins the shortest queue (the sidecar's
+    least-loaded choice); a replica's queue is served only by its own slots. Replicas come
+    and go at any time: a new one starts empty, a removed one finishes what it runs and
+    hands its queue to the others."""
+
+    def __init__(self, replicas: int, slots: int) -> None:
+        self.slots = slots
+        self.pods = [_Pod(slots) for _ in range(replicas)]
+        self.ends: list[tuple[float, int, _Pod]] = []   # (end time, order, pod) heap
+        self._order = 0
+        self.busy = 0                                    # slots busy, draining pods included
+        self.queued = 0                                  # calls waiting at any pod
         self.waits: list[float] = []
 
-    def advance(self, until: float) -> None:
-        while self.in_service and self.in_service[0] <= until:
-            freed_at = heapq.heappop(self.in_service)
-            self._start_waiting(freed_at)
+    def _start(self, pod: _Pod, call: Call, at: float) -> None:
+        pod.busy += 1
+        self.busy += 1
+        self._order += 1
+        heapq.heappush(self.ends, (at + call.hold_s, self._order, pod))
 
-    def _start_waiting(self, at: float) -> None:
-        while self.waiting and len(self.in_service) < self.capacity:
-            call = self.waiting.popleft()
-            self.waits.append(at - call.arrival)
-            heapq.heappush(self.in_service, at + call.hold_s)
+    def advance(self, until: float) -> None:
+        while self.ends and self.ends[0][0] <= until:
+            freed_at, _, pod = heapq.heappop(self.ends)
+            pod.busy -= 1
+            self.busy -= 1
+            if pod.waiting:
+                call = pod.waiting.popleft()
+                self.queued -= 1
+                self.waits.append(freed_at - call.arrival)
+                self._start(pod, call, freed_at)
+
+    def _roomiest(self) -> _Pod | None:
+        best = None
+        for pod in self.pods:
+            if pod.busy < pod.slots and (best is None or pod.busy < best.busy):
+                best = pod
+        return best
 
     def has_room(self, at: float) -> bool:
         self.advance(at)
-        return len(self.in_service) < self.capacity and not self.waiting
+        return self._roomiest() is not None
 
     def arrive(self, call: Call) -> bool:
-        """False when every slot is busy (no warm capacity): the call waits."""
-        if self.has_room(call.arrival):
+        """False when every slot of every replica is busy (no warm capacity): the call
+        waits at the replica with the shortest queue."""
+        self.advance(call.arrival)
+        pod = self._roomiest()
+        if pod is not None:
             self.waits.append(0.0)
-            heapq.heappush(self.in_service, call.arrival + call.hold_s)
+            self._start(pod, call, call.arrival)
             return True
-        self.waiting.append(call)
+        self._enqueue(call)
         return False
 
-    def resize(self, capacity: int, at: float) -> None:
+    def _enqueue(self, call: Call) -> None:
+        if not self.pods:  # no replica at all: it waits for the first one
+            self.pods.append(_Pod(0))
+        min(self.pods, key=lambda p: len(p.waiting)).waiting.append(call)
+        self.queued += 1
+
+    def resize(self, replicas: int, at: float) -> None:
+        """Add empty replicas, or remove the least loaded ones (their queues move on)."""
         self.advance(at)
-        self.capacity = capacity
-        self._start_waiting(at)
+        gone = [p for p in self.pods if not p.slots]  # the placeholder of an empty fleet
+        self.pods = [p for p in self.pods if p.slots]
+        if replicas >= len(self.pods):
+            self.pods.extend(_Pod(self.slots) for _ in range(replicas - len(self.pods)))
+        else:
+            self.pods.sort(key=lambda p: p.busy + len(p.waiting))
+            gone += self.pods[:len(self.pods) - replicas]
+            self.pods = self.pods[len(self.pods) - replicas:]
+        moved = sorted((c for p in gone for c in p.waiting), key=lambda c: c.arrival)
+        for pod in gone:
+            pod.waiting.clear()
+        self.queued -= len(moved)
+        for call in moved:
+            self._enqueue(call)
+        for pod in self.pods:  # a replica with free slots serves its queue at once
+            while pod.waiting and pod.busy < pod.slots:
+                call = pod.waiting.popleft()
+                self.queued -= 1
+                self.waits.append(at - call.arrival)
+                self._start(pod, call, at)
+
+    def worst_queue(self) -> float:
+        """The worst replica's waiting ÷ running now (0 when nothing waits)."""
+        if not self.queued:
+            return 0.0
+        return max(len(p.waiting) / max(p.busy, 1) for p in self.pods)
+
+    def samples(self) -> list[PodSample]:
+        """Each replica as the monitor would see it; its GPU busy as its slots are."""
+        return [PodSample(p.busy, len(p.waiting), 0.0, min(1.0, p.busy / p.slots))
+                for p in self.pods if p.slots]
 
     def drain(self) -> None:
-        while self.in_service:
-            self.advance(self.in_service[0])
+        while self.ends:
+            self.advance(self.ends[0][0])
 
 
 class PoolSim:
@@ -170,12 +245,13 @@ class PoolSim:
         self.model = model
         self.ready = initial
         self.starting: deque[float] = deque()     # ready-at times of replicas starting
-        self.fleet = _Fleet(initial * model.slots)
+        self.fleet = _Fleet(initial, model.slots)
         self.offered: list[float] = []            # end times if served at once (heap)
         self.tick_peak = 0.0
         self.tick_offered: list[float] = []
         self.tick_busy: list[float] = []
         self.tick_queued: list[float] = []
+        self.tick_gpu: list[float] = []
         self.no_warm = 0
         self.no_warm_late = 0
         self.late = 0
@@ -206,12 +282,12 @@ class PoolSim:
     def second(self, end: float) -> None:
         while self.starting and self.starting[0] <= end:
             self.ready += 1
-            self.fleet.resize(self.ready * self.model.slots, self.starting.popleft())
+            self.fleet.resize(self.ready, self.starting.popleft())
         self.fleet.advance(end)
         while self.offered and self.offered[0] <= end:
             heapq.heappop(self.offered)
         capacity = self.ready * self.model.slots
-        busy = len(self.fleet.in_service)
+        busy = self.fleet.busy
         utilization = min(1.0, busy / capacity) if capacity else 1.0
         self.util_sum += utilization
         self.util_peak = max(self.util_peak, utilization)
@@ -219,7 +295,12 @@ class PoolSim:
         self.replica_seconds += self.ready + len(self.starting)
         self.tick_offered.append(len(self.offered) / self.model.slots)
         self.tick_busy.append(utilization)
-        self.tick_queued.append(len(self.fleet.waiting) / max(busy, 1))
+        # The saturation signal as the scaler reads it from the monitor's view: the worst
+        # replica's queue (only a queued call makes one); GPUs busy as their slots are.
+        self.tick_queued.append(pressure(self.fleet.samples()).queued or 0.0
+                                if self.fleet.queued else 0.0)
+        active = sum(p.busy for p in self.fleet.pods)
+        self.tick_gpu.append(min(1.0, active / capacity) if capacity else 0.0)
 
     def decide(self, end: float) -> None:
         current = self.ready + len(self.starting)
@@ -227,7 +308,8 @@ class PoolSim:
         peak = max(self.tick_peak, *self.tick_offered) if n else self.tick_peak
         obs = Observation(now=end, demand_peak=peak, demand_mean=sum(self.tick_offered) / n,
                           utilization=sum(self.tick_busy) / n, current=current,
-                          ready=self.ready, queued=sum(self.tick_queued) / n)
+                          ready=self.ready, queued=sum(self.tick_queued) / n,
+                          gpu_utilization=sum(self.tick_gpu) / n)
         count = self.policy.decide(obs).count
         if count != current:
             self.actions += 1
@@ -239,13 +321,14 @@ class PoolSim:
                     self.starting.pop()  # cancel the newest starts first
                     drop -= 1
                 self.ready -= drop
-                self.fleet.resize(self.ready * self.model.slots, end)
+                self.fleet.resize(self.ready, end)
         self.peak_replicas = max(self.peak_replicas, count)
         self.timeline.append((end, peak, self.ready, self.ready + len(self.starting)))
         self.tick_peak = 0.0
         self.tick_offered.clear()
         self.tick_busy.clear()
         self.tick_queued.clear()
+        self.tick_gpu.clear()
 
     def result(self, requests: int | None = None) -> Result:
         self.fleet.drain()
@@ -339,8 +422,8 @@ def baseline(bounds: Bounds) -> TargetValuePolicy:
 
 def predictive(bounds: Bounds) -> PredictivePolicy:
     # The scaler's own prior settings, so a replay runs what the scaler would.
-    cv, samples = load_prior()
-    return PredictivePolicy(bounds, prior_cv=cv, prior_samples=samples)
+    cv, samples, floor = load_prior()
+    return PredictivePolicy(bounds, prior_cv=cv, prior_samples=samples, prior_floor=floor)
 
 
 POLICIES: dict[str, PolicyFactory] = {"baseline": baseline, "predictive": predictive}

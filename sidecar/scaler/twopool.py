@@ -120,9 +120,8 @@ def run_pools(work: Sequence[Call], make_policy: PolicyFactory, model: Model, *,
         ready = small.ready + large.ready
         offered = small.tick_offered[-1] + large.tick_offered[-1]
         tick_util.append(offered / ready if ready else 1.0)
-        waiting = len(small.fleet.waiting) + len(large.fleet.waiting)
-        busy = len(small.fleet.in_service) + len(large.fleet.in_service)
-        tick_queued.append(waiting / max(busy, 1))
+        # The worst replica of either pool, as the scaler reads the monitor's views.
+        tick_queued.append(max(small.tick_queued[-1], large.tick_queued[-1]))
         seconds_at[levels.level] = seconds_at.get(levels.level, 0.0) + 1.0
         second += 1
         if second % interval == 0:
