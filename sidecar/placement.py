@@ -23,6 +23,15 @@ Thresholds, and why:
   pool's median, so a pod at half speed counts its sessions twice. Three choices keep a
   session's pod predictable (every sidecar sees the same loads and picks the same) while
   giving a hot pod two ways out — the power of two choices, plus one.
+- A session's parallel call *spills* (that call only; the session's route stays) when the
+  session already has a call in flight and its pod is saturated: it goes to the least
+  loaded of the session's next `SPILL_CHOICES` rendezvous choices that is ready, not
+  saturated and has room for it (`occupancy + 1 ≤` the home pod's running count, as for a
+  move). Two choices: the power of two choices, and the spilled calls of a session land on
+  at most two other pods, always the same ones, so they find its prefix cached there from
+  the previous spill. No re-prefill test, unlike a move: a spill serves calls that share
+  the prompt of one already running at home, and after the first spill the next choice
+  holds the conversation too.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ SATURATED_KV = 0.9
 PREFILL_TOKENS_PER_S = 10_000.0
 FALLBACK_REQUEST_S = 1.0
 NEW_SESSION_CHOICES = 3
+SPILL_CHOICES = 2
 BYTES_PER_TOKEN = 4  # a request body's bytes → prompt tokens (JSON overhead included)
 
 
@@ -121,3 +131,29 @@ def choose_new(loads: Sequence[PodLoad | None], local_inflight: Sequence[int],
         if not saturated(loads[i]) and scores[i] + weights[i] <= bound:
             return i
     return min(range(first), key=lambda i: (expected_wait_s(loads[i]), scores[i], i))
+
+
+def choose_spill(home: PodLoad | None, home_local: int, session_inflight: int,
+                 choices: Sequence[PodLoad | None], choices_local: Sequence[int],
+                 choices_ready: Sequence[bool]) -> int | None:
+    """Index into `choices` (the session's next rendezvous choices after its home pod) for
+    one parallel call of a session, or None to send it home.
+
+    `session_inflight`: the session's other calls in flight; `*_local`: this sidecar's own
+    calls in flight to each pod (a lower bound on its load between two views)."""
+    if session_inflight < 1 or not saturated(home):
+        return None  # a lone call, or a pod with room: the session's pod serves it
+    assert home is not None
+    room = max(home.running, float(home_local))
+    best: int | None = None
+    best_load = math.inf
+    for i, (load, local, ready) in enumerate(zip(choices, choices_local, choices_ready,
+                                                 strict=True)):
+        if not ready or load is None or saturated(load):
+            continue  # unknown load may be a queue: only a pod seen with room takes a spill
+        taken = occupancy(load, local)
+        if taken + 1 > room:
+            continue  # not clearly less loaded than home: no free slot for this call
+        if taken + load.kv_usage < best_load:
+            best, best_load = i, taken + load.kv_usage
+    return best

@@ -11,7 +11,9 @@ from sidecar.placement import (
     SATURATED_KV,
     choose_move,
     choose_new,
+    choose_spill,
     expected_wait_s,
+    occupancy,
     reprefill_s,
     saturated,
 )
@@ -151,3 +153,64 @@ def test_a_pod_at_half_speed_counts_its_sessions_twice_for_new_sessions():
     slow, fast = load(running=4, rate=2.0), load(running=4, rate=4.0)
     assert choose_new([slow, fast, fast, fast], [0] * 4, 1.25) == 1
     assert choose_new([fast, slow, fast, fast], [0] * 4, 1.25) == 0
+
+
+# -- a session's parallel calls spill (one call at a time; the route stays) -------------
+
+maybe_loads = st.one_of(st.none(), loads)
+locals_ = st.integers(0, 64)
+choice_lists = st.integers(0, 4).flatmap(lambda n: st.tuples(
+    st.lists(maybe_loads, min_size=n, max_size=n), st.lists(locals_, min_size=n, max_size=n),
+    st.lists(st.booleans(), min_size=n, max_size=n)))
+
+
+@given(maybe_loads, locals_, choice_lists)
+def test_a_lone_call_never_spills(home, home_local, choices):
+    assert choose_spill(home, home_local, 0, *choices) is None
+
+
+@given(loads, locals_, st.integers(1, 16), st.integers(1, 4))
+def test_nothing_spills_when_all_pods_are_equally_loaded(pod, local, inflight, n):
+    assert choose_spill(pod, local, inflight, [pod] * n, [local] * n, [True] * n) is None
+
+
+@given(maybe_loads, locals_, st.integers(1, 16), choice_lists)
+def test_a_spill_goes_only_to_a_ready_unsaturated_pod_less_loaded_than_home(
+        home, home_local, inflight, choices):
+    index = choose_spill(home, home_local, inflight, *choices)
+    if index is None:
+        return
+    loads_, local, ready = choices
+    assert saturated(home) and ready[index]
+    target = loads_[index]
+    assert target is not None and not saturated(target)
+    assert occupancy(target, local[index]) + 1 <= max(home.running, home_local)
+
+
+@given(maybe_loads, locals_, st.integers(1, 16), choice_lists)
+def test_the_spilled_call_goes_to_the_least_loaded_eligible_choice(
+        home, home_local, inflight, choices):
+    index = choose_spill(home, home_local, inflight, *choices)
+    loads_, local, ready = choices
+    eligible = [i for i, load in enumerate(loads_)
+                if ready[i] and load is not None and not saturated(load) and home is not None
+                and occupancy(load, local[i]) + 1 <= max(home.running, home_local)]
+    if not saturated(home):
+        assert index is None
+        return
+    assert (index is None) == (not eligible)
+    if index is not None:
+        def cost(i: int) -> float:
+            return occupancy(loads_[i], local[i]) + loads_[i].kv_usage
+        assert all(cost(index) <= cost(i) for i in eligible)
+        assert all(cost(index) < cost(i) for i in eligible if i < index)  # rendezvous ties
+
+
+def test_a_parallel_call_spills_to_the_idle_next_choice_and_not_to_a_busy_one():
+    home = load(running=8, waiting=3)
+    busy, idle = load(running=6), load(running=1)
+    assert choose_spill(home, 6, 5, [busy, idle], [0, 0], [True, True]) == 1
+    assert choose_spill(home, 6, 5, [busy, idle], [0, 0], [True, False]) == 0
+    # this sidecar's own calls there count even when the view has not seen them yet
+    assert choose_spill(home, 6, 5, [idle], [8], [True]) is None
+    assert choose_spill(load(running=8), 8, 5, [idle], [0], [True]) is None  # home has room
