@@ -38,9 +38,9 @@ class EndpointState(StrEnum):
 class Endpoint:
     """One model server (pod). Shared by every route that points at it."""
 
-    __slots__ = ("consecutive_failures", "ejections", "held_until", "inflight", "load",
-                 "move_budget", "pool", "registered_at", "retry_at", "saturated", "state",
-                 "url", "url_key")
+    __slots__ = ("consecutive_failures", "ejections", "held_until", "inflight",
+                 "inflight_at_load", "load", "move_budget", "pool", "registered_at",
+                 "retry_at", "saturated", "slots", "state", "url", "url_key")
 
     def __init__(self, url: str, pool: str, state: EndpointState) -> None:
         self.url = url
@@ -58,6 +58,8 @@ class Endpoint:
         self.load: PodLoad | None = None
         self.saturated = False
         self.move_budget = 0  # sessions this sidecar may still move away until the next view
+        self.inflight_at_load = 0  # `inflight` when `load` arrived: what the view already saw
+        self.slots = 0.0  # requests the pod ran the last time it queued (0: never seen)
 
     def set_load(self, load: PodLoad | None, saturated: bool) -> None:
         self.load = load
@@ -65,6 +67,9 @@ class Endpoint:
         # At most as many sessions leave per view as the pod has calls queued: moving more
         # would only empty a pod that is about to have room again.
         self.move_budget = math.ceil(load.waiting) if load is not None and saturated else 0
+        self.inflight_at_load = self.inflight
+        if load is not None and load.waiting >= 1 and load.running > 0:
+            self.slots = load.running  # a queue means every slot it runs now is taken
 
     def usable(self, now: float) -> bool:
         """Can a request be sent here now? An ejected endpoint admits one half-open try."""

@@ -15,7 +15,13 @@ import time
 from collections.abc import Iterator
 
 from sidecar.config import Settings
-from sidecar.placement import BYTES_PER_TOKEN, SPILL_CHOICES, choose_move, choose_spill
+from sidecar.placement import (
+    BYTES_PER_TOKEN,
+    SPILL_CHOICES,
+    SpillPod,
+    choose_move,
+    choose_spill,
+)
 from sidecar.pools import Endpoint, EndpointState, Pool, PoolSet
 from sidecar.sessions import STAMP_RESOLUTION_S, Route, RouteCache, Stamps, selector_for
 from sidecar.store import RouteStore, StoreUnavailable
@@ -256,16 +262,15 @@ class Router:
         (placement.choose_spill), or None. For that call only: the route stays as it is.
         `route.inflight` counts this call too."""
         home = route.endpoint
-        if route.inflight < 2 or home is None or not home.saturated or route.detour is not None:
+        if route.inflight < 2 or home is None or home.load is None or route.detour is not None:
             return None
         pool = self.pools.get(route.pool)
         if pool is None or home.pool != pool.name:
             return None
         choices = [e for e in pool.ranked(route.session.encode()) if e is not home]
         choices = choices[:SPILL_CHOICES]
-        index = choose_spill(home.load, home.inflight, route.inflight - 1,
-                             [e.load for e in choices], [e.inflight for e in choices],
-                             [e.state is EndpointState.READY for e in choices])
+        index = choose_spill(_spill_pod(home), route.inflight - 1,
+                             [_spill_pod(e) for e in choices])
         if index is None:
             return None
         self.counters.spills += 1
@@ -480,3 +485,9 @@ class Router:
         except Exception:
             self._pending_refresh.update(sessions)  # the supervisor's retry includes them
             raise
+
+
+def _spill_pod(endpoint: Endpoint) -> SpillPod:
+    return SpillPod(endpoint.load, endpoint.inflight,
+                    endpoint.inflight - endpoint.inflight_at_load, endpoint.slots,
+                    endpoint.state is EndpointState.READY)
