@@ -470,8 +470,9 @@ def report(results: dict[str, dict[str, dict[str, float]]], args: argparse.Names
         sticky = [r for n, r in peers.items() if n in STICKY]
         if sticky and shape in ("hot", "slow", "agents"):
             best = min(sticky, key=lambda r: r["p99"])
-            line += (f"; p99 {(1 - ours['p99'] / best['p99']) * 100:+.0f} % below the best "
-                     f"sticky peer (goal ≥ 25 %)")
+            below = (1 - ours['p99'] / best['p99']) * 100
+            line += (f"; p99 {abs(below):.0f} % {'below' if below >= 0 else 'above'} the best "
+                     f"sticky peer (goal ≥ 25 % below)")
         if shape == "agents":
             top = max(r["hit_rate"] for r in peers.values())
             line += (f"; hit rate {ours['hit_rate'] * 100:.1f} vs best peer "
