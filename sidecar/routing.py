@@ -21,6 +21,7 @@ from sidecar.placement import (
     SpillPod,
     choose_move,
     choose_spill,
+    full_now,
 )
 from sidecar.pools import Endpoint, EndpointState, Pool, PoolSet
 from sidecar.sessions import STAMP_RESOLUTION_S, Route, RouteCache, Stamps, selector_for
@@ -264,13 +265,15 @@ class Router:
         home = route.endpoint
         if route.inflight < 2 or home is None or home.load is None or route.detour is not None:
             return None
+        here = _spill_pod(home)
+        if not full_now(here):
+            return None  # the common case: no ranking computed
         pool = self.pools.get(route.pool)
         if pool is None or home.pool != pool.name:
             return None
         choices = [e for e in pool.ranked(route.session.encode()) if e is not home]
         choices = choices[:SPILL_CHOICES]
-        index = choose_spill(_spill_pod(home), route.inflight - 1,
-                             [_spill_pod(e) for e in choices])
+        index = choose_spill(here, route.inflight - 1, [_spill_pod(e) for e in choices])
         if index is None:
             return None
         self.counters.spills += 1
