@@ -221,7 +221,7 @@ class Proxy:
                 last = failures[-1]
                 reason = f"{last.outcome.value} from {last.endpoint} (pool {last.pool})"
             if endpoint is spill:
-                fields["spilled"] = route.endpoint.url if route.endpoint else None
+                fields["spilled_from"] = route.endpoint.url if route.endpoint else None
             else:  # a spilled call leaves the session's route (and its record) as they are
                 self.router.served(route, pool, endpoint, local=local, reason=reason)
             fields["endpoint"] = endpoint.url
