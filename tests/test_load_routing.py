@@ -242,6 +242,11 @@ async def test_parallel_calls_spill_past_a_queued_pod_and_the_route_stays(
     assert await redis_record(redis_server, "agent") == stored
     async with http.get(admin(running) + "/stats") as r:
         assert (await r.json())["routes"]["spills"] == 4
+    async with http.get(admin(running) + "/metrics") as r:
+        spilled = [line for line in (await r.text()).splitlines()
+                   if line.startswith("llm_sidecar_spills_total{")]
+    assert len(spilled) == 1 and 'pool="small"' in spilled[0], spilled
+    assert float(spilled[0].rsplit(" ", 1)[1]) == 4, spilled
 
     hold[0].cancel()  # the session's call in flight ends: its next call is a lone one
 
