@@ -76,13 +76,13 @@ def main() -> int:
     router._moving.clear()
     home.set_load(PodLoad(4, 0, 0.3, 0.0, "metrics", 0.0, 5.0), False)
     rows.append(("spill check, a lone call (every request)",
-                 per_call_us(lambda: router.spill(route), n)))
+                 per_call_us(lambda: router.spill(route, now), n)))
     route.inflight = 3
     rows.append(("spill check, a parallel call, its pod with room",
-                 per_call_us(lambda: router.spill(route), n)))
+                 per_call_us(lambda: router.spill(route, now), n)))
     home.set_load(hot, True)
     rows.append(("spill decision, a parallel call, its pod full (runs while it queues)",
-                 per_call_us(lambda: router.spill(route), n // 4)))
+                 per_call_us(lambda: router.spill(route, now), n // 4)))
     route.inflight = 0
     rows.append(("new session pick (first touch only)",
                  per_call_us(lambda: pools.pools["p"].pick(b"session-2", 1.25), n // 4)))

@@ -135,7 +135,6 @@ def choose_new(loads: Sequence[PodLoad | None], local_inflight: Sequence[int],
     return min(range(first), key=lambda i: (expected_wait_s(loads[i]), scores[i], i))
 
 
-
 class SpillPod(NamedTuple):
     """One pod as the spill decision sees it: the fleet's last view of it, refreshed by
     what this sidecar did since (its own calls are the news a view has not caught yet)."""

@@ -258,7 +258,7 @@ class Router:
             return detour[0]
         return route.pool
 
-    def spill(self, route: Route) -> Endpoint | None:
+    def spill(self, route: Route, now: float) -> Endpoint | None:
         """The pod one parallel call of the session goes to instead of its saturated pod
         (placement.choose_spill), or None. For that call only: the route stays as it is.
         `route.inflight` counts this call too."""
@@ -273,7 +273,7 @@ class Router:
             return None
         choices = [e for e in pool.ranked(route.session.encode()) if e is not home]
         choices = choices[:SPILL_CHOICES]
-        index = choose_spill(here, route.inflight - 1, [_spill_pod(e) for e in choices])
+        index = choose_spill(here, route.inflight - 1, [_spill_pod(e, now) for e in choices])
         if index is None:
             return None
         self.counters.spills += 1
@@ -490,7 +490,9 @@ class Router:
             raise
 
 
-def _spill_pod(endpoint: Endpoint) -> SpillPod:
+def _spill_pod(endpoint: Endpoint, now: float = 0.0) -> SpillPod:
+    # Ready and not holding off (Retry-After): `usable` would also admit an ejected pod's
+    # half-open try, which a spill must not spend.
     return SpillPod(endpoint.load, endpoint.inflight,
                     endpoint.inflight - endpoint.inflight_at_load, endpoint.slots,
-                    endpoint.state is EndpointState.READY)
+                    endpoint.state is EndpointState.READY and now >= endpoint.held_until)

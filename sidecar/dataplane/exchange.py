@@ -181,7 +181,7 @@ class Proxy:
             return _headers_for(request, pool), payload
 
         streamed = asks_to_stream(body)
-        spill = self.router.spill(route)
+        spill = self.router.spill(route, now)
         answer, step = await self.attempts.run(self.router.plan(route, now, len(body), spill),
                                                request.method, request.target, request_for,
                                                failures, streamed=streamed)
