@@ -6,7 +6,9 @@ Times `next(router.plan(route, now, body_bytes))` (the candidate every request a
 against a copy of the plan's first step as it was before load-aware routing, on an
 unsaturated pod (every request's path) and on a saturated one (the move decision; runs
 only while a pod queues and this sidecar's move budget for it lasts), plus a new session's
-pick (first touch only) and parsing a vLLM-sized metrics page (background only). No I/O.
+pick (first touch only), the spill check every call makes and the spill decision a
+parallel call makes while its pod is full, and parsing a vLLM-sized metrics page
+(background only). No I/O.
 """
 
 from __future__ import annotations
@@ -72,6 +74,16 @@ def main() -> int:
     rows.append(("plan, first candidate, saturated pod (move decision)",
                  per_call_us(saturated_call, n // 4)))
     router._moving.clear()
+    home.set_load(PodLoad(4, 0, 0.3, 0.0, "metrics", 0.0, 5.0), False)
+    rows.append(("spill check, a lone call (every request)",
+                 per_call_us(lambda: router.spill(route, now), n)))
+    route.inflight = 3
+    rows.append(("spill check, a parallel call, its pod with room",
+                 per_call_us(lambda: router.spill(route, now), n)))
+    home.set_load(hot, True)
+    rows.append(("spill decision, a parallel call, its pod full (runs while it queues)",
+                 per_call_us(lambda: router.spill(route, now), n // 4)))
+    route.inflight = 0
     rows.append(("new session pick (first touch only)",
                  per_call_us(lambda: pools.pools["p"].pick(b"session-2", 1.25), n // 4)))
     engine = Engine()

@@ -2,8 +2,8 @@
 that queue, cache prefixes and can be saturated.
 
     python benchmarks/routing.py [--sessions 96] [--turns 4] [--concurrency 24] [--sidecars 3]
-                                 [--loads even,skewed,hot,slow] [--targets NAME,...]
-                                 [--no-monitor]
+                                 [--loads even,skewed,hot,slow,agents] [--targets NAME,...]
+                                 [--no-monitor] [--children-as-parent]
 
 Four fake-llm pods run the simulated engine: 8 running sequences at most (more wait in a
 queue), a KV cache of 60 000 tokens shared by the cached prefixes (least recently used
@@ -17,7 +17,10 @@ session i enters through app pod i mod N. Peers, one process each: nginx and
 Envoy round robin, Envoy ring hash on the session header and least_request, vllm-router
 round_robin, consistent_hash, cache_aware and power_of_two (those installed). Loads: even;
 skewed (a quarter of the sessions with 4× the turns); hot (four agent sessions whose every
-turn is six calls at once, 4× the turns); slow (the first pod at half speed). Reported per target:
+turn is six calls at once, 4× the turns); slow (the first pod at half speed); agents (parent
+agents with a long shared prefix fanning out to subagents — child sessions carrying
+`x-parent-session-id`, turns of parallel calls — every session's last call carrying
+`x-session-final: true`; see `agent`). Reported per target:
 mean and p99 time to first token (first SSE content event, as the app sees it), completed
 sessions per second, and the prefix-cache hit rate from the pods' own counters (cached /
 queried prompt tokens). Failed calls are counted, never timed. Loopback only.
@@ -60,6 +63,13 @@ SLOW = {"ttft_ms": 40.0, "prefill_ms_per_token": 0.2, "tokens_per_s": 50.0}
 SCRAPE_INTERVAL_S = 0.5
 MAX_TOKENS = 32  # ~0.3 s of decode per call: as in real serving, decode outlasts prefill
 STICKY = ("envoy ring hash", "vllm-router consistent_hash")
+# agents: a parent per 8 sessions of --sessions, a quarter of --concurrency at a time, each
+# with this many subagents whose turns are this many calls at once; a parent's own prompt
+# is at least AGENT_CONTEXT_TOKENS (a long system prompt and context its subagents share).
+AGENT_CHILDREN = 3
+AGENT_FANOUT = 2
+AGENT_CONTEXT_TOKENS = 2000
+SEEDED = " (children keyed as parent: seeding's upper bound)"
 
 
 def first_turn_sizes(count: int, seed: int) -> list[int]:
@@ -117,14 +127,14 @@ def envoy(folder: Path, port: int, pods: list[int], lb_policy: str) -> list[str]
             "--log-level", "error", "--base-id", str(port % 10000)]
 
 
-async def call(http: aiohttp.ClientSession, base: str, session: str, body: dict
-               ) -> tuple[int, float | None, str]:
+async def call(http: aiohttp.ClientSession, base: str, session: str, body: dict,
+               headers: dict[str, str] | None = None) -> tuple[int, float | None, str]:
     """One streamed call: its status, time to first content token (s) and the answer."""
     started = time.perf_counter()
     answer = []
     first_token = None
     async with http.post(base + "/v1/chat/completions", json=body,
-                         headers={"x-session-id": session}) as r:
+                         headers={"x-session-id": session, **(headers or {})}) as r:
         async for line in r.content:
             if line.startswith(b"data: {") and b'"content":"tok' in line:
                 if first_token is None:
@@ -151,6 +161,82 @@ async def conversation(http: aiohttp.ClientSession, base: str, session: str, fir
                 return  # a failed call ends the conversation; it is counted, not timed
             ttfts.append(first_token * 1000)
         messages.append({"role": "assistant", "content": results[0][2]})
+
+
+async def turn(http: aiohttp.ClientSession, base: str, session: str, messages: list[dict],
+               fanout: int, ttfts: list[float], failures: list[str],
+               headers: dict[str, str]) -> str | None:
+    """One turn of `fanout` calls at once on `messages`: the first answer, None on failure."""
+    body = {"model": "fake-model", "stream": True, "max_tokens": MAX_TOKENS,
+            "messages": messages}
+    results = await asyncio.gather(*(call(http, base, session, body, headers)
+                                     for _ in range(fanout)))
+    for status, first_token, _ in results:
+        if status != 200 or first_token is None:
+            failures.append(f"status {status}")
+            return None
+        ttfts.append(first_token * 1000)
+    return results[0][2]
+
+
+async def agent(http: aiohttp.ClientSession, base: str, session: str, first: int,
+                turns: int, ttfts: list[float], failures: list[str],
+                children_as_parent: bool) -> None:
+    """A parent agent: a long system prompt and context, one planning turn, then
+    AGENT_CHILDREN subagents at once (child sessions naming the parent in
+    `x-parent-session-id`, sharing its whole prompt so far as their prefix, `turns` turns of
+    AGENT_FANOUT parallel calls, then one closing call), then the parent's closing turn.
+    The last call of every session carries `x-session-final: true`. With
+    `children_as_parent` a child sends the parent's id as its own (the upper bound of what
+    seeding a child's first placement from its parent can give)."""
+    messages = [{"role": "system", "content": f"{session} " + "s" * (first * 4)},
+                {"role": "user", "content": "plan the work " + "u" * 400}]
+    answer = await turn(http, base, session, messages, 1, ttfts, failures, {})
+    if answer is None:
+        return
+    messages.append({"role": "assistant", "content": answer})
+
+    async def child(j: int) -> str | None:
+        own = [*messages, {"role": "user", "content": f"subtask {j} " + "u" * 400}]
+        key = session if children_as_parent else f"{session}-sub{j}"
+        headers = {"x-parent-session-id": session}
+        for t in range(turns):
+            got = await turn(http, base, key, own, AGENT_FANOUT, ttfts, failures, headers)
+            if got is None:
+                return None
+            own += [{"role": "assistant", "content": got},
+                    {"role": "user", "content": f"tool result {t} " + "r" * 800}]
+        return await turn(http, base, key, own, 1, ttfts, failures,
+                          {**headers, "x-session-final": "true"})
+
+    results = await asyncio.gather(*(child(j) for j in range(AGENT_CHILDREN)))
+    if any(r is None for r in results):
+        return
+    messages.append({"role": "user", "content": "results: " + " | ".join(
+        r[:200] for r in results if r)})
+    await turn(http, base, session, messages, 1, ttfts, failures, {"x-session-final": "true"})
+
+
+async def agents_workload(bases: list[str], sizes: list[int], turns: int, concurrency: int,
+                          prefix: str, children_as_parent: bool
+                          ) -> tuple[list[float], float, list[str]]:
+    """`len(sizes)` parent agents, `concurrency` at a time; sessions/s counts children."""
+    ttfts: list[float] = []
+    failures: list[str] = []
+    slots = asyncio.Semaphore(concurrency)
+    started = time.monotonic()
+
+    async def one(i: int) -> None:
+        async with slots:
+            await agent(http, bases[i % len(bases)], f"{prefix}-{i}", sizes[i], turns,
+                        ttfts, failures, children_as_parent)
+
+    async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=concurrency * AGENT_CHILDREN * 4),
+            timeout=aiohttp.ClientTimeout(total=300)) as http:
+        await asyncio.gather(*(one(i) for i in range(len(sizes))))
+    sessions = len(sizes) * (1 + AGENT_CHILDREN)
+    return ttfts, sessions / (time.monotonic() - started), failures
 
 
 async def workload(bases: list[str], sizes: list[int], turns: list[int], concurrency: int,
@@ -234,6 +320,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--no-monitor", dest="monitor", action="store_false",
                         help="leave out the sidecars that follow the fleet monitor's view")
+    parser.add_argument("--children-as-parent", action="store_true",
+                        help="agents load: also run the sidecar with each subagent sending "
+                        "its parent's session id (seeding's upper bound)")
     args = parser.parse_args()
     # SIGTERM unwinds through `finally`, so every process started here is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -308,25 +397,41 @@ def main() -> int:
                   "hot": ([args.turns * 4 if i in hot_agents else args.turns
                            for i in range(args.sessions)],
                           [6 if i in hot_agents else 1 for i in range(args.sessions)]),
-                  "slow": even}
+                  "slow": even, "agents": even}
+        parents = max(1, args.sessions // 8)
+        agent_sizes = [max(size, AGENT_CONTEXT_TOKENS) for size in sizes[:parents]]
         moved_before: Counter[str] = Counter()
+        spilled_before: Counter[str] = Counter()
         run_id = os.urandom(3).hex()  # routes of an earlier run in the same Redis never apply
         for shape in args.loads.split(","):
             turns, fanouts = shapes[shape]
             control(pods[0], SLOW if shape == "slow" else NORMAL)
-            for name, ports in targets.items():
+            runs = list(targets.items())
+            if shape == "agents" and args.children_as_parent:
+                runs[1:1] = [(name + SEEDED, ports) for name, ports in runs
+                             if name.startswith("llm-sidecar")]
+            for name, ports in runs:
                 for pod in pods:  # every target starts with cold caches
                     control(pod, {"reset": True})
-                ttfts, rate, failures = asyncio.run(workload(
-                    [f"http://127.0.0.1:{port}" for port in ports], sizes, turns,
-                    args.concurrency, fanouts, f"{shape}-{args.seed}-{run_id}"))
+                bases = [f"http://127.0.0.1:{port}" for port in ports]
+                tag = f"{shape}-{args.seed}-{run_id}-{len(results.get(shape, {}))}"
+                if shape == "agents":
+                    ttfts, rate, failures = asyncio.run(agents_workload(
+                        bases, agent_sizes, args.turns, max(1, args.concurrency // 4), tag,
+                        SEEDED in name))
+                else:
+                    ttfts, rate, failures = asyncio.run(workload(
+                        bases, sizes, turns, args.concurrency, fanouts, tag))
                 ttfts.sort()
-                moves = 0
-                if name in admins:
-                    stats = [get_json(f"http://127.0.0.1:{a}/stats") for a in admins[name]]
+                moves = spills = 0
+                fleet = name.removesuffix(SEEDED)
+                if fleet in admins:
+                    stats = [get_json(f"http://127.0.0.1:{a}/stats") for a in admins[fleet]]
                     total = sum(s["routes"]["session_moves"] for s in stats)
-                    moves, moved_before[name] = total - moved_before[name], total
-                    if name.endswith("monitor"):  # the sidecars routed on the view
+                    moves, moved_before[fleet] = total - moved_before[fleet], total
+                    total = sum(s["routes"].get("spills", 0) for s in stats)
+                    spills, spilled_before[fleet] = total - spilled_before[fleet], total
+                    if fleet.endswith("monitor"):  # the sidecars routed on the view
                         sources = {p["source"] for s in stats
                                    for p in s["pod_view"]["pools"].values()}
                         if sources != {"monitor"}:
@@ -334,7 +439,7 @@ def main() -> int:
                 per_pod = [get_json(f"http://127.0.0.1:{pod}/_control")["counters"]["completed"]
                            for pod in pods]
                 results.setdefault(shape, {})[name] = {
-                    "moves": moves, "per_pod_requests": per_pod,
+                    "moves": moves, "spills": spills, "per_pod_requests": per_pod,
                     "mean": statistics.mean(ttfts) if ttfts else float("nan"),
                     "p99": ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.99))]
                     if ttfts else float("nan"),
@@ -365,23 +470,29 @@ def report(results: dict[str, dict[str, dict[str, float]]], args: argparse.Names
     details = {"even": f"{args.turns} turns each",
                "skewed": "a quarter of them with 4× the turns",
                "hot": "four agents with 4× the turns, each turn 6 calls at once",
-               "slow": f"{args.turns} turns each; one pod at half speed"}
+               "slow": f"{args.turns} turns each; one pod at half speed",
+               "agents": f"{max(1, args.sessions // 8)} parent agents, "
+               f"{max(1, args.concurrency // 4)} at a time, each fanning out to "
+               f"{AGENT_CHILDREN} subagents of {args.turns} turns × {AGENT_FANOUT} parallel "
+               f"calls sharing its prefix (≥ {AGENT_CONTEXT_TOKENS} tokens)"}
     for shape, rows in results.items():
-        print(f"\n### {shape} load: {args.sessions} sessions, {args.concurrency} at a time "
-              f"({details[shape]})\n")
+        size = "" if shape == "agents" else \
+            f"{args.sessions} sessions, {args.concurrency} at a time "
+        print(f"\n### {shape} load: {size}({details[shape]})\n")
         print("| target | mean TTFT (ms) | p99 TTFT (ms) | sessions/s | prefix-cache hit "
-              "rate | calls served per pod | session moves | failed calls |")
-        print("|---|---|---|---|---|---|---|---|")
+              "rate | calls served per pod | session moves | spilled calls | failed calls |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for name, r in rows.items():
             print(f"| {name} | {r['mean']:.1f} | {r['p99']:.1f} | {r['sessions_per_s']:.2f} "
                   f"| {r['hit_rate'] * 100:.1f} % | {'/'.join(map(str, r['per_pod_requests']))}"
-                  f" | {r['moves']} | {r['failures']:.0f} |")
+                  f" | {r['moves']} | {r.get('spills', 0)} | {r['failures']:.0f} |")
         kinds = {n: r["failure_kinds"] for n, r in rows.items() if r["failure_kinds"]}
         if kinds:
             print(f"\nfailed calls by answer: {kinds}")
     print("\n### goals\n")
     for shape, rows in results.items():
-        ours = next((r for n, r in rows.items() if n.startswith("llm-sidecar")), None)
+        ours = next((r for n, r in rows.items()
+                     if n.startswith("llm-sidecar") and SEEDED not in n), None)
         peers = {n: r for n, r in rows.items() if not n.startswith("llm-sidecar")}
         if ours is None or not peers:
             continue
@@ -390,10 +501,18 @@ def report(results: dict[str, dict[str, dict[str, float]]], args: argparse.Names
         line = (f"- {shape}: mean {ours['mean']:.1f} vs best peer {best_mean:.1f} ms, "
                 f"p99 {ours['p99']:.1f} vs best peer {best_p99:.1f} ms")
         sticky = [r for n, r in peers.items() if n in STICKY]
-        if sticky and shape in ("hot", "slow"):
+        if sticky and shape in ("hot", "slow", "agents"):
             best = min(sticky, key=lambda r: r["p99"])
-            line += (f"; p99 {(1 - ours['p99'] / best['p99']) * 100:+.0f} % below the best "
-                     f"sticky peer (goal ≥ 25 %), hit rate {ours['hit_rate'] * 100:.1f} vs "
+            below = (1 - ours['p99'] / best['p99']) * 100
+            line += (f"; p99 {abs(below):.0f} % {'below' if below >= 0 else 'above'} the best "
+                     f"sticky peer (goal ≥ 25 % below)")
+        if shape == "agents":
+            top = max(r["hit_rate"] for r in peers.values())
+            line += (f"; hit rate {ours['hit_rate'] * 100:.1f} vs best peer "
+                     f"{top * 100:.1f} % ({(ours['hit_rate'] - top) * 100:+.1f} points; "
+                     "goal ≥ +5)")
+        elif sticky:
+            line += (f", hit rate {ours['hit_rate'] * 100:.1f} vs "
                      f"{max(r['hit_rate'] for r in sticky) * 100:.1f} % (goal: within 5)")
         print(line)
     for shape, rows in results.items():
@@ -405,7 +524,6 @@ def report(results: dict[str, dict[str, dict[str, float]]], args: argparse.Names
                   f"{following['mean']:.1f} vs {scraping['mean']:.1f} ms, p99 "
                   f"{following['p99']:.1f} vs {scraping['p99']:.1f} ms (goal: no worse "
                   "beyond the run-to-run spread)")
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

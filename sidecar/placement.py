@@ -30,12 +30,23 @@ Thresholds, and why:
   pool's median, so a pod at half speed counts its sessions twice. Three choices keep a
   session's pod predictable (every sidecar sees the same loads and picks the same) while
   giving a hot pod two ways out — the power of two choices, plus one.
+- A session's parallel call *spills* (that call only; the session's route stays) when the
+  session already has a call in flight and one more call would queue on its pod now: the
+  pod's last view plus this sidecar's own calls started since (the view is up to a scrape
+  interval old, a burst is milliseconds), against the slots the pod was seen running while
+  it queued (before it ever queued: its view's queue, as for a move). The call goes to the
+  least loaded of the session's next `SPILL_CHOICES` rendezvous choices that is ready, was
+  not queueing at its last view, has a free slot now and is clearly less loaded than home
+  (`occupancy + 1 ≤` home's). Two choices: the power of two choices, and the spilled calls
+  of a session land on at most two other pods, always the same ones, so they find its
+  prefix cached there from the previous spill (hence no re-prefill test, unlike a move).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from sidecar.podload import PodLoad
 
@@ -44,6 +55,7 @@ SATURATED_KV = 0.9
 PREFILL_TOKENS_PER_S = 10_000.0
 FALLBACK_REQUEST_S = 1.0
 NEW_SESSION_CHOICES = 3
+SPILL_CHOICES = 2
 BYTES_PER_TOKEN = 4  # a request body's bytes → prompt tokens (JSON overhead included)
 
 
@@ -146,3 +158,52 @@ def move_budget(load: PodLoad | None, local_inflight: int, shared: bool, draw: f
     quota = load.waiting * share
     whole = math.floor(quota)
     return whole + (1 if draw < quota - whole else 0)
+class SpillPod(NamedTuple):
+    """One pod as the spill decision sees it: the fleet's last view of it, refreshed by
+    what this sidecar did since (its own calls are the news a view has not caught yet)."""
+
+    load: PodLoad | None
+    local: int = 0          # this sidecar's calls in flight there now
+    since_view: int = 0     # of which it started after the view was taken (net; may be < 0)
+    slots: float = 0.0      # sequences the pod runs at once, as seen while it queued; 0: unknown
+    ready: bool = True
+
+
+def occupancy_now(pod: SpillPod) -> float:
+    """Requests on the pod now: the view plus this sidecar's calls since, never less than
+    this sidecar's own."""
+    return occupancy(pod.load, pod.local, pod.since_view)
+
+
+def full_now(pod: SpillPod) -> bool:
+    """Would one more call queue there? Its KV cache is nearly full, or its requests now
+    fill the slots it was seen to have; a pod never seen queueing: its view's queue."""
+    if pod.load is None:
+        return False
+    if pod.slots > 0:
+        return pod.load.kv_usage >= SATURATED_KV or occupancy_now(pod) >= pod.slots
+    return saturated(pod.load)
+
+
+def choose_spill(home: SpillPod, session_inflight: int, choices: Sequence[SpillPod]
+                 ) -> int | None:
+    """Index into `choices` (the session's next rendezvous choices after its home pod) for
+    one parallel call of a session, or None to send it home. `session_inflight`: the
+    session's other calls in flight."""
+    if session_inflight < 1 or not full_now(home):
+        return None  # a lone call, or a pod with room: the session's pod serves it
+    room = occupancy_now(home)
+    best: int | None = None
+    best_load = math.inf
+    for i, pod in enumerate(choices):
+        load = pod.load
+        # A pod whose last view queued is not trusted to have drained; an unknown load
+        # may be a queue: only a pod seen with room, and with room now, takes a spill.
+        if not pod.ready or load is None or saturated(load) or full_now(pod):
+            continue
+        taken = occupancy_now(pod)
+        if taken + 1 > room:
+            continue  # not clearly less loaded than home: equal pods never trade calls
+        if taken + load.kv_usage < best_load:
+            best, best_load = i, taken + load.kv_usage
+    return best

@@ -40,7 +40,7 @@ class Endpoint:
 
     __slots__ = ("consecutive_failures", "ejections", "gpu", "held_until", "inflight",
                  "inflight_at_load", "load", "move_budget", "pool", "registered_at",
-                 "retry_at", "saturated", "state", "url", "url_key")
+                 "retry_at", "saturated", "slots", "state", "url", "url_key")
 
     def __init__(self, url: str, pool: str, state: EndpointState) -> None:
         self.url = url
@@ -62,12 +62,15 @@ class Endpoint:
         # Its GPUs as Nomad reports them (the fleet monitor reads them; its view carries
         # them to every sidecar). Not read on the request path.
         self.gpu: GpuUsage | None = None
+        self.slots = 0.0  # requests the pod ran the last time it queued (0: never seen)
 
     def set_load(self, load: PodLoad | None, saturated: bool, shared: bool = False) -> None:
         """`shared`: the fleet monitor's view, which every sidecar reads at the same time."""
         self.load = load
         self.saturated = saturated
         self.inflight_at_load = self.inflight
+        if load is not None and load.waiting >= 1 and load.running > 0:
+            self.slots = load.running  # a queue means every slot it runs now is taken
         # At most as many sessions leave per view as the pod has calls queued, fleet-wide:
         # moving more would only empty a pod that is about to have room again.
         self.move_budget = move_budget(load, self.inflight, shared, random.random()) \

@@ -15,7 +15,14 @@ import time
 from collections.abc import Iterator
 
 from sidecar.config import Settings
-from sidecar.placement import BYTES_PER_TOKEN, choose_move
+from sidecar.placement import (
+    BYTES_PER_TOKEN,
+    SPILL_CHOICES,
+    SpillPod,
+    choose_move,
+    choose_spill,
+    full_now,
+)
 from sidecar.pools import Endpoint, EndpointState, Pool, PoolSet
 from sidecar.sessions import STAMP_RESOLUTION_S, Route, RouteCache, Stamps, selector_for
 from sidecar.store import RouteStore, StoreUnavailable
@@ -37,7 +44,7 @@ WRITE_ATTEMPTS = 3
 class RouterCounters:
     __slots__ = ("cache_hits", "cache_misses", "coalesced", "cold_start_fallbacks",
                  "remote_changes", "resolved_without_store", "route_changes", "session_moves",
-                 "writes_dropped")
+                 "spills", "writes_dropped")
 
     def __init__(self) -> None:
         self.cache_hits = 0
@@ -48,6 +55,7 @@ class RouterCounters:
         self.resolved_without_store = 0
         self.route_changes = 0         # failovers that moved a session
         self.session_moves = 0         # sessions moved off a saturated pod (placement)
+        self.spills = 0                # parallel calls sent past their session's busy pod
         self.writes_dropped = 0        # route writes skipped because too many were queued
 
     def view(self) -> dict[str, int]:
@@ -250,18 +258,46 @@ class Router:
             return detour[0]
         return route.pool
 
-    def plan(self, route: Route, now: float, body_bytes: int = 0
-             ) -> Iterator[tuple[Pool, Endpoint]]:
+    def spill(self, route: Route, now: float) -> Endpoint | None:
+        """The pod one parallel call of the session goes to instead of its saturated pod
+        (placement.choose_spill), or None. For that call only: the route stays as it is.
+        `route.inflight` counts this call too."""
+        home = route.endpoint
+        if route.inflight < 2 or home is None or home.load is None or route.detour is not None:
+            return None
+        here = _spill_pod(home)
+        if not full_now(here):
+            return None  # the common case: no ranking computed
+        pool = self.pools.get(route.pool)
+        if pool is None or home.pool != pool.name:
+            return None
+        choices = [e for e in pool.ranked(route.session.encode()) if e is not home]
+        choices = choices[:SPILL_CHOICES]
+        index = choose_spill(here, route.inflight - 1, [_spill_pod(e, now) for e in choices])
+        if index is None:
+            return None
+        self.counters.spills += 1
+        self.telemetry.count("spills", (pool.name,))
+        return choices[index]
+
+    def plan(self, route: Route, now: float, body_bytes: int = 0,
+             spill: Endpoint | None = None) -> Iterator[tuple[Pool, Endpoint]]:
         """Candidates in order: the session's endpoint (or, when it is saturated, the pod the
-        session moves to), the rest of its pool by rendezvous rank, then each fallback
-        pool's endpoints. Computed lazily: the common case reads only the first."""
+        session moves to, or the pod this one call spills to), the rest of its pool by
+        rendezvous rank, then each fallback pool's endpoints. Computed lazily: the common
+        case reads only the first."""
         serving = route.pool if route.detour is None else self.serving_pool(route, time.time())
         start = self.pools.get(serving) or self.pools.get(route.pool)
         if start is None:
             return
         first = route.endpoint
         moved_to = None
-        if first is not None and first.saturated and first.move_budget > 0:
+        if spill is not None and spill.pool == start.name:
+            # A call that spills moves nothing: no move is planned beside it.
+            moved_to = spill
+            if spill.usable(now):
+                yield start, spill
+        elif first is not None and first.saturated and first.move_budget > 0:
             moved_to = self._move_target(route, start, first, body_bytes)
             if moved_to is not None and moved_to.usable(now):
                 yield start, moved_to
@@ -452,3 +488,11 @@ class Router:
         except Exception:
             self._pending_refresh.update(sessions)  # the supervisor's retry includes them
             raise
+
+
+def _spill_pod(endpoint: Endpoint, now: float = 0.0) -> SpillPod:
+    # Ready and not holding off (Retry-After): `usable` would also admit an ejected pod's
+    # half-open try, which a spill must not spend.
+    return SpillPod(endpoint.load, endpoint.inflight,
+                    endpoint.inflight - endpoint.inflight_at_load, endpoint.slots,
+                    endpoint.state is EndpointState.READY and now >= endpoint.held_until)

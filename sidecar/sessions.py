@@ -59,11 +59,10 @@ def selector_for(session_id: str) -> int:
 class Route:
     """Where a session goes. `endpoint` is the endpoint that served it last."""
 
-    # Ten slots, not eleven: the fallback pool and its deadline share one (a tuple only
-    # while a session is on a fallback), which puts a route in pymalloc's 112-byte size
-    # class instead of the 128-byte one.
-    __slots__ = ("created_at", "detour", "endpoint", "last_seen", "pool", "reason",
-                 "refreshed_at", "selector", "session", "synced")
+    # The fallback pool and its deadline share one slot (a tuple only while a session is
+    # on a fallback), which keeps a route one pymalloc size class smaller.
+    __slots__ = ("created_at", "detour", "endpoint", "inflight", "last_seen", "pool",
+                 "reason", "refreshed_at", "selector", "session", "synced")
 
     def __init__(self, session: str, selector: int, pool: str, endpoint: Endpoint | None,
                  created_at: float, fallback: str | None = None,
@@ -81,6 +80,7 @@ class Route:
         self.refreshed_at = 0.0
         # False when resolved without the store (Redis down): re-read once it is back.
         self.synced = True
+        self.inflight = 0  # the session's calls in flight through this sidecar (exchange)
 
     @property
     def fallback(self) -> str | None:

@@ -148,6 +148,9 @@ CATALOG: tuple[Metric, ...] = (
            "llm_sidecar_session_moves_total", ("pool",),
            "Sessions moved off a saturated pod to a less loaded one (sticky until "
            "saturated)."),
+    Metric("spills", "counter", "llm_sidecar.spills", "llm_sidecar_spills_total", ("pool",),
+           "Parallel calls of a session sent to another pod while the session's own pod "
+           "queued (that call only; the session's route stays)."),
     Metric("pool_ready_endpoints", "gauge", "llm_sidecar.pool.ready_endpoints",
            "llm_sidecar_pool_ready_endpoints", ("pool",),
            "Ready endpoints per pool (0: no ready capacity)."),

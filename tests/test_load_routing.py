@@ -28,10 +28,10 @@ async def until(check, timeout: float = 15.0) -> None:
         await asyncio.sleep(0.05)
 
 
-async def held(http, url: str, body: dict) -> None:
+async def held(http, url: str, body: dict, headers: dict | None = None) -> None:
     """A call left open until the test ends (its pod's shutdown ends it)."""
     with contextlib.suppress(aiohttp.ClientError, asyncio.CancelledError):
-        async with http.post(url + "/v1/chat/completions", json=body) as r:
+        async with http.post(url + "/v1/chat/completions", json=body, headers=headers) as r:
             await r.read()
 
 
@@ -181,3 +181,95 @@ async def test_a_saturated_pods_session_moves_once_and_its_route_records_it(
     assert running.sidecar.router.counters.session_moves == 1
     for call in hold:
         call.cancel()
+
+
+async def test_parallel_calls_spill_past_a_queued_pod_and_the_route_stays(
+        pods, sidecar, http, redis_server, monitor):
+    """A session with a call in flight on its queued pod: its next parallel calls go to its
+    next rendezvous choices (each pod's own counter shows them), for those calls only (the
+    route, its record in Redis and the Redis traffic stay as they were); a lone call of the
+    session, on the same queued pod, is never spilled."""
+    pods_ = await pods(3, model="small-model", max_num_seqs=4, max_tokens=2)
+    running = await sidecar({"small": pool(pods_, metrics_path="/metrics",
+                                           health_interval_s=0.1)},
+                            SIDECAR_REDIS_URL=redis_server.url)
+    router = running.sidecar.router
+    # ~10 000 prompt tokens: moving the session would cost more re-prefill than the queue's
+    # wait, so the queue alone does not move the session (only spills can help its calls).
+    long = {"model": "auto", "max_tokens": 2,
+            "messages": [{"role": "user", "content": "x " * 20_000}]}
+    status, _, _ = await chat(http, running, session="agent", body=long)
+    assert status == 200
+    [home] = [p for p in pods_ if p.requests == 1]
+    others = [p for p in pods_ if p is not home]
+    async with http.post(home.url + "/_control", json={"tokens_per_s": 2}) as r:
+        assert r.status == 200
+    hold = [asyncio.create_task(held(http, running_url(running), {
+        "model": "auto", "stream": True, "max_tokens": 60,
+        "messages": [{"role": "user", "content": "the session's own call"}]},
+        {"x-session-id": "agent"}))]
+
+    async def arrived(pod, count: int):
+        async def check() -> bool:
+            return pod.requests >= count
+        return check
+    await until(await arrived(home, 2))
+    hold += [asyncio.create_task(held(http, home.url, {
+        "model": "m", "stream": True, "max_tokens": 60,
+        "messages": [{"role": "user", "content": f"hold{i}"}]})) for i in range(5)]
+    endpoint = running.sidecar.pools.endpoint("small", home.url)
+
+    async def saturated() -> bool:
+        return endpoint is not None and endpoint.saturated
+    await until(saturated)
+    route = router.cache.peek("agent")
+    assert route is not None and route.endpoint is endpoint and route.inflight == 1
+    record = route.record()
+    stored = await redis_record(redis_server, "agent")
+    assert stored is not None and f'"endpoint":"{home.url}"'.encode() in stored
+    monitor.reset()
+    before = [p.requests for p in others]
+    results = await asyncio.gather(*(chat(http, running, session="agent", body=long)
+                                     for _ in range(4)))
+    assert [status for status, _, _ in results] == [200] * 4
+    assert sum(p.requests for p in others) - sum(before) == 4
+    assert {headers["x-sidecar-endpoint"] for _, headers, _ in results} <= {
+        p.url for p in others}
+    assert router.counters.spills == 4 and router.counters.session_moves == 0
+    assert router.cache.peek("agent") is route and route.record() == record
+    assert route.endpoint is endpoint and route.inflight == 1
+    assert not [c for c in monitor.commands() if "agent" in c], "a spill costs no Redis call"
+    assert await redis_record(redis_server, "agent") == stored
+    async with http.get(admin(running) + "/stats") as r:
+        assert (await r.json())["routes"]["spills"] == 4
+    async with http.get(admin(running) + "/metrics") as r:
+        spilled = [line for line in (await r.text()).splitlines()
+                   if line.startswith("llm_sidecar_spills_total{")]
+    assert len(spilled) == 1 and 'pool="small"' in spilled[0], spilled
+    assert float(spilled[0].rsplit(" ", 1)[1]) == 4, spilled
+
+    hold[0].cancel()  # the session's call in flight ends: its next call is a lone one
+
+    async def alone() -> bool:
+        return route.inflight == 0
+    await until(alone)
+    home_before = home.requests
+    lone = asyncio.create_task(chat(http, running, session="agent", body=long))
+    await until(await arrived(home, home_before + 1))  # queued at home, not spilled
+    assert router.counters.spills == 4 and sum(p.requests for p in others) == sum(before) + 4
+    lone.cancel()
+    for call in hold:
+        call.cancel()
+    await asyncio.gather(lone, *hold, return_exceptions=True)
+
+
+def running_url(running) -> str:
+    return f"http://127.0.0.1:{running.port}"
+
+
+async def redis_record(server, session: str) -> bytes | None:
+    client = aioredis.from_url(server.url)
+    try:
+        return await client.get(f"llmsc:{{{session}}}")
+    finally:
+        await client.aclose()

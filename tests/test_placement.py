@@ -9,10 +9,14 @@ from hypothesis import strategies as st
 from sidecar.fakellm.engine import Engine
 from sidecar.placement import (
     SATURATED_KV,
+    SpillPod,
     choose_move,
     choose_new,
+    choose_spill,
     expected_wait_s,
+    full_now,
     move_budget,
+    occupancy_now,
     reprefill_s,
     saturated,
 )
@@ -184,3 +188,72 @@ def test_a_pod_at_half_speed_counts_its_sessions_twice_for_new_sessions():
     slow, fast = load(running=4, rate=2.0), load(running=4, rate=4.0)
     assert choose_new([slow, fast, fast, fast], [0] * 4, 1.25) == 1
     assert choose_new([fast, slow, fast, fast], [0] * 4, 1.25) == 0
+
+
+# -- a session's parallel calls spill (one call at a time; the route stays) -------------
+
+maybe_loads = st.one_of(st.none(), loads)
+spill_pods = st.builds(SpillPod, maybe_loads, st.integers(0, 64), st.integers(-8, 16),
+                       st.sampled_from([0.0, 1.0, 4.0, 8.0, 64.0]), st.booleans())
+choice_lists = st.lists(spill_pods, max_size=4)
+
+
+@given(spill_pods, choice_lists)
+def test_a_lone_call_never_spills(home, choices):
+    assert choose_spill(home, 0, choices) is None
+
+
+@given(spill_pods, st.integers(1, 16), st.integers(1, 4))
+def test_nothing_spills_when_all_pods_are_equally_loaded(pod, inflight, n):
+    assert choose_spill(pod, inflight, [pod] * n) is None
+
+
+@given(spill_pods, st.integers(1, 16), choice_lists)
+def test_a_spill_goes_only_to_a_ready_pod_with_room_less_loaded_than_home(
+        home, inflight, choices):
+    index = choose_spill(home, inflight, choices)
+    if index is None:
+        return
+    target = choices[index]
+    assert full_now(home) and target.ready and target.load is not None
+    assert not saturated(target.load) and not full_now(target)
+    assert occupancy_now(target) + 1 <= occupancy_now(home)
+
+
+@given(spill_pods, st.integers(1, 16), choice_lists)
+def test_the_spilled_call_goes_to_the_least_loaded_eligible_choice(home, inflight, choices):
+    index = choose_spill(home, inflight, choices)
+    if not full_now(home):
+        assert index is None
+        return
+    eligible = [i for i, pod in enumerate(choices)
+                if pod.ready and pod.load is not None and not saturated(pod.load)
+                and not full_now(pod) and occupancy_now(pod) + 1 <= occupancy_now(home)]
+    assert (index is None) == (not eligible)
+    if index is not None:
+        def cost(i: int) -> float:
+            return occupancy_now(choices[i]) + choices[i].load.kv_usage
+        assert all(cost(index) <= cost(i) for i in eligible)
+        assert all(cost(index) < cost(i) for i in eligible if i < index)  # rendezvous ties
+
+
+def test_a_parallel_call_spills_to_the_idle_next_choice_and_not_to_a_busy_one():
+    home = SpillPod(load(running=8, waiting=3), local=6)
+    busy, idle = SpillPod(load(running=6)), SpillPod(load(running=1))
+    assert choose_spill(home, 5, [busy, idle]) == 1
+    assert choose_spill(home, 5, [busy, idle._replace(ready=False)]) == 0
+    # this sidecar's own calls there count even when the view has not seen them yet
+    assert choose_spill(home, 5, [idle._replace(local=11)]) is None
+    assert choose_spill(SpillPod(load(running=8), 8), 5, [idle]) is None  # home has room
+
+
+def test_a_burst_spills_before_the_view_shows_the_queue():
+    """The view (taken before the burst) shows room; the pod's slots are known from an
+    earlier queue, and this sidecar's calls since fill them: the next call spills."""
+    idle = SpillPod(load(running=1), slots=8)
+    before = SpillPod(load(running=6), local=2, since_view=0, slots=8)
+    assert choose_spill(before, 1, [idle]) is None
+    filled = before._replace(local=4, since_view=2)
+    assert full_now(filled) and choose_spill(filled, 3, [idle]) == 0
+    drained = SpillPod(load(running=8, waiting=2), local=0, since_view=-4, slots=8)
+    assert not full_now(drained), "calls that ended since the view free their slots"

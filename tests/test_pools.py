@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from sidecar.config import load_settings
 from sidecar.errors import Outcome
+from sidecar.podload import PodLoad
 from sidecar.pools import Endpoint, EndpointState, PoolSet
 
 
@@ -104,3 +105,17 @@ def test_reload_keeps_state_of_endpoints_that_stay_and_drains_removed_ones():
     assert changes == {"added": ["http://c:1"], "removed": ["http://b:1"]}
     assert pools.pools["p"].endpoints[0] is a and a.inflight == 3
     assert b.state is EndpointState.DRAINING
+
+
+def test_a_load_view_notes_what_it_saw_and_the_slots_the_pod_ran_while_it_queued():
+    endpoint = Endpoint("http://a", "p", EndpointState.READY)
+    endpoint.inflight = 3
+    endpoint.set_load(PodLoad(5, 0, 0.1, 1.0, "metrics"), False)
+    assert endpoint.inflight_at_load == 3 and endpoint.slots == 0, "no queue: slots unknown"
+    endpoint.set_load(PodLoad(8, 2, 0.3, 2.0, "metrics"), True)
+    assert endpoint.slots == 8
+    endpoint.inflight = 5
+    endpoint.set_load(PodLoad(4, 0, 0.1, 3.0, "metrics"), False)
+    assert endpoint.slots == 8 and endpoint.inflight_at_load == 5, "kept until it queues again"
+    endpoint.set_load(PodLoad(6, 1, 0.95, 4.0, "metrics"), True)
+    assert endpoint.slots == 6, "a queue at fewer running (KV full) is the newer limit"

@@ -161,8 +161,12 @@ class Proxy:
         fields["session"] = route.session
         serving = self.router.for_model(route, named)
         # A per-request route (another pool named) is never written back to the store.
-        return await self._forward(request, down, serving, now, local or serving is not route,
-                                   fields, requested)
+        serving.inflight += 1
+        try:
+            return await self._forward(request, down, serving, now,
+                                       local or serving is not route, fields, requested)
+        finally:
+            serving.inflight -= 1
 
     async def _forward(self, request: Request, down: Downstream, route: Route, now: float,
                        local: bool, fields: dict[str, object], requested: str | None = None
@@ -177,7 +181,8 @@ class Proxy:
             return _headers_for(request, pool), payload
 
         streamed = asks_to_stream(body)
-        answer, step = await self.attempts.run(self.router.plan(route, now, len(body)),
+        spill = self.router.spill(route, now)
+        answer, step = await self.attempts.run(self.router.plan(route, now, len(body), spill),
                                                request.method, request.target, request_for,
                                                failures, streamed=streamed)
         fields["attempts"] = answer.attempt if answer is not None else len(failures)
@@ -215,7 +220,10 @@ class Proxy:
             if failures:
                 last = failures[-1]
                 reason = f"{last.outcome.value} from {last.endpoint} (pool {last.pool})"
-            self.router.served(route, pool, endpoint, local=local, reason=reason)
+            if endpoint is spill:
+                fields["spilled_from"] = route.endpoint.url if route.endpoint else None
+            else:  # a spilled call leaves the session's route (and its record) as they are
+                self.router.served(route, pool, endpoint, local=local, reason=reason)
             fields["endpoint"] = endpoint.url
             reply, payload = answer.reply, answer.payload
             head = self._head(request, route, answer, fields)
@@ -229,7 +237,8 @@ class Proxy:
                 return reply.status, pool.name, pool.model
             relay = Relay(down, self.events, pool.name, pool.model, request.received_at,
                           _transcript(request, answer))
-            await self._relay(request, down, route, answer, relay, head, local)
+            await self._relay(request, down, route, answer, relay, head, local,
+                              endpoint is spill)
             prompt, completion = relay.tokens(len(payload))
             self.events.tokens(pool.name, pool.model, prompt, completion,
                                relay.generation_s(), relay.inter_token_s())
@@ -254,7 +263,8 @@ class Proxy:
         return reply.forward + b"".join(extra)
 
     async def _relay(self, request: Request, down: Downstream, route: Route, answer: Answer,
-                     relay: Relay, head: bytes, local: bool) -> None:
+                     relay: Relay, head: bytes, local: bool, spilled: bool = False
+                     ) -> None:
         reply, payload = answer.reply, answer.payload
         pool = answer.pool
         transcript = relay.transcript
@@ -302,8 +312,9 @@ class Proxy:
                 continued, relay.frames = nxt
                 source, source_lease, held = continued.reply, continued.lease, continued.held
                 down.follow(source)
-                self.router.served(route, pool, source_lease.endpoint, local=local,
-                                   reason="resumed after a break mid-stream")
+                if not spilled:  # a spilled call's resume moves the session no more
+                    self.router.served(route, pool, source_lease.endpoint, local=local,
+                                       reason="resumed after a break mid-stream")
         finally:
             down.uncork()
             down.follow(None)
