@@ -32,7 +32,7 @@ def _settings_or_exit() -> Any:
         print("llm-sidecar: configuration refused:", file=sys.stderr)
         for problem in exc.problems:
             print(f"  - {problem}", file=sys.stderr)
-        print("Run `llm-sidecar check` after fixing; the README lists every variable.",
+        print("Run `llm-sidecar check` after fixing; docs/reference.md lists every variable.",
               file=sys.stderr)
         raise SystemExit(2) from None
 

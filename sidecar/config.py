@@ -207,7 +207,7 @@ def redact_url(url: str) -> str:
 SECRET_QUERY_NAMES = frozenset({"password", "username", "token", "api_key", "apikey"})
 
 
-# Each entry: variable → (default, description). The README's reference is checked against it.
+# Each entry: variable → (default, description). docs/reference.md is checked against it.
 VARIABLES: dict[str, tuple[str | None, str]] = {
     "SIDECAR_LISTEN": ("127.0.0.1:7878", "proxy listener: `host:port` or `unix:/path`"),
     "SIDECAR_ADMIN_LISTEN": ("127.0.0.1:7879", "admin listener: `host:port` or `unix:/path`"),

@@ -427,7 +427,7 @@ class Telemetry:
 
 
 def catalog_markdown() -> str:
-    """The README's metric reference (a test checks the README holds exactly this)."""
+    """docs/reference.md's metric reference (a test checks it holds exactly this)."""
     lines = ["| Datadog (DogStatsD) | Prometheus | type | tags / labels | meaning |",
              "| --- | --- | --- | --- | --- |"]
     kinds = {"counter": ("count", "counter"), "gauge": ("gauge", "gauge"),

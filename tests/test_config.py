@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -195,12 +196,54 @@ def test_redact_url_hides_passwords():
         "redis://host?password=<redacted>&db=1"
 
 
-def test_every_variable_is_in_the_readme():
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def documented_defaults(text: str) -> dict[str, str]:
+    """variable → the default cell of its row in a `| variable | default | meaning |` table;
+    a row of several variables (`A`, `B`) has one default each, or one for all of them."""
+    defaults: dict[str, str] = {}
+    for line in text.splitlines():
+        row = re.match(r"^\| ((?:`[A-Z_]+`(?:, )?)+) \| ([^|]*) \|", line)
+        if row is None:
+            continue
+        names = re.findall(r"`([A-Z_]+)`", row.group(1))
+        cell = row.group(2).strip()
+        cells = [c.strip() for c in cell.split(", ")] if ", " in cell else [cell] * len(names)
+        assert len(cells) == len(names), line
+        for name, default in zip(names, cells, strict=True):
+            defaults.setdefault(name, default)
+    return defaults
+
+
+def assert_documented(variable: str, default: str | None, cell: str | None, where: str) -> None:
+    assert cell is not None, f"{variable} has no row in {where}"
+    if default is None:
+        # no value: the cell says so in words (—, "(required)", "system CAs"), never a value
+        assert not cell.startswith("`"), f"{variable}: {where} shows {cell}, the code none"
+    else:
+        assert cell == f"`{default}`", f"{variable}: {where} shows {cell}, the code {default}"
+
+
+def test_every_sidecar_variable_is_in_the_reference_with_its_default():
+    reference = documented_defaults((DOCS / "reference.md").read_text())
+    for variable, (default, _) in VARIABLES.items():
+        assert_documented(variable, default, reference.get(variable), "docs/reference.md")
+
+
+def test_every_scaler_variable_is_in_its_table_with_its_default():
     from sidecar.scaler.config import SCALER_VARIABLES
 
-    readme = Path(__file__).resolve().parent.parent.joinpath("README.md").read_text()
-    for variable in [*VARIABLES, *SCALER_VARIABLES]:
-        assert f"`{variable}`" in readme, f"{variable} is not documented in the README"
+    # The scaler's table sits in its section of docs/design.md; the Redis settings it shares
+    # with the sidecar and does not repeat are the sidecar's (same names, same defaults).
+    scaler = documented_defaults((DOCS / "design.md").read_text())
+    reference = documented_defaults((DOCS / "reference.md").read_text())
+    for variable, (default, _) in SCALER_VARIABLES.items():
+        if variable in scaler:
+            assert_documented(variable, default, scaler[variable], "docs/design.md")
+        else:
+            assert VARIABLES.get(variable, (None,))[0] == default, variable
+            assert_documented(variable, default, reference.get(variable), "docs/reference.md")
 
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -239,7 +239,7 @@ SIDECAR_USER = "llm-sidecar"
 
 
 def grant_users(d: Deployment, passwords: dict[str, str]) -> dict[str, tuple[str, str]]:
-    """The README's ACL users on every data node (ACLs are per node), same passwords."""
+    """docs/operations.md's ACL users on every data node (ACLs are per node), same passwords."""
     extra = ("+cluster|slots", "+command") if d.mode == "cluster" else ()
     made: dict[str, tuple[str, str]] = {}
     for server in d.servers():

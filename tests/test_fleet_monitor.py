@@ -348,7 +348,7 @@ async def test_without_redis_the_sidecar_is_its_own_monitor(pods: PodFactory,
 
 async def test_the_documented_monitor_user_publishes_and_a_sidecar_user_follows(
         redis_server: RedisServer, pods: PodFactory, sidecar: SidecarFactory) -> None:
-    """The README's `llm-monitor` and `llm-sidecar` ACL users: the monitor leads, writes the
+    """docs/operations.md's `llm-monitor` and `llm-sidecar` ACL users: the monitor leads, writes the
     view and its notice; a sidecar reads the view and hears the notice; nothing refused."""
     users = create_users(redis_server)
     assert "llm-monitor" in users

@@ -1,7 +1,7 @@
 """The image runs as the job files run it: each task's argv (the Dockerfile's ENTRYPOINT
 combined with the task's `command`/`args` the way Nomad's docker driver does) is run with
 the installed `llm-sidecar`, with the task's own environment rendered; DogStatsD reaches the
-agent by the path the job files configure; the README tells how to build and reach it."""
+agent by the path the job files configure; docs/operations.md tells how to build and reach it."""
 
 from __future__ import annotations
 
@@ -174,12 +174,12 @@ def test_the_jobs_run_the_image_of_this_version():
             assert image.rsplit(":", 1)[1] == __version__, path.name
 
 
-def test_the_readme_says_how_to_build_push_and_reach_the_admin_port():
-    readme = (ROOT / "README.md").read_text()
+def test_the_operations_guide_says_how_to_build_push_and_reach_the_admin_port():
+    guide = (ROOT / "docs" / "operations.md").read_text()
     image = variable_defaults(ROOT / "nomad" / "sidecar.hcl")["sidecar_image"]
-    assert f"docker build -t {image} ." in readme and f"docker push {image}" in readme
+    assert f"docker build -t {image} ." in guide and f"docker push {image}" in guide
     # The admin port is mapped to a dynamic host port: never a fixed <alloc>:7879.
-    assert "<alloc>:7879" not in readme
+    assert "<alloc>:7879" not in guide
 
 
 def test_scaler_check_warns_when_it_would_scale_without_a_token():

@@ -1,4 +1,4 @@
-"""The Redis ACL users the README documents, on a real server (Redis 6.2 and 7 in CI): a
+"""The Redis ACL users docs/operations.md documents, on a real server (Redis 6.2 and 7 in CI): a
 sidecar and the scaler do their whole job as those users with nothing refused in `ACL LOG`,
 and the users can do no more than that."""
 
@@ -28,10 +28,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def documented_acls() -> dict[str, list[str]]:
-    """user → its `ACL SETUSER` arguments, exactly as the README's security section shows."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### Redis ACL users"):]
-    section = section[:section.index("\n#", 1)]
+    """user → its `ACL SETUSER` arguments, as docs/operations.md shows them."""
+    guide = (ROOT / "docs" / "operations.md").read_text()
+    section = guide[guide.index("### Redis ACL users"):]
+    end = section.find("\n#", 1)  # the next heading, if the section is not the file's last
+    section = section if end < 0 else section[:end]
     users = {}
     for line in re.findall(r"^ACL SETUSER .+$", section, flags=re.M):
         words = line.split()[2:]
@@ -43,7 +44,7 @@ def documented_acls() -> dict[str, list[str]]:
 def create_users(server: RedisServer, *extra: str, passwords: dict[str, str] | None = None
                  ) -> dict[str, tuple[str, str]]:
     """Apply the documented ACLs (fresh passwords unless given); returns user → (password,
-    URL). `extra` rules are appended (the README's additions for Cluster)."""
+    URL). `extra` rules are appended (the guide's additions for Cluster)."""
     client = server.client()
     made = {}
     for name, words in documented_acls().items():
@@ -133,7 +134,7 @@ async def test_the_documented_acl_users_do_the_whole_job_and_nothing_else(
 async def test_the_documented_users_work_on_redis_cluster(pods, sidecar, http, nomad):
     nodes = start_cluster()
     try:
-        # The README's addition for Cluster, on every node (ACLs are per node).
+        # The guide's addition for Cluster, on every node (ACLs are per node).
         users = create_users(nodes[0], "+cluster|slots", "+command")
         for node in nodes[1:]:
             create_users(node, "+cluster|slots", "+command",

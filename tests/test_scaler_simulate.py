@@ -107,7 +107,7 @@ def test_synthetic_traces_have_their_shape_and_are_seeded():
 
 def test_sweep_traces_each_policys_frontier_and_ours_dominates_on_bursts(monkeypatch):
     # The margins' knobs alone: the young pool's floor is a fixed cost of the first cold
-    # start that moves ours' cheap end (the README's frontier column shows it).
+    # start that moves ours' cheap end (docs/design.md's frontier column shows it).
     monkeypatch.setenv("SIDECAR_SCALER_PRIOR_FLOOR", "0")
     model = sim.Model()
     work = sim.calls(traces.code_completion(3), model)
@@ -120,7 +120,7 @@ def test_sweep_traces_each_policys_frontier_and_ours_dominates_on_bursts(monkeyp
                             a.late_share >= b.late_share
                             for a, b in itertools.pairwise(line))
     # Where the baseline leaves under 29 % waiting, ours dominates; above, both are useless
-    # (the README's frontier goal states the exception).
+    # (docs/design.md's frontier goal states the exception).
     assert [p for p in frontier.undominated(points) if p.late_share < 0.29] == []
     text = frontier.table(points, sim.clairvoyant(work, model))
     assert text.splitlines()[2].startswith("| clairvoyant |")

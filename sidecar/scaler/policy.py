@@ -163,12 +163,12 @@ class TargetValuePolicy:
 # just started sees its first intervals' peaks towering over a level still filling up.
 WARMUP_S = 60.0
 
-# The prior's defaults (SIDECAR_SCALER_PRIOR_CV, SIDECAR_SCALER_PRIOR_SAMPLES; README).
-# Off by default: tuned on synthetic traffic, on the real traces of the README it bought
+# The prior's defaults (SIDECAR_SCALER_PRIOR_CV, SIDECAR_SCALER_PRIOR_SAMPLES; docs/design.md).
+# Off by default: tuned on synthetic traffic, on the real traces of docs/design.md it bought
 # little on bursty traffic and cost smooth traffic more than its goal allows.
 PRIOR_CV = 0.0
 PRIOR_SAMPLES = 12.0
-# The young pool's floor (SIDECAR_SCALER_PRIOR_FLOOR, replicas; README "A young fleet's
+# The young pool's floor (SIDECAR_SCALER_PRIOR_FLOOR, replicas; docs/design.md "A young fleet's
 # margin"): the largest floor that kept synthetic smooth hours within 1.15× the clairvoyant
 # replica-minutes (10 reaches 1.18×); it keeps every bursty synthetic trace within its goal.
 PRIOR_FLOOR = 9.0

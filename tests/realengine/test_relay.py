@@ -88,8 +88,8 @@ async def test_the_sidecar_counts_the_engines_usage(llama, sidecar, http):
 
 
 async def test_without_usage_the_estimate_is_one_token_per_content_frame(llama, sidecar, http):
-    """README: without reported usage a stream's completion tokens are estimated as "a token
-    per streamed content frame"."""
+    """docs/reference.md: without reported usage a stream's completion tokens are estimated
+    as "a token per streamed content frame"."""
     served, = llama(1)
     running = await sidecar({"small": {"model": MODEL, "endpoints": [served.url]}})
     data = body("Name three colours.", max_tokens=24, stream=True)
