@@ -18,7 +18,8 @@ from typing import Any
 
 import httptools
 
-from sidecar.dataplane.downstream import WRITE_HIGH, WRITE_LOW, ResponseWriter
+from sidecar.dataplane.downstream import ResponseWriter
+from sidecar.dataplane.flow import WRITE_HIGH, WRITE_LOW
 from sidecar.dataplane.headers import REQUEST_DROP, Headers, header_block, refused_header
 from sidecar.dataplane.seam import Reply, Request
 from sidecar.errors import error_body
@@ -107,7 +108,6 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
     # -- protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        # uvloop's default low-water mark is 16 bytes: these bound what one stream holds.
         transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)  # type: ignore[attr-defined]
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
