@@ -3,10 +3,8 @@ decision and the attempt loop are tested without sockets, against a mock Upstrea
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
-from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -17,6 +15,7 @@ from sidecar.config import load_settings
 from sidecar.dataplane.attempts import Attempts
 from sidecar.dataplane.events import Events
 from sidecar.dataplane.failover import Step, after_failure
+from sidecar.dataplane.mock import MockUpstream
 from sidecar.errors import Outcome
 from sidecar.pools import PoolSet
 from sidecar.telemetry import Telemetry
@@ -26,7 +25,7 @@ FRAMEWORK_FREE = ("sidecar.errors", "sidecar.pools", "sidecar.sessions", "sideca
                   "sidecar.resume", "sidecar.sse", "sidecar.dataplane.failover",
                   "sidecar.dataplane.headers", "sidecar.dataplane.seam",
                   "sidecar.dataplane.attempts", "sidecar.dataplane.relay",
-                  "sidecar.dataplane.exchange")
+                  "sidecar.dataplane.exchange", "sidecar.dataplane.mock")
 
 
 def test_decision_code_imports_neither_aiohttp_nor_redis():
@@ -61,59 +60,6 @@ def test_failover_decision_never_exceeds_attempts_or_budget(
         assert answered
     if step is Step.BUDGET_REFUSED:
         assert outcome.overload and not budget_allows
-
-
-class MockReply:
-    def __init__(self, status: int, body: bytes = b"{}") -> None:
-        self.status = status
-        self.reason = b""
-        self.headers = [(b"Content-Type", b"application/json"),
-                        (b"Content-Length", b"%d" % len(body))]
-        self.forward = b"Content-Type: application/json\r\n"
-        self.event_stream = False
-        self.length = len(body)
-        self.body = body
-        self.released = 0
-        self.sent_at = self.arrived_at = 0.0
-
-    def pipe(self, sink: Callable[[bytes], None]) -> asyncio.Future[Outcome | None]:
-        sink(self.body)
-        done = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return done
-
-    async def read(self) -> bytes:
-        return self.body
-
-    def pause(self) -> None: ...
-    def resume(self) -> None: ...
-    def settle(self) -> None: ...
-
-    def release(self) -> None:
-        self.released += 1
-
-
-class MockUpstream:
-    """Answers from a script per endpoint URL: an Outcome or a status code."""
-
-    def __init__(self, script: dict[str, list[Outcome | int]]) -> None:
-        self.script = script
-        self.sent: list[str] = []
-        self.replies: list[MockReply] = []
-
-    async def send(self, base_url, method, target, headers, body, deadline):
-        self.sent.append(base_url)
-        answer = self.script[base_url].pop(0)
-        if isinstance(answer, Outcome):
-            return answer
-        reply = MockReply(answer)
-        self.replies.append(reply)
-        return reply
-
-    def in_use(self) -> int:
-        return 0
-
-    async def aclose(self) -> None: ...
 
 
 def _attempts(upstream: MockUpstream, max_attempts: int = 3
