@@ -62,21 +62,24 @@ class UpstreamReply:
     `release`, which alone hands the connection back to its pool; a released reply is
     detached — whatever its connection carries next never reaches it."""
 
-    __slots__ = ("_conn", "_done", "_pool", "_sink", "arrived_at", "body", "event_stream",
+    __slots__ = ("_conn", "_done", "_sink", "arrived_at", "body", "event_stream",
                  "finished", "forward", "headers", "keep_alive", "length", "outcome",
                  "paused", "reason", "sent_at", "status")
 
-    def __init__(self, conn: Connection, pool: ConnectionPool) -> None:
+    # The head's fields (status, reason, forward, event_stream, length) are set by the
+    # connection when the head is whole, before anyone is given the reply; `sent_at` by the
+    # upstream as the request leaves, `arrived_at` as bytes arrive.
+    status: int
+    reason: bytes
+    forward: bytes
+    event_stream: bool
+    length: int | None
+    sent_at: float
+    arrived_at: float
+
+    def __init__(self, conn: Connection) -> None:
         self._conn: Connection | None = conn
-        self._pool = pool
-        self.status = 0
-        self.reason = b""
         self.headers: Headers = []
-        self.forward = b""
-        self.event_stream = False
-        self.length: int | None = None
-        self.sent_at = 0.0
-        self.arrived_at = 0.0
         self.finished = False  # the answer is complete, or `outcome` says why not
         self.outcome: Outcome | None = None
         self.keep_alive = False
@@ -122,14 +125,18 @@ class UpstreamReply:
             return
         self._conn = None
         self._sink = None
-        reusable = conn.detach() and self.finished and self.outcome is None and \
-            self.keep_alive
+        # The connection stops feeding this reply: whatever it carries next is another's.
+        conn.reply = None
+        conn._deadline = 0.0
+        transport = conn.transport
+        reusable = self.finished and self.outcome is None and self.keep_alive and \
+            transport is not None and not transport.is_closing()
         if reusable and self.paused:
             self.paused = False
             conn.resume_reading()
-        self._pool.give_back(conn, reusable)
+        conn.pool.give_back(conn, reusable)
 
-    # -- written by the connection while leased ----------------------------------------
+    # -- internals (the connection calls `finish`) ---------------------------------------
     def _done_future(self) -> asyncio.Future[Outcome | None]:
         done = self._done
         if done is None:
@@ -139,6 +146,7 @@ class UpstreamReply:
         return done
 
     def finish(self, outcome: Outcome | None) -> None:
+        """The answer is whole (None) or ended early (why)."""
         if self.finished:
             return
         self.finished = True
@@ -146,13 +154,6 @@ class UpstreamReply:
         done = self._done
         if done is not None and not done.done():
             done.set_result(outcome)
-
-    def deliver(self, chunk: bytes) -> None:
-        sink = self._sink
-        if sink is None:
-            self.body.append(chunk)
-        else:
-            sink(chunk)
 
 
 class Connection(asyncio.Protocol):
@@ -171,17 +172,18 @@ class Connection(asyncio.Protocol):
         self.reply: UpstreamReply | None = None  # the request it carries (None: idle)
         self.idle_since = 0.0
         self.reused = False  # it carried an earlier request
-        self._reset(False)
-
-    def _reset(self, head_only: bool) -> None:
-        self._reason: list[bytes] = []
-        self.head_only = head_only
+        self._head: asyncio.Future[UpstreamReply | Outcome] | None = None
+        # Set afresh by each answer's head before they are read (when it has a body).
         self.close_delimited = False
+        self._last = 0.0
+        self._reset(False, 0.0)
+
+    def _reset(self, head_only: bool, deadline: float) -> None:
+        self._reason = b""
+        self.head_only = head_only
         self.in_body = False
         self.interim = False
-        self._head: asyncio.Future[UpstreamReply | Outcome] | None = None
-        self._deadline = 0.0  # loop time the first byte is due by (0: none)
-        self._last = 0.0
+        self._deadline = deadline  # loop time the first byte is due by (0: none)
         self._opening = b""  # the answer's first bytes: is it HTTP at all?
 
     # -- protocol --------------------------------------------------------------------
@@ -259,7 +261,7 @@ class Connection(asyncio.Protocol):
             raise _Unasked
 
     def on_status(self, reason: bytes) -> None:
-        self._reason.append(reason)
+        self._reason += reason  # (mostly one piece: b"" + reason is reason, no copy)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.in_body:  # trailers are dropped; the body still completes
@@ -272,25 +274,28 @@ class Connection(asyncio.Protocol):
         if status < 200 and status != 101:  # interim (103 Early Hints …): not forwarded
             self.interim = True
             reply.headers = []
-            self._reason = []
+            self._reason = b""
             return
         reply.status = status
-        reply.reason = b"".join(self._reason)
+        reply.reason = self._reason
         coding = None
         lines = []
         connection = None
+        length = None
+        event_stream = False
         for name, value in reply.headers:
             lower = name.lower()
             if lower not in RESPONSE_DROP:
                 lines.append(b"%s: %s\r\n" % (name, value))
                 if lower == b"content-type":
-                    reply.event_stream = value.startswith(b"text/event-stream")
+                    event_stream = value.startswith(b"text/event-stream")
             elif lower == b"content-length":
-                reply.length = int(value)
+                length = int(value)
             elif lower == b"transfer-encoding":
                 coding = value if coding is None else coding + b"," + value
             elif lower == b"connection":
                 connection = value if connection is None else connection + b"," + value
+        reply.event_stream = event_stream
         # Hop-by-hop fields are gone; so are the ones a Connection header names.
         reply.forward = b"".join(lines) if connection is None else header_block(
             reply.headers, RESPONSE_DROP, connection)
@@ -302,18 +307,25 @@ class Connection(asyncio.Protocol):
         if self.head_only or status in BODYLESS:
             # No body follows. A HEAD answer keeps its Content-Length for the app.
             if not self.head_only:
-                reply.length = None
-            else:
+                length = None
+            reply.length = length
+            if self.head_only:
                 self._finish_message()
         else:
-            self.close_delimited = reply.length is None and coding is None
+            reply.length = length
+            self.close_delimited = length is None and coding is None
             self.in_body = True
             self._last = self.loop.time()
         self._answer(reply)
 
     def on_body(self, body: bytes) -> None:
         self._last = self.loop.time()
-        self.reply.deliver(body)  # type: ignore[union-attr]
+        reply = self.reply
+        sink = reply._sink  # type: ignore[union-attr]
+        if sink is None:
+            reply.body.append(body)  # type: ignore[union-attr]
+        else:
+            sink(body)
 
     def on_message_complete(self) -> None:
         if self.interim:
@@ -325,21 +337,12 @@ class Connection(asyncio.Protocol):
     # -- the request on it ---------------------------------------------------------------
     def begin(self, head_only: bool, deadline: float) -> asyncio.Future[UpstreamReply | Outcome]:
         """A request goes out on this connection: its reply, once the head is here."""
-        self._reset(head_only)
+        self._reset(head_only, deadline)
         if head_only:  # (between answers: nothing half-parsed is lost)
             self._parser = httptools.HttpResponseParser(_HeadAnswer(self))
-        self.reply = UpstreamReply(self, self.pool)
+        self.reply = UpstreamReply(self)
         self._head = head = self.loop.create_future()
-        self._deadline = deadline
         return head
-
-    def detach(self) -> bool:
-        """The reply lets go: nothing more reaches it. Whether the connection can carry
-        another request (open, and nothing half-read on it)."""
-        self.reply = None
-        self._deadline = 0.0
-        transport = self.transport
-        return transport is not None and not transport.is_closing()
 
     def settle(self) -> None:
         self._deadline = 0.0
@@ -358,8 +361,11 @@ class Connection(asyncio.Protocol):
             head.set_result(result)
 
     def _finish_message(self) -> None:
-        self.reply.keep_alive = self._parser.should_keep_alive()  # type: ignore[union-attr]
-        self._finish(None)
+        reply = self.reply
+        assert reply is not None
+        reply.keep_alive = self._parser.should_keep_alive()
+        self.in_body = False
+        reply.finish(None)
 
     def _finish(self, outcome: Outcome | None) -> None:
         reply = self.reply
