@@ -116,8 +116,9 @@ class UpstreamReply:
             conn.resume_reading()
 
     def settle(self) -> None:
-        if self._conn is not None:
-            self._conn.settle()
+        conn = self._conn
+        if conn is not None:
+            conn._deadline = 0.0  # (once per request: no second call)
 
     def release(self) -> None:
         conn = self._conn
@@ -343,9 +344,6 @@ class Connection(asyncio.Protocol):
         self.reply = UpstreamReply(self)
         self._head = head = self.loop.create_future()
         return head
-
-    def settle(self) -> None:
-        self._deadline = 0.0
 
     def pause_reading(self) -> None:
         if self.transport is not None:

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 from http import HTTPStatus
 
-from sidecar.dataplane.flow import has_body
+from sidecar.dataplane.flow import BODYLESS
 from sidecar.dataplane.seam import Reply
 
 CLOSE = b"Connection: close\r\n"
@@ -61,7 +61,7 @@ class ResponseWriter:
     def start(self, status: int, reason: bytes, headers: bytes, length: int | None,
               body: bytes = b"") -> None:
         self.started = True
-        if not has_body(status):
+        if status < 200 or status in BODYLESS:  # flow.has_body, inline: once per answer
             framing = b""
         elif length is not None:
             framing = b"Content-Length: %d\r\n" % length

@@ -55,12 +55,15 @@ class Events:
         counters.inflight += 1
 
     def left(self) -> None:
-        """The request's handler returned or raised: no longer in flight."""
+        """The request's handler raised: no longer in flight (`finished` and
+        `disconnected` say so for the other ends)."""
         self.counters.inflight -= 1
 
     def disconnected(self) -> None:
         """The app went away before its answer was written."""
-        self.counters.client_disconnects += 1
+        counters = self.counters
+        counters.inflight -= 1
+        counters.client_disconnects += 1
         self.telemetry.count("client_disconnects", ())
 
     def refused(self, status: int, reason: str) -> None:
@@ -140,7 +143,9 @@ class Events:
     # -- the end of a request ------------------------------------------------------------
     def finished(self, method: bytes, target: bytes, status: int, pool: str, model: str,
                  elapsed: float, fields: dict[str, object] | None) -> None:
+        """The request was answered (after `started`): no longer in flight."""
         counters = self.counters
+        counters.inflight -= 1
         if status < 300:
             counters.responses_2xx += 1
         elif status >= 500:

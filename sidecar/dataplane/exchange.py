@@ -114,8 +114,9 @@ class Proxy:
         except asyncio.CancelledError:
             self.events.disconnected()
             raise
-        finally:
+        except BaseException:
             self.events.left()
+            raise
         self.events.finished(request.method, request.target, status, pool, model,
                              perf_counter() - request.received_at, fields)
 
