@@ -392,7 +392,7 @@ class Sidecar:
             "load_level": self.router.level,
             "draining": self.draining,
             "reloads": self.reloads,
-            "proxy": self.proxy.counters.view() if self.proxy else {},
+            "proxy": self.proxy.events.view() if self.proxy else {},
             "routes": {**self.router.counters.view(), "cached": len(self.router.cache),
                        "unwritten_moves": self.router.unwritten_moves,
                        "evicted": self.router.cache.evicted,
@@ -484,7 +484,7 @@ async def start(settings: Settings, store: RouteStore | None = None,
     listener = Listener(sidecar.proxy.handle, settings.session_header,
                         settings.max_body_bytes,
                         lambda exc: log.error("request failed inside the sidecar",
-                                              exc_info=exc))
+                                              exc_info=exc), sidecar.proxy.events)
     admin = AdminThread(sidecar, settings.admin_listen)
     try:
         server = await listen(listener, settings.listen)

@@ -107,17 +107,16 @@ class Proxy:
         self.loop = asyncio.get_running_loop()
 
     async def handle(self, request: Request, down: Downstream) -> None:
-        counters = self.counters
-        counters.requests += 1
-        counters.inflight += 1
+        self.events.started()
         fields: dict[str, object] = {}
         try:
             status, pool, model = await self._handle(request, down, fields)
         except asyncio.CancelledError:
-            counters.client_disconnects += 1
+            self.events.disconnected()
             raise
-        finally:
-            counters.inflight -= 1
+        except BaseException:
+            self.events.left()
+            raise
         self.events.finished(request.method, request.target, status, pool, model,
                              perf_counter() - request.received_at, fields)
 
@@ -142,14 +141,14 @@ class Proxy:
         else:
             session = raw.decode("latin-1")
             if not valid_session_id(session):
-                self.counters.bad_requests += 1
+                self.events.refused(400, "invalid_session_id")
                 return self._refuse(down, 400, f"header {self.session_header} must be 1-256 "
                                     "printable ASCII characters", "invalid_session_id")
         selector = None
         if request.selector is not None:
             selector = parse_selector(request.selector.decode("latin-1").strip())
             if selector is None:
-                self.counters.bad_requests += 1
+                self.events.refused(400, "invalid_selector")
                 return self._refuse(down, 400, "header x-sidecar-selector must be an integer "
                                     "0-15", "invalid_selector")
         requested = requested_model(request.body)
@@ -207,7 +206,7 @@ class Proxy:
                     down, 503, "retry budget exhausted: too many retries in the last 10 s; "
                     "not retrying to avoid multiplying load", "retry_budget_exhausted",
                     b"Retry-After: " + retry_after + b"\r\n", sent, tried=tried)
-            self.counters.no_endpoint += 1
+            self.events.no_endpoint()
             return self._refuse(down, 503, self._no_endpoint_message(route, failures),
                                 "no_ready_endpoint", b"Retry-After: " + retry_after + b"\r\n",
                                 sent, tried=tried)
@@ -293,7 +292,7 @@ class Proxy:
                 if transcript is not None and transcript.finished:
                     # The answer was complete (finish_reason arrived); only the end of the
                     # stream was lost. End it as the upstream would have.
-                    self.counters.completed_after_break += 1
+                    self.events.completed_after_break()
                     relay.feed(b"data: [DONE]\n\n")
                     relay.finish()
                     return
@@ -302,7 +301,7 @@ class Proxy:
                     nxt = await self._resume(request, route, pool, source_lease.endpoint,
                                              transcript, payload)
                     if nxt is None:
-                        self.counters.resume_failures += 1
+                        self.events.resume_failed()
                 if nxt is None:
                     relay.end_broken(answer.sse)
                     return

@@ -14,11 +14,12 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from time import perf_counter
-from typing import Any
+from typing import Any, Protocol
 
 import httptools
 
-from sidecar.dataplane.downstream import WRITE_HIGH, WRITE_LOW, ResponseWriter
+from sidecar.dataplane.downstream import ResponseWriter
+from sidecar.dataplane.flow import WRITE_HIGH, WRITE_LOW
 from sidecar.dataplane.headers import REQUEST_DROP, Headers, header_block, refused_header
 from sidecar.dataplane.seam import Reply, Request
 from sidecar.errors import error_body
@@ -55,6 +56,14 @@ EAGER_TASKS = sys.version_info >= (3, 12)
 Handler = Callable[[Request, "ClientConnection"], Awaitable[None]]
 
 
+class ListenerEvents(Protocol):
+    """Where the listener reports what never reaches the request logic (events.py's
+    `Events`): each refused request once, and each request that failed inside."""
+
+    def refused(self, status: int, reason: str) -> None: ...
+    def internal_error(self) -> None: ...
+
+
 class Refused(Exception):
     """A request that must not be forwarded: answered with `status`, then closed."""
 
@@ -74,7 +83,8 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
                  "_chunked", "_close_delimited", "_connection", "_continue_sent", "_continued",
                  "_corked", "_expect", "_forward", "_half_closed", "_head_bytes", "_head_tail",
                  "_headers", "_hosts", "_in_body", "_in_head", "_method", "_parser", "_queue",
-                 "_resume", "_selector", "_session", "_stash", "_te", "_unreadable", "_url",
+                 "_refused_behind", "_resume", "_selector", "_session", "_stash", "_te",
+                 "_unreadable", "_url",
                  "_version", "closed", "connection_id", "deadline", "head_only", "keep_alive",
                  "listener", "source", "started", "task", "transport")
 
@@ -99,6 +109,7 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
         self._resume: bytes | None = None  # see `_decline_upgrade`
         self._stash: tuple[bytes, list[bytes], Headers, list[bytes]] | None = None
         self._unreadable = False  # the parser failed behind a whole request
+        self._refused_behind = False  # ... and that refusal was counted
         self._version = (1, 1)
         self._begun_at = 0.0
         self._begin()
@@ -107,7 +118,6 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
     # -- protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        # uvloop's default low-water mark is 16 bytes: these bound what one stream holds.
         transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)  # type: ignore[attr-defined]
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -446,7 +456,7 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
 
     def _unanswered(self, exc: BaseException | None) -> None:
         listener = self.listener
-        listener.errors += 1
+        listener.events.internal_error()
         listener.log_error(exc if exc is not None else
                            RuntimeError("the request handler returned without an answer"))
         self.keep_alive = False
@@ -456,16 +466,20 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
         self._close()
 
     def _refuse(self, refused: Refused) -> None:
-        self.listener.refused += 1
         if self.task is not None or self._queue:
             # Bytes after a request that asked to close, or garbage behind good requests:
-            # answer what came whole, forward nothing more, then close (in `_serve`).
+            # answer what came whole, forward nothing more, then close (in `_serve`). The
+            # parser stays failed, so later reads would refuse the same bytes again.
+            if not self._refused_behind:
+                self._refused_behind = True
+                self.listener.events.refused(refused.status, refused.code)
             self._unreadable = True
             if self.transport is not None:
                 self.transport.pause_reading()
             return
         # Framed for the refused request's own method, not the last answer's: a refused
         # HEAD gets the head alone (RFC 9110 §9.3.2), any other request its body.
+        self.listener.events.refused(refused.status, refused.code)
         self._response_reset(self._refused_method() == b"HEAD")
         self.keep_alive = False
         self.respond(refused.status, error_body(str(refused), refused.code))
@@ -515,7 +529,7 @@ class Listener:
     """The proxy listener: its connections, the head/keep-alive sweep, graceful drain."""
 
     def __init__(self, handle: Handler, session_header: str, max_body: int,
-                 log_error: Callable[[BaseException], None]) -> None:
+                 log_error: Callable[[BaseException], None], events: ListenerEvents) -> None:
         self.loop = asyncio.get_running_loop()
         self.handle = handle
         self.session_header = session_header.encode()
@@ -523,10 +537,9 @@ class Listener:
                                   b"expect", b"transfer-encoding", b"host"})
         self.max_body = max_body
         self.log_error = log_error
+        self.events = events
         self.connections: set[ClientConnection] = set()
         self.draining = False
-        self.refused = 0
-        self.errors = 0
         self.server: asyncio.Server | None = None
         self._sweeper = self.loop.create_task(self._sweep_forever())
 
