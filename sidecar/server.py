@@ -41,6 +41,7 @@ from sidecar.podview import (
 )
 from sidecar.pools import EndpointState, PoolSet
 from sidecar.routing import Router
+from sidecar.sessionkeys import watched
 from sidecar.store import RouteStore, StoreUnavailable, make_store
 from sidecar.supervise import Supervisor
 from sidecar.telemetry import Telemetry
@@ -477,7 +478,8 @@ async def start(settings: Settings, store: RouteStore | None = None,
     listener = Listener(sidecar.proxy.handle, settings.session_header,
                         settings.max_body_bytes,
                         lambda exc: log.error("request failed inside the sidecar",
-                                              exc_info=exc))
+                                              exc_info=exc),
+                        watched(sidecar.proxy.sources))
     admin = AdminThread(sidecar, settings.admin_listen)
     try:
         server = await listen(listener, settings.listen)
