@@ -80,13 +80,28 @@ class Source:
     kind: str  # header, harness, body, connection
     name: str
     label: str
+    header: bytes = b""  # a header source's name, as the listener keeps it
 
 
-@dataclass(frozen=True, slots=True)
 class Key:
-    session: str
-    source: str  # the Source's label
-    parent: str | None = None
+    """The session a request belongs to, where that came from, and its parent if named.
+    (A plain slotted class: a frozen dataclass costs ~0.3 µs more per request.)"""
+
+    __slots__ = ("parent", "session", "source")
+
+    def __init__(self, session: str, source: str, parent: str | None = None) -> None:
+        self.session = session
+        self.source = source  # the Source's label
+        self.parent = parent
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Key) and (self.session, self.source, self.parent) == (
+            other.session, other.source, other.parent)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Key({self.session!r}, {self.source!r}, {self.parent!r})"
 
 
 def parse_sources(text: str) -> tuple[tuple[Source, ...], str | None]:
@@ -102,7 +117,7 @@ def parse_sources(text: str) -> tuple[tuple[Source, ...], str | None]:
                 return (), "`connection` must come last (every request has one)"
             source = Source("connection", "", "connection")
         elif kind == "header" and name and not any(c in name for c in " :\r\n\t"):
-            source = Source("header", name, f"header:{name}")
+            source = Source("header", name, f"header:{name}", name.encode())
         elif kind == "harness" and name in HARNESSES:
             source = Source("harness", name, f"harness:{name}")
         elif kind == "body" and name == CACHE_KEY_FIELD:
@@ -128,7 +143,7 @@ def watched(sources: tuple[Source, ...]) -> frozenset[bytes]:
     names = {FINAL_HEADER, PARENT_HEADER}
     for source in sources:
         if source.kind == "header":
-            names.add(source.name.encode())
+            names.add(source.header)
         elif source.kind == "harness":
             harness = HARNESSES[source.name]
             names.update(harness.session)
@@ -145,8 +160,9 @@ def _text(value: bytes | None) -> str | None:
 
 def body_key(body: bytes) -> str | None:
     """The body's top-level `prompt_cache_key`, when it is a usable session id. A body that
-    does not contain the key's bytes costs one C scan and is never parsed."""
-    if _CACHE_KEY not in body:
+    does not contain the key's bytes is never parsed: one memchr for its `_` (a body
+    without one is done), then one substring scan (~0.3 ns a byte)."""
+    if b"_" not in body or _CACHE_KEY not in body:
         return None
     try:
         data = orjson.loads(body)
@@ -167,30 +183,38 @@ def pick(sources: tuple[Source, ...], headers: Mapping[bytes, bytes] | None, bod
             session = body_key(body)
             if session is not None:
                 return Key(session, source.label)
-            continue
-        if kind == "connection":
+        elif kind == "connection":
             return None
-        if headers is None:
+        elif headers is None:
             continue
-        if kind == "header":
-            raw = headers.get(source.name.encode())
-            if raw is None:
-                continue
-            session = _text(raw)
-            if session is None:
-                raise BadKey(source.name)
-            return Key(session, source.label, _text(headers.get(PARENT_HEADER)))
-        harness = HARNESSES[source.name]
-        agent = _text(headers.get(harness.agent)) if harness.agent is not None else None
-        root = next((v for n in harness.session if (v := _text(headers.get(n))) is not None),
-                    None)
-        if agent is not None:
-            parent = _text(headers.get(harness.parent)) if harness.parent else None
-            return Key(agent, source.label, parent if parent is not None else root)
-        if root is not None:
-            parent = _text(headers.get(harness.parent)) if harness.parent else None
-            return Key(root, source.label, parent)
+        elif kind == "header":
+            raw = headers.get(source.header)
+            if raw is not None:
+                session = _text(raw)
+                if session is None:
+                    raise BadKey(source.name)
+                return Key(session, source.label, _text(headers.get(PARENT_HEADER)))
+        else:
+            key = _harness_key(HARNESSES[source.name], headers, source.label)
+            if key is not None:
+                return key
     return None
+
+
+def _harness_key(harness: Harness, headers: Mapping[bytes, bytes], label: str) -> Key | None:
+    agent = _text(headers.get(harness.agent)) if harness.agent is not None else None
+    root = None
+    for name in harness.session:
+        root = _text(headers.get(name))
+        if root is not None:
+            break
+    if agent is None and root is None:
+        return None
+    parent = _text(headers.get(harness.parent)) if harness.parent is not None else None
+    if agent is not None:  # a child agent: its parent agent, else the root conversation
+        return Key(agent, label, parent if parent is not None else root)
+    assert root is not None
+    return Key(root, label, parent)
 
 
 def is_final(headers: Mapping[bytes, bytes] | None) -> bool:
