@@ -10,6 +10,7 @@ import asyncio
 import pytest
 
 from sidecar.server import Running
+from sidecar.sessions import Route, RouteCache
 from tests.conftest import CHAT, admin, chat, pool
 from tests.redis_server import Monitor
 from tests.test_store_topologies import stored, topology, until  # noqa: F401  (a fixture)
@@ -161,3 +162,16 @@ async def test_a_route_with_a_call_in_flight_outlives_idle_expiry(pods, sidecar,
     status, _, _ = await call
     assert status == 200 and route.inflight == 0
     await until(lambda: cache.peek("long") is None, "the route never expired once idle")
+
+
+def test_idle_expiry_passes_over_routes_in_flight_and_ends_when_all_are():
+    cache = RouteCache(max_size=10, idle_s=1.0)
+    routes = [Route(f"s{i}", 0, "small", None, 0.0) for i in range(4)]
+    for route in routes:
+        cache.put(route, 0.0)
+    routes[0].inflight = routes[2].inflight = 1
+    assert cache.expire_idle(10.0) == 2
+    assert [r.session for r in cache] == ["s0", "s2"]  # kept, and now the newest
+    assert cache.expire_idle(20.0) == 0  # every route left is busy: the sweep still ends
+    routes[0].inflight = 0
+    assert cache.expire_idle(40.0) == 1 and [r.session for r in cache] == ["s2"]
