@@ -42,10 +42,11 @@ class Harness:
 #   a subagent's calls, `x-claude-code-parent-agent-id` on a nested subagent's. Its client
 #   is not published (anthropics/claude-code holds the changelog and plugins); the names
 #   are Dynamo's and those that proxies of its traffic read.
-# - Codex: `session-id` (codex-rs/codex-api/src/requests/headers.rs, `build_session_headers`,
-#   current main); releases before it sent `session_id` (the same file at commit 546585f8,
-#   `build_conversation_headers`). Its `x-codex-parent-thread-id` names a thread, not a
-#   session id, so Codex children are not seeded from it.
+# - Codex: codex-rs/codex-api/src/requests/headers.rs sends `session_id` at openai/codex
+#   commit 546585f8 (`build_conversation_headers`) and `session-id` in later versions of the
+#   file (`build_session_headers`, Dynamo's spelling): both are read. Its
+#   `x-codex-parent-thread-id` names a thread, not a session id, so Codex children are not
+#   seeded from it.
 # - OpenCode: `x-session-id` and, on a subtask's calls, `x-parent-session-id`.
 HARNESSES: dict[str, Harness] = {
     "claude-code": Harness((b"x-claude-code-session-id",), agent=b"x-claude-code-agent-id",
