@@ -47,7 +47,10 @@ class Harness:
 #   file (`build_session_headers`, Dynamo's spelling): both are read. Its
 #   `x-codex-parent-thread-id` names a thread, not a session id, so Codex children are not
 #   seeded from it.
-# - OpenCode: `x-session-id` and, on a subtask's calls, `x-parent-session-id`.
+# - OpenCode: `x-session-id` and, on a subtask's calls, `x-parent-session-id` (Dynamo's map;
+#   anomalyco/opencode's packages/opencode/src/session/llm.ts at commit 00badcb8 sends
+#   neither yet — only `x-opencode-session` to OpenCode's own providers — so it depends on
+#   the version).
 HARNESSES: dict[str, Harness] = {
     "claude-code": Harness((b"x-claude-code-session-id",), agent=b"x-claude-code-agent-id",
                            parent=b"x-claude-code-parent-agent-id"),
