@@ -91,12 +91,16 @@ class Key:
     """The session a request belongs to, where that came from, and its parent if named.
     (A plain slotted class: a frozen dataclass costs ~0.3 µs more per request.)"""
 
-    __slots__ = ("parent", "session", "source")
+    __slots__ = ("model", "parent", "read_body", "session", "source")
 
     def __init__(self, session: str, source: str, parent: str | None = None) -> None:
         self.session = session
         self.source = source  # the Source's label
         self.parent = parent
+        # A key read from a parsed body: that parse's top-level `model` (str or None), so
+        # the body is not parsed twice (models.requested_model would parse it again).
+        self.read_body = False
+        self.model: str | None = None
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Key) and (self.session, self.source, self.parent) == (
@@ -162,18 +166,23 @@ def _text(value: bytes | None) -> str | None:
     return text if valid_session_id(text) else None
 
 
-def body_key(body: bytes) -> str | None:
-    """The body's top-level `prompt_cache_key`, when it is a usable session id. A body that
-    does not contain the key's bytes is never parsed: one memchr for its `_` (a body
-    without one is done), then one substring scan (~0.3 ns a byte)."""
+def body_key(body: bytes) -> tuple[str, str | None] | None:
+    """The body's top-level `prompt_cache_key` when it is a usable session id, and its
+    top-level `model` from the same parse. A body that does not contain the key's bytes
+    is never parsed: one memchr for its `_` (a body without one is done), then one
+    substring scan (~0.3 ns a byte)."""
     if b"_" not in body or _CACHE_KEY not in body:
         return None
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-    value = data.get(CACHE_KEY_FIELD) if isinstance(data, dict) else None
-    return value if isinstance(value, str) and valid_session_id(value) else None
+    if not isinstance(data, dict):
+        return None
+    value, model = data.get(CACHE_KEY_FIELD), data.get("model")
+    if not isinstance(value, str) or not valid_session_id(value):
+        return None
+    return value, model if isinstance(model, str) else None
 
 
 def pick(sources: tuple[Source, ...], headers: Mapping[bytes, bytes] | None, body: bytes
@@ -184,9 +193,11 @@ def pick(sources: tuple[Source, ...], headers: Mapping[bytes, bytes] | None, bod
     for source in sources:
         kind = source.kind
         if kind == "body":
-            session = body_key(body)
-            if session is not None:
-                return Key(session, source.label)
+            found = body_key(body)
+            if found is not None:
+                key = Key(found[0], source.label)
+                key.read_body, key.model = True, found[1]
+                return key
         elif kind == "connection":
             return None
         elif headers is None:

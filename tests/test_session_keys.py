@@ -91,7 +91,8 @@ def test_a_bad_configured_header_is_refused_but_a_bad_harness_or_body_key_is_pas
 
 
 def test_the_body_key_is_read_only_at_the_top_level_and_only_when_its_bytes_are_there():
-    assert body_key(body(prompt_cache_key="k")) == "k"
+    assert body_key(body(prompt_cache_key="k")) == ("k", "auto")  # and the model, once
+    assert body_key(orjson.dumps({"prompt_cache_key": "k", "model": 7})) == ("k", None)
     assert body_key(body(metadata={"prompt_cache_key": "nested"})) is None
     assert body_key(b'{"prompt_cache_key": "k", broken') is None
     assert body_key(b"not json at all") is None
@@ -205,3 +206,14 @@ def test_the_reference_lists_every_source_and_harness_header():
                 assert f"`{header.decode()}`" in readme, header
     for label in ("body:prompt_cache_key", "`x-session-final`", "x-sidecar-session-source"):
         assert label in readme
+
+
+async def test_a_body_read_for_its_key_still_names_the_model_that_serves(pods, sidecar, http):
+    small, large = await pods(1), await pods(1)
+    running = await sidecar({"small": pool(small), "large": pool(large, "large-model")})
+    for model, served in (("large-model", "large"), ("small-model", "small")):
+        status, headers, _ = await chat(http, running, None, {
+            "messages": [{"role": "user", "content": "hi"}], "model": model,
+            "prompt_cache_key": f"conv-{model}"})
+        assert status == 200 and headers["x-sidecar-session-source"] == "body:prompt_cache_key"
+        assert headers["x-sidecar-pool"] == served

@@ -160,7 +160,8 @@ class Proxy:
                 self.counters.bad_requests += 1
                 return self._refuse(down, 400, "header x-sidecar-selector must be an integer "
                                     "0-15", "invalid_selector")
-        requested = requested_model(request.body)
+        requested = key.model if key is not None and key.read_body \
+            else requested_model(request.body)
         named = named_pool(self.router.pools.models, requested)
         now = self.loop.time()
         route = self.router.lookup(session, now)
