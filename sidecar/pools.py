@@ -89,6 +89,12 @@ class Endpoint:
             return True
         return False
 
+    def has_room(self, now: float) -> bool:
+        """Room for one more session right now: ready, not saturated, not holding off. A
+        query only (unlike `usable`, it never admits an ejected endpoint's trial call)."""
+        return self.state is EndpointState.READY and not self.saturated \
+            and now >= self.held_until
+
     def record_success(self) -> bool:
         """Returns True when this success restored an ejected endpoint."""
         self.consecutive_failures = 0

@@ -42,6 +42,7 @@ from sidecar.podview import (
 )
 from sidecar.pools import EndpointState, PoolSet
 from sidecar.routing import Router
+from sidecar.sessionkeys import watched
 from sidecar.store import RouteStore, StoreUnavailable, make_store
 from sidecar.supervise import Supervisor
 from sidecar.telemetry import Telemetry
@@ -484,7 +485,8 @@ async def start(settings: Settings, store: RouteStore | None = None,
     listener = Listener(sidecar.proxy.handle, settings.session_header,
                         settings.max_body_bytes,
                         lambda exc: log.error("request failed inside the sidecar",
-                                              exc_info=exc), sidecar.proxy.events)
+                                              exc_info=exc), sidecar.proxy.events,
+                        watched(sidecar.proxy.sources))
     admin = AdminThread(sidecar, settings.admin_listen)
     try:
         server = await listen(listener, settings.listen)

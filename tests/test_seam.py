@@ -161,7 +161,8 @@ async def _exchange(upstream: MockUpstream, session: bytes = b"s1"
     down = RecordingDownstream()
     body = b'{"model":"m","messages":[]}'
     await proxy.handle(Request(b"POST", b"/v1/chat/completions", (1, 1), [], b"", body,
-                               session, None, "conn:test", perf_counter()), down)
+                               {b"x-session-id": session}, None, "conn:test",
+                               perf_counter()), down)
     return proxy, down
 
 

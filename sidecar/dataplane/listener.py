@@ -82,8 +82,8 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
     __slots__ = ("_answered", "_begun_at", "_body", "_body_seen", "_body_since", "_body_size",
                  "_chunked", "_close_delimited", "_connection", "_continue_sent", "_continued",
                  "_corked", "_expect", "_forward", "_half_closed", "_head_bytes", "_head_tail",
-                 "_headers", "_hosts", "_in_body", "_in_head", "_method", "_parser", "_queue",
-                 "_refused_behind", "_resume", "_selector", "_session", "_stash", "_te",
+                 "_headers", "_hosts", "_in_body", "_in_head", "_keys", "_method", "_parser",
+                 "_queue", "_refused_behind", "_resume", "_selector", "_stash", "_te",
                  "_unreadable", "_url",
                  "_version", "closed", "connection_id", "deadline", "head_only", "keep_alive",
                  "listener", "source", "started", "task", "transport")
@@ -251,7 +251,9 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
         self._body_size = 0
         self._body_seen = 0  # `_body_size` at the sweep's last look (-1: the head's read)
         self._method: bytes | None = None  # an upgrade's own, read through a made-up head
-        self._session: bytes | None = None
+        # The session-key headers' values (sessionkeys.watched), first of each name; None
+        # until one arrives, so a request without any allocates nothing.
+        self._keys: dict[bytes, bytes] | None = None
         self._selector: bytes | None = None
         self._connection: bytes | None = None
         self._expect: bytes | None = None
@@ -292,8 +294,12 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
         if lower not in REQUEST_DROP:
             self._forward.append(b"%s: %s\r\n" % (name, value))
         if lower in self.listener.special:
-            if lower == self.listener.session_header:
-                self._session = value
+            if lower in self.listener.watched:
+                keys = self._keys
+                if keys is None:
+                    self._keys = {lower: value}
+                elif lower not in keys:
+                    keys[lower] = value
             elif lower == SELECTOR_HEADER:
                 self._selector = value
             elif lower == b"connection":
@@ -390,7 +396,7 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
             _VERSIONS.get(parser.get_http_version(), (1, 0)), self._headers,
             b"".join(self._forward) if self._connection is None else
             header_block(self._headers, REQUEST_DROP, self._connection),
-            body[0] if len(body) == 1 else b"".join(body), self._session, self._selector,
+            body[0] if len(body) == 1 else b"".join(body), self._keys, self._selector,
             self.connection_id, self._begun_at)
         self._queue.append((request, parser.should_keep_alive(), self._continue_sent))
         self._begin()
@@ -529,12 +535,15 @@ class Listener:
     """The proxy listener: its connections, the head/keep-alive sweep, graceful drain."""
 
     def __init__(self, handle: Handler, session_header: str, max_body: int,
-                 log_error: Callable[[BaseException], None], events: ListenerEvents) -> None:
+                 log_error: Callable[[BaseException], None], events: ListenerEvents,
+                 watched: frozenset[bytes] = frozenset()) -> None:
         self.loop = asyncio.get_running_loop()
         self.handle = handle
         self.session_header = session_header.encode()
-        self.special = frozenset({self.session_header, SELECTOR_HEADER, b"connection",
-                                  b"expect", b"transfer-encoding", b"host"})
+        # Session keys, parents and the end mark: kept for the exchange (sessionkeys.pick).
+        self.watched = watched | {self.session_header}
+        self.special = self.watched | {SELECTOR_HEADER, b"connection", b"expect",
+                                       b"transfer-encoding", b"host"}
         self.max_body = max_body
         self.log_error = log_error
         self.events = events
