@@ -226,9 +226,9 @@ class Router:
 
     def propose(self, session: str, selector: int | None, named: str | None = None, *,
                 alike: bool = False) -> Route:
-        """The deterministic route every pod computes alike: the pool the request's model
-        names, else the table slot of the selector; then rendezvous in that pool, bounded by
-        the loads this sidecar sees unless `alike` (rendezvous alone)."""
+        """A new session's route: the pool the request's model names, else the table slot
+        of the selector; then rendezvous in that pool, bounded by the loads this sidecar
+        sees, or with `alike` rendezvous alone (the same on every pod)."""
         if selector is None:
             selector = selector_for(session)
         pool = self.pools.get(named) if named is not None else None
