@@ -288,6 +288,12 @@ class Router:
                 self.telemetry.observe("redis_latency", (), time.perf_counter() - asked_at)
         except StoreUnavailable as exc:
             self.counters.resolved_without_store += 1
+            if current is None:
+                # No shared route to agree on: the pick every sidecar computes alike, not one
+                # weighed by this sidecar's own view of the load (its calls in flight, a
+                # fleet view read before Redis went away), which another sidecar does not see.
+                proposal = self.propose(session, selector, pool, alike=True)
+                proposal.refreshed_at = now
             # Asked again on the next request only when that can help (Redis away or busy);
             # a command Redis refused as wrong would be refused again on every request.
             proposal.synced = not exc.retry
@@ -306,10 +312,11 @@ class Router:
         self.cache.put(route, now)
         return route
 
-    def propose(self, session: str, selector: int | None, named: str | None = None
-                ) -> Route:
-        """The deterministic route every pod computes alike: the pool the request's model
-        names, else the table slot of the selector; then rendezvous in that pool."""
+    def propose(self, session: str, selector: int | None, named: str | None = None, *,
+                alike: bool = False) -> Route:
+        """A new session's route: the pool the request's model names, else the table slot
+        of the selector; then rendezvous in that pool, bounded by the loads this sidecar
+        sees, or with `alike` rendezvous alone (the same on every pod)."""
         if selector is None:
             selector = selector_for(session)
         pool = self.pools.get(named) if named is not None else None
@@ -317,7 +324,8 @@ class Router:
             pool = self.pools.get(self.settings.routes[self.level][selector])
         if pool is None:  # the pool was removed by a reload; use any configured pool
             pool = next(iter(self.pools.pools.values()))
-        endpoint = pool.pick(session.encode(), self.settings.bounded_load_factor)
+        endpoint = (pool.first_ready(session.encode()) if alike else
+                    pool.pick(session.encode(), self.settings.bounded_load_factor))
         return Route(session, selector, pool.name, endpoint, self._wall_stamp(time.time()))
 
     def for_model(self, route: Route, named: str | None) -> Route:
