@@ -215,7 +215,8 @@ class Router:
             proposal.synced = True
             self.cache.put(proposal, now)
             return proposal
-        return (await self._stored(session, proposal, now, record))[0]
+        return (await self._stored(session, proposal, now, record, named=pool,
+                                   fresh=current is None))[0]
 
     # -- subagents start warm --------------------------------------------------------------
 
@@ -255,7 +256,8 @@ class Router:
                 parent_route = Route.from_record(parent, record, self.pools) if record else None
             followed = (self._follow(session, parent_route, named, loop_now)
                         if parent_route is not None else None)
-            route, created = await self._stored(session, followed or proposal, now)
+            route, created = await self._stored(session, followed or proposal, now,
+                                                named=named, fresh=followed is None)
             if created and followed is not None:
                 self.counters.seeded_from_parent += 1
             return route
@@ -268,16 +270,14 @@ class Router:
                 f"started on its parent session's pod ({parent})")
             self.telemetry.observe("redis_latency", (), time.perf_counter() - asked_at)
         except StoreUnavailable as exc:
-            self.counters.resolved_without_store += 1
-            proposal.synced = not exc.retry
-            self.cache.put(proposal, now)
-            return proposal
+            return self._unstored(session, proposal, now, exc, named, fresh=True)
         if how == "parent":
             self.counters.seeded_from_parent += 1
         return self._taken(session, proposal, record, stored, now)
 
     async def _stored(self, session: str, proposal: Route, now: float,
-                      record: bytes | None = None) -> tuple[Route, bool]:
+                      record: bytes | None = None, *, named: str | None = None,
+                      fresh: bool = False) -> tuple[Route, bool]:
         """The usual get-or-create of a proposal (one round trip); whether it was created."""
         if record is None:
             record = proposal.record()
@@ -287,19 +287,25 @@ class Router:
             if self.store.kind == "redis":
                 self.telemetry.observe("redis_latency", (), time.perf_counter() - asked_at)
         except StoreUnavailable as exc:
-            self.counters.resolved_without_store += 1
-            if current is None:
-                # No shared route to agree on: the pick every sidecar computes alike, not one
-                # weighed by this sidecar's own view of the load (its calls in flight, a
-                # fleet view read before Redis went away), which another sidecar does not see.
-                proposal = self.propose(session, selector, pool, alike=True)
-                proposal.refreshed_at = now
-            # Asked again on the next request only when that can help (Redis away or busy);
-            # a command Redis refused as wrong would be refused again on every request.
-            proposal.synced = not exc.retry
-            self.cache.put(proposal, now)
-            return proposal, False
+            return self._unstored(session, proposal, now, exc, named, fresh), False
         return self._taken(session, proposal, record, stored, now), stored == record
+
+    def _unstored(self, session: str, proposal: Route, now: float, exc: StoreUnavailable,
+                  named: str | None, fresh: bool) -> Route:
+        """A first touch Redis did not answer: the route is this pod's own until it does.
+        `fresh`: no route was held here, so none is shared to agree on."""
+        self.counters.resolved_without_store += 1
+        if fresh:
+            # The pick every sidecar computes alike, not one weighed by this sidecar's own
+            # view of the load (its calls in flight, a fleet view read before Redis went
+            # away), which another sidecar does not see.
+            proposal = self.propose(session, proposal.selector, named, alike=True)
+            proposal.refreshed_at = now
+        # Asked again on the next request only when that can help (Redis away or busy);
+        # a command Redis refused as wrong would be refused again on every request.
+        proposal.synced = not exc.retry
+        self.cache.put(proposal, now)
+        return proposal
 
     def _taken(self, session: str, proposal: Route, record: bytes, stored: bytes,
                now: float) -> Route:
