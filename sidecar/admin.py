@@ -190,8 +190,12 @@ class Admin:
 
     async def endpoints(self, request: web.Request) -> web.Response:
         def view() -> bytes:
+            # `sessions`: the routes this sidecar holds that point at the endpoint.
+            sessions = self.sidecar.router.cache.sessions_per_endpoint()
             return orjson.dumps({name: {"model": pool.model, "fallback": pool.fallback,
-                                        "endpoints": [e.view() for e in pool.endpoints]}
+                                        "endpoints": [{**e.view(),
+                                                       "sessions": sessions.get(e.url, 0)}
+                                                      for e in pool.endpoints]}
                                  for name, pool in self.sidecar.pools.pools.items()},
                                 option=orjson.OPT_INDENT_2)
         return web.Response(body=await self._read(view), content_type="application/json")

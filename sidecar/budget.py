@@ -14,12 +14,11 @@ _BUCKETS = WINDOW_S  # one bucket per second
 
 
 class RetryBudget:
-    __slots__ = ("_requests", "_retries", "_second", "minimum", "percent", "refused")
+    __slots__ = ("_requests", "_retries", "_second", "minimum", "percent")
 
     def __init__(self, percent: float, minimum: int) -> None:
         self.percent = percent
         self.minimum = minimum
-        self.refused = 0
         self._requests = [0] * _BUCKETS
         self._retries = [0] * _BUCKETS
         self._second = 0
@@ -42,15 +41,15 @@ class RetryBudget:
         self._requests[slot] += 1
 
     def try_retry(self, now: float) -> bool:
-        """Take one retry from the budget; False (and counted) when it is spent."""
+        """Take one retry from the budget; False when it is spent (the caller reports the
+        refusal: events.py counts it, once)."""
         slot = self._advance(now)
         allowed = max(self.minimum, sum(self._requests) * self.percent / 100.0)
         if sum(self._retries) + 1 > allowed:
-            self.refused += 1
             return False
         self._retries[slot] += 1
         return True
 
     def view(self) -> dict[str, float]:
         return {"requests_10s": sum(self._requests), "retries_10s": sum(self._retries),
-                "percent": self.percent, "minimum": self.minimum, "refused": self.refused}
+                "percent": self.percent, "minimum": self.minimum}

@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from sidecar.podload import DEFAULT_ENGINE, ENGINES
+from sidecar.sessionkeys import EXPECTED_FORM, Source, default_sources, parse_sources
 
 LOAD_LEVELS = ("low", "medium", "high")
 SELECTOR_SLOTS = 16
@@ -106,6 +107,8 @@ class Settings:
     api_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
     # Bearer token for the admin endpoints beyond health/ready/metrics; never printed.
     admin_token: str | None = field(default=None, repr=False)
+    # Where a request's session key comes from, first present wins (sessionkeys.py).
+    session_keys: tuple[Source, ...] = ()
 
     @property
     def admin_needs_token(self) -> bool:
@@ -155,6 +158,7 @@ class Settings:
             "SIDECAR_REDIS_TIMEOUT_MS": round(self.redis_timeout_s * 1000),
             "SIDECAR_REDIS_MAX_CONNECTIONS": self.redis_max_connections,
             "SIDECAR_SESSION_HEADER": self.session_header,
+            "SIDECAR_SESSION_KEYS": ",".join(source.label for source in self.session_keys),
             "SIDECAR_SESSION_TTL_S": self.session_ttl_s,
             "SIDECAR_SESSION_IDLE_S": self.session_idle_s,
             "SIDECAR_ROUTE_CACHE_SIZE": self.route_cache_size,
@@ -223,6 +227,11 @@ VARIABLES: dict[str, tuple[str | None, str]] = {
     "SIDECAR_REDIS_TIMEOUT_MS": ("50", "per-operation Redis budget in milliseconds"),
     "SIDECAR_REDIS_MAX_CONNECTIONS": ("32", "Redis connection pool bound"),
     "SIDECAR_SESSION_HEADER": ("x-session-id", "request header carrying the session id"),
+    "SIDECAR_SESSION_KEYS": (None, "where a session key comes from, first present wins: "
+                             "`header:<name>`, `harness:claude-code|codex|opencode`, "
+                             "`body:prompt_cache_key`, `connection`; unset = header:"
+                             "<SIDECAR_SESSION_HEADER>, every harness, the body's key, the "
+                             "connection"),
     "SIDECAR_SESSION_TTL_S": ("86400", "Redis TTL of a session route, seconds"),
     "SIDECAR_SESSION_IDLE_S": ("900", "idle time before a route leaves process memory"),
     "SIDECAR_ROUTE_CACHE_SIZE": ("200000", "most session routes kept in process memory"),
@@ -640,6 +649,16 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     session_header = (r.raw("SIDECAR_SESSION_HEADER") or "").lower()
     if not session_header or any(c in session_header for c in " :\r\n\t"):
         r.problem("SIDECAR_SESSION_HEADER", session_header, "an HTTP header name")
+    session_keys = default_sources(session_header or "x-session-id")
+    keys_text = r.raw("SIDECAR_SESSION_KEYS")
+    if keys_text is not None:
+        parsed, wrong = parse_sources(keys_text)
+        if wrong is not None:
+            r.problems.append(f"SIDECAR_SESSION_KEYS={keys_text!r}: {wrong}; expected "
+                              f"{EXPECTED_FORM}, e.g. header:x-session-id,harness:claude-code,"
+                              "body:prompt_cache_key,connection")
+        else:
+            session_keys = parsed
 
     load_factor = r.number("SIDECAR_BOUNDED_LOAD_FACTOR", strict=False)
     if 0 < load_factor < 1:
@@ -708,6 +727,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         pools_file=pools_file,
         api_keys=keys,
         admin_token=admin_token,
+        session_keys=session_keys,
     )
     if r.problems:
         raise ConfigError(r.problems)

@@ -89,6 +89,12 @@ class Endpoint:
             return True
         return False
 
+    def has_room(self, now: float) -> bool:
+        """Room for one more session right now: ready, not saturated, not holding off. A
+        query only (unlike `usable`, it never admits an ejected endpoint's trial call)."""
+        return self.state is EndpointState.READY and not self.saturated \
+            and now >= self.held_until
+
     def record_success(self) -> bool:
         """Returns True when this success restored an ejected endpoint."""
         self.consecutive_failures = 0
@@ -220,6 +226,13 @@ class Pool:
             return ready[0]
         return ready[choose_new([e.load for e in ready], [e.inflight for e in ready],
                                 load_factor, [e.inflight - e.inflight_at_load for e in ready])]
+
+    def first_ready(self, session_key: bytes) -> Endpoint | None:
+        """A new session's endpoint by rendezvous alone, whatever the loads: what every
+        sidecar computes alike when they cannot share a route (the store is away)."""
+        ranked = self.ranked(session_key)
+        return next((e for e in ranked if e.state is EndpointState.READY),
+                    ranked[0] if ranked else None)
 
     def has_warming(self) -> bool:
         return any(e.state is EndpointState.WARMING for e in self.endpoints)

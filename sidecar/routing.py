@@ -43,8 +43,9 @@ WRITE_ATTEMPTS = 3
 
 class RouterCounters:
     __slots__ = ("cache_hits", "cache_misses", "coalesced", "cold_start_fallbacks",
-                 "remote_changes", "resolved_without_store", "route_changes", "session_moves",
-                 "spills", "writes_dropped")
+                 "remote_changes", "resolved_without_store", "route_changes",
+                 "seeded_from_parent", "session_moves", "sessions_ended", "spills",
+                 "writes_dropped")
 
     def __init__(self) -> None:
         self.cache_hits = 0
@@ -56,6 +57,8 @@ class RouterCounters:
         self.route_changes = 0         # failovers that moved a session
         self.session_moves = 0         # sessions moved off a saturated pod (placement)
         self.spills = 0                # parallel calls sent past their session's busy pod
+        self.seeded_from_parent = 0    # new sessions started on their parent's pod
+        self.sessions_ended = 0        # sessions ended by their last call (x-session-final)
         self.writes_dropped = 0        # route writes skipped because too many were queued
 
     def view(self) -> dict[str, int]:
@@ -131,9 +134,11 @@ class Router:
         return route
 
     async def resolve(self, session: str, selector: int | None, *, local: bool,
-                      pool: str | None = None) -> Route:
+                      pool: str | None = None, parent: str | None = None) -> Route:
         """First touch: one store round trip (shared by concurrent requests of the session).
-        `pool` is the pool the request's model names; without one the table chooses.
+        `pool` is the pool the request's model names; without one the table chooses. A new
+        session naming a `parent` starts on the parent's route while its pod has room
+        (see `_seeded`).
 
         The first request runs it inline (no task: its pick must count toward the next
         request's bounded load); the others wait on a shielded future. Should the first
@@ -147,9 +152,11 @@ class Router:
         future: asyncio.Future[Route] = loop.create_future()
         self._first_touch[session] = future
         try:
-            route = await self._resolve(session, selector, local=local, pool=pool)
+            route = await self._resolve(session, selector, local=local, pool=pool,
+                                        parent=parent)
         except asyncio.CancelledError:
-            task = loop.create_task(self._resolve(session, selector, local=local, pool=pool))
+            task = loop.create_task(self._resolve(session, selector, local=local, pool=pool,
+                                                  parent=parent))
             self._taken_over.add(task)
             task.add_done_callback(self._taken_over.discard)
             task.add_done_callback(lambda done: self._touched(session, future, done))
@@ -183,11 +190,13 @@ class Router:
             future.set_result(route)
 
     async def _resolve(self, session: str, selector: int | None, *, local: bool,
-                       pool: str | None = None) -> Route:
+                       pool: str | None = None, parent: str | None = None) -> Route:
         now = self.cache.stamp(asyncio.get_running_loop().time())
         current = self.cache.peek(session)
         proposal = current if current is not None else self.propose(session, selector, pool)
         proposal.refreshed_at = now
+        if current is None and parent is not None and not local:
+            return await self._seeded(session, proposal, parent, pool, now)
         if local:
             # A connection-lifetime session can never reach another pod: no store needed.
             self.cache.put(proposal, now)
@@ -206,18 +215,101 @@ class Router:
             proposal.synced = True
             self.cache.put(proposal, now)
             return proposal
+        return (await self._stored(session, proposal, now, record, named=pool,
+                                   fresh=current is None))[0]
+
+    # -- subagents start warm --------------------------------------------------------------
+
+    def _no_room(self, now: float) -> list[str]:
+        """Endpoints a new session must not be seeded onto (not ready, saturated, held)."""
+        return [e.url for p in self.pools.pools.values() for e in p.endpoints
+                if not e.has_room(now)]
+
+    def _follow(self, session: str, parent: Route, named: str | None, now: float
+                ) -> Route | None:
+        """The child's route on its parent's pod, if that pod has room (same pool as the
+        request's model names, when it names one)."""
+        endpoint = parent.endpoint
+        if endpoint is None or not endpoint.has_room(now) or (
+                named is not None and parent.pool != named):
+            return None
+        return Route(session, parent.selector, parent.pool, endpoint,
+                     self._wall_stamp(time.time()), parent.fallback, parent.fallback_until,
+                     f"started on its parent session's pod ({parent.session})")
+
+    async def _seeded(self, session: str, proposal: Route, parent: str, named: str | None,
+                      now: float) -> Route:
+        """First touch of a session that names its parent. The parent's route is read from
+        this sidecar's cache when it holds it (no extra round trip), else with the child's
+        get-or-create in one script (standalone, Sentinel); Cluster keeps the two keys in
+        different slots, so there the parent is read first (a second round trip, on a
+        child's first touch only). An existing child record always wins."""
+        loop_now = asyncio.get_running_loop().time()
+        cached = self.cache.peek(parent)
+        if cached is not None or not self.store.reads_parent_in_script:
+            parent_route = cached
+            if parent_route is None:
+                try:
+                    record = await self.store.get(parent)
+                except StoreUnavailable:
+                    record = None
+                parent_route = Route.from_record(parent, record, self.pools) if record else None
+            followed = (self._follow(session, parent_route, named, loop_now)
+                        if parent_route is not None else None)
+            route, created = await self._stored(session, followed or proposal, now,
+                                                named=named, fresh=followed is None)
+            if created and followed is not None:
+                self.counters.seeded_from_parent += 1
+            return route
+        record = proposal.record()
+        try:
+            asked_at = time.perf_counter()
+            stored, how = await self.store.get_or_create_child(
+                session, record, parent, named, self._no_room(loop_now),
+                self._wall_stamp(time.time()),
+                f"started on its parent session's pod ({parent})")
+            self.telemetry.observe("redis_latency", (), time.perf_counter() - asked_at)
+        except StoreUnavailable as exc:
+            return self._unstored(session, proposal, now, exc, named, fresh=True)
+        if how == "parent":
+            self.counters.seeded_from_parent += 1
+        return self._taken(session, proposal, record, stored, now)
+
+    async def _stored(self, session: str, proposal: Route, now: float,
+                      record: bytes | None = None, *, named: str | None = None,
+                      fresh: bool = False) -> tuple[Route, bool]:
+        """The usual get-or-create of a proposal (one round trip); whether it was created."""
+        if record is None:
+            record = proposal.record()
         try:
             asked_at = time.perf_counter()
             stored = await self.store.get_or_create(session, record)
             if self.store.kind == "redis":
                 self.telemetry.observe("redis_latency", (), time.perf_counter() - asked_at)
         except StoreUnavailable as exc:
-            self.counters.resolved_without_store += 1
-            # Asked again on the next request only when that can help (Redis away or busy);
-            # a command Redis refused as wrong would be refused again on every request.
-            proposal.synced = not exc.retry
-            self.cache.put(proposal, now)
-            return proposal
+            return self._unstored(session, proposal, now, exc, named, fresh), False
+        return self._taken(session, proposal, record, stored, now), stored == record
+
+    def _unstored(self, session: str, proposal: Route, now: float, exc: StoreUnavailable,
+                  named: str | None, fresh: bool) -> Route:
+        """A first touch Redis did not answer: the route is this pod's own until it does.
+        `fresh`: no route was held here, so none is shared to agree on."""
+        self.counters.resolved_without_store += 1
+        if fresh:
+            # The pick every sidecar computes alike, not one weighed by this sidecar's own
+            # view of the load (its calls in flight, a fleet view read before Redis went
+            # away), which another sidecar does not see.
+            proposal = self.propose(session, proposal.selector, named, alike=True)
+            proposal.refreshed_at = now
+        # Asked again on the next request only when that can help (Redis away or busy);
+        # a command Redis refused as wrong would be refused again on every request.
+        proposal.synced = not exc.retry
+        self.cache.put(proposal, now)
+        return proposal
+
+    def _taken(self, session: str, proposal: Route, record: bytes, stored: bytes,
+               now: float) -> Route:
+        """The store's answer becomes the cached route (another pod's record wins)."""
         route = proposal
         if stored != record:
             route = Route.from_record(session, stored, self.pools) or proposal
@@ -226,10 +318,11 @@ class Router:
         self.cache.put(route, now)
         return route
 
-    def propose(self, session: str, selector: int | None, named: str | None = None
-                ) -> Route:
-        """The deterministic route every pod computes alike: the pool the request's model
-        names, else the table slot of the selector; then rendezvous in that pool."""
+    def propose(self, session: str, selector: int | None, named: str | None = None, *,
+                alike: bool = False) -> Route:
+        """A new session's route: the pool the request's model names, else the table slot
+        of the selector; then rendezvous in that pool, bounded by the loads this sidecar
+        sees, or with `alike` rendezvous alone (the same on every pod)."""
         if selector is None:
             selector = selector_for(session)
         pool = self.pools.get(named) if named is not None else None
@@ -237,7 +330,8 @@ class Router:
             pool = self.pools.get(self.settings.routes[self.level][selector])
         if pool is None:  # the pool was removed by a reload; use any configured pool
             pool = next(iter(self.pools.pools.values()))
-        endpoint = pool.pick(session.encode(), self.settings.bounded_load_factor)
+        endpoint = (pool.first_ready(session.encode()) if alike else
+                    pool.pick(session.encode(), self.settings.bounded_load_factor))
         return Route(session, selector, pool.name, endpoint, self._wall_stamp(time.time()))
 
     def for_model(self, route: Route, named: str | None) -> Route:
@@ -448,6 +542,15 @@ class Router:
         self.level_changes += 1
 
     # -- admin ---------------------------------------------------------------------------
+
+    async def end(self, session: str, *, local: bool) -> None:
+        """The session's last call was answered: its route leaves this pod and the store
+        (the other pods drop theirs on the announcement)."""
+        self.counters.sessions_ended += 1
+        if local:
+            self.cache.pop(session)
+            return
+        await self.forget(session)
 
     async def forget(self, session: str) -> tuple[bool, str | None]:
         """Forget the session here and in the store: whether this pod had it cached, and

@@ -42,6 +42,7 @@ from sidecar.podview import (
 )
 from sidecar.pools import EndpointState, PoolSet
 from sidecar.routing import Router
+from sidecar.sessionkeys import watched
 from sidecar.store import RouteStore, StoreUnavailable, make_store
 from sidecar.supervise import Supervisor
 from sidecar.telemetry import Telemetry
@@ -392,7 +393,7 @@ class Sidecar:
             "load_level": self.router.level,
             "draining": self.draining,
             "reloads": self.reloads,
-            "proxy": self.proxy.counters.view() if self.proxy else {},
+            "proxy": self.proxy.events.view() if self.proxy else {},
             "routes": {**self.router.counters.view(), "cached": len(self.router.cache),
                        "unwritten_moves": self.router.unwritten_moves,
                        "evicted": self.router.cache.evicted,
@@ -484,7 +485,8 @@ async def start(settings: Settings, store: RouteStore | None = None,
     listener = Listener(sidecar.proxy.handle, settings.session_header,
                         settings.max_body_bytes,
                         lambda exc: log.error("request failed inside the sidecar",
-                                              exc_info=exc))
+                                              exc_info=exc), sidecar.proxy.events,
+                        watched(sidecar.proxy.sources))
     admin = AdminThread(sidecar, settings.admin_listen)
     try:
         server = await listen(listener, settings.listen)

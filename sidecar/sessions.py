@@ -13,8 +13,8 @@ from hashlib import blake2b
 import orjson
 
 from sidecar.pools import Endpoint, PoolSet
+from sidecar.sessionkeys import valid_session_id as valid_session_id  # re-exported
 
-MAX_SESSION_ID_LENGTH = 256
 # Times a route keeps (created, last seen, refreshed) are shared float objects within this
 # resolution: a float is 24 bytes, and a route lives as long as its session.
 STAMP_RESOLUTION_S = 0.1
@@ -36,11 +36,6 @@ class Stamps:
         return now
 
 
-def valid_session_id(value: str) -> bool:
-    """1–256 printable ASCII characters (so it is safe to echo in a header)."""
-    return 0 < len(value) <= MAX_SESSION_ID_LENGTH and value.isascii() and value.isprintable()
-
-
 def parse_selector(value: str) -> int | None:
     """`x-sidecar-selector: N` with N in 0–15; None when invalid."""
     # isascii first: "²".isdigit() is True but int("²") fails (header bytes are latin-1).
@@ -60,7 +55,7 @@ class Route:
     """Where a session goes. `endpoint` is the endpoint that served it last."""
 
     # The fallback pool and its deadline share one slot (a tuple only while a session is
-    # on a fallback), which keeps a route one pymalloc size class smaller.
+    # on a fallback): eleven slots, not twelve.
     __slots__ = ("created_at", "detour", "endpoint", "inflight", "last_seen", "pool",
                  "reason", "refreshed_at", "selector", "session", "synced")
 
@@ -80,7 +75,7 @@ class Route:
         self.refreshed_at = 0.0
         # False when resolved without the store (Redis down): re-read once it is back.
         self.synced = True
-        self.inflight = 0  # the session's calls in flight through this sidecar (exchange)
+        self.inflight = 0  # the session's requests being answered now (the exchange counts)
 
     @property
     def fallback(self) -> str | None:
@@ -165,18 +160,34 @@ class RouteCache:
         return self._routes.pop(session, None)
 
     def expire_idle(self, now: float) -> int:
-        """Drop routes idle longer than `idle_s`; cheap because the oldest come first."""
+        """Drop routes idle longer than `idle_s`; cheap because the oldest come first. A
+        route with a call in flight (a long generation) is not idle: it goes to the back."""
         cutoff = now - self.idle_s
         removed = 0
         routes = self._routes
-        while routes:
+        busy = 0
+        while len(routes) > busy:
             session, route = next(iter(routes.items()))
             if route.last_seen > cutoff:
                 break
+            if route.inflight > 0:
+                busy += 1
+                route.last_seen = self.stamp(now)
+                routes.move_to_end(session)
+                continue
             del routes[session]
             removed += 1
         self.expired += removed
         return removed
+
+    def sessions_per_endpoint(self) -> dict[str, int]:
+        """Endpoint URL → the cached sessions whose route points there (admin views)."""
+        counts: dict[str, int] = {}
+        for route in self._routes.values():
+            if route.endpoint is not None:
+                url = route.endpoint.url
+                counts[url] = counts.get(url, 0) + 1
+        return counts
 
     def __len__(self) -> int:
         return len(self._routes)

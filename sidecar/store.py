@@ -65,6 +65,37 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return ARGV[1]
 """
 
+# The first touch of a session that names its parent (a subagent), in one round trip: the
+# child's record if it has one; else a copy of the parent's route when it may be followed
+# — the request names no pool or the parent's pool, and the parent's endpoint is not
+# among those without room — stamped with the child's creation time and reason; else our
+# proposal. Returns {record, how}: how is found, parent or created. KEYS: child, parent.
+# ARGV: proposal, ttl, named pool ('' = any), created_at, reason, endpoints without room...
+# Both keys must be on one node: standalone and Sentinel only (Cluster: see RedisStore).
+GET_OR_CREATE_CHILD = """
+local current = redis.call('GET', KEYS[1])
+if current then return {current, 'found'} end
+local record, how = ARGV[1], 'created'
+local parent = redis.call('GET', KEYS[2])
+if parent then
+  local ok, fields = pcall(cjson.decode, parent)
+  if ok and type(fields) == 'table' and type(fields['endpoint']) == 'string'
+      and (ARGV[3] == '' or fields['pool'] == ARGV[3]) then
+    local room = true
+    for i = 6, #ARGV do
+      if ARGV[i] == fields['endpoint'] then room = false break end
+    end
+    if room then
+      fields['created_at'] = tonumber(ARGV[4])
+      fields['reason'] = ARGV[5]
+      record, how = cjson.encode(fields), 'parent'
+    end
+  end
+end
+redis.call('SET', KEYS[1], record, 'EX', ARGV[2])
+return {record, how}
+"""
+
 # A route change (or, with an empty record, a forgotten session) and its announcement, in
 # one round trip in every mode (see RedisStore). ARGV: record, ttl, channel, announcement.
 WRITE_AND_ANNOUNCE = """
@@ -127,6 +158,18 @@ class RouteStore(Protocol):
         ...
 
     async def get(self, session: str) -> bytes | None: ...
+
+    @property
+    def reads_parent_in_script(self) -> bool:
+        """Whether `get_or_create_child` reads a parent in the child's round trip."""
+        ...
+
+    async def get_or_create_child(self, session: str, record: bytes, parent: str,
+                                  pool: str | None, no_room: list[str], created_at: float,
+                                  reason: str) -> tuple[bytes, str]:
+        """One round trip: the child's stored record, else its parent's route copied (see
+        GET_OR_CREATE_CHILD), else `record`; and which (found, parent, created)."""
+        ...
 
     async def update(self, session: str, record: bytes) -> None: ...
 
@@ -198,6 +241,13 @@ class MemoryStore:
 
     async def get(self, session: str) -> bytes | None:
         return self._live(session)
+
+    reads_parent_in_script = False  # reading the parent costs nothing here
+
+    async def get_or_create_child(self, session: str, record: bytes, parent: str,
+                                  pool: str | None, no_room: list[str], created_at: float,
+                                  reason: str) -> tuple[bytes, str]:
+        raise NotImplementedError("the router reads the parent with `get`")
 
     async def update(self, session: str, record: bytes) -> None:
         self._records[session] = (record, time.monotonic() + self.ttl_s)
@@ -274,6 +324,10 @@ class RedisStore:
         self._available = True
         self._permits = asyncio.Semaphore(max_connections)
         self._script = client.register_script(GET_OR_CREATE)
+        self._child_script = client.register_script(GET_OR_CREATE_CHILD)
+        # Cluster: a child's key and its parent's hash to different slots (each session's
+        # keys share one tag, its id), so no script may read both.
+        self.reads_parent_in_script = not isinstance(client, RedisCluster)
         self._announce = client.register_script(WRITE_AND_ANNOUNCE)
         self._reconnect_task: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
@@ -344,6 +398,7 @@ class RedisStore:
     async def _probe(self) -> None:
         async def load() -> None:
             await self.client.script_load(GET_OR_CREATE)
+            await self.client.script_load(GET_OR_CREATE_CHILD)
             await self.client.script_load(WRITE_AND_ANNOUNCE)
             await self.client.script_load(CLOCK_SCRIPT)  # the traffic flush's clock read
             # A write, as the store's own calls are: a server that answers but refuses writes
@@ -429,6 +484,19 @@ class RedisStore:
 
     async def get(self, session: str) -> bytes | None:
         return await self._call("get", lambda: self.client.get(route_key(session)))
+
+    async def get_or_create_child(self, session: str, record: bytes, parent: str,
+                                  pool: str | None, no_room: list[str], created_at: float,
+                                  reason: str) -> tuple[bytes, str]:
+        stored, how = await self._call("get_or_create_child", lambda: self._child_script(
+            keys=[route_key(session), route_key(parent)],
+            args=[record, self.ttl_s, pool or "", repr(created_at), reason, *no_room]))
+        how = bytes(how).decode()
+        if how == "found":
+            self.counters.found += 1
+        else:
+            self.counters.created += 1
+        return bytes(stored), how
 
     def on_change(self, handler: RouteChangeHandler) -> None:
         self._handler = handler

@@ -70,6 +70,16 @@ CATALOG: tuple[Metric, ...] = (
            "llm_sidecar_retry_budget_refused_total", (), "Retries refused by the budget."),
     Metric("resumes", "counter", "llm_sidecar.resumes", "llm_sidecar_resumes_total", (),
            "Broken streams continued on another endpoint."),
+    Metric("refused", "counter", "llm_sidecar.refused", "llm_sidecar_refused_total",
+           ("status_code", "reason"), "Requests the sidecar answered itself, never sent "
+           "upstream, because they were malformed or over a limit (400, 408, 413, 414, 417, "
+           "431, 501), by status and error code."),
+    Metric("internal_errors", "counter", "llm_sidecar.internal_errors",
+           "llm_sidecar_internal_errors_total", (),
+           "Requests whose handling failed inside the sidecar (a 500, or an aborted answer)."),
+    Metric("client_disconnects", "counter", "llm_sidecar.client_disconnects",
+           "llm_sidecar_client_disconnects_total", (),
+           "Requests whose app went away before the answer was written."),
     Metric("prompt_tokens", "counter", "llm_sidecar.tokens.prompt",
            "llm_sidecar_prompt_tokens_total", ("pool", "model"),
            "Prompt tokens (from `usage`, else estimated), by the configured model that "

@@ -226,3 +226,31 @@ async def test_a_freed_slot_skips_waiters_that_already_gave_up():
     origin.waiters = [gone, waiting]
     origin.wake_one()
     assert waiting.done() and not origin.waiters
+
+
+async def test_a_reply_held_past_its_release_never_reaches_the_next_requests_answer(upstreams):
+    """A stale reference to a reply (held by whatever still had it after its release) stays
+    inert: the connection it gave back carries the next request's answer to the next reply
+    alone, a pause through it pauses nothing, and releasing it again gives back no slot."""
+    peer = await upstreams(always(echo_target))
+    upstream = HttpUpstream(connect_timeout=2.0, idle_timeout=3.0)
+    try:
+        deadline = upstream.loop.time() + 10.0
+        first = await upstream.send(peer.url, b"GET", b"/first", b"", b"", deadline)
+        assert not isinstance(first, Outcome)
+        assert await asyncio.wait_for(first.read(), 10) == b"/first"
+        first.release()
+        second = await upstream.send(peer.url, b"GET", b"/second", b"", b"", deadline)
+        assert not isinstance(second, Outcome)
+        assert len(peer.conns) == 1, "the connection was reused for the second request"
+        stale: list[bytes] = []
+        first.pipe(stale.append)
+        first.pause()
+        first.release()
+        assert upstream.in_use() == 1, "the stale release gave back the second's slot"
+        assert await asyncio.wait_for(second.read(), 10) == b"/second"
+        assert b"/second" not in b"".join(stale)
+        second.release()
+        assert upstream.in_use() == 0
+    finally:
+        await upstream.aclose()

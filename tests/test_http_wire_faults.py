@@ -721,7 +721,7 @@ async def test_a_handler_cancelled_before_answering_gives_a_500_and_a_close(side
         assert await client.closed()
     finally:
         client.close()
-    assert running.listener.errors == 1
+    assert running.sidecar.proxy.events.counters.internal_errors == 1
 
 
 async def test_a_handler_cancelled_mid_answer_aborts_the_connection(sidecar, upstreams):

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 from sidecar.dataplane.exchange import asks_to_stream
 from sidecar.dataplane.failover import RETRIES, Step, after_failure
+from sidecar.dataplane.mock import MockUpstream
 from sidecar.errors import Outcome, Work, classify_status
-from tests.test_seam import MockUpstream, _attempts
+from tests.test_seam import _attempts
 
 decisions = st.fixed_dictionaries({
     "attempt": st.integers(1, 6), "max_attempts": st.integers(1, 6),

@@ -3,10 +3,9 @@ decision and the attempt loop are tested without sockets, against a mock Upstrea
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
-from collections.abc import Callable
+from time import perf_counter
 
 import pytest
 from hypothesis import given
@@ -16,9 +15,14 @@ from sidecar.budget import RetryBudget
 from sidecar.config import load_settings
 from sidecar.dataplane.attempts import Attempts
 from sidecar.dataplane.events import Events
+from sidecar.dataplane.exchange import Proxy
 from sidecar.dataplane.failover import Step, after_failure
+from sidecar.dataplane.mock import MockUpstream
+from sidecar.dataplane.seam import Request
 from sidecar.errors import Outcome
 from sidecar.pools import PoolSet
+from sidecar.routing import Router
+from sidecar.store import MemoryStore
 from sidecar.telemetry import Telemetry
 from sidecar.traffic import Traffic
 
@@ -26,7 +30,7 @@ FRAMEWORK_FREE = ("sidecar.errors", "sidecar.pools", "sidecar.sessions", "sideca
                   "sidecar.resume", "sidecar.sse", "sidecar.dataplane.failover",
                   "sidecar.dataplane.headers", "sidecar.dataplane.seam",
                   "sidecar.dataplane.attempts", "sidecar.dataplane.relay",
-                  "sidecar.dataplane.exchange")
+                  "sidecar.dataplane.exchange", "sidecar.dataplane.mock")
 
 
 def test_decision_code_imports_neither_aiohttp_nor_redis():
@@ -61,59 +65,6 @@ def test_failover_decision_never_exceeds_attempts_or_budget(
         assert answered
     if step is Step.BUDGET_REFUSED:
         assert outcome.overload and not budget_allows
-
-
-class MockReply:
-    def __init__(self, status: int, body: bytes = b"{}") -> None:
-        self.status = status
-        self.reason = b""
-        self.headers = [(b"Content-Type", b"application/json"),
-                        (b"Content-Length", b"%d" % len(body))]
-        self.forward = b"Content-Type: application/json\r\n"
-        self.event_stream = False
-        self.length = len(body)
-        self.body = body
-        self.released = 0
-        self.sent_at = self.arrived_at = 0.0
-
-    def pipe(self, sink: Callable[[bytes], None]) -> asyncio.Future[Outcome | None]:
-        sink(self.body)
-        done = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return done
-
-    async def read(self) -> bytes:
-        return self.body
-
-    def pause(self) -> None: ...
-    def resume(self) -> None: ...
-    def settle(self) -> None: ...
-
-    def release(self) -> None:
-        self.released += 1
-
-
-class MockUpstream:
-    """Answers from a script per endpoint URL: an Outcome or a status code."""
-
-    def __init__(self, script: dict[str, list[Outcome | int]]) -> None:
-        self.script = script
-        self.sent: list[str] = []
-        self.replies: list[MockReply] = []
-
-    async def send(self, base_url, method, target, headers, body, deadline):
-        self.sent.append(base_url)
-        answer = self.script[base_url].pop(0)
-        if isinstance(answer, Outcome):
-            return answer
-        reply = MockReply(answer)
-        self.replies.append(reply)
-        return reply
-
-    def in_use(self) -> int:
-        return 0
-
-    async def aclose(self) -> None: ...
 
 
 def _attempts(upstream: MockUpstream, max_attempts: int = 3
@@ -165,3 +116,81 @@ async def test_attempt_loop_exhausted_without_an_answer_leaks_nothing():
     assert answer is None and step is Step.EXHAUSTED
     assert [f.outcome for f in failures] == [Outcome.CONNECT_ERROR] * 3
     assert all(e.inflight == 0 for e in pool.endpoints)
+
+
+class RecordingDownstream:
+    """The app's side of one request, recorded: the seam's `Downstream` without a socket."""
+
+    head_only = False
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.body = b""
+        self.ended = False
+
+    def start(self, status: int, reason: bytes, headers: bytes, length: int | None) -> None:
+        self.status = status
+
+    def send(self, status: int, reason: bytes, headers: bytes, length: int | None,
+             body: bytes) -> None:
+        self.status, self.body, self.ended = status, body, True
+
+    def write(self, data: bytes) -> None:
+        self.body += data
+
+    def end(self) -> None:
+        self.ended = True
+
+    def abort(self) -> None:
+        self.ended = True
+
+    def respond(self, status: int, body: bytes, headers: bytes = b"") -> None:
+        self.send(status, b"", headers, len(body), body)
+
+    def cork(self) -> None: ...
+    def uncork(self) -> None: ...
+    def follow(self, reply: object) -> None: ...
+
+
+async def _exchange(upstream: MockUpstream, session: bytes = b"s1"
+                    ) -> tuple[Proxy, RecordingDownstream]:
+    settings = load_settings({"SIDECAR_POOLS": '{"small": {"model": "m", "endpoints": '
+                              '["http://a:1", "http://b:1"]}}'})
+    router = Router(settings, PoolSet(settings), MemoryStore(86400))
+    proxy = Proxy(settings, router, upstream, Traffic())
+    down = RecordingDownstream()
+    body = b'{"model":"m","messages":[]}'
+    await proxy.handle(Request(b"POST", b"/v1/chat/completions", (1, 1), [], b"", body,
+                               {b"x-session-id": session}, None, "conn:test",
+                               perf_counter()), down)
+    return proxy, down
+
+
+@pytest.mark.parametrize(("answers", "status", "counts"), [
+    # a 503 from the first pod, the other serves: one retry, one 2xx
+    ([503, 200], 200, {"requests": 1, "retries": 1, "responses_2xx": 1, "no_endpoint": 0}),
+    # nothing accepts a connection: the sidecar's own 503, counted once as no endpoint
+    ([Outcome.CONNECT_ERROR, Outcome.CONNECT_ERROR], 503,
+     {"requests": 1, "retries": 1, "responses_5xx": 1, "no_endpoint": 1}),
+])
+async def test_the_exchange_against_the_packaged_mock_upstream(answers, status, counts):
+    # Answered in order, whichever pod the session's route tries first.
+    queue = iter(answers)
+    upstream = MockUpstream(handler=lambda sent: next(queue))
+    proxy, down = await _exchange(upstream)
+    assert down.status == status and down.ended
+    assert len({sent.base_url for sent in upstream.received}) == 2
+    view = proxy.events.view()
+    assert {name: view[name] for name in counts} == counts
+    assert view["inflight"] == 0
+    assert upstream.in_use() == 0, "every reply was released"
+    assert [r.released for r in upstream.replies] == [1] * len(upstream.replies)
+
+
+async def test_a_bad_session_header_is_refused_once_without_an_upstream():
+    upstream = MockUpstream()
+    proxy, down = await _exchange(upstream, session=b"bad session \x01")
+    assert down.status == 400 and upstream.received == []
+    view = proxy.events.view()
+    assert view["refused"] == view["bad_requests"] == 1
+    assert view["refused_by_reason"] == {"400 invalid_session_id": 1}

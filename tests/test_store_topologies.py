@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import itertools
 import logging
 import os
 import signal
@@ -241,6 +242,56 @@ async def test_a_full_cluster_outage_heals_by_itself(pods, sidecar, http, caplog
                     "route cache sweep", "telemetry flush"} <= set(supervisor.running())
         assert task_errors(caplog) == []
     finally:
+        for node in nodes:
+            node.cleanup()
+
+
+async def test_during_a_cluster_outage_two_sidecars_place_a_new_session_alike(
+        pods, sidecar, http):
+    """Without Redis there is no shared route to agree on, so a new session starts on the pod
+    every sidecar computes alike (rendezvous over the ready pods), never on one weighed by
+    what only one sidecar sees: here its own call held on the session's first choice."""
+    nodes = start_cluster()
+    fleet = await pods(3)
+    busy = fleet[0]
+    try:
+        env = {"SIDECAR_REDIS_URL": nodes[0].url, "SIDECAR_REDIS_MODE": "cluster",
+               "SIDECAR_REDIS_TIMEOUT_MS": "200"}
+        a = await sidecar({"small": pool(fleet)}, **env)
+        b = await sidecar({"small": pool(fleet)}, **env)
+        ranked = a.sidecar.pools.pools["small"].ranked
+        held, *fresh = itertools.islice(
+            (s for s in (f"outage-{i}" for i in itertools.count())
+             if ranked(s.encode())[0].url == busy.url), 4)
+        for node in nodes:
+            node.stop()
+        for running in (a, b):  # each meets the outage once, then routes without the store
+            assert (await chat(http, running, "noticing"))[0] == 200
+            await until(lambda r=running: not r.sidecar.store.available,
+                        "the outage went unnoticed")
+        async with http.post(busy.url + "/_control", json={"hang": True}):
+            pass
+        calls = [asyncio.ensure_future(chat(http, a, held))]
+        [endpoint] = [e for e in a.sidecar.pools.all_endpoints() if e.url == busy.url]
+        await until(lambda: endpoint.inflight == 1, "the held call never reached its pod")
+        placed: dict[str, tuple[str | None, str | None]] = {}
+        routes = [running.sidecar.router.cache for running in (a, b)]
+        for session in fresh:
+            calls += [asyncio.ensure_future(chat(http, running, session)) for running in (a, b)]
+            await until(lambda s=session: all(c.peek(s) for c in routes),
+                        "a new session was never routed")
+            ends = [c.peek(session).endpoint for c in routes]
+            placed[session] = (ends[0] and ends[0].url, ends[1] and ends[1].url)
+        async with http.post(busy.url + "/_control", json={"hang": False}):
+            pass
+        answers = await asyncio.gather(*calls)
+        assert [status for status, _, _ in answers] == [200] * len(calls)
+        assert placed == {s: (busy.url, busy.url) for s in fresh}, placed
+        assert a.sidecar.router.counters.resolved_without_store >= len(fresh) + 1
+    finally:
+        with contextlib.suppress(Exception):  # never leave a call hanging on the pod
+            async with http.post(busy.url + "/_control", json={"hang": False}):
+                pass
         for node in nodes:
             node.cleanup()
 

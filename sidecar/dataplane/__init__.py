@@ -10,9 +10,12 @@
     relay.py       the response body: SSE preamble hold-back, token tally, resume rewriting
     events.py      the one sink for what happened to a request (counters, telemetry, log)
     upstream.py    HTTP/1.1 to the model servers: keep-alive pools, deadlines (`Upstream`)
-    connection.py  one upstream connection and the `Reply` it carries
+    connection.py  one upstream connection and the per-request `UpstreamReply` (the
+                   `Reply`), which alone gives the connection back to its pool
     seam.py        the interfaces between logic and engine: plain bytes and header lists
     headers.py     hop-by-hop filtering and head serialization (pure)
+    flow.py        write-buffer marks and which statuses carry no body (pure)
+    mock.py        an in-memory `Upstream` for tests of the request logic
 
 Only `sidecar.server` wires the engine (listener + upstream) to the logic.
 """

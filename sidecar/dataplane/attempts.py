@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from sidecar.budget import RetryBudget
 from sidecar.dataplane.events import Events
 from sidecar.dataplane.failover import RETRIES, Step, after_failure
+from sidecar.dataplane.flow import has_body
 from sidecar.dataplane.headers import get
 from sidecar.dataplane.relay import Preamble
 from sidecar.dataplane.seam import Broken, Reply, Upstream
@@ -216,7 +217,7 @@ class Attempts:
                 reply.settle()
             answer.ready_at = reply.arrived_at
             return answer, outcome
-        if reply.length == 0 or not _has_body(reply.status):
+        if reply.length == 0 or not has_body(reply.status):
             reply.settle()
             return answer, outcome
         # Hold a stream until its first bytes (SSE: its preamble until the first content),
@@ -241,10 +242,6 @@ def _before_content(broke: Outcome) -> Outcome:
     if broke in (Outcome.FIRST_BYTE_TIMEOUT, Outcome.BAD_RESPONSE):
         return broke
     return Outcome.BROKEN_BEFORE_CONTENT
-
-
-def _has_body(status: int) -> bool:
-    return status >= 200 and status not in (204, 304)
 
 
 def _prepend(first: tuple[Pool, Endpoint] | None, rest: Iterator[tuple[Pool, Endpoint]]

@@ -1,6 +1,6 @@
-"""One upstream connection on an asyncio protocol with httptools' response parser (llhttp):
-while leased, the `Reply` to the request it carries — its head, its body pushed to one
-sink, flow control, and whether it may be reused once the answer is complete."""
+"""One upstream connection on an asyncio protocol with httptools' response parser (llhttp),
+and the `UpstreamReply` each request it carries gets: the answer to that one request (head,
+body pushed to one sink, flow control), which alone gives the connection back, once."""
 
 from __future__ import annotations
 
@@ -9,21 +9,26 @@ import contextlib
 import socket
 from collections.abc import Callable
 from time import perf_counter
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import httptools
 
+from sidecar.dataplane.flow import BODYLESS, WRITE_HIGH, WRITE_LOW
 from sidecar.dataplane.headers import RESPONSE_DROP, Headers, header_block
 from sidecar.dataplane.seam import Broken
 from sidecar.errors import Outcome
 
-if TYPE_CHECKING:
-    from sidecar.dataplane.upstream import HttpUpstream, Origin
 
-# uvloop's default low-water mark is 16 bytes; these bound what one stream keeps in memory.
-WRITE_HIGH = 64 * 1024
-WRITE_LOW = 16 * 1024
-_BODYLESS = (204, 304)
+class ConnectionPool(Protocol):
+    """Where a connection lives between requests (upstream.py's `Origin`)."""
+
+    def give_back(self, conn: Connection, reusable: bool) -> None:
+        """The request is done with `conn`: keep it idle if `reusable`, else close it."""
+        ...
+
+    def lost(self, conn: Connection) -> None:
+        """An idle `conn` was closed by its peer."""
+        ...
 
 
 class _Unasked(Exception):
@@ -49,53 +54,137 @@ class _HeadAnswer:
         self.on_message_begin = conn.on_message_begin
         self.on_message_complete = conn.on_message_complete
         self.on_status = conn.on_status
-        self.on_chunk_header = conn._close
+        self.on_chunk_header = conn.close
+
+
+class UpstreamReply:
+    """The answer to one request: the seam's `Reply`. It holds its connection's lease until
+    `release`, which alone hands the connection back to its pool; a released reply is
+    detached — whatever its connection carries next never reaches it."""
+
+    __slots__ = ("_conn", "_done", "_sink", "arrived_at", "body", "event_stream",
+                 "finished", "forward", "headers", "keep_alive", "length", "outcome",
+                 "paused", "reason", "sent_at", "status")
+
+    # The head's fields (status, reason, forward, event_stream, length) are set by the
+    # connection when the head is whole, before anyone is given the reply; `sent_at` by the
+    # upstream as the request leaves, `arrived_at` as bytes arrive.
+    status: int
+    reason: bytes
+    forward: bytes
+    event_stream: bool
+    length: int | None
+    sent_at: float
+    arrived_at: float
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn: Connection | None = conn
+        self.headers: Headers = []
+        self.finished = False  # the answer is complete, or `outcome` says why not
+        self.outcome: Outcome | None = None
+        self.keep_alive = False
+        self.paused = False
+        self.body: list[bytes] = []  # chunks that arrived before `pipe`
+        self._sink: Callable[[bytes], None] | None = None
+        self._done: asyncio.Future[Outcome | None] | None = None
+
+    def pipe(self, sink: Callable[[bytes], None]) -> asyncio.Future[Outcome | None]:
+        self._sink = sink
+        if self.body:
+            held, self.body = self.body, []
+            for chunk in held:
+                sink(chunk)
+        return self._done_future()
+
+    async def read(self) -> bytes:
+        # Head and body mostly arrive in one read: then there is nothing to wait for.
+        outcome = self.outcome if self.finished else await self._done_future()
+        if outcome is not None:
+            raise Broken(outcome)
+        return b"".join(self.body)
+
+    def pause(self) -> None:
+        conn = self._conn
+        if not self.paused and conn is not None and not self.finished:
+            self.paused = True
+            conn.pause_reading()
+
+    def resume(self) -> None:
+        conn = self._conn
+        if self.paused and conn is not None:
+            self.paused = False
+            conn.resume_reading()
+
+    def settle(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            conn._deadline = 0.0  # (once per request: no second call)
+
+    def release(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        self._conn = None
+        self._sink = None
+        # The connection stops feeding this reply: whatever it carries next is another's.
+        conn.reply = None
+        conn._deadline = 0.0
+        transport = conn.transport
+        reusable = self.finished and self.outcome is None and self.keep_alive and \
+            transport is not None and not transport.is_closing()
+        if reusable and self.paused:
+            self.paused = False
+            conn.resume_reading()
+        conn.pool.give_back(conn, reusable)
+
+    # -- internals (the connection calls `finish`) ---------------------------------------
+    def _done_future(self) -> asyncio.Future[Outcome | None]:
+        done = self._done
+        if done is None:
+            done = self._done = asyncio.get_running_loop().create_future()
+            if self.finished:
+                done.set_result(self.outcome)
+        return done
+
+    def finish(self, outcome: Outcome | None) -> None:
+        """The answer is whole (None) or ended early (why)."""
+        if self.finished:
+            return
+        self.finished = True
+        self.outcome = outcome
+        done = self._done
+        if done is not None and not done.done():
+            done.set_result(outcome)
 
 
 class Connection(asyncio.Protocol):
-    """One upstream connection; while leased, the reply to the request it carries."""
+    """One upstream connection: the bytes and the parser. While a request is on it, the
+    parser's results go to that request's `UpstreamReply` (`reply`), and to nothing else."""
 
-    __slots__ = ("_deadline", "_done", "_head", "_last", "_opening", "_parser", "_reason",
-                 "_sink", "arrived_at", "body", "close_delimited", "event_stream", "finished",
-                 "forward", "head_only", "headers", "idle_since", "in_body", "interim",
-                 "keep_alive", "leased", "length", "loop", "origin", "outcome", "owner",
-                 "paused", "reason", "reused", "sent_at", "status", "transport")
+    __slots__ = ("_deadline", "_head", "_last", "_opening", "_parser", "_reason",
+                 "close_delimited", "head_only", "idle_since", "in_body", "interim", "loop",
+                 "pool", "reply", "reused", "transport")
 
-    def __init__(self, owner: HttpUpstream, origin: Origin) -> None:
-        self.owner = owner
-        self.origin = origin
-        self.loop = owner.loop
+    def __init__(self, pool: ConnectionPool, loop: asyncio.AbstractEventLoop) -> None:
+        self.pool = pool
+        self.loop = loop
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
-        self.leased = False
+        self.reply: UpstreamReply | None = None  # the request it carries (None: idle)
         self.idle_since = 0.0
-        self.arrived_at = 0.0
-        self.sent_at = 0.0
         self.reused = False  # it carried an earlier request
-        self._reset(False)
-
-    def _reset(self, head_only: bool) -> None:
-        self.status = 0
-        self.reason = b""
-        self._reason: list[bytes] = []
-        self.headers: Headers = []
-        self.forward = b""
-        self.event_stream = False
-        self.length: int | None = None
-        self.head_only = head_only
+        self._head: asyncio.Future[UpstreamReply | Outcome] | None = None
+        # Set afresh by each answer's head before they are read (when it has a body).
         self.close_delimited = False
+        self._last = 0.0
+        self._reset(False, 0.0)
+
+    def _reset(self, head_only: bool, deadline: float) -> None:
+        self._reason = b""
+        self.head_only = head_only
         self.in_body = False
         self.interim = False
-        self.finished = False
-        self.keep_alive = False
-        self.paused = False
-        self.outcome: Outcome | None = None
-        self.body: list[bytes] = []
-        self._sink: Callable[[bytes], None] | None = None
-        self._head: asyncio.Future[Connection | Outcome] | None = None
-        self._done: asyncio.Future[Outcome | None] | None = None
-        self._deadline = 0.0  # loop time the first byte is due by (0: none)
-        self._last = 0.0
+        self._deadline = deadline  # loop time the first byte is due by (0: none)
         self._opening = b""  # the answer's first bytes: is it HTTP at all?
 
     # -- protocol --------------------------------------------------------------------
@@ -108,11 +197,12 @@ class Connection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
-        if not self.leased:  # bytes nobody asked for: the connection cannot be trusted
-            self._close()
+        reply = self.reply
+        if reply is None:  # bytes nobody asked for: the connection cannot be trusted
+            self.close()
             return
         # From here on the time is the sidecar's own (x-sidecar-overhead-ms).
-        self.arrived_at = perf_counter()
+        reply.arrived_at = perf_counter()
         if len(self._opening) < 5:
             self._opening += data[:5 - len(self._opening)]
         try:
@@ -127,25 +217,25 @@ class Connection(asyncio.Protocol):
             answered = self._head is not None and self._head.done()
             self._fail(Outcome.BAD_RESPONSE if answered or self._opening == b"HTTP/"
                        else Outcome.CONNECT_ERROR)
-            self._close()
+            self.close()
             return
-        if self.head_only and self.finished:
+        if self.head_only and reply.finished:
             # llhttp cannot know a HEAD response has no body: start the next one afresh.
             self._parser = httptools.HttpResponseParser(self)
-            if self.body:  # it read bytes after the head as a body: nobody's answer
-                self.body = []
-                self._close()
+            if reply.body:  # it read bytes after the head as a body: nobody's answer
+                reply.body = []
+                self.close()
 
     def eof_received(self) -> bool:
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        origin = self.origin
-        if not self.leased:
-            with contextlib.suppress(ValueError):
-                origin.idle.remove(self)
-        self.keep_alive = False
-        if self.finished:
+        reply = self.reply
+        if reply is None:
+            self.pool.lost(self)
+            return
+        reply.keep_alive = False
+        if reply.finished:
             return
         if self._head is not None and not self._head.done():
             # Closed before any answer. On a reused keep-alive connection that is most
@@ -163,70 +253,78 @@ class Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         pass
 
-    # -- parser callbacks --------------------------------------------------------------
+    # -- parser callbacks (only while a reply is attached: `data_received` checks) ------
     def on_message_begin(self) -> None:
-        if self.finished:
+        if self.reply.finished:  # type: ignore[union-attr]
             # Bytes after the whole answer, before this lease ends: not an answer to
             # anything we sent. Parsing stops here (the reply stays exactly the first
             # response) and `data_received` closes the connection: out of step, never reused.
             raise _Unasked
 
     def on_status(self, reason: bytes) -> None:
-        self._reason.append(reason)
+        self._reason += reason  # (mostly one piece: b"" + reason is reason, no copy)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.in_body:  # trailers are dropped; the body still completes
-            self.headers.append((name, value))
+            self.reply.headers.append((name, value))  # type: ignore[union-attr]
 
     def on_headers_complete(self) -> None:
+        reply = self.reply
+        assert reply is not None
         status = self._parser.get_status_code()
         if status < 200 and status != 101:  # interim (103 Early Hints …): not forwarded
             self.interim = True
-            self.headers = []
-            self._reason = []
+            reply.headers = []
+            self._reason = b""
             return
-        self.status = status
-        self.reason = b"".join(self._reason)
+        reply.status = status
+        reply.reason = self._reason
         coding = None
         lines = []
         connection = None
-        for name, value in self.headers:
+        length = None
+        event_stream = False
+        for name, value in reply.headers:
             lower = name.lower()
             if lower not in RESPONSE_DROP:
                 lines.append(b"%s: %s\r\n" % (name, value))
                 if lower == b"content-type":
-                    self.event_stream = value.startswith(b"text/event-stream")
+                    event_stream = value.startswith(b"text/event-stream")
             elif lower == b"content-length":
-                self.length = int(value)
+                length = int(value)
             elif lower == b"transfer-encoding":
                 coding = value if coding is None else coding + b"," + value
             elif lower == b"connection":
                 connection = value if connection is None else connection + b"," + value
+        reply.event_stream = event_stream
         # Hop-by-hop fields are gone; so are the ones a Connection header names.
-        self.forward = b"".join(lines) if connection is None else header_block(
-            self.headers, RESPONSE_DROP, connection)
+        reply.forward = b"".join(lines) if connection is None else header_block(
+            reply.headers, RESPONSE_DROP, connection)
         if coding is not None and coding.strip().lower() != b"chunked":
             # De-chunked, a gzip (or any other) coding would reach the app undeclared
             # (RFC 9112 §6.1, §7): the answer is refused as malformed, a 502 — a HEAD's or
             # a 204's too, whose Transfer-Encoding only describes the body they lack.
             raise _BadCoding(coding)
-        if self.head_only or status in _BODYLESS:
+        if self.head_only or status in BODYLESS:
             # No body follows. A HEAD answer keeps its Content-Length for the app.
             if not self.head_only:
-                self.length = None
-            else:
+                length = None
+            reply.length = length
+            if self.head_only:
                 self._finish_message()
         else:
-            self.close_delimited = self.length is None and coding is None
+            reply.length = length
+            self.close_delimited = length is None and coding is None
             self.in_body = True
             self._last = self.loop.time()
-        self._answer(self)
+        self._answer(reply)
 
     def on_body(self, body: bytes) -> None:
         self._last = self.loop.time()
-        sink = self._sink
+        reply = self.reply
+        sink = reply._sink  # type: ignore[union-attr]
         if sink is None:
-            self.body.append(body)
+            reply.body.append(body)  # type: ignore[union-attr]
         else:
             sink(body)
 
@@ -234,118 +332,72 @@ class Connection(asyncio.Protocol):
         if self.interim:
             self.interim = False
             return
-        if not self.finished:
+        if not self.reply.finished:  # type: ignore[union-attr]
             self._finish_message()
 
-    # -- Reply -------------------------------------------------------------------------
-    def pipe(self, sink: Callable[[bytes], None]) -> asyncio.Future[Outcome | None]:
-        self._sink = sink
-        if self.body:
-            held, self.body = self.body, []
-            for chunk in held:
-                sink(chunk)
-        return self._done_future()
-
-    async def read(self) -> bytes:
-        # Head and body mostly arrive in one read: then there is nothing to wait for.
-        outcome = self.outcome if self.finished else await self._done_future()
-        if outcome is not None:
-            raise Broken(outcome)
-        return b"".join(self.body)
-
-    def pause(self) -> None:
-        if not self.paused and self.transport is not None and not self.finished:
-            self.paused = True
-            self.transport.pause_reading()
-
-    def resume(self) -> None:
-        if self.paused and self.transport is not None:
-            self.paused = False
-            self.transport.resume_reading()
-
-    def settle(self) -> None:
-        self._deadline = 0.0
-
-    def release(self) -> None:
-        if not self.leased:
-            return
-        self.leased = False
-        self._deadline = 0.0
-        self.owner.watched.discard(self)
-        self._sink = None
-        origin = self.origin
-        origin.in_use -= 1
-        if self.finished and self.outcome is None and self.keep_alive and \
-                self.transport is not None and not self.transport.is_closing() and \
-                not self.owner.closing and not origin.retired:
-            self.resume()
-            self.body = []
-            self.idle_since = self.loop.time()
-            origin.idle.append(self)
-        else:
-            self._close()
-        origin.wake_one()
-
-    # -- internals ---------------------------------------------------------------------
-    def begin(self, head_only: bool, deadline: float) -> asyncio.Future[Connection | Outcome]:
-        self._reset(head_only)
+    # -- the request on it ---------------------------------------------------------------
+    def begin(self, head_only: bool, deadline: float) -> asyncio.Future[UpstreamReply | Outcome]:
+        """A request goes out on this connection: its reply, once the head is here."""
+        self._reset(head_only, deadline)
         if head_only:  # (between answers: nothing half-parsed is lost)
             self._parser = httptools.HttpResponseParser(_HeadAnswer(self))
-        self.leased = True
+        self.reply = UpstreamReply(self)
         self._head = head = self.loop.create_future()
-        self._deadline = deadline
-        self.owner.watched.add(self)
         return head
 
-    def _done_future(self) -> asyncio.Future[Outcome | None]:
-        done = self._done
-        if done is None:
-            done = self._done = self.loop.create_future()
-            if self.finished:
-                done.set_result(self.outcome)
-        return done
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
 
-    def _answer(self, result: Connection | Outcome) -> None:
+    def resume_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def _answer(self, result: UpstreamReply | Outcome) -> None:
         head = self._head
         if head is not None and not head.done():
             head.set_result(result)
 
     def _finish_message(self) -> None:
-        self.keep_alive = self._parser.should_keep_alive()
-        self._finish(None)
+        reply = self.reply
+        assert reply is not None
+        reply.keep_alive = self._parser.should_keep_alive()
+        self.in_body = False
+        reply.finish(None)
 
     def _finish(self, outcome: Outcome | None) -> None:
-        if self.finished:
+        reply = self.reply
+        if reply is None or reply.finished:
             return
-        self.finished = True
         self.in_body = False
-        self.outcome = outcome
-        done = self._done
-        if done is not None and not done.done():
-            done.set_result(outcome)
+        reply.finish(outcome)
 
     def _fail(self, outcome: Outcome) -> None:
+        reply = self.reply
+        if reply is None:
+            return
         head = self._head
         if head is not None and not head.done():
-            self.finished = True
-            self.outcome = outcome
+            reply.finished = True
+            reply.outcome = outcome
             head.set_result(outcome)
         else:
             self._finish(outcome)
 
-    def check(self, now: float) -> None:
+    def check(self, now: float, idle_timeout: float) -> None:
         """The tick: a first byte overdue, or a stream silent for too long."""
         if 0.0 < self._deadline <= now:
             self._deadline = 0.0
             self._fail(Outcome.FIRST_BYTE_TIMEOUT)
-            self._close()
-        elif self.in_body and now - self._last >= self.owner.idle_timeout:
+            self.close()
+        elif self.in_body and now - self._last >= idle_timeout:
             # Silent for too long: a broken stream, or (before its first content) a live
             # pod we hung up on, which must not count as a dead one that may be retried.
             self._fail(Outcome.FIRST_BYTE_TIMEOUT if self._deadline else Outcome.BROKEN_STREAM)
-            self._close()
+            self.close()
 
-    def _close(self) -> None:
-        self.keep_alive = False
+    def close(self) -> None:
+        if self.reply is not None:
+            self.reply.keep_alive = False
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()

@@ -9,11 +9,9 @@ import asyncio
 import contextlib
 from http import HTTPStatus
 
+from sidecar.dataplane.flow import BODYLESS
 from sidecar.dataplane.seam import Reply
 
-WRITE_HIGH = 64 * 1024
-WRITE_LOW = 16 * 1024
-_BODYLESS = (204, 304)
 CLOSE = b"Connection: close\r\n"
 # RFC 9112 §9.3: an HTTP/1.0 client keeps the connection only when the answer says so.
 KEEP_ALIVE_1_0 = b"Connection: keep-alive\r\n"
@@ -63,7 +61,7 @@ class ResponseWriter:
     def start(self, status: int, reason: bytes, headers: bytes, length: int | None,
               body: bytes = b"") -> None:
         self.started = True
-        if status in _BODYLESS or status < 200:
+        if status < 200 or status in BODYLESS:  # flow.has_body, inline: once per answer
             framing = b""
         elif length is not None:
             framing = b"Content-Length: %d\r\n" % length

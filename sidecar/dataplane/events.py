@@ -1,5 +1,6 @@
 """The one sink for what happens to a request: every counter, telemetry series and request
-log line is written here, so `/stats`, Prometheus, DogStatsD and the log cannot disagree."""
+log line is written here — the exchange's and the listener's (requests it refused before
+they were whole) — so `/stats`, Prometheus, DogStatsD and the log cannot disagree."""
 
 from __future__ import annotations
 
@@ -18,11 +19,14 @@ _STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 
 
 class ProxyCounters:
+    # `refused`: requests the sidecar answered itself because they were malformed or over a
+    # limit (the listener's 400/408/413/414/417/431/501, a bad session or selector header);
+    # `bad_requests` and `body_too_large` are the 400s and 413s among them.
     __slots__ = ("bad_requests", "body_too_large", "broken_streams", "budget_refusals",
                  "client_disconnects", "completed_after_break", "fallbacks", "inflight",
-                 "no_endpoint", "prefill_retries", "requests", "responses_2xx",
-                 "responses_4xx", "responses_5xx", "responses_other", "resume_failures",
-                 "resumes", "retries")
+                 "internal_errors", "no_endpoint", "prefill_retries", "refused", "requests",
+                 "responses_2xx", "responses_4xx", "responses_5xx", "responses_other",
+                 "resume_failures", "resumes", "retries")
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -38,6 +42,48 @@ class Events:
         self.traffic = traffic
         self.request_log_level = request_log_level
         self.counters = ProxyCounters()
+        self.refusals: dict[str, int] = {}  # "<status> <reason>" -> count
+
+    def view(self) -> dict[str, object]:
+        """What `/stats` shows as `proxy`."""
+        return {**self.counters.view(), "refused_by_reason": dict(sorted(self.refusals.items()))}
+
+    # -- the start of a request ----------------------------------------------------------
+    def started(self) -> None:
+        counters = self.counters
+        counters.requests += 1
+        counters.inflight += 1
+
+    def left(self) -> None:
+        """The request's handler raised: no longer in flight (`finished` and
+        `disconnected` say so for the other ends)."""
+        self.counters.inflight -= 1
+
+    def disconnected(self) -> None:
+        """The app went away before its answer was written."""
+        counters = self.counters
+        counters.inflight -= 1
+        counters.client_disconnects += 1
+        self.telemetry.count("client_disconnects", ())
+
+    def refused(self, status: int, reason: str) -> None:
+        """A request answered by the sidecar itself, never sent upstream, because it was
+        malformed or over a limit. `reason` is the error code the app got."""
+        counters = self.counters
+        counters.refused += 1
+        if status == 400:
+            counters.bad_requests += 1
+        elif status == 413:
+            counters.body_too_large += 1
+        key = f"{status} {reason}"
+        self.refusals[key] = self.refusals.get(key, 0) + 1
+        self.telemetry.count("refused", (str(status), reason))
+
+    def internal_error(self) -> None:
+        """A request whose handler failed inside the sidecar (the app got a 500 or an
+        aborted answer)."""
+        self.counters.internal_errors += 1
+        self.telemetry.count("internal_errors", ())
 
     # -- attempts ----------------------------------------------------------------------
     def attempt_failed(self, endpoint: Endpoint, outcome: Outcome, now: float) -> None:
@@ -71,6 +117,10 @@ class Events:
         self.counters.budget_refusals += 1
         self.telemetry.count("budget_refusals", ())
 
+    def no_endpoint(self) -> None:
+        """Nothing could take the request (the sidecar's 503 `no_ready_endpoint`)."""
+        self.counters.no_endpoint += 1
+
     # -- streams -----------------------------------------------------------------------
     def stream_broken(self, endpoint: Endpoint, now: float) -> None:
         self.counters.broken_streams += 1
@@ -80,13 +130,22 @@ class Events:
         self.counters.resumes += 1
         self.telemetry.count("resumes", ())
 
+    def resume_failed(self) -> None:
+        self.counters.resume_failures += 1
+
+    def completed_after_break(self) -> None:
+        """The stream broke after its last content: ended as the upstream would have."""
+        self.counters.completed_after_break += 1
+
     def content(self, pool: str, model: str, ttft: float) -> None:
         self.telemetry.observe("ttft", (pool, model), ttft)
 
     # -- the end of a request ------------------------------------------------------------
     def finished(self, method: bytes, target: bytes, status: int, pool: str, model: str,
                  elapsed: float, fields: dict[str, object] | None) -> None:
+        """The request was answered (after `started`): no longer in flight."""
         counters = self.counters
+        counters.inflight -= 1
         if status < 300:
             counters.responses_2xx += 1
         elif status >= 500:

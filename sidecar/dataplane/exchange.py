@@ -32,7 +32,8 @@ from sidecar.errors import Outcome, error_body
 from sidecar.models import listing, named_pool, needs_rewrite, requested_model
 from sidecar.pools import Endpoint, Pool
 from sidecar.resume import ContinuationFrames, Transcript, continuation
-from sidecar.sessions import Route, parse_selector, valid_session_id
+from sidecar.sessionkeys import BadKey, default_sources, is_final, pick
+from sidecar.sessions import Route, parse_selector
 from sidecar.telemetry import Telemetry
 from sidecar.traffic import Traffic, usage_in
 
@@ -98,7 +99,7 @@ class Proxy:
         self.events = Events(telemetry if telemetry is not None else Telemetry({}), traffic,
                              settings.request_log_level)
         self.counters = self.events.counters
-        self.session_header = settings.session_header
+        self.sources = settings.session_keys or default_sources(settings.session_header)
         self.max_attempts = settings.max_attempts
         self.budget = RetryBudget(settings.retry_budget_percent, settings.retry_budget_min)
         self.attempts = Attempts(upstream, self.events, self.budget, settings.max_attempts,
@@ -107,17 +108,16 @@ class Proxy:
         self.loop = asyncio.get_running_loop()
 
     async def handle(self, request: Request, down: Downstream) -> None:
-        counters = self.counters
-        counters.requests += 1
-        counters.inflight += 1
+        self.events.started()
         fields: dict[str, object] = {}
         try:
             status, pool, model = await self._handle(request, down, fields)
         except asyncio.CancelledError:
-            counters.client_disconnects += 1
+            self.events.disconnected()
             raise
-        finally:
-            counters.inflight -= 1
+        except BaseException:
+            self.events.left()
+            raise
         self.events.finished(request.method, request.target, status, pool, model,
                              perf_counter() - request.received_at, fields)
 
@@ -135,38 +135,54 @@ class Proxy:
             down.respond(200, orjson.dumps(listing(self.router.settings.pools)),
                          b"x-sidecar-attempts: 0\r\n")
             return 200, "none", "none"
-        raw = request.session
-        local = raw is None
-        if raw is None:
-            session = request.connection
+        try:
+            key = pick(self.sources, request.keys, request.body)
+        except BadKey as bad:
+            self.events.refused(400, "invalid_session_id")
+            return self._refuse(down, 400, f"header {bad.header} must be 1-256 printable "
+                                "ASCII characters", "invalid_session_id")
+        local = key is None
+        if key is None:
+            session, parent = request.connection, None
+            fields["session_source"] = "connection"
         else:
-            session = raw.decode("latin-1")
-            if not valid_session_id(session):
-                self.counters.bad_requests += 1
-                return self._refuse(down, 400, f"header {self.session_header} must be 1-256 "
-                                    "printable ASCII characters", "invalid_session_id")
+            session, parent = key.session, key.parent
+            fields["session_source"] = key.source
+            if parent is not None and parent != session:
+                fields["parent"] = parent
+            else:
+                parent = None
         selector = None
         if request.selector is not None:
             selector = parse_selector(request.selector.decode("latin-1").strip())
             if selector is None:
-                self.counters.bad_requests += 1
+                self.events.refused(400, "invalid_selector")
                 return self._refuse(down, 400, "header x-sidecar-selector must be an integer "
                                     "0-15", "invalid_selector")
-        requested = requested_model(request.body)
+        requested = key.model if key is not None and key.read_body \
+            else requested_model(request.body)
         named = named_pool(self.router.pools.models, requested)
         now = self.loop.time()
         route = self.router.lookup(session, now)
         if route is None:
-            route = await self.router.resolve(session, selector, local=local, pool=named)
+            route = await self.router.resolve(session, selector, local=local, pool=named,
+                                              parent=parent)
         fields["session"] = route.session
         serving = self.router.for_model(route, named)
-        # A per-request route (another pool named) is never written back to the store.
-        serving.inflight += 1
+        # Counted on the session's own route: idle expiry never drops a route mid-call.
+        route.inflight += 1
         try:
-            return await self._forward(request, down, serving, now,
-                                       local or serving is not route, fields, requested)
+            # A per-request route (another pool named) is never written back to the store.
+            result = await self._forward(request, down, serving, now,
+                                         local or serving is not route, fields, requested)
         finally:
-            serving.inflight -= 1
+            route.inflight -= 1
+        if is_final(request.keys):
+            # The answer is complete: the session ends here and in the store (as
+            # DELETE /sessions/{id} does), so its pod's count falls now, not at idle expiry.
+            await self.router.end(route.session, local=local)
+            fields["session_ended"] = True
+        return result
 
     async def _forward(self, request: Request, down: Downstream, route: Route, now: float,
                        local: bool, fields: dict[str, object], requested: str | None = None
@@ -207,7 +223,7 @@ class Proxy:
                     down, 503, "retry budget exhausted: too many retries in the last 10 s; "
                     "not retrying to avoid multiplying load", "retry_budget_exhausted",
                     b"Retry-After: " + retry_after + b"\r\n", sent, tried=tried)
-            self.counters.no_endpoint += 1
+            self.events.no_endpoint()
             return self._refuse(down, 503, self._no_endpoint_message(route, failures),
                                 "no_ready_endpoint", b"Retry-After: " + retry_after + b"\r\n",
                                 sent, tried=tried)
@@ -254,6 +270,7 @@ class Proxy:
         fields["overhead_ms"] = round(overhead * 1000, 3)
         extra = [b"x-sidecar-overhead-ms: %.3f\r\n" % (overhead * 1000),
                  b"x-sidecar-session: %s\r\n" % route.session.encode(),
+                 b"x-sidecar-session-source: %s\r\n" % str(fields["session_source"]).encode(),
                  b"x-sidecar-pool: %s\r\n" % pool.name.encode(),
                  b"x-sidecar-model: %s\r\n" % pool.model.encode(),
                  b"x-sidecar-endpoint: %s\r\n" % answer.lease.endpoint.url_key,
@@ -293,7 +310,7 @@ class Proxy:
                 if transcript is not None and transcript.finished:
                     # The answer was complete (finish_reason arrived); only the end of the
                     # stream was lost. End it as the upstream would have.
-                    self.counters.completed_after_break += 1
+                    self.events.completed_after_break()
                     relay.feed(b"data: [DONE]\n\n")
                     relay.finish()
                     return
@@ -302,7 +319,7 @@ class Proxy:
                     nxt = await self._resume(request, route, pool, source_lease.endpoint,
                                              transcript, payload)
                     if nxt is None:
-                        self.counters.resume_failures += 1
+                        self.events.resume_failed()
                 if nxt is None:
                     relay.end_broken(answer.sse)
                     return

@@ -13,7 +13,9 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te"
                         b"proxy-authorization"})
 # Framing is the sidecar's own on each hop; Host names the upstream; Expect is answered by
 # the sidecar itself (it buffers the body), so an upstream never waits for a 100 we swallow.
-REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"http2-settings"}
+# `x-session-final` is a word to the sidecar (end the session), not to the model server.
+REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"http2-settings",
+                             b"x-session-final"}
 RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
 
 

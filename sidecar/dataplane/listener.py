@@ -14,11 +14,12 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from time import perf_counter
-from typing import Any
+from typing import Any, Protocol
 
 import httptools
 
-from sidecar.dataplane.downstream import WRITE_HIGH, WRITE_LOW, ResponseWriter
+from sidecar.dataplane.downstream import ResponseWriter
+from sidecar.dataplane.flow import WRITE_HIGH, WRITE_LOW
 from sidecar.dataplane.headers import REQUEST_DROP, Headers, header_block, refused_header
 from sidecar.dataplane.seam import Reply, Request
 from sidecar.errors import error_body
@@ -55,6 +56,14 @@ EAGER_TASKS = sys.version_info >= (3, 12)
 Handler = Callable[[Request, "ClientConnection"], Awaitable[None]]
 
 
+class ListenerEvents(Protocol):
+    """Where the listener reports what never reaches the request logic (events.py's
+    `Events`): each refused request once, and each request that failed inside."""
+
+    def refused(self, status: int, reason: str) -> None: ...
+    def internal_error(self) -> None: ...
+
+
 class Refused(Exception):
     """A request that must not be forwarded: answered with `status`, then closed."""
 
@@ -73,8 +82,9 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
     __slots__ = ("_answered", "_begun_at", "_body", "_body_seen", "_body_since", "_body_size",
                  "_chunked", "_close_delimited", "_connection", "_continue_sent", "_continued",
                  "_corked", "_expect", "_forward", "_half_closed", "_head_bytes", "_head_tail",
-                 "_headers", "_hosts", "_in_body", "_in_head", "_method", "_parser", "_queue",
-                 "_resume", "_selector", "_session", "_stash", "_te", "_unreadable", "_url",
+                 "_headers", "_hosts", "_in_body", "_in_head", "_keys", "_method", "_parser",
+                 "_queue", "_refused_behind", "_resume", "_selector", "_stash", "_te",
+                 "_unreadable", "_url",
                  "_version", "closed", "connection_id", "deadline", "head_only", "keep_alive",
                  "listener", "source", "started", "task", "transport")
 
@@ -99,6 +109,7 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
         self._resume: bytes | None = None  # see `_decline_upgrade`
         self._stash: tuple[bytes, list[bytes], Headers, list[bytes]] | None = None
         self._unreadable = False  # the parser failed behind a whole request
+        self._refused_behind = False  # ... and that refusal was counted
         self._version = (1, 1)
         self._begun_at = 0.0
         self._begin()
@@ -107,7 +118,6 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
     # -- protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        # uvloop's default low-water mark is 16 bytes: these bound what one stream holds.
         transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)  # type: ignore[attr-defined]
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -241,7 +251,9 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
         self._body_size = 0
         self._body_seen = 0  # `_body_size` at the sweep's last look (-1: the head's read)
         self._method: bytes | None = None  # an upgrade's own, read through a made-up head
-        self._session: bytes | None = None
+        # The session-key headers' values (sessionkeys.watched), first of each name; None
+        # until one arrives, so a request without any allocates nothing.
+        self._keys: dict[bytes, bytes] | None = None
         self._selector: bytes | None = None
         self._connection: bytes | None = None
         self._expect: bytes | None = None
@@ -282,8 +294,12 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
         if lower not in REQUEST_DROP:
             self._forward.append(b"%s: %s\r\n" % (name, value))
         if lower in self.listener.special:
-            if lower == self.listener.session_header:
-                self._session = value
+            if lower in self.listener.watched:
+                keys = self._keys
+                if keys is None:
+                    self._keys = {lower: value}
+                elif lower not in keys:
+                    keys[lower] = value
             elif lower == SELECTOR_HEADER:
                 self._selector = value
             elif lower == b"connection":
@@ -380,7 +396,7 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
             _VERSIONS.get(parser.get_http_version(), (1, 0)), self._headers,
             b"".join(self._forward) if self._connection is None else
             header_block(self._headers, REQUEST_DROP, self._connection),
-            body[0] if len(body) == 1 else b"".join(body), self._session, self._selector,
+            body[0] if len(body) == 1 else b"".join(body), self._keys, self._selector,
             self.connection_id, self._begun_at)
         self._queue.append((request, parser.should_keep_alive(), self._continue_sent))
         self._begin()
@@ -446,7 +462,7 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
 
     def _unanswered(self, exc: BaseException | None) -> None:
         listener = self.listener
-        listener.errors += 1
+        listener.events.internal_error()
         listener.log_error(exc if exc is not None else
                            RuntimeError("the request handler returned without an answer"))
         self.keep_alive = False
@@ -456,16 +472,20 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
         self._close()
 
     def _refuse(self, refused: Refused) -> None:
-        self.listener.refused += 1
         if self.task is not None or self._queue:
             # Bytes after a request that asked to close, or garbage behind good requests:
-            # answer what came whole, forward nothing more, then close (in `_serve`).
+            # answer what came whole, forward nothing more, then close (in `_serve`). The
+            # parser stays failed, so later reads would refuse the same bytes again.
+            if not self._refused_behind:
+                self._refused_behind = True
+                self.listener.events.refused(refused.status, refused.code)
             self._unreadable = True
             if self.transport is not None:
                 self.transport.pause_reading()
             return
         # Framed for the refused request's own method, not the last answer's: a refused
         # HEAD gets the head alone (RFC 9110 §9.3.2), any other request its body.
+        self.listener.events.refused(refused.status, refused.code)
         self._response_reset(self._refused_method() == b"HEAD")
         self.keep_alive = False
         self.respond(refused.status, error_body(str(refused), refused.code))
@@ -515,18 +535,20 @@ class Listener:
     """The proxy listener: its connections, the head/keep-alive sweep, graceful drain."""
 
     def __init__(self, handle: Handler, session_header: str, max_body: int,
-                 log_error: Callable[[BaseException], None]) -> None:
+                 log_error: Callable[[BaseException], None], events: ListenerEvents,
+                 watched: frozenset[bytes] = frozenset()) -> None:
         self.loop = asyncio.get_running_loop()
         self.handle = handle
         self.session_header = session_header.encode()
-        self.special = frozenset({self.session_header, SELECTOR_HEADER, b"connection",
-                                  b"expect", b"transfer-encoding", b"host"})
+        # Session keys, parents and the end mark: kept for the exchange (sessionkeys.pick).
+        self.watched = watched | {self.session_header}
+        self.special = self.watched | {SELECTOR_HEADER, b"connection", b"expect",
+                                       b"transfer-encoding", b"host"}
         self.max_body = max_body
         self.log_error = log_error
+        self.events = events
         self.connections: set[ClientConnection] = set()
         self.draining = False
-        self.refused = 0
-        self.errors = 0
         self.server: asyncio.Server | None = None
         self._sweeper = self.loop.create_task(self._sweep_forever())
 

@@ -14,11 +14,12 @@ from sidecar.errors import Outcome
 class Request:
     """One complete request from the app, body buffered (it is replayed on failover)."""
 
-    __slots__ = ("body", "connection", "forward", "headers", "method", "received_at",
-                 "selector", "session", "target", "version")
+    __slots__ = ("body", "connection", "forward", "headers", "keys", "method", "received_at",
+                 "selector", "target", "version")
 
     def __init__(self, method: bytes, target: bytes, version: tuple[int, int],
-                 headers: Headers, forward: bytes, body: bytes, session: bytes | None,
+                 headers: Headers, forward: bytes, body: bytes,
+                 keys: dict[bytes, bytes] | None,
                  selector: bytes | None, connection: str, received_at: float) -> None:
         self.method = method
         self.target = target  # path and query, as sent
@@ -26,7 +27,8 @@ class Request:
         self.headers = headers  # as received, names as sent
         self.forward = forward  # the header lines to send upstream (hop-by-hop dropped)
         self.body = body
-        self.session = session  # the session header's value, if any
+        # Values of the session-key headers (lowercase name → first value), if any were sent
+        self.keys = keys
         self.selector = selector
         self.connection = connection  # names the TCP connection (connection sessions)
         self.received_at = received_at  # perf_counter() when its first bytes were read

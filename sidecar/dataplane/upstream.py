@@ -1,7 +1,8 @@
 """HTTP/1.1 to the model servers: per-endpoint keep-alive pools (bounded, idle expiry
 below the servers' own keep-alive), connecting with a deadline, and the one tick that
 checks every leased connection's first-byte and stream-idle deadlines. It is the
-`Upstream` of seam.py; its connections (connection.py) are the `Reply`s."""
+`Upstream` of seam.py; each request gets a connection's `UpstreamReply` (connection.py),
+which alone gives that connection back here."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import ssl
 from time import perf_counter
 from urllib.parse import urlsplit
 
-from sidecar.dataplane.connection import Connection
+from sidecar.dataplane.connection import Connection, UpstreamReply
 from sidecar.errors import Outcome
 
 # vLLM (uvicorn) closes idle keep-alive connections after 5 s: ours go after 3 s plus at
@@ -27,7 +28,8 @@ PER_ENDPOINT = 256
 
 
 class Origin:
-    """One endpoint's address and its pool of keep-alive connections."""
+    """One endpoint's address and its pool of keep-alive connections: the only writer of
+    its slots (`in_use`), its idle list and its waiters."""
 
     __slots__ = ("host", "host_header", "idle", "in_use", "port", "retired", "tls", "waiters")
 
@@ -53,6 +55,21 @@ class Origin:
                 waiter.set_result(None)
                 return
 
+    def give_back(self, conn: Connection, reusable: bool) -> None:
+        """A reply let go of `conn`: idle if it can carry another request (and this pool
+        still takes connections back), else closed; its slot goes to the next waiter."""
+        self.in_use -= 1
+        if reusable and not self.retired:
+            conn.idle_since = conn.loop.time()
+            self.idle.append(conn)
+        else:
+            conn.close()
+        self.wake_one()
+
+    def lost(self, conn: Connection) -> None:
+        with contextlib.suppress(ValueError):
+            self.idle.remove(conn)
+
 
 class HttpUpstream:
     """Every endpoint's pool, one per sidecar."""
@@ -63,15 +80,15 @@ class HttpUpstream:
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.tls = tls if tls is not None else ssl.create_default_context()
-        self.closing = False
         self._origins: dict[str, Origin] = {}
         self._retired: list[Origin] = []  # dropped by `retain`, answers still in flight
-        self.watched: set[Connection] = set()  # leased: deadlines checked by the tick
+        # Leased: deadlines checked by the tick, which drops the ones let go since.
+        self.watched: set[Connection] = set()
         self._sweeper = self.loop.create_task(self._sweep_forever())
         self._ticker = self.loop.create_task(self._tick_forever())
 
     async def send(self, base_url: str, method: bytes, target: bytes, headers: bytes,
-                   body: bytes, deadline: float) -> Connection | Outcome:
+                   body: bytes, deadline: float) -> UpstreamReply | Outcome:
         origin = self._origins.get(base_url)
         if origin is None:
             origin = self._origins[base_url] = Origin(base_url, self.tls)
@@ -81,6 +98,9 @@ class HttpUpstream:
             if not isinstance(conn, Connection):
                 return conn
         head = conn.begin(method == b"HEAD", deadline)
+        reply = conn.reply
+        assert reply is not None
+        self.watched.add(conn)
         framing = b"Content-Length: %d\r\n\r\n" % len(body) if body or method in (
             b"POST", b"PUT", b"PATCH") else b"\r\n"
         transport = conn.transport
@@ -91,14 +111,14 @@ class HttpUpstream:
             transport.writelines((request, body))
         else:
             transport.write(request)
-        conn.sent_at = perf_counter()  # until the answer arrives, the time is upstream's
+        reply.sent_at = perf_counter()  # until the answer arrives, the time is upstream's
         try:
             result = await head
         except BaseException:
-            conn.release()
+            reply.release()
             raise
-        if result is not conn:
-            conn.release()
+        if result is not reply:
+            reply.release()
         return result
 
     def _idle(self, origin: Origin) -> Connection | None:
@@ -115,7 +135,7 @@ class HttpUpstream:
                 origin.in_use += 1
                 conn.reused = True
                 return conn
-            conn._close()
+            conn.close()
         return None
 
     async def _acquire(self, origin: Origin, deadline: float) -> Connection | Outcome:
@@ -142,7 +162,7 @@ class HttpUpstream:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, conn = await self.loop.create_connection(
-                    lambda: Connection(self, origin), origin.host, origin.port,
+                    lambda: Connection(origin, self.loop), origin.host, origin.port,
                     ssl=origin.tls, server_hostname=origin.host if origin.tls else None)
         except TimeoutError:
             origin.in_use -= 1
@@ -165,7 +185,7 @@ class HttpUpstream:
             origin = self._origins.pop(base_url)
             origin.retired = True
             for conn in origin.idle:
-                conn._close()
+                conn.close()
             origin.idle.clear()
             if origin.in_use:
                 self._retired.append(origin)
@@ -184,7 +204,7 @@ class HttpUpstream:
                 expired = [c for c in origin.idle if now - c.idle_since >= IDLE_S]
                 for conn in expired:
                     origin.idle.remove(conn)
-                    conn._close()
+                    conn.close()
 
     async def _tick_forever(self) -> None:
         while True:
@@ -192,15 +212,20 @@ class HttpUpstream:
             if self.watched:
                 now = self.loop.time()
                 for conn in list(self.watched):
-                    conn.check(now)
+                    if conn.reply is None:
+                        self.watched.discard(conn)
+                    else:
+                        conn.check(now, self.idle_timeout)
 
     async def aclose(self) -> None:
-        self.closing = True
+        # Replies still out close their connections when let go, as a retired pool's do.
+        for origin in [*self._origins.values(), *self._retired]:
+            origin.retired = True
         for task in (self._sweeper, self._ticker):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         for origin in self._origins.values():
             for conn in origin.idle:
-                conn._close()
+                conn.close()
             origin.idle.clear()
