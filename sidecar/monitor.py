@@ -37,6 +37,7 @@ from sidecar.podview import (
 from sidecar.pools import Endpoint, EndpointState, Pool, PoolSet
 from sidecar.redisfaults import CAUGHT
 from sidecar.scaler.config import NomadAccess
+from sidecar.serviceport import serve
 from sidecar.supervise import SUPERVISOR, Supervisor, supervised_until
 from sidecar.telemetry import Telemetry
 
@@ -352,10 +353,4 @@ async def serve_stats(monitor: FleetMonitor, host: str, port: int) -> web.AppRun
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "leading": monitor.leading})
 
-    app = web.Application()
-    app.router.add_get("/stats", stats)
-    app.router.add_get("/health", health)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    return runner
+    return await serve({"/stats": stats, "/health": health}, host, port)

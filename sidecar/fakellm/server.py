@@ -233,12 +233,9 @@ class FakeLLM:
         return await self._generate(request, chat=False)
 
     async def embeddings(self, request: web.Request) -> web.Response:
-        body = await self._parse(request)
+        body = await self._admit(request)
         if isinstance(body, web.Response):
             return body
-        failure = await self._fault()
-        if failure is not None:
-            return failure
         inputs = body.get("input", "")
         items = inputs if isinstance(inputs, list) else [inputs]
         data = []
@@ -252,6 +249,15 @@ class FakeLLM:
         self.counters.completed += 1
         return self._json({"object": "list", "data": data, "model": body.get("model"),
                            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    async def _admit(self, request: web.Request) -> dict[str, Any] | web.Response:
+        """The request's body, or the answer it gets instead: an unreadable body, a model
+        not served, or an injected fault (loading, failing, hanging)."""
+        body = await self._parse(request)
+        if isinstance(body, web.Response):
+            return body
+        failure = await self._fault()
+        return failure if failure is not None else body
 
     async def _parse(self, request: web.Request) -> dict[str, Any] | web.Response:
         raw = await request.read()
@@ -314,12 +320,9 @@ class FakeLLM:
         return segments, sum(count_tokens(s) for s in segments)
 
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
-        body = await self._parse(request)
+        body = await self._admit(request)
         if isinstance(body, web.Response):
             return body
-        failure = await self._fault()
-        if failure is not None:
-            return failure
         b = self.behaviour
         segments, prompt_tokens = self._prompt(body, chat)
         tokens = self._completion_tokens(body, segments)

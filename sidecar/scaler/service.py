@@ -39,6 +39,7 @@ from sidecar.scaler.policy import (
     Pressure,
     pressure,
 )
+from sidecar.serviceport import serve
 from sidecar.store import LEVEL_CHANNEL, LEVEL_KEY
 from sidecar.supervise import SUPERVISOR, Supervisor, supervised_until
 from sidecar.telemetry import Telemetry
@@ -526,13 +527,7 @@ async def serve_metrics(telemetry: Telemetry, host: str, port: int) -> web.AppRu
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/health", health)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    return runner
+    return await serve({"/metrics": metrics, "/health": health}, host, port)
 
 
 def _fmt(value: float | None) -> str:
