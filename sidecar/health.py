@@ -15,7 +15,6 @@ same endpoint methods a probe result does.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -37,6 +36,7 @@ from sidecar.podload import (
 )
 from sidecar.podview import Action, ViewState, action_for
 from sidecar.pools import Endpoint, EndpointState, PoolSet
+from sidecar.supervise import cancel_and_wait
 from sidecar.telemetry import Telemetry
 
 log = logging.getLogger("sidecar.health")
@@ -146,11 +146,10 @@ class HealthProber:
     async def close(self) -> None:
         tasks = list(self._tasks.values())
         self._tasks.clear()
+        await cancel_and_wait(tasks)
         for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("a probe task had ended with %r", task.exception())
         if self._http is not None:
             await self._http.close()
 

@@ -9,15 +9,32 @@ only way out.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 log = logging.getLogger("sidecar.supervise")
 
 INITIAL_BACKOFF_S = 0.25
 MAX_BACKOFF_S = 5.0
+# A task still running this long after it was cancelled is cancelled again.
+RECANCEL_S = 1.0
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel `tasks` and return once every one has ended. A task can swallow one
+    cancellation (a dependency that turns it into an error the task catches and retries
+    on, or asyncio's own wait_for racing it on Python 3.11): such a task is cancelled again
+    every RECANCEL_S instead of being waited on forever. A cancellation of the caller
+    itself propagates (it is not taken for the tasks')."""
+    pending = {task for task in tasks if not task.done()}
+    for task in pending:
+        task.cancel()
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=RECANCEL_S)
+        for task in pending:
+            task.cancel()
 
 
 class Supervisor:
@@ -48,12 +65,13 @@ class Supervisor:
         return sorted({task.get_name() for task in self._tasks if not task.done()})
 
     async def stop(self, task: asyncio.Task[None] | None) -> None:
-        """Cancel one task and wait for it (a no-op for None or a finished task)."""
+        """Cancel one task and wait for it (a no-op for None or a finished task); its own
+        exception, if it ended with one, is raised here."""
         if task is None:
             return
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait((task,))
+        if not task.cancelled():
+            task.result()
 
 
 SUPERVISOR = Supervisor()
@@ -125,6 +143,6 @@ async def supervised_until(stop: asyncio.Event, name: str, body: Callable[[], Aw
         await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stopping.cancel()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait((task,))
+        if not task.cancelled():
+            task.result()

@@ -24,7 +24,7 @@ from redis.exceptions import (
 from sidecar import routing, store, telemetry, traffic
 from sidecar.server import Running
 from sidecar.store import route_key
-from sidecar.supervise import Supervisor, supervised
+from sidecar.supervise import Supervisor, cancel_and_wait, supervised
 from tests.conftest import admin, chat, pool
 
 INJECTED: list[BaseException] = [
@@ -201,3 +201,51 @@ async def test_a_one_shot_job_gives_up_after_its_attempts():
 @pytest.fixture(autouse=True)
 def _capture(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
+
+
+async def test_stopping_a_task_that_swallows_its_cancellation_still_ends_it():
+    """A dependency can turn a cancellation into an error the task catches and retries on;
+    stopping cancels again instead of waiting on it forever (the monitor's step-down did)."""
+    swallowed = 0
+
+    async def stubborn() -> None:
+        nonlocal swallowed
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                if swallowed < 2:
+                    swallowed += 1
+                    continue
+                raise
+
+    task = asyncio.ensure_future(stubborn())
+    await asyncio.sleep(0)
+    async with asyncio.timeout(10):
+        await Supervisor().stop(task)
+    assert task.cancelled() and swallowed == 2
+
+
+async def test_a_caller_cancelled_while_stopping_a_task_is_cancelled_itself():
+    """Waiting for a task to end never eats the caller's own cancellation."""
+    release = False
+
+    async def stubborn() -> None:
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                if release:
+                    raise
+
+    task = asyncio.ensure_future(stubborn())
+    caller = asyncio.ensure_future(cancel_and_wait([task]))
+    await asyncio.sleep(0.05)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert not task.done()  # it swallowed every cancel so far: the caller gave up, as asked
+    release = True
+    async with asyncio.timeout(10):
+        await cancel_and_wait([task])
+    assert task.cancelled()
