@@ -56,11 +56,7 @@ class GpuReader:
         self.interval_s = interval_s
         self.targets = targets
         self.report = report
-        self.params: dict[str, str] = {}
-        if access.nomad_namespace:
-            self.params["namespace"] = access.nomad_namespace
-        if access.nomad_region:
-            self.params["region"] = access.nomad_region
+        self.params = access.query()
         self.http: aiohttp.ClientSession | None = None
         self.allocations: dict[tuple[str, str], str] = {}   # (pool, url) → AllocID
         self.readings: dict[tuple[str, str], GpuUsage] = {}
@@ -76,10 +72,8 @@ class GpuReader:
 
     def _session(self) -> aiohttp.ClientSession:
         if self.http is None or self.http.closed:
-            headers = {"X-Nomad-Token": self.access.nomad_token} \
-                if self.access.nomad_token else {}
             self.http = aiohttp.ClientSession(
-                headers=headers, timeout=aiohttp.ClientTimeout(total=READ_TIMEOUT_S),
+                headers=self.access.headers(), timeout=aiohttp.ClientTimeout(total=READ_TIMEOUT_S),
                 connector=aiohttp.TCPConnector(ssl=ssl_context(self.access) or True,
                                                limit=PARALLEL_READS))
         return self.http

@@ -1,7 +1,8 @@
 """`llm-sidecar monitor`: one process (the holder of a Redis lock) probes every endpoint of
 every pool once per `health_interval_s` — health and metrics, on kept-alive connections,
 jittered and bounded by the prober's timeouts and page cap — and publishes each pool's pod
-view (podview.py) for every sidecar to read, with a notice when an endpoint changes state.
+view (podview.py) for every sidecar to read, pushed with each write (a change of state at
+once).
 
 The probing, its classification and the metrics parsing are the sidecar's own
 (health.HealthProber over a PoolSet); this module adds the lock and the writes. Where a pool
@@ -61,17 +62,16 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-# The view, its version and Redis's time in one script (one round trip, one slot); with a
-# pool name in ARGV[4], the notice too (a keyless PUBLISH inside a script works on Cluster).
+# The view, its version and Redis's time in one script (one round trip, one slot), and the
+# view pushed to every sidecar under the pool's name, ARGV[4] (a keyless PUBLISH inside a
+# script works on Cluster).
 WRITE_VIEW = """
 local t = redis.call('TIME')
 local at = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
 local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('HSET', KEYS[1], 'at', at, 'view', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-if ARGV[4] ~= '' then
-  redis.call('PUBLISH', ARGV[3], ARGV[4] .. '\\0' .. v .. '\\0' .. at .. '\\0' .. ARGV[1])
-end
+redis.call('PUBLISH', ARGV[3], ARGV[4] .. '\\0' .. v .. '\\0' .. at .. '\\0' .. ARGV[1])
 return v
 """
 
@@ -253,7 +253,9 @@ class FleetMonitor:
         log.info("SIGHUP: pools reloaded")
         return True
 
-    async def publish(self, pool: Pool, notice: bool) -> bool:
+    async def publish(self, pool: Pool, changed: bool) -> bool:
+        """Write and push the pool's view; `changed`: an endpoint changed state since the
+        last write (counted in `notices`)."""
         if not self.leading:
             return False
         endpoints = self.view_of(pool)
@@ -267,7 +269,7 @@ class FleetMonitor:
                                 pool.name])
         self.writes += 1
         self._fresh.discard(pool.name)
-        if notice:
+        if changed:
             self.notices += 1
             self._changed.discard(pool.name)
         return True
@@ -286,7 +288,7 @@ class FleetMonitor:
             await self._lead()
         assert self.pools is not None
         for pool in monitored(self.pools):
-            await self.publish(pool, notice=pool.name in self._changed)
+            await self.publish(pool, changed=pool.name in self._changed)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -307,7 +309,7 @@ class FleetMonitor:
                     # read has it), and a state change is announced to every sidecar.
                     for pool in monitored(self.pools):
                         if pool.name in self._fresh or pool.name in self._changed:
-                            await self.publish(pool, notice=pool.name in self._changed)
+                            await self.publish(pool, changed=pool.name in self._changed)
                     # Rounds that end together share one write.
                     gap = max(WRITE_GAP_S, self.interval_s / WRITES_PER_INTERVAL)
                     await asyncio.sleep(min(gap, max(0.0, deadline - loop.time())))

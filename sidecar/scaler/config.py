@@ -59,6 +59,18 @@ class NomadAccess:
     nomad_client_key: str | None = None
     nomad_skip_verify: bool = False
 
+    def query(self) -> dict[str, str]:
+        """The query parameters every request to Nomad carries."""
+        params = {}
+        if self.nomad_namespace:
+            params["namespace"] = self.nomad_namespace
+        if self.nomad_region:
+            params["region"] = self.nomad_region
+        return params
+
+    def headers(self) -> dict[str, str]:
+        return {"X-Nomad-Token": self.nomad_token} if self.nomad_token else {}
+
     def redacted(self) -> dict[str, Any]:
         return {"NOMAD_ADDR": redact_url(self.nomad_addr),
                 "NOMAD_TOKEN": "<redacted>" if self.nomad_token else None,
@@ -67,8 +79,15 @@ class NomadAccess:
 
 def load_nomad_access(env: Mapping[str, str] | None = None) -> NomadAccess:
     """The NOMAD_* variables alone (the fleet monitor reads them too); raises ConfigError."""
-    env = os.environ if env is None else env
+    access, problems = _read_nomad(os.environ if env is None else env)
+    if problems:
+        raise ConfigError(problems)
+    return access
 
+
+def _read_nomad(env: Mapping[str, str]) -> tuple[NomadAccess, list[str]]:
+    """The NOMAD_* variables, as the scaler and the fleet monitor read them, and what is
+    wrong with them."""
     def get(name: str) -> str | None:
         return env.get(name, "").strip() or SCALER_VARIABLES[name][0]
 
@@ -79,9 +98,9 @@ def load_nomad_access(env: Mapping[str, str] | None = None) -> NomadAccess:
         nomad_client_key=get("NOMAD_CLIENT_KEY"),
         nomad_skip_verify=_flag(get("NOMAD_SKIP_VERIFY")))
     if not access.nomad_addr.startswith(("http://", "https://")):
-        raise ConfigError([f"NOMAD_ADDR={access.nomad_addr!r}: expected an http:// or "
-                           "https:// URL"])
-    return access
+        return access, [f"NOMAD_ADDR={access.nomad_addr!r}: expected an http:// or https:// "
+                        "URL"]
+    return access, []
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,14 +133,7 @@ class ScalerSettings:
     prior_floor: float
     metrics_listen: Listen | None
     cooldown_s: float
-    nomad_addr: str
-    nomad_token: str | None
-    nomad_namespace: str | None
-    nomad_region: str | None
-    nomad_cacert: str | None
-    nomad_client_cert: str | None
-    nomad_client_key: str | None
-    nomad_skip_verify: bool
+    nomad: NomadAccess
 
     def redacted(self) -> dict[str, Any]:
         return {"SIDECAR_REDIS_URL": redact_url(self.redis_url),
@@ -135,21 +147,22 @@ class ScalerSettings:
                 "SIDECAR_SCALER_PRIOR_FLOOR": self.prior_floor,
                 "SIDECAR_SCALER_METRICS_LISTEN": (str(self.metrics_listen)
                                                   if self.metrics_listen else "off"),
-                "NOMAD_ADDR": self.nomad_addr,
-                "NOMAD_TOKEN": "<redacted>" if self.nomad_token else None,
-                "NOMAD_NAMESPACE": self.nomad_namespace}
+                "NOMAD_ADDR": self.nomad.nomad_addr,
+                "NOMAD_TOKEN": "<redacted>" if self.nomad.nomad_token else None,
+                "NOMAD_NAMESPACE": self.nomad.nomad_namespace}
 
 
 def scaler_warnings(settings: ScalerSettings) -> list[str]:
     """Settings that are valid but will not do what an operator most likely wants."""
     warnings = []
-    if not settings.dry_run and not settings.nomad_token:
+    nomad = settings.nomad
+    if not settings.dry_run and not nomad.nomad_token:
         warnings.append("NOMAD_TOKEN is not set and SIDECAR_SCALER_DRY_RUN is off: a Nomad "
                         "with ACLs enabled refuses every scale request; set NOMAD_TOKEN to a "
                         "token with the scale-job and read-job-scaling capabilities")
-    if settings.nomad_addr.startswith("https://") and not settings.nomad_cacert \
-            and not settings.nomad_skip_verify:
-        warnings.append(f"NOMAD_ADDR={settings.nomad_addr!r} is https:// but NOMAD_CACERT is "
+    if nomad.nomad_addr.startswith("https://") and not nomad.nomad_cacert \
+            and not nomad.nomad_skip_verify:
+        warnings.append(f"NOMAD_ADDR={nomad.nomad_addr!r} is https:// but NOMAD_CACERT is "
                         "not set: Nomad's certificate must then be signed by a system CA; set "
                         "NOMAD_CACERT to the CA file of a private Nomad PKI")
     return warnings
@@ -268,6 +281,7 @@ def load_scaler_settings(env: Mapping[str, str] | None = None) -> ScalerSettings
         prior = (float(SCALER_VARIABLES["SIDECAR_SCALER_PRIOR_CV"][0] or 0),
                  float(SCALER_VARIABLES["SIDECAR_SCALER_PRIOR_SAMPLES"][0] or 1),
                  float(SCALER_VARIABLES["SIDECAR_SCALER_PRIOR_FLOOR"][0] or 0))
+    nomad, nomad_problems = _read_nomad(env)
     settings = ScalerSettings(
         redis_url=redis_url or "", redis_mode=mode,
         redis_sentinel_master=get("SIDECAR_REDIS_SENTINEL_MASTER"),
@@ -279,14 +293,8 @@ def load_scaler_settings(env: Mapping[str, str] | None = None) -> ScalerSettings
         prior_cv=prior[0], prior_samples=prior[1], prior_floor=prior[2],
         metrics_listen=metrics_listen,
         cooldown_s=number("SIDECAR_SCALER_COOLDOWN_S", 0, strict=False),
-        nomad_addr=(get("NOMAD_ADDR") or "").rstrip("/"), nomad_token=get("NOMAD_TOKEN"),
-        nomad_namespace=get("NOMAD_NAMESPACE"), nomad_region=get("NOMAD_REGION"),
-        nomad_cacert=get("NOMAD_CACERT"), nomad_client_cert=get("NOMAD_CLIENT_CERT"),
-        nomad_client_key=get("NOMAD_CLIENT_KEY"),
-        nomad_skip_verify=_flag(get("NOMAD_SKIP_VERIFY")))
-    if not settings.nomad_addr.startswith(("http://", "https://")):
-        problems.append(f"NOMAD_ADDR={settings.nomad_addr!r}: expected an http:// or https:// "
-                        "URL")
+        nomad=nomad)
+    problems += nomad_problems
     if settings.burst_quantile > 1:
         problems.append(f"SIDECAR_SCALER_BURST_QUANTILE={get('SIDECAR_SCALER_BURST_QUANTILE')!r}:"
                         " expected a number > 0 and <= 1")

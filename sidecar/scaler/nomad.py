@@ -32,13 +32,13 @@ class GroupStatus:
     healthy: int
 
 
-def ssl_context(settings: ScalerSettings | NomadAccess) -> ssl.SSLContext | None:
-    if not settings.nomad_addr.startswith("https://"):
+def ssl_context(access: NomadAccess) -> ssl.SSLContext | None:
+    if not access.nomad_addr.startswith("https://"):
         return None
-    context = ssl.create_default_context(cafile=settings.nomad_cacert)
-    if settings.nomad_client_cert:
-        context.load_cert_chain(settings.nomad_client_cert, settings.nomad_client_key)
-    if settings.nomad_skip_verify:
+    context = ssl.create_default_context(cafile=access.nomad_cacert)
+    if access.nomad_client_cert:
+        context.load_cert_chain(access.nomad_client_cert, access.nomad_client_key)
+    if access.nomad_skip_verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
@@ -46,17 +46,13 @@ def ssl_context(settings: ScalerSettings | NomadAccess) -> ssl.SSLContext | None
 
 class NomadClient:
     def __init__(self, settings: ScalerSettings, timeout_s: float = 10.0) -> None:
-        self.addr = settings.nomad_addr
+        nomad = settings.nomad
+        self.addr = nomad.nomad_addr
         self.timeout_s = timeout_s
-        self.params: dict[str, str] = {}
-        if settings.nomad_namespace:
-            self.params["namespace"] = settings.nomad_namespace
-        if settings.nomad_region:
-            self.params["region"] = settings.nomad_region
-        headers = {"X-Nomad-Token": settings.nomad_token} if settings.nomad_token else {}
+        self.params = nomad.query()
         self.http = aiohttp.ClientSession(
-            headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s),
-            connector=aiohttp.TCPConnector(ssl=ssl_context(settings) or True))
+            headers=nomad.headers(), timeout=aiohttp.ClientTimeout(total=timeout_s),
+            connector=aiohttp.TCPConnector(ssl=ssl_context(nomad) or True))
 
     async def close(self) -> None:
         await self.http.close()
