@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -217,26 +217,35 @@ async def agent(http: aiohttp.ClientSession, base: str, session: str, first: int
     await turn(http, base, session, messages, 1, ttfts, failures, {"x-session-final": "true"})
 
 
+async def drive(count: int, concurrency: int, connections: int,
+                one: Callable[[aiohttp.ClientSession, int], Awaitable[None]]) -> float:
+    """`one(http, i)` for every i < count, `concurrency` at a time; the seconds it took."""
+    slots = asyncio.Semaphore(concurrency)
+    started = time.monotonic()
+
+    async def limited(http: aiohttp.ClientSession, i: int) -> None:
+        async with slots:
+            await one(http, i)
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections),
+                                     timeout=aiohttp.ClientTimeout(total=300)) as http:
+        await asyncio.gather(*(limited(http, i) for i in range(count)))
+    return time.monotonic() - started
+
+
 async def agents_workload(bases: list[str], sizes: list[int], turns: int, concurrency: int,
                           prefix: str, children_as_parent: bool
                           ) -> tuple[list[float], float, list[str]]:
     """`len(sizes)` parent agents, `concurrency` at a time; sessions/s counts children."""
     ttfts: list[float] = []
     failures: list[str] = []
-    slots = asyncio.Semaphore(concurrency)
-    started = time.monotonic()
 
-    async def one(i: int) -> None:
-        async with slots:
-            await agent(http, bases[i % len(bases)], f"{prefix}-{i}", sizes[i], turns,
-                        ttfts, failures, children_as_parent)
+    async def one(http: aiohttp.ClientSession, i: int) -> None:
+        await agent(http, bases[i % len(bases)], f"{prefix}-{i}", sizes[i], turns,
+                    ttfts, failures, children_as_parent)
 
-    async with aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=concurrency * AGENT_CHILDREN * 4),
-            timeout=aiohttp.ClientTimeout(total=300)) as http:
-        await asyncio.gather(*(one(i) for i in range(len(sizes))))
-    sessions = len(sizes) * (1 + AGENT_CHILDREN)
-    return ttfts, sessions / (time.monotonic() - started), failures
+    took = await drive(len(sizes), concurrency, concurrency * AGENT_CHILDREN * 4, one)
+    return ttfts, len(sizes) * (1 + AGENT_CHILDREN) / took, failures
 
 
 async def workload(bases: list[str], sizes: list[int], turns: list[int], concurrency: int,
@@ -244,19 +253,13 @@ async def workload(bases: list[str], sizes: list[int], turns: list[int], concurr
     """Every target of a load gets the same session ids (the same hashing luck)."""
     ttfts: list[float] = []
     failures: list[str] = []
-    slots = asyncio.Semaphore(concurrency)
-    started = time.monotonic()
 
-    async def one(i: int) -> None:
-        async with slots:
-            await conversation(http, bases[i % len(bases)], f"{prefix}-{i}",
-                               sizes[i], turns[i],
-                               ttfts, failures, fanouts[i])
+    async def one(http: aiohttp.ClientSession, i: int) -> None:
+        await conversation(http, bases[i % len(bases)], f"{prefix}-{i}", sizes[i], turns[i],
+                           ttfts, failures, fanouts[i])
 
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency * 2),
-                                     timeout=aiohttp.ClientTimeout(total=300)) as http:
-        await asyncio.gather(*(one(i) for i in range(len(sizes))))
-    return ttfts, len(sizes) / (time.monotonic() - started), failures
+    took = await drive(len(sizes), concurrency, concurrency * 2, one)
+    return ttfts, len(sizes) / took, failures
 
 
 def pod_argv(port: int) -> list[str]:
