@@ -143,6 +143,4 @@ async def supervised_until(stop: asyncio.Event, name: str, body: Callable[[], Aw
         await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stopping.cancel()
-        await cancel_and_wait((task,))
-        if not task.cancelled():
-            task.result()
+        await supervisor.stop(task)
