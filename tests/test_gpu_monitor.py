@@ -233,9 +233,11 @@ async def test_a_nomad_down_slow_or_refusing_leaves_health_and_load_intact(
         # Not before it was STALE_INTERVALS old (the last value is kept until then).
         assert time.monotonic() - failed_at >= (STALE_INTERVALS - 1) * INTERVAL_S
         assert entry()["state"] == "ready" and entry()["load"] is not None
-        # The probes and the view's writes went on meanwhile.
+        # The probes and the view's writes go on while Nomad is away (a loaded machine can
+        # stretch a jittered interval: the count is awaited, still during the outage).
         assert int(client.hget(view_key("small"), "version")) > version + 1
-        assert monitor.stats()["health_probes"] > probes + 1
+        await until(lambda: monitor.stats()["health_probes"] > probes + 1,
+                    "the probes go on while Nomad is away")
         assert monitor.stats()["gpu"]["failing"] is True
         await asyncio.sleep(2 * INTERVAL_S)  # more failing rounds: still one warning
         warnings = [r for r in caplog.records if "GPU readings from Nomad failed" in r.message]
