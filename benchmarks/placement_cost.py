@@ -2,7 +2,7 @@
 
     python benchmarks/placement_cost.py
 
-Times `next(router.plan(route, now, body_bytes))` (the candidate every request asks for)
+Times `router.plan(route, now, body_bytes)` and its first candidate (what every request asks for)
 against a copy of the plan's first step as it was before load-aware routing, on an
 unsaturated pod (every request's path) and on a saturated one (the move decision; runs
 only while a pod queues and this sidecar's move budget for it lasts), plus a new session's
@@ -64,13 +64,13 @@ def main() -> int:
     rows: list[tuple[str, float]] = []
     rows.append(("plan, first candidate, before this change",
                  per_call_us(lambda: next(before(router, route, now)), n)))
-    after = per_call_us(lambda: next(router.plan(route, now, 8000)), n)
+    after = per_call_us(lambda: next(router.plan(route, now, 8000).candidates(now)), n)
     rows.append(("plan, first candidate, unsaturated pod (every request)", after))
     hot = PodLoad(8, 6, 0.95, 0.0, "metrics", 0.0, 4.0)
 
     def saturated_call() -> object:
         home.set_load(hot, True)   # re-arm the move budget: time the decision itself
-        return next(router.plan(route, now, 8000))
+        return next(router.plan(route, now, 8000).candidates(now))
     rows.append(("plan, first candidate, saturated pod (move decision)",
                  per_call_us(saturated_call, n // 4)))
     router._moving.clear()
