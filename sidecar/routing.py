@@ -461,7 +461,10 @@ class Router:
             return
         route.reason = reason
         self.counters.route_changes += 1
-        if not local:
+        # A route that left the cache while this call was in flight (its session ended or
+        # was deleted, or another pod's move replaced it) is no longer the session's: its
+        # write would bring back what was dropped.
+        if not local and self.cache.peek(route.session) is route:
             self._write_behind(route.session, route.record())
 
     def _remote_change(self, session: str, record: bytes) -> None:

@@ -122,3 +122,15 @@ async def test_a_request_naming_another_pool_writes_no_route() -> None:
     assert other.route.pool == "big" and router.counters.route_changes == 0
     other.close()
     assert other.route.inflight == 0
+
+
+async def test_a_call_still_in_flight_when_its_session_ended_writes_no_route_back() -> None:
+    router = make_router()
+    plan = await router.open("s-1", 1.0, local=False)
+    assert await router.store.get("s-1") is not None
+    await router.end("s-1", local=False)  # a sibling call carried x-session-final
+    pool = router.pools.pools["big"]
+    other = next(e for e in pool.ranked(b"s-1") if e is not plan.route.endpoint)
+    plan.served(pool, other, "connect_error from home")  # this call failed over
+    await router.close()
+    assert await router.store.get("s-1") is None and router.unwritten_moves == 0
