@@ -452,3 +452,23 @@ async def test_a_sidecar_drops_the_reading_when_the_view_goes_stale(
     await until(probing, "the view goes stale and the sidecar probes")
     assert endpoint.gpu is None
     assert running.sidecar.stats()["endpoints"][0]["gpu"] is None
+
+
+async def test_registrations_nomad_pages_are_all_read(nomad_server: NomadServer) -> None:
+    """A service list Nomad answers in pages (`X-Nomad-NextToken`) is followed to its end:
+    an endpoint on a later page still gets its allocation."""
+    from sidecar.gpureader import GpuReader
+
+    fake = nomad_server.fake
+    fake.page_size = 2
+    urls = [f"http://127.0.0.1:{8000 + i}" for i in range(5)]
+    allocs = {url: fake.register(SERVICE, url) for url in urls}
+    reader = GpuReader(access(nomad_server), lambda: INTERVAL_S, dict, lambda *a: None)
+    try:
+        await reader.read_services({"p": (SERVICE, urls)})
+    finally:
+        await reader.close()
+    assert reader.allocations == {("p", url): alloc for url, alloc in allocs.items()}
+    assert fake.service_reads == 3
+    assert [q.get("next_token") for q in fake.queries] == \
+        [None, *(r["ID"] for r in fake.services[SERVICE][2::2])]
