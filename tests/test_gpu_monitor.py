@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import os
@@ -178,6 +179,8 @@ async def test_the_view_carries_each_endpoints_gpu_reading_and_a_sidecar_keeps_i
         assert abs(time.time() - endpoint.gpu.at) < 15  # its age, on this host's clock
         seen = {e["url"]: e["gpu"] for e in side.stats()["endpoints"]}
         assert seen[one.url]["utilization"] == 0.25
+        [row] = [line for line in top_text(side.stats()).splitlines() if two.url in line]
+        assert row.rstrip().endswith("80% · 50% mem (2)")  # `llm-sidecar top`'s gpu column
         assert side.prober.probes == 0  # it follows the view: no probe of its own
 
         fake.allocations[alloc_one] = alloc_stats({"GPU-2": nvidia_device(100, 80_000,
@@ -472,3 +475,14 @@ async def test_registrations_nomad_pages_are_all_read(nomad_server: NomadServer)
     assert fake.service_reads == 3
     assert [q.get("next_token") for q in fake.queries] == \
         [None, *(r["ID"] for r in fake.services[SERVICE][2::2])]
+
+
+def top_text(stats: dict[str, Any]) -> str:
+    """What `llm-sidecar top` prints for these stats."""
+    from rich.console import Console
+
+    from sidecar.top import Snapshot, render
+
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(render(Snapshot(time.time(), stats, {}), None))
+    return console.export_text()
