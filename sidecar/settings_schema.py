@@ -46,7 +46,9 @@ class Setting:
     def field(self, **kwargs: Any) -> Any:
         """The dataclass field carrying this declaration (typed Any so a class body reads
         `listen: Listen = LISTEN.field()`)."""
-        return field(metadata={_KEY: self}, repr=not self.secret, **kwargs)
+        # repr() shows no secret either: not a secret's value, nor a URL that may hold one.
+        return field(metadata={_KEY: self}, repr=not self.secret and self.redact is None,
+                     **kwargs)
 
     def refusal(self, text: str, invalid: Invalid) -> str:
         """The problem line: the variable, its value (unless secret) and the expected form."""
@@ -71,7 +73,8 @@ class Setting:
 
 def setting(name: str, default: str | None, doc: str, *, init_default: Any = MISSING,
             **kwargs: Any) -> Any:
-    """Declare a variable in a settings class body: `x: int = setting("SIDECAR_X", ...)`;
+    """Declare a variable in a settings class body:
+    `listen: Listen = setting("SIDECAR_LISTEN", "127.0.0.1:7878", "...", parse=...)`;
     `init_default` is the field's default for code that builds the class itself."""
     if init_default is MISSING:
         return Setting(name, default, doc, **kwargs).field()

@@ -203,10 +203,10 @@ def load_prior(env: Mapping[str, str] | None = None) -> tuple[float, float, floa
 def load_scaler_settings(env: Mapping[str, str] | None = None) -> ScalerSettings:
     r = Reader(os.environ if env is None else env, SCALER_SETTINGS)
     values = r.fields_of(ScalerSettings)
-    if values["redis_url"] is None:
+    if r.raw("SIDECAR_REDIS_URL") is None:
         r.problems.append("SIDECAR_REDIS_URL is not set: the scaler reads the sidecars' "
                           "traffic from Redis; expected a redis://, rediss:// or unix:// URL")
-        values["redis_url"] = ""
+    values["redis_url"] = values["redis_url"] or ""
     pools = _parse_pools(r.raw("SIDECAR_SCALER_POOLS"), r.problems)
     settings = ScalerSettings(**values, pools=pools,
                               nomad=NomadAccess(**r.fields_of(NomadAccess)))
