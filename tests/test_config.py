@@ -308,7 +308,7 @@ def test_each_field_is_declared_once_and_shared_variables_share_their_declaratio
 
 def test_the_redacted_views_name_every_declared_variable_and_no_secret(tmp_path):
     from sidecar.config import SETTINGS
-    from sidecar.scaler.config import SCALER_SETTINGS, load_scaler_settings
+    from sidecar.scaler.config import SCALER_SETTINGS, load_scaler_settings, scaler_warnings
 
     secrets = ("hunter2-admin-token", "pa55word", "nomad-s3cret-token", "nomad-pa55")
     sidecar = load_settings({"SIDECAR_POOLS": POOLS, "SIDECAR_ADMIN_TOKEN": secrets[0],
@@ -325,6 +325,8 @@ def test_the_redacted_views_name_every_declared_variable_and_no_secret(tmp_path)
         shown = json.dumps(view) + repr(settings)
         assert not [secret for secret in secrets if secret in shown]
     assert scaler.redacted()["NOMAD_ADDR"] == "https://ops:<redacted>@nomad:4646"
+    [warning] = scaler_warnings(scaler)  # https:// without NOMAD_CACERT
+    assert "NOMAD_ADDR='https://ops:<redacted>@nomad:4646'" in warning
     assert scaler.redacted()["NOMAD_TOKEN"] == "<redacted>"
 
 

@@ -183,9 +183,9 @@ def scaler_warnings(settings: ScalerSettings) -> list[str]:
                         "token with the scale-job and read-job-scaling capabilities")
     if nomad.nomad_addr.startswith("https://") and not nomad.nomad_cacert \
             and not nomad.nomad_skip_verify:
-        warnings.append(f"NOMAD_ADDR={nomad.nomad_addr!r} is https:// but NOMAD_CACERT is "
-                        "not set: Nomad's certificate must then be signed by a system CA; set "
-                        "NOMAD_CACERT to the CA file of a private Nomad PKI")
+        warnings.append(f"NOMAD_ADDR={redact_url(nomad.nomad_addr)!r} is https:// but "
+                        "NOMAD_CACERT is not set: Nomad's certificate must then be signed by a "
+                        "system CA; set NOMAD_CACERT to the CA file of a private Nomad PKI")
     return warnings
 
 
