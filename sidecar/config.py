@@ -32,6 +32,7 @@ from sidecar.settings_schema import (
     one_of,
     redact_url,
     redacted,
+    redis_problems,
     setting,
 )
 
@@ -653,16 +654,10 @@ def _check_together(r: Reader, values: Mapping[str, Any]) -> None:
     listen, admin_listen = values["listen"], values["admin_listen"]
     if listen == admin_listen and listen.port != 0:
         r.problems.append(f"SIDECAR_ADMIN_LISTEN={admin_listen}: must differ from SIDECAR_LISTEN")
-    redis_mode, redis_url = values["redis_mode"], values["redis_url"]
-    if redis_mode == "sentinel" and not values["redis_sentinel_master"]:
-        r.problems.append("SIDECAR_REDIS_SENTINEL_MASTER is not set: expected the Sentinel "
-                          "service name (e.g. mymaster) when SIDECAR_REDIS_MODE=sentinel")
-    if redis_mode != "standalone" and redis_url is None:
+    r.problems += redis_problems(values)
+    if values["redis_mode"] != "standalone" and values["redis_url"] is None:
         r.problems.append(f"SIDECAR_REDIS_URL is not set: expected a redis:// URL when "
-                          f"SIDECAR_REDIS_MODE={redis_mode}")
-    if values["redis_ca_file"] is not None and not (redis_url or "").startswith("rediss://"):
-        r.problems.append("SIDECAR_REDIS_CA_FILE is set but SIDECAR_REDIS_URL is not a "
-                          "rediss:// URL: expected rediss://host:port when Redis speaks TLS")
+                          f"SIDECAR_REDIS_MODE={values['redis_mode']}")
 
 
 def reload_pools(settings: Settings, env: Mapping[str, str] | None = None) -> Settings:

@@ -246,3 +246,17 @@ REDIS_CA_FILE = Setting(
     "SIDECAR_REDIS_CA_FILE", None,
     "PEM bundle to verify a `rediss://` server with (certificate and host name are always "
     "verified)", parse=ca_file, unset="system CAs")
+
+
+def redis_problems(values: Mapping[str, Any]) -> list[str]:
+    """The rules between the Redis variables, each valid alone, for every reader of them
+    (`values`: the settings' redis_url, redis_mode, redis_sentinel_master, redis_ca_file)."""
+    problems = []
+    if values["redis_mode"] == "sentinel" and not values["redis_sentinel_master"]:
+        problems.append("SIDECAR_REDIS_SENTINEL_MASTER is not set: expected the Sentinel "
+                        "service name (e.g. mymaster) when SIDECAR_REDIS_MODE=sentinel")
+    if values["redis_ca_file"] is not None \
+            and not (values["redis_url"] or "").startswith("rediss://"):
+        problems.append("SIDECAR_REDIS_CA_FILE is set but SIDECAR_REDIS_URL is not a "
+                        "rediss:// URL: expected rediss://host:port when Redis speaks TLS")
+    return problems

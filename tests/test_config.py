@@ -330,16 +330,21 @@ def test_the_redacted_views_name_every_declared_variable_and_no_secret(tmp_path)
     assert scaler.redacted()["NOMAD_TOKEN"] == "<redacted>"
 
 
-def test_the_scaler_refuses_a_redis_url_the_sidecar_refuses():
+@pytest.mark.parametrize("redis", [
+    {"SIDECAR_REDIS_URL": "http://redis:6379"},
+    {"SIDECAR_REDIS_URL": "redis://r:26379", "SIDECAR_REDIS_MODE": "sentinel"},
+    {"SIDECAR_REDIS_URL": "redis://r:6379", "SIDECAR_REDIS_CA_FILE": __file__},
+    {"SIDECAR_REDIS_URL": "rediss://r:6379", "SIDECAR_REDIS_MODE": "replicated",
+     "SIDECAR_REDIS_CA_FILE": "/no/such/ca.pem"},
+])
+def test_the_scaler_judges_the_redis_variables_as_the_sidecar_does(redis):
     from sidecar.scaler.config import load_scaler_settings
 
-    with pytest.raises(ConfigError) as refused:
-        load_scaler_settings({"SIDECAR_REDIS_URL": "http://redis:6379",
-                              "SIDECAR_SCALER_POOLS": json.dumps({"small": {
-                                  "job": "j", "group": "g", "min": 1, "max": 2,
-                                  "replica_tokens_per_s": 10, "cold_start_s": 60}})})
-    assert refused.value.problems == [
-        "SIDECAR_REDIS_URL='http://redis:6379': expected a redis://, rediss:// or unix:// URL"]
+    with pytest.raises(ConfigError) as by_scaler:
+        load_scaler_settings({**redis, "SIDECAR_SCALER_POOLS": json.dumps({"small": {
+            "job": "j", "group": "g", "min": 1, "max": 2, "replica_tokens_per_s": 10,
+            "cold_start_s": 60}})})
+    assert sorted(by_scaler.value.problems) == sorted(problems(**redis))
 
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -24,6 +24,7 @@ from sidecar.settings_schema import (
     number,
     redact_url,
     redacted,
+    redis_problems,
     setting,
 )
 
@@ -207,6 +208,7 @@ def load_scaler_settings(env: Mapping[str, str] | None = None) -> ScalerSettings
         r.problems.append("SIDECAR_REDIS_URL is not set: the scaler reads the sidecars' "
                           "traffic from Redis; expected a redis://, rediss:// or unix:// URL")
     values["redis_url"] = values["redis_url"] or ""
+    r.problems += redis_problems(values)
     pools = _parse_pools(r.raw("SIDECAR_SCALER_POOLS"), r.problems)
     settings = ScalerSettings(**values, pools=pools,
                               nomad=NomadAccess(**r.fields_of(NomadAccess)))
