@@ -655,7 +655,7 @@ def _check_together(r: Reader, values: Mapping[str, Any]) -> None:
     if listen == admin_listen and listen.port != 0:
         r.problems.append(f"SIDECAR_ADMIN_LISTEN={admin_listen}: must differ from SIDECAR_LISTEN")
     r.problems += redis_problems(values)
-    if values["redis_mode"] != "standalone" and values["redis_url"] is None:
+    if values["redis_mode"] != "standalone" and r.raw("SIDECAR_REDIS_URL") is None:
         r.problems.append(f"SIDECAR_REDIS_URL is not set: expected a redis:// URL when "
                           f"SIDECAR_REDIS_MODE={values['redis_mode']}")
 

@@ -1,6 +1,7 @@
 """Each environment variable declared once: name, default, parser, secret or not, and the
 reference's text. A settings class lists its fields with these declarations; reading them,
-the redacted view and the reference table all come from that one list."""
+the redacted view and the reference table all come from that one list. The Redis variables,
+which the sidecar and the scaler both read, are declared here."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ class Setting:
 
     def field(self, **kwargs: Any) -> Any:
         """The dataclass field carrying this declaration (typed Any so a class body reads
-        `listen: Listen = LISTEN.field()`)."""
+        `redis_url: str | None = REDIS_URL.field()`)."""
         # repr() shows no secret either: not a secret's value, nor a URL that may hold one.
         return field(metadata={_KEY: self}, repr=not self.secret and self.redact is None,
                      **kwargs)
@@ -188,7 +189,7 @@ def one_of(*choices: str, expected: str | None = None) -> Callable[[str], str]:
 
 
 def flag(text: str) -> bool:
-    """`1`, `true`, `yes`, `on` (any case): anything else is off, as before."""
+    """`1`, `true`, `yes`, `on` (any case) is on; anything else is off, never refused."""
     return text.strip().lower() in ("1", "true", "yes", "on")
 
 

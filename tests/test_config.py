@@ -330,8 +330,14 @@ def test_the_redacted_views_name_every_declared_variable_and_no_secret(tmp_path)
     assert scaler.redacted()["NOMAD_TOKEN"] == "<redacted>"
 
 
+def test_a_refused_redis_url_is_not_also_reported_missing():
+    [problem] = problems(SIDECAR_REDIS_URL="http://redis:6379", SIDECAR_REDIS_MODE="cluster")
+    assert problem.startswith("SIDECAR_REDIS_URL='http://redis:6379': expected")
+
+
 @pytest.mark.parametrize("redis", [
     {"SIDECAR_REDIS_URL": "http://redis:6379"},
+    {"SIDECAR_REDIS_URL": "http://redis:6379", "SIDECAR_REDIS_MODE": "cluster"},
     {"SIDECAR_REDIS_URL": "redis://r:26379", "SIDECAR_REDIS_MODE": "sentinel"},
     {"SIDECAR_REDIS_URL": "redis://r:6379", "SIDECAR_REDIS_CA_FILE": __file__},
     {"SIDECAR_REDIS_URL": "rediss://r:6379", "SIDECAR_REDIS_MODE": "replicated",

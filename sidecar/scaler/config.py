@@ -1,6 +1,6 @@
 """Scaler settings from the environment (same rules as the sidecar's: every problem is
 named with its variable, the bad value and the expected form). Each variable is declared
-once, as a field below; the Redis ones are the sidecar's own declarations."""
+once, as a field below; the Redis ones share their declarations with the sidecar."""
 
 from __future__ import annotations
 
