@@ -244,7 +244,8 @@ class Settings:
         parse=number())
     route_cache_size: int = setting(
         "SIDECAR_ROUTE_CACHE_SIZE", "200000",
-        "most routes kept in process memory (least recently used leave first)",
+        "most routes kept in process memory (least recently used leave first; a route with "
+        "calls in flight stays)",
         parse=number(integer=True))
     connect_timeout_s: float = setting(
         "SIDECAR_CONNECT_TIMEOUT_S", "1", "upstream TCP connect timeout", parse=number())
