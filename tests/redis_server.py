@@ -96,8 +96,13 @@ def debug_args() -> tuple[str, ...]:
 class RedisServer:
     """One redis-server process on loopback; can be killed and restarted on the same port."""
 
-    def __init__(self, port: int | None = None, args: tuple[str, ...] = ()) -> None:
-        self.port = port or server_port()
+    def __init__(self, port: int | None = None, args: tuple[str, ...] = (),
+                 also: int = 0) -> None:
+        self.port = port or server_port(also)
+        # A port picked here may be taken between the pick and the server's bind (another
+        # suite on the machine): the first start then picks again. One named stays.
+        self._repick = 0 if port else 3
+        self._also = also
         self.args = args
         self.dir = Path(tempfile.mkdtemp(prefix="llmsc-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
@@ -107,6 +112,16 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
+        while True:
+            try:
+                return self._start()
+            except RuntimeError:
+                if not self._repick:
+                    raise
+                self._repick -= 1
+                self.port = server_port(self._also)
+
+    def _start(self) -> RedisServer:
         self.process = subprocess.Popen(
             [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--dir", str(self.dir), *self.args],
@@ -115,6 +130,7 @@ class RedisServer:
         while time.monotonic() < deadline and self.process.poll() is None:
             try:
                 if self.client().ping():
+                    self._repick = 0  # started: a restart keeps this port
                     return self
             except redis.ConnectionError:
                 time.sleep(0.02)
@@ -338,16 +354,14 @@ SLOTS = 16384
 PERSISTENT = ("--appendonly", "yes", "--appendfsync", "always")
 
 
-def cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free and valid too."""
-    return server_port(also=10000)
+CLUSTER_BUS_OFFSET = 10000  # a cluster node's bus listens at its port + 10000
 
 
 def start_cluster(masters: int = 3, replicas: int = 0,
                   args: tuple[str, ...] = ()) -> list[RedisServer]:
     """`masters` masters sharing the 16384 slots, then `replicas` replicas given out to the
     masters in turn; returns masters first. The caller cleans up every node."""
-    nodes = [RedisServer(port=cluster_port(),
+    nodes = [RedisServer(also=CLUSTER_BUS_OFFSET,
                          args=("--cluster-enabled", "yes", "--cluster-node-timeout", "1000",
                                "--cluster-config-file", f"nodes-{i}.conf", *args))
              for i in range(masters + replicas)]

@@ -19,7 +19,6 @@ from tests.redis_server import (  # noqa: F401
     RedisServer,
     Sentinel,
     cluster,
-    cluster_port,
     start_cluster,
 )
 
