@@ -73,6 +73,17 @@ class Work(Enum):
     DONE = "done"            # a pod answered it
 
 
+class Origin(Enum):
+    """Whose failure an outcome is, for outlier detection (as Envoy splits local-origin
+    failures from the upstream's own answers)."""
+
+    CONNECT = "connect"  # local origin, no connection made (refused, unreachable, connect
+                         # timeout): the pod is not there, ejected at once
+    LOCAL = "local"      # local origin, the connection broke under the request (reset,
+                         # closed, cut short): counts towards a streak
+    ANSWER = "answer"    # the upstream's answer: 5xx, 429/503, not valid HTTP: a streak
+
+
 class Outcome(Enum):
     OK = "ok"
     CLIENT_ERROR = "client_error"
@@ -98,10 +109,15 @@ class Outcome(Enum):
         return self.work in (Work.NOT_TAKEN, Work.DROPPED) and self is not Outcome.BROKEN_STREAM
 
     @property
+    def origin(self) -> Origin | None:
+        """Whose failure this is; None when it says nothing against the pod's health (an
+        answer the app should see, a pod busy or slow: a timeout alone never ejects it)."""
+        return _ORIGIN.get(self)
+
+    @property
     def endpoint_failed(self) -> bool:
-        """Does this outcome count against the endpoint's health? A slow pod is not a
-        failed one: a timeout alone never ejects it."""
-        return self in _ENDPOINT_FAILURES
+        """Does this outcome count against the endpoint's health?"""
+        return self in _ORIGIN
 
     @property
     def overload(self) -> bool:
@@ -114,7 +130,7 @@ class Outcome(Enum):
     @property
     def endpoint_unreachable(self) -> bool:
         """The pod is not there at all: eject at once rather than after a streak."""
-        return self in (Outcome.CONNECT_ERROR, Outcome.CONNECT_TIMEOUT)
+        return _ORIGIN.get(self) is Origin.CONNECT
 
 
 _WORK = {
@@ -131,11 +147,16 @@ _WORK = {
     Outcome.BROKEN_BEFORE_CONTENT: Work.DROPPED,
     Outcome.BROKEN_STREAM: Work.DROPPED,
 }
-_ENDPOINT_FAILURES = frozenset({Outcome.RETRYABLE_STATUS, Outcome.UPSTREAM_ERROR,
-                                Outcome.BAD_RESPONSE,
-                                Outcome.CONNECT_ERROR, Outcome.CONNECTION_LOST,
-                                Outcome.CONNECT_TIMEOUT, Outcome.BROKEN_BEFORE_CONTENT,
-                                Outcome.BROKEN_STREAM})
+_ORIGIN = {
+    Outcome.RETRYABLE_STATUS: Origin.ANSWER,
+    Outcome.UPSTREAM_ERROR: Origin.ANSWER,
+    Outcome.BAD_RESPONSE: Origin.ANSWER,
+    Outcome.CONNECT_ERROR: Origin.CONNECT,
+    Outcome.CONNECT_TIMEOUT: Origin.CONNECT,
+    Outcome.CONNECTION_LOST: Origin.LOCAL,
+    Outcome.BROKEN_BEFORE_CONTENT: Origin.LOCAL,
+    Outcome.BROKEN_STREAM: Origin.LOCAL,
+}
 
 
 def classify_status(status: int) -> Outcome:

@@ -389,21 +389,21 @@ class Router:
         if spill is not None and spill.pool == start.name:
             # A call that spills moves nothing: no move is planned beside it.
             moved_to = spill
-            if spill.usable(now):
+            if spill.outlier.admit(now):
                 yield start, spill
         elif first is not None and first.saturated and first.move_budget > 0:
             moved_to = self._move_target(route, start, first, body_bytes)
-            if moved_to is not None and moved_to.usable(now):
+            if moved_to is not None and moved_to.outlier.admit(now):
                 yield start, moved_to
-        if first is not None and first.pool == start.name and first.usable(now):
+        if first is not None and first.pool == start.name and first.outlier.admit(now):
             yield start, first
         key = route.session.encode()
         for endpoint in start.ranked(key):
-            if endpoint is not first and endpoint is not moved_to and endpoint.usable(now):
+            if endpoint is not first and endpoint is not moved_to and endpoint.outlier.admit(now):
                 yield start, endpoint
         for pool in self.pools.fallback_chain(start.name):
             for endpoint in pool.ranked(key):
-                if endpoint.usable(now):
+                if endpoint.outlier.admit(now):
                     yield pool, endpoint
 
     def _move_target(self, route: Route, pool: Pool, current: Endpoint, body_bytes: int
@@ -418,7 +418,7 @@ class Router:
         if index is None:
             return None
         target = others[index]
-        current.move_budget -= 1
+        current.take_move()
         if len(self._moving) >= MAX_PENDING_MOVES:
             self._moving.clear()  # calls that never reached `served`; reasons only
         self._moving[route.session] = (f"moved from {current.url}: saturated "
@@ -594,8 +594,8 @@ class Router:
 
 
 def _spill_pod(endpoint: Endpoint, now: float = 0.0) -> SpillPod:
-    # Ready and not holding off (Retry-After): `usable` would also admit an ejected pod's
-    # half-open try, which a spill must not spend.
+    # Ready and not holding off (Retry-After): `admit` would also spend an ejected pod's
+    # probation permit, which a spill must not spend.
     return SpillPod(endpoint.load, endpoint.inflight,
                     endpoint.inflight - endpoint.inflight_at_load, endpoint.slots,
-                    endpoint.state is EndpointState.READY and now >= endpoint.held_until)
+                    endpoint.outlier.available(now))

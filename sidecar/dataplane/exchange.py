@@ -305,7 +305,7 @@ class Proxy:
                 if broke is None:
                     relay.finish()
                     return
-                self.events.stream_broken(source_lease.endpoint, self.loop.time())
+                self.attempts.stream_broken(source_lease.endpoint)
                 log.warning("upstream %s broke mid-stream", source_lease.endpoint.url)
                 if transcript is not None and transcript.finished:
                     # The answer was complete (finish_reason arrived); only the end of the
@@ -352,7 +352,7 @@ class Proxy:
             return None
         now = self.loop.time()
         candidates = ((pool, e) for e in pool.ranked(route.session.encode())
-                      if e is not broken and e.usable(now))
+                      if e is not broken and e.outlier.admit(now))
         continued, _ = await self.attempts.run(
             candidates, b"POST", request.target, lambda p: (_headers_for(request, p), body), [],
             streamed=True, strict=True)
