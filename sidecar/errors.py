@@ -39,6 +39,10 @@ and counters read.
      └── BROKEN_STREAM       DROPPED    the pod broke after bytes reached the app: never
                                         retried (the app holds part of the answer)
 
+Outlier detection (outlier.py) reads `Origin`: a failure is local-origin (no connection
+made, or the connection broke under the request) or the upstream's own answer; an answer
+the app sees is a success, and a pod busy or slow says nothing about its health.
+
 The retry rule reads only `Work`: a request is sent again only when no pod is doing it —
 never taken (refused, not connected, declined with 429/503) or dropped with the connection
 that carried it (the pod died or reset it; a server stops a request whose connection

@@ -1,6 +1,7 @@
 """Listeners, start-up, reload and graceful drain.
 
-    start-up: settings → Sidecar (pools, store, router, upstream engine, prober) → listeners
+    start-up: settings → Sidecar (pools, store, router, upstream engine, prober, fleet
+              load) → listeners
     serve:    until SIGTERM / SIGINT; SIGHUP re-reads SIDECAR_POOLS_FILE
     drain:    /ready turns 503, listeners close, in-flight requests finish (up to
               SIDECAR_DRAIN_TIMEOUT_S), background work stops and flushes, exit 0
