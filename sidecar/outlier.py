@@ -51,6 +51,7 @@ class Change(Enum):
 
 
 _OK = Outcome.OK
+_UNCHANGED = Change.NONE
 _READY = EndpointState.READY
 _EJECTED = EndpointState.EJECTED
 
@@ -89,8 +90,9 @@ class Outlier:
     def report(self, outcome: Outcome, now: float) -> Change:
         """One attempt's outcome. An answer the app sees (a 4xx too) is a success; a
         failure counts by its origin (errors.Origin); busy or slow says nothing."""
-        if outcome is _OK:  # the common case, first
-            return self.restore()
+        if outcome is _OK:  # the common case, first and inline (once per request)
+            self.consecutive_failures = 0
+            return self.restore() if self.state is _EJECTED else _UNCHANGED
         origin = outcome.origin
         if origin is None:
             if outcome.work is Work.DONE:
