@@ -131,11 +131,6 @@ class Outcome(Enum):
         to a healthy pod instead, bounded by SIDECAR_MAX_ATTEMPTS."""
         return self in (Outcome.RETRYABLE_STATUS, Outcome.CONNECT_TIMEOUT, Outcome.POOL_FULL)
 
-    @property
-    def endpoint_unreachable(self) -> bool:
-        """The pod is not there at all: eject at once rather than after a streak."""
-        return _ORIGIN.get(self) is Origin.CONNECT
-
 
 _WORK = {
     Outcome.OK: Work.DONE,

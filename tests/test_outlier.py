@@ -7,6 +7,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sidecar.dataplane.events import Events
 from sidecar.errors import Origin, Outcome, Work
 from sidecar.outlier import (
     EJECT_AFTER_FAILURES,
@@ -16,6 +17,9 @@ from sidecar.outlier import (
     EndpointState,
     Outlier,
 )
+from sidecar.pools import Endpoint
+from sidecar.telemetry import Telemetry
+from sidecar.traffic import Traffic
 
 FIELDS = ("state", "consecutive_failures", "ejections", "retry_at", "held_until",
           "registered_at")
@@ -187,3 +191,21 @@ def test_a_draining_endpoint_takes_nothing_and_stays_draining():
     for outcome in Outcome:
         outlier.report(outcome, 0.0)
     assert not outlier.admit(1e12) and outlier.state is EndpointState.DRAINING
+
+
+def test_the_event_sink_only_counts_what_the_detector_did():
+    """Reports go to the detector; the sink counts and tells, and never ejects itself."""
+    telemetry = Telemetry({})
+    events = Events(telemetry, Traffic(), 0)
+    endpoint = Endpoint("http://a:1", "p", EndpointState.READY)
+    for _ in range(EJECT_AFTER_FAILURES + 1):
+        events.attempt_failed(endpoint, Outcome.CONNECT_ERROR, Change.NONE)
+    assert endpoint.state is EndpointState.READY
+    assert endpoint.outlier.consecutive_failures == 0
+    assert telemetry.counter_total("upstream_errors") == EJECT_AFTER_FAILURES + 1
+    assert telemetry.events_sent == []
+    change = endpoint.outlier.report(Outcome.CONNECT_ERROR, 0.0)
+    events.attempt_failed(endpoint, Outcome.CONNECT_ERROR, change)
+    events.answered(endpoint, "m", 0.1, endpoint.outlier.report(Outcome.OK, 2.0))
+    assert [e["title"] for e in telemetry.events_sent] == ["endpoint ejected",
+                                                           "endpoint restored"]
