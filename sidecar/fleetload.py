@@ -1,7 +1,6 @@
-"""Pod load: the one owner of each endpoint's load — a metrics scrape, the fleet's in-flight
-heartbeats, or the monitor's view, `saturated` judged once for all of them — and of this
-sidecar's books around it: the Redis layout of the shared load keys, the flush that writes
-and reads them, and which pools follow the monitor's view rather than being probed here.
+"""Pod load's one owner: each endpoint's load (a metrics scrape, the fleet's heartbeats, the
+monitor's view) is set here, `saturated` judged once; with it, the books of the flush that
+shares loads through Redis, which pools follow the monitor's view, and the keys' layout.
 
 Layout (sidecars write, sidecars and the scaler read; times are Redis's, see
 traffic.RedisClock; the pod views' `llmsc:podview:{<pool>}` layout is podview.py's):
