@@ -1,4 +1,5 @@
-"""Environment → frozen, validated settings.
+"""Environment → frozen, validated settings: each variable declared once, as a field of
+`Settings` (settings_schema.py reads, redacts and documents them from that declaration).
 
 Every problem found is collected (not just the first) and each message names the variable,
 the bad value and what is expected, so one `llm-sidecar check` run shows everything to fix.
@@ -9,17 +10,34 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from sidecar.podload import DEFAULT_ENGINE, ENGINES
 from sidecar.sessionkeys import EXPECTED_FORM, Source, default_sources, parse_sources
+from sidecar.settings_schema import (
+    REDACTED,
+    REDIS_CA_FILE,
+    REDIS_MODE,
+    REDIS_SENTINEL_MASTER,
+    REDIS_URL,
+    Invalid,
+    Reader,
+    ca_file,
+    declared,
+    number,
+    one_of,
+    redact_url,
+    redacted,
+    redis_problems,
+    setting,
+)
 
 LOAD_LEVELS = ("low", "medium", "high")
 SELECTOR_SLOTS = 16
-REDIS_MODES = ("standalone", "cluster", "sentinel")
 # A request naming this model lets the session's selector and routing table choose the pool.
 ROUTING_ALIAS = "auto"
 
@@ -70,45 +88,232 @@ class PoolConfig:
     nomad_service: str | None = None  # the pods' Nomad service: the monitor reads their GPUs
 
 
-@dataclass(frozen=True, slots=True)
+def parse_listen(raw: str) -> Listen | None:
+    if raw.startswith("unix:"):
+        path = raw[5:]
+        return Listen(path=path) if path.startswith("/") else None
+    host, sep, port_text = raw.rpartition(":")
+    if not sep or not host:
+        return None
+    host = host.strip("[]")
+    try:
+        port = int(port_text)
+    except ValueError:
+        return None
+    if not 0 <= port <= 65535:
+        return None
+    return Listen(host=host, port=port)
+
+
+# ---- parsers of single variables (each raises Invalid with the form it expects)
+
+def _listen(text: str) -> Listen:
+    parsed = parse_listen(text)
+    if parsed is None:
+        raise Invalid("`host:port` (port 1-65535) or `unix:/absolute/path`")
+    return parsed
+
+
+def _milliseconds(text: str) -> float:
+    return number()(text) / 1000.0
+
+
+def _header_name(text: str) -> str:
+    if not text or any(c in text for c in " :\r\n\t"):
+        raise Invalid("an HTTP header name")
+    return text
+
+
+def _session_keys(text: str) -> tuple[Source, ...]:
+    parsed, wrong = parse_sources(text)
+    if wrong is not None:
+        raise Invalid(f"{EXPECTED_FORM}, e.g. header:x-session-id,harness:claude-code,"
+                      "body:prompt_cache_key,connection", wrong=wrong)
+    return parsed
+
+
+def _load_factor(text: str) -> float:
+    value = number(strict=False)(text)
+    if 0 < value < 1:
+        raise Invalid("0 (off) or a number >= 1 (1.25 lets a pod take 25 % above the mean)")
+    return value
+
+
+REQUEST_LOG_LEVELS = {"off": 0, "debug": 10, "info": 20}
+
+
+def _request_log(text: str) -> int:
+    return REQUEST_LOG_LEVELS[one_of(*REQUEST_LOG_LEVELS, expected="off, debug or info")(text)]
+
+
+ADMIN_TOKEN_MIN_LENGTH = 16
+
+
+def _admin_token(text: str) -> str:
+    if len(text) < ADMIN_TOKEN_MIN_LENGTH or not text.isascii() or not text.isprintable() \
+            or " " in text:
+        raise Invalid(f"at least {ADMIN_TOKEN_MIN_LENGTH} printable ASCII characters without "
+                      "spaces, e.g. the output of `openssl rand -hex 32`",
+                      wrong="is not a usable token")
+    return text
+
+
+def _pools_view(pools: Mapping[str, PoolConfig]) -> dict[str, Any]:
+    # A pool with `api_key_env` has its key: loading refuses one whose variable is unset.
+    return {name: {"model": p.model, "endpoints": list(p.endpoints), "fallback": p.fallback,
+                   "cold_start_s": p.cold_start_s, "health_path": p.health_path,
+                   "health_interval_s": p.health_interval_s, "api_key_env": p.api_key_env,
+                   "api_key": REDACTED if p.api_key_env is not None else None,
+                   "resume": p.resume, "metrics_path": p.metrics_path,
+                   "aliases": list(p.aliases), "engine": p.engine,
+                   "nomad_service": p.nomad_service}
+            for name, p in pools.items()}
+
+
+def _slot_counts(tables: Mapping[str, tuple[str, ...]]) -> dict[str, dict[str, int]]:
+    return {level: dict(Counter(table)) for level, table in tables.items()}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
-    listen: Listen
-    admin_listen: Listen
-    pools: Mapping[str, PoolConfig]
-    # level → 16 pool names, index = selector
-    routes: Mapping[str, tuple[str, ...]]
-    load_level: str
-    redis_url: str | None
-    redis_mode: str
-    redis_sentinel_master: str | None
-    redis_timeout_s: float
-    redis_max_connections: int
-    session_header: str
-    session_ttl_s: int
-    session_idle_s: float
-    route_cache_size: int
-    connect_timeout_s: float
-    first_byte_timeout_s: float
-    max_attempts: int
-    max_body_bytes: int
-    fallback_hold_s: float
-    drain_timeout_s: float
-    retry_budget_percent: float
-    retry_budget_min: int
-    bounded_load_factor: float
-    stream_idle_timeout_s: float = 120.0
-    response_timeout_s: float = 600.0
-    upstream_ca_file: str | None = None
-    redis_ca_file: str | None = None
-    request_log_level: int = 10
-    log_format: str = "json"
-    pools_file: str | None = None
-    # Secrets resolved from `api_key_env`, never printed (see `redacted`).
-    api_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
+    """The sidecar's settings. Each field declares its variable once: the loader, `redacted`
+    and the reference table in docs/reference.md (checked by a test) all read these."""
+
+    listen: Listen = setting(
+        "SIDECAR_LISTEN", "127.0.0.1:7878", "proxy listener: `host:port` or `unix:/path`",
+        parse=_listen, show=str)
+    admin_listen: Listen = setting(
+        "SIDECAR_ADMIN_LISTEN", "127.0.0.1:7879", "admin listener: `host:port` or `unix:/path`",
+        parse=_listen, show=str)
     # Bearer token for the admin endpoints beyond health/ready/metrics; never printed.
-    admin_token: str | None = field(default=None, repr=False)
+    admin_token: str | None = setting(
+        "SIDECAR_ADMIN_TOKEN", None,
+        "bearer token for every admin endpoint but `/health`, `/ready` and `/metrics` when the "
+        "admin listener is not loopback-only (see [Security](operations.md#security)); at least "
+        "16 printable characters; never printed",
+        parse=_admin_token, secret=True, init_default=None)
+    pools: Mapping[str, PoolConfig] = setting(
+        "SIDECAR_POOLS", None,
+        "JSON object of pools (below); required unless `SIDECAR_POOLS_FILE` is set",
+        show=_pools_view)
+    pools_file: str | None = setting(
+        "SIDECAR_POOLS_FILE", None,
+        "path to a JSON file of pools; re-read on SIGHUP without dropping connections",
+        init_default=None)
+    # level → 16 pool names, index = selector
+    routes: Mapping[str, tuple[str, ...]] = setting(
+        "SIDECAR_ROUTES", None,
+        "per load level, selector slots per pool, e.g. "
+        '`{"low":{"small":16},"medium":{"small":12,"large":4},"high":{"small":8,"large":8}}`; '
+        "each level sums to 16; slots are given out in the order listed",
+        show=_slot_counts, unset="all 16 slots to the first pool")
+    load_level: str = setting(
+        "SIDECAR_LOAD_LEVEL", "low",
+        "level used for new sessions until the scaler publishes one", parse=one_of(*LOAD_LEVELS))
+    redis_url: str | None = REDIS_URL.field()
+    redis_mode: str = REDIS_MODE.field()
+    redis_sentinel_master: str | None = REDIS_SENTINEL_MASTER.field()
+    redis_timeout_s: float = setting(
+        "SIDECAR_REDIS_TIMEOUT_MS", "50",
+        "per-operation budget; past it the call is routed without Redis",
+        parse=_milliseconds, show=lambda seconds: round(seconds * 1000))
+    redis_max_connections: int = setting(
+        "SIDECAR_REDIS_MAX_CONNECTIONS", "32",
+        "Redis connection pool bound (callers wait for a free connection within the budget)",
+        parse=number(integer=True))
+    redis_ca_file: str | None = REDIS_CA_FILE.field(default=None)
+    session_header: str = setting(
+        "SIDECAR_SESSION_HEADER", "x-session-id", "request header carrying the session id",
+        parse=_header_name, normalize=str.lower)
     # Where a request's session key comes from, first present wins (sessionkeys.py).
-    session_keys: tuple[Source, ...] = ()
+    session_keys: tuple[Source, ...] = setting(
+        "SIDECAR_SESSION_KEYS", None,
+        "where a session key comes from, first present wins (*Sessions as agents make them*): "
+        "a comma-separated list of `header:<name>`, `harness:claude-code`, `harness:codex`, "
+        "`harness:opencode`, `body:prompt_cache_key` and `connection` (last, if given; a "
+        "request with none of the others is always its connection's session)",
+        parse=_session_keys, show=lambda keys: ",".join(source.label for source in keys),
+        unset="unset: `header:<SIDECAR_SESSION_HEADER>,harness:claude-code,harness:codex,"
+              "harness:opencode,body:prompt_cache_key,connection`", init_default=())
+    session_ttl_s: int = setting(
+        "SIDECAR_SESSION_TTL_S", "86400",
+        "Redis TTL of a route; refreshed at most once per 10 % of it per pod",
+        parse=number(integer=True))
+    session_idle_s: float = setting(
+        "SIDECAR_SESSION_IDLE_S", "900", "how long an idle route stays in process memory",
+        parse=number())
+    route_cache_size: int = setting(
+        "SIDECAR_ROUTE_CACHE_SIZE", "200000",
+        "most routes kept in process memory (least recently used leave first; a route with "
+        "calls in flight stays)",
+        parse=number(integer=True))
+    connect_timeout_s: float = setting(
+        "SIDECAR_CONNECT_TIMEOUT_S", "1", "upstream TCP connect timeout", parse=number())
+    first_byte_timeout_s: float = setting(
+        "SIDECAR_FIRST_BYTE_TIMEOUT_S", "60",
+        'streamed calls (a top-level `"stream": true`): how long a pod may take to its first '
+        "content (the head and role frame are held back until then, so a pod that breaks "
+        "before it is still replaced); past it 504 `upstream_timeout`, the connection closed, "
+        "no retry", parse=number())
+    response_timeout_s: float = setting(
+        "SIDECAR_RESPONSE_TIMEOUT_S", "600",
+        "every other call: how long a pod may take to answer. A model server sends a "
+        "non-streamed answer's head only when the whole answer is ready, so this bounds the "
+        "longest generation (the OpenAI SDK waits 600 s too); past it 504 `upstream_timeout`, "
+        "the connection closed, no retry", parse=number(), init_default=600.0)
+    stream_idle_timeout_s: float = setting(
+        "SIDECAR_STREAM_IDLE_TIMEOUT_S", "120",
+        "longest silence from an upstream once its response has started; past it the stream "
+        "ends as broken (resumed, or a visible error) instead of holding the app",
+        parse=number(), init_default=120.0)
+    upstream_ca_file: str | None = setting(
+        "SIDECAR_UPSTREAM_CA_FILE", None,
+        "PEM bundle to verify `https://` endpoints with (certificates are always verified)",
+        parse=ca_file, unset="system CAs", init_default=None)
+    max_attempts: int = setting(
+        "SIDECAR_MAX_ATTEMPTS", "3", "attempts per request across endpoints and fallback pools",
+        parse=number(integer=True))
+    max_body_bytes: int = setting(
+        "SIDECAR_MAX_BODY_BYTES", "33554432", "largest request body (413 above it)",
+        parse=number(integer=True))
+    fallback_hold_s: float = setting(
+        "SIDECAR_FALLBACK_HOLD_S", "300",
+        "how long a session stays on a fallback pool before trying its primary again",
+        parse=number(strict=False))
+    drain_timeout_s: float = setting(
+        "SIDECAR_DRAIN_TIMEOUT_S", "30",
+        "on SIGTERM, how long in-flight requests may take to finish", parse=number(strict=False))
+    retry_budget_percent: float = setting(
+        "SIDECAR_RETRY_BUDGET_PERCENT", "20",
+        "retries after overload signals (429/503, connect timeouts) allowed as a percentage of "
+        "requests over the last 10 s; past it the app gets 503 `retry_budget_exhausted`. "
+        "Retries away from a pod that is gone (refused, reset, stream cut off) are not "
+        "budgeted: that pod is ejected at once and its work moves, bounded by "
+        "`SIDECAR_MAX_ATTEMPTS`", parse=number(strict=False))
+    retry_budget_min: int = setting(
+        "SIDECAR_RETRY_BUDGET_MIN", "5",
+        "retries always allowed per 10 s, so a quiet app still retries its occasional failure",
+        parse=number(integer=True, strict=False))
+    request_log_level: int = setting(
+        "SIDECAR_REQUEST_LOG", "debug",
+        "level of the one-line-per-request log (`off`, `debug`, `info`); its fields: method, "
+        "path, status, session, session_source (where the key came from), parent (when "
+        "named), session_ended (after `x-session-final`), pool, endpoint, attempts, fallback, "
+        "duration and overhead — never bodies or credentials",
+        parse=_request_log, normalize=str.lower, init_default=10,
+        show={level: name for name, level in REQUEST_LOG_LEVELS.items()}.get)
+    log_format: str = setting(
+        "SIDECAR_LOG_FORMAT", "json", "`json` (one object per line, for log shippers) or `text`",
+        parse=one_of("json", "text", expected="json or text"), normalize=str.lower,
+        init_default="json")
+    bounded_load_factor: float = setting(
+        "SIDECAR_BOUNDED_LOAD_FACTOR", "1.25",
+        "a new session skips its rendezvous endpoint when that endpoint's load (the pod's own "
+        "running + waiting when known, else in-flight counts) would exceed this × the pool's "
+        "mean (consistent hashing with bounded loads, over its first three choices); `0` "
+        "turns the bound off (saturated pods are still skipped)", parse=_load_factor)
+    # Secrets resolved from the pools' `api_key_env`, never printed.
+    api_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def admin_needs_token(self) -> bool:
@@ -127,200 +332,16 @@ class Settings:
 
     def redacted(self) -> dict[str, Any]:
         """The effective configuration with secrets removed, for `check` and `/stats`."""
-        return {
-            "SIDECAR_LISTEN": str(self.listen),
-            "SIDECAR_ADMIN_LISTEN": str(self.admin_listen),
-            "SIDECAR_ADMIN_TOKEN": "<redacted>" if self.admin_token is not None else None,
-            "SIDECAR_POOLS_FILE": self.pools_file,
-            "SIDECAR_POOLS": {
-                name: {
-                    "model": p.model,
-                    "endpoints": list(p.endpoints),
-                    "fallback": p.fallback,
-                    "cold_start_s": p.cold_start_s,
-                    "health_path": p.health_path,
-                    "health_interval_s": p.health_interval_s,
-                    "api_key_env": p.api_key_env,
-                    "api_key": "<redacted>" if p.name in self.api_keys else None,
-                    "resume": p.resume,
-                    "metrics_path": p.metrics_path,
-                    "aliases": list(p.aliases),
-                    "engine": p.engine,
-                    "nomad_service": p.nomad_service,
-                }
-                for name, p in self.pools.items()
-            },
-            "SIDECAR_ROUTES": {level: _slot_counts(t) for level, t in self.routes.items()},
-            "SIDECAR_LOAD_LEVEL": self.load_level,
-            "SIDECAR_REDIS_URL": redact_url(self.redis_url) if self.redis_url else None,
-            "SIDECAR_REDIS_MODE": self.redis_mode,
-            "SIDECAR_REDIS_SENTINEL_MASTER": self.redis_sentinel_master,
-            "SIDECAR_REDIS_TIMEOUT_MS": round(self.redis_timeout_s * 1000),
-            "SIDECAR_REDIS_MAX_CONNECTIONS": self.redis_max_connections,
-            "SIDECAR_SESSION_HEADER": self.session_header,
-            "SIDECAR_SESSION_KEYS": ",".join(source.label for source in self.session_keys),
-            "SIDECAR_SESSION_TTL_S": self.session_ttl_s,
-            "SIDECAR_SESSION_IDLE_S": self.session_idle_s,
-            "SIDECAR_ROUTE_CACHE_SIZE": self.route_cache_size,
-            "SIDECAR_CONNECT_TIMEOUT_S": self.connect_timeout_s,
-            "SIDECAR_FIRST_BYTE_TIMEOUT_S": self.first_byte_timeout_s,
-            "SIDECAR_RESPONSE_TIMEOUT_S": self.response_timeout_s,
-            "SIDECAR_MAX_ATTEMPTS": self.max_attempts,
-            "SIDECAR_MAX_BODY_BYTES": self.max_body_bytes,
-            "SIDECAR_FALLBACK_HOLD_S": self.fallback_hold_s,
-            "SIDECAR_DRAIN_TIMEOUT_S": self.drain_timeout_s,
-            "SIDECAR_RETRY_BUDGET_PERCENT": self.retry_budget_percent,
-            "SIDECAR_RETRY_BUDGET_MIN": self.retry_budget_min,
-            "SIDECAR_BOUNDED_LOAD_FACTOR": self.bounded_load_factor,
-            "SIDECAR_STREAM_IDLE_TIMEOUT_S": self.stream_idle_timeout_s,
-            "SIDECAR_UPSTREAM_CA_FILE": self.upstream_ca_file,
-            "SIDECAR_REDIS_CA_FILE": self.redis_ca_file,
-            "SIDECAR_REQUEST_LOG": {0: "off", 10: "debug", 20: "info"}[self.request_log_level],
-            "SIDECAR_LOG_FORMAT": self.log_format,
-        }
+        return redacted(self)
 
 
-def _slot_counts(table: tuple[str, ...]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for pool in table:
-        counts[pool] = counts.get(pool, 0) + 1
-    return counts
-
-
-def redact_url(url: str) -> str:
-    """Hide the password (and a user that may be a token) of a URL, in its userinfo or its
-    query (`?password=`). Hosts are not parsed: a Sentinel URL lists several
-    (`redis://:pw@h1:26379,h2:26380/0`), which no URL parser reads as one port."""
-    parts = urlsplit(url)
-    userinfo, at, hosts = parts.netloc.rpartition("@")
-    netloc = parts.netloc
-    if at:
-        user, colon, _ = userinfo.partition(":")
-        netloc = (f"{user}:<redacted>@" if colon else "<redacted>@") + hosts
-    query = parts.query
-    if query:
-        query = "&".join(
-            f"{name}=<redacted>" if name.lower() in SECRET_QUERY_NAMES else item
-            for item in query.split("&")
-            for name in [item.partition("=")[0]])
-    if netloc == parts.netloc and query == parts.query:
-        return url
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-SECRET_QUERY_NAMES = frozenset({"password", "username", "token", "api_key", "apikey"})
-
-
-# Each entry: variable → (default, description). docs/reference.md is checked against it.
+SETTINGS = declared(Settings)
+# variable → (default, doc): the declarations in the shape older readers know.
 VARIABLES: dict[str, tuple[str | None, str]] = {
-    "SIDECAR_LISTEN": ("127.0.0.1:7878", "proxy listener: `host:port` or `unix:/path`"),
-    "SIDECAR_ADMIN_LISTEN": ("127.0.0.1:7879", "admin listener: `host:port` or `unix:/path`"),
-    "SIDECAR_ADMIN_TOKEN": (None, "bearer token for the admin endpoints beyond /health, /ready "
-                            "and /metrics on a non-loopback admin listener; never printed"),
-    "SIDECAR_POOLS": (None, "JSON object of pools (required unless SIDECAR_POOLS_FILE is set)"),
-    "SIDECAR_POOLS_FILE": (None, "path to a JSON file of pools, re-read on SIGHUP"),
-    "SIDECAR_ROUTES": (None, "JSON: per load level, selector slots per pool (each sums to 16)"),
-    "SIDECAR_LOAD_LEVEL": ("low", "load level used until the scaler publishes one"),
-    "SIDECAR_REDIS_URL": (None, "redis://, rediss:// or unix://; unset = embedded store"),
-    "SIDECAR_REDIS_MODE": ("standalone", "standalone, cluster or sentinel"),
-    "SIDECAR_REDIS_SENTINEL_MASTER": (None, "Sentinel service name (sentinel mode)"),
-    "SIDECAR_REDIS_TIMEOUT_MS": ("50", "per-operation Redis budget in milliseconds"),
-    "SIDECAR_REDIS_MAX_CONNECTIONS": ("32", "Redis connection pool bound"),
-    "SIDECAR_SESSION_HEADER": ("x-session-id", "request header carrying the session id"),
-    "SIDECAR_SESSION_KEYS": (None, "where a session key comes from, first present wins: "
-                             "`header:<name>`, `harness:claude-code|codex|opencode`, "
-                             "`body:prompt_cache_key`, `connection`; unset = header:"
-                             "<SIDECAR_SESSION_HEADER>, every harness, the body's key, the "
-                             "connection"),
-    "SIDECAR_SESSION_TTL_S": ("86400", "Redis TTL of a session route, seconds"),
-    "SIDECAR_SESSION_IDLE_S": ("900", "idle time before a route leaves process memory"),
-    "SIDECAR_ROUTE_CACHE_SIZE": ("200000", "most session routes kept in process memory"),
-    "SIDECAR_CONNECT_TIMEOUT_S": ("1", "upstream connect timeout, seconds"),
-    "SIDECAR_FIRST_BYTE_TIMEOUT_S": ("60", "streamed calls: how long a pod may take to its "
-                                     "first content; past it 504, never retried"),
-    "SIDECAR_RESPONSE_TIMEOUT_S": ("600", "other calls: how long a pod may take to answer "
-                                   "(its head comes with the whole answer); past it 504, "
-                                   "never retried"),
-    "SIDECAR_MAX_ATTEMPTS": ("3", "attempts per request across endpoints and fallbacks"),
-    "SIDECAR_MAX_BODY_BYTES": ("33554432", "largest request body accepted"),
-    "SIDECAR_FALLBACK_HOLD_S": ("300", "how long a session stays on a fallback pool"),
-    "SIDECAR_DRAIN_TIMEOUT_S": ("30", "how long SIGTERM waits for in-flight requests"),
-    "SIDECAR_RETRY_BUDGET_PERCENT": ("20", "retries allowed as a % of requests over 10 s"),
-    "SIDECAR_RETRY_BUDGET_MIN": ("5", "retries always allowed per 10 s, however quiet"),
-    "SIDECAR_BOUNDED_LOAD_FACTOR": ("1.25", "new sessions skip an endpoint above this × the "
-                                    "pool's mean in-flight (0 = off)"),
-    "SIDECAR_STREAM_IDLE_TIMEOUT_S": ("120", "longest silence from an upstream once its "
-                                      "response has started"),
-    "SIDECAR_UPSTREAM_CA_FILE": (None, "CA bundle to verify https:// endpoints with (default: "
-                                 "the system's)"),
-    "SIDECAR_REDIS_CA_FILE": (None, "CA bundle to verify a rediss:// server with (default: "
-                              "the system's)"),
-    "SIDECAR_REQUEST_LOG": ("debug", "level of the one-line-per-request log: off, debug, info"),
-    "SIDECAR_LOG_FORMAT": ("json", "json (one object per line) or text"),
-}
-REQUEST_LOG_LEVELS = {"off": 0, "debug": 10, "info": 20}
-ADMIN_TOKEN_MIN_LENGTH = 16
+    name: (s.default, s.doc) for name, s in SETTINGS.items()}
 
 
-class _Reader:
-    """Reads variables from an environment mapping, collecting problems instead of raising."""
-
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = env
-        self.problems: list[str] = []
-
-    def raw(self, name: str) -> str | None:
-        value = self.env.get(name)
-        if value is None or value.strip() == "":
-            return VARIABLES[name][0]
-        return value.strip()
-
-    def problem(self, name: str, value: object, expected: str) -> None:
-        self.problems.append(f"{name}={value!r}: expected {expected}")
-
-    def number(
-        self, name: str, *, integer: bool = False, minimum: float = 0, strict: bool = True
-    ) -> float:
-        raw = self.raw(name)
-        kind = "an integer" if integer else "a number"
-        bound = f"> {minimum}" if strict else f">= {minimum}"
-        try:
-            value = int(raw) if integer else float(raw)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            self.problem(name, raw, f"{kind} {bound}")
-            return float(VARIABLES[name][0] or 0)
-        if value != value or (value <= minimum if strict else value < minimum):
-            self.problem(name, raw, f"{kind} {bound}")
-            return float(VARIABLES[name][0] or 0)
-        return value
-
-    def listen(self, name: str) -> Listen:
-        raw = self.raw(name) or ""
-        parsed = parse_listen(raw)
-        if parsed is None:
-            self.problem(name, raw, "`host:port` (port 1-65535) or `unix:/absolute/path`")
-            return parse_listen(VARIABLES[name][0] or "") or Listen("127.0.0.1", 0)
-        return parsed
-
-
-def parse_listen(raw: str) -> Listen | None:
-    if raw.startswith("unix:"):
-        path = raw[5:]
-        return Listen(path=path) if path.startswith("/") else None
-    host, sep, port_text = raw.rpartition(":")
-    if not sep or not host:
-        return None
-    host = host.strip("[]")
-    try:
-        port = int(port_text)
-    except ValueError:
-        return None
-    if not 0 <= port <= 65535:
-        return None
-    return Listen(host=host, port=port)
-
-
-def _parse_json(reader: _Reader, text: str, source: str) -> Any:
+def _parse_json(reader: Reader, text: str, source: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -340,7 +361,7 @@ def _valid_endpoint(url: object) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.hostname) and parts.path in ("", "/")
 
 
-def parse_pools(reader: _Reader, data: Any, source: str, env: Mapping[str, str]
+def parse_pools(reader: Reader, data: Any, source: str, env: Mapping[str, str]
                 ) -> tuple[dict[str, PoolConfig], dict[str, str]]:
     """Validate the pools object; returns pools and resolved API keys (by pool name)."""
     pools: dict[str, PoolConfig] = {}
@@ -482,7 +503,7 @@ def _nomad_service_name(value: Any) -> bool:
         and not value.startswith("-") and not value.endswith("-")
 
 
-def _check_fallback_cycles(reader: _Reader, data: dict[str, Any], source: str) -> None:
+def _check_fallback_cycles(reader: Reader, data: dict[str, Any], source: str) -> None:
     for start in data:
         seen = [start]
         current = data[start].get("fallback") if isinstance(data[start], dict) else None
@@ -499,7 +520,7 @@ def _check_fallback_cycles(reader: _Reader, data: dict[str, Any], source: str) -
             return
 
 
-def _check_model_names(reader: _Reader, data: dict[str, Any], source: str) -> None:
+def _check_model_names(reader: Reader, data: dict[str, Any], source: str) -> None:
     """A name a request may send must mean one pool: an alias cannot repeat another pool's
     model or alias, and `auto` is kept for "let the routing table choose"."""
     owner: dict[str, str] = {}
@@ -529,7 +550,7 @@ def _check_model_names(reader: _Reader, data: dict[str, Any], source: str) -> No
                 owner[alias] = name
 
 
-def parse_routes(reader: _Reader, raw: str | None, pool_names: list[str]
+def parse_routes(reader: Reader, raw: str | None, pool_names: list[str]
                  ) -> dict[str, tuple[str, ...]]:
     """Expand `{"low": {"small": 12, "large": 4}, …}` into 16-slot tables per level."""
     name = "SIDECAR_ROUTES"
@@ -583,7 +604,7 @@ def parse_routes(reader: _Reader, raw: str | None, pool_names: list[str]
     return tables
 
 
-def load_pools_source(reader: _Reader, env: Mapping[str, str]
+def load_pools_source(reader: Reader, env: Mapping[str, str]
                       ) -> tuple[Any, str, str | None]:
     """Return (pools JSON data, source label for messages, pools file path)."""
     inline = env.get("SIDECAR_POOLS", "").strip()
@@ -613,132 +634,38 @@ def load_pools_source(reader: _Reader, env: Mapping[str, str]
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read and validate every variable; raise ConfigError naming every problem."""
     env = os.environ if env is None else env
-    r = _Reader(env)
-    listen = r.listen("SIDECAR_LISTEN")
-    admin_listen = r.listen("SIDECAR_ADMIN_LISTEN")
-    if listen == admin_listen and listen.port != 0:
-        r.problems.append(f"SIDECAR_ADMIN_LISTEN={admin_listen}: must differ from SIDECAR_LISTEN")
+    r = Reader(env, SETTINGS)
+    values = r.fields_of(Settings)
     data, source, pools_file = load_pools_source(r, env)
     pools, keys = parse_pools(r, data, source, env) if data is not None else ({}, {})
     pool_names = list(data) if isinstance(data, dict) else []
     routes = parse_routes(r, r.raw("SIDECAR_ROUTES"), pool_names)
-
-    load_level = r.raw("SIDECAR_LOAD_LEVEL") or "low"
-    if load_level not in LOAD_LEVELS:
-        r.problem("SIDECAR_LOAD_LEVEL", load_level, f"one of {', '.join(LOAD_LEVELS)}")
-        load_level = "low"
-
-    redis_url = r.raw("SIDECAR_REDIS_URL")
-    if redis_url is not None:
-        scheme = urlsplit(redis_url).scheme
-        if scheme not in ("redis", "rediss", "unix"):
-            r.problems.append(f"SIDECAR_REDIS_URL={redact_url(redis_url)!r}: expected a "
-                              "redis://, rediss:// or unix:// URL")
-    redis_mode = r.raw("SIDECAR_REDIS_MODE") or "standalone"
-    if redis_mode not in REDIS_MODES:
-        r.problem("SIDECAR_REDIS_MODE", redis_mode, f"one of {', '.join(REDIS_MODES)}")
-        redis_mode = "standalone"
-    sentinel_master = r.raw("SIDECAR_REDIS_SENTINEL_MASTER")
-    if redis_mode == "sentinel" and not sentinel_master:
-        r.problems.append("SIDECAR_REDIS_SENTINEL_MASTER is not set: expected the Sentinel "
-                          "service name (e.g. mymaster) when SIDECAR_REDIS_MODE=sentinel")
-    if redis_mode != "standalone" and redis_url is None:
-        r.problems.append(f"SIDECAR_REDIS_URL is not set: expected a redis:// URL when "
-                          f"SIDECAR_REDIS_MODE={redis_mode}")
-
-    session_header = (r.raw("SIDECAR_SESSION_HEADER") or "").lower()
-    if not session_header or any(c in session_header for c in " :\r\n\t"):
-        r.problem("SIDECAR_SESSION_HEADER", session_header, "an HTTP header name")
-    session_keys = default_sources(session_header or "x-session-id")
-    keys_text = r.raw("SIDECAR_SESSION_KEYS")
-    if keys_text is not None:
-        parsed, wrong = parse_sources(keys_text)
-        if wrong is not None:
-            r.problems.append(f"SIDECAR_SESSION_KEYS={keys_text!r}: {wrong}; expected "
-                              f"{EXPECTED_FORM}, e.g. header:x-session-id,harness:claude-code,"
-                              "body:prompt_cache_key,connection")
-        else:
-            session_keys = parsed
-
-    load_factor = r.number("SIDECAR_BOUNDED_LOAD_FACTOR", strict=False)
-    if 0 < load_factor < 1:
-        r.problem("SIDECAR_BOUNDED_LOAD_FACTOR", r.raw("SIDECAR_BOUNDED_LOAD_FACTOR"),
-                  "0 (off) or a number >= 1 (1.25 lets a pod take 25 % above the mean)")
-
-    request_log = (r.raw("SIDECAR_REQUEST_LOG") or "debug").lower()
-    if request_log not in REQUEST_LOG_LEVELS:
-        r.problem("SIDECAR_REQUEST_LOG", request_log, "off, debug or info")
-        request_log = "debug"
-    log_format = (r.raw("SIDECAR_LOG_FORMAT") or "json").lower()
-    if log_format not in ("json", "text"):
-        r.problem("SIDECAR_LOG_FORMAT", log_format, "json or text")
-        log_format = "json"
-
-    ca_file = r.raw("SIDECAR_UPSTREAM_CA_FILE")
-    if ca_file is not None and not os.path.isfile(ca_file):
-        r.problem("SIDECAR_UPSTREAM_CA_FILE", ca_file, "a readable PEM file of CA certificates")
-    redis_ca_file = r.raw("SIDECAR_REDIS_CA_FILE")
-    if redis_ca_file is not None and not os.path.isfile(redis_ca_file):
-        r.problem("SIDECAR_REDIS_CA_FILE", redis_ca_file,
-                  "a readable PEM file of CA certificates")
-    elif redis_ca_file is not None and not (redis_url or "").startswith("rediss://"):
-        r.problems.append("SIDECAR_REDIS_CA_FILE is set but SIDECAR_REDIS_URL is not a "
-                          "rediss:// URL: expected rediss://host:port when Redis speaks TLS")
-
-    admin_token = r.raw("SIDECAR_ADMIN_TOKEN")
-    if admin_token is not None and (len(admin_token) < ADMIN_TOKEN_MIN_LENGTH
-                                    or not admin_token.isascii()
-                                    or not admin_token.isprintable() or " " in admin_token):
-        # The value is a secret: say what is wrong with it, never echo it.
-        r.problems.append(f"SIDECAR_ADMIN_TOKEN is set but is not a usable token: expected at "
-                          f"least {ADMIN_TOKEN_MIN_LENGTH} printable ASCII characters without "
-                          "spaces, e.g. the output of `openssl rand -hex 32`")
-
-    settings = Settings(
-        listen=listen,
-        admin_listen=admin_listen,
-        pools=pools,
-        routes=routes,
-        load_level=load_level,
-        redis_url=redis_url,
-        redis_mode=redis_mode,
-        redis_sentinel_master=sentinel_master,
-        redis_timeout_s=r.number("SIDECAR_REDIS_TIMEOUT_MS") / 1000.0,
-        redis_max_connections=int(r.number("SIDECAR_REDIS_MAX_CONNECTIONS", integer=True)),
-        session_header=session_header,
-        session_ttl_s=int(r.number("SIDECAR_SESSION_TTL_S", integer=True)),
-        session_idle_s=r.number("SIDECAR_SESSION_IDLE_S"),
-        route_cache_size=int(r.number("SIDECAR_ROUTE_CACHE_SIZE", integer=True)),
-        connect_timeout_s=r.number("SIDECAR_CONNECT_TIMEOUT_S"),
-        first_byte_timeout_s=r.number("SIDECAR_FIRST_BYTE_TIMEOUT_S"),
-        max_attempts=int(r.number("SIDECAR_MAX_ATTEMPTS", integer=True)),
-        max_body_bytes=int(r.number("SIDECAR_MAX_BODY_BYTES", integer=True)),
-        fallback_hold_s=r.number("SIDECAR_FALLBACK_HOLD_S", strict=False),
-        drain_timeout_s=r.number("SIDECAR_DRAIN_TIMEOUT_S", strict=False),
-        retry_budget_percent=r.number("SIDECAR_RETRY_BUDGET_PERCENT", strict=False),
-        retry_budget_min=int(r.number("SIDECAR_RETRY_BUDGET_MIN", integer=True, strict=False)),
-        bounded_load_factor=load_factor,
-        stream_idle_timeout_s=r.number("SIDECAR_STREAM_IDLE_TIMEOUT_S"),
-        response_timeout_s=r.number("SIDECAR_RESPONSE_TIMEOUT_S"),
-        upstream_ca_file=ca_file,
-        redis_ca_file=redis_ca_file,
-        request_log_level=REQUEST_LOG_LEVELS[request_log],
-        log_format=log_format,
-        pools_file=pools_file,
-        api_keys=keys,
-        admin_token=admin_token,
-        session_keys=session_keys,
-    )
+    if values["session_keys"] is None:
+        values["session_keys"] = default_sources(values["session_header"])
+    _check_together(r, values)
+    settings = Settings(**values, pools=pools, pools_file=pools_file, routes=routes,
+                        api_keys=keys)
     if r.problems:
         raise ConfigError(r.problems)
     return settings
+
+
+def _check_together(r: Reader, values: Mapping[str, Any]) -> None:
+    """The rules between variables, each valid on its own."""
+    listen, admin_listen = values["listen"], values["admin_listen"]
+    if listen == admin_listen and listen.port != 0:
+        r.problems.append(f"SIDECAR_ADMIN_LISTEN={admin_listen}: must differ from SIDECAR_LISTEN")
+    r.problems += redis_problems(values)
+    if values["redis_mode"] != "standalone" and r.raw("SIDECAR_REDIS_URL") is None:
+        r.problems.append(f"SIDECAR_REDIS_URL is not set: expected a redis:// URL when "
+                          f"SIDECAR_REDIS_MODE={values['redis_mode']}")
 
 
 def reload_pools(settings: Settings, env: Mapping[str, str] | None = None) -> Settings:
     """Re-read the pools file (SIGHUP). The running routes table must still name only
     configured pools; `env` supplies the variables that `api_key_env` names."""
     env = os.environ if env is None else env
-    r = _Reader(env)
+    r = Reader(env, SETTINGS)
     data, source, _ = load_pools_source(
         r, {**env, "SIDECAR_POOLS": "", "SIDECAR_POOLS_FILE": settings.pools_file or ""})
     pools, keys = parse_pools(r, data, source, env) if data is not None else ({}, {})

@@ -32,6 +32,7 @@ READ_TIMEOUT_S = 2.0     # as a health probe: one read never holds a round for l
 PARALLEL_READS = 8       # allocations read at once
 SERVICES_EVERY_S = 30.0  # registrations change when pods come and go: read less often
 MAX_BODY_BYTES = 1024 * 1024
+MAX_PAGES = 100          # a paged registration list: bounded, in case a token never ends
 
 # pool → (its Nomad service, its endpoint URLs)
 Targets = Mapping[str, tuple[str, list[str]]]
@@ -83,9 +84,27 @@ class GpuReader:
             await self.http.close()
 
     async def _get(self, path: str) -> Any:
+        return (await self._get_page(path, self.params))[0]
+
+    async def _get_all(self, path: str) -> list[Any]:
+        """A list Nomad may page: each page's `X-Nomad-NextToken` is asked for as the next
+        page's `next_token`, up to MAX_PAGES pages."""
+        items: list[Any] = []
+        params = self.params
+        for _ in range(MAX_PAGES):
+            page, token = await self._get_page(path, params)
+            if not isinstance(page, list):
+                return page  # judged by the caller, as an unpaged answer would be
+            items.extend(page)
+            if not token:
+                return items
+            params = {**self.params, "next_token": token}
+        raise NomadReadError(f"GET {path}: more than {MAX_PAGES} pages")
+
+    async def _get_page(self, path: str, params: dict[str, str]) -> tuple[Any, str | None]:
         try:
             async with self._session().get(self.access.nomad_addr + path,
-                                           params=self.params) as response:
+                                           params=params) as response:
                 body = await read_capped(response.content, MAX_BODY_BYTES)
                 if response.status == 403:
                     raise NomadReadError(
@@ -99,7 +118,7 @@ class GpuReader:
                     raise NomadReadError(f"Nomad answered {response.status} to GET {path}")
                 if len(body) > MAX_BODY_BYTES:
                     raise NomadReadError(f"GET {path}: answer over {MAX_BODY_BYTES} bytes")
-                return json.loads(body)
+                return json.loads(body), response.headers.get("X-Nomad-NextToken")
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             # Exceptions name the URL (no token: it travels in a header) and the cause.
             raise NomadReadError(f"{type(exc).__name__} from "
@@ -110,7 +129,7 @@ class GpuReader:
         found: dict[tuple[str, str], str] = {}
         for pool, (service, urls) in targets.items():
             self.service_reads += 1
-            registrations = await self._get(f"/v1/service/{quote(service, safe='')}")
+            registrations = await self._get_all(f"/v1/service/{quote(service, safe='')}")
             try:
                 matched = allocations_by_endpoint(registrations, urls)
             except NomadShapeError as exc:

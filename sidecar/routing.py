@@ -1,9 +1,12 @@
-"""Session → route: the routing table per load level, first touch through the store, the
-attempt plan for failover, and keeping routes current after a failover moved a session.
+"""Session → route: the routing table per load level, first touch through the store, each
+request's plan (its candidates in order, decided before the first send), and keeping routes
+current after a failover moved a session.
 
-After first touch a session is served from the route cache with no I/O; the only store
-writes that follow are a route change (failover) and a TTL refresh at most once per 10 % of
-the TTL, batched in the background.
+The exchange comes in once (`Router.open` → a `Plan`) and reports what served once
+(`Plan.served`); every change to a `Route` is made here. After first touch a session is
+served from the route cache with no I/O; the only store writes that follow are a route
+change (failover) and a TTL refresh at most once per 10 % of the TTL, batched in the
+background.
 """
 
 from __future__ import annotations
@@ -115,6 +118,41 @@ class Router:
             await asyncio.wait(self._writes, timeout=1.0)
         for task in list(self._writes):  # still retrying after a second: Redis is away
             task.cancel()
+
+    # -- the door: one request comes in -------------------------------------------------
+
+    async def open(self, session: str, now: float, *, local: bool,
+                   selector: int | None = None, named: str | None = None,
+                   parent: str | None = None, body_bytes: int = 0) -> Plan:
+        """One request's plan: its session's route (from the cache, else first touch), the
+        pool its model names, and where it goes first (home, the pod a saturated home's
+        session moves to, or the pod this parallel call spills to), all decided now, before
+        the first send. The request counts as in flight on its session until `Plan.close`."""
+        route = self.lookup(session, now)
+        if route is None:
+            route = await self.resolve(session, selector, local=local, pool=named,
+                                       parent=parent)
+        serving = self.for_model(route, named)
+        # Counted on the session's own route: idle expiry never drops a route mid-call.
+        route.inflight += 1
+        # A per-request route (another pool named) is never written back to the store.
+        return self.plan(serving, now, body_bytes, session_route=route,
+                         local=local or serving is not route)
+
+    def plan(self, serving: Route, now: float, body_bytes: int = 0, *,
+             session_route: Route | None = None, local: bool = False) -> Plan:
+        """The plan of one request taking `serving` (the session's route, or a per-request
+        one): its first pod chosen now; the rest of its candidates in order, lazily."""
+        pool = serving.pool if serving.detour is None else \
+            self.serving_pool(serving, time.time())
+        start = self.pools.get(pool) or self.pools.get(serving.pool)
+        spill = self.spill(serving, now)
+        first = serving.endpoint
+        ahead = spill
+        if ahead is None and start is not None and first is not None and first.saturated \
+                and first.move_budget > 0:
+            ahead = self._move_target(serving, start, first, body_bytes)
+        return Plan(self, serving, session_route or serving, start, ahead, spill, local)
 
     # -- the hot path --------------------------------------------------------------------
 
@@ -374,38 +412,6 @@ class Router:
         self.telemetry.count("spills", (pool.name,))
         return choices[index]
 
-    def plan(self, route: Route, now: float, body_bytes: int = 0,
-             spill: Endpoint | None = None) -> Iterator[tuple[Pool, Endpoint]]:
-        """Candidates in order: the session's endpoint (or, when it is saturated, the pod the
-        session moves to, or the pod this one call spills to), the rest of its pool by
-        rendezvous rank, then each fallback pool's endpoints. Computed lazily: the common
-        case reads only the first."""
-        serving = route.pool if route.detour is None else self.serving_pool(route, time.time())
-        start = self.pools.get(serving) or self.pools.get(route.pool)
-        if start is None:
-            return
-        first = route.endpoint
-        moved_to = None
-        if spill is not None and spill.pool == start.name:
-            # A call that spills moves nothing: no move is planned beside it.
-            moved_to = spill
-            if spill.outlier.admit(now):
-                yield start, spill
-        elif first is not None and first.saturated and first.move_budget > 0:
-            moved_to = self._move_target(route, start, first, body_bytes)
-            if moved_to is not None and moved_to.outlier.admit(now):
-                yield start, moved_to
-        if first is not None and first.pool == start.name and first.outlier.admit(now):
-            yield start, first
-        key = route.session.encode()
-        for endpoint in start.ranked(key):
-            if endpoint is not first and endpoint is not moved_to and endpoint.outlier.admit(now):
-                yield start, endpoint
-        for pool in self.pools.fallback_chain(start.name):
-            for endpoint in pool.ranked(key):
-                if endpoint.outlier.admit(now):
-                    yield pool, endpoint
-
     def _move_target(self, route: Route, pool: Pool, current: Endpoint, body_bytes: int
                      ) -> Endpoint | None:
         """Sticky until saturated: the pod this call moves to, if moving pays (placement)."""
@@ -426,9 +432,10 @@ class Router:
                                        if current.load is not None else "moved")
         return target
 
-    def served(self, route: Route, pool: Pool, endpoint: Endpoint, *, local: bool,
-               reason: str | None = None) -> None:
-        """Remember who served the session; write the route through when it moved."""
+    def _served(self, route: Route, pool: Pool, endpoint: Endpoint, *, local: bool,
+                reason: str | None = None) -> None:
+        """Remember who served the session; write the route through when it moved (the
+        exchange reports through its `Plan`)."""
         if route.endpoint is endpoint and route.detour is None and pool.name == route.pool:
             return
         moved = self._moving.pop(route.session, None) if self._moving else None
@@ -454,7 +461,10 @@ class Router:
             return
         route.reason = reason
         self.counters.route_changes += 1
-        if not local:
+        # A route that left the cache while this call was in flight (its session ended or
+        # was deleted, or another pod's move replaced it) is no longer the session's: its
+        # write would bring back what was dropped.
+        if not local and self.cache.peek(route.session) is route:
             self._write_behind(route.session, route.record())
 
     def _remote_change(self, session: str, record: bytes) -> None:
@@ -591,6 +601,70 @@ class Router:
         except Exception:
             self._pending_refresh.update(sessions)  # the supervisor's retry includes them
             raise
+
+
+class Plan:
+    """One request's way through the fleet, from `Router.open`: where it goes first (decided
+    before any send), then the rest of its pool by rendezvous rank, then each fallback
+    pool's endpoints; `resume_candidates` for a broken stream. What served is reported to
+    `served`, and `close` ends the request's count on its session.
+
+    Candidates are admitted lazily (`outlier.admit`): an ejected pod's one probation permit
+    is spent only by the attempt that makes it."""
+
+    __slots__ = ("_router", "ahead", "answered", "local", "route", "serving", "spill", "start")
+
+    def __init__(self, router: Router, serving: Route, route: Route, start: Pool | None,
+                 ahead: Endpoint | None, spill: Endpoint | None, local: bool) -> None:
+        self._router = router
+        self.serving = serving   # the route this request takes (its model's pool)
+        self.route = route       # the session's own route
+        self.start = start       # the pool tried first (a detour's while it lasts)
+        self.ahead = ahead       # tried before home: the spill or move target, if any
+        self.spill = spill       # set when this parallel call spills past a full home
+        self.local = local       # a route this request must not write to the store
+        self.answered: Endpoint | None = None  # who answered first
+
+    def candidates(self, now: float) -> Iterator[tuple[Pool, Endpoint]]:
+        start = self.start
+        if start is None:
+            return
+        ahead, first = self.ahead, self.serving.endpoint
+        if ahead is not None and ahead.pool == start.name and ahead.outlier.admit(now):
+            yield start, ahead
+        if first is not None and first.pool == start.name and first.outlier.admit(now):
+            yield start, first
+        key = self.serving.session.encode()
+        for endpoint in start.ranked(key):
+            if endpoint is not first and endpoint is not ahead and endpoint.outlier.admit(now):
+                yield start, endpoint
+        for pool in self._router.pools.fallback_chain(start.name):
+            for endpoint in pool.ranked(key):
+                if endpoint.outlier.admit(now):
+                    yield pool, endpoint
+
+    def resume_candidates(self, pool: Pool, broken: Endpoint, now: float
+                          ) -> Iterator[tuple[Pool, Endpoint]]:
+        """Where a broken stream of `pool` may continue: the pool's other endpoints by the
+        session's rendezvous rank."""
+        for endpoint in pool.ranked(self.serving.session.encode()):
+            if endpoint is not broken and endpoint.outlier.admit(now):
+                yield pool, endpoint
+
+    def served(self, pool: Pool, endpoint: Endpoint, reason: str | None = None) -> None:
+        """`endpoint` answered (or took over a broken stream): the session follows it,
+        unless this call was answered where it spilled (then neither it nor its resumes
+        move the route)."""
+        if self.answered is None:
+            self.answered = endpoint
+            if endpoint is self.spill:
+                return
+        elif self.answered is self.spill:
+            return
+        self._router._served(self.serving, pool, endpoint, local=self.local, reason=reason)
+
+    def close(self) -> None:
+        self.route.inflight -= 1
 
 
 def _spill_pod(endpoint: Endpoint, now: float = 0.0) -> SpillPod:

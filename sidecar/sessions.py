@@ -128,7 +128,8 @@ class Route:
 
 
 class RouteCache:
-    """Session id → Route, least recently used first, bounded, with idle expiry."""
+    """Session id → Route, least recently used first, bounded, with idle expiry. Neither
+    eviction nor expiry drops a route with calls in flight."""
 
     def __init__(self, max_size: int, idle_s: float) -> None:
         self.max_size = max_size
@@ -152,8 +153,17 @@ class RouteCache:
         route.last_seen = self.stamp(now)
         self._routes[route.session] = route
         self._routes.move_to_end(route.session)
-        while len(self._routes) > self.max_size:
-            self._routes.popitem(last=False)
+        routes = self._routes
+        busy = 0
+        while len(routes) > self.max_size and busy < len(routes):
+            session, oldest = routes.popitem(last=False)
+            if oldest.inflight > 0:
+                # A call in flight still reports to this route: evicting it would let the
+                # session's next call read a second route beside it. It goes to the back;
+                # while every route is busy, the cache holds one more per call in flight.
+                routes[session] = oldest
+                busy += 1
+                continue
             self.evicted += 1
 
     def pop(self, session: str) -> Route | None:

@@ -113,17 +113,18 @@ def render(now: Snapshot, before: Snapshot | None) -> Group:
                     f"{store['errors']} / {store['timeouts']}")
     endpoints = Table(title="endpoints", title_justify="left", box=None, pad_edge=False)
     for column in ("pool", "endpoint", "state", "in flight", "failures", "running",
-                   "waiting", "kv"):
+                   "waiting", "kv", "gpu"):
         endpoints.add_column(column)
     for e in stats["endpoints"]:
         load = e.get("load") or {}  # the pod's own load (scraped or fleet heartbeats)
         kv = f"{load['kv_usage'] * 100:.0f}%" if load.get("source") == "metrics" else "–"
         style = STATE_STYLE.get(e["state"], "")
+        gpu = e.get("gpu")  # from Nomad, through the fleet monitor's view
         endpoints.add_row(e["pool"], e["url"], Text(e["state"], style=style),
                           str(e["inflight"]), str(e["consecutive_failures"]),
                           f"{load['running']:g}" if load else "–",
                           Text(f"{load['waiting']:g}", style="red" if load.get("saturated")
-                               else "") if load else "–", kv)
+                               else "") if load else "–", kv, _gpu(gpu))
     parts: list[Any] = [head, Text(""), figures, Text(""), endpoints]
     if (line := _pod_view_line(stats.get("pod_view") or {})) is not None:
         parts.append(line)
@@ -131,6 +132,14 @@ def render(now: Snapshot, before: Snapshot | None) -> Group:
         parts.append(Text("pools without ready capacity: "
                           + ", ".join(stats["pools_without_ready_capacity"]), style="red"))
     return Group(*parts)
+
+
+def _gpu(gpu: dict[str, Any] | None) -> str:
+    """Utilization and memory in use over the pod's devices, e.g. `87% · 71% mem (2)`."""
+    if not gpu:
+        return "–"
+    devices = f" ({gpu['devices']})" if gpu.get("devices", 1) != 1 else ""
+    return f"{gpu['utilization'] * 100:.0f}% · {gpu['memory'] * 100:.0f}% mem{devices}"
 
 
 def _pod_view_line(view: dict[str, Any]) -> Text | None:

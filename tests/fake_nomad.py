@@ -90,6 +90,7 @@ class FakeNomad:
         self.denied = 0
         self.deny_everything = False  # a token without read-job: 403 for every call
         self.delay_s = 0.0            # every service and stats answer this late
+        self.page_size = 0            # registrations per page when no per_page is asked (paged)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -130,7 +131,16 @@ class FakeNomad:
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         # An unknown service has no registrations: an empty list, not a 404.
-        return web.json_response(self.services.get(request.match_info["name"], []))
+        registrations = self.services.get(request.match_info["name"], [])
+        size = int(request.query.get("per_page") or self.page_size or 0)
+        if not size:
+            return web.json_response(registrations)
+        # Paged as Nomad pages: the next page starts at the ID named by X-Nomad-NextToken.
+        ids = [r["ID"] for r in registrations]
+        start = ids.index(request.query["next_token"]) if "next_token" in request.query else 0
+        page = registrations[start:start + size]
+        headers = {"X-Nomad-NextToken": ids[start + size]} if start + size < len(ids) else {}
+        return web.json_response(page, headers=headers)
 
     async def allocation_stats(self, request: web.Request) -> web.Response:
         denied = self._denied(request)

@@ -246,6 +246,113 @@ def test_every_scaler_variable_is_in_its_table_with_its_default():
             assert_documented(variable, default, reference.get(variable), "docs/reference.md")
 
 
+def table_rows(text: str, heading: str) -> list[str]:
+    """The rows naming one variable in the variables table under `heading`."""
+    section = text.split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
+    return [line for line in section.splitlines() if re.match(r"^\| `[A-Z_]+` \|", line)]
+
+
+def test_the_reference_table_is_the_declarations_row_for_row():
+    from sidecar.config import SETTINGS
+
+    documented = table_rows((DOCS / "reference.md").read_text(), "## Configuration reference")
+    declared = [s.reference_row() for s in SETTINGS.values()]
+    assert documented == declared, (
+        "docs/reference.md's variables table differs from the declarations in "
+        "sidecar/config.py; the rows they give:\n" + "\n".join(declared))
+
+
+def test_the_scalers_own_rows_in_the_design_are_its_declarations():
+    from sidecar.scaler.config import SCALER_SETTINGS
+
+    design = (DOCS / "design.md").read_text().splitlines()
+    rows = {re.match(r"^\| `([A-Z_]+)` \|", line).group(1): line  # type: ignore[union-attr]
+            for line in design if re.match(r"^\| `(SIDECAR_SCALER_|NOMAD_)[A-Z_]+` \|", line)}
+    own = [s for name, s in SCALER_SETTINGS.items() if name.startswith("SIDECAR_SCALER_")]
+    assert own and all(s.name in rows for s in own)
+    for s in own:
+        assert rows[s.name] == s.reference_row(), s.name
+
+
+def test_every_variable_the_code_names_is_declared():
+    from sidecar.config import SETTINGS
+    from sidecar.scaler.config import SCALER_SETTINGS
+
+    package = Path(__file__).resolve().parent.parent / "sidecar"
+    named = {name for path in package.rglob("*.py")
+             for name in re.findall(r"\b(?:SIDECAR|NOMAD)_[A-Z_]*[A-Z]\b", path.read_text())}
+    assert named, "the scan found nothing: it no longer reads the package"
+    assert named - set(SETTINGS) - set(SCALER_SETTINGS) == set()
+
+
+def test_each_field_is_declared_once_and_shared_variables_share_their_declaration():
+    from dataclasses import fields
+
+    from sidecar.config import SETTINGS, Settings
+    from sidecar.scaler.config import SCALER_SETTINGS, NomadAccess, ScalerSettings
+
+    def names(cls: type) -> list[str]:
+        return [f.metadata["setting"].name for f in fields(cls) if "setting" in f.metadata]
+
+    for cls in (Settings, ScalerSettings, NomadAccess):
+        assert len(names(cls)) == len(set(names(cls))), cls
+    assert [f.name for f in fields(Settings) if "setting" not in f.metadata] == ["api_keys"]
+    assert [f.name for f in fields(ScalerSettings) if "setting" not in f.metadata] == ["nomad"]
+    assert len(names(NomadAccess)) == len(fields(NomadAccess))
+    shared = set(SETTINGS) & set(SCALER_SETTINGS)
+    assert shared == {"SIDECAR_REDIS_URL", "SIDECAR_REDIS_MODE",
+                      "SIDECAR_REDIS_SENTINEL_MASTER", "SIDECAR_REDIS_CA_FILE"}
+    for name in shared:
+        assert SETTINGS[name] is SCALER_SETTINGS[name], name
+
+
+def test_the_redacted_views_name_every_declared_variable_and_no_secret(tmp_path):
+    from sidecar.config import SETTINGS
+    from sidecar.scaler.config import SCALER_SETTINGS, load_scaler_settings, scaler_warnings
+
+    secrets = ("hunter2-admin-token", "pa55word", "nomad-s3cret-token", "nomad-pa55")
+    sidecar = load_settings({"SIDECAR_POOLS": POOLS, "SIDECAR_ADMIN_TOKEN": secrets[0],
+                             "SIDECAR_REDIS_URL": f"redis://app:{secrets[1]}@redis:6379/0"})
+    scaler = load_scaler_settings({
+        "SIDECAR_REDIS_URL": f"redis://app:{secrets[1]}@redis:6379/0",
+        "SIDECAR_SCALER_POOLS": json.dumps({"small": {
+            "job": "llm-small", "group": "server", "min": 1, "max": 4,
+            "replica_tokens_per_s": 1000, "cold_start_s": 600}}),
+        "NOMAD_TOKEN": secrets[2], "NOMAD_ADDR": f"https://ops:{secrets[3]}@nomad:4646"})
+    for settings, declared in ((sidecar, SETTINGS), (scaler, SCALER_SETTINGS)):
+        view = settings.redacted()
+        assert list(view) == list(declared)
+        shown = json.dumps(view) + repr(settings)
+        assert not [secret for secret in secrets if secret in shown]
+    assert scaler.redacted()["NOMAD_ADDR"] == "https://ops:<redacted>@nomad:4646"
+    [warning] = scaler_warnings(scaler)  # https:// without NOMAD_CACERT
+    assert "NOMAD_ADDR='https://ops:<redacted>@nomad:4646'" in warning
+    assert scaler.redacted()["NOMAD_TOKEN"] == "<redacted>"
+
+
+def test_a_refused_redis_url_is_not_also_reported_missing():
+    [problem] = problems(SIDECAR_REDIS_URL="http://redis:6379", SIDECAR_REDIS_MODE="cluster")
+    assert problem.startswith("SIDECAR_REDIS_URL='http://redis:6379': expected")
+
+
+@pytest.mark.parametrize("redis", [
+    {"SIDECAR_REDIS_URL": "http://redis:6379"},
+    {"SIDECAR_REDIS_URL": "http://redis:6379", "SIDECAR_REDIS_MODE": "cluster"},
+    {"SIDECAR_REDIS_URL": "redis://r:26379", "SIDECAR_REDIS_MODE": "sentinel"},
+    {"SIDECAR_REDIS_URL": "redis://r:6379", "SIDECAR_REDIS_CA_FILE": __file__},
+    {"SIDECAR_REDIS_URL": "rediss://r:6379", "SIDECAR_REDIS_MODE": "replicated",
+     "SIDECAR_REDIS_CA_FILE": "/no/such/ca.pem"},
+])
+def test_the_scaler_judges_the_redis_variables_as_the_sidecar_does(redis):
+    from sidecar.scaler.config import load_scaler_settings
+
+    with pytest.raises(ConfigError) as by_scaler:
+        load_scaler_settings({**redis, "SIDECAR_SCALER_POOLS": json.dumps({"small": {
+            "job": "j", "group": "g", "min": 1, "max": 2, "replica_tokens_per_s": 10,
+            "cold_start_s": 60}})})
+    assert sorted(by_scaler.value.problems) == sorted(problems(**redis))
+
+
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
     return subprocess.run([sys.executable, "-m", "sidecar", *args], env={**clean, **env},

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import os
@@ -178,6 +179,8 @@ async def test_the_view_carries_each_endpoints_gpu_reading_and_a_sidecar_keeps_i
         assert abs(time.time() - endpoint.gpu.at) < 15  # its age, on this host's clock
         seen = {e["url"]: e["gpu"] for e in side.stats()["endpoints"]}
         assert seen[one.url]["utilization"] == 0.25
+        [row] = [line for line in top_text(side.stats()).splitlines() if two.url in line]
+        assert row.rstrip().endswith("80% · 50% mem (2)")  # `llm-sidecar top`'s gpu column
         assert side.prober.probes == 0  # it follows the view: no probe of its own
 
         fake.allocations[alloc_one] = alloc_stats({"GPU-2": nvidia_device(100, 80_000,
@@ -452,3 +455,34 @@ async def test_a_sidecar_drops_the_reading_when_the_view_goes_stale(
     await until(probing, "the view goes stale and the sidecar probes")
     assert endpoint.gpu is None
     assert running.sidecar.stats()["endpoints"][0]["gpu"] is None
+
+
+async def test_registrations_nomad_pages_are_all_read(nomad_server: NomadServer) -> None:
+    """A service list Nomad answers in pages (`X-Nomad-NextToken`) is followed to its end:
+    an endpoint on a later page still gets its allocation."""
+    from sidecar.gpureader import GpuReader
+
+    fake = nomad_server.fake
+    fake.page_size = 2
+    urls = [f"http://127.0.0.1:{8000 + i}" for i in range(5)]
+    allocs = {url: fake.register(SERVICE, url) for url in urls}
+    reader = GpuReader(access(nomad_server), lambda: INTERVAL_S, dict, lambda *a: None)
+    try:
+        await reader.read_services({"p": (SERVICE, urls)})
+    finally:
+        await reader.close()
+    assert reader.allocations == {("p", url): alloc for url, alloc in allocs.items()}
+    assert fake.service_reads == 3
+    assert [q.get("next_token") for q in fake.queries] == \
+        [None, *(r["ID"] for r in fake.services[SERVICE][2::2])]
+
+
+def top_text(stats: dict[str, Any]) -> str:
+    """What `llm-sidecar top` prints for these stats."""
+    from rich.console import Console
+
+    from sidecar.top import Snapshot, render
+
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(render(Snapshot(time.time(), stats, {}), None))
+    return console.export_text()

@@ -82,6 +82,25 @@ def test_cache_is_bounded_least_recently_used_first():
     assert cache.evicted == 1
 
 
+def test_eviction_passes_over_routes_with_calls_in_flight():
+    cache = RouteCache(max_size=2, idle_s=100)
+    busy = route("busy")
+    busy.inflight = 1
+    cache.put(busy, now=0)
+    cache.put(route("s1"), now=1)
+    cache.put(route("s2"), now=2)
+    assert cache.peek("busy") is busy and cache.peek("s1") is None
+    assert len(cache) == 2 and cache.evicted == 1
+    other = route("other")
+    other.inflight = 1
+    cache.put(other, now=3)  # both old routes busy after s2 leaves: one over the bound
+    assert cache.peek("s2") is None and len(cache) == 2
+    third = route("third")
+    third.inflight = 1
+    cache.put(third, now=4)  # every route busy: none is dropped
+    assert len(cache) == 3 and cache.evicted == 2
+
+
 def test_idle_routes_expire():
     cache = RouteCache(max_size=10, idle_s=5)
     cache.put(route("old"), now=0)

@@ -38,7 +38,7 @@ from sidecar.telemetry import Telemetry
 from sidecar.traffic import Traffic, usage_in
 
 if TYPE_CHECKING:  # the router reaches the store (redis); the logic only calls it
-    from sidecar.routing import Router
+    from sidecar.routing import Plan, Router
 
 log = logging.getLogger("sidecar.proxy")
 RETRY_AFTER_S = "5"
@@ -162,31 +162,26 @@ class Proxy:
         requested = key.model if key is not None and key.read_body \
             else requested_model(request.body)
         named = named_pool(self.router.pools.models, requested)
-        now = self.loop.time()
-        route = self.router.lookup(session, now)
-        if route is None:
-            route = await self.router.resolve(session, selector, local=local, pool=named,
-                                              parent=parent)
-        fields["session"] = route.session
-        serving = self.router.for_model(route, named)
-        # Counted on the session's own route: idle expiry never drops a route mid-call.
-        route.inflight += 1
+        plan = await self.router.open(session, self.loop.time(), local=local,
+                                      selector=selector, named=named, parent=parent,
+                                      body_bytes=len(request.body))
+        fields["session"] = plan.route.session
         try:
-            # A per-request route (another pool named) is never written back to the store.
-            result = await self._forward(request, down, serving, now,
-                                         local or serving is not route, fields, requested)
+            result = await self._forward(request, down, plan, fields, requested)
         finally:
-            route.inflight -= 1
+            plan.close()
         if is_final(request.keys):
             # The answer is complete: the session ends here and in the store (as
             # DELETE /sessions/{id} does), so its pod's count falls now, not at idle expiry.
-            await self.router.end(route.session, local=local)
+            await self.router.end(plan.route.session, local=local)
             fields["session_ended"] = True
         return result
 
-    async def _forward(self, request: Request, down: Downstream, route: Route, now: float,
-                       local: bool, fields: dict[str, object], requested: str | None = None
+    async def _forward(self, request: Request, down: Downstream, plan: Plan,
+                       fields: dict[str, object], requested: str | None = None
                        ) -> tuple[int, str, str]:
+        route = plan.serving
+        now = self.loop.time()
         self.budget.record_request(now)
         failures: list[Failure] = []  # only grows on failures
         body = request.body
@@ -197,10 +192,9 @@ class Proxy:
             return _headers_for(request, pool), payload
 
         streamed = asks_to_stream(body)
-        spill = self.router.spill(route, now)
-        answer, step = await self.attempts.run(self.router.plan(route, now, len(body), spill),
-                                               request.method, request.target, request_for,
-                                               failures, streamed=streamed)
+        answer, step = await self.attempts.run(plan.candidates(now), request.method,
+                                               request.target, request_for, failures,
+                                               streamed=streamed)
         fields["attempts"] = answer.attempt if answer is not None else len(failures)
         if answer is None:
             sent = len(failures)
@@ -236,10 +230,9 @@ class Proxy:
             if failures:
                 last = failures[-1]
                 reason = f"{last.outcome.value} from {last.endpoint} (pool {last.pool})"
-            if endpoint is spill:
+            if endpoint is plan.spill:
                 fields["spilled_from"] = route.endpoint.url if route.endpoint else None
-            else:  # a spilled call leaves the session's route (and its record) as they are
-                self.router.served(route, pool, endpoint, local=local, reason=reason)
+            plan.served(pool, endpoint, reason)
             fields["endpoint"] = endpoint.url
             reply, payload = answer.reply, answer.payload
             head = self._head(request, route, answer, fields)
@@ -253,8 +246,7 @@ class Proxy:
                 return reply.status, pool.name, pool.model
             relay = Relay(down, self.events, pool.name, pool.model, request.received_at,
                           _transcript(request, answer))
-            await self._relay(request, down, route, answer, relay, head, local,
-                              endpoint is spill)
+            await self._relay(request, down, plan, answer, relay, head)
             prompt, completion = relay.tokens(len(payload))
             self.events.tokens(pool.name, pool.model, prompt, completion,
                                relay.generation_s(), relay.inter_token_s())
@@ -279,9 +271,8 @@ class Proxy:
             extra.append(b"x-sidecar-fallback: %s\r\n" % route.pool.encode())
         return reply.forward + b"".join(extra)
 
-    async def _relay(self, request: Request, down: Downstream, route: Route, answer: Answer,
-                     relay: Relay, head: bytes, local: bool, spilled: bool = False
-                     ) -> None:
+    async def _relay(self, request: Request, down: Downstream, plan: Plan, answer: Answer,
+                     relay: Relay, head: bytes) -> None:
         reply, payload = answer.reply, answer.payload
         pool = answer.pool
         transcript = relay.transcript
@@ -316,7 +307,7 @@ class Proxy:
                     return
                 nxt = None
                 if transcript is not None and resumed < self.max_attempts - 1:
-                    nxt = await self._resume(request, route, pool, source_lease.endpoint,
+                    nxt = await self._resume(request, plan, pool, source_lease.endpoint,
                                              transcript, payload)
                     if nxt is None:
                         self.events.resume_failed()
@@ -329,16 +320,14 @@ class Proxy:
                 continued, relay.frames = nxt
                 source, source_lease, held = continued.reply, continued.lease, continued.held
                 down.follow(source)
-                if not spilled:  # a spilled call's resume moves the session no more
-                    self.router.served(route, pool, source_lease.endpoint, local=local,
-                                       reason="resumed after a break mid-stream")
+                plan.served(pool, source_lease.endpoint, "resumed after a break mid-stream")
         finally:
             down.uncork()
             down.follow(None)
             if source_lease is not answer.lease:
                 source_lease.close()
 
-    async def _resume(self, request: Request, route: Route, pool: Pool, broken: Endpoint,
+    async def _resume(self, request: Request, plan: Plan, pool: Pool, broken: Endpoint,
                       transcript: Transcript, payload: bytes
                       ) -> tuple[Answer, ContinuationFrames] | None:
         """Start the continuation of a broken chat stream on another endpoint of the pool
@@ -350,16 +339,14 @@ class Proxy:
         body = continuation(payload, text, content_frames)
         if body is None:
             return None
-        now = self.loop.time()
-        candidates = ((pool, e) for e in pool.ranked(route.session.encode())
-                      if e is not broken and e.outlier.admit(now))
         continued, _ = await self.attempts.run(
-            candidates, b"POST", request.target, lambda p: (_headers_for(request, p), body), [],
+            plan.resume_candidates(pool, broken, self.loop.time()), b"POST", request.target,
+            lambda p: (_headers_for(request, p), body), [],
             streamed=True, strict=True)
         if continued is None:
             return None
         self.events.resumed()
-        log.info("resuming a stream of session %s on %s after %s broke", route.session,
+        log.info("resuming a stream of session %s on %s after %s broke", plan.route.session,
                  continued.lease.endpoint.url, broken.url)
         return continued, ContinuationFrames(stream_id, created)
 

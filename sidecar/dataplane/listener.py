@@ -502,6 +502,10 @@ class ClientConnection(ResponseWriter, asyncio.Protocol):
         except httptools.HttpParserError:
             return None
 
+    def shut(self) -> None:
+        """Close the connection now: the listener is shutting down."""
+        self._close()
+
     def timed_out(self, now: float) -> None:
         """The sweep found a head that took too long, a body that stopped arriving, a
         keep-alive connection idle, or a half-closed one to look at."""
@@ -578,7 +582,7 @@ class Listener:
         busy = []
         for conn in list(self.connections):
             if conn.task is None:
-                conn._close()
+                conn.shut()
             else:
                 conn.keep_alive = False
                 busy.append(conn.task)
@@ -587,7 +591,7 @@ class Listener:
         for conn in list(self.connections):
             if conn.task is not None:
                 conn.task.cancel()
-            conn._close()
+            conn.shut()
         self._sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._sweeper

@@ -1,48 +1,47 @@
 """Scaler settings from the environment (same rules as the sidecar's: every problem is
-named with its variable, the bad value and the expected form)."""
+named with its variable, the bad value and the expected form). Each variable is declared
+once, as a field below; the Redis ones share their declarations with the sidecar."""
 
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from sidecar.config import REDIS_MODES, ConfigError, Listen, parse_listen, redact_url
+from sidecar.config import ConfigError, Listen, parse_listen
+from sidecar.settings_schema import (
+    REDIS_CA_FILE,
+    REDIS_MODE,
+    REDIS_SENTINEL_MASTER,
+    REDIS_URL,
+    Invalid,
+    Reader,
+    declared,
+    flag,
+    nested,
+    number,
+    redact_url,
+    redacted,
+    redis_problems,
+    setting,
+)
 
-SCALER_VARIABLES: dict[str, tuple[str | None, str]] = {
-    "SIDECAR_REDIS_URL": (None, "Redis shared with the sidecars (required)"),
-    "SIDECAR_REDIS_MODE": ("standalone", "standalone, cluster or sentinel"),
-    "SIDECAR_REDIS_SENTINEL_MASTER": (None, "Sentinel service name (sentinel mode)"),
-    "SIDECAR_REDIS_CA_FILE": (None, "CA bundle to verify a rediss:// server with"),
-    "SIDECAR_SCALER_POOLS": (None, "JSON: per pool job, group, min, max, "
-                             "replica_tokens_per_s, cold_start_s (and health_interval_s: "
-                             "the pool's, for the monitor's view; 5)"),
-    "SIDECAR_SCALER_INTERVAL_S": ("15", "seconds between decisions"),
-    "SIDECAR_SCALER_DRY_RUN": ("0", "1 = only log decisions"),
-    "SIDECAR_SCALER_BURST_QUANTILE": ("0.995", "quantile of past bursts held above the level "
-                                      "(0 < q <= 1)"),
-    "SIDECAR_SCALER_HEADROOM": ("0", "share added on top of the forecast"),
-    "SIDECAR_SCALER_PRIOR_CV": ("0", "mean burst above the level assumed before history, "
-                                "as a share of the level (>= 0; 0 = off: the learned "
-                                "quantile alone)"),
-    "SIDECAR_SCALER_PRIOR_SAMPLES": ("12", "intervals of history the prior counts as (> 0)"),
-    "SIDECAR_SCALER_PRIOR_FLOOR": ("9", "replicas a young pool asks for at least until its "
-                                   "history spans half a cold start, shrinking to 0 at a "
-                                   "whole one (>= 0; 0 = off)"),
-    "SIDECAR_SCALER_METRICS_LISTEN": ("127.0.0.1:7880", "GET /metrics (the forecast for "
-                                      "Prometheus): `host:port`, or `off`"),
-    "SIDECAR_SCALER_COOLDOWN_S": ("300", "least time between scale-downs of a pool"),
-    "NOMAD_ADDR": ("http://127.0.0.1:4646", "Nomad's HTTP API"),
-    "NOMAD_TOKEN": (None, "ACL token (scale-job and read-job-scaling capabilities)"),
-    "NOMAD_NAMESPACE": (None, "namespace of the pool jobs"),
-    "NOMAD_REGION": (None, "region to forward requests to"),
-    "NOMAD_CACERT": (None, "CA certificate file for Nomad's TLS"),
-    "NOMAD_CLIENT_CERT": (None, "client certificate file (mutual TLS)"),
-    "NOMAD_CLIENT_KEY": (None, "client key file (mutual TLS)"),
-    "NOMAD_SKIP_VERIFY": (None, "1/true: do not verify Nomad's certificate"),
-}
+
+def _nomad_addr(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise Invalid("an http:// or https:// URL")
+    return text
+
+
+def _metrics_listen(text: str) -> Listen | None:
+    if text.lower() == "off":
+        return None
+    listen = parse_listen(text)
+    if listen is None or listen.path:
+        raise Invalid("`host:port` (port 0-65535) or `off`")
+    return listen
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,14 +49,28 @@ class NomadAccess:
     """How to reach Nomad's HTTP API (the NOMAD_* variables, as Nomad's own CLI reads them):
     what the fleet monitor needs to read GPU statistics, without the scaler's settings."""
 
-    nomad_addr: str
-    nomad_token: str | None = field(default=None, repr=False)
-    nomad_namespace: str | None = None
-    nomad_region: str | None = None
-    nomad_cacert: str | None = None
-    nomad_client_cert: str | None = None
-    nomad_client_key: str | None = None
-    nomad_skip_verify: bool = False
+    nomad_addr: str = setting(
+        "NOMAD_ADDR", "http://127.0.0.1:4646", "Nomad's HTTP API",
+        parse=_nomad_addr, normalize=lambda text: text.rstrip("/"), redact=redact_url)
+    nomad_token: str | None = setting(
+        "NOMAD_TOKEN", None, "ACL token (scale-job and read-job-scaling capabilities)",
+        parse=str, secret=True, init_default=None)
+    nomad_namespace: str | None = setting(
+        "NOMAD_NAMESPACE", None, "namespace of the pool jobs", parse=str, init_default=None)
+    nomad_region: str | None = setting(
+        "NOMAD_REGION", None, "region to forward requests to", parse=str, init_default=None)
+    nomad_cacert: str | None = setting(
+        "NOMAD_CACERT", None, "CA certificate file for Nomad's TLS", parse=str,
+        init_default=None)
+    nomad_client_cert: str | None = setting(
+        "NOMAD_CLIENT_CERT", None, "client certificate file (mutual TLS)", parse=str,
+        init_default=None)
+    nomad_client_key: str | None = setting(
+        "NOMAD_CLIENT_KEY", None, "client key file (mutual TLS)", parse=str,
+        init_default=None)
+    nomad_skip_verify: bool = setting(
+        "NOMAD_SKIP_VERIFY", None, "1/true: do not verify Nomad's certificate",
+        parse=flag, when_unset=False, init_default=False)
 
     def query(self) -> dict[str, str]:
         """The query parameters every request to Nomad carries."""
@@ -72,35 +85,16 @@ class NomadAccess:
         return {"X-Nomad-Token": self.nomad_token} if self.nomad_token else {}
 
     def redacted(self) -> dict[str, Any]:
-        return {"NOMAD_ADDR": redact_url(self.nomad_addr),
-                "NOMAD_TOKEN": "<redacted>" if self.nomad_token else None,
-                "NOMAD_NAMESPACE": self.nomad_namespace, "NOMAD_REGION": self.nomad_region}
+        return redacted(self)
 
 
 def load_nomad_access(env: Mapping[str, str] | None = None) -> NomadAccess:
     """The NOMAD_* variables alone (the fleet monitor reads them too); raises ConfigError."""
-    access, problems = _read_nomad(os.environ if env is None else env)
-    if problems:
-        raise ConfigError(problems)
+    r = Reader(os.environ if env is None else env, declared(NomadAccess))
+    access = NomadAccess(**r.fields_of(NomadAccess))
+    if r.problems:
+        raise ConfigError(r.problems)
     return access
-
-
-def _read_nomad(env: Mapping[str, str]) -> tuple[NomadAccess, list[str]]:
-    """The NOMAD_* variables, as the scaler and the fleet monitor read them, and what is
-    wrong with them."""
-    def get(name: str) -> str | None:
-        return env.get(name, "").strip() or SCALER_VARIABLES[name][0]
-
-    access = NomadAccess(
-        nomad_addr=(get("NOMAD_ADDR") or "").rstrip("/"), nomad_token=get("NOMAD_TOKEN"),
-        nomad_namespace=get("NOMAD_NAMESPACE"), nomad_region=get("NOMAD_REGION"),
-        nomad_cacert=get("NOMAD_CACERT"), nomad_client_cert=get("NOMAD_CLIENT_CERT"),
-        nomad_client_key=get("NOMAD_CLIENT_KEY"),
-        nomad_skip_verify=_flag(get("NOMAD_SKIP_VERIFY")))
-    if not access.nomad_addr.startswith(("http://", "https://")):
-        return access, [f"NOMAD_ADDR={access.nomad_addr!r}: expected an http:// or https:// "
-                        "URL"]
-    return access, []
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,39 +111,67 @@ class ScaledPool:
     health_interval_s: float = 5.0
 
 
-@dataclass(frozen=True, slots=True)
+def vars_of(pool: ScaledPool) -> dict[str, Any]:
+    return {f: getattr(pool, f) for f in pool.__dataclass_fields__}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ScalerSettings:
-    redis_url: str
-    redis_mode: str
-    redis_sentinel_master: str | None
-    redis_ca_file: str | None
-    pools: Mapping[str, ScaledPool]
-    interval_s: float
-    dry_run: bool
-    burst_quantile: float
-    headroom: float
-    prior_cv: float
-    prior_samples: float
-    prior_floor: float
-    metrics_listen: Listen | None
-    cooldown_s: float
-    nomad: NomadAccess
+    """The scaler's settings; docs/design.md's scaler table is checked against them."""
+
+    redis_url: str = REDIS_URL.field()
+    redis_mode: str = REDIS_MODE.field()
+    redis_sentinel_master: str | None = REDIS_SENTINEL_MASTER.field()
+    redis_ca_file: str | None = REDIS_CA_FILE.field()
+    pools: Mapping[str, ScaledPool] = setting(
+        "SIDECAR_SCALER_POOLS", None,
+        "per pool: `job`, `group`, `min`, `max`, `replica_tokens_per_s` (what one ready "
+        "replica serves), `cold_start_s`, and optionally `health_interval_s` (the pool's, as "
+        "in `SIDECAR_POOLS`; 5): the pod view's staleness is judged by it",
+        show=lambda pools: {name: vars_of(pool) for name, pool in pools.items()},
+        unset="(required)")
+    interval_s: float = setting(
+        "SIDECAR_SCALER_INTERVAL_S", "15", "seconds between decisions", parse=number())
+    dry_run: bool = setting(
+        "SIDECAR_SCALER_DRY_RUN", "0", "`1`: log decisions, change nothing", parse=flag)
+    burst_quantile: float = setting(
+        "SIDECAR_SCALER_BURST_QUANTILE", "0.995",
+        "quantile of the bursts seen over the last hour held above the level (0 < q ≤ 1; the "
+        "frontier below shows what each costs)", parse=number(maximum=1))
+    headroom: float = setting(
+        "SIDECAR_SCALER_HEADROOM", "0", "share added on top of the whole forecast",
+        parse=number(strict=False))
+    prior_cv: float = setting(
+        "SIDECAR_SCALER_PRIOR_CV", "0",
+        "the mean burst above the level assumed before any history, as a share of the level "
+        "(≥ 0; `0`: no prior, the learned quantile alone). See \"A young fleet's margin\" below",
+        parse=number(strict=False, finite=True))
+    prior_samples: float = setting(
+        "SIDECAR_SCALER_PRIOR_SAMPLES", "12",
+        "how many intervals of history the prior counts as (> 0): more is a firmer prior",
+        parse=number(finite=True))
+    prior_floor: float = setting(
+        "SIDECAR_SCALER_PRIOR_FLOOR", "9",
+        "replicas a young pool asks for at least (clamped to its `max`) until its history "
+        "spans half a cold start, shrinking to 0 when it spans a whole one (≥ 0; `0`: off). "
+        "See \"A young fleet's margin\" below", parse=number(strict=False, finite=True))
+    metrics_listen: Listen | None = setting(
+        "SIDECAR_SCALER_METRICS_LISTEN", "127.0.0.1:7880",
+        "`host:port` of the scaler's `GET /metrics` and `/health`, or `off`",
+        parse=_metrics_listen, show=lambda listen: str(listen) if listen else "off")
+    cooldown_s: float = setting(
+        "SIDECAR_SCALER_COOLDOWN_S", "300", "least time between two scale-downs of a pool",
+        parse=number(strict=False))
+    nomad: NomadAccess = nested(NomadAccess)
 
     def redacted(self) -> dict[str, Any]:
-        return {"SIDECAR_REDIS_URL": redact_url(self.redis_url),
-                "SIDECAR_SCALER_POOLS": {n: vars_of(p) for n, p in self.pools.items()},
-                "SIDECAR_SCALER_INTERVAL_S": self.interval_s,
-                "SIDECAR_SCALER_DRY_RUN": self.dry_run,
-                "SIDECAR_SCALER_BURST_QUANTILE": self.burst_quantile,
-                "SIDECAR_SCALER_HEADROOM": self.headroom,
-                "SIDECAR_SCALER_PRIOR_CV": self.prior_cv,
-                "SIDECAR_SCALER_PRIOR_SAMPLES": self.prior_samples,
-                "SIDECAR_SCALER_PRIOR_FLOOR": self.prior_floor,
-                "SIDECAR_SCALER_METRICS_LISTEN": (str(self.metrics_listen)
-                                                  if self.metrics_listen else "off"),
-                "NOMAD_ADDR": self.nomad.nomad_addr,
-                "NOMAD_TOKEN": "<redacted>" if self.nomad.nomad_token else None,
-                "NOMAD_NAMESPACE": self.nomad.nomad_namespace}
+        return redacted(self)
+
+
+SCALER_SETTINGS = declared(ScalerSettings)
+# variable → (default, doc): the declarations in the shape older readers know.
+SCALER_VARIABLES: dict[str, tuple[str | None, str]] = {
+    name: (s.default, s.doc) for name, s in SCALER_SETTINGS.items()}
 
 
 def scaler_warnings(settings: ScalerSettings) -> list[str]:
@@ -162,88 +184,49 @@ def scaler_warnings(settings: ScalerSettings) -> list[str]:
                         "token with the scale-job and read-job-scaling capabilities")
     if nomad.nomad_addr.startswith("https://") and not nomad.nomad_cacert \
             and not nomad.nomad_skip_verify:
-        warnings.append(f"NOMAD_ADDR={nomad.nomad_addr!r} is https:// but NOMAD_CACERT is "
-                        "not set: Nomad's certificate must then be signed by a system CA; set "
-                        "NOMAD_CACERT to the CA file of a private Nomad PKI")
+        warnings.append(f"NOMAD_ADDR={redact_url(nomad.nomad_addr)!r} is https:// but "
+                        "NOMAD_CACERT is not set: Nomad's certificate must then be signed by a "
+                        "system CA; set NOMAD_CACERT to the CA file of a private Nomad PKI")
     return warnings
-
-
-def vars_of(pool: ScaledPool) -> dict[str, Any]:
-    return {f: getattr(pool, f) for f in pool.__dataclass_fields__}
-
-
-def _flag(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def load_prior(env: Mapping[str, str] | None = None) -> tuple[float, float, float]:
     """SIDECAR_SCALER_PRIOR_CV, _SAMPLES and _FLOOR alone (the simulator reads them too, so
     what it replays is what the scaler would run)."""
-    env = os.environ if env is None else env
-    values, problems = [], []
-    for name, strict in (("SIDECAR_SCALER_PRIOR_CV", False),
-                         ("SIDECAR_SCALER_PRIOR_SAMPLES", True),
-                         ("SIDECAR_SCALER_PRIOR_FLOOR", False)):
-        raw = env.get(name, "").strip() or SCALER_VARIABLES[name][0] or ""
-        try:
-            value = float(raw)
-        except ValueError:
-            value = float("nan")
-        if not (value > 0 if strict else value >= 0) or value == float("inf"):
-            problems.append(f"{name}={raw!r}: expected a finite number "
-                            f"{'>' if strict else '>='} 0")
-        values.append(value)
-    if problems:
-        raise ConfigError(problems)
-    return values[0], values[1], values[2]
+    r = Reader(os.environ if env is None else env, SCALER_SETTINGS)
+    cv, samples, floor = (r.read(name) for name in (
+        "SIDECAR_SCALER_PRIOR_CV", "SIDECAR_SCALER_PRIOR_SAMPLES", "SIDECAR_SCALER_PRIOR_FLOOR"))
+    if r.problems:
+        raise ConfigError(r.problems)
+    return cv, samples, floor
 
 
 def load_scaler_settings(env: Mapping[str, str] | None = None) -> ScalerSettings:
-    env = os.environ if env is None else env
-    problems: list[str] = []
+    r = Reader(os.environ if env is None else env, SCALER_SETTINGS)
+    values = r.fields_of(ScalerSettings)
+    if r.raw("SIDECAR_REDIS_URL") is None:
+        r.problems.append("SIDECAR_REDIS_URL is not set: the scaler reads the sidecars' "
+                          "traffic from Redis; expected a redis://, rediss:// or unix:// URL")
+    values["redis_url"] = values["redis_url"] or ""
+    r.problems += redis_problems(values)
+    pools = _parse_pools(r.raw("SIDECAR_SCALER_POOLS"), r.problems)
+    settings = ScalerSettings(**values, pools=pools,
+                              nomad=NomadAccess(**r.fields_of(NomadAccess)))
+    if r.problems:
+        raise ConfigError(r.problems)
+    return settings
 
-    def get(name: str) -> str | None:
-        value = env.get(name, "").strip()
-        return value or SCALER_VARIABLES[name][0]
 
-    def number(name: str, minimum: float, strict: bool = True) -> float:
-        raw = get(name)
-        try:
-            value = float(raw or "")
-        except ValueError:
-            value = float("nan")
-        if value != value or (value <= minimum if strict else value < minimum):
-            problems.append(f"{name}={raw!r}: expected a number {'>' if strict else '>='} "
-                            f"{minimum:g}")
-            return float(SCALER_VARIABLES[name][0] or 1)
-        return value
-
-    redis_url = get("SIDECAR_REDIS_URL")
-    if not redis_url:
-        problems.append("SIDECAR_REDIS_URL is not set: the scaler reads the sidecars' "
-                        "traffic from Redis; expected a redis://, rediss:// or unix:// URL")
-    mode = get("SIDECAR_REDIS_MODE") or "standalone"
-    if mode not in REDIS_MODES:
-        problems.append(f"SIDECAR_REDIS_MODE={mode!r}: expected one of {', '.join(REDIS_MODES)}")
-    redis_ca_file = get("SIDECAR_REDIS_CA_FILE")
-    if redis_ca_file is not None and not os.path.isfile(redis_ca_file):
-        problems.append(f"SIDECAR_REDIS_CA_FILE={redis_ca_file!r}: expected a readable PEM "
-                        "file of CA certificates")
-    raw_listen = get("SIDECAR_SCALER_METRICS_LISTEN") or ""
-    metrics_listen = None if raw_listen.lower() == "off" else parse_listen(raw_listen)
-    if raw_listen.lower() != "off" and (metrics_listen is None or metrics_listen.path):
-        problems.append(f"SIDECAR_SCALER_METRICS_LISTEN={raw_listen!r}: expected `host:port` "
-                        "(port 0-65535) or `off`")
-        metrics_listen = None
+def _parse_pools(raw: str | None, problems: list[str]) -> dict[str, ScaledPool]:
+    """SIDECAR_SCALER_POOLS → the pools; what is wrong goes to `problems`."""
     pools: dict[str, ScaledPool] = {}
-    raw_pools = get("SIDECAR_SCALER_POOLS")
     try:
-        data = json.loads(raw_pools) if raw_pools else None
+        data = json.loads(raw) if raw else None
     except json.JSONDecodeError as exc:
         data = None
         problems.append(f"SIDECAR_SCALER_POOLS: not valid JSON ({exc.msg})")
     if not isinstance(data, dict) or not data:
-        if raw_pools is None or isinstance(data, list | str | int | float):
+        if raw is None or isinstance(data, list | str | int | float):
             problems.append('SIDECAR_SCALER_POOLS: expected a JSON object, e.g. {"small": '
                             '{"job": "llm-small", "group": "server", "min": 1, "max": 8, '
                             '"replica_tokens_per_s": 2500, "cold_start_s": 600}}')
@@ -274,30 +257,4 @@ def load_scaler_settings(env: Mapping[str, str] | None = None) -> ScalerSettings
                                      float(spec["replica_tokens_per_s"]),
                                      float(spec["cold_start_s"]),
                                      float(spec.get("health_interval_s", 5.0)))
-    try:
-        prior = load_prior(env)
-    except ConfigError as exc:
-        problems.extend(exc.problems)
-        prior = (float(SCALER_VARIABLES["SIDECAR_SCALER_PRIOR_CV"][0] or 0),
-                 float(SCALER_VARIABLES["SIDECAR_SCALER_PRIOR_SAMPLES"][0] or 1),
-                 float(SCALER_VARIABLES["SIDECAR_SCALER_PRIOR_FLOOR"][0] or 0))
-    nomad, nomad_problems = _read_nomad(env)
-    settings = ScalerSettings(
-        redis_url=redis_url or "", redis_mode=mode,
-        redis_sentinel_master=get("SIDECAR_REDIS_SENTINEL_MASTER"),
-        redis_ca_file=redis_ca_file, pools=pools,
-        interval_s=number("SIDECAR_SCALER_INTERVAL_S", 0),
-        dry_run=_flag(get("SIDECAR_SCALER_DRY_RUN")),
-        burst_quantile=number("SIDECAR_SCALER_BURST_QUANTILE", 0),
-        headroom=number("SIDECAR_SCALER_HEADROOM", 0, strict=False),
-        prior_cv=prior[0], prior_samples=prior[1], prior_floor=prior[2],
-        metrics_listen=metrics_listen,
-        cooldown_s=number("SIDECAR_SCALER_COOLDOWN_S", 0, strict=False),
-        nomad=nomad)
-    problems += nomad_problems
-    if settings.burst_quantile > 1:
-        problems.append(f"SIDECAR_SCALER_BURST_QUANTILE={get('SIDECAR_SCALER_BURST_QUANTILE')!r}:"
-                        " expected a number > 0 and <= 1")
-    if problems:
-        raise ConfigError(problems)
-    return settings
+    return pools
