@@ -112,19 +112,22 @@ def render(now: Snapshot, before: Snapshot | None) -> Group:
     figures.add_row("cached routes", str(routes["cached"]), "Redis errors / timeouts",
                     f"{store['errors']} / {store['timeouts']}")
     endpoints = Table(title="endpoints", title_justify="left", box=None, pad_edge=False)
+    # The gpu column only where the fleet monitor reads GPUs: a narrow terminal keeps the
+    # endpoint URLs whole otherwise.
+    gpus = any(e.get("gpu") for e in stats["endpoints"])
     for column in ("pool", "endpoint", "state", "in flight", "failures", "running",
-                   "waiting", "kv", "gpu"):
+                   "waiting", "kv", *(("gpu",) if gpus else ())):
         endpoints.add_column(column)
     for e in stats["endpoints"]:
         load = e.get("load") or {}  # the pod's own load (scraped or fleet heartbeats)
         kv = f"{load['kv_usage'] * 100:.0f}%" if load.get("source") == "metrics" else "–"
         style = STATE_STYLE.get(e["state"], "")
-        gpu = e.get("gpu")  # from Nomad, through the fleet monitor's view
+        gpu = (_gpu(e.get("gpu")),) if gpus else ()  # from Nomad, via the monitor's view
         endpoints.add_row(e["pool"], e["url"], Text(e["state"], style=style),
                           str(e["inflight"]), str(e["consecutive_failures"]),
                           f"{load['running']:g}" if load else "–",
                           Text(f"{load['waiting']:g}", style="red" if load.get("saturated")
-                               else "") if load else "–", kv, _gpu(gpu))
+                               else "") if load else "–", kv, *gpu)
     parts: list[Any] = [head, Text(""), figures, Text(""), endpoints]
     if (line := _pod_view_line(stats.get("pod_view") or {})) is not None:
         parts.append(line)
