@@ -22,7 +22,7 @@ from common import ROOT  # noqa: F401  (puts the project on sys.path)
 
 from sidecar.config import load_settings
 from sidecar.fakellm.engine import Engine
-from sidecar.placement import saturated
+from sidecar.fleetload import take_reading
 from sidecar.podload import PodLoad, parse_metrics
 from sidecar.pools import Endpoint, Pool, PoolSet
 from sidecar.routing import Router
@@ -38,7 +38,7 @@ def before(router: Router, route: Route, now: float) -> Iterator[tuple[Pool, End
     if start is None:
         return
     first = route.endpoint
-    if first is not None and first.pool == start.name and first.usable(now):
+    if first is not None and first.pool == start.name and first.outlier.admit(now):
         yield start, first
 
 
@@ -55,7 +55,7 @@ def main() -> int:
     endpoints = pools.pools["p"].endpoints
     for i, e in enumerate(endpoints):
         load = PodLoad(4 + i, 0, 0.3, 0.0, "metrics", 0.0, 5.0)
-        e.set_load(load, saturated(load))
+        take_reading(e, load)
     route = router.propose("session-1", None)
     home = route.endpoint
     assert home is not None
@@ -69,18 +69,18 @@ def main() -> int:
     hot = PodLoad(8, 6, 0.95, 0.0, "metrics", 0.0, 4.0)
 
     def saturated_call() -> object:
-        home.set_load(hot, True)   # re-arm the move budget: time the decision itself
+        take_reading(home, hot)   # re-arm the move budget: time the decision itself
         return next(router.plan(route, now, 8000).candidates(now))
     rows.append(("plan, first candidate, saturated pod (move decision)",
                  per_call_us(saturated_call, n // 4)))
     router._moving.clear()
-    home.set_load(PodLoad(4, 0, 0.3, 0.0, "metrics", 0.0, 5.0), False)
+    take_reading(home, PodLoad(4, 0, 0.3, 0.0, "metrics", 0.0, 5.0))
     rows.append(("spill check, a lone call (every request)",
                  per_call_us(lambda: router.spill(route, now), n)))
     route.inflight = 3
     rows.append(("spill check, a parallel call, its pod with room",
                  per_call_us(lambda: router.spill(route, now), n)))
-    home.set_load(hot, True)
+    take_reading(home, hot)
     rows.append(("spill decision, a parallel call, its pod full (runs while it queues)",
                  per_call_us(lambda: router.spill(route, now), n // 4)))
     route.inflight = 0

@@ -39,6 +39,10 @@ and counters read.
      └── BROKEN_STREAM       DROPPED    the pod broke after bytes reached the app: never
                                         retried (the app holds part of the answer)
 
+Outlier detection (outlier.py) reads `Origin`: a failure is local-origin (no connection
+made, or the connection broke under the request) or the upstream's own answer; an answer
+the app sees is a success, and a pod busy or slow says nothing about its health.
+
 The retry rule reads only `Work`: a request is sent again only when no pod is doing it —
 never taken (refused, not connected, declined with 429/503) or dropped with the connection
 that carried it (the pod died or reset it; a server stops a request whose connection
@@ -73,6 +77,17 @@ class Work(Enum):
     DONE = "done"            # a pod answered it
 
 
+class Origin(Enum):
+    """Whose failure an outcome is, for outlier detection (as Envoy splits local-origin
+    failures from the upstream's own answers)."""
+
+    CONNECT = "connect"  # local origin, no connection made (refused, unreachable, connect
+                         # timeout): the pod is not there, ejected at once
+    LOCAL = "local"      # local origin, the connection broke under the request (reset,
+                         # closed, cut short): counts towards a streak
+    ANSWER = "answer"    # the upstream's answer: 5xx, 429/503, not valid HTTP: a streak
+
+
 class Outcome(Enum):
     OK = "ok"
     CLIENT_ERROR = "client_error"
@@ -98,10 +113,15 @@ class Outcome(Enum):
         return self.work in (Work.NOT_TAKEN, Work.DROPPED) and self is not Outcome.BROKEN_STREAM
 
     @property
+    def origin(self) -> Origin | None:
+        """Whose failure this is; None when it says nothing against the pod's health (an
+        answer the app should see, a pod busy or slow: a timeout alone never ejects it)."""
+        return _ORIGIN.get(self)
+
+    @property
     def endpoint_failed(self) -> bool:
-        """Does this outcome count against the endpoint's health? A slow pod is not a
-        failed one: a timeout alone never ejects it."""
-        return self in _ENDPOINT_FAILURES
+        """Does this outcome count against the endpoint's health?"""
+        return self in _ORIGIN
 
     @property
     def overload(self) -> bool:
@@ -110,11 +130,6 @@ class Outcome(Enum):
         A pod that is gone (refused, reset, cut off) is ejected at once and its work moves
         to a healthy pod instead, bounded by SIDECAR_MAX_ATTEMPTS."""
         return self in (Outcome.RETRYABLE_STATUS, Outcome.CONNECT_TIMEOUT, Outcome.POOL_FULL)
-
-    @property
-    def endpoint_unreachable(self) -> bool:
-        """The pod is not there at all: eject at once rather than after a streak."""
-        return self in (Outcome.CONNECT_ERROR, Outcome.CONNECT_TIMEOUT)
 
 
 _WORK = {
@@ -131,11 +146,16 @@ _WORK = {
     Outcome.BROKEN_BEFORE_CONTENT: Work.DROPPED,
     Outcome.BROKEN_STREAM: Work.DROPPED,
 }
-_ENDPOINT_FAILURES = frozenset({Outcome.RETRYABLE_STATUS, Outcome.UPSTREAM_ERROR,
-                                Outcome.BAD_RESPONSE,
-                                Outcome.CONNECT_ERROR, Outcome.CONNECTION_LOST,
-                                Outcome.CONNECT_TIMEOUT, Outcome.BROKEN_BEFORE_CONTENT,
-                                Outcome.BROKEN_STREAM})
+_ORIGIN = {
+    Outcome.RETRYABLE_STATUS: Origin.ANSWER,
+    Outcome.UPSTREAM_ERROR: Origin.ANSWER,
+    Outcome.BAD_RESPONSE: Origin.ANSWER,
+    Outcome.CONNECT_ERROR: Origin.CONNECT,
+    Outcome.CONNECT_TIMEOUT: Origin.CONNECT,
+    Outcome.CONNECTION_LOST: Origin.LOCAL,
+    Outcome.BROKEN_BEFORE_CONTENT: Origin.LOCAL,
+    Outcome.BROKEN_STREAM: Origin.LOCAL,
+}
 
 
 def classify_status(status: int) -> Outcome:

@@ -9,7 +9,8 @@ it is still loading its model is warming, not failing.
 
 Where a fleet monitor publishes a pod view (podview.py), a sidecar follows it instead:
 `follow` stops probing the endpoints a fresh view covers, and `apply_view` moves them by the
-same endpoint methods a probe result does.
+same methods a probe result does. States move only through each endpoint's outlier
+detector (outlier.py), loads only through fleetload.py.
 """
 
 from __future__ import annotations
@@ -25,14 +26,12 @@ from enum import Enum
 import aiohttp
 
 from sidecar.bodyread import read_capped
-from sidecar.placement import saturated
+from sidecar.fleetload import scrape_failed, scraped
 from sidecar.podload import (
     DEFAULT_ENGINE,
     MAX_METRICS_BYTES,
     MetricsParseError,
-    PodLoad,
     parse_metrics,
-    with_rate,
 )
 from sidecar.podview import Action, ViewState, action_for
 from sidecar.pools import Endpoint, EndpointState, PoolSet
@@ -43,8 +42,6 @@ log = logging.getLogger("sidecar.health")
 
 PROBE_TIMEOUT_S = 2.0
 JITTER = 0.2
-# A scraped load older than this many probe intervals is dropped (routing stops using it).
-LOAD_STALE_INTERVALS = 3
 # llama.cpp's server answers every path with 503 {"error":{"message":"Loading model",…}}
 # while it loads its weights (tools/server/server-http.cpp); vLLM does not listen until then.
 LOADING_MARK = b"loading model"
@@ -205,55 +202,51 @@ class HealthProber:
             self.scrape_failures += 1
             self.telemetry.count("load_scrape_failures", (endpoint.pool,))
             log.debug("metrics of %s unreadable: %s", endpoint.url, exc)
-            last = endpoint.load
-            if last is not None and time.time() - last.at > LOAD_STALE_INTERVALS * interval:
-                endpoint.set_load(None, False)
+            scrape_failed(endpoint, interval, time.time())
             return
-        load = with_rate(endpoint.load, load)
-        endpoint.set_load(load, saturated(load))
+        scraped(endpoint, load)
 
-    def apply_view(self, endpoint: Endpoint, state: ViewState | None, load: PodLoad | None,
-                   load_known: bool) -> None:
-        """The monitor's word on an endpoint, through the same methods as a probe's result:
-        its state (None: the monitor does not probe its health), and its load when
-        `load_known` (the pool has a metrics path here)."""
+    def apply_view(self, endpoint: Endpoint, state: ViewState | None) -> None:
+        """The monitor's word on an endpoint's state (None: the monitor does not probe its
+        health), through the same methods as a probe's result."""
         action = action_for(state, endpoint.state.value)
         if action is Action.HEALTHY:
             self.apply(endpoint, Probe.HEALTHY)
         elif action is Action.LOADING:
             self.apply(endpoint, Probe.LOADING)
         elif action is Action.EJECT:
-            endpoint.eject(retry_at=float("inf"))  # as probe_failed: only "ready" restores
+            # As probe_failed: no probation, only "ready" restores it.
+            endpoint.outlier.eject(retry_at=float("inf"))
             self.telemetry.event("endpoint ejected", f"{endpoint.url} (pool {endpoint.pool}) "
                                  "is failing its probes (fleet monitor)", alert_type="warning",
                                  tags=[f"pool:{endpoint.pool}"])
-        if load_known:
-            endpoint.set_load(load, load is not None and saturated(load), shared=True)
 
     def apply(self, endpoint: Endpoint, result: Probe) -> None:
-        """A probe's result, through the endpoint's own methods (it owns its state)."""
+        """A probe's result, reported to the endpoint's outlier detector (it owns the
+        state)."""
+        health = endpoint.outlier
         if result is Probe.LOADING:
             self.loading_probes += 1
-            if endpoint.loading():
+            if health.loading():
                 self.telemetry.event("endpoint loading", f"{endpoint.url} (pool "
                                      f"{endpoint.pool}) is loading its model again: warming",
                                      alert_type="warning", tags=[f"pool:{endpoint.pool}"])
             return
         if result is Probe.HEALTHY:
-            if endpoint.state is EndpointState.EJECTED:
-                endpoint.record_success()
+            if health.state is EndpointState.EJECTED:
+                health.restore()
                 self.telemetry.event("endpoint restored", f"{endpoint.url} (pool "
                                      f"{endpoint.pool}) passed its health probe",
                                      tags=[f"pool:{endpoint.pool}"])
-            elif (duration := endpoint.probe_passed()) is not None:
+            elif (duration := health.probe_passed()) is not None:
                 self.cold_starts.append(ColdStart(endpoint.url, endpoint.pool, duration))
                 self.telemetry.observe("cold_start_duration", (endpoint.pool,), duration)
                 self.telemetry.event("cold start finished", f"{endpoint.url} (pool "
                                      f"{endpoint.pool}) ready after {duration:.1f} s",
                                      tags=[f"pool:{endpoint.pool}"])
             return
-        if endpoint.probe_failed():
+        if health.probe_failed():
             self.telemetry.event("endpoint ejected", f"{endpoint.url} (pool "
-                                 f"{endpoint.pool}) failed {endpoint.consecutive_failures}"
+                                 f"{endpoint.pool}) failed {health.consecutive_failures}"
                                  " probes in a row", alert_type="warning",
                                  tags=[f"pool:{endpoint.pool}"])

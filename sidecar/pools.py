@@ -1,9 +1,9 @@
-"""Model pools, their endpoints, endpoint states and how an endpoint is picked.
+"""Model pools, their endpoints and how an endpoint is picked.
 
-An endpoint is `warming` until its first healthy probe (pools with a `health_path`),
-`ready`, `ejected` after failures (exponential back-off, then one half-open request), or
-`draining` once a reload removed it. Picking is rendezvous hashing over the session id,
-so every pod picks the same endpoint and a removed endpoint moves only its own sessions.
+An endpoint's state (`warming`, `ready`, `ejected`, `draining`) belongs to its outlier
+detector (outlier.py); its load is set by fleetload.py. Picking is rendezvous hashing over
+the session id, so every pod picks the same endpoint and a removed endpoint moves only its
+own sessions.
 """
 
 from __future__ import annotations
@@ -11,51 +11,33 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterable, Mapping
-from enum import StrEnum
 from hashlib import blake2b
 
 from sidecar.config import PoolConfig, Settings
-from sidecar.errors import Outcome
 from sidecar.models import model_index
+from sidecar.outlier import EndpointState, Outlier
 from sidecar.placement import choose_new, move_budget
 from sidecar.podload import GpuUsage, PodLoad
-
-# A streak of failures that are not "the pod is gone" (5xx, timeouts) ejects at this count.
-EJECT_AFTER_FAILURES = 3
-EJECT_BACKOFF_BASE_S = 1.0
-EJECT_BACKOFF_MAX_S = 60.0
-# An upstream's Retry-After is honoured up to this long (a bad header must not park a pod).
-MAX_RETRY_AFTER_S = 60.0
-
-
-class EndpointState(StrEnum):
-    WARMING = "warming"
-    READY = "ready"
-    EJECTED = "ejected"
-    DRAINING = "draining"
 
 
 class Endpoint:
     """One model server (pod). Shared by every route that points at it."""
 
-    __slots__ = ("consecutive_failures", "ejections", "gpu", "held_until", "inflight",
-                 "inflight_at_load", "load", "move_budget", "pool", "registered_at",
-                 "retry_at", "saturated", "slots", "state", "url", "url_key")
+    __slots__ = ("gpu", "inflight", "inflight_at_load", "load", "move_budget", "outlier",
+                 "pool", "saturated", "slots", "url", "url_key")
 
     def __init__(self, url: str, pool: str, state: EndpointState) -> None:
         self.url = url
         self.url_key = url.encode()
         self.pool = pool
-        self.state = state
-        self.inflight = 0
+        # Its health state, failure streak, ejections and holds: the outlier detector owns
+        # them; everything else reports to it or asks it.
+        self.outlier = Outlier(state)
+        self.inflight = 0  # owned by the attempt loop's lease
         self.inflight_at_load = 0  # this sidecar's calls there when `load` was read
-        self.consecutive_failures = 0
-        self.ejections = 0
-        self.retry_at = 0.0
-        self.held_until = 0.0  # the upstream asked us to wait (Retry-After)
-        self.registered_at = time.monotonic()
         # The pod's own load (metrics scrape or the fleet's heartbeats), set in the
-        # background by `set_load`; read on the request path only as these fields.
+        # background by fleetload.py through `set_load`; read on the request path only as
+        # these fields.
         self.load: PodLoad | None = None
         self.saturated = False
         self.move_budget = 0  # sessions this sidecar may still move away until the next view
@@ -64,8 +46,13 @@ class Endpoint:
         self.gpu: GpuUsage | None = None
         self.slots = 0.0  # requests the pod ran the last time it queued (0: never seen)
 
+    @property
+    def state(self) -> EndpointState:
+        return self.outlier.state
+
     def set_load(self, load: PodLoad | None, saturated: bool, shared: bool = False) -> None:
-        """`shared`: the fleet monitor's view, which every sidecar reads at the same time."""
+        """Only fleetload.py calls this (it judges `saturated` once for every source).
+        `shared`: the fleet monitor's view, which every sidecar reads at the same time."""
         self.load = load
         self.saturated = saturated
         self.inflight_at_load = self.inflight
@@ -79,106 +66,28 @@ class Endpoint:
     def set_gpu(self, gpu: GpuUsage | None) -> None:
         self.gpu = gpu
 
-    def usable(self, now: float) -> bool:
-        """Can a request be sent here now? An ejected endpoint admits one half-open try."""
-        if self.state is EndpointState.READY:
-            return now >= self.held_until
-        if self.state is EndpointState.EJECTED and now >= self.retry_at:
-            # Hold off the rest until this try's result is known.
-            self.retry_at = now + self._backoff()
-            return True
-        return False
-
     def has_room(self, now: float) -> bool:
         """Room for one more session right now: ready, not saturated, not holding off. A
-        query only (unlike `usable`, it never admits an ejected endpoint's trial call)."""
-        return self.state is EndpointState.READY and not self.saturated \
-            and now >= self.held_until
+        query only (it never spends an ejected endpoint's probation permit)."""
+        return not self.saturated and self.outlier.available(now)
 
-    def record_success(self) -> bool:
-        """Returns True when this success restored an ejected endpoint."""
-        self.consecutive_failures = 0
-        if self.state is EndpointState.EJECTED:
-            self.state = EndpointState.READY
-            self.ejections = 0
-            return True
-        return False
-
-    def record_failure(self, outcome: Outcome, now: float) -> bool:
-        """Passive outlier detection. Returns True when this failure ejected the endpoint."""
-        self.consecutive_failures += 1
-        if self.state not in (EndpointState.READY, EndpointState.EJECTED):
-            return False
-        if self.state is EndpointState.EJECTED:
-            self.retry_at = now + self._backoff()
-            return False
-        if outcome.endpoint_unreachable or self.consecutive_failures >= EJECT_AFTER_FAILURES:
-            self.eject()
-            self.retry_at = now + self._backoff()
-            return True
-        return False
-
-    def probe_passed(self) -> float | None:
-        """A healthy active probe. Returns the cold start's duration when it ended one."""
-        self.consecutive_failures = 0
-        if self.state is EndpointState.WARMING:
-            self.state = EndpointState.READY
-            return time.monotonic() - self.registered_at
-        return None
-
-    def loading(self) -> bool:
-        """The pod answers that it is loading its model. Returns True when this sends a
-        ready (or ejected) endpoint back to warming: a restart in place, a cold start whose
-        end its next healthy probe reports, not a failure."""
-        if self.state not in (EndpointState.READY, EndpointState.EJECTED):
-            return False
-        self.state = EndpointState.WARMING
-        self.consecutive_failures = 0
-        self.registered_at = time.monotonic()
-        return True
-
-    def probe_failed(self) -> bool:
-        """A failed active probe. Returns True when this one ejected a ready endpoint (only
-        a healthy probe restores it)."""
-        if self.state is not EndpointState.READY:
-            return False
-        self.consecutive_failures += 1
-        if self.consecutive_failures < EJECT_AFTER_FAILURES:
-            return False
-        self.eject(retry_at=float("inf"))
-        return True
-
-    def drain(self) -> None:
-        """Removed from the configuration: nothing new is sent; in-flight requests finish."""
-        self.state = EndpointState.DRAINING
-
-    def eject(self, retry_at: float | None = None) -> None:
-        """Stop sending here. With `retry_at`, one half-open try is allowed from then;
-        an active prober passes infinity, as only a healthy probe restores the endpoint."""
-        self.state = EndpointState.EJECTED
-        self.ejections += 1
-        if retry_at is not None:
-            self.retry_at = retry_at
-
-    def hold(self, seconds: float, now: float) -> None:
-        """Respect an upstream's Retry-After: send nothing new here until it has passed."""
-        self.held_until = max(self.held_until, now + min(seconds, MAX_RETRY_AFTER_S))
-
-    def _backoff(self) -> float:
-        return min(EJECT_BACKOFF_MAX_S, EJECT_BACKOFF_BASE_S * 2 ** max(0, self.ejections - 1))
+    def take_move(self) -> None:
+        """One session of this saturated pod is moving away (spends the move budget)."""
+        self.move_budget -= 1
 
     def view(self) -> dict[str, object]:
         now = time.monotonic()
+        health = self.outlier
         view: dict[str, object] = {
-            "url": self.url, "pool": self.pool, "state": self.state.value,
-            "inflight": self.inflight, "consecutive_failures": self.consecutive_failures,
+            "url": self.url, "pool": self.pool, "state": health.state.value,
+            "inflight": self.inflight, "consecutive_failures": health.consecutive_failures,
             "load": None if self.load is None else {**self.load.view(),
                                                    "saturated": self.saturated},
             "gpu": None if self.gpu is None else self.gpu.view()}
-        if self.held_until > now:
-            view["held_for_s"] = round(self.held_until - now, 3)
-        if self.state is EndpointState.EJECTED and self.retry_at != float("inf"):
-            view["retry_in_s"] = round(max(0.0, self.retry_at - now), 3)
+        if health.held_until > now:
+            view["held_for_s"] = round(health.held_until - now, 3)
+        if health.state is EndpointState.EJECTED and health.retry_at != float("inf"):
+            view["retry_in_s"] = round(max(0.0, health.retry_at - now), 3)
         return view
 
 
@@ -269,7 +178,7 @@ class PoolSet:
             pools[name] = Pool(config, endpoints, api_keys.get(name))
         for key, endpoint in self._endpoints.items():
             if key not in kept:
-                endpoint.drain()
+                endpoint.outlier.drain()
                 changes["removed"].append(endpoint.url)
         self.pools = pools
         self.models = model_index(configs)

@@ -424,7 +424,7 @@ class Router:
         if index is None:
             return None
         target = others[index]
-        current.move_budget -= 1
+        current.take_move()
         if len(self._moving) >= MAX_PENDING_MOVES:
             self._moving.clear()  # calls that never reached `served`; reasons only
         self._moving[route.session] = (f"moved from {current.url}: saturated "
@@ -609,7 +609,7 @@ class Plan:
     pool's endpoints; `resume_candidates` for a broken stream. What served is reported to
     `served`, and `close` ends the request's count on its session.
 
-    Candidates are admitted lazily (`Endpoint.usable`): an ejected pod's one half-open try
+    Candidates are admitted lazily (`outlier.admit`): an ejected pod's one probation permit
     is spent only by the attempt that makes it."""
 
     __slots__ = ("_router", "ahead", "answered", "local", "route", "serving", "spill", "start")
@@ -630,17 +630,17 @@ class Plan:
         if start is None:
             return
         ahead, first = self.ahead, self.serving.endpoint
-        if ahead is not None and ahead.pool == start.name and ahead.usable(now):
+        if ahead is not None and ahead.pool == start.name and ahead.outlier.admit(now):
             yield start, ahead
-        if first is not None and first.pool == start.name and first.usable(now):
+        if first is not None and first.pool == start.name and first.outlier.admit(now):
             yield start, first
         key = self.serving.session.encode()
         for endpoint in start.ranked(key):
-            if endpoint is not first and endpoint is not ahead and endpoint.usable(now):
+            if endpoint is not first and endpoint is not ahead and endpoint.outlier.admit(now):
                 yield start, endpoint
         for pool in self._router.pools.fallback_chain(start.name):
             for endpoint in pool.ranked(key):
-                if endpoint.usable(now):
+                if endpoint.outlier.admit(now):
                     yield pool, endpoint
 
     def resume_candidates(self, pool: Pool, broken: Endpoint, now: float
@@ -648,7 +648,7 @@ class Plan:
         """Where a broken stream of `pool` may continue: the pool's other endpoints by the
         session's rendezvous rank."""
         for endpoint in pool.ranked(self.serving.session.encode()):
-            if endpoint is not broken and endpoint.usable(now):
+            if endpoint is not broken and endpoint.outlier.admit(now):
                 yield pool, endpoint
 
     def served(self, pool: Pool, endpoint: Endpoint, reason: str | None = None) -> None:
@@ -668,8 +668,8 @@ class Plan:
 
 
 def _spill_pod(endpoint: Endpoint, now: float = 0.0) -> SpillPod:
-    # Ready and not holding off (Retry-After): `usable` would also admit an ejected pod's
-    # half-open try, which a spill must not spend.
+    # Ready and not holding off (Retry-After): `admit` would also spend an ejected pod's
+    # probation permit, which a spill must not spend.
     return SpillPod(endpoint.load, endpoint.inflight,
                     endpoint.inflight - endpoint.inflight_at_load, endpoint.slots,
-                    endpoint.state is EndpointState.READY and now >= endpoint.held_until)
+                    endpoint.outlier.available(now))

@@ -1,6 +1,7 @@
 """Listeners, start-up, reload and graceful drain.
 
-    start-up: settings → Sidecar (pools, store, router, upstream engine, prober) → listeners
+    start-up: settings → Sidecar (pools, store, router, upstream engine, prober, fleet
+              load) → listeners
     serve:    until SIGTERM / SIGINT; SIGHUP re-reads SIDECAR_POOLS_FILE
     drain:    /ready turns 503, listeners close, in-flight requests finish (up to
               SIDECAR_DRAIN_TIMEOUT_S), background work stops and flushes, exit 0
@@ -26,36 +27,15 @@ from sidecar.config import ConfigError, Listen, Settings, reload_pools
 from sidecar.dataplane.exchange import Proxy
 from sidecar.dataplane.listener import Listener
 from sidecar.dataplane.upstream import HttpUpstream
+from sidecar.fleetload import FleetLoad
 from sidecar.health import HealthProber
-from sidecar.placement import saturated
-from sidecar.podload import PodLoad, heartbeat_load
-from sidecar.podview import (
-    STALE_INTERVALS,
-    Following,
-    PoolView,
-    ViewError,
-    decode,
-    gpu_at,
-    load_at,
-    parse_notice,
-    view_key,
-)
 from sidecar.pools import EndpointState, PoolSet
 from sidecar.routing import Router
 from sidecar.sessionkeys import watched
-from sidecar.store import RouteStore, StoreUnavailable, make_store
+from sidecar.store import RouteStore, make_store
 from sidecar.supervise import Supervisor
 from sidecar.telemetry import Telemetry
-from sidecar.traffic import (
-    HEARTBEAT_TTL_S,
-    RedisClock,
-    Traffic,
-    endpoint_inflight_key,
-    format_pod_load,
-    pod_load_key,
-    sum_endpoint_inflight,
-)
-from sidecar.traffic import STALE_AFTER_S as HEARTBEAT_STALE_S
+from sidecar.traffic import Traffic
 
 log = logging.getLogger("sidecar.server")
 
@@ -77,14 +57,10 @@ class Sidecar:
                              self.supervisor)
         self.prober = HealthProber(self.pools, self.telemetry)
         self.traffic = Traffic()
-        # The fleet monitor's pod views (podview.py): while a pool's view is fresh this
-        # sidecar follows it and probes none of its pods; stale or absent, it probes them.
-        self.following = Following()
-        self.views_unreadable = 0
-        self._probing_pools: set[str] | None = None  # None: not decided yet
-        self.store.on_view(self._view_notice)
+        # Pod loads, the fleet's heartbeats and the monitor's pod views (fleetload.py).
+        self.fleet = FleetLoad(self.pools, self.store, self.traffic, self.prober,
+                               self.telemetry)
         self._pools_on_fallback: set[str] = set()
-        self._stale_heartbeats: dict[str, list[bytes]] = {}
         self.telemetry.collectors.append(self.collect_metrics)
         self.upstream: HttpUpstream | None = None
         self.proxy: Proxy | None = None
@@ -102,193 +78,14 @@ class Sidecar:
         self.proxy = Proxy(s, self.router, self.upstream, self.traffic, self.telemetry)
         await self.store.start()
         await self.router.start()
-        if self.store.kind == "redis" and self._monitored():
-            # One flush before probing: where a monitor publishes fresh views, this sidecar
-            # starts by following them and never probes.
-            await self.flush_traffic()
-        self.follow_views()
+        await self.fleet.start()  # before probing: fresh views are followed, not probed
         await self.prober.start()
-        self.traffic.start(self.flush_traffic, self.supervisor)
+        self.traffic.start(self.fleet.flush, self.supervisor)
         self.telemetry.start(self.supervisor)
 
     async def flush_traffic(self) -> None:
-        """One pipelined round trip: this pod's counts since the last flush, its in-flight
-        heartbeats (per pool and per endpoint), the scraped pod loads for the scaler, and
-        the read of the fleet's per-endpoint heartbeats for pools without `metrics_path`
-        (store.write keeps it within the Redis budget; an incident if Redis is away)."""
-        inflight: dict[str, int] = {}
-        endpoints: dict[str, dict[str, int]] = {}
-        scraped: dict[str, dict[str, PodLoad]] = {}
-        for name, pool in self.pools.pools.items():
-            inflight[name] = sum(e.inflight for e in pool.endpoints)
-            endpoints[name] = {e.url: e.inflight for e in pool.endpoints}
-            loads = {e.url: e.load for e in pool.endpoints
-                     if e.load is not None and e.load.source == "metrics"}
-            if loads:
-                scraped[name] = loads
-        heartbeat_pools = [name for name, pool in self.pools.pools.items()
-                           if not pool.config.metrics_path and pool.endpoints]
-        view_pools = list(self._monitored()) if self.store.kind == "redis" else []
-        stale, self._stale_heartbeats = self._stale_heartbeats, {}
-        clock = self.traffic.clock
-        now = clock.local()
-        counted = True
-
-        def build(pipe: Any) -> None:
-            nonlocal counted
-            counted = self.traffic.write(pipe, inflight, now, endpoints)  # its clock first
-            _write_pod_load_for_scaler(pipe, scraped, clock)
-            for name, fields in stale.items():
-                pipe.hdel(endpoint_inflight_key(name), *fields)
-            for name in heartbeat_pools:
-                pipe.hgetall(endpoint_inflight_key(name))
-            for name in view_pools:
-                pipe.hmget(view_key(name), "version", "at", "view")
-
-        try:
-            replies = await self.store.write(build)
-        except StoreUnavailable:
-            # Redis away: a fleet view that can no longer be refreshed is dropped once stale.
-            for e in self.pools.all_endpoints():
-                if e.load is not None and e.load.source == "heartbeat" \
-                        and now - e.load.at > HEARTBEAT_STALE_S:
-                    e.set_load(None, False)
-            self.follow_views()  # the views age: past their bound, probe again
-            return
-        if replies:
-            clock.observe(replies[0], now, clock.local())
-        views = replies[len(replies) - len(view_pools):] if replies else []
-        replies = replies[:len(replies) - len(view_pools)]
-        if replies and heartbeat_pools:
-            self._apply_heartbeats(heartbeat_pools, replies[-len(heartbeat_pools):], now)
-        for name, fields in zip(view_pools, views, strict=True):
-            if isinstance(fields, list) and len(fields) == 3 and None not in fields:
-                try:
-                    self.take_view(decode(name, *fields))
-                except ViewError as exc:
-                    self._unreadable(exc)
-        self.follow_views()
-        if not counted and clock.synced:
-            await self.flush_traffic()  # the first flush only learned Redis's clock
-
-    def _monitored(self) -> dict[str, float]:
-        """Pools whose pods are probed or scraped → their health interval."""
-        return {name: pool.config.health_interval_s for name, pool in self.pools.pools.items()
-                if pool.config.health_path or pool.config.metrics_path}
-
-    def _view_notice(self, data: bytes) -> None:
-        """The monitor saw an endpoint change state: apply its view now (no read needed)."""
-        try:
-            self.take_view(parse_notice(data))
-        except ViewError as exc:
-            self._unreadable(exc)
-            return
-        self.follow_views()
-
-    def _unreadable(self, exc: ViewError) -> None:
-        self.views_unreadable += 1
-        if self.views_unreadable == 1:
-            log.warning("%s (a monitor of another version?); this sidecar probes the "
-                        "pools whose view it cannot read", exc)
-
-    def take_view(self, view: PoolView) -> None:
-        """A newer view of a pool, if fresh, moves its endpoints by the prober's setters."""
-        pool = self.pools.get(view.pool)
-        if pool is None or not self.following.offer(view):
-            return
-        redis_now = self.traffic.clock.now()
-        if not view.fresh(redis_now, pool.config.health_interval_s):
-            return
-        local_now = time.time()
-        for endpoint in pool.endpoints:
-            entry = view.endpoints.get(endpoint.url)
-            if entry is None:
-                continue  # not in the monitor's configuration: this sidecar probes it
-            # Not tied to a probe round: each view carries the monitor's latest reading.
-            endpoint.set_gpu(None if entry.gpu is None else
-                             gpu_at(entry.gpu, view, local_now, redis_now))
-            if not self.following.new_round(pool.name, endpoint.url, entry):
-                continue
-            load = None if entry.load is None else \
-                load_at(entry.load, view, local_now, redis_now)
-            self.prober.apply_view(endpoint, entry.state if pool.config.health_path else None,
-                                   load, bool(pool.config.metrics_path))
-        self.following.mark_applied(view)
-        self.following.keep_only(pool.name, {e.url for e in pool.endpoints})
-
-    def follow_views(self) -> None:
-        """Per pool: follow its fresh view (this sidecar probes none of the endpoints it
-        covers), or probe by itself (no monitor, monitor away, Redis away). Says so when
-        that changes."""
-        monitored = self._monitored()
-        if not monitored:
-            return
-        fresh = self.following.fresh_pools(monitored, self.traffic.clock.now()) \
-            if self.store.kind == "redis" else set()
-        covered = set()
-        for name in fresh:
-            pool, entries = self.pools.pools[name], self.following.views[name].endpoints
-            for e in pool.endpoints:
-                entry = entries.get(e.url)
-                # A view without a state (the monitor's pools file has no health_path for
-                # this pool) cannot end a cold start here: this sidecar probes it.
-                if entry is not None and (entry.state is not None
-                                          or not pool.config.health_path):
-                    covered.add((name, e.url))
-        self.prober.follow(covered)
-        probing = set(monitored) - fresh
-        for name in probing:  # only the monitor reads GPUs: no fresh view, no reading
-            for e in self.pools.pools[name].endpoints:
-                e.set_gpu(None)
-        before, self._probing_pools = self._probing_pools, probing
-        if before is None:
-            if probing and self.store.kind == "redis":
-                log.info("no fresh pod view for pools %s: this sidecar probes their pods "
-                         "itself (run `llm-sidecar monitor` to probe once for the fleet)",
-                         ", ".join(sorted(probing)))
-            return
-        for name in sorted(probing - before):
-            bound = STALE_INTERVALS * monitored[name]
-            self.telemetry.event("pod view stale", f"pool {name}: no pod view newer than "
-                                 f"{bound:.1f} s (monitor or Redis away): this sidecar probes "
-                                 "its pods itself", alert_type="warning",
-                                 tags=[f"pool:{name}"])
-            log.warning("pool %s: the pod view is older than %.1f s (monitor or Redis away): "
-                        "probing its pods from this sidecar", name, bound)
-        for name in sorted(before - probing):
-            self.telemetry.event("pod view fresh", f"pool {name}: following the fleet "
-                                 "monitor's pod view again; this sidecar stopped probing",
-                                 tags=[f"pool:{name}"])
-            log.info("pool %s: following the fleet monitor's pod view; stopped probing", name)
-
-    def view_stats(self) -> dict[str, Any]:
-        redis_now = self.traffic.clock.now()
-        pools: dict[str, Any] = {}
-        for name, interval in self._monitored().items():
-            view = self.following.views.get(name)
-            pools[name] = {
-                "source": "probing" if self._probing_pools is None
-                or name in self._probing_pools else "monitor",
-                "version": view.version if view else None,
-                "age_s": round(view.age(redis_now), 3) if view else None,
-                "stale_after_s": STALE_INTERVALS * interval}
-        return {"pools": pools, "probing_endpoints": self.prober.probing,
-                "notices": getattr(self.store, "views_received", 0),
-                "unreadable": self.views_unreadable}
-
-    def _apply_heartbeats(self, names: list[str], replies: list[Any], now: float) -> None:
-        """Pools without metrics: each endpoint's load is the fleet's summed in-flight."""
-        for name, fields in zip(names, replies, strict=True):
-            pool = self.pools.get(name)
-            if pool is None or not isinstance(fields, dict):
-                continue
-            # The stamps are in Redis's clock (traffic.RedisClock), as every sidecar writes them.
-            totals, stale = sum_endpoint_inflight(fields, self.traffic.clock.to_redis(now))
-            if stale:
-                self._stale_heartbeats[name] = stale
-            for endpoint in pool.endpoints:
-                load = heartbeat_load(totals.get(endpoint.url, 0), 0, now)
-                endpoint.set_load(load, saturated(load))
+        """One flush now (fleetload.FleetLoad.flush), as the background loop makes."""
+        await self.fleet.flush()
 
     def collect_metrics(self, t: Telemetry) -> None:
         """Counters kept elsewhere as plain integers, and the gauges, for telemetry."""
@@ -333,7 +130,7 @@ class Sidecar:
 
     async def close(self) -> None:
         await self.telemetry.stop()
-        await self.traffic.stop(self.flush_traffic)
+        await self.traffic.stop(self.fleet.flush)
         await self.prober.close()
         await self.router.close()
         await self.store.close()
@@ -410,7 +207,7 @@ class Sidecar:
             "traffic": self.traffic.view(),
             "load_level_changes": self.router.level_changes,
             "health_probes": self.prober.probes,
-            "pod_view": self.view_stats(),
+            "pod_view": self.fleet.view_stats(),
             "load_scrapes": {"scrapes": self.prober.scrapes,
                              "failures": self.prober.scrape_failures,
                              "parse_failures": self.prober.parse_failures},
@@ -428,19 +225,6 @@ def process_view() -> dict[str, int]:
             if line.startswith("VmRSS:"):
                 view["rss_bytes"] = int(line.split()[1]) * 1024
     return view
-
-
-def _write_pod_load_for_scaler(pipe: Any, scraped: dict[str, dict[str, PodLoad]],
-                               clock: RedisClock) -> None:
-    """The scraped loads, for the scaler (traffic.py's `llmsc:podload:{<pool>}` layout),
-    stamped in Redis's clock. Every sidecar of the fleet writes the same pod's latest
-    reading; readers skip stale ones."""
-    for pool, loads in sorted(scraped.items()):
-        key = pod_load_key(pool)
-        pipe.hset(key, mapping={url: format_pod_load(round(load.running), round(load.waiting),
-                                                     load.kv_usage, clock.to_redis(load.at))
-                                for url, load in loads.items()})
-        pipe.expire(key, HEARTBEAT_TTL_S)
 
 
 class Running:

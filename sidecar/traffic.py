@@ -15,15 +15,9 @@ whose clock is off still writes where the scaler reads.
                                       expires)
     llmsc:inflight:{<pool>}           hash: <pod id> → "<in-flight>:<unix time>" (heartbeat;
                                       stale fields are ignored and pruned)
-    llmsc:epinflight:{<pool>}         hash: "<pod id> <endpoint URL>" → "<in-flight>:<unix
-                                      time>" (the same heartbeat per endpoint; summed by
-                                      URL it is each model pod's fleet-wide load)
-    llmsc:podload:{<pool>}            hash: <endpoint URL> →
-                                      "<running>:<waiting>:<kv_usage 0..1>:<unix time>"
-                                      (each model pod's load as its vLLM /metrics show it,
-                                      written by the sidecars that scrape it with
-                                      format_pod_load, then EXPIRE HEARTBEAT_TTL_S; fields
-                                      older than STALE_AFTER_S are ignored and pruned)
+
+The same heartbeat per endpoint, and each model pod's own load, are fleetload.py's
+(`llmsc:epinflight:{<pool>}`, `llmsc:podload:{<pool>}`), written in the same flush.
 
 A tick reads `buckets + 2` keys per pool in two pipelined round trips, however many
 sidecars there are.
@@ -105,60 +99,6 @@ def inflight_key(pool: str) -> str:
     return f"llmsc:inflight:{{{pool}}}"
 
 
-def endpoint_inflight_key(pool: str) -> str:
-    return f"llmsc:epinflight:{{{pool}}}"
-
-
-def sum_endpoint_inflight(fields: dict[bytes, bytes], now: float
-                          ) -> tuple[dict[str, int], list[bytes]]:
-    """Fleet-wide in-flight per endpoint URL from one `llmsc:epinflight` hash, and the stale
-    fields (sidecars that stopped heartbeating) to prune."""
-    totals: dict[str, int] = {}
-    stale: list[bytes] = []
-    for name, value in fields.items():
-        count, _, stamp = value.partition(b":")
-        _, _, url = name.partition(b" ")
-        try:
-            fresh = now - float(stamp or 0) <= STALE_AFTER_S
-            n = int(count)
-        except ValueError:
-            fresh, n = False, 0
-        if not fresh or not url:
-            stale.append(name)
-            continue
-        key = url.decode(errors="replace")
-        totals[key] = totals.get(key, 0) + n
-    return totals, stale
-
-
-def pod_load_key(pool: str) -> str:
-    return f"llmsc:podload:{{{pool}}}"
-
-
-def format_pod_load(running: int, waiting: int, kv_usage: float, now: float) -> str:
-    """The value a sidecar writes for one endpoint: `HSET pod_load_key(pool) <url> <this>`."""
-    if running < 0 or waiting < 0 or not 0.0 <= kv_usage <= 1.0:
-        raise ValueError(f"pod load: running={running!r} and waiting={waiting!r} must be >= 0, "
-                         f"kv_usage={kv_usage!r} in 0..1")
-    return f"{int(running)}:{int(waiting)}:{kv_usage:.4f}:{now:.3f}"
-
-
-def parse_pod_load(value: bytes | str) -> tuple[int, int, float, float] | None:
-    """(running, waiting, kv_usage, unix time), or None for a value not in that form."""
-    text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
-    parts = text.split(":")
-    if len(parts) != 4:
-        return None
-    try:
-        running, waiting = int(parts[0]), int(parts[1])
-        kv_usage, stamp = float(parts[2]), float(parts[3])
-    except ValueError:
-        return None
-    if running < 0 or waiting < 0 or not 0.0 <= kv_usage <= 1.0:
-        return None
-    return running, waiting, kv_usage, stamp
-
-
 class RedisClock:
     """Redis's clock as this process sees it: its own clock plus the offset learned at every
     flush (the midpoint of send and receipt is taken as the moment Redis answered, so the
@@ -235,10 +175,8 @@ class Traffic:
             total.completion_tokens += c.completion_tokens
         return counts
 
-    def write(self, pipe: Any, inflight: dict[str, int], now: float,
-              endpoints: dict[str, dict[str, int]] | None = None) -> bool:
-        """Queue this flush's commands on a Redis pipeline (one round trip for all pools);
-        `endpoints` (pool → endpoint URL → in-flight) adds the per-endpoint heartbeat.
+    def write(self, pipe: Any, inflight: dict[str, int], now: float) -> bool:
+        """Queue this flush's commands on a Redis pipeline (one round trip for all pools).
 
         The first command always reads Redis's clock: hand its reply to `clock.observe`.
         `now` is this process's clock; buckets and stamps are written in Redis's. Until the
@@ -261,12 +199,6 @@ class Traffic:
             heartbeat = inflight_key(pool)
             pipe.hset(heartbeat, self.pod_id, f"{inflight.get(pool, 0)}:{now:.3f}")
             pipe.expire(heartbeat, HEARTBEAT_TTL_S)
-        for pool, counts in sorted((endpoints or {}).items()):
-            if counts:
-                key = endpoint_inflight_key(pool)
-                pipe.hset(key, mapping={f"{self.pod_id} {url}": f"{n}:{now:.3f}"
-                                        for url, n in counts.items()})
-                pipe.expire(key, HEARTBEAT_TTL_S)
         self.flushes += 1
         return True
 
@@ -313,51 +245,6 @@ class PoolTraffic:
         return self.reporting_pods == 0
 
 
-@dataclass(frozen=True, slots=True)
-class PoolLoad:
-    """What a pool's model pods report about themselves (fresh reports only)."""
-
-    pods: int                    # endpoints with a fresh report (0: unknown)
-    running: int
-    waiting: int
-    kv_usage: float              # highest KV-cache usage among them (0..1)
-
-    @property
-    def queued(self) -> float | None:
-        """Requests waiting per request running: the saturation signal (None: unknown)."""
-        if not self.pods:
-            return None
-        return self.waiting / max(self.running, 1)
-
-
-async def read_pod_load(client: Any, pools: Iterable[str], now: float
-                        ) -> dict[str, PoolLoad]:
-    """One pipelined read of every pool's pod-load hash; reports older than STALE_AFTER_S
-    (or not in the written form) are ignored, and pruned in a second round trip."""
-    pools = list(pools)
-    async with client.pipeline(transaction=False) as pipe:
-        for pool in pools:
-            pipe.hgetall(pod_load_key(pool))
-        replies = await pipe.execute()
-    view: dict[str, PoolLoad] = {}
-    stale: dict[str, list[bytes]] = {}
-    for pool, fields in zip(pools, replies, strict=True):
-        pods = running = waiting = 0
-        kv = 0.0
-        for endpoint, value in fields.items():
-            parsed = parse_pod_load(value)
-            if parsed is None or now - parsed[3] > STALE_AFTER_S:
-                stale.setdefault(pool, []).append(endpoint)
-                continue
-            pods += 1
-            running += parsed[0]
-            waiting += parsed[1]
-            kv = max(kv, parsed[2])
-        view[pool] = PoolLoad(pods, running, waiting, kv)
-    await _prune(client, pod_load_key, stale)
-    return view
-
-
 async def read_traffic(client: Any, pools: Iterable[str], now: float, buckets: int
                        ) -> dict[str, PoolTraffic]:
     """One pipelined read of `buckets` complete buckets and the heartbeats of each pool."""
@@ -389,11 +276,11 @@ async def read_traffic(client: Any, pools: Iterable[str], now: float, buckets: i
             pods += 1
             inflight += int(count)
         view[pool] = PoolTraffic(pods, inflight, requests, rates)
-    await _prune(client, inflight_key, stale)
+    await prune(client, inflight_key, stale)
     return view
 
 
-async def _prune(client: Any, key_of: Callable[[str], str], stale: dict[str, list[bytes]]
+async def prune(client: Any, key_of: Callable[[str], str], stale: dict[str, list[bytes]]
                  ) -> None:
     """Delete stale report fields (per pool) in one pipelined write."""
     if not stale:

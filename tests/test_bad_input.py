@@ -92,7 +92,7 @@ async def test_upstream_breaking_mid_stream_ends_with_a_visible_error(pods, side
     assert error["error"]["code"] == "upstream_broken_mid_stream"
     assert running.sidecar.proxy.counters.broken_streams == 1
     [endpoint] = running.sidecar.pools.all_endpoints()
-    assert endpoint.consecutive_failures == 1
+    assert endpoint.outlier.consecutive_failures == 1
 
 
 async def test_openai_sdk_raises_on_a_broken_stream(pods, sidecar):

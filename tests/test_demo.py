@@ -23,9 +23,9 @@ from tests.redis_server import free_port
 def test_the_story_waits_until_every_small_pod_is_warm():
     pools = PoolSet(load_settings(demo_environment([1, 2], [3], "127.0.0.1:0", "127.0.0.1:0")))
     small = pools.pools["small"].endpoints
-    small[0].state = EndpointState.READY
+    small[0].outlier.state = EndpointState.READY
     assert not warm_pools(pools), "one small pod ready is not enough"
-    small[1].state = EndpointState.READY
+    small[1].outlier.state = EndpointState.READY
     assert warm_pools(pools), "the large pool's cold start is part of the story"
 
 

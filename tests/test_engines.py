@@ -124,12 +124,12 @@ def test_a_health_answer_is_judged(status, body, expected):
 
 def test_a_pod_that_loads_again_is_warming_not_failed():
     endpoint = Endpoint("http://p", "small", EndpointState.READY)
-    assert endpoint.loading() is True
+    assert endpoint.outlier.loading() is True
     assert endpoint.state is EndpointState.WARMING
-    assert endpoint.loading() is False  # already warming: nothing to report
-    assert endpoint.probe_passed() is not None  # its next healthy probe ends a cold start
+    assert endpoint.outlier.loading() is False  # already warming: nothing to report
+    assert endpoint.outlier.probe_passed() is not None  # its next healthy probe ends a cold start
     draining = Endpoint("http://q", "small", EndpointState.DRAINING)
-    assert draining.loading() is False and draining.state is EndpointState.DRAINING
+    assert draining.outlier.loading() is False and draining.state is EndpointState.DRAINING
 
 
 @pytest.mark.parametrize("data, expected", [

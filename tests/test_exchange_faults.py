@@ -107,7 +107,7 @@ async def test_a_slow_first_token_past_the_deadline_is_a_504_never_a_second_gene
     slow = a if a.requests else b
     # The sidecar hung up, so the engine stops generating for nobody.
     assert await wait_until(lambda: slow.fake.counters.cancelled == 1)
-    assert all(e.consecutive_failures == 0 for e in running.sidecar.pools.all_endpoints())
+    assert all(e.outlier.consecutive_failures == 0 for e in running.sidecar.pools.all_endpoints())
 
 
 async def test_a_non_streamed_call_past_the_response_deadline_is_closed_and_not_retried(

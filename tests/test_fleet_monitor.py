@@ -526,7 +526,7 @@ async def test_a_failing_pod_is_ejected_by_the_notice_and_restored_by_the_next(
             return endpoint.state is EndpointState.EJECTED
         await until(ejected, "the monitor's ejection reaches the sidecar")
         assert view_states(redis_server)[flaky.url] == "failing"
-        assert endpoint.retry_at == float("inf")  # no half-open try: only "ready" restores
+        assert endpoint.outlier.retry_at == float("inf")  # no half-open try: only "ready" restores
 
         flaky.fake.behaviour.cold_start_s = 0.0
 

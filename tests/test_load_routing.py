@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 
 from sidecar import traffic
 from sidecar.config import ConfigError, load_settings
-from sidecar.traffic import read_pod_load
+from sidecar.fleetload import read_pod_load
 from tests.conftest import admin, chat, pool
 
 

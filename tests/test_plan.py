@@ -25,7 +25,7 @@ def make_router() -> Router:
         "small": {"model": "s", "endpoints": SMALL}})})
     router = Router(settings, PoolSet(settings), MemoryStore(60))
     for endpoint in router.pools.all_endpoints():
-        endpoint.state = EndpointState.READY
+        endpoint.outlier.state = EndpointState.READY
         endpoint.set_load(IDLE, False)
     return router
 

@@ -1,4 +1,5 @@
-"""Endpoint picking and passive health: rendezvous stability and ejection, tested directly."""
+"""Endpoint picking: rendezvous stability, reloads and load views, tested directly (passive
+health: test_outlier.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.config import load_settings
-from sidecar.errors import Outcome
 from sidecar.podload import PodLoad
 from sidecar.pools import Endpoint, EndpointState, PoolSet
 
@@ -52,41 +52,8 @@ def test_pick_prefers_a_ready_endpoint_over_a_better_ranked_ejected_one():
     pools = pool_set(["http://a:1", "http://b:1", "http://c:1"])
     pool = pools.pools["p"]
     ranked = pool.ranked(b"s")
-    ranked[0].state = EndpointState.EJECTED
+    ranked[0].outlier.state = EndpointState.EJECTED
     assert pool.pick(b"s") is ranked[1]
-
-
-def test_connect_errors_eject_at_once_and_other_failures_after_a_streak():
-    e = Endpoint("http://a:1", "p", EndpointState.READY)
-    assert e.record_failure(Outcome.CONNECT_ERROR, now=0) is True
-    assert e.state is EndpointState.EJECTED
-    f = Endpoint("http://b:1", "p", EndpointState.READY)
-    assert not f.record_failure(Outcome.RETRYABLE_STATUS, now=0)
-    assert not f.record_failure(Outcome.RETRYABLE_STATUS, now=0)
-    assert f.record_failure(Outcome.RETRYABLE_STATUS, now=0)
-    assert f.state is EndpointState.EJECTED
-
-
-def test_an_ejected_endpoint_admits_one_half_open_try_after_its_back_off():
-    e = Endpoint("http://a:1", "p", EndpointState.READY)
-    e.record_failure(Outcome.CONNECT_ERROR, now=100)
-    assert not e.usable(100.5)
-    assert e.usable(101.0), "back-off of 1 s has passed: one try"
-    assert not e.usable(101.0), "only one until its result is known"
-    assert e.record_success() is True
-    assert e.state is EndpointState.READY
-
-
-def test_back_off_doubles_with_repeated_ejections():
-    e = Endpoint("http://a:1", "p", EndpointState.READY)
-    waits = []
-    now = 0.0
-    for _ in range(4):
-        e.state = EndpointState.READY
-        e.record_failure(Outcome.CONNECT_ERROR, now)
-        waits.append(e.retry_at - now)
-        now = e.retry_at
-    assert waits == [1.0, 2.0, 4.0, 8.0]
 
 
 def test_endpoints_of_pools_with_health_path_start_warming():

@@ -11,15 +11,10 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
+from sidecar.fleetload import format_pod_load, parse_pod_load, pod_load_key, read_pod_load
 from sidecar.scaler.service import serve_metrics
 from sidecar.telemetry import Telemetry
-from sidecar.traffic import (
-    STALE_AFTER_S,
-    format_pod_load,
-    parse_pod_load,
-    pod_load_key,
-    read_pod_load,
-)
+from sidecar.traffic import STALE_AFTER_S
 from tests.test_scaler import make_scaler, report_traffic  # noqa: F401 (fixtures)
 
 

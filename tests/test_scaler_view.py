@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from sidecar.fleetload import format_pod_load, pod_load_key
 from sidecar.podload import GpuUsage, PodLoad
 from sidecar.podview import STALE_INTERVALS, EndpointView, ViewState, encode, view_key
 from sidecar.scaler.nomad import NomadClient
@@ -28,7 +29,6 @@ from sidecar.scaler.policy import (
 from sidecar.scaler.service import Scaler
 from sidecar.store import connect_redis
 from sidecar.telemetry import Telemetry
-from sidecar.traffic import format_pod_load, pod_load_key
 from tests.redis_server import Monitor
 from tests.test_redis_topologies import start_cluster
 from tests.test_scaler import POOLS, make_scaler, report_traffic, settings  # noqa: F401

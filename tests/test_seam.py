@@ -26,7 +26,8 @@ from sidecar.store import MemoryStore
 from sidecar.telemetry import Telemetry
 from sidecar.traffic import Traffic
 
-FRAMEWORK_FREE = ("sidecar.errors", "sidecar.pools", "sidecar.sessions", "sidecar.budget",
+FRAMEWORK_FREE = ("sidecar.errors", "sidecar.outlier", "sidecar.pools", "sidecar.sessions",
+                  "sidecar.budget",
                   "sidecar.resume", "sidecar.sse", "sidecar.dataplane.failover",
                   "sidecar.dataplane.headers", "sidecar.dataplane.seam",
                   "sidecar.dataplane.attempts", "sidecar.dataplane.relay",

@@ -67,7 +67,7 @@ async def test_a_child_does_not_follow_a_parent_whose_pod_is_ejected(
     status, headers, _ = await chat(http, a, "lead")
     home = headers["x-sidecar-endpoint"]
     child = child_elsewhere(b, home)
-    endpoint_of(b, home).eject(retry_at=float("inf"))
+    endpoint_of(b, home).outlier.eject(retry_at=float("inf"))
     status, headers, _ = await chat(http, b, child, **{"x-parent-session-id": "lead"})
     assert status == 200 and headers["x-sidecar-endpoint"] != home
     assert (stored(topology, child) or {}).get("endpoint") == headers["x-sidecar-endpoint"]

@@ -1,7 +1,8 @@
 """The attempt loop every try shares — first tries, retries, fallbacks and resumes: send to
 each candidate in turn, read up to the point of no return, and let `failover.after_failure`
-say what follows a failure. An endpoint `Lease` owns its in-flight count and the reply's
-connection from the send to the end of the relay."""
+say what follows a failure. Each attempt's outcome is reported to its endpoint's outlier
+detector (outlier.py), which alone ejects and restores. An endpoint `Lease` owns its
+in-flight count and the reply's connection from the send to the end of the relay."""
 
 from __future__ import annotations
 
@@ -135,28 +136,31 @@ class Attempts:
             if answer is not None:
                 answer.attempt = attempt
                 if outcome.work is Work.DONE and (not strict or answer.reply.status == 200):
+                    change = endpoint.outlier.report(outcome, self.loop.time())
                     if outcome is Outcome.UPSTREAM_ERROR:  # its own 5xx: the app sees it
-                        events.attempt_failed(endpoint, outcome, self.loop.time())
+                        events.attempt_failed(endpoint, outcome, change)
                         return answer, Step.PASS_THROUGH
-                    events.answered(endpoint, pool.model, answer.ready_at - answer.sent_at)
+                    events.answered(endpoint, pool.model, answer.ready_at - answer.sent_at,
+                                    change)
                     return answer, Step.NEXT
             now = self.loop.time()
             if strict:
                 lease.close()
                 if outcome not in (Outcome.OK, Outcome.CLIENT_ERROR):
-                    events.attempt_failed(endpoint, outcome, now)
+                    events.attempt_failed(endpoint, outcome,
+                                          endpoint.outlier.report(outcome, now))
                 if not outcome.retryable or now >= deadline:
                     return None, Step.GAVE_UP  # a live pod took the continuation
                 if attempt >= self.max_attempts:
                     return None, Step.EXHAUSTED
                 candidate = next(candidates, None)
                 continue
-            events.attempt_failed(endpoint, outcome, now)
+            events.attempt_failed(endpoint, outcome, endpoint.outlier.report(outcome, now))
             status = answer.reply.status if answer is not None else None
             wait = parse_retry_after(get(answer.reply.headers, b"retry-after")) \
                 if answer is not None else None
             if wait:
-                endpoint.hold(wait, now)
+                endpoint.outlier.hold(wait, now)
             failures.append(Failure(pool.name, endpoint.url, outcome, status, wait))
             late = now >= deadline
             has_next = attempt < self.max_attempts and (nxt := next(candidates, None)) \
@@ -185,6 +189,12 @@ class Attempts:
             events.retried(pool.name, outcome)
             candidate = nxt
         return None, Step.EXHAUSTED
+
+    def stream_broken(self, endpoint: Endpoint) -> None:
+        """A relayed stream broke after bytes reached the app: reported as that attempt's
+        outcome (never retried; exchange.py may resume it as a new call)."""
+        self.events.stream_broken(
+            endpoint, endpoint.outlier.report(Outcome.BROKEN_STREAM, self.loop.time()))
 
     async def _once(self, pool: Pool, lease: Lease, method: bytes, target: bytes,
                     headers: bytes, body: bytes, deadline: float

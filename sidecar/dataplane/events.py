@@ -8,6 +8,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from sidecar.errors import Outcome
+from sidecar.outlier import Change
 from sidecar.telemetry import Telemetry
 from sidecar.traffic import Traffic
 
@@ -86,10 +87,11 @@ class Events:
         self.telemetry.count("internal_errors", ())
 
     # -- attempts ----------------------------------------------------------------------
-    def attempt_failed(self, endpoint: Endpoint, outcome: Outcome, now: float) -> None:
-        """Passive health, the error count, an event if it ejected the pod."""
+    def attempt_failed(self, endpoint: Endpoint, outcome: Outcome, change: Change) -> None:
+        """The error count, and an event if the report to the endpoint's outlier detector
+        (`change`, what it did) ejected the pod."""
         self.telemetry.count("upstream_errors", (endpoint.pool, outcome.value))
-        if outcome.endpoint_failed and endpoint.record_failure(outcome, now):
+        if change is Change.EJECTED:
             self.telemetry.event("endpoint ejected", f"{endpoint.url} (pool {endpoint.pool}) "
                                  f"after {outcome.value}", alert_type="warning",
                                  tags=[f"pool:{endpoint.pool}"])
@@ -101,9 +103,11 @@ class Events:
         if outcome is Outcome.BROKEN_BEFORE_CONTENT:
             self.counters.prefill_retries += 1
 
-    def answered(self, endpoint: Endpoint, model: str, waited: float) -> None:
-        """`model`: the configured model of the endpoint's pool (never the request's)."""
-        if endpoint.record_success():
+    def answered(self, endpoint: Endpoint, model: str, waited: float, change: Change
+                 ) -> None:
+        """`model`: the configured model of the endpoint's pool (never the request's);
+        `change`: what the success did to the endpoint's outlier detector."""
+        if change is Change.RESTORED:
             self.telemetry.event("endpoint restored", f"{endpoint.url} (pool "
                                  f"{endpoint.pool}) answered again",
                                  tags=[f"pool:{endpoint.pool}"])
@@ -122,9 +126,9 @@ class Events:
         self.counters.no_endpoint += 1
 
     # -- streams -----------------------------------------------------------------------
-    def stream_broken(self, endpoint: Endpoint, now: float) -> None:
+    def stream_broken(self, endpoint: Endpoint, change: Change) -> None:
         self.counters.broken_streams += 1
-        self.attempt_failed(endpoint, Outcome.BROKEN_STREAM, now)
+        self.attempt_failed(endpoint, Outcome.BROKEN_STREAM, change)
 
     def resumed(self) -> None:
         self.counters.resumes += 1

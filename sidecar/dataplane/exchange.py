@@ -296,7 +296,7 @@ class Proxy:
                 if broke is None:
                     relay.finish()
                     return
-                self.events.stream_broken(source_lease.endpoint, self.loop.time())
+                self.attempts.stream_broken(source_lease.endpoint)
                 log.warning("upstream %s broke mid-stream", source_lease.endpoint.url)
                 if transcript is not None and transcript.finished:
                     # The answer was complete (finish_reason arrived); only the end of the

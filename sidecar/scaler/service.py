@@ -26,6 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
+from sidecar.fleetload import read_pod_load
 from sidecar.podview import STALE_INTERVALS, PoolView, ViewError, ViewState, decode, view_key
 from sidecar.redisfaults import CAUGHT, Fault, classify, describe
 from sidecar.scaler.config import ScaledPool, ScalerSettings
@@ -43,7 +44,7 @@ from sidecar.serviceport import serve
 from sidecar.store import LEVEL_CHANNEL, LEVEL_KEY
 from sidecar.supervise import SUPERVISOR, Supervisor, supervised_until
 from sidecar.telemetry import Telemetry
-from sidecar.traffic import BUCKET_S, PoolTraffic, read_pod_load, read_traffic
+from sidecar.traffic import BUCKET_S, PoolTraffic, read_traffic
 
 log = logging.getLogger("sidecar.scaler")
 
