@@ -17,7 +17,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.redis_server import free_port, redis_binary  # noqa: E402  (free_port: re-exported)
+from tests.support.redis_server import free_port, redis_binary  # noqa: E402  (free_port: re-exported)
 
 HERE = Path(__file__).resolve().parent
 

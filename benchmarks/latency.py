@@ -28,7 +28,7 @@ import urllib.request
 import aiohttp
 from common import HERE, ROOT, free_port, pinned, rss_bytes, wait_http, wrk
 
-from tests.redis_server import RedisServer
+from tests.support.redis_server import RedisServer
 
 
 async def drive_sessions(base: str, count: int, concurrency: int = 32) -> int:

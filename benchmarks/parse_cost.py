@@ -13,7 +13,7 @@ import timeit
 
 from common import ROOT  # noqa: F401  (puts the project on sys.path)
 
-from sidecar.podload import ENGINES, parse_metrics
+from sidecar.fleet.podload import ENGINES, parse_metrics
 
 BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
            7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0, float("inf")]

@@ -21,13 +21,13 @@ from collections.abc import Callable, Iterator
 from common import ROOT  # noqa: F401  (puts the project on sys.path)
 
 from sidecar.config import load_settings
-from sidecar.fakellm.engine import Engine
-from sidecar.fleetload import take_reading
-from sidecar.podload import PodLoad, parse_metrics
-from sidecar.pools import Endpoint, Pool, PoolSet
-from sidecar.routing import Router
-from sidecar.sessions import Route
-from sidecar.store import MemoryStore
+from sidecar.fleet.loads import take_reading
+from sidecar.fleet.podload import PodLoad, parse_metrics
+from sidecar.fleet.pools import Endpoint, Pool, PoolSet
+from sidecar.routing.router import Router
+from sidecar.routing.sessions import Route
+from sidecar.routing.store import MemoryStore
+from sidecar.tools.fakellm.engine import Engine
 
 URLS = [f"http://10.0.0.{i}:8000" for i in range(1, 5)]
 

@@ -49,7 +49,7 @@ import aiohttp
 from common import ROOT, free_port, get_json, pinned, wait_http
 from peers import ENVOY, answers, nginx_conf
 
-from tests.redis_server import RedisServer
+from tests.support.redis_server import RedisServer
 
 VLLM_ROUTER = str(Path(ENVOY).parent / "vllm-router")
 

@@ -23,9 +23,9 @@ import orjson
 from aiohttp import web
 
 from sidecar.config import Listen
-from sidecar.sessions import valid_session_id
+from sidecar.routing.sessions import valid_session_id
+from sidecar.routing.store import StoreUnavailable
 from sidecar.sites import bound_port, start_site
-from sidecar.store import StoreUnavailable
 from sidecar.supervise import Supervisor
 
 if TYPE_CHECKING:

@@ -54,8 +54,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _behaviour_flags(parser: argparse.ArgumentParser) -> None:
-    from sidecar.fakellm import Behaviour
-    from sidecar.fakellm.dialects import DIALECTS
+    from sidecar.tools.fakellm import Behaviour
+    from sidecar.tools.fakellm.dialects import DIALECTS
 
     for field in dataclasses.fields(Behaviour):
         flag = "--" + field.name.replace("_", "-")
@@ -72,7 +72,7 @@ def _behaviour_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_fake_llm(args: argparse.Namespace) -> int:
-    from sidecar.fakellm import Behaviour, start_fake_llm
+    from sidecar.tools.fakellm import Behaviour, start_fake_llm
 
     behaviour = Behaviour(**{f.name: getattr(args, f.name)
                              for f in dataclasses.fields(Behaviour)})
@@ -94,7 +94,7 @@ def cmd_fake_llm(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from sidecar.demo import run_demo
+    from sidecar.tools.demo import run_demo
 
     try:
         return _run(run_demo(args.listen, args.admin_listen, args.cold_start_s,
@@ -144,9 +144,9 @@ def cmd_scaler(args: argparse.Namespace) -> int:
     async def main() -> int:
         import signal
 
+        from sidecar.routing.store import connect_redis
         from sidecar.scaler.nomad import NomadClient
         from sidecar.scaler.service import Scaler
-        from sidecar.store import connect_redis
         from sidecar.telemetry import Telemetry
 
         redis = connect_redis(settings.redis_url, settings.redis_mode, 2.0, 4,
@@ -196,7 +196,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     if args.stats_listen != "off" and (listen is None or listen.path is not None):
         problems.append(f"--stats-listen: expected `host:port` or `off`, got "
                         f"{args.stats_listen!r}")
-    from sidecar.monitor import gpu_pools
+    from sidecar.fleet.monitor import gpu_pools
     from sidecar.scaler.config import NomadAccess, load_nomad_access
 
     nomad: NomadAccess | None = None
@@ -218,9 +218,9 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     async def main() -> int:
         import signal
 
-        from sidecar.monitor import FleetMonitor, monitored, serve_stats
-        from sidecar.pools import PoolSet
-        from sidecar.store import connect_redis
+        from sidecar.fleet.monitor import FleetMonitor, monitored, serve_stats
+        from sidecar.fleet.pools import PoolSet
+        from sidecar.routing.store import connect_redis
         from sidecar.telemetry import Telemetry
 
         redis = connect_redis(settings.redis_url, settings.redis_mode, 2.0, 4,
@@ -261,8 +261,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from sidecar.scaler import simulate as sim
-    from sidecar.scaler import traces
+    from sidecar.tools import simulate as sim
+    from sidecar.tools import traces
 
     model = sim.Model(slots=args.slots, context_tokens_per_s=args.context_tokens_per_s,
                       generated_tokens_per_s=args.generated_tokens_per_s,
@@ -294,7 +294,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return _simulate_pools(args, work, model, title)
     clairvoyant = sim.clairvoyant(work, model)
     if args.sweep:
-        from sidecar.scaler import frontier
+        from sidecar.tools import frontier
 
         points = frontier.sweep(work, model)
         missed = frontier.undominated(points)
@@ -332,8 +332,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _simulate_pools(args: argparse.Namespace, work: list[Any], model: Any, title: str) -> int:
-    from sidecar.scaler import simulate as sim
-    from sidecar.scaler import twopool
+    from sidecar.tools import simulate as sim
+    from sidecar.tools import twopool
 
     try:
         routes = json.loads(args.routes) if args.routes else twopool.ROUTES
@@ -366,7 +366,7 @@ def _simulate_pools(args: argparse.Namespace, work: list[Any], model: Any, title
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    from sidecar.top import run_top
+    from sidecar.tools.top import run_top
 
     try:
         return _run(run_top(args.admin, args.interval, args.once,

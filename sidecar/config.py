@@ -16,8 +16,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
-from sidecar.podload import DEFAULT_ENGINE, ENGINES
-from sidecar.sessionkeys import EXPECTED_FORM, Source, default_sources, parse_sources
+from sidecar.fleet.podload import DEFAULT_ENGINE, ENGINES
+from sidecar.routing.sessionkeys import EXPECTED_FORM, Source, default_sources, parse_sources
 from sidecar.settings_schema import (
     REDACTED,
     REDIS_CA_FILE,

@@ -27,15 +27,15 @@ from sidecar.config import ConfigError, Listen, Settings, reload_pools
 from sidecar.dataplane.exchange import Proxy
 from sidecar.dataplane.listener import Listener
 from sidecar.dataplane.upstream import HttpUpstream
-from sidecar.fleetload import FleetLoad
-from sidecar.health import HealthProber
-from sidecar.pools import EndpointState, PoolSet
-from sidecar.routing import Router
-from sidecar.sessionkeys import watched
-from sidecar.store import RouteStore, make_store
+from sidecar.fleet.health import HealthProber
+from sidecar.fleet.loads import FleetLoad
+from sidecar.fleet.pools import EndpointState, PoolSet
+from sidecar.fleet.traffic import Traffic
+from sidecar.routing.router import Router
+from sidecar.routing.sessionkeys import watched
+from sidecar.routing.store import RouteStore, make_store
 from sidecar.supervise import Supervisor
 from sidecar.telemetry import Telemetry
-from sidecar.traffic import Traffic
 
 log = logging.getLogger("sidecar.server")
 

@@ -18,10 +18,10 @@ import pytest
 from aiohttp import web
 
 from sidecar.config import load_settings
-from sidecar.fakellm import Behaviour, FakeLLM, start_fake_llm
 from sidecar.server import Running, start
-from tests.fake_nomad import FakeNomad
-from tests.redis_server import Monitor, RedisServer, free_port, redis_binary, redis_version
+from sidecar.tools.fakellm import Behaviour, FakeLLM, start_fake_llm
+from tests.support.fake_nomad import FakeNomad
+from tests.support.redis_server import Monitor, RedisServer, free_port, redis_binary, redis_version
 
 REDIS_FIXTURES = {"redis_server", "monitor"}
 
@@ -130,7 +130,7 @@ def admin(running: Running) -> str:
 
 
 # "auto": the session's selector and the load level's table choose the pool (a model name a
-# pool serves would choose that pool instead; see tests/test_models.py).
+# pool serves would choose that pool instead; see tests/policy/test_models.py).
 CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hello"}]}
 
 

@@ -25,10 +25,11 @@ import orjson
 import pytest
 from redis.crc import key_slot
 
+from sidecar.routing.store import route_key
 from sidecar.server import Running
-from sidecar.store import route_key
 from tests.conftest import CHAT, Pod, SidecarProcess, pool, sidecar_env
-from tests.redis_server import (  # noqa: F401  (RedisServer marks this module `redis`)
+from tests.deploy.test_redis_acl import create_users
+from tests.support.redis_server import (  # noqa: F401  (RedisServer marks this module `redis`)
     Cluster,
     Deployment,
     RedisServer,
@@ -38,7 +39,6 @@ from tests.redis_server import (  # noqa: F401  (RedisServer marks this module `
     redis_binary,
     redis_version,
 )
-from tests.test_redis_acl import create_users
 
 # The store's budget in every cell; each fault outlasts it many times over.
 BUDGET_MS = 200

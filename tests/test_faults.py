@@ -21,7 +21,7 @@ from aiohttp import web
 
 from sidecar import admin
 from tests.conftest import CHAT, base, chat, pool
-from tests.redis_server import RedisServer, self_signed_certificate
+from tests.support.redis_server import RedisServer, self_signed_certificate
 
 
 def _request_tasks(before: set[asyncio.Task]) -> list[asyncio.Task]:

@@ -26,7 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sidecar.redisfaults import CAUGHT, Fault, classify
-from sidecar.store import RedisStore, StoreUnavailable
+from sidecar.routing.store import RedisStore, StoreUnavailable
 
 
 def reply(text: str) -> Exception:

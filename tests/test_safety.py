@@ -13,9 +13,9 @@ import pytest
 from aiohttp import web
 
 from sidecar.config import ConfigError, load_settings
-from sidecar.store import route_key
+from sidecar.routing.store import route_key
 from tests.conftest import CHAT, chat, pool
-from tests.redis_server import TlsRedis, self_signed_certificate
+from tests.support.redis_server import TlsRedis, self_signed_certificate
 
 
 async def test_redis_over_tls_verifies_the_server_against_the_named_ca(pods, sidecar, http,

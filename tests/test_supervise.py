@@ -21,9 +21,12 @@ from redis.exceptions import (
     RedisError,
 )
 
-from sidecar import routing, store, telemetry, traffic
+from sidecar import telemetry
+from sidecar.fleet import traffic
+from sidecar.routing import router as routing
+from sidecar.routing import store
+from sidecar.routing.store import route_key
 from sidecar.server import Running
-from sidecar.store import route_key
 from sidecar.supervise import Supervisor, cancel_and_wait, supervised
 from tests.conftest import admin, chat, pool
 

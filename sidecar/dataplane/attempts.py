@@ -9,15 +9,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator
 
-from sidecar.budget import RetryBudget
 from sidecar.dataplane.events import Events
-from sidecar.dataplane.failover import RETRIES, Step, after_failure
 from sidecar.dataplane.flow import has_body
 from sidecar.dataplane.headers import get
 from sidecar.dataplane.relay import Preamble
 from sidecar.dataplane.seam import Broken, Reply, Upstream
-from sidecar.errors import Outcome, Work, classify_status, parse_retry_after
-from sidecar.pools import Endpoint, Pool
+from sidecar.fleet.pools import Endpoint, Pool
+from sidecar.policy.budget import RetryBudget
+from sidecar.policy.errors import Outcome, Work, classify_status, parse_retry_after
+from sidecar.policy.failover import RETRIES, Step, after_failure
 
 # A Content-Length body up to this size is read whole before the app sees a byte (so a
 # cut-short body is still retryable); a larger one is streamed as it arrives.

@@ -16,7 +16,7 @@ import httptools
 from sidecar.dataplane.flow import BODYLESS, WRITE_HIGH, WRITE_LOW
 from sidecar.dataplane.headers import RESPONSE_DROP, Headers, header_block
 from sidecar.dataplane.seam import Broken
-from sidecar.errors import Outcome
+from sidecar.policy.errors import Outcome
 
 
 class ConnectionPool(Protocol):

@@ -7,13 +7,13 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from sidecar.errors import Outcome
-from sidecar.outlier import Change
+from sidecar.fleet.outlier import Change
+from sidecar.fleet.traffic import Traffic
+from sidecar.policy.errors import Outcome
 from sidecar.telemetry import Telemetry
-from sidecar.traffic import Traffic
 
 if TYPE_CHECKING:
-    from sidecar.pools import Endpoint
+    from sidecar.fleet.pools import Endpoint
 
 request_log = logging.getLogger("sidecar.requests")
 _STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}

@@ -16,29 +16,30 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from sidecar.budget import RetryBudget
 from sidecar.config import Settings
 from sidecar.dataplane.attempts import Answer, Attempts, Failure
 from sidecar.dataplane.events import Events
-from sidecar.dataplane.failover import Step
 from sidecar.dataplane.headers import (
     REQUEST_DROP,
     get,
     with_header,
 )
 from sidecar.dataplane.relay import Relay
+from sidecar.dataplane.resume import ContinuationFrames, Transcript, continuation
 from sidecar.dataplane.seam import Downstream, Request, Upstream
-from sidecar.errors import Outcome, error_body
-from sidecar.models import listing, named_pool, needs_rewrite, requested_model
-from sidecar.pools import Endpoint, Pool
-from sidecar.resume import ContinuationFrames, Transcript, continuation
-from sidecar.sessionkeys import BadKey, default_sources, is_final, pick
-from sidecar.sessions import Route, parse_selector
+from sidecar.dataplane.usage import usage_in
+from sidecar.fleet.pools import Endpoint, Pool
+from sidecar.fleet.traffic import Traffic
+from sidecar.policy.budget import RetryBudget
+from sidecar.policy.errors import Outcome, error_body
+from sidecar.policy.failover import Step
+from sidecar.policy.models import listing, named_pool, needs_rewrite, requested_model
+from sidecar.routing.sessionkeys import BadKey, default_sources, is_final, pick
+from sidecar.routing.sessions import Route, parse_selector
 from sidecar.telemetry import Telemetry
-from sidecar.traffic import Traffic, usage_in
 
 if TYPE_CHECKING:  # the router reaches the store (redis); the logic only calls it
-    from sidecar.routing import Plan, Router
+    from sidecar.routing.router import Plan, Router
 
 log = logging.getLogger("sidecar.proxy")
 RETRY_AFTER_S = "5"

@@ -22,7 +22,7 @@ from sidecar.dataplane.downstream import ResponseWriter
 from sidecar.dataplane.flow import WRITE_HIGH, WRITE_LOW
 from sidecar.dataplane.headers import REQUEST_DROP, Headers, header_block, refused_header
 from sidecar.dataplane.seam import Reply, Request
-from sidecar.errors import error_body
+from sidecar.policy.errors import error_body
 
 # aiohttp's limits, which the app's clients already live with.
 MAX_LINE = 8190

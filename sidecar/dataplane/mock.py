@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 from sidecar.dataplane.headers import Headers
 from sidecar.dataplane.seam import Broken
-from sidecar.errors import Outcome
+from sidecar.policy.errors import Outcome
 
 
 class MockReply:

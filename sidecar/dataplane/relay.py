@@ -8,11 +8,11 @@ import asyncio
 from time import perf_counter
 
 from sidecar.dataplane.events import Events
+from sidecar.dataplane.resume import ContinuationFrames, Transcript
 from sidecar.dataplane.seam import Downstream
-from sidecar.errors import error_body
-from sidecar.resume import ContinuationFrames, Transcript
-from sidecar.sse import MAX_HELD_BYTES, first_content
-from sidecar.traffic import usage_in
+from sidecar.dataplane.sse import MAX_HELD_BYTES, first_content
+from sidecar.dataplane.usage import usage_in
+from sidecar.policy.errors import error_body
 
 BROKEN_EVENT = b"data: " + error_body("the upstream broke mid-stream; the answer is incomplete",
                                       "upstream_broken_mid_stream") + b"\n\n"

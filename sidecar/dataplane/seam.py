@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from sidecar.dataplane.headers import Headers
-from sidecar.errors import Outcome
+from sidecar.policy.errors import Outcome
 
 
 class Request:

@@ -13,7 +13,7 @@ from time import perf_counter
 from urllib.parse import urlsplit
 
 from sidecar.dataplane.connection import Connection, UpstreamReply
-from sidecar.errors import Outcome
+from sidecar.policy.errors import Outcome
 
 # vLLM (uvicorn) closes idle keep-alive connections after 5 s: ours go after 3 s plus at
 # most one sweep, so we never reuse a connection the server is closing at that instant.

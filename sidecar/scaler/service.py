@@ -26,9 +26,11 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.fleetload import read_pod_load
-from sidecar.podview import STALE_INTERVALS, PoolView, ViewError, ViewState, decode, view_key
+from sidecar.fleet.loads import read_pod_load
+from sidecar.fleet.podview import STALE_INTERVALS, PoolView, ViewError, ViewState, decode, view_key
+from sidecar.fleet.traffic import BUCKET_S, PoolTraffic, read_traffic
 from sidecar.redisfaults import CAUGHT, Fault, classify, describe
+from sidecar.routing.store import LEVEL_CHANNEL, LEVEL_KEY
 from sidecar.scaler.config import ScaledPool, ScalerSettings
 from sidecar.scaler.nomad import DeploymentActive, GroupStatus, NomadClient, NomadError
 from sidecar.scaler.policy import (
@@ -41,10 +43,8 @@ from sidecar.scaler.policy import (
     pressure,
 )
 from sidecar.serviceport import serve
-from sidecar.store import LEVEL_CHANNEL, LEVEL_KEY
 from sidecar.supervise import SUPERVISOR, Supervisor, supervised_until
 from sidecar.telemetry import Telemetry
-from sidecar.traffic import BUCKET_S, PoolTraffic, read_traffic
 
 log = logging.getLogger("sidecar.scaler")
 

@@ -21,7 +21,13 @@ import aiohttp
 import orjson
 import pytest
 
-from sidecar.llamaserver import EngineMissing, LlamaPod, binary_path, engine_version, model_path
+from sidecar.tools.llamaserver import (
+    EngineMissing,
+    LlamaPod,
+    binary_path,
+    engine_version,
+    model_path,
+)
 
 MODEL = "smollm2"
 

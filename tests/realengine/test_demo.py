@@ -16,7 +16,7 @@ import time
 import aiohttp
 import pytest
 
-from sidecar.llamaserver import free_port
+from sidecar.tools.llamaserver import free_port
 
 pytestmark = pytest.mark.engine
 

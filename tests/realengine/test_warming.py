@@ -9,7 +9,7 @@ import asyncio
 
 import pytest
 
-from sidecar.pools import EndpointState
+from sidecar.fleet.pools import EndpointState
 from tests.conftest import base
 from tests.realengine.conftest import MODEL, body, post, session_on, wait_for
 

@@ -1,0 +1,209 @@
+"""Sticky until saturated: where a new session starts and when a session leaves its pod.
+Pure: pod loads (or None when unknown) and numbers in, an index or None out.
+
+Thresholds, and why:
+- A pod is *saturated* when it queues at least one request (`SATURATED_WAITING`) or its KV
+  cache is ≥ 90 % in use (`SATURATED_KV`). vLLM queues only when all `max_num_seqs` slots
+  are busy or the KV cache has no room, so any queue means the next call waits for a whole
+  running request to finish; at ≥ 90 % KV the next long prompt is what triggers preemption.
+- The wait a move avoids is Little's law on the queue: the call waits for the `waiting + 1`
+  completions ahead of it at the rate the pod completes requests (measured between
+  scrapes); before a rate is known, `FALLBACK_REQUEST_S` per running slot is assumed.
+- Moving costs re-prefilling the conversation on the new pod: `prompt_tokens /
+  PREFILL_TOKENS_PER_S`. 10 000 tokens/s is the low end of one vLLM replica's prefill
+  rate for an 8B model on a modern GPU; choosing it low makes moves rarer, never eager.
+- The target must be unsaturated and have room for the call (`running + waiting + 1 ≤` the
+  source's running count), so equal pods never trade sessions and a move can never be
+  answered by a move back: the source is saturated, the target is not, and a move back
+  would need the reverse.
+- How many sessions leave a saturated pod per reading: as many as it queues when the
+  reading is this sidecar's own (its scrapes are spread in time from the other sidecars',
+  so the next one sees the effect of the last one's moves). A reading every sidecar gets at
+  once (the fleet monitor's view) would make each of them move that many at the same
+  instant, onto the same least-loaded pod: there each takes its share of the queue — its
+  own calls on the pod over all of the pod's — rounded up or down at random, so the
+  fleet moves about as many as the pod queues.
+- A new session goes to the first of its `NEW_SESSION_CHOICES` rendezvous choices that is
+  unsaturated and within the bounded-load factor of the pool's mean load; if none is, to
+  the least loaded of them. Load is requests on the pod (running + waiting) weighted by how
+  long the pod takes per request (Little's law: running / completion rate) relative to the
+  pool's median, so a pod at half speed counts its sessions twice. Three choices keep a
+  session's pod predictable (every sidecar sees the same loads and picks the same) while
+  giving a hot pod two ways out — the power of two choices, plus one.
+- A session's parallel call *spills* (that call only; the session's route stays) when the
+  session already has a call in flight and one more call would queue on its pod now: the
+  pod's last view plus this sidecar's own calls started since (the view is up to a scrape
+  interval old, a burst is milliseconds), against the slots the pod was seen running while
+  it queued (before it ever queued: its view's queue, as for a move). The call goes to the
+  least loaded of the session's next `SPILL_CHOICES` rendezvous choices that is ready, was
+  not queueing at its last view, has a free slot now and is clearly less loaded than home
+  (`occupancy + 1 ≤` home's). Two choices: the power of two choices, and the spilled calls
+  of a session land on at most two other pods, always the same ones, so they find its
+  prefix cached there from the previous spill (hence no re-prefill test, unlike a move).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from sidecar.fleet.podload import PodLoad
+
+SATURATED_WAITING = 1.0
+SATURATED_KV = 0.9
+PREFILL_TOKENS_PER_S = 10_000.0
+FALLBACK_REQUEST_S = 1.0
+NEW_SESSION_CHOICES = 3
+SPILL_CHOICES = 2
+BYTES_PER_TOKEN = 4  # a request body's bytes → prompt tokens (JSON overhead included)
+
+
+def saturated(load: PodLoad | None) -> bool:
+    return load is not None and (load.waiting >= SATURATED_WAITING
+                                 or load.kv_usage >= SATURATED_KV)
+
+
+def expected_wait_s(load: PodLoad | None) -> float:
+    """How long a call sent there now waits before it runs (0 when the pod has room)."""
+    if not saturated(load):
+        return 0.0
+    assert load is not None
+    ahead = load.waiting + 1
+    if load.rate > 0:
+        return ahead / load.rate
+    return ahead * FALLBACK_REQUEST_S / max(load.running, 1.0)
+
+
+def reprefill_s(prompt_tokens: int) -> float:
+    return prompt_tokens / PREFILL_TOKENS_PER_S
+
+
+def choose_move(current: PodLoad | None, others: Sequence[PodLoad | None],
+                prompt_tokens: int) -> int | None:
+    """Index into `others` (the pool's other ready pods, rendezvous order) to move the
+    session to, or None to stay."""
+    if not saturated(current):
+        return None
+    assert current is not None
+    gain = expected_wait_s(current)  # an unsaturated target's own wait is 0
+    if gain <= reprefill_s(prompt_tokens):
+        return None
+    best: int | None = None
+    best_load = math.inf
+    for i, load in enumerate(others):
+        if load is None or saturated(load):
+            continue
+        occupancy = load.running + load.waiting
+        if occupancy + 1 > current.running:
+            continue  # not clearly less loaded: no free slot for this call
+        if occupancy + load.kv_usage < best_load:
+            best, best_load = i, occupancy + load.kv_usage
+    return best
+
+
+def occupancy(load: PodLoad | None, local_inflight: int, added: int = 0) -> float:
+    """Requests on the pod: the fleet view when known plus the calls this sidecar `added`
+    there since it was read (fewer when some of its calls ended), never less than this
+    sidecar's own."""
+    if load is None:
+        return float(local_inflight)
+    return max(load.running + load.waiting + added, float(local_inflight))
+
+
+def service_s(load: PodLoad | None) -> float | None:
+    """Mean time a request runs on the pod (Little's law on the running set), if known."""
+    if load is None or load.rate <= 0 or load.running <= 0:
+        return None
+    return load.running / load.rate
+
+
+def slowness(loads: Sequence[PodLoad | None]) -> list[float]:
+    """Each pod's time per request over the pool's median (1.0 when unknown)."""
+    known = sorted(s for s in map(service_s, loads) if s is not None)
+    if len(known) < 2:
+        return [1.0] * len(loads)
+    median = known[len(known) // 2]
+    return [1.0 if (s := service_s(load)) is None else s / median for load in loads]
+
+
+def choose_new(loads: Sequence[PodLoad | None], local_inflight: Sequence[int],
+               load_factor: float, added: Sequence[int] | None = None) -> int:
+    """Index of a new session's pod among the ready pods in its rendezvous order (`added`:
+    per pod, this sidecar's calls there since its load was read)."""
+    n = len(loads)
+    if n <= 1:
+        return 0
+    weights = slowness(loads)
+    added = added or [0] * n
+    scores = [occupancy(load, local, extra) * weight for load, local, extra, weight
+              in zip(loads, local_inflight, added, weights, strict=True)]
+    first = min(n, NEW_SESSION_CHOICES)
+    bound = math.ceil(load_factor * (sum(scores) + 1) / n) if load_factor > 0 else math.inf
+    for i in range(first):
+        if not saturated(loads[i]) and scores[i] + weights[i] <= bound:
+            return i
+    return min(range(first), key=lambda i: (expected_wait_s(loads[i]), scores[i], i))
+
+
+def move_budget(load: PodLoad | None, local_inflight: int, shared: bool, draw: float) -> int:
+    """Sessions this sidecar may move off the pod until its next reading of `load`;
+    `shared`: every sidecar got the same reading at once; `draw`: uniform in [0, 1)."""
+    if load is None or not saturated(load):
+        return 0
+    if not shared:
+        return math.ceil(load.waiting)
+    on_pod = load.running + load.waiting
+    share = min(1.0, local_inflight / on_pod) if on_pod > 0 else 0.0
+    quota = load.waiting * share
+    whole = math.floor(quota)
+    return whole + (1 if draw < quota - whole else 0)
+class SpillPod(NamedTuple):
+    """One pod as the spill decision sees it: the fleet's last view of it, refreshed by
+    what this sidecar did since (its own calls are the news a view has not caught yet)."""
+
+    load: PodLoad | None
+    local: int = 0          # this sidecar's calls in flight there now
+    since_view: int = 0     # of which it started after the view was taken (net; may be < 0)
+    slots: float = 0.0      # sequences the pod runs at once, as seen while it queued; 0: unknown
+    ready: bool = True
+
+
+def occupancy_now(pod: SpillPod) -> float:
+    """Requests on the pod now: the view plus this sidecar's calls since, never less than
+    this sidecar's own."""
+    return occupancy(pod.load, pod.local, pod.since_view)
+
+
+def full_now(pod: SpillPod) -> bool:
+    """Would one more call queue there? Its KV cache is nearly full, or its requests now
+    fill the slots it was seen to have; a pod never seen queueing: its view's queue."""
+    if pod.load is None:
+        return False
+    if pod.slots > 0:
+        return pod.load.kv_usage >= SATURATED_KV or occupancy_now(pod) >= pod.slots
+    return saturated(pod.load)
+
+
+def choose_spill(home: SpillPod, session_inflight: int, choices: Sequence[SpillPod]
+                 ) -> int | None:
+    """Index into `choices` (the session's next rendezvous choices after its home pod) for
+    one parallel call of a session, or None to send it home. `session_inflight`: the
+    session's other calls in flight."""
+    if session_inflight < 1 or not full_now(home):
+        return None  # a lone call, or a pod with room: the session's pod serves it
+    room = occupancy_now(home)
+    best: int | None = None
+    best_load = math.inf
+    for i, pod in enumerate(choices):
+        load = pod.load
+        # A pod whose last view queued is not trusted to have drained; an unknown load
+        # may be a queue: only a pod seen with room, and with room now, takes a spill.
+        if not pod.ready or load is None or saturated(load) or full_now(pod):
+            continue
+        taken = occupancy_now(pod)
+        if taken + 1 > room:
+            continue  # not clearly less loaded than home: equal pods never trade calls
+        if taken + load.kv_usage < best_load:
+            best, best_load = i, taken + load.kv_usage
+    return best

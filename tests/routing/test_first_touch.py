@@ -1,0 +1,102 @@
+"""A session's first touch is shared by the requests that arrive while it is in flight: one
+of them going away must not take the others' answers with it. A real Redis made slow with
+`DEBUG SLEEP`, a fake-llm pod and raw client sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from tests.conftest import pool
+from tests.support.raw_http import post
+from tests.support.raw_peers import Client
+from tests.support.redis_server import RedisServer, debug_args
+
+SLEEP_S = 2.0
+
+
+@pytest.fixture
+def debug_redis() -> Iterator[RedisServer]:
+    """A redis-server that accepts DEBUG from loopback (to stall it on purpose)."""
+    server = RedisServer(args=debug_args()).start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+def stall(server: RedisServer) -> threading.Thread:
+    """Block the whole server for SLEEP_S, from a thread (the call blocks its caller)."""
+    def sleep() -> None:
+        client = server.client()
+        client.connection_pool.connection_kwargs["socket_timeout"] = SLEEP_S + 5
+        try:
+            client.execute_command("DEBUG", "SLEEP", SLEEP_S)
+        finally:
+            client.close()
+
+    thread = threading.Thread(target=sleep, daemon=True)
+    thread.start()
+    return thread
+
+
+async def wait_blocked(server: RedisServer) -> None:
+    """Until the server is inside its DEBUG SLEEP (a PING gets no answer)."""
+    def ping_times_out() -> bool:
+        client = redis.Redis(port=server.port, socket_timeout=0.1,
+                             retry=Retry(NoBackoff(), 0))  # one try: no waiting it out
+        try:
+            client.ping()
+            return False
+        except (redis.TimeoutError, redis.ConnectionError):
+            return True
+        finally:
+            client.close()
+
+    for _ in range(50):
+        if await asyncio.to_thread(ping_times_out):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("redis-server never blocked in DEBUG SLEEP")
+
+
+async def wait_for(condition, what: str, timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_a_waiter_leaving_does_not_cancel_the_shared_first_touch(
+        debug_redis, pods, sidecar):
+    [pod] = await pods(1)
+    running = await sidecar({"small": pool([pod])}, SIDECAR_REDIS_URL=debug_redis.url,
+                            SIDECAR_REDIS_TIMEOUT_MS="8000")
+    router = running.sidecar.router
+    request = post(body=b'{"model":"auto","messages":[]}',
+                   headers=[b"x-session-id: shared-first-touch"])
+    first = await Client.open(running.port)
+    second = await Client.open(running.port)
+    thread = stall(debug_redis)
+    try:
+        await wait_blocked(debug_redis)
+        await first.send(request)
+        await wait_for(lambda: "shared-first-touch" in router._first_touch,
+                       "the first touch to start")
+        await second.send(request)
+        await wait_for(lambda: router.counters.coalesced == 1, "the second request to wait")
+        first.close()  # the first app goes away while the store is still slow
+        answer = await second.final(b"POST", timeout=SLEEP_S + 8)
+        assert answer.status == 200, answer.raw[:300]
+        assert answer.header("x-sidecar-session") == b"shared-first-touch"
+    finally:
+        second.close()
+        thread.join(SLEEP_S + 10)
+    assert pod.requests == 1, "the second request reached the pod, the first never did"

@@ -1,0 +1,177 @@
+"""A session's life beyond first touch, on real servers: a subagent's session starts on its
+parent's pod (unless that pod has no room), `x-session-final` ends a session here, in Redis
+and on the other sidecars, and a route with a call in flight outlives idle expiry. Redis
+in each topology (standalone, Sentinel, Cluster) where the behaviour touches it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from sidecar.routing.sessions import Route, RouteCache
+from sidecar.server import Running
+from tests.conftest import CHAT, admin, chat, pool
+from tests.routing.test_store_topologies import stored, topology, until  # noqa: F401  (a fixture)
+from tests.support.redis_server import Monitor
+
+
+def endpoint_of(running: Running, url: str):
+    [endpoint] = [e for p in running.sidecar.pools.pools.values() for e in p.endpoints
+                  if e.url == url]
+    return endpoint
+
+
+def child_elsewhere(running: Running, parent_url: str, prefix: str = "child") -> str:
+    """A session id whose own placement (no parent) is not the parent's pod."""
+    for i in range(200):
+        candidate = f"{prefix}-{i}"
+        endpoint = running.sidecar.router.propose(candidate, None).endpoint
+        if endpoint is not None and endpoint.url != parent_url:
+            return candidate
+    raise AssertionError("every candidate lands on the parent's pod")
+
+
+async def sessions_on(http, running: Running) -> dict[str, int]:
+    async with http.get(admin(running) + "/endpoints") as response:
+        assert response.status == 200
+        view = await response.json()
+    return {e["url"]: e["sessions"] for p in view.values() for e in p["endpoints"]}
+
+
+async def test_a_child_session_starts_on_its_parents_pod_in_every_topology(
+        pods, sidecar, http, topology):  # noqa: F811
+    small = {"small": pool(await pods(4))}
+    a = await sidecar(small, **topology.env, SIDECAR_REDIS_TIMEOUT_MS="1000")
+    b = await sidecar(small, **topology.env, SIDECAR_REDIS_TIMEOUT_MS="1000")
+    status, headers, _ = await chat(http, a, "lead")
+    assert status == 200
+    home = headers["x-sidecar-endpoint"]
+    child = child_elsewhere(b, home)
+    # b has never seen the parent: it learns its route from Redis on the child's first touch.
+    status, headers, _ = await chat(http, b, child, **{"x-parent-session-id": "lead"})
+    assert status == 200 and headers["x-sidecar-endpoint"] == home
+    assert (stored(topology, child) or {}).get("endpoint") == home
+    assert b.sidecar.router.counters.seeded_from_parent == 1
+    # The child's route is its own from now on: a sidecar without it reads it from Redis.
+    status, headers, _ = await chat(http, a, child)
+    assert status == 200 and headers["x-sidecar-endpoint"] == home
+    assert a.sidecar.router.counters.seeded_from_parent == 0
+
+
+async def test_a_child_does_not_follow_a_parent_whose_pod_is_ejected(
+        pods, sidecar, http, topology):  # noqa: F811
+    small = {"small": pool(await pods(4))}
+    a = await sidecar(small, **topology.env, SIDECAR_REDIS_TIMEOUT_MS="1000")
+    b = await sidecar(small, **topology.env, SIDECAR_REDIS_TIMEOUT_MS="1000")
+    status, headers, _ = await chat(http, a, "lead")
+    home = headers["x-sidecar-endpoint"]
+    child = child_elsewhere(b, home)
+    endpoint_of(b, home).outlier.eject(retry_at=float("inf"))
+    status, headers, _ = await chat(http, b, child, **{"x-parent-session-id": "lead"})
+    assert status == 200 and headers["x-sidecar-endpoint"] != home
+    assert (stored(topology, child) or {}).get("endpoint") == headers["x-sidecar-endpoint"]
+    assert b.sidecar.router.counters.seeded_from_parent == 0
+
+
+async def test_a_child_does_not_follow_a_saturated_parent_held_in_memory(pods, sidecar, http):
+    running = await sidecar({"small": pool(await pods(3))})
+    _, headers, _ = await chat(http, running, None, CHAT, **{"x-claude-code-session-id": "conv"})
+    home = headers["x-sidecar-endpoint"]
+    first = child_elsewhere(running, home, "agent-a")
+    claude_child = {"x-claude-code-session-id": "conv", "x-claude-code-agent-id": first}
+    status, headers, _ = await chat(http, running, None, CHAT, **claude_child)
+    assert status == 200 and headers["x-sidecar-endpoint"] == home
+    assert headers["x-sidecar-session"] == first
+    endpoint_of(running, home).saturated = True
+    second = child_elsewhere(running, home, "agent-b")
+    status, headers, _ = await chat(http, running, None, CHAT, **{
+        "x-claude-code-session-id": "conv", "x-claude-code-agent-id": second})
+    assert status == 200 and headers["x-sidecar-endpoint"] != home
+    assert running.sidecar.router.counters.seeded_from_parent == 1
+
+
+async def test_a_childs_first_touch_is_one_redis_round_trip(pods, sidecar, http, redis_server):
+    small = {"small": pool(await pods(4))}
+    a = await sidecar(small, SIDECAR_REDIS_URL=redis_server.url)
+    b = await sidecar(small, SIDECAR_REDIS_URL=redis_server.url)
+    _, headers, _ = await chat(http, a, "lead")
+    home = headers["x-sidecar-endpoint"]
+    monitor = Monitor(redis_server)
+    try:
+        for running, child in ((a, child_elsewhere(a, home, "near")),
+                               (b, child_elsewhere(b, home, "far"))):
+            monitor.reset()
+            for _ in range(3):
+                _, headers, _ = await chat(http, running, child,
+                                           **{"x-parent-session-id": "lead"})
+                assert headers["x-sidecar-endpoint"] == home
+            commands = [c for c in monitor.commands() if not c.endswith('"PING"')]
+            # a holds the parent (read from memory), b does not (read inside the script):
+            # one EVALSHA either way, naming the parent's key only when it is read there.
+            assert len(commands) == 1 and '"EVALSHA"' in commands[0], commands
+            assert ('"llmsc:{lead}"' in commands[0]) is (running is b), commands
+    finally:
+        monitor.close()
+
+
+async def test_the_final_call_ends_the_session_here_in_redis_and_on_every_sidecar(
+        pods, sidecar, http, topology):  # noqa: F811
+    small = {"small": pool(await pods(2))}
+    a = await sidecar(small, **topology.env, SIDECAR_REDIS_TIMEOUT_MS="1000")
+    b = await sidecar(small, **topology.env, SIDECAR_REDIS_TIMEOUT_MS="1000")
+    for running in (a, b):
+        _, headers, _ = await chat(http, running, "task")
+    pod = headers["x-sidecar-endpoint"]
+    before = await sessions_on(http, a)
+    assert before[pod] == 1 and stored(topology, "task") is not None
+    status, headers, _ = await chat(http, a, "task", **{"x-session-final": "true"})
+    assert status == 200 and headers["x-sidecar-endpoint"] == pod
+    await until(lambda: a.sidecar.router.cache.peek("task") is None,
+                "the final call left its route in memory")
+    assert (await sessions_on(http, a))[pod] == before[pod] - 1
+    assert stored(topology, "task") is None
+    await until(lambda: b.sidecar.router.cache.peek("task") is None,
+                "the other sidecar kept the ended session's route")
+    assert a.sidecar.router.counters.sessions_ended == 1
+    assert a.sidecar.store.incidents == 0
+
+
+async def test_a_final_header_other_than_true_ends_nothing(pods, sidecar, http):
+    running = await sidecar({"small": pool(await pods(1))})
+    status, _, _ = await chat(http, running, "kept", **{"x-session-final": "false"})
+    assert status == 200
+    assert running.sidecar.router.cache.peek("kept") is not None
+    assert running.sidecar.router.counters.sessions_ended == 0
+
+
+@pytest.mark.parametrize("idle_s", ["0.2"])
+async def test_a_route_with_a_call_in_flight_outlives_idle_expiry(pods, sidecar, http, idle_s):
+    slow, quick = await pods(1, ttft_ms=2000.0), await pods(1)
+    running = await sidecar({"slow": pool(slow, model="slow-model"),
+                             "quick": pool(quick, model="quick-model")},
+                            SIDECAR_SESSION_IDLE_S=idle_s)
+    cache = running.sidecar.router.cache
+    call = asyncio.create_task(chat(http, running, "long", {**CHAT, "model": "slow-model"}))
+    await until(lambda: cache.peek("long") is not None, "the slow call never started")
+    assert (await chat(http, running, "short", {**CHAT, "model": "quick-model"}))[0] == 200
+    # The idle sweep runs: the finished session's route goes, the one in flight stays.
+    await until(lambda: cache.peek("short") is None, "the idle route never expired")
+    route = cache.peek("long")
+    assert route is not None and route.inflight == 1 and not call.done()
+    status, _, _ = await call
+    assert status == 200 and route.inflight == 0
+    await until(lambda: cache.peek("long") is None, "the route never expired once idle")
+
+
+def test_idle_expiry_passes_over_routes_in_flight_and_ends_when_all_are():
+    cache = RouteCache(max_size=10, idle_s=1.0)
+    routes = [Route(f"s{i}", 0, "small", None, 0.0) for i in range(4)]
+    for route in routes:
+        cache.put(route, 0.0)
+    routes[0].inflight = routes[2].inflight = 1
+    assert cache.expire_idle(10.0) == 2
+    assert [r.session for r in cache] == ["s0", "s2"]  # kept, and now the newest
+    assert cache.expire_idle(20.0) == 0  # every route left is busy: the sweep still ends
+    routes[0].inflight = 0
+    assert cache.expire_idle(40.0) == 1 and [r.session for r in cache] == ["s2"]

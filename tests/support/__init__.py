@@ -1,0 +1,1 @@
+"""What the tests share: real servers and raw peers on loopback, the wire model."""
