@@ -27,16 +27,16 @@ from pathlib import Path
 import pytest
 import redis
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 # Below Linux's ephemeral range (32768-60999): a server restarted on its port can never find
 # it taken by some client's outgoing connection, as a port the kernel handed out could be.
 SERVER_PORTS = (10000, 32767)
+
+
+def free_port() -> int:
+    """A free port for a server the test starts (a process binds it a moment later). Below
+    the ephemeral range, so no outgoing connection of this or another test process can take
+    it in that moment, as one could a port the kernel handed out for bind(0)."""
+    return server_port()
 
 
 def server_port(also: int = 0) -> int:
