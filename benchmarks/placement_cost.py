@@ -81,8 +81,10 @@ def main() -> int:
     rows.append(("spill check, a parallel call, its pod with room",
                  per_call_us(lambda: router.spill(route, now), n)))
     take_reading(home, hot)
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 20_000}]}
+                      ).encode()  # ~5 000 tokens: its first 4 KiB are hashed for the prefix
     rows.append(("spill decision, a parallel call, its pod full (runs while it queues)",
-                 per_call_us(lambda: router.spill(route, now), n // 4)))
+                 per_call_us(lambda: router.spill(route, now, body), n // 4)))
     route.inflight = 0
     rows.append(("new session pick (first touch only)",
                  per_call_us(lambda: pools.pools["p"].pick(b"session-2", 1.25), n // 4)))
