@@ -2,7 +2,7 @@
 
     python benchmarks/placement_cost.py
 
-Times `router.plan(route, now, body_bytes)` and its first candidate (what every request asks for)
+Times `router.plan(route, now, body)` and its first candidate (what every request asks for)
 against a copy of the plan's first step as it was before load-aware routing, on an
 unsaturated pod (every request's path) and on a saturated one (the move decision; runs
 only while a pod queues and this sidecar's move budget for it lasts), plus a new session's
@@ -30,6 +30,7 @@ from sidecar.routing.store import MemoryStore
 from sidecar.tools.fakellm.engine import Engine
 
 URLS = [f"http://10.0.0.{i}:8000" for i in range(1, 5)]
+BODY = b"x" * 8000  # a request of ~2,000 tokens: what a move weighs against the queue
 
 
 def before(router: Router, route: Route, now: float) -> Iterator[tuple[Pool, Endpoint]]:
@@ -64,13 +65,13 @@ def main() -> int:
     rows: list[tuple[str, float]] = []
     rows.append(("plan, first candidate, before this change",
                  per_call_us(lambda: next(before(router, route, now)), n)))
-    after = per_call_us(lambda: next(router.plan(route, now, 8000).candidates(now)), n)
+    after = per_call_us(lambda: next(router.plan(route, now, BODY).candidates(now)), n)
     rows.append(("plan, first candidate, unsaturated pod (every request)", after))
     hot = PodLoad(8, 6, 0.95, 0.0, "metrics", 0.0, 4.0)
 
     def saturated_call() -> object:
         take_reading(home, hot)   # re-arm the move budget: time the decision itself
-        return next(router.plan(route, now, 8000).candidates(now))
+        return next(router.plan(route, now, BODY).candidates(now))
     rows.append(("plan, first candidate, saturated pod (move decision)",
                  per_call_us(saturated_call, n // 4)))
     router._moving.clear()
@@ -81,8 +82,10 @@ def main() -> int:
     rows.append(("spill check, a parallel call, its pod with room",
                  per_call_us(lambda: router.spill(route, now), n)))
     take_reading(home, hot)
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 20_000}]}
+                      ).encode()  # ~5 000 tokens: its first 4 KiB are hashed for the prefix
     rows.append(("spill decision, a parallel call, its pod full (runs while it queues)",
-                 per_call_us(lambda: router.spill(route, now), n // 4)))
+                 per_call_us(lambda: router.spill(route, now, body), n // 4)))
     route.inflight = 0
     rows.append(("new session pick (first touch only)",
                  per_call_us(lambda: pools.pools["p"].pick(b"session-2", 1.25), n // 4)))

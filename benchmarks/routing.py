@@ -70,6 +70,10 @@ AGENT_CHILDREN = 3
 AGENT_FANOUT = 2
 AGENT_CONTEXT_TOKENS = 2000
 SEEDED = " (children keyed as parent: seeding's upper bound)"
+# --calls: one record per call (which pod, the queue it met, its wait and uncached prefill),
+# tagged with the load and target being run.
+CALLS: list[dict[str, object]] | None = None
+CALLS_TAG: dict[str, str] = {}
 
 
 def first_turn_sizes(count: int, seed: int) -> list[int]:
@@ -140,6 +144,16 @@ async def call(http: aiohttp.ClientSession, base: str, session: str, body: dict,
                 if first_token is None:
                     first_token = time.perf_counter() - started
                 answer.append(json.loads(line[6:])["choices"][0]["delta"]["content"])
+        if CALLS is not None:
+            arrival = r.headers.get("x-fake-arrival", "-1 -1").split()
+            CALLS.append({**CALLS_TAG, "session": session, "at": started,
+                          "messages": len(body["messages"]), "status": r.status,
+                          "ttft": None if first_token is None else first_token * 1000,
+                          "pod": r.headers.get("x-fake-pod"),
+                          "running": int(arrival[0]), "waiting": int(arrival[1]),
+                          "queued_ms": float(r.headers.get("x-fake-queued-ms", "nan")),
+                          "uncached": int(r.headers.get("x-fake-uncached-tokens", "-1")),
+                          "parent": (headers or {}).get("x-parent-session-id")})
         return r.status, first_token, "".join(answer)
 
 
@@ -326,7 +340,12 @@ def main() -> int:
     parser.add_argument("--children-as-parent", action="store_true",
                         help="agents load: also run the sidecar with each subagent sending "
                         "its parent's session id (seeding's upper bound)")
+    parser.add_argument("--calls", default="",
+                        help="write one JSON line per call to this file (diagnosis)")
     args = parser.parse_args()
+    global CALLS
+    if args.calls:
+        CALLS = []
     # SIGTERM unwinds through `finally`, so every process started here is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     folder = Path(tempfile.mkdtemp(prefix="llmsc-routing-"))
@@ -418,6 +437,7 @@ def main() -> int:
                     control(pod, {"reset": True})
                 bases = [f"http://127.0.0.1:{port}" for port in ports]
                 tag = f"{shape}-{args.seed}-{run_id}-{len(results.get(shape, {}))}"
+                CALLS_TAG.update(load=shape, target=name)
                 if shape == "agents":
                     ttfts, rate, failures = asyncio.run(agents_workload(
                         bases, agent_sizes, args.turns, max(1, args.concurrency // 4), tag,
@@ -462,6 +482,8 @@ def main() -> int:
             server.cleanup()
         shutil.rmtree(folder, ignore_errors=True)
     report(results, args)
+    if CALLS is not None:
+        Path(args.calls).write_text("".join(json.dumps(c) + "\n" for c in CALLS))
     out = ROOT / "benchmarks" / "results"
     out.mkdir(exist_ok=True)
     (out / f"routing-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(

@@ -165,7 +165,7 @@ class Proxy:
         named = named_pool(self.router.pools.models, requested)
         plan = await self.router.open(session, self.loop.time(), local=local,
                                       selector=selector, named=named, parent=parent,
-                                      body_bytes=len(request.body))
+                                      body=request.body)
         fields["session"] = plan.route.session
         try:
             result = await self._forward(request, down, plan, fields, requested)

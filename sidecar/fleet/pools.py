@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from hashlib import blake2b
 
@@ -17,14 +18,25 @@ from sidecar.config import PoolConfig, Settings
 from sidecar.fleet.outlier import EndpointState, Outlier
 from sidecar.fleet.podload import GpuUsage, PodLoad
 from sidecar.policy.models import model_index
-from sidecar.policy.placement import choose_new, move_budget
+from sidecar.policy.placement import PREFIX_BYTES, choose_new, move_budget
+
+# Prompt prefixes (fingerprints) this sidecar sent to a pod past their session's own pod,
+# remembered per pod: the most recent first to stay. A pod's prefix cache holds thousands of
+# conversations; this many keeps the memory to ~100 KB per pod.
+PREFIXES_REMEMBERED = 1024
+
+
+def prefix_key(body: bytes) -> bytes:
+    """A call's prompt prefix as a pod's memory keeps it: a digest of the body's first
+    PREFIX_BYTES (model and options, then the messages in order)."""
+    return blake2b(body[:PREFIX_BYTES], digest_size=8).digest()
 
 
 class Endpoint:
     """One model server (pod). Shared by every route that points at it."""
 
     __slots__ = ("gpu", "inflight", "inflight_at_load", "load", "move_budget", "outlier",
-                 "pool", "saturated", "slots", "url", "url_key")
+                 "placed", "pool", "prefixes", "saturated", "slots", "url", "url_key")
 
     def __init__(self, url: str, pool: str, state: EndpointState) -> None:
         self.url = url
@@ -35,6 +47,9 @@ class Endpoint:
         self.outlier = Outlier(state)
         self.inflight = 0  # owned by the attempt loop's lease
         self.inflight_at_load = 0  # this sidecar's calls there when `load` was read
+        # New sessions this sidecar started here since `load` was read: sessions that start
+        # in one burst are placed before any of their calls is in flight.
+        self.placed = 0
         # The pod's own load (metrics scrape or the fleet's heartbeats), set in the
         # background by fleetload.py through `set_load`; read on the request path only as
         # these fields.
@@ -45,6 +60,7 @@ class Endpoint:
         # them to every sidecar). Not read on the request path.
         self.gpu: GpuUsage | None = None
         self.slots = 0.0  # requests the pod ran the last time it queued (0: never seen)
+        self.prefixes: OrderedDict[bytes, None] = OrderedDict()  # see `sent_prefix`
 
     @property
     def state(self) -> EndpointState:
@@ -56,6 +72,7 @@ class Endpoint:
         self.load = load
         self.saturated = saturated
         self.inflight_at_load = self.inflight
+        self.placed = 0
         if load is not None and load.waiting >= 1 and load.running > 0:
             self.slots = load.running  # a queue means every slot it runs now is taken
         # At most as many sessions leave per view as the pod has calls queued, fleet-wide:
@@ -70,6 +87,23 @@ class Endpoint:
         """Room for one more session right now: ready, not saturated, not holding off. A
         query only (it never spends an ejected endpoint's probation permit)."""
         return not self.saturated and self.outlier.available(now)
+
+    def take_session(self) -> None:
+        """A new session starts here (counted until the next reading: `since_load`)."""
+        self.placed += 1
+
+    def since_load(self) -> int:
+        """This sidecar's news the reading lacks, for placing a new session: its calls
+        there since (net of those that ended) plus the sessions it started there since."""
+        return self.inflight - self.inflight_at_load + self.placed
+
+    def sent_prefix(self, prefix: bytes) -> None:
+        """A call whose prompt starts with `prefix` (`prefix_key`) was sent here past its
+        session's own pod: the pod's prefix cache holds it for a while."""
+        self.prefixes[prefix] = None
+        self.prefixes.move_to_end(prefix)
+        if len(self.prefixes) > PREFIXES_REMEMBERED:
+            self.prefixes.popitem(last=False)
 
     def take_move(self) -> None:
         """One session of this saturated pod is moving away (spends the move budget)."""
@@ -133,8 +167,11 @@ class Pool:
             return ranked[0] if ranked else None
         if len(ready) == 1:
             return ready[0]
-        return ready[choose_new([e.load for e in ready], [e.inflight for e in ready],
-                                load_factor, [e.inflight - e.inflight_at_load for e in ready])]
+        chosen = ready[choose_new([e.load for e in ready], [e.inflight for e in ready],
+                                  load_factor, [e.since_load() for e in ready],
+                                  [e.slots for e in ready])]
+        chosen.take_session()
+        return chosen
 
     def first_ready(self, session_key: bytes) -> Endpoint | None:
         """A new session's endpoint by rendezvous alone, whatever the loads: what every

@@ -6,16 +6,21 @@ Thresholds, and why:
   cache is ≥ 90 % in use (`SATURATED_KV`). vLLM queues only when all `max_num_seqs` slots
   are busy or the KV cache has no room, so any queue means the next call waits for a whole
   running request to finish; at ≥ 90 % KV the next long prompt is what triggers preemption.
-- The wait a move avoids is Little's law on the queue: the call waits for the `waiting + 1`
-  completions ahead of it at the rate the pod completes requests (measured between
-  scrapes); before a rate is known, `FALLBACK_REQUEST_S` per running slot is assumed.
-- Moving costs re-prefilling the conversation on the new pod: `prompt_tokens /
-  PREFILL_TOKENS_PER_S`. 10 000 tokens/s is the low end of one vLLM replica's prefill
-  rate for an 8B model on a modern GPU; choosing it low makes moves rarer, never eager.
-- The target must be unsaturated and have room for the call (`running + waiting + 1 ≤` the
-  source's running count), so equal pods never trade sessions and a move can never be
-  answered by a move back: the source is saturated, the target is not, and a move back
-  would need the reverse.
+- The wait a call meets is Little's law on the queue: it waits for the completions ahead of
+  it at the rate the pod completes requests (measured between scrapes); before a rate is
+  known, `FALLBACK_REQUEST_S` per slot is assumed. Ahead of it: the calls on the pod past
+  its slots (the view's running + waiting plus this sidecar's calls since the view,
+  against the slots it ran the last time it queued), or before the pod was ever seen
+  queueing, the view's queue plus this sidecar's calls since.
+- Moving, or spilling to a pod that does not hold the prompt's prefix, costs re-prefilling
+  it there: `prompt_tokens / PREFILL_TOKENS_PER_S`. 10 000 tokens/s is the low end of one
+  vLLM replica's prefill rate for an 8B model on a modern GPU; choosing it low makes moves
+  and cold spills rarer, never eager.
+- A move's target must be unsaturated, not full now (this sidecar's calls since its view
+  counted) and have room for the call (`running + waiting + 1 ≤` the source's running
+  count), so equal pods never trade sessions and a move can never be answered by a move
+  back: the source is saturated, the target is not, and a move back would need the
+  reverse.
 - How many sessions leave a saturated pod per reading: as many as it queues when the
   reading is this sidecar's own (its scrapes are spread in time from the other sidecars',
   so the next one sees the effect of the last one's moves). A reading every sidecar gets at
@@ -24,22 +29,26 @@ Thresholds, and why:
   own calls on the pod over all of the pod's — rounded up or down at random, so the
   fleet moves about as many as the pod queues.
 - A new session goes to the first of its `NEW_SESSION_CHOICES` rendezvous choices that is
-  unsaturated and within the bounded-load factor of the pool's mean load; if none is, to
-  the least loaded of them. Load is requests on the pod (running + waiting) weighted by how
-  long the pod takes per request (Little's law: running / completion rate) relative to the
-  pool's median, so a pod at half speed counts its sessions twice. Three choices keep a
-  session's pod predictable (every sidecar sees the same loads and picks the same) while
-  giving a hot pod two ways out — the power of two choices, plus one.
+  not full now and within the bounded-load factor of the pool's mean load; if none is, to
+  the one of them where a call waits least. Load is requests on the pod (running + waiting,
+  plus this sidecar's calls and new sessions there since the view: sessions that start in
+  one burst are placed before the view shows any of them) weighted by how long the pod
+  takes per request (Little's law: running / completion rate) relative to the pool's
+  median, so a pod at half speed counts its sessions twice. Three choices keep a session's
+  pod predictable while giving a hot pod two ways out — the power of two choices, plus one.
+- A subagent's session starts on its parent's pod while that pod has room now, else on the
+  parent session's next rendezvous choice while that has room (`SEED_CHOICES`): siblings
+  that overflow share one cold prefill of the parent's prompt there, and their spills find
+  it cached; else on a pick of its own.
 - A session's parallel call *spills* (that call only; the session's route stays) when the
-  session already has a call in flight and one more call would queue on its pod now: the
-  pod's last view plus this sidecar's own calls started since (the view is up to a scrape
-  interval old, a burst is milliseconds), against the slots the pod was seen running while
-  it queued (before it ever queued: its view's queue, as for a move). The call goes to the
-  least loaded of the session's next `SPILL_CHOICES` rendezvous choices that is ready, was
-  not queueing at its last view, has a free slot now and is clearly less loaded than home
-  (`occupancy + 1 ≤` home's). Two choices: the power of two choices, and the spilled calls
-  of a session land on at most two other pods, always the same ones, so they find its
-  prefix cached there from the previous spill (hence no re-prefill test, unlike a move).
+  session already has a call in flight and one more call would queue on its pod now. It
+  goes to a pod that is ready, was not queueing at its last view, has a free slot now and
+  is clearly less loaded than home (`occupancy + 1 ≤` home's): the first of the session's
+  next rendezvous choices that this sidecar sent the prompt's prefix to before (a
+  sibling's spill, the session's own earlier one), else — only when re-prefilling the
+  prompt there is shorter than the wait at home — the least loaded of its next
+  `SPILL_CHOICES` choices. A spill to a cold pod that does not pay would trade a wait for
+  a longer prefill and push the prompt out of another pod's cache.
 """
 
 from __future__ import annotations
@@ -56,7 +65,11 @@ PREFILL_TOKENS_PER_S = 10_000.0
 FALLBACK_REQUEST_S = 1.0
 NEW_SESSION_CHOICES = 3
 SPILL_CHOICES = 2
+SEED_CHOICES = 2
 BYTES_PER_TOKEN = 4  # a request body's bytes → prompt tokens (JSON overhead included)
+# A call's prefix, for knowing where it is cached: the first this many bytes of its body
+# (model and options, then the messages in order; a conversation only appends).
+PREFIX_BYTES = 4096
 
 
 def saturated(load: PodLoad | None) -> bool:
@@ -77,29 +90,6 @@ def expected_wait_s(load: PodLoad | None) -> float:
 
 def reprefill_s(prompt_tokens: int) -> float:
     return prompt_tokens / PREFILL_TOKENS_PER_S
-
-
-def choose_move(current: PodLoad | None, others: Sequence[PodLoad | None],
-                prompt_tokens: int) -> int | None:
-    """Index into `others` (the pool's other ready pods, rendezvous order) to move the
-    session to, or None to stay."""
-    if not saturated(current):
-        return None
-    assert current is not None
-    gain = expected_wait_s(current)  # an unsaturated target's own wait is 0
-    if gain <= reprefill_s(prompt_tokens):
-        return None
-    best: int | None = None
-    best_load = math.inf
-    for i, load in enumerate(others):
-        if load is None or saturated(load):
-            continue
-        occupancy = load.running + load.waiting
-        if occupancy + 1 > current.running:
-            continue  # not clearly less loaded: no free slot for this call
-        if occupancy + load.kv_usage < best_load:
-            best, best_load = i, occupancy + load.kv_usage
-    return best
 
 
 def occupancy(load: PodLoad | None, local_inflight: int, added: int = 0) -> float:
@@ -127,37 +117,6 @@ def slowness(loads: Sequence[PodLoad | None]) -> list[float]:
     return [1.0 if (s := service_s(load)) is None else s / median for load in loads]
 
 
-def choose_new(loads: Sequence[PodLoad | None], local_inflight: Sequence[int],
-               load_factor: float, added: Sequence[int] | None = None) -> int:
-    """Index of a new session's pod among the ready pods in its rendezvous order (`added`:
-    per pod, this sidecar's calls there since its load was read)."""
-    n = len(loads)
-    if n <= 1:
-        return 0
-    weights = slowness(loads)
-    added = added or [0] * n
-    scores = [occupancy(load, local, extra) * weight for load, local, extra, weight
-              in zip(loads, local_inflight, added, weights, strict=True)]
-    first = min(n, NEW_SESSION_CHOICES)
-    bound = math.ceil(load_factor * (sum(scores) + 1) / n) if load_factor > 0 else math.inf
-    for i in range(first):
-        if not saturated(loads[i]) and scores[i] + weights[i] <= bound:
-            return i
-    return min(range(first), key=lambda i: (expected_wait_s(loads[i]), scores[i], i))
-
-
-def move_budget(load: PodLoad | None, local_inflight: int, shared: bool, draw: float) -> int:
-    """Sessions this sidecar may move off the pod until its next reading of `load`;
-    `shared`: every sidecar got the same reading at once; `draw`: uniform in [0, 1)."""
-    if load is None or not saturated(load):
-        return 0
-    if not shared:
-        return math.ceil(load.waiting)
-    on_pod = load.running + load.waiting
-    share = min(1.0, local_inflight / on_pod) if on_pod > 0 else 0.0
-    quota = load.waiting * share
-    whole = math.floor(quota)
-    return whole + (1 if draw < quota - whole else 0)
 class SpillPod(NamedTuple):
     """One pod as the spill decision sees it: the fleet's last view of it, refreshed by
     what this sidecar did since (its own calls are the news a view has not caught yet)."""
@@ -185,14 +144,65 @@ def full_now(pod: SpillPod) -> bool:
     return saturated(pod.load)
 
 
-def choose_spill(home: SpillPod, session_inflight: int, choices: Sequence[SpillPod]
-                 ) -> int | None:
+def wait_now_s(pod: SpillPod) -> float:
+    """How long one more call sent there now waits for a slot (0 when it has one): Little's
+    law on the calls ahead of it, counted from the slots the pod was seen to run and the
+    calls on it now (this sidecar's since the view included), else from the view's queue."""
+    if not full_now(pod):
+        return 0.0
+    load = pod.load
+    assert load is not None
+    if pod.slots > 0:
+        ahead = max(occupancy_now(pod) - pod.slots + 1, 1.0)
+    else:  # queueing in the view: this sidecar's calls since then joined its queue
+        ahead = load.waiting + max(pod.since_view, 0) + 1
+    if load.rate > 0:
+        return ahead / load.rate
+    return ahead * FALLBACK_REQUEST_S / max(load.running, pod.slots, 1.0)
+
+
+def choose_move(current: PodLoad | SpillPod | None,
+                others: Sequence[PodLoad | SpillPod | None], prompt_tokens: int) -> int | None:
+    """Index into `others` (the pool's other ready pods, rendezvous order) to move the
+    session to, or None to stay. A pod given as a `SpillPod` counts this sidecar's calls
+    since its reading: the wait at the current pod grows with them, and a target they
+    fill since its reading has no room (a burst of moves lands before readings show it)."""
+    here = _pod(current)
+    if not saturated(here.load):
+        return None
+    load = here.load
+    assert load is not None
+    gain = wait_now_s(here)  # an unsaturated target's own wait is 0
+    if gain <= reprefill_s(prompt_tokens):
+        return None
+    best: int | None = None
+    best_load = math.inf
+    for i, pod in enumerate(map(_pod, others)):
+        if pod.load is None or not pod.ready or saturated(pod.load) or full_now(pod):
+            continue
+        taken = occupancy_now(pod)
+        if taken + 1 > load.running:
+            continue  # not clearly less loaded: no free slot for this call
+        if taken + pod.load.kv_usage < best_load:
+            best, best_load = i, taken + pod.load.kv_usage
+    return best
+
+
+def _pod(pod: PodLoad | SpillPod | None) -> SpillPod:
+    return pod if isinstance(pod, SpillPod) else SpillPod(pod)
+
+
+def choose_spill(home: SpillPod, session_inflight: int, choices: Sequence[SpillPod],
+                 prompt_tokens: int = 0, warm: Sequence[bool] = ()) -> int | None:
     """Index into `choices` (the session's next rendezvous choices after its home pod) for
     one parallel call of a session, or None to send it home. `session_inflight`: the
-    session's other calls in flight."""
+    session's other calls in flight; `prompt_tokens`: the call's prompt; `warm[i]`: a call
+    with this prompt's prefix was sent to `choices[i]` recently (its prefill there is
+    short)."""
     if session_inflight < 1 or not full_now(home):
         return None  # a lone call, or a pod with room: the session's pod serves it
     room = occupancy_now(home)
+    pays = reprefill_s(prompt_tokens) < wait_now_s(home)
     best: int | None = None
     best_load = math.inf
     for i, pod in enumerate(choices):
@@ -204,6 +214,59 @@ def choose_spill(home: SpillPod, session_inflight: int, choices: Sequence[SpillP
         taken = occupancy_now(pod)
         if taken + 1 > room:
             continue  # not clearly less loaded than home: equal pods never trade calls
-        if taken + load.kv_usage < best_load:
+        if i < len(warm) and warm[i]:
+            return i  # the prefix is there: the call starts as soon as at home, or sooner
+        if pays and i < SPILL_CHOICES and taken + load.kv_usage < best_load:
             best, best_load = i, taken + load.kv_usage
     return best
+
+
+def choose_seed(pods: Sequence[SpillPod]) -> int | None:
+    """Where a subagent's session starts: index into `pods` (its parent's pod, then the
+    parent session's next rendezvous choices), or None for a pick of its own. The parent's
+    pod while it has room now (its prompt starts with the parent's, cached there), else the
+    parent's next choice while that has room: the siblings that overflow share one cold
+    prefill there, and their spills find it warm."""
+    for i, pod in enumerate(pods[:SEED_CHOICES]):
+        if pod.ready and not saturated(pod.load) and not full_now(pod):
+            return i
+    return None
+
+
+def choose_new(loads: Sequence[PodLoad | None], local_inflight: Sequence[int],
+               load_factor: float, added: Sequence[int] | None = None,
+               slots: Sequence[float] | None = None) -> int:
+    """Index of a new session's pod among the ready pods in its rendezvous order (`added`:
+    per pod, this sidecar's calls there since its load was read; `slots`: the sequences
+    each was seen to run while it queued, 0 when unknown). A pod whose slots this sidecar's
+    calls since the reading fill counts as saturated: a burst of new sessions arrives
+    faster than readings do."""
+    n = len(loads)
+    if n <= 1:
+        return 0
+    weights = slowness(loads)
+    added = added or [0] * n
+    scores = [occupancy(load, local, extra) * weight for load, local, extra, weight
+              in zip(loads, local_inflight, added, weights, strict=True)]
+    now = [SpillPod(load, local, extra, slot) for load, local, extra, slot
+           in zip(loads, local_inflight, added, slots or [0.0] * n, strict=True)]
+    first = min(n, NEW_SESSION_CHOICES)
+    bound = math.ceil(load_factor * (sum(scores) + 1) / n) if load_factor > 0 else math.inf
+    for i in range(first):
+        if not full_now(now[i]) and scores[i] + weights[i] <= bound:
+            return i
+    return min(range(first), key=lambda i: (wait_now_s(now[i]), scores[i], i))
+
+
+def move_budget(load: PodLoad | None, local_inflight: int, shared: bool, draw: float) -> int:
+    """Sessions this sidecar may move off the pod until its next reading of `load`;
+    `shared`: every sidecar got the same reading at once; `draw`: uniform in [0, 1)."""
+    if load is None or not saturated(load):
+        return 0
+    if not shared:
+        return math.ceil(load.waiting)
+    on_pod = load.running + load.waiting
+    share = min(1.0, local_inflight / on_pod) if on_pod > 0 else 0.0
+    quota = load.waiting * share
+    whole = math.floor(quota)
+    return whole + (1 if draw < quota - whole else 0)

@@ -18,12 +18,12 @@ import time
 from collections.abc import Iterator
 
 from sidecar.config import Settings
-from sidecar.fleet.pools import Endpoint, EndpointState, Pool, PoolSet
+from sidecar.fleet.pools import Endpoint, EndpointState, Pool, PoolSet, prefix_key
 from sidecar.policy.placement import (
     BYTES_PER_TOKEN,
-    SPILL_CHOICES,
     SpillPod,
     choose_move,
+    choose_seed,
     choose_spill,
     full_now,
 )
@@ -123,11 +123,13 @@ class Router:
 
     async def open(self, session: str, now: float, *, local: bool,
                    selector: int | None = None, named: str | None = None,
-                   parent: str | None = None, body_bytes: int = 0) -> Plan:
+                   parent: str | None = None, body: bytes = b"") -> Plan:
         """One request's plan: its session's route (from the cache, else first touch), the
         pool its model names, and where it goes first (home, the pod a saturated home's
         session moves to, or the pod this parallel call spills to), all decided now, before
-        the first send. The request counts as in flight on its session until `Plan.close`."""
+        the first send. The request counts as in flight on its session until `Plan.close`.
+        `body`: the request's (its size weighs a move; its start tells where its prefix was
+        spilled before)."""
         route = self.lookup(session, now)
         if route is None:
             route = await self.resolve(session, selector, local=local, pool=named,
@@ -136,22 +138,22 @@ class Router:
         # Counted on the session's own route: idle expiry never drops a route mid-call.
         route.inflight += 1
         # A per-request route (another pool named) is never written back to the store.
-        return self.plan(serving, now, body_bytes, session_route=route,
+        return self.plan(serving, now, body, session_route=route,
                          local=local or serving is not route)
 
-    def plan(self, serving: Route, now: float, body_bytes: int = 0, *,
+    def plan(self, serving: Route, now: float, body: bytes = b"", *,
              session_route: Route | None = None, local: bool = False) -> Plan:
         """The plan of one request taking `serving` (the session's route, or a per-request
         one): its first pod chosen now; the rest of its candidates in order, lazily."""
         pool = serving.pool if serving.detour is None else \
             self.serving_pool(serving, time.time())
         start = self.pools.get(pool) or self.pools.get(serving.pool)
-        spill = self.spill(serving, now)
+        spill = self.spill(serving, now, body)
         first = serving.endpoint
         ahead = spill
         if ahead is None and start is not None and first is not None and first.saturated \
                 and first.move_budget > 0:
-            ahead = self._move_target(serving, start, first, body_bytes)
+            ahead = self._move_target(serving, start, first, len(body), now)
         return Plan(self, serving, session_route or serving, start, ahead, spill, local)
 
     # -- the hot path --------------------------------------------------------------------
@@ -265,15 +267,27 @@ class Router:
 
     def _follow(self, session: str, parent: Route, named: str | None, now: float
                 ) -> Route | None:
-        """The child's route on its parent's pod, if that pod has room (same pool as the
-        request's model names, when it names one)."""
-        endpoint = parent.endpoint
-        if endpoint is None or not endpoint.has_room(now) or (
+        """The child's route on its parent's pod, or on the parent session's next choice
+        when the parent's is full (placement.choose_seed); same pool as the request's model
+        names, when it names one."""
+        home = parent.endpoint
+        pool = self.pools.get(parent.pool)
+        if home is None or pool is None or home.pool != pool.name or (
                 named is not None and parent.pool != named):
             return None
-        return Route(session, parent.selector, parent.pool, endpoint,
+        candidates = [home, *(e for e in pool.ranked(parent.session.encode()) if e is not home)]
+        index = choose_seed([_spill_pod(e, now)._replace(since_view=e.since_load(),
+                                                         ready=e.has_room(now))
+                             for e in candidates])
+        if index is None:
+            return None
+        candidates[index].take_session()
+        why = (f"started on its parent session's pod ({parent.session})" if index == 0 else
+               f"started on its parent session's next choice ({parent.session}): its pod was "
+               "full")
+        return Route(session, parent.selector, parent.pool, candidates[index],
                      self._wall_stamp(time.time()), parent.fallback, parent.fallback_until,
-                     f"started on its parent session's pod ({parent.session})")
+                     why)
 
     async def _seeded(self, session: str, proposal: Route, parent: str, named: str | None,
                       now: float) -> Route:
@@ -390,10 +404,11 @@ class Router:
             return detour[0]
         return route.pool
 
-    def spill(self, route: Route, now: float) -> Endpoint | None:
+    def spill(self, route: Route, now: float, body: bytes = b"") -> Endpoint | None:
         """The pod one parallel call of the session goes to instead of its saturated pod
         (placement.choose_spill), or None. For that call only: the route stays as it is.
-        `route.inflight` counts this call too."""
+        `route.inflight` counts this call too; `body`: the call's, whose start tells where
+        its prefix was sent before."""
         home = route.endpoint
         if route.inflight < 2 or home is None or home.load is None or route.detour is not None:
             return None
@@ -404,22 +419,25 @@ class Router:
         if pool is None or home.pool != pool.name:
             return None
         choices = [e for e in pool.ranked(route.session.encode()) if e is not home]
-        choices = choices[:SPILL_CHOICES]
-        index = choose_spill(here, route.inflight - 1, [_spill_pod(e, now) for e in choices])
+        prefix = prefix_key(body)
+        index = choose_spill(here, route.inflight - 1, [_spill_pod(e, now) for e in choices],
+                             len(body) // BYTES_PER_TOKEN,
+                             [prefix in e.prefixes for e in choices])
         if index is None:
             return None
+        choices[index].sent_prefix(prefix)
         self.counters.spills += 1
         self.telemetry.count("spills", (pool.name,))
         return choices[index]
 
-    def _move_target(self, route: Route, pool: Pool, current: Endpoint, body_bytes: int
-                     ) -> Endpoint | None:
+    def _move_target(self, route: Route, pool: Pool, current: Endpoint, body_bytes: int,
+                     now: float) -> Endpoint | None:
         """Sticky until saturated: the pod this call moves to, if moving pays (placement)."""
         if current.pool != pool.name:
             return None
         others = [e for e in pool.ranked(route.session.encode())
                   if e is not current and e.state is EndpointState.READY]
-        index = choose_move(current.load, [e.load for e in others],
+        index = choose_move(_spill_pod(current, now), [_spill_pod(e, now) for e in others],
                             body_bytes // BYTES_PER_TOKEN)
         if index is None:
             return None

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from sidecar.config import load_settings
 from sidecar.fleet.podload import PodLoad
-from sidecar.fleet.pools import Endpoint, EndpointState, PoolSet
+from sidecar.fleet.pools import PREFIXES_REMEMBERED, Endpoint, EndpointState, PoolSet
 
 
 def pool_set(endpoints: list[str], health_path: str | None = None) -> PoolSet:
@@ -86,3 +86,14 @@ def test_a_load_view_notes_what_it_saw_and_the_slots_the_pod_ran_while_it_queued
     assert endpoint.slots == 8 and endpoint.inflight_at_load == 5, "kept until it queues again"
     endpoint.set_load(PodLoad(6, 1, 0.95, 4.0, "metrics"), True)
     assert endpoint.slots == 6, "a queue at fewer running (KV full) is the newer limit"
+
+
+def test_a_pod_remembers_the_latest_prefixes_sent_past_their_sessions_pod():
+    endpoint = Endpoint("http://a", "p", EndpointState.READY)
+    for i in range(PREFIXES_REMEMBERED + 1):
+        endpoint.sent_prefix(b"%d" % i)
+    endpoint.sent_prefix(b"1")  # sent again: the newest
+    endpoint.sent_prefix(b"new")
+    assert len(endpoint.prefixes) == PREFIXES_REMEMBERED
+    assert b"1" in endpoint.prefixes and b"new" in endpoint.prefixes
+    assert b"0" not in endpoint.prefixes and b"2" not in endpoint.prefixes

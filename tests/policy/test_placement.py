@@ -9,9 +9,11 @@ from hypothesis import strategies as st
 from sidecar.fleet.podload import MetricsParseError, PodLoad, parse_metrics, with_rate
 from sidecar.policy.placement import (
     SATURATED_KV,
+    SPILL_CHOICES,
     SpillPod,
     choose_move,
     choose_new,
+    choose_seed,
     choose_spill,
     expected_wait_s,
     full_now,
@@ -19,6 +21,7 @@ from sidecar.policy.placement import (
     occupancy_now,
     reprefill_s,
     saturated,
+    wait_now_s,
 )
 from sidecar.tools.fakellm.engine import Engine
 
@@ -86,6 +89,19 @@ def test_a_move_only_when_the_avoided_wait_exceeds_the_reprefill(current, others
         assert others[index].running + others[index].waiting + 1 <= current.running
 
 
+def test_a_move_counts_this_sidecars_calls_since_the_readings():
+    """The reading shows room on the target; this sidecar's moves since have filled it."""
+    current = SpillPod(load(running=8, waiting=4, rate=8.0), slots=8)
+    target = SpillPod(load(running=4), slots=8)
+    assert choose_move(current, [target], 1_000) == 0
+    assert choose_move(current, [target._replace(local=4, since_view=4)], 1_000) is None
+    assert choose_move(current, [target._replace(ready=False)], 1_000) is None
+    # the wait at home grows with this sidecar's own calls there since its reading
+    short = SpillPod(load(running=8, waiting=1, rate=20.0), slots=8)
+    assert choose_move(short, [target], 1_500) is None  # 0.1 s of wait < 0.15 s of prefill
+    assert choose_move(short._replace(local=3, since_view=3), [target], 1_500) == 0
+
+
 def test_a_queued_pod_moves_a_short_conversation_to_an_idle_one():
     hot = load(running=8, waiting=6, kv=0.5, rate=4.0)  # wait ≈ 7 / 4 s = 1.75 s
     assert choose_move(hot, [load(running=8, waiting=1), load(running=2)], 2_000) == 1
@@ -122,6 +138,13 @@ def test_new_sessions_avoid_a_saturated_first_choice():
 def test_new_sessions_look_only_at_their_first_three_choices():
     pods = [load(running=8, waiting=5)] * 3 + [load()]
     assert choose_new(pods, [0] * 4, 1.25) in (0, 1, 2)
+
+
+def test_new_sessions_pass_over_a_pod_this_sidecars_burst_filled_since_its_reading():
+    pods = [load(running=5), load(running=6), load(running=6)]
+    assert choose_new(pods, [3, 0, 0], 1.25, [0, 0, 0], [8, 8, 8]) == 0
+    assert choose_new(pods, [3, 0, 0], 1.25, [3, 0, 0], [8, 8, 8]) == 1
+    assert choose_new(pods, [3, 0, 0], 1.25, [3, 0, 0], [0, 0, 0]) == 0, "slots unknown"
 
 
 def test_without_a_load_view_the_local_in_flight_counts_bound_the_load():
@@ -220,31 +243,72 @@ def test_a_spill_goes_only_to_a_ready_pod_with_room_less_loaded_than_home(
     assert occupancy_now(target) + 1 <= occupancy_now(home)
 
 
-@given(spill_pods, st.integers(1, 16), choice_lists)
-def test_the_spilled_call_goes_to_the_least_loaded_eligible_choice(home, inflight, choices):
-    index = choose_spill(home, inflight, choices)
+def eligible(home: SpillPod, pod: SpillPod) -> bool:
+    return (pod.ready and pod.load is not None and not saturated(pod.load)
+            and not full_now(pod) and occupancy_now(pod) + 1 <= occupancy_now(home))
+
+
+@given(spill_pods, st.integers(1, 16), choice_lists, prompts, st.lists(st.booleans()))
+def test_a_spill_goes_where_the_prefix_is_else_only_where_prefilling_beats_the_wait(
+        home, inflight, choices, prompt, warm):
+    index = choose_spill(home, inflight, choices, prompt, warm)
     if not full_now(home):
         assert index is None
         return
-    eligible = [i for i, pod in enumerate(choices)
-                if pod.ready and pod.load is not None and not saturated(pod.load)
-                and not full_now(pod) and occupancy_now(pod) + 1 <= occupancy_now(home)]
-    assert (index is None) == (not eligible)
-    if index is not None:
+    ok = [i for i, pod in enumerate(choices) if eligible(home, pod)]
+    hot = [i for i in ok if i < len(warm) and warm[i]]
+    cold = [i for i in ok if i < SPILL_CHOICES and reprefill_s(prompt) < wait_now_s(home)]
+    if hot:
+        assert index == hot[0]  # the first choice that has it cached, however loaded
+    elif cold:
         def cost(i: int) -> float:
             return occupancy_now(choices[i]) + choices[i].load.kv_usage
-        assert all(cost(index) <= cost(i) for i in eligible)
-        assert all(cost(index) < cost(i) for i in eligible if i < index)  # rendezvous ties
+        assert index in cold and all(cost(index) <= cost(i) for i in cold)
+        assert all(cost(index) < cost(i) for i in cold if i < index)  # rendezvous ties
+    else:
+        assert index is None
 
 
-def test_a_parallel_call_spills_to_the_idle_next_choice_and_not_to_a_busy_one():
+@given(spill_pods, st.integers(1, 16), choice_lists, prompts)
+def test_a_spill_to_a_cold_pod_pays_for_its_prefill_with_the_wait_it_avoids(
+        home, inflight, choices, prompt):
+    index = choose_spill(home, inflight, choices, prompt)
+    if index is not None:
+        assert reprefill_s(prompt) < wait_now_s(home) and index < SPILL_CHOICES
+
+
+def test_a_parallel_call_spills_to_an_idle_next_choice_and_not_to_a_busy_one():
     home = SpillPod(load(running=8, waiting=3), local=6)
-    busy, idle = SpillPod(load(running=6)), SpillPod(load(running=1))
+    busy, idle = SpillPod(load(running=8, waiting=1)), SpillPod(load(running=1))
     assert choose_spill(home, 5, [busy, idle]) == 1
-    assert choose_spill(home, 5, [busy, idle._replace(ready=False)]) == 0
+    assert choose_spill(home, 5, [busy, idle._replace(ready=False)]) is None
+    # the less loaded of the two, unless the other had this prefix sent to it before
+    assert choose_spill(home, 5, [SpillPod(load(running=6)), idle]) == 1
+    assert choose_spill(home, 5, [SpillPod(load(running=6)), idle], 0, [True, False]) == 0
     # this sidecar's own calls there count even when the view has not seen them yet
     assert choose_spill(home, 5, [idle._replace(local=11)]) is None
     assert choose_spill(SpillPod(load(running=8), 8), 5, [idle]) is None  # home has room
+
+
+def test_a_long_prompt_waits_at_home_unless_its_prefix_is_cached_elsewhere():
+    """Home queues three calls at 20 completions/s: 0.2 s of wait. A 1 000-token prompt
+    prefills in 0.1 s anywhere; a 10 000-token one takes 1 s cold, so it spills only to the
+    pod that had its prefix sent there before, wherever that pod is in the order."""
+    home = SpillPod(load(running=8, waiting=3, rate=20.0), local=4)
+    first, second, third = (SpillPod(load(running=2, rate=20.0)) for _ in range(3))
+    assert wait_now_s(home) == pytest.approx(0.2)
+    assert choose_spill(home, 1, [first, second, third], 1_000) == 0
+    assert choose_spill(home, 1, [first, second, third], 10_000) is None
+    assert choose_spill(home, 1, [first, second, third], 10_000, [False, False, True]) == 2
+
+
+def test_a_subagent_starts_on_its_parents_pod_else_on_the_next_one_with_room():
+    room, full = SpillPod(load(running=3), slots=8), SpillPod(load(running=8, waiting=2))
+    assert choose_seed([room, room]) == 0
+    assert choose_seed([full, room]) == 1
+    assert choose_seed([full, full, room]) is None  # the child's own pick, not a third pod
+    assert choose_seed([room._replace(local=6, since_view=5), room]) == 1  # filled since
+    assert choose_seed([room._replace(ready=False), room]) == 1
 
 
 def test_a_burst_spills_before_the_view_shows_the_queue():

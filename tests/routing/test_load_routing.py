@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from sidecar.config import ConfigError, load_settings
 from sidecar.fleet import traffic
 from sidecar.fleet.loads import read_pod_load
+from sidecar.fleet.pools import prefix_key
 from tests.conftest import admin, chat, pool
 
 
@@ -195,7 +196,9 @@ async def test_parallel_calls_spill_past_a_queued_pod_and_the_route_stays(
                             SIDECAR_REDIS_URL=redis_server.url)
     router = running.sidecar.router
     # ~10 000 prompt tokens: moving the session would cost more re-prefill than the queue's
-    # wait, so the queue alone does not move the session (only spills can help its calls).
+    # wait, so the queue alone does not move the session, and a spill to a pod that lacks
+    # the prompt would not pay either: the session's other pods have it from an earlier
+    # spill (as after a previous turn), so only spills help its calls.
     long = {"model": "auto", "max_tokens": 2,
             "messages": [{"role": "user", "content": "x " * 20_000}]}
     status, _, _ = await chat(http, running, session="agent", body=long)
@@ -224,6 +227,10 @@ async def test_parallel_calls_spill_past_a_queued_pod_and_the_route_stays(
     await until(saturated)
     route = router.cache.peek("agent")
     assert route is not None and route.endpoint is endpoint and route.inflight == 1
+    for pod in others:
+        other = running.sidecar.pools.endpoint("small", pod.url)
+        assert other is not None
+        other.sent_prefix(prefix_key(json.dumps(long).encode()))
     record = route.record()
     stored = await redis_record(redis_server, "agent")
     assert stored is not None and f'"endpoint":"{home.url}"'.encode() in stored

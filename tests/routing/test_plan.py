@@ -60,7 +60,7 @@ async def test_a_saturated_home_moves_when_the_plan_is_made_not_while_it_is_trie
     home.set_load(QUEUED, True)
     budget = home.move_budget
     assert budget > 0
-    plan = await router.open("s-1", 2.0, local=False, body_bytes=400)
+    plan = await router.open("s-1", 2.0, local=False, body=b"x" * 400)
     assert plan.ahead is not None and plan.ahead is not home
     assert home.move_budget == budget - 1
     moving = dict(router._moving)

@@ -1,7 +1,8 @@
 """A session's life beyond first touch, on real servers: a subagent's session starts on its
-parent's pod (unless that pod has no room), `x-session-final` ends a session here, in Redis
-and on the other sidecars, and a route with a call in flight outlives idle expiry. Redis
-in each topology (standalone, Sentinel, Cluster) where the behaviour touches it."""
+parent's pod (unless that pod has no room: then on the parent's next choice),
+`x-session-final` ends a session here, in Redis and on the other sidecars, and a route with
+a call in flight outlives idle expiry. Redis in each topology (standalone, Sentinel,
+Cluster) where the behaviour touches it."""
 
 from __future__ import annotations
 
@@ -71,10 +72,17 @@ async def test_a_child_does_not_follow_a_parent_whose_pod_is_ejected(
     status, headers, _ = await chat(http, b, child, **{"x-parent-session-id": "lead"})
     assert status == 200 and headers["x-sidecar-endpoint"] != home
     assert (stored(topology, child) or {}).get("endpoint") == headers["x-sidecar-endpoint"]
-    assert b.sidecar.router.counters.seeded_from_parent == 0
+    # Where the sidecar reads the parent's route itself (Cluster: not inside the script),
+    # the child starts on the parent session's next choice instead.
+    beside = not b.sidecar.router.store.reads_parent_in_script
+    assert b.sidecar.router.counters.seeded_from_parent == (1 if beside else 0)
 
 
-async def test_a_child_does_not_follow_a_saturated_parent_held_in_memory(pods, sidecar, http):
+async def test_a_child_starts_on_its_parents_next_choice_while_the_parents_pod_is_full(
+        pods, sidecar, http):
+    """The parent's pod saturated: the child starts on the parent session's next rendezvous
+    choice (where its siblings that overflow go too, sharing the parent's prompt there);
+    that one saturated as well, on a pick of its own."""
     running = await sidecar({"small": pool(await pods(3))})
     _, headers, _ = await chat(http, running, None, CHAT, **{"x-claude-code-session-id": "conv"})
     home = headers["x-sidecar-endpoint"]
@@ -84,11 +92,20 @@ async def test_a_child_does_not_follow_a_saturated_parent_held_in_memory(pods, s
     assert status == 200 and headers["x-sidecar-endpoint"] == home
     assert headers["x-sidecar-session"] == first
     endpoint_of(running, home).saturated = True
-    second = child_elsewhere(running, home, "agent-b")
+    [pool_] = running.sidecar.pools.pools.values()
+    beside = next(e for e in pool_.ranked(b"conv") if e.url != home)
+    second = child_elsewhere(running, beside.url, "agent-b")
     status, headers, _ = await chat(http, running, None, CHAT, **{
         "x-claude-code-session-id": "conv", "x-claude-code-agent-id": second})
-    assert status == 200 and headers["x-sidecar-endpoint"] != home
-    assert running.sidecar.router.counters.seeded_from_parent == 1
+    assert status == 200 and headers["x-sidecar-endpoint"] == beside.url
+    assert running.sidecar.router.counters.seeded_from_parent == 2
+    beside.saturated = True
+    third = next(f"agent-c-{i}" for i in range(200) if running.sidecar.router.propose(
+        f"agent-c-{i}", None).endpoint.url not in (home, beside.url))
+    status, headers, _ = await chat(http, running, None, CHAT, **{
+        "x-claude-code-session-id": "conv", "x-claude-code-agent-id": third})
+    assert status == 200 and headers["x-sidecar-endpoint"] not in (home, beside.url)
+    assert running.sidecar.router.counters.seeded_from_parent == 2
 
 
 async def test_a_childs_first_touch_is_one_redis_round_trip(pods, sidecar, http, redis_server):

@@ -327,6 +327,8 @@ class FakeLLM:
         segments, prompt_tokens = self._prompt(body, chat)
         tokens = self._completion_tokens(body, segments)
         self.counters.inflight += 1
+        # Where a call's first-token time went, for a benchmark to attribute its tail.
+        request["arrived"] = (time.monotonic(), self.engine.running, self.engine.waiting)
         try:
             async with self.engine.sequence(prompt_tokens + len(tokens),
                                             b.max_num_seqs or b.max_concurrency,
@@ -358,8 +360,10 @@ class FakeLLM:
                       ) -> web.StreamResponse:
         b = self.behaviour
         engine = self.engine
+        request["admitted"] = time.monotonic()
         hits_before = engine.prefix_hits
         uncached = engine.lookup(segments, b.prefix_cache_entries, b.kv_cache_tokens)
+        request["uncached"] = uncached
         self.counters.prefix_hits += engine.prefix_hits - hits_before
         engine.prompt_tokens += prompt_tokens
         engine.generation_tokens += len(tokens)
@@ -388,12 +392,26 @@ class FakeLLM:
                                "choices": [choice], "usage": usage})
         return await self._stream(request, body, chat, tokens, rid, created, model, usage)
 
+    def _diagnosis(self, request: web.Request) -> dict[str, str]:
+        """The pod's account of a call: the queue it met on arrival (running, waiting), the
+        seconds it waited for a slot, the prompt tokens it prefilled uncached."""
+        arrived = request.get("arrived")
+        if arrived is None:
+            return {}
+        at, running, waiting = arrived
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        return {"x-fake-pod": str(sockname[1]) if sockname else "",
+                "x-fake-arrival": f"{running} {waiting}",
+                "x-fake-queued-ms": f"{(request['admitted'] - at) * 1000:.1f}",
+                "x-fake-uncached-tokens": str(request.get("uncached", 0))}
+
     async def _stream(self, request: web.Request, body: dict[str, Any], chat: bool,
                       tokens: list[str], rid: str, created: int, model: str,
                       usage: dict[str, int]) -> web.StreamResponse:
         b = self.behaviour
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                               "Cache-Control": "no-cache"})
+                                               "Cache-Control": "no-cache",
+                                               **self._diagnosis(request)})
         response.enable_chunked_encoding()
         await response.prepare(request)
         obj = "chat.completion.chunk" if chat else "text_completion"
