@@ -28,6 +28,11 @@ from sidecar.tools.fakellm.engine import Engine, count_tokens
 
 JSON = "application/json"
 
+# A call's own account, kept on its request for the diagnostic headers.
+ARRIVED = web.RequestKey("arrived", tuple[float, int, int])  # when, running, waiting
+ADMITTED = web.RequestKey("admitted", float)                  # when it got a slot
+UNCACHED = web.RequestKey("uncached", int)                    # prompt tokens prefilled
+
 
 @dataclass
 class Behaviour:
@@ -328,7 +333,7 @@ class FakeLLM:
         tokens = self._completion_tokens(body, segments)
         self.counters.inflight += 1
         # Where a call's first-token time went, for a benchmark to attribute its tail.
-        request["arrived"] = (time.monotonic(), self.engine.running, self.engine.waiting)
+        request[ARRIVED] = (time.monotonic(), self.engine.running, self.engine.waiting)
         try:
             async with self.engine.sequence(prompt_tokens + len(tokens),
                                             b.max_num_seqs or b.max_concurrency,
@@ -360,10 +365,10 @@ class FakeLLM:
                       ) -> web.StreamResponse:
         b = self.behaviour
         engine = self.engine
-        request["admitted"] = time.monotonic()
+        request[ADMITTED] = time.monotonic()
         hits_before = engine.prefix_hits
         uncached = engine.lookup(segments, b.prefix_cache_entries, b.kv_cache_tokens)
-        request["uncached"] = uncached
+        request[UNCACHED] = uncached
         self.counters.prefix_hits += engine.prefix_hits - hits_before
         engine.prompt_tokens += prompt_tokens
         engine.generation_tokens += len(tokens)
@@ -395,15 +400,15 @@ class FakeLLM:
     def _diagnosis(self, request: web.Request) -> dict[str, str]:
         """The pod's account of a call: the queue it met on arrival (running, waiting), the
         seconds it waited for a slot, the prompt tokens it prefilled uncached."""
-        arrived = request.get("arrived")
+        arrived = request.get(ARRIVED)
         if arrived is None:
             return {}
         at, running, waiting = arrived
         sockname = request.transport.get_extra_info("sockname") if request.transport else None
         return {"x-fake-pod": str(sockname[1]) if sockname else "",
                 "x-fake-arrival": f"{running} {waiting}",
-                "x-fake-queued-ms": f"{(request['admitted'] - at) * 1000:.1f}",
-                "x-fake-uncached-tokens": str(request.get("uncached", 0))}
+                "x-fake-queued-ms": f"{(request[ADMITTED] - at) * 1000:.1f}",
+                "x-fake-uncached-tokens": str(request.get(UNCACHED, 0))}
 
     async def _stream(self, request: web.Request, body: dict[str, Any], chat: bool,
                       tokens: list[str], rid: str, created: int, model: str,
