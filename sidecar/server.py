@@ -57,7 +57,7 @@ class Sidecar:
                              self.supervisor)
         self.prober = HealthProber(self.pools, self.telemetry)
         self.traffic = Traffic()
-        # Pod loads, the fleet's heartbeats and the monitor's pod views (fleetload.py).
+        # Pod loads, the fleet's heartbeats and the monitor's pod views (fleet/loads.py).
         self.fleet = FleetLoad(self.pools, self.store, self.traffic, self.prober,
                                self.telemetry)
         self._pools_on_fallback: set[str] = set()
@@ -84,7 +84,7 @@ class Sidecar:
         self.telemetry.start(self.supervisor)
 
     async def flush_traffic(self) -> None:
-        """One flush now (fleetload.FleetLoad.flush), as the background loop makes."""
+        """One flush now (loads.FleetLoad.flush), as the background loop makes."""
         await self.fleet.flush()
 
     def collect_metrics(self, t: Telemetry) -> None:

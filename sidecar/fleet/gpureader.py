@@ -196,7 +196,7 @@ class GpuReader:
 
     def _expire(self, wanted: set[tuple[str, str]]) -> None:
         """A reading Nomad has not renewed for STALE_INTERVALS intervals is dropped, as a
-        pod's load is (fleetload.LOAD_STALE_INTERVALS)."""
+        pod's load is (loads.LOAD_STALE_INTERVALS)."""
         bound = STALE_INTERVALS * self.interval_s()
         now = time.time()
         for key, usage in list(self.readings.items()):

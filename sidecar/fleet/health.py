@@ -10,7 +10,7 @@ it is still loading its model is warming, not failing.
 Where a fleet monitor publishes a pod view (podview.py), a sidecar follows it instead:
 `follow` stops probing the endpoints a fresh view covers, and `apply_view` moves them by the
 same methods a probe result does. States move only through each endpoint's outlier
-detector (outlier.py), loads only through fleetload.py.
+detector (outlier.py), loads only through loads.py.
 """
 
 from __future__ import annotations

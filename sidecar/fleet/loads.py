@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from sidecar.fleet.pools import Endpoint, PoolSet
     from sidecar.telemetry import Telemetry
 
-log = logging.getLogger("sidecar.fleetload")
+log = logging.getLogger("sidecar.loads")
 
 # A scraped load older than this many probe intervals is dropped (routing stops using it).
 LOAD_STALE_INTERVALS = 3

@@ -1,7 +1,7 @@
 """Model pools, their endpoints and how an endpoint is picked.
 
 An endpoint's state (`warming`, `ready`, `ejected`, `draining`) belongs to its outlier
-detector (outlier.py); its load is set by fleetload.py. Picking is rendezvous hashing over
+detector (outlier.py); its load is set by loads.py. Picking is rendezvous hashing over
 the session id, so every pod picks the same endpoint and a removed endpoint moves only its
 own sessions.
 """
@@ -51,7 +51,7 @@ class Endpoint:
         # in one burst are placed before any of their calls is in flight.
         self.placed = 0
         # The pod's own load (metrics scrape or the fleet's heartbeats), set in the
-        # background by fleetload.py through `set_load`; read on the request path only as
+        # background by loads.py through `set_load`; read on the request path only as
         # these fields.
         self.load: PodLoad | None = None
         self.saturated = False
@@ -67,7 +67,7 @@ class Endpoint:
         return self.outlier.state
 
     def set_load(self, load: PodLoad | None, saturated: bool, shared: bool = False) -> None:
-        """Only fleetload.py calls this (it judges `saturated` once for every source).
+        """Only loads.py calls this (it judges `saturated` once for every source).
         `shared`: the fleet monitor's view, which every sidecar reads at the same time."""
         self.load = load
         self.saturated = saturated

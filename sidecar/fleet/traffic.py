@@ -16,7 +16,7 @@ whose clock is off still writes where the scaler reads.
     llmsc:inflight:{<pool>}           hash: <pod id> → "<in-flight>:<unix time>" (heartbeat;
                                       stale fields are ignored and pruned)
 
-The same heartbeat per endpoint, and each model pod's own load, are fleetload.py's
+The same heartbeat per endpoint, and each model pod's own load, are loads.py's
 (`llmsc:epinflight:{<pool>}`, `llmsc:podload:{<pool>}`), written in the same flush.
 
 A tick reads `buckets + 2` keys per pool in two pipelined round trips, however many
