@@ -74,7 +74,6 @@ def main() -> int:
         return next(router.plan(route, now, BODY).candidates(now))
     rows.append(("plan, first candidate, saturated pod (move decision)",
                  per_call_us(saturated_call, n // 4)))
-    router._moving.clear()
     take_reading(home, PodLoad(4, 0, 0.3, 0.0, "metrics", 0.0, 5.0))
     rows.append(("spill check, a lone call (every request)",
                  per_call_us(lambda: router.spill(route, now), n)))

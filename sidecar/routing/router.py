@@ -37,7 +37,6 @@ log = logging.getLogger("sidecar.routing")
 SWEEP_INTERVAL_S = 5.0
 REFRESH_FLUSH_INTERVAL_S = 1.0
 MAX_BACKGROUND_WRITES = 1024
-MAX_PENDING_MOVES = 4096
 # Moves made while Redis was away, written once it is back: bounded like the write-behind.
 MAX_UNWRITTEN_MOVES = 4096
 # A route write that fails with an exception the store did not expect is tried this often.
@@ -88,7 +87,6 @@ class Router:
         self._first_touch: dict[str, asyncio.Future[Route]] = {}
         self._taken_over: set[asyncio.Task[Route]] = set()  # first touches a waiter took on
         self._pending_refresh: set[str] = set()
-        self._moving: dict[str, str] = {}  # session → why its next call goes elsewhere
         self._writes: set[asyncio.Task[None]] = set()
         # session → a moved route's record Redis has not confirmed yet (its write is on the
         # way, or Redis was away): written by the refresh loop once Redis is back, and on
@@ -150,11 +148,14 @@ class Router:
         start = self.pools.get(pool) or self.pools.get(serving.pool)
         spill = self.spill(serving, now, body)
         first = serving.endpoint
-        ahead = spill
+        ahead, moved = spill, None
         if ahead is None and start is not None and first is not None and first.saturated \
                 and first.move_budget > 0:
-            ahead = self._move_target(serving, start, first, len(body), now)
-        return Plan(self, serving, session_route or serving, start, ahead, spill, local)
+            move = self._move_target(serving, start, first, len(body), now)
+            if move is not None:
+                ahead, moved = move
+        return Plan(self, serving, session_route or serving, start, ahead, spill, moved,
+                    local)
 
     # -- the hot path --------------------------------------------------------------------
 
@@ -431,8 +432,9 @@ class Router:
         return choices[index]
 
     def _move_target(self, route: Route, pool: Pool, current: Endpoint, body_bytes: int,
-                     now: float) -> Endpoint | None:
-        """Sticky until saturated: the pod this call moves to, if moving pays (placement)."""
+                     now: float) -> tuple[Endpoint, str] | None:
+        """Sticky until saturated: the pod this call moves to, if moving pays (placement),
+        and why."""
         if current.pool != pool.name:
             return None
         others = [e for e in pool.ranked(route.session.encode())
@@ -441,22 +443,18 @@ class Router:
                             body_bytes // BYTES_PER_TOKEN)
         if index is None:
             return None
-        target = others[index]
         current.take_move()
-        if len(self._moving) >= MAX_PENDING_MOVES:
-            self._moving.clear()  # calls that never reached `served`; reasons only
-        self._moving[route.session] = (f"moved from {current.url}: saturated "
-                                       f"(waiting {current.load.waiting:g})"
-                                       if current.load is not None else "moved")
-        return target
+        return others[index], (f"moved from {current.url}: saturated "
+                               f"(waiting {current.load.waiting:g})"
+                               if current.load is not None else "moved")
 
     def _served(self, route: Route, pool: Pool, endpoint: Endpoint, *, local: bool,
-                reason: str | None = None) -> None:
+                reason: str | None = None, moved: str | None = None) -> None:
         """Remember who served the session; write the route through when it moved (the
-        exchange reports through its `Plan`)."""
+        exchange reports through its `Plan`). `moved`: why the plan moved the session off
+        its saturated pod, if it did."""
         if route.endpoint is endpoint and route.detour is None and pool.name == route.pool:
             return
-        moved = self._moving.pop(route.session, None) if self._moving else None
         if moved is not None and reason is None and pool.name == route.pool:
             reason = moved
             self.counters.session_moves += 1
@@ -630,16 +628,19 @@ class Plan:
     Candidates are admitted lazily (`outlier.admit`): an ejected pod's one probation permit
     is spent only by the attempt that makes it."""
 
-    __slots__ = ("_router", "ahead", "answered", "local", "route", "serving", "spill", "start")
+    __slots__ = ("_router", "ahead", "answered", "local", "moved", "route", "serving", "spill",
+                 "start")
 
     def __init__(self, router: Router, serving: Route, route: Route, start: Pool | None,
-                 ahead: Endpoint | None, spill: Endpoint | None, local: bool) -> None:
+                 ahead: Endpoint | None, spill: Endpoint | None, moved: str | None,
+                 local: bool) -> None:
         self._router = router
         self.serving = serving   # the route this request takes (its model's pool)
         self.route = route       # the session's own route
         self.start = start       # the pool tried first (a detour's while it lasts)
         self.ahead = ahead       # tried before home: the spill or move target, if any
         self.spill = spill       # set when this parallel call spills past a full home
+        self.moved = moved       # set when the session moves off its saturated home: why
         self.local = local       # a route this request must not write to the store
         self.answered: Endpoint | None = None  # who answered first
 
@@ -673,13 +674,16 @@ class Plan:
         """`endpoint` answered (or took over a broken stream): the session follows it,
         unless this call was answered where it spilled (then neither it nor its resumes
         move the route)."""
+        moved = None
         if self.answered is None:
             self.answered = endpoint
             if endpoint is self.spill:
                 return
+            moved = self.moved  # the first answer ends the move the plan decided
         elif self.answered is self.spill:
             return
-        self._router._served(self.serving, pool, endpoint, local=self.local, reason=reason)
+        self._router._served(self.serving, pool, endpoint, local=self.local, reason=reason,
+                             moved=moved)
 
     def close(self) -> None:
         self.route.inflight -= 1

@@ -63,13 +63,15 @@ async def test_a_saturated_home_moves_when_the_plan_is_made_not_while_it_is_trie
     plan = await router.open("s-1", 2.0, local=False, body=b"x" * 400)
     assert plan.ahead is not None and plan.ahead is not home
     assert home.move_budget == budget - 1
-    moving = dict(router._moving)
+    moved = plan.moved
     tried = list(plan.candidates(2.0))
     # Walking every candidate (every attempt failing) decides no further move.
-    assert home.move_budget == budget - 1 and router._moving == moving
+    assert moved is not None and moved.startswith(f"moved from {home.url}: saturated")
+    assert home.move_budget == budget - 1 and plan.moved == moved
     assert [e for _, e in tried][:2] == [plan.ahead, home]
     plan.served(*tried[0])
     assert plan.route.endpoint is plan.ahead and router.counters.session_moves == 1
+    assert plan.route.reason == moved
 
 
 async def test_a_spilled_call_and_its_resumes_leave_the_route_as_it_was() -> None:
