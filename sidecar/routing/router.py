@@ -21,6 +21,7 @@ from sidecar.config import Settings
 from sidecar.fleet.pools import Endpoint, EndpointState, Pool, PoolSet, prefix_key
 from sidecar.policy.placement import (
     BYTES_PER_TOKEN,
+    SEED_CHOICES,
     SpillPod,
     choose_move,
     choose_seed,
@@ -276,7 +277,8 @@ class Router:
         if home is None or pool is None or home.pool != pool.name or (
                 named is not None and parent.pool != named):
             return None
-        candidates = [home, *(e for e in pool.ranked(parent.session.encode()) if e is not home)]
+        candidates = [home, *(e for e in pool.ranked(parent.session.encode())
+                              if e is not home)][:SEED_CHOICES]
         index = choose_seed([_spill_pod(e, now)._replace(since_view=e.since_load(),
                                                          ready=e.has_room(now))
                              for e in candidates])
