@@ -24,7 +24,7 @@ from sidecar.fleet.gpustats import NomadShapeError, allocations_by_endpoint, gpu
 from sidecar.fleet.podload import GpuUsage
 from sidecar.fleet.podview import STALE_INTERVALS
 from sidecar.scaler.config import NomadAccess
-from sidecar.scaler.nomad import ssl_context
+from sidecar.scaler.nomad import open_session
 
 log = logging.getLogger("sidecar.gpu")
 
@@ -73,10 +73,7 @@ class GpuReader:
 
     def _session(self) -> aiohttp.ClientSession:
         if self.http is None or self.http.closed:
-            self.http = aiohttp.ClientSession(
-                headers=self.access.headers(), timeout=aiohttp.ClientTimeout(total=READ_TIMEOUT_S),
-                connector=aiohttp.TCPConnector(ssl=ssl_context(self.access) or True,
-                                               limit=PARALLEL_READS))
+            self.http = open_session(self.access, READ_TIMEOUT_S, PARALLEL_READS)
         return self.http
 
     async def close(self) -> None:

@@ -44,15 +44,22 @@ def ssl_context(access: NomadAccess) -> ssl.SSLContext | None:
     return context
 
 
+def open_session(access: NomadAccess, timeout_s: float, limit: int = 100
+                 ) -> aiohttp.ClientSession:
+    """An HTTP session to Nomad as its CLI would talk to it: the token header, the TLS of
+    NOMAD_CACERT and friends, a total timeout per call, at most `limit` connections."""
+    return aiohttp.ClientSession(
+        headers=access.headers(), timeout=aiohttp.ClientTimeout(total=timeout_s),
+        connector=aiohttp.TCPConnector(ssl=ssl_context(access) or True, limit=limit))
+
+
 class NomadClient:
     def __init__(self, settings: ScalerSettings, timeout_s: float = 10.0) -> None:
         nomad = settings.nomad
         self.addr = nomad.nomad_addr
         self.timeout_s = timeout_s
         self.params = nomad.query()
-        self.http = aiohttp.ClientSession(
-            headers=nomad.headers(), timeout=aiohttp.ClientTimeout(total=timeout_s),
-            connector=aiohttp.TCPConnector(ssl=ssl_context(nomad) or True))
+        self.http = open_session(nomad, timeout_s)
 
     async def close(self) -> None:
         await self.http.close()
