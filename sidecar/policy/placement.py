@@ -77,17 +77,6 @@ def saturated(load: PodLoad | None) -> bool:
                                  or load.kv_usage >= SATURATED_KV)
 
 
-def expected_wait_s(load: PodLoad | None) -> float:
-    """How long a call sent there now waits before it runs (0 when the pod has room)."""
-    if not saturated(load):
-        return 0.0
-    assert load is not None
-    ahead = load.waiting + 1
-    if load.rate > 0:
-        return ahead / load.rate
-    return ahead * FALLBACK_REQUEST_S / max(load.running, 1.0)
-
-
 def reprefill_s(prompt_tokens: int) -> float:
     return prompt_tokens / PREFILL_TOKENS_PER_S
 

@@ -15,7 +15,6 @@ from sidecar.policy.placement import (
     choose_new,
     choose_seed,
     choose_spill,
-    expected_wait_s,
     full_now,
     move_budget,
     occupancy_now,
@@ -85,7 +84,8 @@ def test_a_move_only_when_the_avoided_wait_exceeds_the_reprefill(current, others
     index = choose_move(current, others, prompt)
     if index is not None:
         assert saturated(current) and not saturated(others[index])
-        assert expected_wait_s(current) - expected_wait_s(others[index]) > reprefill_s(prompt)
+        assert wait_now_s(SpillPod(current)) - wait_now_s(SpillPod(others[index])) \
+            > reprefill_s(prompt)
         assert others[index].running + others[index].waiting + 1 <= current.running
 
 
