@@ -219,12 +219,6 @@ class _Fleet:
                 self.waits.append(at - call.arrival)
                 self._start(pod, call, at)
 
-    def worst_queue(self) -> float:
-        """The worst replica's waiting ÷ running now (0 when nothing waits)."""
-        if not self.queued:
-            return 0.0
-        return max(len(p.waiting) / max(p.busy, 1) for p in self.pods)
-
     def samples(self) -> list[PodSample]:
         """Each replica as the monitor would see it; its GPU busy as its slots are."""
         return [PodSample(p.busy, len(p.waiting), 0.0, min(1.0, p.busy / p.slots))
