@@ -214,7 +214,10 @@ class SidecarProcess:
         while self.process.poll() is None and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self.process.poll() is None:
-            raise TimeoutError("sidecar did not exit")
+            # What it logged last tells which part of its shutdown is still waiting.
+            tail = self.log.decode(errors="replace")[-3000:]
+            raise TimeoutError(f"sidecar did not exit within {timeout:g} s; its output so "
+                               f"far ends with:\n{tail}")
         return self.process.returncode
 
     def stop(self) -> None:
