@@ -26,7 +26,7 @@ from sidecar.config import Listen
 from sidecar.routing.sessions import valid_session_id
 from sidecar.routing.store import StoreUnavailable
 from sidecar.sites import bound_port, start_site
-from sidecar.supervise import Supervisor
+from sidecar.supervise import Supervisor, cancel_and_wait
 
 if TYPE_CHECKING:
     from sidecar.server import Sidecar
@@ -84,9 +84,7 @@ class Heartbeat:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait((self._task,))
 
 
 class Admin:

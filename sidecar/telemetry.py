@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.supervise import Supervisor
+from sidecar.supervise import Supervisor, cancel_and_wait
 
 log = logging.getLogger("sidecar.events")
 
@@ -387,9 +387,7 @@ class Telemetry:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait((self._task,))
         with contextlib.suppress(Exception):
             batch = self.snapshot()
             await asyncio.to_thread(self.send, batch)  # SIGTERM flushes metrics

@@ -252,3 +252,45 @@ async def test_a_caller_cancelled_while_stopping_a_task_is_cancelled_itself():
     async with asyncio.timeout(10):
         await cancel_and_wait([task])
     assert task.cancelled()
+
+
+def swallowing_once(original: Callable[..., Any], entered: asyncio.Event
+                    ) -> Callable[..., Any]:
+    """`original`, but its first call hangs until cancelled and then raises TimeoutError in
+    place of the cancellation, as redis-py can when its own timeout races the cancel
+    (Python 3.11): the loop calling it catches the error and goes on."""
+    swallowed = False
+
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        nonlocal swallowed
+        if swallowed:
+            return await original(*args, **kwargs)
+        entered.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            swallowed = True
+            raise TimeoutError("the command's own timeout won the race (injected)") from None
+    return call
+
+
+async def test_the_redis_loops_stop_though_a_command_swallows_their_cancellation(running):
+    """The traffic flush and the route refresh stop at shutdown even when the command they
+    were in turned their cancellation into an error they restart on."""
+    s = running.sidecar
+    writing, refreshing = asyncio.Event(), asyncio.Event()
+    s.store.write = swallowing_once(s.store.write, writing)  # type: ignore[method-assign]
+    s.store.refresh = swallowing_once(s.store.refresh, refreshing)  # type: ignore[method-assign]
+    s.router._pending_refresh.add("stubborn")
+    async with asyncio.timeout(10):
+        await writing.wait()
+        await refreshing.wait()
+    # Each stop is its own task, awaited with a bound: a stop that waits on a loop which
+    # never ends could also eat the cancellation a timeout around it would send.
+    for what, stop in (("the traffic flush", lambda: s.traffic.stop(s.fleet.flush)),
+                       ("the route loops", s.router.close)):
+        task = asyncio.ensure_future(stop())
+        await asyncio.wait({task}, timeout=10)
+        assert task.done(), f"{what} never stopped"
+    assert s.traffic._task is not None and s.traffic._task.done()
+    assert all(task.done() for task in s.router._tasks)

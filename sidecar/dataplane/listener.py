@@ -23,6 +23,7 @@ from sidecar.dataplane.flow import WRITE_HIGH, WRITE_LOW
 from sidecar.dataplane.headers import REQUEST_DROP, Headers, header_block, refused_header
 from sidecar.dataplane.seam import Reply, Request
 from sidecar.policy.errors import error_body
+from sidecar.supervise import cancel_and_wait
 
 # aiohttp's limits, which the app's clients already live with.
 MAX_LINE = 8190
@@ -592,9 +593,7 @@ class Listener:
             if conn.task is not None:
                 conn.task.cancel()
             conn.shut()
-        self._sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._sweeper
+        await cancel_and_wait((self._sweeper,))
         if self.server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.server.wait_closed(), 1)

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from sidecar.dataplane.connection import Connection, UpstreamReply
 from sidecar.policy.errors import Outcome
+from sidecar.supervise import cancel_and_wait
 
 # vLLM (uvicorn) closes idle keep-alive connections after 5 s: ours go after 3 s plus at
 # most one sweep, so we never reuse a connection the server is closing at that instant.
@@ -221,10 +222,7 @@ class HttpUpstream:
         # Replies still out close their connections when let go, as a retired pool's do.
         for origin in [*self._origins.values(), *self._retired]:
             origin.retired = True
-        for task in (self._sweeper, self._ticker):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait((self._sweeper, self._ticker))
         for origin in self._origins.values():
             for conn in origin.idle:
                 conn.close()

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.supervise import Supervisor
+from sidecar.supervise import Supervisor, cancel_and_wait
 
 log = logging.getLogger("sidecar.traffic")
 
@@ -175,9 +175,7 @@ class Traffic:
 
     async def stop(self, flush: Any) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait((self._task,))
         with contextlib.suppress(Exception):
             await flush()  # the last counts are not lost on a graceful stop
 

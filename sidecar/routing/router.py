@@ -30,7 +30,7 @@ from sidecar.policy.placement import (
 )
 from sidecar.routing.sessions import STAMP_RESOLUTION_S, Route, RouteCache, Stamps, selector_for
 from sidecar.routing.store import RouteStore, StoreUnavailable
-from sidecar.supervise import Supervisor
+from sidecar.supervise import Supervisor, cancel_and_wait
 from sidecar.telemetry import Telemetry
 
 log = logging.getLogger("sidecar.routing")
@@ -106,11 +106,7 @@ class Router:
                        self.supervisor.start("route TTL refresh", self._refresh_forever)]
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         with contextlib.suppress(Exception):  # logged by the store; shutting down anyway
             await self._flush_refresh()
         if self._writes:
