@@ -49,6 +49,7 @@ import aiohttp
 from common import ROOT, free_port, get_json, pinned, wait_http
 from peers import ENVOY, answers, nginx_conf
 
+from sidecar.tools.fakellm.engine import Clairvoyant
 from tests.support.redis_server import RedisServer
 
 VLLM_ROUTER = str(Path(ENVOY).parent / "vllm-router")
@@ -70,6 +71,36 @@ AGENT_CHILDREN = 3
 AGENT_FANOUT = 2
 AGENT_CONTEXT_TOKENS = 2000
 SEEDED = " (children keyed as parent: seeding's upper bound)"
+# Floor: what no router can beat, for the calls a run actually sent (see `Floor`).
+FLOOR: Floor
+
+
+class Floor:
+    """A clairvoyant bound on a run (fake-llm's `Clairvoyant` cache): every pod holds every
+    prompt prefix any earlier call sent, and no call ever waits for a slot. A call then
+    costs the engine's fixed time plus the prefill of only the tokens no earlier call had.
+    Each call's real TTFT is at least its floor, so the floors' mean and p99 bound the
+    run's from below, and its hit rate bounds the pods' from above, whatever the placement."""
+
+    def __init__(self) -> None:
+        self.cache = Clairvoyant()
+        self.ttfts: list[float] = []
+
+    def send(self, messages: list[dict]) -> None:
+        new = self.cache.lookup([m["content"] for m in messages])
+        self.ttfts.append(NORMAL["ttft_ms"] + NORMAL["prefill_ms_per_token"] * new)
+
+    def summary(self) -> dict[str, float]:
+        ttfts = sorted(self.ttfts)
+        return {"mean": statistics.mean(ttfts), "p99": percentile99(ttfts),
+                "hit_rate": self.cache.hit_rate}
+
+
+def percentile99(ordered: list[float]) -> float:
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] if ordered \
+        else float("nan")
+
+
 # --calls: one record per call (which pod, the queue it met, its wait and uncached prefill),
 # tagged with the load and target being run.
 CALLS: list[dict[str, object]] | None = None
@@ -134,6 +165,7 @@ def envoy(folder: Path, port: int, pods: list[int], lb_policy: str) -> list[str]
 async def call(http: aiohttp.ClientSession, base: str, session: str, body: dict,
                headers: dict[str, str] | None = None) -> tuple[int, float | None, str]:
     """One streamed call: its status, time to first content token (s) and the answer."""
+    FLOOR.send(body["messages"])
     started = time.perf_counter()
     answer = []
     first_token = None
@@ -343,7 +375,7 @@ def main() -> int:
     parser.add_argument("--calls", default="",
                         help="write one JSON line per call to this file (diagnosis)")
     args = parser.parse_args()
-    global CALLS
+    global CALLS, FLOOR
     if args.calls:
         CALLS = []
     # SIGTERM unwinds through `finally`, so every process started here is stopped.
@@ -438,6 +470,7 @@ def main() -> int:
                 bases = [f"http://127.0.0.1:{port}" for port in ports]
                 tag = f"{shape}-{args.seed}-{run_id}-{len(results.get(shape, {}))}"
                 CALLS_TAG.update(load=shape, target=name)
+                FLOOR = Floor()
                 if shape == "agents":
                     ttfts, rate, failures = asyncio.run(agents_workload(
                         bases, agent_sizes, args.turns, max(1, args.concurrency // 4), tag,
@@ -464,8 +497,7 @@ def main() -> int:
                 results.setdefault(shape, {})[name] = {
                     "moves": moves, "spills": spills, "per_pod_requests": per_pod,
                     "mean": statistics.mean(ttfts) if ttfts else float("nan"),
-                    "p99": ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.99))]
-                    if ttfts else float("nan"),
+                    "p99": percentile99(ttfts), "floor": FLOOR.summary(),
                     "sessions_per_s": rate, "calls": len(ttfts),
                     "hit_rate": prefix_hit_rate(pods),
                     "failures": len(failures), "failure_kinds": dict(Counter(failures))}
@@ -491,6 +523,14 @@ def main() -> int:
     return 0
 
 
+def floor_of(rows: dict[str, dict]) -> dict[str, float]:
+    """The loosest of the targets' floors (their calls differ only in the answers they got
+    back), so it bounds every target's run."""
+    floors = [r["floor"] for r in rows.values()]
+    return {"mean": min(f["mean"] for f in floors), "p99": min(f["p99"] for f in floors),
+            "hit_rate": max(f["hit_rate"] for f in floors)}
+
+
 def report(results: dict[str, dict[str, dict[str, float]]], args: argparse.Namespace) -> None:
     details = {"even": f"{args.turns} turns each",
                "skewed": "a quarter of them with 4× the turns",
@@ -511,6 +551,10 @@ def report(results: dict[str, dict[str, dict[str, float]]], args: argparse.Names
             print(f"| {name} | {r['mean']:.1f} | {r['p99']:.1f} | {r['sessions_per_s']:.2f} "
                   f"| {r['hit_rate'] * 100:.1f} % | {'/'.join(map(str, r['per_pod_requests']))}"
                   f" | {r['moves']} | {r.get('spills', 0)} | {r['failures']:.0f} |")
+        floor = floor_of(rows)
+        print(f"| no router can beat (every prefix cached on every pod, no queue) "
+              f"| ≥ {floor['mean']:.1f} | ≥ {floor['p99']:.1f} | "
+              f"| ≤ {floor['hit_rate'] * 100:.1f} % | | | | |")
         kinds = {n: r["failure_kinds"] for n, r in rows.items() if r["failure_kinds"]}
         if kinds:
             print(f"\nfailed calls by answer: {kinds}")
@@ -531,11 +575,16 @@ def report(results: dict[str, dict[str, dict[str, float]]], args: argparse.Names
             below = (1 - ours['p99'] / best['p99']) * 100
             line += (f"; p99 {abs(below):.0f} % {'below' if below >= 0 else 'above'} the best "
                      f"sticky peer (goal ≥ 25 % below)")
+            floor = floor_of(rows)["p99"]
+            if best["p99"] * 0.75 < floor:
+                line += (f" — out of any router's reach in this run: 25 % below is "
+                         f"{best['p99'] * 0.75:.0f} ms, under the floor's {floor:.0f} ms")
         if shape == "agents":
             top = max(r["hit_rate"] for r in peers.values())
+            cap = floor_of(rows)["hit_rate"]
             line += (f"; hit rate {ours['hit_rate'] * 100:.1f} vs best peer "
                      f"{top * 100:.1f} % ({(ours['hit_rate'] - top) * 100:+.1f} points; "
-                     "goal ≥ +5)")
+                     f"goal ≥ +5, {(cap - top) * 100:+.1f} points at most for any router)")
         elif sticky:
             line += (f", hit rate {ours['hit_rate'] * 100:.1f} vs "
                      f"{max(r['hit_rate'] for r in sticky) * 100:.1f} % (goal: within 5)")

@@ -27,6 +27,44 @@ def count_tokens(text: str) -> int:
     return max(1, (len(text) + 3) // 4)
 
 
+def prefix_keys(segments: list[str]) -> list[bytes]:
+    """One key per message prefix: the digest of messages 0..i."""
+    digest = hashlib.blake2b(digest_size=16)
+    keys = []
+    for segment in segments:
+        digest.update(segment.encode() + b"\x00")
+        keys.append(digest.copy().digest())
+    return keys
+
+
+class Clairvoyant:
+    """The cache no placement can beat: every pod holding every prompt prefix any earlier
+    call sent to any pod, none ever evicted. A call's tokens it lacks are at most those the
+    call's own pod lacks (`Engine.lookup`), wherever the call went; so they bound a call's
+    prefill from below and the prefix-cache hit rate from above, for any router."""
+
+    def __init__(self) -> None:
+        self._seen: set[bytes] = set()
+        self.tokens = 0       # prompt tokens looked up
+        self.new_tokens = 0   # of which no earlier call had sent
+
+    def lookup(self, segments: list[str]) -> int:
+        """Tokens of this prompt in no earlier call's prompt prefix; then remembers it."""
+        new = 0
+        for key, segment in zip(prefix_keys(segments), segments, strict=True):
+            size = count_tokens(segment)
+            self.tokens += size
+            if key not in self._seen:
+                self._seen.add(key)
+                new += size
+        self.new_tokens += new
+        return new
+
+    @property
+    def hit_rate(self) -> float:
+        return 1 - self.new_tokens / self.tokens if self.tokens else 0.0
+
+
 class Engine:
     """Admission, the prefix cache and the counters. Limits are read from the caller on
     every call, so `/_control` changes apply to the next request."""
@@ -112,11 +150,7 @@ class Engine:
         """Prompt tokens not covered by the longest cached message prefix; then caches this
         prompt's prefixes, evicting the least recently used past the bounds."""
         sizes = [count_tokens(s) for s in segments]
-        digest = hashlib.blake2b(digest_size=16)
-        keys = []
-        for segment in segments:
-            digest.update(segment.encode() + b"\x00")
-            keys.append(digest.copy().digest())
+        keys = prefix_keys(segments)
         total = sum(sizes)
         cached = 0
         for i in range(len(keys) - 1, -1, -1):
