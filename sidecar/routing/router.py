@@ -128,7 +128,7 @@ class Router:
         route = self.lookup(session, now)
         if route is None:
             route = await self.resolve(session, selector, local=local, pool=named,
-                                       parent=parent)
+                                       parent=parent, body=body)
         serving = self.for_model(route, named)
         # Counted on the session's own route: idle expiry never drops a route mid-call.
         route.inflight += 1
@@ -172,11 +172,12 @@ class Router:
         return route
 
     async def resolve(self, session: str, selector: int | None, *, local: bool,
-                      pool: str | None = None, parent: str | None = None) -> Route:
+                      pool: str | None = None, parent: str | None = None,
+                      body: bytes = b"") -> Route:
         """First touch: one store round trip (shared by concurrent requests of the session).
         `pool` is the pool the request's model names; without one the table chooses. A new
         session naming a `parent` starts on the parent's route while its pod has room
-        (see `_seeded`).
+        (see `_seeded`; `body`, the first request's, weighs its prefill elsewhere).
 
         The first request runs it inline (no task: its pick must count toward the next
         request's bounded load); the others wait on a shielded future. Should the first
@@ -191,10 +192,10 @@ class Router:
         self._first_touch[session] = future
         try:
             route = await self._resolve(session, selector, local=local, pool=pool,
-                                        parent=parent)
+                                        parent=parent, body=body)
         except asyncio.CancelledError:
             task = loop.create_task(self._resolve(session, selector, local=local, pool=pool,
-                                                  parent=parent))
+                                                  parent=parent, body=body))
             self._taken_over.add(task)
             task.add_done_callback(self._taken_over.discard)
             task.add_done_callback(lambda done: self._touched(session, future, done))
@@ -228,13 +229,14 @@ class Router:
             future.set_result(route)
 
     async def _resolve(self, session: str, selector: int | None, *, local: bool,
-                       pool: str | None = None, parent: str | None = None) -> Route:
+                       pool: str | None = None, parent: str | None = None,
+                       body: bytes = b"") -> Route:
         now = self.cache.stamp(asyncio.get_running_loop().time())
         current = self.cache.peek(session)
         proposal = current if current is not None else self.propose(session, selector, pool)
         proposal.refreshed_at = now
         if current is None and parent is not None and not local:
-            return await self._seeded(session, proposal, parent, pool, now)
+            return await self._seeded(session, proposal, parent, pool, now, body)
         if local:
             # A connection-lifetime session can never reach another pod: no store needed.
             self.cache.put(proposal, now)
@@ -263,11 +265,12 @@ class Router:
         return [e.url for p in self.pools.pools.values() for e in p.endpoints
                 if not e.has_room(now)]
 
-    def _follow(self, session: str, parent: Route, named: str | None, now: float
-                ) -> Route | None:
+    def _follow(self, session: str, parent: Route, named: str | None, now: float,
+                body: bytes = b"") -> Route | None:
         """The child's route on its parent's pod, or on the parent session's next choice
-        when the parent's is full (placement.choose_seed); same pool as the request's model
-        names, when it names one."""
+        when waiting at the parent's costs more than prefilling `body`'s prompt there
+        (placement.choose_seed); same pool as the request's model names, when it names
+        one."""
         home = parent.endpoint
         pool = self.pools.get(parent.pool)
         if home is None or pool is None or home.pool != pool.name or (
@@ -275,12 +278,16 @@ class Router:
             return None
         candidates = [home, *(e for e in pool.ranked(parent.session.encode())
                               if e is not home)][:SEED_CHOICES]
+        prefix = prefix_key(body)
         index = choose_seed([_spill_pod(e, now)._replace(since_view=e.since_load(),
                                                          ready=e.has_room(now))
-                             for e in candidates])
+                             for e in candidates], len(body) // BYTES_PER_TOKEN,
+                            [prefix in e.prefixes for e in candidates])
         if index is None:
             return None
         candidates[index].take_session()
+        if index > 0:  # its siblings that follow find the parent's prompt cached there
+            candidates[index].sent_prefix(prefix)
         why = (f"started on its parent session's pod ({parent.session})" if index == 0 else
                f"started on its parent session's next choice ({parent.session}): its pod was "
                "full")
@@ -289,7 +296,7 @@ class Router:
                      why)
 
     async def _seeded(self, session: str, proposal: Route, parent: str, named: str | None,
-                      now: float) -> Route:
+                      now: float, body: bytes = b"") -> Route:
         """First touch of a session that names its parent. The parent's route is read from
         this sidecar's cache when it holds it (no extra round trip), else with the child's
         get-or-create in one script (standalone, Sentinel); Cluster keeps the two keys in
@@ -305,7 +312,7 @@ class Router:
                 except StoreUnavailable:
                     record = None
                 parent_route = Route.from_record(parent, record, self.pools) if record else None
-            followed = (self._follow(session, parent_route, named, loop_now)
+            followed = (self._follow(session, parent_route, named, loop_now, body)
                         if parent_route is not None else None)
             route, created = await self._stored(session, followed or proposal, now,
                                                 named=named, fresh=followed is None)

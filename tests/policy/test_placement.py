@@ -311,6 +311,38 @@ def test_a_subagent_starts_on_its_parents_pod_else_on_the_next_one_with_room():
     assert choose_seed([room._replace(ready=False), room]) == 1
 
 
+def test_a_subagent_with_a_long_prompt_queues_briefly_at_its_parents_pod():
+    """The parent's pod queues one call at 20 completions/s (0.1 s). A 500-token prompt
+    prefills in 0.05 s on the next choice; a 4 000-token one would take 0.4 s there, so it
+    waits at the parent's pod, where the parent's prompt is cached, unless a sibling has
+    already taken that prompt to the next choice."""
+    parents = SpillPod(load(running=8, rate=20.0), local=1, since_view=1, slots=8)
+    room = SpillPod(load(running=2, rate=20.0), slots=8)
+    assert wait_now_s(parents) == pytest.approx(0.1)
+    assert choose_seed([parents, room], 500) == 1
+    assert choose_seed([parents, room], 4_000) == 0
+    assert choose_seed([parents, room], 4_000, [True, True]) == 1
+    # a queue longer than the prefill: the next choice (or, both full, a pick of its own)
+    long_queue = parents._replace(local=8, since_view=8)
+    assert choose_seed([long_queue, room], 4_000) == 1
+    assert choose_seed([long_queue, long_queue], 4_000) is None
+
+
+@given(st.lists(spill_pods, min_size=1, max_size=3), prompts, st.lists(st.booleans()))
+def test_a_subagent_never_waits_longer_than_the_prefill_it_saves(pods, prompt, warm):
+    """Wherever a child starts it is ready; a full pod only while its wait costs no more
+    than a cold prefill; its parent's pod whenever that pod has room."""
+    index = choose_seed(pods, prompt, warm)
+    if pods[0].ready and not full_now(pods[0]):
+        assert index == 0
+    if index is None:
+        return
+    chosen = pods[index]
+    assert chosen.ready and index < 2
+    if full_now(chosen):
+        assert wait_now_s(chosen) <= reprefill_s(prompt)
+
+
 def test_a_burst_spills_before_the_view_shows_the_queue():
     """The view (taken before the burst) shows room; the pod's slots are known from an
     earlier queue, and this sidecar's calls since fill them: the next call spills."""

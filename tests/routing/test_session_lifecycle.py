@@ -10,11 +10,17 @@ import asyncio
 
 import pytest
 
+from sidecar.fleet.loads import take_reading
+from sidecar.fleet.podload import PodLoad
 from sidecar.routing.sessions import Route, RouteCache
 from sidecar.server import Running
 from tests.conftest import CHAT, admin, chat, pool
 from tests.routing.test_store_topologies import stored, topology, until  # noqa: F401  (a fixture)
 from tests.support.redis_server import Monitor
+
+# A pod's reading when all its slots run and two calls queue: a wait at it is longer than
+# prefilling a short prompt anywhere.
+QUEUEING = PodLoad(running=8, waiting=2, kv_usage=0.5, at=0.0, source="metrics")
 
 
 def endpoint_of(running: Running, url: str):
@@ -91,7 +97,7 @@ async def test_a_child_starts_on_its_parents_next_choice_while_the_parents_pod_i
     status, headers, _ = await chat(http, running, None, CHAT, **claude_child)
     assert status == 200 and headers["x-sidecar-endpoint"] == home
     assert headers["x-sidecar-session"] == first
-    endpoint_of(running, home).saturated = True
+    take_reading(endpoint_of(running, home), QUEUEING)
     [pool_] = running.sidecar.pools.pools.values()
     beside = next(e for e in pool_.ranked(b"conv") if e.url != home)
     second = child_elsewhere(running, beside.url, "agent-b")
@@ -99,7 +105,7 @@ async def test_a_child_starts_on_its_parents_next_choice_while_the_parents_pod_i
         "x-claude-code-session-id": "conv", "x-claude-code-agent-id": second})
     assert status == 200 and headers["x-sidecar-endpoint"] == beside.url
     assert running.sidecar.router.counters.seeded_from_parent == 2
-    beside.saturated = True
+    take_reading(beside, QUEUEING)
     third = next(f"agent-c-{i}" for i in range(200) if running.sidecar.router.propose(
         f"agent-c-{i}", None).endpoint.url not in (home, beside.url))
     status, headers, _ = await chat(http, running, None, CHAT, **{
