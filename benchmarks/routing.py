@@ -86,9 +86,11 @@ class Floor:
         self.cache = Clairvoyant()
         self.ttfts: list[float] = []
 
-    def send(self, messages: list[dict]) -> None:
+    def send(self, messages: list[dict]) -> int:
+        """Counts a call about to be sent: the tokens of its prompt no earlier call had."""
         new = self.cache.lookup([m["content"] for m in messages])
         self.ttfts.append(NORMAL["ttft_ms"] + NORMAL["prefill_ms_per_token"] * new)
+        return new
 
     def summary(self) -> dict[str, float]:
         ttfts = sorted(self.ttfts)
@@ -101,8 +103,8 @@ def percentile99(ordered: list[float]) -> float:
         else float("nan")
 
 
-# --calls: one record per call (which pod, the queue it met, its wait and uncached prefill),
-# tagged with the load and target being run.
+# --calls: one record per call (which pod, the queue it met, its wait, its uncached prefill
+# and the tokens no earlier call had sent), tagged with the load and target being run.
 CALLS: list[dict[str, object]] | None = None
 CALLS_TAG: dict[str, str] = {}
 
@@ -165,7 +167,7 @@ def envoy(folder: Path, port: int, pods: list[int], lb_policy: str) -> list[str]
 async def call(http: aiohttp.ClientSession, base: str, session: str, body: dict,
                headers: dict[str, str] | None = None) -> tuple[int, float | None, str]:
     """One streamed call: its status, time to first content token (s) and the answer."""
-    FLOOR.send(body["messages"])
+    unseen = FLOOR.send(body["messages"])
     started = time.perf_counter()
     answer = []
     first_token = None
@@ -185,6 +187,7 @@ async def call(http: aiohttp.ClientSession, base: str, session: str, body: dict,
                           "running": int(arrival[0]), "waiting": int(arrival[1]),
                           "queued_ms": float(r.headers.get("x-fake-queued-ms", "nan")),
                           "uncached": int(r.headers.get("x-fake-uncached-tokens", "-1")),
+                          "unseen": unseen,
                           "parent": (headers or {}).get("x-parent-session-id")})
         return r.status, first_token, "".join(answer)
 

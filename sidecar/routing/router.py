@@ -279,8 +279,8 @@ class Router:
         candidates = [home, *(e for e in pool.ranked(parent.session.encode())
                               if e is not home)][:SEED_CHOICES]
         prefix = prefix_key(body)
-        index = choose_seed([_spill_pod(e, now)._replace(since_view=e.since_load(),
-                                                         ready=e.has_room(now))
+        # A saturated pod stays a candidate: its wait is weighed against a cold prefill.
+        index = choose_seed([_spill_pod(e, now)._replace(since_view=e.since_load())
                              for e in candidates], len(body) // BYTES_PER_TOKEN,
                             [prefix in e.prefixes for e in candidates])
         if index is None:

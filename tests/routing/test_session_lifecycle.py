@@ -114,6 +114,25 @@ async def test_a_child_starts_on_its_parents_next_choice_while_the_parents_pod_i
     assert running.sidecar.router.counters.seeded_from_parent == 2
 
 
+async def test_a_child_with_a_long_prompt_waits_at_its_parents_full_pod(pods, sidecar, http):
+    """The parent's pod queues two calls (0.375 s at the assumed second per call over its
+    eight slots). A child whose prompt would prefill in 0.4 s elsewhere starts there
+    anyway, where the prompt is cached; a short one starts on the parent's next choice."""
+    running = await sidecar({"small": pool(await pods(3))})
+    _, headers, _ = await chat(http, running, None, CHAT, **{"x-claude-code-session-id": "conv"})
+    home = headers["x-sidecar-endpoint"]
+    take_reading(endpoint_of(running, home), QUEUEING)
+    long_prompt = {"model": "auto", "messages": [{"role": "user", "content": "x" * 16_400}]}
+    for body, child, where in ((long_prompt, "agent-long", "home"), (CHAT, "agent-short",
+                                                                      "beside")):
+        status, headers, _ = await chat(http, running, None, body, **{
+            "x-claude-code-session-id": "conv",
+            "x-claude-code-agent-id": child_elsewhere(running, home, child)})
+        assert status == 200
+        assert (headers["x-sidecar-endpoint"] == home) == (where == "home"), where
+    assert running.sidecar.router.counters.seeded_from_parent == 2
+
+
 async def test_a_childs_first_touch_is_one_redis_round_trip(pods, sidecar, http, redis_server):
     small = {"small": pool(await pods(4))}
     a = await sidecar(small, SIDECAR_REDIS_URL=redis_server.url)
