@@ -83,11 +83,6 @@ class Endpoint:
     def set_gpu(self, gpu: GpuUsage | None) -> None:
         self.gpu = gpu
 
-    def has_room(self, now: float) -> bool:
-        """Room for one more session right now: ready, not saturated, not holding off. A
-        query only (it never spends an ejected endpoint's probation permit)."""
-        return not self.saturated and self.outlier.available(now)
-
     def take_session(self) -> None:
         """A new session starts here (counted until the next reading: `since_load`)."""
         self.placed += 1

@@ -214,6 +214,13 @@ def choose_spill(home: SpillPod, session_inflight: int, choices: Sequence[SpillP
     return best
 
 
+def worth_waiting(pod: SpillPod, prompt_tokens: int) -> bool:
+    """Does a call whose prompt is cached on this pod start sooner here than on a cold pod
+    with room? Ready, and either not full now or its wait shorter than the prompt's
+    prefill. (The first-touch script seeds a child onto its parent's pod only if so.)"""
+    return pod.ready and (not full_now(pod) or wait_now_s(pod) <= reprefill_s(prompt_tokens))
+
+
 def choose_seed(pods: Sequence[SpillPod], prompt_tokens: int = 0,
                 warm: Sequence[bool] = ()) -> int | None:
     """Where a subagent's session starts: index into `pods` (its parent's pod, then the
@@ -235,7 +242,7 @@ def choose_seed(pods: Sequence[SpillPod], prompt_tokens: int = 0,
         if cost < best_cost:
             best, best_cost = i, cost
     if best is not None and full_now(pods[best]) and best_cost > cold:
-        return None
+        return None  # both full, each wait longer than a cold prefill with room
     return best
 
 

@@ -27,6 +27,7 @@ from sidecar.policy.placement import (
     choose_seed,
     choose_spill,
     full_now,
+    worth_waiting,
 )
 from sidecar.routing.sessions import STAMP_RESOLUTION_S, Route, RouteCache, Stamps, selector_for
 from sidecar.routing.store import RouteStore, StoreUnavailable
@@ -260,10 +261,13 @@ class Router:
 
     # -- subagents start warm --------------------------------------------------------------
 
-    def _no_room(self, now: float) -> list[str]:
-        """Endpoints a new session must not be seeded onto (not ready, saturated, held)."""
+    def _no_room(self, now: float, prompt_tokens: int) -> list[str]:
+        """Endpoints the first-touch script must not seed a child onto: not ready, holding
+        off, or full with a wait longer than prefilling the child's prompt on a pod with
+        room (placement.worth_waiting)."""
         return [e.url for p in self.pools.pools.values() for e in p.endpoints
-                if not e.has_room(now)]
+                if not worth_waiting(_spill_pod(e, now)._replace(since_view=e.since_load()),
+                                     prompt_tokens)]
 
     def _follow(self, session: str, parent: Route, named: str | None, now: float,
                 body: bytes = b"") -> Route | None:
@@ -323,7 +327,8 @@ class Router:
         try:
             asked_at = time.perf_counter()
             stored, how = await self.store.get_or_create_child(
-                session, record, parent, named, self._no_room(loop_now),
+                session, record, parent, named,
+                self._no_room(loop_now, len(body) // BYTES_PER_TOKEN),
                 self._wall_stamp(time.time()),
                 f"started on its parent session's pod ({parent})")
             self.telemetry.observe("redis_latency", (), time.perf_counter() - asked_at)

@@ -84,6 +84,30 @@ async def test_a_child_does_not_follow_a_parent_whose_pod_is_ejected(
     assert b.sidecar.router.counters.seeded_from_parent == (1 if beside else 0)
 
 
+async def test_a_child_weighs_its_parents_full_pod_in_every_topology(
+        pods, sidecar, http, topology):  # noqa: F811
+    """b has never seen the parent, whose pod b reads as queueing (0.375 s of wait). A child
+    with a prompt that would prefill longer than that elsewhere starts on the parent's pod
+    all the same, within its first touch's one script where the topology reads the parent
+    there; a child with a short prompt does not."""
+    small = {"small": pool(await pods(4))}
+    a = await sidecar(small, **topology.env, SIDECAR_REDIS_TIMEOUT_MS="1000")
+    b = await sidecar(small, **topology.env, SIDECAR_REDIS_TIMEOUT_MS="1000")
+    status, headers, _ = await chat(http, a, "lead")
+    home = headers["x-sidecar-endpoint"]
+    take_reading(endpoint_of(b, home), QUEUEING)
+    long_prompt = {"model": "auto", "messages": [{"role": "user", "content": "x" * 16_400}]}
+    child = child_elsewhere(b, home, "long")
+    status, headers, _ = await chat(http, b, child, long_prompt,
+                                    **{"x-parent-session-id": "lead"})
+    assert status == 200 and headers["x-sidecar-endpoint"] == home
+    assert (stored(topology, child) or {}).get("endpoint") == home
+    assert b.sidecar.router.counters.seeded_from_parent == 1
+    child = child_elsewhere(b, home, "short")
+    status, headers, _ = await chat(http, b, child, **{"x-parent-session-id": "lead"})
+    assert status == 200 and headers["x-sidecar-endpoint"] != home
+
+
 async def test_a_child_starts_on_its_parents_next_choice_while_the_parents_pod_is_full(
         pods, sidecar, http):
     """The parent's pod saturated: the child starts on the parent session's next rendezvous
