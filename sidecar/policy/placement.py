@@ -37,13 +37,13 @@ Thresholds, and why:
   median, so a pod at half speed counts its sessions twice. Three choices keep a session's
   pod predictable while giving a hot pod two ways out — the power of two choices, plus one.
 - A subagent's session starts on its parent's pod or the parent session's next rendezvous
-  choice (`SEED_CHOICES`), whichever costs less: the wait a call meets there now, plus
-  the prompt's prefill where it is not cached (the parent's pod holds the parent's prompt;
-  the next choice holds it once a sibling started there). A full parent's pod whose queue
-  is shorter than the prefill keeps the child, as a move or a spill would stay; siblings
-  that overflow share one cold prefill on the next choice, and their spills find it
-  cached; when both are full and waiting costs more than a cold prefill, a pick of its
-  own.
+  choice (`SEED_CHOICES`), or a pod where a sibling took the prompt before, whichever
+  costs less: the wait a call meets there now, plus the prompt's prefill where it is not
+  cached (the parent's pod holds the parent's prompt; another holds it once a sibling
+  started or spilled there). A full parent's pod whose queue is shorter than the prefill
+  keeps the child, as a move or a spill would stay; siblings that overflow share one cold
+  prefill, and their spills find it cached; when every one of them is full and waiting
+  costs more than a cold prefill, a pick of its own (where its siblings then follow).
 - A session's parallel call *spills* (that call only; the session's route stays) when the
   session already has a call in flight and one more call would queue on its pod now. It
   goes to a pod that is ready, was not queueing at its last view, has a free slot now and
@@ -223,26 +223,27 @@ def worth_waiting(pod: SpillPod, prompt_tokens: int) -> bool:
 
 def choose_seed(pods: Sequence[SpillPod], prompt_tokens: int = 0,
                 warm: Sequence[bool] = ()) -> int | None:
-    """Where a subagent's session starts: index into `pods` (its parent's pod, then the
-    parent session's next rendezvous choices), or None for a pick of its own. Each ready
-    pod costs the wait a call meets there now, plus the prompt's prefill where the prompt
-    is not cached: the parent's pod holds the parent's prompt, which the child's starts
-    with; a next choice holds it when this sidecar sent that prefix there (`warm[i]`: a
-    sibling started or a call spilled there). The cheapest wins, the parent's pod on a tie;
-    a full pod whose wait costs more than a cold prefill where a call has room loses to
-    the child's own pick."""
+    """Where a subagent's session starts: index into `pods` (its parent's pod, the parent
+    session's next rendezvous choice, then any other pods), or None for a pick of its own.
+    Each ready pod costs the wait a call meets there now, plus the prompt's prefill where
+    the prompt is not cached: the parent's pod holds the parent's prompt, which the
+    child's starts with; another holds it when this sidecar sent that prefix there
+    (`warm[i]`: a sibling started or a call spilled there). Only the first
+    `SEED_CHOICES` are taken cold. The cheapest wins, the earlier on a tie; a full pod
+    whose wait costs more than a cold prefill where a call has room loses to the child's
+    own pick."""
     cold = reprefill_s(prompt_tokens)
     best: int | None = None
     best_cost = math.inf
-    for i, pod in enumerate(pods[:SEED_CHOICES]):
-        if not pod.ready:
-            continue
+    for i, pod in enumerate(pods):
         cached = i == 0 or (i < len(warm) and warm[i])
+        if not pod.ready or (i >= SEED_CHOICES and not cached):
+            continue
         cost = wait_now_s(pod) + (0.0 if cached else cold)
         if cost < best_cost:
             best, best_cost = i, cost
     if best is not None and full_now(pods[best]) and best_cost > cold:
-        return None  # both full, each wait longer than a cold prefill with room
+        return None  # each wait is longer than a cold prefill where a call has room
     return best
 
 

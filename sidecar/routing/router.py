@@ -271,18 +271,21 @@ class Router:
 
     def _follow(self, session: str, parent: Route, named: str | None, now: float,
                 body: bytes = b"") -> Route | None:
-        """The child's route on its parent's pod, or on the parent session's next choice
-        when waiting at the parent's costs more than prefilling `body`'s prompt there
-        (placement.choose_seed); same pool as the request's model names, when it names
-        one."""
+        """The child's route on its parent's pod, or beside it — the parent session's next
+        choice, or a pod a sibling took the prompt to — when waiting at the parent's costs
+        more than starting there (placement.choose_seed: the wait against `body`'s prompt's
+        prefill); same pool as the request's model names, when it names one."""
         home = parent.endpoint
         pool = self.pools.get(parent.pool)
         if home is None or pool is None or home.pool != pool.name or (
                 named is not None and parent.pool != named):
             return None
-        candidates = [home, *(e for e in pool.ranked(parent.session.encode())
-                              if e is not home)][:SEED_CHOICES]
+        ranked = [e for e in pool.ranked(parent.session.encode()) if e is not home]
         prefix = prefix_key(body)
+        # The parent's pod, its session's next choice, then wherever a sibling took the
+        # prompt before (a cold start of its own, a spill).
+        candidates = [home, *ranked[:SEED_CHOICES - 1],
+                      *(e for e in ranked[SEED_CHOICES - 1:] if prefix in e.prefixes)]
         # A saturated pod stays a candidate: its wait is weighed against a cold prefill.
         index = choose_seed([_spill_pod(e, now)._replace(since_view=e.since_load())
                              for e in candidates], len(body) // BYTES_PER_TOKEN,
@@ -293,8 +296,8 @@ class Router:
         if index > 0:  # its siblings that follow find the parent's prompt cached there
             candidates[index].sent_prefix(prefix)
         why = (f"started on its parent session's pod ({parent.session})" if index == 0 else
-               f"started on its parent session's next choice ({parent.session}): its pod was "
-               "full")
+               f"started beside its parent session's pod ({parent.session}): waiting there "
+               "cost more")
         return Route(session, parent.selector, parent.pool, candidates[index],
                      self._wall_stamp(time.time()), parent.fallback, parent.fallback_until,
                      why)
@@ -318,6 +321,9 @@ class Router:
                 parent_route = Route.from_record(parent, record, self.pools) if record else None
             followed = (self._follow(session, parent_route, named, loop_now, body)
                         if parent_route is not None else None)
+            if followed is None and parent_route is not None and proposal.endpoint is not None:
+                # A cold start of its own: the siblings that follow find the prompt there.
+                proposal.endpoint.sent_prefix(prefix_key(body))
             route, created = await self._stored(session, followed or proposal, now,
                                                 named=named, fresh=followed is None)
             if created and followed is not None:

@@ -21,6 +21,7 @@ from tests.support.redis_server import Monitor
 # A pod's reading when all its slots run and two calls queue: a wait at it is longer than
 # prefilling a short prompt anywhere.
 QUEUEING = PodLoad(running=8, waiting=2, kv_usage=0.5, at=0.0, source="metrics")
+LONG_QUEUE = PodLoad(running=8, waiting=20, kv_usage=0.5, at=0.0, source="metrics")
 
 
 def endpoint_of(running: Running, url: str):
@@ -106,6 +107,30 @@ async def test_a_child_weighs_its_parents_full_pod_in_every_topology(
     child = child_elsewhere(b, home, "short")
     status, headers, _ = await chat(http, b, child, **{"x-parent-session-id": "lead"})
     assert status == 200 and headers["x-sidecar-endpoint"] != home
+
+
+async def test_siblings_that_start_on_their_own_pick_share_the_first_ones(pods, sidecar, http):
+    """The parent's pod and its next choice queue far longer than the prompt's prefill: the
+    first child starts cold on a pick of its own, and its sibling, whose own pick is
+    another pod, follows it there, where the parent's prompt is now cached."""
+    running = await sidecar({"small": pool(await pods(4))})
+    _, headers, _ = await chat(http, running, None, CHAT, **{"x-claude-code-session-id": "conv"})
+    home = headers["x-sidecar-endpoint"]
+    [pool_] = running.sidecar.pools.pools.values()
+    beside = next(e for e in pool_.ranked(b"conv") if e.url != home)
+    for endpoint in (endpoint_of(running, home), beside):
+        take_reading(endpoint, LONG_QUEUE)
+    long_prompt = {"model": "auto", "messages": [{"role": "user", "content": "x" * 16_400}]}
+    taken = [home, beside.url]
+    for name in ("first", "second"):
+        child = next(f"{name}-{i}" for i in range(500) if running.sidecar.router.propose(
+            f"{name}-{i}", None).endpoint.url not in taken)
+        status, headers, _ = await chat(http, running, None, long_prompt, **{
+            "x-claude-code-session-id": "conv", "x-claude-code-agent-id": child})
+        assert status == 200 and headers["x-sidecar-endpoint"] not in (home, beside.url)
+        taken.append(headers["x-sidecar-endpoint"])
+    assert taken[2] == taken[3]
+    assert running.sidecar.router.counters.seeded_from_parent == 1  # the second only
 
 
 async def test_a_child_starts_on_its_parents_next_choice_while_the_parents_pod_is_full(
