@@ -38,12 +38,15 @@ Thresholds, and why:
   pod predictable while giving a hot pod two ways out — the power of two choices, plus one.
 - A subagent's session starts on its parent's pod or the parent session's next rendezvous
   choice (`SEED_CHOICES`), or a pod where a sibling took the prompt before, whichever
-  costs less: the wait a call meets there now, plus the prompt's prefill where it is not
-  cached (the parent's pod holds the parent's prompt; another holds it once a sibling
-  started or spilled there). A full parent's pod whose queue is shorter than the prefill
-  keeps the child, as a move or a spill would stay; siblings that overflow share one cold
-  prefill, and their spills find it cached; when every one of them is full and waiting
-  costs more than a cold prefill, a pick of its own (where its siblings then follow).
+  costs less: the longest wait a call may meet there now (a whole request's time per
+  pod-full of calls ahead: a seeded session stays, and fan-outs start together), plus the
+  prompt's prefill where it is not cached (the parent's pod holds the parent's prompt;
+  another holds it once a sibling started or spilled there). A full parent's pod whose
+  queue is shorter than the prefill keeps the child; siblings that overflow share one
+  cold prefill, and their spills find it cached; when every one of them is full and
+  waiting costs more than a cold prefill, a pick of its own (where its siblings then
+  follow). The average wait (Little's law) would keep a child behind a fan-out that
+  started together, which frees no slot for a whole request.
 - A session's parallel call *spills* (that call only; the session's route stays) when the
   session already has a call in flight and one more call would queue on its pod now. It
   goes to a pod that is ready, was not queueing at its last view, has a free slot now and
@@ -137,21 +140,42 @@ def full_now(pod: SpillPod) -> bool:
     return saturated(pod.load)
 
 
+def calls_ahead(pod: SpillPod) -> float:
+    """Calls one more call sent to a full pod now waits behind: counted from the slots the
+    pod was seen to run and the calls on it now (this sidecar's since the view included),
+    else from the view's queue."""
+    load = pod.load
+    assert load is not None
+    if pod.slots > 0:
+        return max(occupancy_now(pod) - pod.slots + 1, 1.0)
+    # queueing in the view: this sidecar's calls since then joined its queue
+    return load.waiting + max(pod.since_view, 0) + 1
+
+
 def wait_now_s(pod: SpillPod) -> float:
-    """How long one more call sent there now waits for a slot (0 when it has one): Little's
-    law on the calls ahead of it, counted from the slots the pod was seen to run and the
-    calls on it now (this sidecar's since the view included), else from the view's queue."""
+    """How long one more call sent there now waits for a slot (0 when it has one), on
+    average: Little's law on the calls ahead of it."""
     if not full_now(pod):
         return 0.0
     load = pod.load
     assert load is not None
-    if pod.slots > 0:
-        ahead = max(occupancy_now(pod) - pod.slots + 1, 1.0)
-    else:  # queueing in the view: this sidecar's calls since then joined its queue
-        ahead = load.waiting + max(pod.since_view, 0) + 1
     if load.rate > 0:
-        return ahead / load.rate
-    return ahead * FALLBACK_REQUEST_S / max(load.running, pod.slots, 1.0)
+        return calls_ahead(pod) / load.rate
+    return calls_ahead(pod) * FALLBACK_REQUEST_S / max(load.running, pod.slots, 1.0)
+
+
+def longest_wait_s(pod: SpillPod) -> float:
+    """How long one more call sent there now may wait for a slot (0 when it has one): a
+    whole request's time for each pod-full of calls ahead, as when the calls running there
+    started together (a fan-out's do, and a burst of them is what fills a pod)."""
+    if not full_now(pod):
+        return 0.0
+    load = pod.load
+    assert load is not None
+    slots = max(pod.slots, load.running, 1.0)
+    # A pod that is full runs `slots` requests; at its completion rate each takes this long.
+    request_s = slots / load.rate if load.rate > 0 else FALLBACK_REQUEST_S
+    return math.ceil(calls_ahead(pod) / slots) * request_s
 
 
 def choose_move(current: PodLoad | SpillPod | None,
@@ -215,17 +239,20 @@ def choose_spill(home: SpillPod, session_inflight: int, choices: Sequence[SpillP
 
 
 def worth_waiting(pod: SpillPod, prompt_tokens: int) -> bool:
-    """Does a call whose prompt is cached on this pod start sooner here than on a cold pod
-    with room? Ready, and either not full now or its wait shorter than the prompt's
-    prefill. (The first-touch script seeds a child onto its parent's pod only if so.)"""
-    return pod.ready and (not full_now(pod) or wait_now_s(pod) <= reprefill_s(prompt_tokens))
+    """Does a new session whose prompt is cached on this pod start sooner here than on a
+    cold pod with room? Ready, and either not full now or its longest wait shorter than the
+    prompt's prefill. (The first-touch script seeds a child onto its parent's pod only if
+    so.)"""
+    return pod.ready and (not full_now(pod)
+                          or longest_wait_s(pod) <= reprefill_s(prompt_tokens))
 
 
 def choose_seed(pods: Sequence[SpillPod], prompt_tokens: int = 0,
                 warm: Sequence[bool] = ()) -> int | None:
     """Where a subagent's session starts: index into `pods` (its parent's pod, the parent
     session's next rendezvous choice, then any other pods), or None for a pick of its own.
-    Each ready pod costs the wait a call meets there now, plus the prompt's prefill where
+    Each ready pod costs the longest wait a call may meet there now (`longest_wait_s`: the
+    session stays, and its fan-outs meet that queue again), plus the prompt's prefill where
     the prompt is not cached: the parent's pod holds the parent's prompt, which the
     child's starts with; another holds it when this sidecar sent that prefix there
     (`warm[i]`: a sibling started or a call spilled there). Only the first
@@ -239,7 +266,7 @@ def choose_seed(pods: Sequence[SpillPod], prompt_tokens: int = 0,
         cached = i == 0 or (i < len(warm) and warm[i])
         if not pod.ready or (i >= SEED_CHOICES and not cached):
             continue
-        cost = wait_now_s(pod) + (0.0 if cached else cold)
+        cost = longest_wait_s(pod) + (0.0 if cached else cold)
         if cost < best_cost:
             best, best_cost = i, cost
     if best is not None and full_now(pods[best]) and best_cost > cold:

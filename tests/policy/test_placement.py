@@ -16,6 +16,7 @@ from sidecar.policy.placement import (
     choose_seed,
     choose_spill,
     full_now,
+    longest_wait_s,
     move_budget,
     occupancy_now,
     reprefill_s,
@@ -312,23 +313,33 @@ def test_a_subagent_starts_on_its_parents_pod_else_on_the_next_one_with_room():
 
 
 def test_a_subagent_with_a_long_prompt_queues_briefly_at_its_parents_pod():
-    """The parent's pod queues one call at 20 completions/s (0.1 s). A 500-token prompt
-    prefills in 0.05 s on the next choice; a 4 000-token one would take 0.4 s there, so it
-    waits at the parent's pod, where the parent's prompt is cached, unless a sibling has
-    already taken that prompt to the next choice."""
+    """The parent's pod runs 8 calls at 20 completions/s (0.4 s each) and one more is
+    ahead: the wait is 0.1 s on average, 0.4 s at most (all 8 started together). A
+    500-token prompt prefills in 0.05 s on the next choice; a 6 000-token one would take
+    0.6 s there, so it waits at the parent's pod, where the parent's prompt is cached,
+    unless a sibling has already taken that prompt to the next choice."""
     parents = SpillPod(load(running=8, rate=20.0), local=1, since_view=1, slots=8)
     room = SpillPod(load(running=2, rate=20.0), slots=8)
     assert wait_now_s(parents) == pytest.approx(0.1)
+    assert longest_wait_s(parents) == pytest.approx(0.4)
     assert choose_seed([parents, room], 500) == 1
-    assert choose_seed([parents, room], 4_000) == 0
-    assert choose_seed([parents, room], 4_000, [True, True]) == 1
-    # a queue longer than the prefill: the next choice (or, both full, a pick of its own)
+    assert choose_seed([parents, room], 6_000) == 0
+    assert choose_seed([parents, room], 6_000, [True, True]) == 1
+    # nine calls ahead: two pod-fulls, 0.8 s, longer than the prefill: the next choice (or,
+    # both full, a pick of its own)
     long_queue = parents._replace(local=8, since_view=8)
-    assert choose_seed([long_queue, room], 4_000) == 1
-    assert choose_seed([long_queue, long_queue], 4_000) is None
+    assert longest_wait_s(long_queue) == pytest.approx(0.8)
+    assert choose_seed([long_queue, room], 6_000) == 1
+    assert choose_seed([long_queue, long_queue], 6_000) is None
     # where a sibling already started cold, the prompt is cached: the next one follows
-    assert choose_seed([long_queue, long_queue, room], 4_000, [False, False, True]) == 2
-    assert choose_seed([long_queue, long_queue, room], 4_000) is None  # not a third cold pod
+    assert choose_seed([long_queue, long_queue, room], 6_000, [False, False, True]) == 2
+    assert choose_seed([long_queue, long_queue, room], 6_000) is None  # not a third cold pod
+
+
+@given(spill_pods)
+def test_the_longest_wait_is_never_shorter_than_the_average(pod):
+    assert longest_wait_s(pod) >= wait_now_s(pod) * (1 - 1e-9)
+    assert (longest_wait_s(pod) > 0) == full_now(pod)
 
 
 @given(st.lists(spill_pods, min_size=1, max_size=4), prompts, st.lists(st.booleans()))
@@ -343,7 +354,7 @@ def test_a_subagent_never_waits_longer_than_the_prefill_it_saves(pods, prompt, w
     chosen = pods[index]
     assert chosen.ready and (index < 2 or (index < len(warm) and warm[index]))
     if full_now(chosen):
-        assert wait_now_s(chosen) <= reprefill_s(prompt)
+        assert longest_wait_s(chosen) <= reprefill_s(prompt)
 
 
 def test_a_burst_spills_before_the_view_shows_the_queue():

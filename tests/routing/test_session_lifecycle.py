@@ -18,10 +18,12 @@ from tests.conftest import CHAT, admin, chat, pool
 from tests.routing.test_store_topologies import stored, topology, until  # noqa: F401  (a fixture)
 from tests.support.redis_server import Monitor
 
-# A pod's reading when all its slots run and two calls queue: a wait at it is longer than
-# prefilling a short prompt anywhere.
+# A pod's reading when all its slots run and two calls queue: a call sent there may wait a
+# whole request (1 s assumed before a completion rate is known), longer than prefilling a
+# short prompt anywhere and shorter than prefilling LONG_PROMPT's 12 000 tokens.
 QUEUEING = PodLoad(running=8, waiting=2, kv_usage=0.5, at=0.0, source="metrics")
 LONG_QUEUE = PodLoad(running=8, waiting=20, kv_usage=0.5, at=0.0, source="metrics")
+LONG_PROMPT = {"model": "auto", "messages": [{"role": "user", "content": "x" * 48_000}]}
 
 
 def endpoint_of(running: Running, url: str):
@@ -87,8 +89,9 @@ async def test_a_child_does_not_follow_a_parent_whose_pod_is_ejected(
 
 async def test_a_child_weighs_its_parents_full_pod_in_every_topology(
         pods, sidecar, http, topology):  # noqa: F811
-    """b has never seen the parent, whose pod b reads as queueing (0.375 s of wait). A child
-    with a prompt that would prefill longer than that elsewhere starts on the parent's pod
+    """b has never seen the parent, whose pod b reads as queueing (up to 1 s of wait). A
+    child with a prompt that would prefill longer than that elsewhere starts on the parent's
+    pod
     all the same, within its first touch's one script where the topology reads the parent
     there; a child with a short prompt does not."""
     small = {"small": pool(await pods(4))}
@@ -97,9 +100,8 @@ async def test_a_child_weighs_its_parents_full_pod_in_every_topology(
     status, headers, _ = await chat(http, a, "lead")
     home = headers["x-sidecar-endpoint"]
     take_reading(endpoint_of(b, home), QUEUEING)
-    long_prompt = {"model": "auto", "messages": [{"role": "user", "content": "x" * 16_400}]}
     child = child_elsewhere(b, home, "long")
-    status, headers, _ = await chat(http, b, child, long_prompt,
+    status, headers, _ = await chat(http, b, child, LONG_PROMPT,
                                     **{"x-parent-session-id": "lead"})
     assert status == 200 and headers["x-sidecar-endpoint"] == home
     assert (stored(topology, child) or {}).get("endpoint") == home
@@ -120,12 +122,11 @@ async def test_siblings_that_start_on_their_own_pick_share_the_first_ones(pods, 
     beside = next(e for e in pool_.ranked(b"conv") if e.url != home)
     for endpoint in (endpoint_of(running, home), beside):
         take_reading(endpoint, LONG_QUEUE)
-    long_prompt = {"model": "auto", "messages": [{"role": "user", "content": "x" * 16_400}]}
     taken = [home, beside.url]
     for name in ("first", "second"):
         child = next(f"{name}-{i}" for i in range(500) if running.sidecar.router.propose(
             f"{name}-{i}", None).endpoint.url not in taken)
-        status, headers, _ = await chat(http, running, None, long_prompt, **{
+        status, headers, _ = await chat(http, running, None, LONG_PROMPT, **{
             "x-claude-code-session-id": "conv", "x-claude-code-agent-id": child})
         assert status == 200 and headers["x-sidecar-endpoint"] not in (home, beside.url)
         taken.append(headers["x-sidecar-endpoint"])
@@ -164,15 +165,14 @@ async def test_a_child_starts_on_its_parents_next_choice_while_the_parents_pod_i
 
 
 async def test_a_child_with_a_long_prompt_waits_at_its_parents_full_pod(pods, sidecar, http):
-    """The parent's pod queues two calls (0.375 s at the assumed second per call over its
-    eight slots). A child whose prompt would prefill in 0.4 s elsewhere starts there
-    anyway, where the prompt is cached; a short one starts on the parent's next choice."""
+    """The parent's pod queues: a call there may wait a whole request (1 s). A child whose
+    prompt would prefill in 1.2 s elsewhere starts there anyway, where the prompt is
+    cached; a short one starts on the parent's next choice."""
     running = await sidecar({"small": pool(await pods(3))})
     _, headers, _ = await chat(http, running, None, CHAT, **{"x-claude-code-session-id": "conv"})
     home = headers["x-sidecar-endpoint"]
     take_reading(endpoint_of(running, home), QUEUEING)
-    long_prompt = {"model": "auto", "messages": [{"role": "user", "content": "x" * 16_400}]}
-    for body, child, where in ((long_prompt, "agent-long", "home"), (CHAT, "agent-short",
+    for body, child, where in ((LONG_PROMPT, "agent-long", "home"), (CHAT, "agent-short",
                                                                       "beside")):
         status, headers, _ = await chat(http, running, None, body, **{
             "x-claude-code-session-id": "conv",
