@@ -105,6 +105,13 @@ def classify(exc: BaseException) -> Fault:
     return Fault.BUG
 
 
+def redirect_loop(exc: BaseException) -> bool:
+    """The Cluster client gave up after its redirections went round (redis-py's "TTL
+    exhausted"): a slot changing hands, its new owner not told yet while its old one already
+    points there. It settles within milliseconds; the command never ran."""
+    return isinstance(exc, ClusterError) and "TTL exhausted" in str(exc)
+
+
 def describe(exc: BaseException) -> str:
     """A short, secret-free name for logs and counters (never the URL or a password)."""
     return type(exc).__name__

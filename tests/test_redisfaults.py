@@ -170,3 +170,35 @@ async def test_waiting_for_a_busy_pool_is_not_an_outage() -> None:
         assert store.available and store.incidents == 0
     finally:
         await store.close()
+
+
+async def test_a_redirect_loop_while_a_slot_changes_hands_is_run_again_not_an_outage() -> None:
+    """The Cluster client gives up ("TTL exhausted") while a slot's old owner already points
+    at the new one and the new one does not know yet; the command never ran. It is run
+    again after a short pause; only a loop that outlasts the pauses trips the breaker."""
+    class SettlingClient(RaisingClient):
+        def __init__(self, loops: int) -> None:
+            super().__init__()
+            self.loops = loops
+
+        async def get(self, key: str) -> Any:
+            if self.loops:
+                self.loops -= 1
+                raise ClusterError("TTL exhausted.")
+            return b"r"
+
+    store = RedisStore(SettlingClient(loops=2), 60, 1.0, "test")
+    try:
+        assert await store.get("s") == b"r"
+        assert store.counters.redirect_loops == 2 and store.counters.errors == 0
+        assert store.available and store.incidents == 0
+    finally:
+        await store.close()
+    store = RedisStore(SettlingClient(loops=10), 60, 1.0, "test")
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.get("s")
+        assert store.counters.redirect_loops == 3 and store.counters.errors == 1
+        assert not store.available
+    finally:
+        await store.close()

@@ -25,7 +25,7 @@ from redis.asyncio.sentinel import Sentinel
 from sidecar.config import Settings, redact_url
 from sidecar.fleet.podview import VIEW_CHANNEL
 from sidecar.fleet.traffic import CLOCK_SCRIPT
-from sidecar.redisfaults import CAUGHT, Fault, classify, describe
+from sidecar.redisfaults import CAUGHT, Fault, classify, describe, redirect_loop
 from sidecar.supervise import Supervisor
 
 log = logging.getLogger("sidecar.store")
@@ -124,8 +124,14 @@ class StoreUnavailable(Exception):
         self.retry = retry
 
 
+# Pauses before running a command again when the Cluster redirected it in a loop (a slot
+# changing hands); the operation's budget (SIDECAR_REDIS_TIMEOUT_MS) still bounds them all.
+REDIRECT_LOOP_PAUSES_S = (0.005, 0.02, 0.05)
+
+
 class StoreCounters:
-    __slots__ = ("bugs", "busy", "created", "errors", "found", "skipped", "timeouts")
+    __slots__ = ("bugs", "busy", "created", "errors", "found", "redirect_loops", "skipped",
+                 "timeouts")
 
     def __init__(self) -> None:
         self.found = 0      # first touch found an existing record
@@ -135,6 +141,7 @@ class StoreCounters:
         self.skipped = 0    # operations not attempted because the store was unavailable
         self.busy = 0       # operations that waited the whole budget for a connection
         self.bugs = 0       # operations Redis refused as wrong (logged; the store stays up)
+        self.redirect_loops = 0  # commands run again after the Cluster redirected in a loop
 
     def view(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -364,7 +371,7 @@ class RedisStore:
                         "pod computes the same routes) and reconnecting in the background. "
                         "Check SIDECAR_REDIS_URL and that Redis is running and reachable.",
                         self.label, describe(exc))
-            self._trip()
+            self._trip("")
         if self._handler is None and self._level_handler is None:
             return
         if not hasattr(self.client, "pubsub"):
@@ -411,13 +418,15 @@ class RedisStore:
         if level and self._level_handler is not None:
             self._level_handler(bytes(level).decode())
 
-    def _trip(self) -> None:
+    def _trip(self, why: str) -> None:
+        """`why`: what failed (empty when the caller has said it already)."""
         if self._available:
             self._available = False
             self.incidents += 1
             self.down_since = time.time()
-            log.warning("redis %s is unavailable: routing without it (each pod computes the "
-                        "same routes) until it answers again", self.label)
+            log.warning("redis %s is unavailable%s: routing without it (each pod computes "
+                        "the same routes) until it answers again", self.label,
+                        f" ({why})" if why else "")
         if self._reconnect_task is None or self._reconnect_task.done():
             self._reconnect_task = self.supervisor.start(
                 "redis reconnect", self._reconnect, initial_backoff_s=RECONNECT_INTERVAL_S,
@@ -443,7 +452,7 @@ class RedisStore:
             async with asyncio.timeout(self.timeout_s):
                 async with self._permits:
                     acquired = loop.time()
-                    return await make()
+                    return await self._settled(make)
         except CAUGHT as exc:
             if isinstance(exc, TimeoutError) and (
                     acquired is None or acquired - started > self.timeout_s / 2):
@@ -460,8 +469,22 @@ class RedisStore:
                 self.counters.timeouts += 1
             else:
                 self.counters.errors += 1
-            self._trip()
+            self._trip(f"{op}: {describe(exc)}")
             raise StoreUnavailable(f"redis {op}: {describe(exc)}") from exc
+
+    async def _settled(self, make: Callable[[], Awaitable[Any]]) -> Any:
+        """`make()`, run again after a short pause while the Cluster redirects it in a loop
+        (a slot changing hands, which settles within milliseconds): not an outage until
+        the pauses are spent, and the caller's budget bounds them."""
+        for pause in REDIRECT_LOOP_PAUSES_S:
+            try:
+                return await make()
+            except CAUGHT as exc:
+                if not redirect_loop(exc):
+                    raise
+            self.counters.redirect_loops += 1
+            await asyncio.sleep(pause)
+        return await make()
 
     def _log_bug(self, op: str, exc: BaseException) -> None:
         """Once per operation and exception type: the traceback says what to fix."""
