@@ -371,7 +371,7 @@ class RedisStore:
                         "pod computes the same routes) and reconnecting in the background. "
                         "Check SIDECAR_REDIS_URL and that Redis is running and reachable.",
                         self.label, describe(exc))
-            self._trip("")
+            self._trip()
         if self._handler is None and self._level_handler is None:
             return
         if not hasattr(self.client, "pubsub"):
@@ -418,7 +418,7 @@ class RedisStore:
         if level and self._level_handler is not None:
             self._level_handler(bytes(level).decode())
 
-    def _trip(self, why: str) -> None:
+    def _trip(self, why: str = "") -> None:
         """`why`: what failed (empty when the caller has said it already)."""
         if self._available:
             self._available = False
