@@ -177,8 +177,8 @@ class Router:
                       body: bytes = b"") -> Route:
         """First touch: one store round trip (shared by concurrent requests of the session).
         `pool` is the pool the request's model names; without one the table chooses. A new
-        session naming a `parent` starts on the parent's route while its pod has room
-        (see `_seeded`; `body`, the first request's, weighs its prefill elsewhere).
+        session naming a `parent` starts on or beside the parent's route (see `_seeded`;
+        `body`, the first request's, weighs its prefill elsewhere against the wait there).
 
         The first request runs it inline (no task: its pick must count toward the next
         request's bounded load); the others wait on a shielded future. Should the first
@@ -261,7 +261,7 @@ class Router:
 
     # -- subagents start warm --------------------------------------------------------------
 
-    def _no_room(self, now: float, prompt_tokens: int) -> list[str]:
+    def _not_worth_waiting(self, now: float, prompt_tokens: int) -> list[str]:
         """Endpoints the first-touch script must not seed a child onto: not ready, holding
         off, or full with a wait longer than prefilling the child's prompt on a pod with
         room (placement.worth_waiting)."""
@@ -334,7 +334,7 @@ class Router:
             asked_at = time.perf_counter()
             stored, how = await self.store.get_or_create_child(
                 session, record, parent, named,
-                self._no_room(loop_now, len(body) // BYTES_PER_TOKEN),
+                self._not_worth_waiting(loop_now, len(body) // BYTES_PER_TOKEN),
                 self._wall_stamp(time.time()),
                 f"started on its parent session's pod ({parent})")
             self.telemetry.observe("redis_latency", (), time.perf_counter() - asked_at)
