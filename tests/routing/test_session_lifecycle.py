@@ -42,6 +42,13 @@ def child_elsewhere(running: Running, parent_url: str, prefix: str = "child") ->
     raise AssertionError("every candidate lands on the parent's pod")
 
 
+async def stores_up(*sidecars: Running) -> None:
+    """Each sidecar's store answers (a Sentinel topology may still be electing its master
+    when a sidecar starts; it reconnects in the background)."""
+    await until(lambda: all(s.sidecar.router.store.available for s in sidecars),
+                "a sidecar's store never came up")
+
+
 async def sessions_on(http, running: Running) -> dict[str, int]:
     async with http.get(admin(running) + "/endpoints") as response:
         assert response.status == 200
@@ -54,6 +61,7 @@ async def test_a_child_session_starts_on_its_parents_pod_in_every_topology(
     small = {"small": pool(await pods(4))}
     a = await sidecar(small, **topology.env, SIDECAR_REDIS_TIMEOUT_MS="1000")
     b = await sidecar(small, **topology.env, SIDECAR_REDIS_TIMEOUT_MS="1000")
+    await stores_up(a, b)
     status, headers, _ = await chat(http, a, "lead")
     assert status == 200
     home = headers["x-sidecar-endpoint"]
@@ -74,6 +82,7 @@ async def test_a_child_does_not_follow_a_parent_whose_pod_is_ejected(
     small = {"small": pool(await pods(4))}
     a = await sidecar(small, **topology.env, SIDECAR_REDIS_TIMEOUT_MS="1000")
     b = await sidecar(small, **topology.env, SIDECAR_REDIS_TIMEOUT_MS="1000")
+    await stores_up(a, b)
     status, headers, _ = await chat(http, a, "lead")
     home = headers["x-sidecar-endpoint"]
     child = child_elsewhere(b, home)
@@ -97,6 +106,7 @@ async def test_a_child_weighs_its_parents_full_pod_in_every_topology(
     small = {"small": pool(await pods(4))}
     a = await sidecar(small, **topology.env, SIDECAR_REDIS_TIMEOUT_MS="1000")
     b = await sidecar(small, **topology.env, SIDECAR_REDIS_TIMEOUT_MS="1000")
+    await stores_up(a, b)
     status, headers, _ = await chat(http, a, "lead")
     home = headers["x-sidecar-endpoint"]
     take_reading(endpoint_of(b, home), QUEUEING)
