@@ -23,7 +23,7 @@ from sidecar.tools.fakellm import Behaviour, FakeLLM, start_fake_llm
 from tests.support.fake_nomad import FakeNomad
 from tests.support.redis_server import Monitor, RedisServer, free_port, redis_binary, redis_version
 
-REDIS_FIXTURES = {"redis_server", "monitor"}
+REDIS_FIXTURES = {"redis_server", "monitor", "topology"}
 
 
 def pytest_report_header() -> str:
