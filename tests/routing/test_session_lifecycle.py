@@ -15,7 +15,12 @@ from sidecar.fleet.podload import PodLoad
 from sidecar.routing.sessions import Route, RouteCache
 from sidecar.server import Running
 from tests.conftest import CHAT, admin, chat, pool
-from tests.routing.test_store_topologies import stored, topology, until  # noqa: F401  (a fixture)
+from tests.routing.test_store_topologies import (  # noqa: F401  (`topology`: a fixture)
+    Topology,
+    stored,
+    topology,
+    until,
+)
 from tests.support.redis_server import Monitor
 
 # A pod's reading when all its slots run and two calls queue: a call sent there may wait a
@@ -32,14 +37,17 @@ def endpoint_of(running: Running, url: str):
     return endpoint
 
 
-def child_elsewhere(running: Running, parent_url: str, prefix: str = "child") -> str:
-    """A session id whose own placement (no parent) is not the parent's pod."""
+def child_elsewhere(running: Running, avoid: str | tuple[str, ...],
+                    prefix: str = "child") -> str:
+    """A session id whose own placement (no parent) is none of the pods in `avoid` (the
+    parent's, and any others)."""
+    urls = (avoid,) if isinstance(avoid, str) else avoid
     for i in range(200):
         candidate = f"{prefix}-{i}"
         endpoint = running.sidecar.router.propose(candidate, None).endpoint
-        if endpoint is not None and endpoint.url != parent_url:
+        if endpoint is not None and endpoint.url not in urls:
             return candidate
-    raise AssertionError("every candidate lands on the parent's pod")
+    raise AssertionError("every candidate lands on a pod to avoid")
 
 
 async def stores_up(*sidecars: Running) -> None:
@@ -47,6 +55,27 @@ async def stores_up(*sidecars: Running) -> None:
     when a sidecar starts; it reconnects in the background)."""
     await until(lambda: all(s.sidecar.router.store.available for s in sidecars),
                 "a sidecar's store never came up")
+
+
+async def parent_and_child_sidecars(pods, sidecar, http, redis: Topology
+                                    ) -> tuple[Running, Running, str]:
+    """Two sidecars over four pods sharing `redis`, both stores answering; the parent
+    session "lead" placed through the first. Returns them and the parent's pod."""
+    small = {"small": pool(await pods(4))}
+    a = await sidecar(small, **redis.env, SIDECAR_REDIS_TIMEOUT_MS="1000")
+    b = await sidecar(small, **redis.env, SIDECAR_REDIS_TIMEOUT_MS="1000")
+    await stores_up(a, b)
+    status, headers, _ = await chat(http, a, "lead")
+    assert status == 200
+    return a, b, headers["x-sidecar-endpoint"]
+
+
+async def claude_parent(http, running: Running) -> str:
+    """A Claude Code session "conv" placed through `running`: its pod."""
+    status, headers, _ = await chat(http, running, None, CHAT,
+                                    **{"x-claude-code-session-id": "conv"})
+    assert status == 200
+    return headers["x-sidecar-endpoint"]
 
 
 async def sessions_on(http, running: Running) -> dict[str, int]:
@@ -58,13 +87,7 @@ async def sessions_on(http, running: Running) -> dict[str, int]:
 
 async def test_a_child_session_starts_on_its_parents_pod_in_every_topology(
         pods, sidecar, http, topology):  # noqa: F811
-    small = {"small": pool(await pods(4))}
-    a = await sidecar(small, **topology.env, SIDECAR_REDIS_TIMEOUT_MS="1000")
-    b = await sidecar(small, **topology.env, SIDECAR_REDIS_TIMEOUT_MS="1000")
-    await stores_up(a, b)
-    status, headers, _ = await chat(http, a, "lead")
-    assert status == 200
-    home = headers["x-sidecar-endpoint"]
+    a, b, home = await parent_and_child_sidecars(pods, sidecar, http, topology)
     child = child_elsewhere(b, home)
     # b has never seen the parent: it learns its route from Redis on the child's first touch.
     status, headers, _ = await chat(http, b, child, **{"x-parent-session-id": "lead"})
@@ -79,12 +102,7 @@ async def test_a_child_session_starts_on_its_parents_pod_in_every_topology(
 
 async def test_a_child_does_not_follow_a_parent_whose_pod_is_ejected(
         pods, sidecar, http, topology):  # noqa: F811
-    small = {"small": pool(await pods(4))}
-    a = await sidecar(small, **topology.env, SIDECAR_REDIS_TIMEOUT_MS="1000")
-    b = await sidecar(small, **topology.env, SIDECAR_REDIS_TIMEOUT_MS="1000")
-    await stores_up(a, b)
-    status, headers, _ = await chat(http, a, "lead")
-    home = headers["x-sidecar-endpoint"]
+    _, b, home = await parent_and_child_sidecars(pods, sidecar, http, topology)
     child = child_elsewhere(b, home)
     endpoint_of(b, home).outlier.eject(retry_at=float("inf"))
     status, headers, _ = await chat(http, b, child, **{"x-parent-session-id": "lead"})
@@ -100,15 +118,9 @@ async def test_a_child_weighs_its_parents_full_pod_in_every_topology(
         pods, sidecar, http, topology):  # noqa: F811
     """b has never seen the parent, whose pod b reads as queueing (up to 1 s of wait). A
     child with a prompt that would prefill longer than that elsewhere starts on the parent's
-    pod
-    all the same, within its first touch's one script where the topology reads the parent
-    there; a child with a short prompt does not."""
-    small = {"small": pool(await pods(4))}
-    a = await sidecar(small, **topology.env, SIDECAR_REDIS_TIMEOUT_MS="1000")
-    b = await sidecar(small, **topology.env, SIDECAR_REDIS_TIMEOUT_MS="1000")
-    await stores_up(a, b)
-    status, headers, _ = await chat(http, a, "lead")
-    home = headers["x-sidecar-endpoint"]
+    pod all the same, within its first touch's one script where the topology reads the
+    parent there; a child with a short prompt does not."""
+    _, b, home = await parent_and_child_sidecars(pods, sidecar, http, topology)
     take_reading(endpoint_of(b, home), QUEUEING)
     child = child_elsewhere(b, home, "long")
     status, headers, _ = await chat(http, b, child, LONG_PROMPT,
@@ -126,16 +138,14 @@ async def test_siblings_that_start_on_their_own_pick_share_the_first_ones(pods, 
     first child starts cold on a pick of its own, and its sibling, whose own pick is
     another pod, follows it there, where the parent's prompt is now cached."""
     running = await sidecar({"small": pool(await pods(4))})
-    _, headers, _ = await chat(http, running, None, CHAT, **{"x-claude-code-session-id": "conv"})
-    home = headers["x-sidecar-endpoint"]
+    home = await claude_parent(http, running)
     [pool_] = running.sidecar.pools.pools.values()
     beside = next(e for e in pool_.ranked(b"conv") if e.url != home)
     for endpoint in (endpoint_of(running, home), beside):
         take_reading(endpoint, LONG_QUEUE)
     taken = [home, beside.url]
     for name in ("first", "second"):
-        child = next(f"{name}-{i}" for i in range(500) if running.sidecar.router.propose(
-            f"{name}-{i}", None).endpoint.url not in taken)
+        child = child_elsewhere(running, tuple(taken), name)
         status, headers, _ = await chat(http, running, None, LONG_PROMPT, **{
             "x-claude-code-session-id": "conv", "x-claude-code-agent-id": child})
         assert status == 200 and headers["x-sidecar-endpoint"] not in (home, beside.url)
@@ -150,8 +160,7 @@ async def test_a_child_starts_on_its_parents_next_choice_while_the_parents_pod_i
     choice (where its siblings that overflow go too, sharing the parent's prompt there);
     that one saturated as well, on a pick of its own."""
     running = await sidecar({"small": pool(await pods(3))})
-    _, headers, _ = await chat(http, running, None, CHAT, **{"x-claude-code-session-id": "conv"})
-    home = headers["x-sidecar-endpoint"]
+    home = await claude_parent(http, running)
     first = child_elsewhere(running, home, "agent-a")
     claude_child = {"x-claude-code-session-id": "conv", "x-claude-code-agent-id": first}
     status, headers, _ = await chat(http, running, None, CHAT, **claude_child)
@@ -166,8 +175,7 @@ async def test_a_child_starts_on_its_parents_next_choice_while_the_parents_pod_i
     assert status == 200 and headers["x-sidecar-endpoint"] == beside.url
     assert running.sidecar.router.counters.seeded_from_parent == 2
     take_reading(beside, QUEUEING)
-    third = next(f"agent-c-{i}" for i in range(200) if running.sidecar.router.propose(
-        f"agent-c-{i}", None).endpoint.url not in (home, beside.url))
+    third = child_elsewhere(running, (home, beside.url), "agent-c")
     status, headers, _ = await chat(http, running, None, CHAT, **{
         "x-claude-code-session-id": "conv", "x-claude-code-agent-id": third})
     assert status == 200 and headers["x-sidecar-endpoint"] not in (home, beside.url)
@@ -179,8 +187,7 @@ async def test_a_child_with_a_long_prompt_waits_at_its_parents_full_pod(pods, si
     prompt would prefill in 1.2 s elsewhere starts there anyway, where the prompt is
     cached; a short one starts on the parent's next choice."""
     running = await sidecar({"small": pool(await pods(3))})
-    _, headers, _ = await chat(http, running, None, CHAT, **{"x-claude-code-session-id": "conv"})
-    home = headers["x-sidecar-endpoint"]
+    home = await claude_parent(http, running)
     take_reading(endpoint_of(running, home), QUEUEING)
     for body, child, where in ((LONG_PROMPT, "agent-long", "home"), (CHAT, "agent-short",
                                                                       "beside")):
