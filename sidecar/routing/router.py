@@ -266,29 +266,27 @@ class Router:
         off, or full with a wait longer than prefilling the child's prompt on a pod with
         room (placement.worth_waiting)."""
         return [e.url for p in self.pools.pools.values() for e in p.endpoints
-                if not worth_waiting(_spill_pod(e, now)._replace(since_view=e.since_load()),
-                                     prompt_tokens)]
+                if not worth_waiting(_seed_pod(e, now), prompt_tokens)]
 
     def _follow(self, session: str, parent: Route, named: str | None, now: float,
-                body: bytes = b"") -> Route | None:
+                prompt_tokens: int, prefix: bytes) -> Route | None:
         """The child's route on its parent's pod, or beside it — the parent session's next
-        choice, or a pod a sibling took the prompt to — when waiting at the parent's costs
-        more than starting there (placement.choose_seed: the wait against `body`'s prompt's
-        prefill); same pool as the request's model names, when it names one."""
+        choice, or a pod a sibling took the prompt (`prefix`, see `prefix_key`) to — when
+        waiting at the parent's costs more than starting there (placement.choose_seed: the
+        wait against the prompt's prefill); same pool as the request's model names, when it
+        names one."""
         home = parent.endpoint
         pool = self.pools.get(parent.pool)
         if home is None or pool is None or home.pool != pool.name or (
                 named is not None and parent.pool != named):
             return None
         ranked = [e for e in pool.ranked(parent.session.encode()) if e is not home]
-        prefix = prefix_key(body)
         # The parent's pod, its session's next choice, then wherever a sibling took the
         # prompt before (a cold start of its own, a spill).
         candidates = [home, *ranked[:SEED_CHOICES - 1],
                       *(e for e in ranked[SEED_CHOICES - 1:] if prefix in e.prefixes)]
         # A saturated pod stays a candidate: its wait is weighed against a cold prefill.
-        index = choose_seed([_spill_pod(e, now)._replace(since_view=e.since_load())
-                             for e in candidates], len(body) // BYTES_PER_TOKEN,
+        index = choose_seed([_seed_pod(e, now) for e in candidates], prompt_tokens,
                             [prefix in e.prefixes for e in candidates])
         if index is None:
             return None
@@ -319,11 +317,13 @@ class Router:
                 except StoreUnavailable:
                     record = None
                 parent_route = Route.from_record(parent, record, self.pools) if record else None
-            followed = (self._follow(session, parent_route, named, loop_now, body)
+            prefix = prefix_key(body)
+            followed = (self._follow(session, parent_route, named, loop_now,
+                                     len(body) // BYTES_PER_TOKEN, prefix)
                         if parent_route is not None else None)
             if followed is None and parent_route is not None and proposal.endpoint is not None:
                 # A cold start of its own: the siblings that follow find the prompt there.
-                proposal.endpoint.sent_prefix(prefix_key(body))
+                proposal.endpoint.sent_prefix(prefix)
             route, created = await self._stored(session, followed or proposal, now,
                                                 named=named, fresh=followed is None)
             if created and followed is not None:
@@ -711,3 +711,9 @@ def _spill_pod(endpoint: Endpoint, now: float = 0.0) -> SpillPod:
     return SpillPod(endpoint.load, endpoint.inflight,
                     endpoint.inflight - endpoint.inflight_at_load, endpoint.slots,
                     endpoint.outlier.available(now))
+
+
+def _seed_pod(endpoint: Endpoint, now: float) -> SpillPod:
+    """The pod as a new session's placement sees it: since the reading, this sidecar's
+    calls there and the sessions it started there (which will bring their calls)."""
+    return _spill_pod(endpoint, now)._replace(since_view=endpoint.since_load())
