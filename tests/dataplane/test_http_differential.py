@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1071,6 +1071,18 @@ def fuzz_settings(examples: int) -> Any:
                     suppress_health_check=list(HealthCheck))
 
 
+def explore(rig: Rig, property_: Callable[[], None], side: str,
+            cases: Callable[[], int]) -> None:
+    """Runs a property (seeded by LLMSC_FUZZ_SEED when set) and prints what it covered."""
+    if SEED is not None:
+        property_ = seed(int(SEED))(property_)
+    started = time.monotonic()
+    property_()
+    print(f"\ndifferential: {cases()} {side} cases, {rig.probes} probes, "
+          f"{time.monotonic() - started:.0f} s; {dict(sorted(rig.tally.items()))}")
+    rig.tally.clear()
+
+
 # The whole run is bounded by the cases' own bounds; this only catches a runaway.
 @pytest.mark.timeout(120 + 10 * CLIENT_EXAMPLES)
 def test_client_bytes_reach_the_upstream_as_h11_reads_them_or_are_refused(rig: Rig) -> None:
@@ -1081,13 +1093,7 @@ def test_client_bytes_reach_the_upstream_as_h11_reads_them_or_are_refused(rig: R
         rig.run(client_case(rig, case))
         check_alive(rig.client_side)
 
-    if SEED is not None:
-        property_ = seed(int(SEED))(property_)
-    started = time.monotonic()
-    property_()
-    print(f"\ndifferential: {rig.client_cases} client cases, {rig.probes} probes, "
-          f"{time.monotonic() - started:.0f} s; {dict(sorted(rig.tally.items()))}")
-    rig.tally.clear()
+    explore(rig, property_, "client", lambda: rig.client_cases)
 
 
 @pytest.mark.timeout(120 + 20 * UPSTREAM_EXAMPLES)
@@ -1099,13 +1105,7 @@ def test_upstream_bytes_reach_the_client_as_h11_reads_them_or_a_clear_5xx(rig: R
         rig.run(upstream_case(rig, case))
         check_alive(rig.upstream_side)
 
-    if SEED is not None:
-        property_ = seed(int(SEED))(property_)
-    started = time.monotonic()
-    property_()
-    print(f"\ndifferential: {rig.upstream_cases} upstream cases, {rig.probes} probes, "
-          f"{time.monotonic() - started:.0f} s; {dict(sorted(rig.tally.items()))}")
-    rig.tally.clear()
+    explore(rig, property_, "upstream", lambda: rig.upstream_cases)
 
 
 def test_nothing_is_left_open_after_the_cases(rig: Rig) -> None:
