@@ -87,9 +87,15 @@ class Endpoint:
         """A new session starts here (counted until the next reading: `since_load`)."""
         self.placed += 1
 
+    def take_call(self) -> None:
+        """A call of a session whose first touch is under way will come here with it
+        (counted like a new session, until the next reading)."""
+        self.placed += 1
+
     def since_load(self) -> int:
         """This sidecar's news the reading lacks, for placing a new session: its calls
-        there since (net of those that ended) plus the sessions it started there since."""
+        there since (net of those that ended) plus the sessions it started there since and
+        the calls waiting on their first touch."""
         return self.inflight - self.inflight_at_load + self.placed
 
     def sent_prefix(self, prefix: bytes) -> None:

@@ -32,10 +32,12 @@ Thresholds, and why:
   not full now and within the bounded-load factor of the pool's mean load; if none is, to
   the one of them where a call waits least. Load is requests on the pod (running + waiting,
   plus this sidecar's calls and new sessions there since the view: sessions that start in
-  one burst are placed before the view shows any of them) weighted by how long the pod
-  takes per request (Little's law: running / completion rate) relative to the pool's
-  median, so a pod at half speed counts its sessions twice. Three choices keep a session's
-  pod predictable while giving a hot pod two ways out — the power of two choices, plus one.
+  one burst are placed before the view shows any of them; a new session counts as many
+  calls as wait on its first touch, since an agent's parallel calls arrive together)
+  weighted by how long the pod takes per request (Little's law: running / completion
+  rate) relative to the pool's median, so a pod at half speed counts its sessions twice.
+  Three choices keep a session's pod predictable while giving a hot pod two ways out —
+  the power of two choices, plus one.
 - A subagent's session starts on its parent's pod or the parent session's next rendezvous
   choice (`SEED_CHOICES`), or a pod where a sibling took the prompt before, whichever
   costs less: the longest wait a call may meet there now (a whole request's time per

@@ -87,6 +87,9 @@ class Router:
         # keeps refreshes at least a tenth of the TTL apart.
         self._refresh_after = settings.session_ttl_s * 0.1 + STAMP_RESOLUTION_S
         self._first_touch: dict[str, asyncio.Future[Route]] = {}
+        # session → the pod its pending first touch proposes: the session's other calls,
+        # waiting on that first touch, will go there too.
+        self._heading: dict[str, Endpoint] = {}
         self._taken_over: set[asyncio.Task[Route]] = set()  # first touches a waiter took on
         self._pending_refresh: set[str] = set()
         self._writes: set[asyncio.Task[None]] = set()
@@ -187,6 +190,11 @@ class Router:
         pending = self._first_touch.get(session)
         if pending is not None:
             self.counters.coalesced += 1
+            heading = self._heading.get(session)
+            if heading is not None:
+                # An agent's parallel calls arrive together: the next session placed
+                # while they wait must see all of them, not one call.
+                heading.take_call()
             return await asyncio.shield(pending)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Route] = loop.create_future()
@@ -214,6 +222,7 @@ class Router:
         gets its route or its error."""
         if self._first_touch.get(session) is future:
             del self._first_touch[session]
+            self._heading.pop(session, None)
         if task is not None:
             if task.cancelled():
                 future.cancel()
@@ -236,6 +245,8 @@ class Router:
         current = self.cache.peek(session)
         proposal = current if current is not None else self.propose(session, selector, pool)
         proposal.refreshed_at = now
+        if current is None and proposal.endpoint is not None:
+            self._heading[session] = proposal.endpoint
         if current is None and parent is not None and not local:
             return await self._seeded(session, proposal, parent, pool, now, body)
         if local:
@@ -291,6 +302,7 @@ class Router:
         if index is None:
             return None
         candidates[index].take_session()
+        self._heading[session] = candidates[index]
         if index > 0:  # its siblings that follow find the parent's prompt cached there
             candidates[index].sent_prefix(prefix)
         why = (f"started on its parent session's pod ({parent.session})" if index == 0 else

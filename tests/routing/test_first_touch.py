@@ -13,6 +13,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from sidecar.fleet.loads import take_reading
+from sidecar.fleet.podload import PodLoad
 from tests.conftest import pool
 from tests.support.raw_http import post
 from tests.support.raw_peers import Client
@@ -100,3 +102,40 @@ async def test_a_waiter_leaving_does_not_cancel_the_shared_first_touch(
         second.close()
         thread.join(SLEEP_S + 10)
     assert pod.requests == 1, "the second request reached the pod, the first never did"
+
+
+async def test_calls_waiting_on_a_first_touch_count_toward_the_next_sessions_pod(
+        debug_redis, pods, sidecar):
+    """An agent sends a turn's parallel calls at once: while its first touch is in flight,
+    the calls waiting on it are calls headed for its pod, so a new session placed meanwhile
+    sees three calls there, not one, and starts on the other pod (bounded load: 3 + 1 is
+    over 1.25 × the pool's mean)."""
+    idle = PodLoad(running=0, waiting=0, kv_usage=0.0, at=0.0, source="metrics")
+    running = await sidecar({"small": pool(await pods(2))}, SIDECAR_REDIS_URL=debug_redis.url,
+                            SIDECAR_REDIS_TIMEOUT_MS="8000")
+    [pool_] = running.sidecar.pools.pools.values()
+    for endpoint in pool_.endpoints:
+        take_reading(endpoint, idle)
+    router = running.sidecar.router
+    agent_pod = pool_.ranked(b"agent")[0]
+    # A session whose first choice is the agent's pod: it goes elsewhere only by counting.
+    newcomer = next(s for i in range(200) if pool_.ranked((s := f"next-{i}").encode())[0]
+                    is agent_pod)
+    clients = [await Client.open(running.port) for _ in range(4)]
+    thread = stall(debug_redis)
+    try:
+        await wait_blocked(debug_redis)
+        for client in clients[:3]:
+            await client.send(post(body=b'{"model":"auto","messages":[]}',
+                                   headers=[b"x-session-id: agent"]))
+        await wait_for(lambda: router.counters.coalesced == 2, "the agent's calls to wait")
+        await clients[3].send(post(body=b'{"model":"auto","messages":[]}',
+                                   headers=[f"x-session-id: {newcomer}".encode()]))
+        answers = [await client.final(b"POST", timeout=SLEEP_S + 8) for client in clients]
+    finally:
+        for client in clients:
+            client.close()
+        thread.join(SLEEP_S + 10)
+    assert [a.status for a in answers] == [200] * 4, [a.raw[:300] for a in answers]
+    assert {a.header("x-sidecar-endpoint") for a in answers[:3]} == {agent_pod.url.encode()}
+    assert answers[3].header("x-sidecar-endpoint") != agent_pod.url.encode()
