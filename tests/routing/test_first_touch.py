@@ -119,8 +119,8 @@ async def test_calls_waiting_on_a_first_touch_count_toward_the_next_sessions_pod
     router = running.sidecar.router
     agent_pod = pool_.ranked(b"agent")[0]
     # A session whose first choice is the agent's pod: it goes elsewhere only by counting.
-    newcomer = next(s for i in range(200) if pool_.ranked((s := f"next-{i}").encode())[0]
-                    is agent_pod)
+    newcomer = next(f"next-{i}" for i in range(200)
+                    if pool_.ranked(f"next-{i}".encode())[0] is agent_pod)
     clients = [await Client.open(running.port) for _ in range(4)]
     thread = stall(debug_redis)
     try:
