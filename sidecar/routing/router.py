@@ -256,16 +256,20 @@ class Router:
         record = proposal.record()
         if self._unwritten.get(session) == record:
             # This pod moved the session while Redis was away: its move is the news, so it is
-            # written, not overwritten by the record Redis kept from before.
+            # written, not overwritten by the record Redis kept from before — unless another
+            # pod moved it later, which wins.
             try:
-                await self.store.update(session, record)
+                later = await self.store.update(session, record, proposal.changed_at)
             except StoreUnavailable:
                 self.counters.resolved_without_store += 1
                 self.cache.put(proposal, now)
                 return proposal
+            self.cache.put(proposal, now)
+            if later is not None:
+                self._later_kept(session, record, later)
+                return self.cache.peek(session) or proposal
             self._written(session, record)
             proposal.synced = True
-            self.cache.put(proposal, now)
             return proposal
         return (await self._stored(session, proposal, now, record, named=pool,
                                    fresh=current is None))[0]
@@ -504,12 +508,13 @@ class Router:
         if not changed:
             return
         route.reason = reason
+        route.changed_at = self._wall_stamp(wall)
         self.counters.route_changes += 1
         # A route that left the cache while this call was in flight (its session ended or
         # was deleted, or another pod's move replaced it) is no longer the session's: its
         # write would bring back what was dropped.
         if not local and self.cache.peek(route.session) is route:
-            self._write_behind(route.session, route.record())
+            self._write_behind(route.session, route.record(), route.changed_at)
 
     def _remote_change(self, session: str, record: bytes) -> None:
         """Another pod moved (or forgot) a session: follow it if this pod holds the route."""
@@ -529,7 +534,17 @@ class Router:
         route.refreshed_at = current.refreshed_at
         self.cache.put(route, current.last_seen)
 
-    def _write_behind(self, session: str, record: bytes) -> None:
+    def _later_kept(self, session: str, record: bytes, later: bytes) -> None:
+        """Redis kept another pod's later change instead of writing this pod's `record`:
+        the later one wins here too, unless this pod's route changed again since (that
+        change is its own write, and its own news)."""
+        route = self.cache.peek(session)
+        if route is not None and route.record() == record:
+            self._remote_change(session, later)
+        elif self._unwritten.get(session) == record:
+            del self._unwritten[session]
+
+    def _write_behind(self, session: str, record: bytes, changed_at: float) -> None:
         # Noted before the write is tried: a re-read racing the write (after a pub/sub gap)
         # must write this move, not take Redis's older record back.
         if session in self._unwritten or len(self._unwritten) < MAX_UNWRITTEN_MOVES:
@@ -538,18 +553,21 @@ class Router:
             self.counters.writes_dropped += 1
             return
         task = self.supervisor.start("route write-behind",
-                                     lambda: self._update(session, record),
+                                     lambda: self._update(session, record, changed_at),
                                      attempts=WRITE_ATTEMPTS)
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 
-    async def _update(self, session: str, record: bytes) -> None:
+    async def _update(self, session: str, record: bytes, changed_at: float) -> None:
         try:
-            await self.store.update(session, record)
+            later = await self.store.update(session, record, changed_at)
         except StoreUnavailable:
             # Redis away (counted by the store): the move stays noted and is written once
             # Redis is back, so none is lost to an outage; other pods keep the old route
             # until then.
+            return
+        if later is not None:
+            self._later_kept(session, record, later)
             return
         self._written(session, record)
 
@@ -571,9 +589,12 @@ class Router:
                 self._unwritten.pop(session, None)
                 continue
             try:
-                await self.store.update(session, record)
+                later = await self.store.update(session, record, route.changed_at)
             except StoreUnavailable:
                 return
+            if later is not None:
+                self._later_kept(session, record, later)
+                continue
             self._written(session, record)
             route.synced = True
 

@@ -55,13 +55,14 @@ class Route:
     """Where a session goes. `endpoint` is the endpoint that served it last."""
 
     # The fallback pool and its deadline share one slot (a tuple only while a session is
-    # on a fallback): eleven slots, not twelve.
-    __slots__ = ("created_at", "detour", "endpoint", "inflight", "last_seen", "pool",
-                 "reason", "refreshed_at", "selector", "session", "synced")
+    # on a fallback): twelve slots, not thirteen.
+    __slots__ = ("changed_at", "created_at", "detour", "endpoint", "inflight", "last_seen",
+                 "pool", "reason", "refreshed_at", "selector", "session", "synced")
 
     def __init__(self, session: str, selector: int, pool: str, endpoint: Endpoint | None,
                  created_at: float, fallback: str | None = None,
-                 fallback_until: float = 0.0, reason: str | None = None) -> None:
+                 fallback_until: float = 0.0, reason: str | None = None,
+                 changed_at: float | None = None) -> None:
         self.session = session
         self.selector = selector
         self.pool = pool  # the primary pool, chosen by the selector at creation
@@ -70,6 +71,9 @@ class Route:
         self.detour: tuple[str, float] | None = (
             None if fallback is None else (fallback, fallback_until))
         self.created_at = created_at
+        # When the route last changed (wall clock; its creation until it moves): of two
+        # writes of one session's route, the later change wins (see store.WRITE_AND_ANNOUNCE).
+        self.changed_at = created_at if changed_at is None else changed_at
         self.reason = reason  # why the route last moved (failover), for operators
         self.last_seen = 0.0
         self.refreshed_at = 0.0
@@ -97,6 +101,7 @@ class Route:
             "fallback": self.fallback,
             "fallback_until": self.fallback_until,
             "created_at": self.created_at,
+            "changed_at": self.changed_at,
             "reason": self.reason,
         })))
 
@@ -112,11 +117,13 @@ class Route:
                 return None
             endpoint = pools.endpoint(serving, url) if isinstance(url, str) else None
             reason = fields.get("reason")
+            created_at = float(fields.get("created_at", 0.0))
             return cls(session, int(fields["selector"]) & 0x0F, pools.pools[pool].name,
-                       endpoint, float(fields.get("created_at", 0.0)),
+                       endpoint, created_at,
                        fields.get("fallback") if pools.get(serving) else None,
                        float(fields.get("fallback_until") or 0.0),
-                       reason if isinstance(reason, str) else None)
+                       reason if isinstance(reason, str) else None,
+                       float(fields.get("changed_at") or created_at))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return None
 
@@ -124,7 +131,8 @@ class Route:
         return {"session": self.session, "selector": self.selector, "pool": self.pool,
                 "endpoint": self.endpoint.url if self.endpoint else None,
                 "fallback": self.fallback, "fallback_until": self.fallback_until,
-                "created_at": self.created_at, "reason": self.reason, "synced": self.synced}
+                "created_at": self.created_at, "changed_at": self.changed_at,
+                "reason": self.reason, "synced": self.synced}
 
 
 class RouteCache:

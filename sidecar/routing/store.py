@@ -87,6 +87,7 @@ if parent then
     end
     if room then
       fields['created_at'] = tonumber(ARGV[4])
+      fields['changed_at'] = tonumber(ARGV[4])
       fields['reason'] = ARGV[5]
       record, how = cjson.encode(fields), 'parent'
     end
@@ -97,11 +98,22 @@ return {record, how}
 """
 
 # A route change (or, with an empty record, a forgotten session) and its announcement, in
-# one round trip in every mode (see RedisStore). ARGV: record, ttl, channel, announcement.
+# one round trip in every mode (see RedisStore). ARGV: record, ttl, channel, announcement,
+# the change's time. A change older than the stored record's (`changed_at`, else its
+# `created_at`) is not written: a move one pod made while Redis was away must not undo
+# a later one another pod wrote meanwhile. Returns 1 when written, else the stored record.
 WRITE_AND_ANNOUNCE = """
 if ARGV[1] == '' then
   redis.call('DEL', KEYS[1])
 else
+  local current = redis.call('GET', KEYS[1])
+  if current then
+    local ok, fields = pcall(cjson.decode, current)
+    if ok and type(fields) == 'table' then
+      local stamp = tonumber(fields['changed_at']) or tonumber(fields['created_at'])
+      if stamp and stamp > tonumber(ARGV[5]) then return current end
+    end
+  end
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 end
 redis.call('PUBLISH', ARGV[3], ARGV[4])
@@ -130,8 +142,8 @@ REDIRECT_LOOP_PAUSES_S = (0.005, 0.02, 0.05)
 
 
 class StoreCounters:
-    __slots__ = ("bugs", "busy", "created", "errors", "found", "redirect_loops", "skipped",
-                 "timeouts")
+    __slots__ = ("bugs", "busy", "created", "errors", "found", "later_kept", "redirect_loops",
+                 "skipped", "timeouts")
 
     def __init__(self) -> None:
         self.found = 0      # first touch found an existing record
@@ -142,6 +154,7 @@ class StoreCounters:
         self.busy = 0       # operations that waited the whole budget for a connection
         self.bugs = 0       # operations Redis refused as wrong (logged; the store stays up)
         self.redirect_loops = 0  # commands run again after the Cluster redirected in a loop
+        self.later_kept = 0  # route writes not made: the stored route had changed later
 
     def view(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -178,7 +191,10 @@ class RouteStore(Protocol):
         GET_OR_CREATE_CHILD), else `record`; and which (found, parent, created)."""
         ...
 
-    async def update(self, session: str, record: bytes) -> None: ...
+    async def update(self, session: str, record: bytes, changed_at: float) -> bytes | None:
+        """Write a changed route (one round trip) unless the stored one changed later
+        (`changed_at`, wall clock): None when written, else the later record kept."""
+        ...
 
     async def forget(self, session: str) -> None: ...
 
@@ -256,8 +272,9 @@ class MemoryStore:
                                   reason: str) -> tuple[bytes, str]:
         raise NotImplementedError("the router reads the parent with `get`")
 
-    async def update(self, session: str, record: bytes) -> None:
+    async def update(self, session: str, record: bytes, changed_at: float) -> bytes | None:
         self._records[session] = (record, time.monotonic() + self.ttl_s)
+        return None  # one pod only: no other pod's later change to keep
 
     async def forget(self, session: str) -> None:
         self._records.pop(session, None)
@@ -544,16 +561,22 @@ class RedisStore:
     def _announcement(self, session: str, record: bytes) -> bytes:
         return self.pod_id + b"\0" + session.encode() + b"\0" + record
 
-    async def update(self, session: str, record: bytes) -> None:
-        """Write a changed route and tell the other pods, in one round trip."""
-        await self._call("update", lambda: self._announce(
+    async def update(self, session: str, record: bytes, changed_at: float) -> bytes | None:
+        """Write a changed route and tell the other pods, in one round trip — unless the
+        stored route changed later: then nothing is written and that record comes back."""
+        written = await self._call("update", lambda: self._announce(
             keys=[route_key(session)],
-            args=[record, self.ttl_s, CHANGES_CHANNEL, self._announcement(session, record)]))
+            args=[record, self.ttl_s, CHANGES_CHANNEL, self._announcement(session, record),
+                  repr(changed_at)]))
+        if isinstance(written, bytes | bytearray):
+            self.counters.later_kept += 1
+            return bytes(written)
+        return None
 
     async def forget(self, session: str) -> None:
         await self._call("forget", lambda: self._announce(
             keys=[route_key(session)],
-            args=[b"", self.ttl_s, CHANGES_CHANNEL, self._announcement(session, b"")]))
+            args=[b"", self.ttl_s, CHANGES_CHANNEL, self._announcement(session, b""), "0"]))
 
     async def _listen(self) -> None:
         """One subscription, for as long as its connection lives: other pods' route changes

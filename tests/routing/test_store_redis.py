@@ -14,6 +14,7 @@ import orjson
 from sidecar.routing.sessions import selector_for
 from sidecar.routing.store import route_key
 from tests.conftest import chat, pool
+from tests.deploy.test_redis_acl import create_users
 from tests.support.redis_server import Monitor, RedisServer
 
 
@@ -356,3 +357,59 @@ async def test_a_command_redis_refuses_as_wrong_is_not_asked_again_on_every_requ
         assert (await chat(http, running, "wrong-type"))[0] == 200
     assert sent(monitor) == []
     assert running.sidecar.store.available and running.sidecar.store.counters.bugs == 1
+
+
+async def test_a_move_made_while_locked_out_does_not_undo_a_later_one(
+        pods, sidecar, http, redis_server):
+    """Pod A moves a session while Redis refuses it (its ACL user revoked); pod B, still
+    served, moves the same session later and writes it. When A is let back in, its older
+    move is not written over B's: Redis keeps B's route, and A takes it."""
+    home, first, later = await pods(3)
+    users = create_users(redis_server)
+    passwords = {name: password for name, (password, _) in users.items()}
+    small = {"small": pool([home, first, later])}
+    a = await sidecar(small, SIDECAR_REDIS_URL=users["llm-sidecar"][1],
+                      SIDECAR_REDIS_TIMEOUT_MS="1000")
+    b = await sidecar(small, SIDECAR_REDIS_URL=redis_server.url,
+                      SIDECAR_REDIS_TIMEOUT_MS="1000")
+    # A session whose rendezvous order is home, first, later: each failover takes the next.
+    order = [home.url, first.url, later.url]
+    ranked = a.sidecar.pools.pools["small"].ranked
+    session = next(f"late-{i}" for i in range(500)
+                   if [e.url for e in ranked(f"late-{i}".encode())] == order)
+    for running in (a, b):
+        assert (await chat(http, running, session))[1]["x-sidecar-endpoint"] == home.url
+
+    redis_server.client().execute_command("ACL", "SETUSER", "llm-sidecar", "-@all",
+                                          "resetchannels")
+    home.fake.behaviour.update({"fail_next": 1, "fail_status": 503})
+    status, headers, _ = await chat(http, a, session)
+    assert status == 200 and headers["x-sidecar-endpoint"] == first.url
+    await until(lambda: a.sidecar.router.unwritten_moves == 1, "A's move was never noted")
+
+    await asyncio.sleep(0.3)  # B's move is later than A's by more than a stamp's resolution
+    home.fake.behaviour.update({"fail_next": 1, "fail_status": 503})
+    first.fake.behaviour.update({"fail_next": 1, "fail_status": 503})
+    status, headers, _ = await chat(http, b, session)
+    assert status == 200 and headers["x-sidecar-endpoint"] == later.url
+    await until(lambda: orjson.loads(redis_server.client().get(route_key(session)))
+                ["endpoint"] == later.url, "B's move was never written")
+
+    create_users(redis_server, passwords=passwords)  # A is let back in
+
+    def a_follows() -> bool:
+        route = a.sidecar.router.cache.peek(session)
+        return route is not None and route.endpoint is not None \
+            and route.endpoint.url == later.url and a.sidecar.router.unwritten_moves == 0
+    await until(a_follows, "A kept its older move")
+    assert a.sidecar.store.counters.later_kept == 1
+    assert orjson.loads(redis_server.client().get(route_key(session)))["endpoint"] == later.url
+    assert (await chat(http, a, session))[1]["x-sidecar-endpoint"] == later.url
+    assert (await chat(http, b, session))[1]["x-sidecar-endpoint"] == later.url
+
+
+async def until(condition, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.05)

@@ -122,6 +122,36 @@ async def test_a_route_moved_by_failover_is_written_and_announced(pods, sidecar,
         assert counters.errors == counters.timeouts == 0 and running.sidecar.store.incidents == 0
 
 
+async def test_a_route_change_older_than_the_stored_one_is_not_written(pods, sidecar, http,
+                                                                      topology):
+    """Of two pods' writes of one session's route, the later change wins whatever order the
+    writes arrive in: an older one leaves Redis as it is, announces nothing, and hands the
+    later record back; a newer one is written and announced."""
+    first_pod, second_pod = await pods(2)
+    small = {"small": pool([first_pod, second_pod])}
+    a = await sidecar(small, **topology.env, SIDECAR_REDIS_TIMEOUT_MS="1000")
+    b = await sidecar(small, **topology.env, SIDECAR_REDIS_TIMEOUT_MS="1000")
+    for running in (a, b):
+        assert (await chat(http, running, "raced"))[0] == 200
+    route = a.sidecar.router.cache.peek("raced")
+    now = time.time()
+    later = orjson.dumps({**orjson.loads(route.record()), "endpoint": second_pod.url,
+                          "changed_at": now})
+    older = orjson.dumps({**orjson.loads(route.record()), "endpoint": first_pod.url,
+                          "changed_at": now - 5})
+    assert await a.sidecar.store.update("raced", later, now) is None
+    await until(lambda: b.sidecar.store.changes_received == 1, "the later move never arrived")
+    assert await b.sidecar.store.update("raced", older, now - 5) == later
+    assert (stored(topology, "raced") or {}).get("endpoint") == second_pod.url
+    assert b.sidecar.store.counters.later_kept == 1
+    newest = orjson.dumps({**orjson.loads(older), "changed_at": now + 5})
+    assert await b.sidecar.store.update("raced", newest, now + 5) is None
+    assert (stored(topology, "raced") or {}).get("endpoint") == first_pod.url
+    await until(lambda: a.sidecar.store.changes_received >= 1, "the newest move never arrived")
+    await asyncio.sleep(0.3)  # had the refused write been announced, it would be heard too
+    assert a.sidecar.store.changes_received == 1
+
+
 async def test_delete_session_forgets_the_route_in_redis_and_on_every_pod(pods, sidecar, http,
                                                                           topology):
     small = {"small": pool(await pods(2))}
@@ -178,7 +208,7 @@ async def changes_arrive(sender: Running, receiver: Running, session: str,
     while receiver.sidecar.store.changes_received == before:
         assert time.monotonic() - started < timeout, "route changes never arrived again"
         with contextlib.suppress(StoreUnavailable):
-            await sender.sidecar.store.update(session, record)
+            await sender.sidecar.store.update(session, record, time.time())
         await asyncio.sleep(0.2)
     return time.monotonic() - started
 
@@ -406,7 +436,7 @@ async def test_slots_migrating_under_load_cost_no_route(pods, sidecar, http):
         while not moving.done() and i < len(new):
             statuses.append((await chat(http, a, new[i]))[0])
             route = a.sidecar.router.cache.peek(old[i % len(old)])
-            await a.sidecar.store.update(route.session, route.record())  # a moved route
+            await a.sidecar.store.update(route.session, route.record(), time.time())  # a move
             i += 1
         await moving
         assert i > 0 and set(statuses) == {200}
