@@ -137,7 +137,7 @@ async def test_every_store_call_turns_any_redis_exception_into_store_unavailable
     store = RedisStore(client, 60, 1.0, "test")
     try:
         for call in (lambda: store.get("s"), lambda: store.get_or_create("s", b"r"),
-                     lambda: store.update("s", b"r", 0.0), lambda: store.forget("s")):
+                     lambda: store.update("s", b"r"), lambda: store.forget("s")):
             store._available = True  # each call meets the exception, not the open breaker
             with pytest.raises(StoreUnavailable):
                 await call()

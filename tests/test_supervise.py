@@ -150,7 +150,7 @@ async def test_each_route_write_behind_is_retried(running, redis_server):
     record = redis_server.client().get(route_key("w")) or b"{}"
     for i, exc in enumerate(INJECTED):
         s.store.update = injecting(original, [exc])  # type: ignore[method-assign]
-        s.router._write_behind(f"w{i}", record, time.time())
+        s.router._write_behind(f"w{i}", record)
         await until(lambda i=i: redis_server.client().exists(route_key(f"w{i}")) == 1,
                     f"write {i} was lost")
         assert s.supervisor.restarts["route write-behind"] == i + 1

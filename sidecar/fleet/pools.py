@@ -87,10 +87,11 @@ class Endpoint:
         """A new session starts here (counted until the next reading: `since_load`)."""
         self.placed += 1
 
-    def take_call(self) -> None:
-        """A call of a session whose first touch is under way will come here with it
-        (counted like a new session, until the next reading)."""
-        self.placed += 1
+    def expect_calls(self, calls: int) -> None:
+        """Calls of a session whose first touch is under way will come here with it
+        (counted like a new session, until the next reading); negative: they went
+        elsewhere after all."""
+        self.placed = max(0, self.placed + calls)
 
     def since_load(self) -> int:
         """This sidecar's news the reading lacks, for placing a new session: its calls

@@ -87,9 +87,10 @@ class Router:
         # keeps refreshes at least a tenth of the TTL apart.
         self._refresh_after = settings.session_ttl_s * 0.1 + STAMP_RESOLUTION_S
         self._first_touch: dict[str, asyncio.Future[Route]] = {}
-        # session → the pod its pending first touch proposes: the session's other calls,
-        # waiting on that first touch, will go there too.
+        # session → the pod its pending first touch proposes, and how many of the
+        # session's other calls wait on that first touch (they will go there too).
         self._heading: dict[str, Endpoint] = {}
+        self._waiting: dict[str, int] = {}
         self._taken_over: set[asyncio.Task[Route]] = set()  # first touches a waiter took on
         self._pending_refresh: set[str] = set()
         self._writes: set[asyncio.Task[None]] = set()
@@ -194,7 +195,8 @@ class Router:
             if heading is not None:
                 # An agent's parallel calls arrive together: the next session placed
                 # while they wait must see all of them, not one call.
-                heading.take_call()
+                heading.expect_calls(1)
+                self._waiting[session] = self._waiting.get(session, 0) + 1
             return await asyncio.shield(pending)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Route] = loop.create_future()
@@ -220,15 +222,15 @@ class Router:
                  route: Route | None = None) -> None:
         """The first touch ended (inline, or in the task that took over): every waiter
         gets its route or its error."""
+        if task is not None:
+            exc = None if task.cancelled() else task.exception()
+            route = None if task.cancelled() or exc is not None else task.result()
         if self._first_touch.get(session) is future:
             del self._first_touch[session]
-            self._heading.pop(session, None)
-        if task is not None:
-            if task.cancelled():
-                future.cancel()
-                return
-            exc = task.exception()
-            route = None if exc is not None else task.result()
+            self._settle_heading(session, route)
+        if task is not None and task.cancelled():
+            future.cancel()
+            return
         if future.done():
             return
         if exc is not None:
@@ -238,6 +240,27 @@ class Router:
             assert route is not None
             future.set_result(route)
 
+    def _head(self, session: str, endpoint: Endpoint) -> None:
+        """The pending first touch now proposes `endpoint`: the calls waiting on it count
+        there (a first touch taken over, or a child seeded elsewhere, proposes again)."""
+        before = self._heading.get(session)
+        waiting = self._waiting.get(session, 0)
+        if before is not None and before is not endpoint and waiting:
+            before.expect_calls(-waiting)
+            endpoint.expect_calls(waiting)
+        self._heading[session] = endpoint
+
+    def _settle_heading(self, session: str, route: Route | None) -> None:
+        """The first touch ended: its waiters' calls go to `route`'s pod (Redis may have
+        held another pod's route), or nowhere (it failed)."""
+        heading = self._heading.pop(session, None)
+        waiting = self._waiting.pop(session, 0)
+        landed = route.endpoint if route is not None else None
+        if heading is not None and waiting and landed is not heading:
+            heading.expect_calls(-waiting)
+            if landed is not None:
+                landed.expect_calls(waiting)
+
     async def _resolve(self, session: str, selector: int | None, *, local: bool,
                        pool: str | None = None, parent: str | None = None,
                        body: bytes = b"") -> Route:
@@ -246,7 +269,7 @@ class Router:
         proposal = current if current is not None else self.propose(session, selector, pool)
         proposal.refreshed_at = now
         if current is None and proposal.endpoint is not None:
-            self._heading[session] = proposal.endpoint
+            self._head(session, proposal.endpoint)
         if current is None and parent is not None and not local:
             return await self._seeded(session, proposal, parent, pool, now, body)
         if local:
@@ -306,7 +329,7 @@ class Router:
         if index is None:
             return None
         candidates[index].take_session()
-        self._heading[session] = candidates[index]
+        self._head(session, candidates[index])
         if index > 0:  # its siblings that follow find the parent's prompt cached there
             candidates[index].sent_prefix(prefix)
         why = (f"started on its parent session's pod ({parent.session})" if index == 0 else
@@ -508,13 +531,13 @@ class Router:
         if not changed:
             return
         route.reason = reason
-        route.changed_at = self._wall_stamp(wall)
+        route.changed_at = wall  # exact, not a shared stamp: two moves 0.1 s apart are ordered
         self.counters.route_changes += 1
         # A route that left the cache while this call was in flight (its session ended or
         # was deleted, or another pod's move replaced it) is no longer the session's: its
         # write would bring back what was dropped.
         if not local and self.cache.peek(route.session) is route:
-            self._write_behind(route.session, route.record(), route.changed_at)
+            self._write_behind(route.session, route.record())
 
     def _remote_change(self, session: str, record: bytes) -> None:
         """Another pod moved (or forgot) a session: follow it if this pod holds the route."""
@@ -544,7 +567,7 @@ class Router:
         elif self._unwritten.get(session) == record:
             del self._unwritten[session]
 
-    def _write_behind(self, session: str, record: bytes, changed_at: float) -> None:
+    def _write_behind(self, session: str, record: bytes) -> None:
         # Noted before the write is tried: a re-read racing the write (after a pub/sub gap)
         # must write this move, not take Redis's older record back.
         if session in self._unwritten or len(self._unwritten) < MAX_UNWRITTEN_MOVES:
@@ -553,21 +576,21 @@ class Router:
             self.counters.writes_dropped += 1
             return
         task = self.supervisor.start("route write-behind",
-                                     lambda: self._update(session, record, changed_at),
+                                     lambda: self._update(session, record),
                                      attempts=WRITE_ATTEMPTS)
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 
-    async def _update(self, session: str, record: bytes, changed_at: float) -> None:
+    async def _update(self, session: str, record: bytes) -> None:
         try:
-            later = await self.store.update(session, record, changed_at)
+            # Written as the latest change (it is, give or take the write's own delay):
+            # were it weighed by the pods' clocks, one running ahead would refuse a live
+            # failover until the others caught up.
+            await self.store.update(session, record)
         except StoreUnavailable:
             # Redis away (counted by the store): the move stays noted and is written once
             # Redis is back, so none is lost to an outage; other pods keep the old route
             # until then.
-            return
-        if later is not None:
-            self._later_kept(session, record, later)
             return
         self._written(session, record)
 

@@ -99,14 +99,15 @@ return {record, how}
 
 # A route change (or, with an empty record, a forgotten session) and its announcement, in
 # one round trip in every mode (see RedisStore). ARGV: record, ttl, channel, announcement,
-# the change's time. A change older than the stored record's (`changed_at`, else its
-# `created_at`) is not written: a move one pod made while Redis was away must not undo
-# a later one another pod wrote meanwhile. Returns 1 when written, else the stored record.
+# the change's time ('' for a change made just now). A change older than the stored
+# record's (`changed_at`, else its `created_at`) is not written: a move one pod made while
+# Redis was away must not undo a later one another pod wrote meanwhile. Returns 1 when
+# written, else the stored record.
 WRITE_AND_ANNOUNCE = """
 if ARGV[1] == '' then
   redis.call('DEL', KEYS[1])
 else
-  local current = redis.call('GET', KEYS[1])
+  local current = ARGV[5] ~= '' and redis.call('GET', KEYS[1])
   if current then
     local ok, fields = pcall(cjson.decode, current)
     if ok and type(fields) == 'table' then
@@ -191,9 +192,11 @@ class RouteStore(Protocol):
         GET_OR_CREATE_CHILD), else `record`; and which (found, parent, created)."""
         ...
 
-    async def update(self, session: str, record: bytes, changed_at: float) -> bytes | None:
-        """Write a changed route (one round trip) unless the stored one changed later
-        (`changed_at`, wall clock): None when written, else the later record kept."""
+    async def update(self, session: str, record: bytes,
+                     changed_at: float | None = None) -> bytes | None:
+        """Write a changed route (one round trip). With `changed_at` (wall clock: a change
+        made a while ago, e.g. while Redis was away), only if the stored route did not
+        change later: None when written, else the later record kept."""
         ...
 
     async def forget(self, session: str) -> None: ...
@@ -272,7 +275,8 @@ class MemoryStore:
                                   reason: str) -> tuple[bytes, str]:
         raise NotImplementedError("the router reads the parent with `get`")
 
-    async def update(self, session: str, record: bytes, changed_at: float) -> bytes | None:
+    async def update(self, session: str, record: bytes,
+                     changed_at: float | None = None) -> bytes | None:
         self._records[session] = (record, time.monotonic() + self.ttl_s)
         return None  # one pod only: no other pod's later change to keep
 
@@ -561,14 +565,16 @@ class RedisStore:
     def _announcement(self, session: str, record: bytes) -> bytes:
         return self.pod_id + b"\0" + session.encode() + b"\0" + record
 
-    async def update(self, session: str, record: bytes, changed_at: float) -> bytes | None:
-        """Write a changed route and tell the other pods, in one round trip — unless the
-        stored route changed later: then nothing is written and that record comes back."""
+    async def update(self, session: str, record: bytes,
+                     changed_at: float | None = None) -> bytes | None:
+        """Write a changed route and tell the other pods, in one round trip — unless it
+        changed at `changed_at` and the stored route changed later: then nothing is
+        written and that record comes back."""
         written = await self._call("update", lambda: self._announce(
             keys=[route_key(session)],
             args=[record, self.ttl_s, CHANGES_CHANNEL, self._announcement(session, record),
-                  repr(changed_at)]))
-        if isinstance(written, bytes | bytearray):
+                  "" if changed_at is None else repr(changed_at)]))
+        if written != 1:
             self.counters.later_kept += 1
             return bytes(written)
         return None
@@ -576,7 +582,7 @@ class RedisStore:
     async def forget(self, session: str) -> None:
         await self._call("forget", lambda: self._announce(
             keys=[route_key(session)],
-            args=[b"", self.ttl_s, CHANGES_CHANNEL, self._announcement(session, b""), "0"]))
+            args=[b"", self.ttl_s, CHANGES_CHANNEL, self._announcement(session, b""), ""]))
 
     async def _listen(self) -> None:
         """One subscription, for as long as its connection lives: other pods' route changes

@@ -79,7 +79,7 @@ async def test_the_documented_acl_users_do_the_whole_job_and_nothing_else(
     assert (await chat(http, b, "acl"))[0] == 200
     assert a.sidecar.store.counters.created == 1 and b.sidecar.store.counters.found == 1
     record = redis_server.client().get(route_key("acl"))
-    await a.sidecar.store.update("acl", record, time.time())  # a failover moving the route
+    await a.sidecar.store.update("acl", record)          # a failover moving the route
     await wait_for(lambda: b.sidecar.store.changes_received == 1, "b never heard of the move")
     await a.sidecar.store.refresh(["acl"])
     await a.sidecar.flush_traffic()

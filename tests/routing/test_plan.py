@@ -4,6 +4,7 @@ reported back."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from sidecar.config import load_settings
@@ -136,3 +137,64 @@ async def test_a_call_still_in_flight_when_its_session_ended_writes_no_route_bac
     plan.served(pool, other, "connect_error from home")  # this call failed over
     await router.close()
     assert await router.store.get("s-1") is None and router.unwritten_moves == 0
+
+
+class HeldStore(MemoryStore):
+    """A store whose first touch answers only when released, with the record it holds."""
+
+    def __init__(self) -> None:
+        super().__init__(60)
+        self.release = asyncio.Event()
+        self.fails = False
+
+    async def get_or_create(self, session: str, record: bytes) -> bytes:
+        await self.release.wait()
+        if self.fails:
+            raise RuntimeError("the store broke")
+        return await super().get_or_create(session, record)
+
+
+async def test_calls_waiting_on_a_first_touch_count_where_it_lands() -> None:
+    """While a session's first touch is in flight, the calls waiting on it count at the pod
+    it proposes; when the store answers with another pod's route (another sidecar placed
+    the session), they count there instead; when it fails, nowhere."""
+    router = make_router()
+    store = HeldStore()
+    router.store = store
+    proposed, held = router.pools.pools["big"].ranked(b"elsewhere")[:2]
+    other = router.propose("elsewhere", None)
+    other.endpoint = held
+    await MemoryStore.get_or_create(store, "elsewhere", other.record())
+    for endpoint in router.pools.all_endpoints():
+        endpoint.set_load(IDLE, False)  # a reading: the counts start over
+    calls = [asyncio.create_task(router.resolve("elsewhere", None, local=False))
+             for _ in range(3)]
+    await asyncio.sleep(0)
+    assert (proposed.since_load(), held.since_load()) == (3, 0)  # its pick and two waiting
+    store.release.set()
+    routes = await asyncio.gather(*calls)
+    assert {route.endpoint for route in routes} == {held}
+    assert (proposed.since_load(), held.since_load()) == (1, 2)
+
+    # Taken over (the first request's app went away): the waiting calls follow the new
+    # proposal; failed: they count nowhere.
+    for fails in (False, True):
+        router = make_router()
+        router.store = store = HeldStore()
+        store.fails = fails
+        big = router.pools.pools["big"].endpoints
+        for endpoint in big:
+            endpoint.set_load(IDLE, False)
+        calls = [asyncio.create_task(router.resolve("s-2", None, local=False))
+                 for _ in range(3)]
+        await asyncio.sleep(0)
+        calls[0].cancel()
+        await asyncio.sleep(0)
+        store.release.set()
+        answers = await asyncio.gather(*calls[1:], return_exceptions=True)
+        # Two picks (the first touch's and the take-over's), plus the waiting calls unless
+        # the touch failed.
+        assert sum(e.since_load() for e in big) == (2 if fails else 4)
+        if not fails:
+            landed = answers[0].endpoint
+            assert answers[1].endpoint is landed and landed.since_load() >= 3
