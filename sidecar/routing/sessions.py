@@ -71,8 +71,8 @@ class Route:
         self.detour: tuple[str, float] | None = (
             None if fallback is None else (fallback, fallback_until))
         self.created_at = created_at
-        # When the route last changed (wall clock; its creation until it moves): of two
-        # writes of one session's route, the later change wins (see store.WRITE_AND_ANNOUNCE).
+        # When the route last changed (wall clock; its creation until it moves): a move
+        # written late loses to a later one already stored (see store.WRITE_AND_ANNOUNCE).
         self.changed_at = created_at if changed_at is None else changed_at
         self.reason = reason  # why the route last moved (failover), for operators
         self.last_seen = 0.0
