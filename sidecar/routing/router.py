@@ -243,23 +243,25 @@ class Router:
     def _head(self, session: str, endpoint: Endpoint) -> None:
         """The pending first touch now proposes `endpoint`: the calls waiting on it count
         there (a first touch taken over, or a child seeded elsewhere, proposes again)."""
-        before = self._heading.get(session)
-        waiting = self._waiting.get(session, 0)
-        if before is not None and before is not endpoint and waiting:
-            before.expect_calls(-waiting)
-            endpoint.expect_calls(waiting)
+        self._recount_waiting(session, endpoint)
         self._heading[session] = endpoint
 
     def _settle_heading(self, session: str, route: Route | None) -> None:
         """The first touch ended: its waiters' calls go to `route`'s pod (Redis may have
         held another pod's route), or nowhere (it failed)."""
-        heading = self._heading.pop(session, None)
-        waiting = self._waiting.pop(session, 0)
-        landed = route.endpoint if route is not None else None
-        if heading is not None and waiting and landed is not heading:
-            heading.expect_calls(-waiting)
-            if landed is not None:
-                landed.expect_calls(waiting)
+        self._recount_waiting(session, route.endpoint if route is not None else None)
+        self._heading.pop(session, None)
+        self._waiting.pop(session, None)
+
+    def _recount_waiting(self, session: str, going: Endpoint | None) -> None:
+        """The calls waiting on `session`'s first touch go to `going` (None: nowhere), not
+        to the pod it proposed so far: they count there instead."""
+        counted = self._heading.get(session)
+        waiting = self._waiting.get(session, 0)
+        if counted is not None and waiting and going is not counted:
+            counted.expect_calls(-waiting)
+            if going is not None:
+                going.expect_calls(waiting)
 
     async def _resolve(self, session: str, selector: int | None, *, local: bool,
                        pool: str | None = None, parent: str | None = None,

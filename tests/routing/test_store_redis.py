@@ -15,6 +15,7 @@ from sidecar.routing.sessions import selector_for
 from sidecar.routing.store import route_key
 from tests.conftest import chat, pool
 from tests.deploy.test_redis_acl import create_users
+from tests.routing.test_store_topologies import until
 from tests.support.redis_server import Monitor, RedisServer
 
 
@@ -406,10 +407,3 @@ async def test_a_move_made_while_locked_out_does_not_undo_a_later_one(
     assert orjson.loads(redis_server.client().get(route_key(session)))["endpoint"] == later.url
     assert (await chat(http, a, session))[1]["x-sidecar-endpoint"] == later.url
     assert (await chat(http, b, session))[1]["x-sidecar-endpoint"] == later.url
-
-
-async def until(condition, what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.05)
