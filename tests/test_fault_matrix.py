@@ -29,6 +29,7 @@ from sidecar.routing.store import route_key
 from sidecar.server import Running
 from tests.conftest import CHAT, Pod, SidecarProcess, pool, sidecar_env
 from tests.deploy.test_redis_acl import create_users
+from tests.support.polling import within
 from tests.support.redis_server import (  # noqa: F401  (RedisServer marks this module `redis`)
     Cluster,
     Deployment,
@@ -363,19 +364,6 @@ class StoreWatch:
             await asyncio.sleep(0.05)
 
 
-async def wait_for(condition: Callable[[], Any], bound: float) -> float | None:
-    """Seconds until `condition()` (awaited if a coroutine) is true, or None past `bound`."""
-    started = time.monotonic()
-    while time.monotonic() - started < bound:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return time.monotonic() - started
-        await asyncio.sleep(0.05)
-    return None
-
-
 async def run_cell(fault: Fault, d: Deployment, cell: Cell, pods: list[Pod],
                    a_running: Running, b: SidecarProcess, background: set[asyncio.Task[Any]],
                    http: aiohttp.ClientSession) -> str:
@@ -414,8 +402,8 @@ async def run_cell(fault: Fault, d: Deployment, cell: Cell, pods: list[Pod],
     to = await move(http, cell, a, last, pods, routes[last])
     if to is not None:
         routes[last] = to
-        cell.check(await wait_for(lambda: _more(remote_changes(http, bt, a, a_running), known),
-                                  2.0) is not None,
+        cell.check(await within(lambda: _more(remote_changes(http, bt, a, a_running), known),
+                                2.0) is not None,
                    "pub/sub broken before the fault",
                    "a route change did not reach the other sidecar even before the fault")
     await asyncio.to_thread(d.settle)
@@ -487,7 +475,7 @@ async def run_cell(fault: Fault, d: Deployment, cell: Cell, pods: list[Pod],
     async def both_available() -> bool:
         return store.available and (await stats(http, bt))["store"]["available"]
 
-    back = await wait_for(both_available, RECOVERY_BOUND_S)
+    back = await within(both_available, RECOVERY_BOUND_S)
     cell.check(back is not None, f"store not back in {RECOVERY_BOUND_S:g} s",
                f"the store was not back within {RECOVERY_BOUND_S:g} s of the fault's end "
                f"(in process: {store.available}, "
@@ -517,8 +505,8 @@ async def run_cell(fault: Fault, d: Deployment, cell: Cell, pods: list[Pod],
             cell.check(ea == eb == routes[session], "routes changed after recovery",
                        f"{session} went to {ea} / {eb} after recovery, not {routes[session]}")
     if moved_to is not None:
-        cell.check(await wait_for(lambda: _is(stored_endpoint(moved), moved_to),
-                                  WRITE_BACK_BOUND_S) is not None,
+        cell.check(await within(lambda: _is(stored_endpoint(moved), moved_to),
+                                WRITE_BACK_BOUND_S) is not None,
                    "route moved during the fault not in Redis",
                    f"Redis holds {await stored_endpoint(moved)}, the move went to {moved_to}")
     converged = await batch([(t, s) for s in split for t in (a, bt)])
@@ -562,7 +550,7 @@ async def run_cell(fault: Fault, d: Deployment, cell: Cell, pods: list[Pod],
             async def arrived(before: int = before, hearer: Target = hearer) -> bool:
                 return await remote_changes(http, hearer, a, a_running) > before
 
-            if await wait_for(arrived, 1.5) is not None:
+            if await within(arrived, 1.5) is not None:
                 status, endpoint = await ask(http, hearer, session)
                 cell.statuses[status] += 1
                 cell.check(endpoint == to, "a heard route change not followed",

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +28,7 @@ from sidecar.routing.store import route_key
 from sidecar.server import Running
 from sidecar.supervise import Supervisor, cancel_and_wait, supervised
 from tests.conftest import admin, chat, pool
+from tests.support.polling import until
 
 INJECTED: list[BaseException] = [
     RedisError("injected"),
@@ -50,13 +50,6 @@ def injecting(original: Callable[..., Any], errors: list[BaseException]) -> Call
             raise pending.pop(0)
         return original(*args, **kwargs)
     return call
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import CHAT, base, chat, dead_url, pool
+from tests.support.polling import until
 from tests.support.raw_http import Message
 from tests.support.raw_peers import Client, Conn, always, upstream_factory
 
@@ -52,14 +53,6 @@ def starting_on(running, url: str, prefix: str) -> str:
     pool_ = running.sidecar.pools.pools["small"]
     return next(s for s in (f"{prefix}-{i}" for i in range(200))
                 if pool_.ranked(s.encode())[0].url == url)
-
-
-async def wait_until(condition, timeout: float = 5.0) -> bool:
-    for _ in range(int(timeout / 0.02)):
-        if condition():
-            return True
-        await asyncio.sleep(0.02)
-    return condition()
 
 
 async def test_a_slow_non_streamed_call_on_a_live_pod_is_sent_once_and_answered(
@@ -106,7 +99,7 @@ async def test_a_slow_first_token_past_the_deadline_is_a_504_never_a_second_gene
     assert a.requests + b.requests == 1, "the work was not started over elsewhere"
     slow = a if a.requests else b
     # The sidecar hung up, so the engine stops generating for nobody.
-    assert await wait_until(lambda: slow.fake.counters.cancelled == 1)
+    await until(lambda: slow.fake.counters.cancelled == 1)
     assert all(e.outlier.consecutive_failures == 0 for e in running.sidecar.pools.all_endpoints())
 
 
@@ -120,7 +113,7 @@ async def test_a_non_streamed_call_past_the_response_deadline_is_closed_and_not_
     assert headers["x-sidecar-attempts"] == "1"
     assert a.requests + b.requests == 1
     slow = a if a.requests else b
-    assert await wait_until(lambda: slow.fake.counters.cancelled == 1)
+    await until(lambda: slow.fake.counters.cancelled == 1)
 
 
 async def test_a_refused_pod_then_a_good_one_is_two_attempts(pods, sidecar, http):
@@ -199,7 +192,7 @@ async def test_a_pod_silent_after_its_head_is_not_mistaken_for_a_dead_one(pods, 
         assert "SIDECAR_STREAM_IDLE_TIMEOUT_S=0.3" in body["error"]["message"]
         assert headers["x-sidecar-attempts"] == "1"
         assert len(silent.requests) == 1 and good.requests == 0
-        assert await wait_until(lambda: running.sidecar.upstream.in_use() == 0)
+        await until(lambda: running.sidecar.upstream.in_use() == 0)
 
 
 @pytest.mark.parametrize(("raw", "status"), [
@@ -295,7 +288,7 @@ async def test_a_body_that_stalls_after_its_head_is_held_never_sent_elsewhere(si
         assert status == 504 and body["error"]["code"] == "upstream_timeout", body
         assert headers["x-sidecar-attempts"] == "1"
         assert len(slow.requests) == 1 and good.requests == []
-        assert await wait_until(lambda: running.sidecar.upstream.in_use() == 0)
+        await until(lambda: running.sidecar.upstream.in_use() == 0)
 
 
 async def test_a_retry_gets_what_is_left_of_the_calls_deadline_not_a_new_one(sidecar, http):

@@ -9,13 +9,13 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from sidecar.dataplane import listener as listener_module
 from sidecar.dataplane.listener import ClientConnection
+from tests.support.polling import until
 from tests.support.raw_http import Message, echo_target, error_of, get, post, response
 from tests.support.raw_peers import (
     Client,
@@ -254,14 +254,6 @@ async def the_connection(running: Any) -> ClientConnection:
             return conn
         await asyncio.sleep(0.02)
     raise AssertionError("no client connection in the sidecar")
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    for _ in range(250):
-        if predicate():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("the sidecar never got there")
 
 
 async def test_a_client_gone_before_its_answer_cancels_the_upstream_request(

@@ -4,7 +4,6 @@ and the users can do no more than that."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -22,6 +21,7 @@ from sidecar.telemetry import Telemetry
 from tests.conftest import admin, chat, pool
 from tests.routing.test_redis_topologies import start_cluster
 from tests.scaler.test_scaler import settings
+from tests.support.polling import until
 from tests.support.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,13 +60,6 @@ def refusals(server: RedisServer) -> list[dict[str, object]]:
     return server.client().execute_command("ACL", "LOG")
 
 
-async def wait_for(condition, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.02)
-
-
 async def test_the_documented_acl_users_do_the_whole_job_and_nothing_else(
         pods, sidecar, http, redis_server, nomad):
     users = create_users(redis_server)
@@ -80,7 +73,7 @@ async def test_the_documented_acl_users_do_the_whole_job_and_nothing_else(
     assert a.sidecar.store.counters.created == 1 and b.sidecar.store.counters.found == 1
     record = redis_server.client().get(route_key("acl"))
     await a.sidecar.store.update("acl", record)          # a failover moving the route
-    await wait_for(lambda: b.sidecar.store.changes_received == 1, "b never heard of the move")
+    await until(lambda: b.sidecar.store.changes_received == 1, "b never heard of the move")
     await a.sidecar.store.refresh(["acl"])
     await a.sidecar.flush_traffic()
     async with http.get(admin(a) + "/sessions/acl") as r:
@@ -101,8 +94,8 @@ async def test_the_documented_acl_users_do_the_whole_job_and_nothing_else(
         await client.aclose()
     assert report.leader and report.level == "low"
     assert redis_server.client().hexists(inflight_key("small"), "gone-pod") == 0
-    await wait_for(lambda: a.sidecar.router.level == b.sidecar.router.level == "low",
-                   "the published load level did not reach the sidecars")
+    await until(lambda: a.sidecar.router.level == b.sidecar.router.level == "low",
+                "the published load level did not reach the sidecars")
     stats = json.dumps(a.sidecar.stats()) + json.dumps(a.sidecar.settings.redacted())
     assert password not in stats
     assert refusals(redis_server) == [], "a documented user was refused something it needs"

@@ -8,8 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -22,6 +21,7 @@ from sidecar.fleet.podview import decode
 from sidecar.tools.fakellm.dialects import DIALECTS, PAGES, Snapshot
 from tests.conftest import Pod, PodFactory, SidecarFactory, admin, pool
 from tests.fleet.test_fleet_monitor import MonitorProcess, monitor_process  # noqa: F401  (fixture)
+from tests.support.polling import until
 from tests.support.redis_server import RedisServer
 
 # Where each dialect's page lives and which health answer its pool probes.
@@ -124,13 +124,6 @@ def test_a_page_is_read_under_its_own_engine_and_refused_under_every_other(snaps
 
 
 # -- real processes ------------------------------------------------------------------------
-
-async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        await asyncio.sleep(0.05)
-
 
 async def held(http: aiohttp.ClientSession, pod: Pod, i: int) -> None:
     """A streamed call left open until the test ends (its pod's shutdown ends it)."""

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -41,6 +41,7 @@ from sidecar.tools.top import Snapshot, render
 from tests.conftest import CHAT, Pod, PodFactory, SidecarFactory, SidecarProcess, pool
 from tests.deploy.test_redis_acl import create_users, refusals
 from tests.routing.test_redis_topologies import start_cluster
+from tests.support.polling import until
 from tests.support.redis_server import RedisServer, free_port
 
 INTERVAL_S = 1.0  # stale after 3 s: a stall of the loaded test machine must not look like an outage
@@ -166,15 +167,6 @@ def sidecars() -> Iterator[list[SidecarProcess]]:
     for process in made:
         with contextlib.suppress(Exception):
             process.stop()
-
-
-async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 async def stats(process: SidecarProcess) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -33,6 +33,7 @@ from sidecar.supervise import Supervisor
 from tests.conftest import Pod, PodFactory, SidecarFactory, pool
 from tests.routing.test_store_topologies import Topology, topology  # noqa: F401 (the fixture)
 from tests.support.fake_nomad import TOKEN, FakeNomad, alloc_stats, nvidia_device
+from tests.support.polling import until
 from tests.support.redis_server import RedisServer, free_port
 
 INTERVAL_S = 1.0
@@ -71,19 +72,6 @@ async def nomad_server() -> AsyncIterator[NomadServer]:
     finally:
         server.fake.delay_s = 0.0
         await server.stop()
-
-
-async def until(check: Callable[[], Awaitable[bool] | bool], what: str,
-                timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 def gpu_pool(pods: list[Pod], **extra: Any) -> dict[str, Any]:

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import os
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,22 +125,6 @@ async def post(http: aiohttp.ClientSession, url: str, data: dict[str, Any],
     async with http.post(url + "/v1/chat/completions", json=data, headers=headers,
                          timeout=aiohttp.ClientTimeout(total=90)) as response:
         return response.status, dict(response.headers), await response.read()
-
-
-async def wait_for(predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 20.0,
-                   what: str = "condition") -> None:
-    """Poll until `predicate()` (plain or awaitable) holds; fail after `timeout` (a hang
-    guard, not a timing)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout} s")
-        await asyncio.sleep(0.02)
 
 
 async def metrics(pod: LlamaPod) -> dict[str, float]:

@@ -19,8 +19,8 @@ from tests.realengine.conftest import (
     post,
     session_on,
     sse_events,
-    wait_for,
 )
+from tests.support.polling import until
 
 pytestmark = pytest.mark.engine
 
@@ -44,7 +44,7 @@ async def test_an_app_that_hangs_up_stops_the_generation_on_the_engine(llama, si
     async def idle() -> bool:
         return (await metrics(pod))["requests_processing"] == 0
 
-    await wait_for(idle, 20, "the engine to stop the abandoned generation")
+    await until(idle, "the engine to stop the abandoned generation", timeout=20)
     stopped_at = (await metrics(pod))["tokens_predicted_total"]
     await asyncio.sleep(1.0)
     assert (await metrics(pod))["tokens_predicted_total"] == stopped_at
@@ -53,7 +53,7 @@ async def test_an_app_that_hangs_up_stops_the_generation_on_the_engine(llama, si
     assert stopped_at < 1000, f"{stopped_at} tokens generated for nobody"
     endpoint = running.sidecar.pools.endpoint("small", pod.url)
     assert endpoint is not None
-    await wait_for(lambda: endpoint.inflight == 0, 10, "the sidecar to let go of the call")
+    await until(lambda: endpoint.inflight == 0, "the sidecar to let go of the call", timeout=10)
 
 
 async def _stream_until_killed(http: aiohttp.ClientSession, url: str, data: dict,
@@ -157,7 +157,7 @@ async def test_a_pod_killed_under_traffic_costs_no_call(llama, sidecar, http):
     async def busy() -> bool:
         return (await metrics(first))["requests_processing"] >= 1
 
-    await wait_for(busy, 20, "calls in flight on the first pod")
+    await until(busy, "calls in flight on the first pod", timeout=20)
     first.kill()
     results = await during + await turn(2) + await turn(3, stream=True)
 

@@ -13,7 +13,8 @@ import orjson
 import pytest
 
 from tests.conftest import base
-from tests.realengine.conftest import MODEL, body, metrics, post, session_on, wait_for
+from tests.realengine.conftest import MODEL, body, metrics, post, session_on
+from tests.support.polling import until
 
 pytestmark = pytest.mark.engine
 
@@ -65,7 +66,7 @@ async def test_a_pod_with_requests_deferred_is_saturated_and_new_sessions_go_els
                             SIDECAR_BOUNDED_LOAD_FACTOR="0")
     endpoint = running.sidecar.pools.endpoint("small", busy.url)
     assert endpoint is not None
-    await wait_for(lambda: endpoint.load is not None, 20, "a load reading of the busy pod")
+    await until(lambda: endpoint.load is not None, "a load reading of the busy pod", timeout=20)
     sessions = session_on(running, "small", busy.url, "new", count=5)
     long_call = body("Write a long story about a lighthouse.", max_tokens=4000,
                      ignore_eos=True)
@@ -73,8 +74,8 @@ async def test_a_pod_with_requests_deferred_is_saturated_and_new_sessions_go_els
     try:
         # One slot of two busy: room left, so a new session still starts on its first choice.
         hogs.append(asyncio.create_task(post(http, busy.url, long_call)))
-        await wait_for(lambda: endpoint.load is not None and endpoint.load.running >= 1, 20,
-                       "the first long call running")
+        await until(lambda: endpoint.load is not None and endpoint.load.running >= 1,
+                    "the first long call running", timeout=20)
         _, headers, _ = await post(http, base(running), body("Hi.", max_tokens=4),
                                    **{"x-session-id": sessions[0]})
         assert headers["x-sidecar-endpoint"] == busy.url
@@ -82,7 +83,7 @@ async def test_a_pod_with_requests_deferred_is_saturated_and_new_sessions_go_els
         # Both slots busy and one request deferred: llama.cpp queues it, the sidecar reads
         # llamacpp:requests_deferred as waiting, and the pod is saturated.
         hogs += [asyncio.create_task(post(http, busy.url, long_call)) for _ in range(2)]
-        await wait_for(lambda: endpoint.saturated, 20, "the busy pod saturated")
+        await until(lambda: endpoint.saturated, "the busy pod saturated", timeout=20)
         assert endpoint.load is not None
         assert endpoint.load.running == 2 and endpoint.load.waiting >= 1
         assert endpoint.load.kv_usage == 0  # llama.cpp exports no KV gauge

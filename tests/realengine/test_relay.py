@@ -22,8 +22,8 @@ from tests.realengine.conftest import (
     post,
     session_on,
     sse_events,
-    wait_for,
 )
+from tests.support.polling import until
 
 pytestmark = pytest.mark.engine
 
@@ -131,7 +131,7 @@ async def test_a_pod_killed_during_prefill_is_retried_with_nothing_sent(llama, s
     async def processing() -> bool:
         return (await metrics(first))["requests_processing"] >= 1
 
-    await wait_for(processing, 30, "the call reached its pod")
+    await until(processing, "the call reached its pod", timeout=30)
     # Prefill takes about `prefill_s`; killing a quarter of the way in is well inside it.
     await asyncio.sleep(prefill_s / 4)
     assert (await metrics(first))["tokens_predicted_total"] == 0, "already past prefill"

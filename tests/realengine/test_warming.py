@@ -11,7 +11,8 @@ import pytest
 
 from sidecar.fleet.pools import EndpointState
 from tests.conftest import base
-from tests.realengine.conftest import MODEL, body, post, session_on, wait_for
+from tests.realengine.conftest import MODEL, body, post, session_on
+from tests.support.polling import until
 
 pytestmark = pytest.mark.engine
 
@@ -26,8 +27,8 @@ async def test_a_starting_pod_is_warming_gets_no_call_and_turns_ready_by_itself(
     sidecar_ = running.sidecar
     endpoint = sidecar_.pools.endpoint("small", late.url)
     assert endpoint is not None
-    await wait_for(lambda: sidecar_.pools.endpoint("small", ready.url).state
-                   is EndpointState.READY, 20, "the first pod ready")
+    await until(lambda: sidecar_.pools.endpoint("small", ready.url).state
+                is EndpointState.READY, "the first pod ready", timeout=20)
     assert endpoint.state is EndpointState.WARMING
 
     # New sessions whose first choice is the starting pod: each call is a first touch.
@@ -50,7 +51,7 @@ async def test_a_starting_pod_is_warming_gets_no_call_and_turns_ready_by_itself(
     calling = asyncio.create_task(traffic())
     await asyncio.sleep(0.3)
     late.start()
-    await wait_for(lambda: endpoint.state is EndpointState.READY, 30, "the pod ready")
+    await until(lambda: endpoint.state is EndpointState.READY, "the pod ready", timeout=30)
     stop.set()
     await calling
 
@@ -79,9 +80,9 @@ async def test_a_pod_restarted_in_place_is_warming_while_it_loads(llama, sidecar
     prober = running.sidecar.prober
     endpoint = running.sidecar.pools.endpoint("small", pod.url)
     assert endpoint is not None
-    await wait_for(lambda: endpoint.state is EndpointState.READY, 20, "the pod ready")
+    await until(lambda: endpoint.state is EndpointState.READY, "the pod ready", timeout=20)
     pod.stop()
-    await wait_for(lambda: endpoint.state is EndpointState.EJECTED, 20, "the pod ejected")
+    await until(lambda: endpoint.state is EndpointState.EJECTED, "the pod ejected", timeout=20)
     loading_before = prober.loading_probes
     states: list[EndpointState] = []
 
@@ -93,7 +94,7 @@ async def test_a_pod_restarted_in_place_is_warming_while_it_loads(llama, sidecar
 
     watcher = asyncio.create_task(watch())
     pod.start()
-    await wait_for(lambda: endpoint.state is EndpointState.READY, 30, "the pod ready again")
+    await until(lambda: endpoint.state is EndpointState.READY, "the pod ready again", timeout=30)
     await watcher
 
     assert prober.loading_probes > loading_before, "no probe saw 503 Loading model"

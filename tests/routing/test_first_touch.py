@@ -16,6 +16,7 @@ from redis.retry import Retry
 from sidecar.fleet.loads import take_reading
 from sidecar.fleet.podload import PodLoad
 from tests.conftest import pool
+from tests.support.polling import until
 from tests.support.raw_http import post
 from tests.support.raw_peers import Client
 from tests.support.redis_server import RedisServer, debug_args
@@ -61,19 +62,7 @@ async def wait_blocked(server: RedisServer) -> None:
         finally:
             client.close()
 
-    for _ in range(50):
-        if await asyncio.to_thread(ping_times_out):
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("redis-server never blocked in DEBUG SLEEP")
-
-
-async def wait_for(condition, what: str, timeout: float = 5.0) -> None:
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
+    await until(lambda: asyncio.to_thread(ping_times_out), "redis-server blocked in DEBUG SLEEP")
 
 
 async def test_a_waiter_leaving_does_not_cancel_the_shared_first_touch(
@@ -90,10 +79,10 @@ async def test_a_waiter_leaving_does_not_cancel_the_shared_first_touch(
     try:
         await wait_blocked(debug_redis)
         await first.send(request)
-        await wait_for(lambda: "shared-first-touch" in router._first_touch,
-                       "the first touch to start")
+        await until(lambda: "shared-first-touch" in router._first_touch,
+                    "the first touch to start")
         await second.send(request)
-        await wait_for(lambda: router.counters.coalesced == 1, "the second request to wait")
+        await until(lambda: router.counters.coalesced == 1, "the second request to wait")
         first.close()  # the first app goes away while the store is still slow
         answer = await second.final(b"POST", timeout=SLEEP_S + 8)
         assert answer.status == 200, answer.raw[:300]
@@ -128,7 +117,7 @@ async def test_calls_waiting_on_a_first_touch_count_toward_the_next_sessions_pod
         for client in clients[:3]:
             await client.send(post(body=b'{"model":"auto","messages":[]}',
                                    headers=[b"x-session-id: agent"]))
-        await wait_for(lambda: router.counters.coalesced == 2, "the agent's calls to wait")
+        await until(lambda: router.counters.coalesced == 2, "the agent's calls to wait")
         await clients[3].send(post(body=b'{"model":"auto","messages":[]}',
                                    headers=[f"x-session-id: {newcomer}".encode()]))
         answers = [await client.final(b"POST", timeout=SLEEP_S + 8) for client in clients]

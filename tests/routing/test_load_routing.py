@@ -20,13 +20,7 @@ from sidecar.fleet import traffic
 from sidecar.fleet.loads import read_pod_load
 from sidecar.fleet.pools import prefix_key
 from tests.conftest import admin, chat, pool
-
-
-async def until(check, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.05)
+from tests.support.polling import until
 
 
 async def held(http, url: str, body: dict, headers: dict | None = None) -> None:

@@ -15,7 +15,7 @@ from sidecar.routing.sessions import selector_for
 from sidecar.routing.store import route_key
 from tests.conftest import chat, pool
 from tests.deploy.test_redis_acl import create_users
-from tests.routing.test_store_topologies import until
+from tests.support.polling import until
 from tests.support.redis_server import Monitor, RedisServer
 
 

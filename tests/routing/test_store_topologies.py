@@ -28,6 +28,7 @@ from sidecar.routing.store import LEVEL_CHANNEL, StoreUnavailable, route_key
 from sidecar.server import Running
 from tests.conftest import admin, chat, pool
 from tests.routing.test_redis_topologies import Sentinel, start_cluster
+from tests.support.polling import until
 from tests.support.redis_server import RedisServer
 
 MODES = ("standalone", "sentinel", "cluster")
@@ -75,15 +76,6 @@ def topology(request: pytest.FixtureRequest) -> Iterator[Topology]:
             stop()
         for node in nodes:
             node.cleanup()
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> float:
-    """Wait for `condition` (a generous bound that only catches a hang); returns the wait."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout, what
-        await asyncio.sleep(0.05)
-    return time.monotonic() - started
 
 
 def stored(topology: Topology, session: str) -> dict[str, Any] | None:

@@ -4,7 +4,6 @@ tokens with LRU eviction, and vLLM's metric names on /metrics."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import aiohttp
 from hypothesis import given
@@ -12,6 +11,7 @@ from hypothesis import strategies as st
 
 from sidecar.fleet.podload import parse_metrics
 from sidecar.tools.fakellm.engine import Clairvoyant, Engine, count_tokens
+from tests.support.polling import until
 
 
 async def metrics(http: aiohttp.ClientSession, url: str) -> dict[str, float]:
@@ -23,13 +23,6 @@ async def metrics(http: aiohttp.ClientSession, url: str) -> dict[str, float]:
         if line.startswith("vllm:"):
             values[line.partition("{")[0]] = float(line.rsplit(" ", 1)[1])
     return values
-
-
-async def until(check, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.02)
 
 
 def chat(content: str, max_tokens: int = 4, stream: bool = True) -> dict:
