@@ -3,7 +3,7 @@ that queue, cache prefixes and can be saturated.
 
     python benchmarks/routing.py [--sessions 96] [--turns 4] [--concurrency 24] [--sidecars 3]
                                  [--loads even,skewed,hot,slow,agents] [--targets NAME,...]
-                                 [--no-monitor] [--children-as-parent]
+                                 [--no-monitor] [--children-as-parent] [--oracle]
 
 Four fake-llm pods run the simulated engine: 8 running sequences at most (more wait in a
 queue), a KV cache of 60 000 tokens shared by the cached prefixes (least recently used
@@ -23,7 +23,9 @@ agents with a long shared prefix fanning out to subagents — child sessions car
 `x-session-final: true`; see `agent`). Reported per target:
 mean and p99 time to first token (first SSE content event, as the app sees it), completed
 sessions per second, and the prefix-cache hit rate from the pods' own counters (cached /
-queried prompt tokens). Failed calls are counted, never timed. Loopback only.
+queried prompt tokens). Failed calls are counted, never timed. With `--oracle`, one more
+row for reference, not a peer: `oracle_router.py`, a central router that knows every
+pod's queue and cache exactly. Loopback only.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ SLOW = {"ttft_ms": 40.0, "prefill_ms_per_token": 0.2, "tokens_per_s": 50.0}
 SCRAPE_INTERVAL_S = 0.5
 MAX_TOKENS = 32  # ~0.3 s of decode per call: as in real serving, decode outlasts prefill
 STICKY = ("envoy ring hash", "vllm-router consistent_hash")
+ORACLE = "reference: one router that sees every queue and cache"
 # agents: a parent per 8 sessions of --sessions, a quarter of --concurrency at a time, each
 # with this many subagents whose turns are this many calls at once; a parent's own prompt
 # is at least AGENT_CONTEXT_TOKENS (a long system prompt and context its subagents share).
@@ -375,6 +378,8 @@ def main() -> int:
     parser.add_argument("--children-as-parent", action="store_true",
                         help="agents load: also run the sidecar with each subagent sending "
                         "its parent's session id (seeding's upper bound)")
+    parser.add_argument("--oracle", action="store_true",
+                        help="also run oracle_router.py (a reference row, not a peer)")
     parser.add_argument("--calls", default="",
                         help="write one JSON line per call to this file (diagnosis)")
     args = parser.parse_args()
@@ -428,6 +433,13 @@ def main() -> int:
                                               stdout=subprocess.DEVNULL,
                                               stderr=subprocess.DEVNULL))
             targets[name] = [port]
+        if args.oracle:
+            port = free_port()
+            processes.append(subprocess.Popen(
+                pinned(1, [sys.executable, str(ROOT / "benchmarks" / "oracle_router.py"),
+                           str(port), *map(str, pods)]),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            targets[ORACLE] = [port]
         wanted = [t for t in args.targets.split(",") if t]
         if wanted:  # in the order asked (the order a load's targets run in)
             targets = {n: targets[n] for w in wanted for n in targets if w in n}
@@ -565,7 +577,8 @@ def report(results: dict[str, dict[str, dict[str, float]]], args: argparse.Names
     for shape, rows in results.items():
         ours = next((r for n, r in rows.items()
                      if n.startswith("llm-sidecar") and SEEDED not in n), None)
-        peers = {n: r for n, r in rows.items() if not n.startswith("llm-sidecar")}
+        peers = {n: r for n, r in rows.items()
+                 if not n.startswith("llm-sidecar") and n != ORACLE}
         if ours is None or not peers:
             continue
         floor = floor_of(rows)

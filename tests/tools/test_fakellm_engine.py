@@ -136,6 +136,19 @@ prompts = st.lists(st.lists(st.sampled_from(["s" * 400, "t" * 800, "u" * 40, "v"
                             min_size=1, max_size=4), min_size=1, max_size=30)
 
 
+@given(prompts.filter(lambda calls: len(calls) >= 2))
+def test_uncached_tells_what_lookup_would_and_changes_nothing(calls):
+    """A router mirroring the engine weighs a pod with `uncached`: the same count the
+    engine's lookup then returns, with the cache and its counters untouched."""
+    engine = Engine()
+    for segments in calls:
+        before = (dict(engine._prefixes), engine.prefix_queries, engine.prefix_hit_tokens)
+        told = engine.uncached(segments)
+        assert (dict(engine._prefixes), engine.prefix_queries,
+                engine.prefix_hit_tokens) == before
+        assert engine.lookup(segments, 4096, 0) == told
+
+
 @given(prompts, st.lists(st.integers(0, 3), min_size=30, max_size=30),
        st.sampled_from([0, 150, 1000]))
 def test_no_placement_beats_the_clairvoyant_cache(calls, placement, capacity):

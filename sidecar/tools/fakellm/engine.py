@@ -146,17 +146,26 @@ class Engine:
 
     # -- the prefix cache ----------------------------------------------------------------
 
+    def uncached(self, segments: list[str]) -> int:
+        """Prompt tokens not covered by the longest cached message prefix; the cache as it
+        was (a router that mirrors this engine weighs pods with it)."""
+        return self._split(prefix_keys(segments), [count_tokens(s) for s in segments])[1]
+
+    def _split(self, keys: list[bytes], sizes: list[int]) -> tuple[int, int]:
+        """(cached, uncached) prompt tokens: the longest cached message prefix, the rest."""
+        for i in range(len(keys) - 1, -1, -1):
+            if keys[i] in self._prefixes:
+                cached = sum(sizes[:i + 1])
+                return cached, sum(sizes) - cached
+        return 0, sum(sizes)
+
     def lookup(self, segments: list[str], max_entries: int, capacity: int) -> int:
         """Prompt tokens not covered by the longest cached message prefix; then caches this
         prompt's prefixes, evicting the least recently used past the bounds."""
         sizes = [count_tokens(s) for s in segments]
         keys = prefix_keys(segments)
         total = sum(sizes)
-        cached = 0
-        for i in range(len(keys) - 1, -1, -1):
-            if keys[i] in self._prefixes:
-                cached = sum(sizes[:i + 1])
-                break
+        cached = self._split(keys, sizes)[0]
         self.prefix_queries += total
         self.prefix_hit_tokens += cached
         if cached:
