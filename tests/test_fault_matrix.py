@@ -50,6 +50,7 @@ PUBSUB_BOUND_S = 10.0    # until a route moved by one sidecar reaches the other
 WRITE_BACK_BOUND_S = 5.0  # once the store is back, until a route moved meanwhile is in Redis
 MAX_BATCHES = 60         # calls made during a fault: at most this many rounds of ~8
 SESSIONS = 10            # sessions made before the fault
+POLL_S = 0.05            # each poll asks the other process over HTTP: not too often
 
 TOPOLOGIES = ("standalone", "sentinel", "cluster")
 
@@ -403,7 +404,7 @@ async def run_cell(fault: Fault, d: Deployment, cell: Cell, pods: list[Pod],
     if to is not None:
         routes[last] = to
         cell.check(await within(lambda: _more(remote_changes(http, bt, a, a_running), known),
-                                2.0) is not None,
+                                2.0, POLL_S) is not None,
                    "pub/sub broken before the fault",
                    "a route change did not reach the other sidecar even before the fault")
     await asyncio.to_thread(d.settle)
@@ -475,7 +476,7 @@ async def run_cell(fault: Fault, d: Deployment, cell: Cell, pods: list[Pod],
     async def both_available() -> bool:
         return store.available and (await stats(http, bt))["store"]["available"]
 
-    back = await within(both_available, RECOVERY_BOUND_S)
+    back = await within(both_available, RECOVERY_BOUND_S, POLL_S)
     cell.check(back is not None, f"store not back in {RECOVERY_BOUND_S:g} s",
                f"the store was not back within {RECOVERY_BOUND_S:g} s of the fault's end "
                f"(in process: {store.available}, "
@@ -506,7 +507,7 @@ async def run_cell(fault: Fault, d: Deployment, cell: Cell, pods: list[Pod],
                        f"{session} went to {ea} / {eb} after recovery, not {routes[session]}")
     if moved_to is not None:
         cell.check(await within(lambda: _is(stored_endpoint(moved), moved_to),
-                                WRITE_BACK_BOUND_S) is not None,
+                                WRITE_BACK_BOUND_S, POLL_S) is not None,
                    "route moved during the fault not in Redis",
                    f"Redis holds {await stored_endpoint(moved)}, the move went to {moved_to}")
     converged = await batch([(t, s) for s in split for t in (a, bt)])
@@ -550,7 +551,7 @@ async def run_cell(fault: Fault, d: Deployment, cell: Cell, pods: list[Pod],
             async def arrived(before: int = before, hearer: Target = hearer) -> bool:
                 return await remote_changes(http, hearer, a, a_running) > before
 
-            if await within(arrived, 1.5) is not None:
+            if await within(arrived, 1.5, POLL_S) is not None:
                 status, endpoint = await ask(http, hearer, session)
                 cell.statuses[status] += 1
                 cell.check(endpoint == to, "a heard route change not followed",
