@@ -558,8 +558,11 @@ async def run_cell(fault: Fault, d: Deployment, cell: Cell, pods: list[Pod],
                            f"{name}: the session went to {endpoint}, not {to}")
                 heard.append(name)
                 break
-        cell.check(name in heard, "pub/sub not back",
-                   f"no route change {name} within {PUBSUB_BOUND_S:g} s after recovery")
+        if name not in heard:
+            cell.check(False, "pub/sub not back",
+                       f"no route change {name} within {PUBSUB_BOUND_S:g} s after recovery; "
+                       f"the hearer's store and background tasks: "
+                       f"{await state_of(http, hearer, a, a_running)}")
 
     # Nothing leaked: every background task of this process alive, the other process alive
     # and quiet, the deployment whole again for the next cell.
@@ -594,6 +597,17 @@ def _ended(task: asyncio.Task[Any]) -> str:
         return "cancelled"
     exc = task.exception()
     return "returned" if exc is None else type(exc).__name__
+
+
+async def state_of(http: aiohttp.ClientSession, target: Target, a: Target,
+                   a_running: Running) -> str:
+    """What a failed check needs to be told apart: the target's store and background tasks
+    as its /stats shows them."""
+    try:
+        view = a_running.sidecar.stats() if target is a else await stats(http, target)
+    except Exception as exc:  # the report of a failure must not hide it
+        return f"/stats unreadable ({type(exc).__name__})"
+    return json.dumps({k: view.get(k) for k in ("store", "background_tasks")})
 
 
 async def remote_changes(http: aiohttp.ClientSession, target: Target, a: Target,
@@ -662,7 +676,8 @@ async def test_a_redis_fault_loses_no_call_no_route_and_no_task(
         cell.check(not unretrieved, "unretrieved task exceptions",
                    f"this process logged {unretrieved[:1]}")
         outcome = summary if not cell.failed else "FAIL: " + "; ".join(cell.failed)
-        assert not cell.problems, "\n".join(cell.problems)
+        assert not cell.problems, "\n".join(
+            [*cell.problems, "the other process's last lines:", *log.splitlines()[-20:]])
     except AssertionError as exc:
         if not outcome.startswith("FAIL: ") or outcome == "FAIL: did not finish":
             outcome = "FAIL: " + str(exc).splitlines()[0]
