@@ -79,17 +79,17 @@ class Oracle:
         segments = [str(m.get("content", "")) for m in body.get("messages", [])]
         decode = TOKEN_S * max(0, int(body.get("max_tokens", 16)) - 1)
         now = time.monotonic()
-        best: tuple[float, int, Pod, float] | None = None
+        best: tuple[float, int, Pod, float, float] | None = None
         for pod in self.pods:
             prefill = FIXED_S + PREFILL_S * pod.cache.uncached(segments)
             start = pod.slot_at(now)
-            candidate = (start + prefill, len(pod.calls), pod, prefill)
+            candidate = (start + prefill, len(pod.calls), pod, start, prefill)
             if best is None or candidate[:2] < best[:2]:
                 best = candidate
         assert best is not None
-        _, _, pod, prefill = best
+        _, _, pod, start, prefill = best
         pod.cache.lookup(segments, PREFIX_ENTRIES, KV_TOKENS)
-        call = Call(next(self.order), pod.slot_at(now), prefill + decode)
+        call = Call(next(self.order), start, prefill + decode)
         pod.calls[call.order] = call
         assert self.http is not None
         try:

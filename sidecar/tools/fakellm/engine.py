@@ -149,15 +149,15 @@ class Engine:
     def uncached(self, segments: list[str]) -> int:
         """Prompt tokens not covered by the longest cached message prefix; the cache as it
         was (a router that mirrors this engine weighs pods with it)."""
-        return self._split(prefix_keys(segments), [count_tokens(s) for s in segments])[1]
+        sizes = [count_tokens(s) for s in segments]
+        return sum(sizes) - self._cached(prefix_keys(segments), sizes)
 
-    def _split(self, keys: list[bytes], sizes: list[int]) -> tuple[int, int]:
-        """(cached, uncached) prompt tokens: the longest cached message prefix, the rest."""
+    def _cached(self, keys: list[bytes], sizes: list[int]) -> int:
+        """Prompt tokens in the longest cached message prefix."""
         for i in range(len(keys) - 1, -1, -1):
             if keys[i] in self._prefixes:
-                cached = sum(sizes[:i + 1])
-                return cached, sum(sizes) - cached
-        return 0, sum(sizes)
+                return sum(sizes[:i + 1])
+        return 0
 
     def lookup(self, segments: list[str], max_entries: int, capacity: int) -> int:
         """Prompt tokens not covered by the longest cached message prefix; then caches this
@@ -165,7 +165,7 @@ class Engine:
         sizes = [count_tokens(s) for s in segments]
         keys = prefix_keys(segments)
         total = sum(sizes)
-        cached = self._split(keys, sizes)[0]
+        cached = self._cached(keys, sizes)
         self.prefix_queries += total
         self.prefix_hit_tokens += cached
         if cached:
